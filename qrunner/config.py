@@ -1,0 +1,195 @@
+"""The configuration file (TOML) and the settings it gives every command.
+
+Settings of the run and the policy live at the top level; settings that
+concern one MTA live in that MTA's table; senders are ``[[sender]]`` tables.
+Every key is checked: an unknown key or a wrong type is a configuration
+error (exit 78) naming the key, because a typo in a mail server's policy
+configuration must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Tuple
+
+from qrunner.exceptions import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib
+
+DEFAULT_CONFIG = "/etc/qrunner/qrunner.toml"
+DEFAULT_SCRIPT = "/etc/qrunner/relayout.lua"
+DEFAULT_STATE_DIR = "/var/lib/qrunner"
+
+LUA_VERSIONS = ("5.1", "5.2", "5.3", "5.4", "5.5", "luajit")
+MTAS = ("auto", "postfix", "exim")
+ON_SCRIPT_ERROR = ("skip", "send")
+
+
+@dataclass(frozen=True)
+class Sender:
+    """One VPOP3 "mail sender": the script runs once per sender, in id order."""
+
+    id: int
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+DEFAULT_SENDERS = (Sender(0, "default"),)
+
+
+@dataclass(frozen=True)
+class PostfixSettings:
+    """The ``[postfix]`` table: which Postfix instance qrunner works on."""
+
+    config_directory: Optional[str] = None
+    command_directory: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting, with the defaults a fresh install runs with."""
+
+    mta: str = "auto"
+    script: str = DEFAULT_SCRIPT
+    state_dir: str = DEFAULT_STATE_DIR
+    on_script_error: str = "skip"
+    script_timeout: float = 2.0
+    script_memory_mb: int = 64
+    lua: str = "5.4"
+    senders: Tuple[Sender, ...] = DEFAULT_SENDERS
+    postfix: PostfixSettings = field(default_factory=PostfixSettings)
+    path: Optional[str] = None
+
+    def with_overrides(self, **changes: Any) -> "Config":
+        """A copy with command-line values (those not None) taking precedence."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_choice(choices: Tuple[str, ...]):
+    def check(value: Any) -> Optional[str]:
+        if value not in choices:
+            return "must be one of " + ", ".join(f'"{c}"' for c in choices)
+        return None
+
+    return check
+
+
+def _positive(value: Any) -> Optional[str]:
+    return None if value > 0 else "must be greater than 0"
+
+
+_TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
+    # key: (type description, type test, extra check)
+    "mta": ("a string", lambda v: isinstance(v, str), _check_choice(MTAS)),
+    "script": ("a string (a file path)", lambda v: isinstance(v, str), None),
+    "state_dir": ("a string (a directory)", lambda v: isinstance(v, str), None),
+    "on_script_error": ("a string", lambda v: isinstance(v, str), _check_choice(ON_SCRIPT_ERROR)),
+    "script_timeout": ("a number of seconds", _is_number, _positive),
+    "script_memory_mb": ("a whole number of megabytes", lambda v: isinstance(v, int) and not isinstance(v, bool), _positive),
+    "lua": ("a string", lambda v: isinstance(v, str), _check_choice(LUA_VERSIONS)),
+}
+
+_POSTFIX_KEYS = ("config_directory", "command_directory")
+
+
+def _fail(path: str, key: str, problem: str) -> ConfigError:
+    return ConfigError(f"{path}: setting '{key}' {problem}; fix it or remove the line to use the default.")
+
+
+def _parse_senders(path: str, raw: Any) -> Tuple[Sender, ...]:
+    if not isinstance(raw, list) or not all(isinstance(s, dict) for s in raw):
+        raise _fail(path, "sender", "must be written as [[sender]] tables")
+    senders: List[Sender] = []
+    for number, table in enumerate(raw, 1):
+        where = f"sender #{number}"
+        for key in table:
+            if key not in ("id", "name"):
+                raise _fail(path, f"{where}.{key}", "is not a known setting (a sender has 'id' and 'name')")
+        sender_id = table.get("id")
+        if not isinstance(sender_id, int) or isinstance(sender_id, bool) or sender_id < 0:
+            raise _fail(path, f"{where}.id", "must be a whole number from 0 up")
+        name = table.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise _fail(path, f"{where}.name", "must be a non-empty string")
+        senders.append(Sender(sender_id, name))
+    return check_senders(senders, path)
+
+
+def check_senders(senders: List[Sender], where: str) -> Tuple[Sender, ...]:
+    """Senders in the order they run (ascending id); ids and names unique."""
+    if not senders:
+        raise ConfigError(f"{where}: no senders are configured; add a [[sender]] table or leave them all out for one sender 0:default.")
+    for attr in ("id", "name"):
+        values = [getattr(s, attr) for s in senders]
+        duplicates = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if duplicates:
+            raise ConfigError(f"{where}: sender {attr} {duplicates[0]} is used twice; every sender needs its own {attr}.")
+    return tuple(sorted(senders, key=lambda s: s.id))
+
+
+def _parse_postfix(path: str, raw: Any) -> PostfixSettings:
+    if not isinstance(raw, dict):
+        raise _fail(path, "postfix", "must be a [postfix] table")
+    for key, value in raw.items():
+        if key not in _POSTFIX_KEYS:
+            raise _fail(path, f"postfix.{key}", "is not a known setting (known: " + ", ".join(_POSTFIX_KEYS) + ")")
+        if not isinstance(value, str) or not value:
+            raise _fail(path, f"postfix.{key}", "must be a non-empty string (a directory)")
+    return PostfixSettings(**raw)
+
+
+def parse_config(data: Dict[str, Any], path: str) -> Config:
+    """Check a parsed TOML document and turn it into a :class:`Config`."""
+    values: Dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "sender":
+            values["senders"] = _parse_senders(path, value)
+            continue
+        if key == "postfix":
+            values["postfix"] = _parse_postfix(path, value)
+            continue
+        if key not in _TOP_LEVEL:
+            raise _fail(path, key, "is not a known setting")
+        description, type_ok, extra = _TOP_LEVEL[key]
+        if not type_ok(value):
+            raise _fail(path, key, f"must be {description}, not {value!r}")
+        problem = extra(value) if extra else None
+        if problem:
+            raise _fail(path, key, f"{problem} (it is {value!r})")
+        values[key] = float(value) if key == "script_timeout" else value
+    return Config(path=path, **values)
+
+
+def load_config(path: Optional[str] = None) -> Config:
+    """Read the configuration.
+
+    ``path`` is what ``--config`` gave; without it ``QRUNNER_CONFIG`` is
+    used, else the default path. A file the admin named must exist; the
+    default file may be absent (defaults apply), so that ``plan
+    --queue-file`` works on a machine where qrunner is not set up yet.
+    """
+    explicit = path or os.environ.get("QRUNNER_CONFIG") or None
+    path = explicit or DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: configuration file not found; check the --config option or QRUNNER_CONFIG.")
+        return Config()
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}; fix the file.")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror}.")
+    return parse_config(data, path)

@@ -1,0 +1,134 @@
+"""The MTA-neutral message record that flows through the pipeline.
+
+A back end lists the queue as :class:`Message` records; the policy sees them
+as ``CheckFile`` arguments; the plan and the executor refer to them by queue
+id. Headers are not part of the listing: each record carries a
+:class:`HeaderSource` that reads them only when a script first touches
+``HeaderData`` or ``HeaderLines``, so a policy that never looks at headers
+never pays for reading queue files.
+
+Header sources are small picklable objects because the policy runs in a
+separate worker process (see :mod:`qrunner.policy`): the worker, not the
+parent, reads the headers when asked.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+
+class HeaderSource:
+    """Where a message's header fields can be read from, on demand.
+
+    ``read()`` returns the raw header fields in message order, one entry per
+    field, continuation lines joined by ``b"\\n"``, without the final line
+    break: exactly what ``HeaderLines`` holds. It never raises for malformed
+    content; an unreadable source returns what it could read (or nothing) and
+    says why in :attr:`problem`.
+    """
+
+    problem: Optional[str] = None
+
+    def read(self) -> List[bytes]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class NoHeaders(HeaderSource):
+    """A message whose headers are not known (a snapshot without them)."""
+
+    def read(self) -> List[bytes]:
+        return []
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NoHeaders)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class InlineHeaders(HeaderSource):
+    """Header fields already in memory (a snapshot line's ``headers``)."""
+
+    __slots__ = ("lines",)
+
+    def __init__(self, lines: Iterable[bytes]):
+        self.lines = tuple(lines)
+
+    def read(self) -> List[bytes]:
+        return list(self.lines)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, InlineHeaders) and other.lines == self.lines
+
+    def __hash__(self) -> int:
+        return hash(self.lines)
+
+
+NO_HEADERS = NoHeaders()
+
+
+@dataclass(frozen=True)
+class Message:
+    """One queued message as every stage of the pipeline sees it.
+
+    ``size`` is the message's size as the MTA reports it (headers and body,
+    without the MTA's envelope records); ``arrival`` is the epoch time it
+    entered the queue; ``recipients`` are the ones still to be delivered.
+    ``queue_name`` is the MTA's name for where the message sits (Postfix:
+    ``deferred``, ``hold``, ...); ``filename`` is its file on disk, or "".
+    ``delay_reasons`` are the MTA's reasons for the pending recipients,
+    where it gives them.
+    """
+
+    queue_id: str
+    arrival: float
+    size: int
+    sender: str
+    recipients: Tuple[str, ...]
+    queue_name: str = ""
+    filename: str = ""
+    headers: HeaderSource = field(default=NO_HEADERS, compare=False)
+    delay_reasons: Tuple[str, ...] = ()
+
+    def creation_time(self) -> str:
+        """Arrival as ``YYYYMMDDHHMMSS`` in the local time zone (TZ respected)."""
+        return time.strftime("%Y%m%d%H%M%S", time.localtime(self.arrival))
+
+
+def arrival_order(messages: Iterable[Message]) -> List[Message]:
+    """Messages oldest first (ties broken by queue id), the order policies see."""
+    return sorted(messages, key=lambda m: (m.arrival, m.queue_id))
+
+
+def _split_field(field_bytes: bytes) -> Optional[Tuple[bytes, bytes]]:
+    name, colon, rest = field_bytes.partition(b":")
+    name = name.rstrip(b" \t")
+    if not colon or not name or b"\n" in name or b" " in name or b"\t" in name:
+        return None
+    value = rest.replace(b"\r\n", b"\n").replace(b"\n", b"")
+    return name, value.strip(b" \t\r")
+
+
+def header_data(lines: Sequence[bytes]) -> List[Tuple[bytes, bytes]]:
+    """``HeaderData`` as (name as written, unfolded value) pairs.
+
+    The first occurrence of a name wins, names compared without case. Values
+    are unfolded (line breaks removed, the whitespace after them kept), with
+    the whitespace after the colon and trailing whitespace stripped. A line
+    that is not a ``name: value`` field stays in ``HeaderLines`` but has no
+    entry here.
+    """
+    seen = set()
+    pairs = []
+    for raw in lines:
+        split = _split_field(raw)
+        if split is None:
+            continue
+        key = split[0].lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        pairs.append(split)
+    return pairs

@@ -1,0 +1,468 @@
+"""The policy: the admin's ``relayout.lua`` decides, per message, per sender.
+
+This module is the parent side; the Lua side runs in a worker process
+(:mod:`qrunner.policy_worker`) that this module starts, feeds in batches and
+watches. It knows nothing of Postfix or Exim: it takes :class:`Message`
+records and returns one :class:`Decision` per message.
+
+The rules (VPOP3's API, made exact in DESIGN.md section 2):
+
+* messages are offered oldest first; senders run in ascending id order; the
+  first sender sees every message, each later one only what the earlier ones
+  skipped; the first sender that does not skip a message sends it;
+* ``SkipSend``: true or a number other than 0 skips; false, nil and 0 send;
+* ``Priority``: 1..100 (default 50), clamped with a warning, fractions
+  rounded down; ``Reason``: a string, a number is turned into one;
+* anything else (a runtime error, a timeout, a bad value) is a policy error,
+  handled by ``on_script_error``: ``skip`` holds the message (fail closed),
+  ``send`` sends it at priority 50.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from multiprocessing import Pipe
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+from qrunner.config import Sender
+from qrunner.exceptions import ScriptLoadError
+from qrunner.message import Message, arrival_order
+from qrunner.policy_worker import PROGRESS
+
+log = logging.getLogger("qrunner.policy")
+
+DEFAULT_PRIORITY = 50
+WATCHDOG_GRACE = 0.25  # wall-clock seconds past script_timeout before the worker is killed
+STARTUP_ALLOWANCE = 10.0  # seconds a fresh worker may take to start Lua, on top of the script's own limits
+
+# What governs, in qrunner, the knobs that later VPOP3 versions gave scripts.
+VPOP3_EXTRAS = {
+    "UseBATV": "BATV signing belongs to the MTA (a milter or Exim's BATV support)",
+    "MaxMessagesPerConnection": "Postfix's smtp_connection_reuse_count_limit or Exim's connection_max_messages",
+    "MaxRecipientsPerConnection": "Postfix's smtp_destination_recipient_limit or Exim's max_rcpt",
+    "MaxRecipientsPerMessage": "Postfix's smtp_destination_recipient_limit or Exim's max_rcpt",
+    "ConnectedServer": "the MTA's SMTP client; see its log",
+    "ServerConnected": "the MTA's SMTP client, which qrunner does not drive; never called",
+    "ReturnCodeHandler": "the MTA's SMTP client, which qrunner does not drive; never called",
+}
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """How the script runs: which file, which Lua, which limits, which clock."""
+
+    script: str
+    lua: str = "5.4"
+    timeout: float = 2.0
+    memory_mb: int = 64
+    on_script_error: str = "skip"
+    now: Optional[int] = None  # epoch seconds the script's clock shows; None: the real clock
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One sender's answer for one message."""
+
+    sender: Sender
+    skip: bool
+    priority: int
+    reason: str
+    error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happens to one message after every sender has had its say.
+
+    ``sender`` is the sender that sends it (None when every sender skipped
+    it); ``reason`` joins each sender's reason for a skip; ``errors`` lists
+    the policy errors any sender's pass had with this message.
+    """
+
+    message: Message
+    send: bool
+    priority: int
+    sender: Optional[Sender]
+    reason: str
+    verdicts: Tuple[Verdict, ...] = ()
+    several_senders: bool = False
+
+    @property
+    def errors(self) -> Tuple[str, ...]:
+        """Each policy error, prefixed by its sender's name when there are several."""
+        return tuple(f"{v.sender.name}: {v.error}" if self.several_senders else v.error
+                     for v in self.verdicts if v.error)
+
+    @property
+    def queue_id(self) -> str:
+        return self.message.queue_id
+
+    @property
+    def action(self) -> str:
+        return "send" if self.send else "skip"
+
+
+def _as_number(kind: str, value) -> Optional[float]:
+    if kind != "number" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def _read_skip(kind: str, value) -> Tuple[bool, Optional[str]]:
+    if kind == "nil":
+        return False, None
+    if kind == "boolean":
+        return bool(value), None
+    number = _as_number(kind, value)
+    if number is None:
+        shown = "NaN" if kind == "number" else f"a {kind}"
+        return True, f"SkipSend must be true, false or a number, not {shown}"
+    return number != 0, None
+
+
+def _read_priority(kind: str, value, where: str) -> Tuple[int, Optional[str]]:
+    if kind == "nil":
+        return DEFAULT_PRIORITY, None
+    number = _as_number(kind, value)
+    if number is None:
+        shown = "NaN" if kind == "number" else f"a {kind}"
+        return DEFAULT_PRIORITY, f"Priority must be a number from 1 to 100, not {shown}"
+    clamped = min(100, max(1, number))
+    if clamped != number:
+        log.warning("%s: Priority %s is outside 1..100, clamped to %d", where, _lua_number(number), int(clamped))
+    return int(math.floor(clamped)), None
+
+
+def _lua_number(number) -> str:
+    if isinstance(number, float) and math.isinf(number):
+        return "inf" if number > 0 else "-inf"
+    return str(number)
+
+
+def _read_reason(kind: str, value) -> Tuple[str, Optional[str]]:
+    if kind == "nil":
+        return "", None
+    if kind == "string":
+        return value.decode("utf-8", "replace"), None
+    return "", f"Reason must be a string or a number, not a {kind}"
+
+
+def verdict_from_result(sender: Sender, values: Sequence, where: str, on_error: str) -> Verdict:
+    """Read a successful call's (SkipSend, Priority, Reason) by the rules above."""
+    skip_kind, skip_value, prio_kind, prio_value, reason_kind, reason_value = values
+    skip, skip_error = _read_skip(skip_kind, skip_value)
+    priority, prio_error = _read_priority(prio_kind, prio_value, where)
+    reason, reason_error = _read_reason(reason_kind, reason_value)
+    errors = [e for e in (skip_error, prio_error, reason_error) if e]
+    if errors:
+        return policy_error(sender, "; ".join(errors), on_error)
+    if skip and not reason:
+        reason = f"skipped by sender {sender.name}, no reason given"
+    return Verdict(sender, skip, priority, reason if skip else "")
+
+
+def policy_error(sender: Sender, error: str, on_error: str) -> Verdict:
+    """A failed call: held (``skip``, fail closed) or sent at priority 50 (``send``)."""
+    if on_error == "send":
+        return Verdict(sender, False, DEFAULT_PRIORITY, "", error)
+    return Verdict(sender, True, DEFAULT_PRIORITY, f"policy error: {error}", error)
+
+
+def combine(message: Message, verdicts: Sequence[Verdict], several: bool) -> Decision:
+    """One message's decision from its senders' verdicts, in sender order."""
+    for verdict in verdicts:
+        if not verdict.skip:
+            return Decision(message, True, verdict.priority, verdict.sender, "", tuple(verdicts), several)
+    reasons = [f"{v.sender.name}: {v.reason}" if several else v.reason for v in verdicts]
+    priority = verdicts[-1].priority if verdicts else DEFAULT_PRIORITY
+    return Decision(message, False, priority, None, "; ".join(reasons), tuple(verdicts), several)
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _payload(message: Message) -> tuple:
+    return (_encode(message.filename), message.size, message.creation_time().encode(),
+            _encode(message.sender), tuple(_encode(r) for r in message.recipients), message.headers)
+
+
+class _Worker:
+    """A running worker process, its connection and its progress block."""
+
+    def __init__(self) -> None:
+        parent_end, child_end = Pipe()
+        self._progress_file = tempfile.TemporaryFile()
+        self._progress_file.truncate(PROGRESS.size)
+        self.progress_map = mmap.mmap(self._progress_file.fileno(), PROGRESS.size)
+        PROGRESS.pack_into(self.progress_map, 0, -1, 0.0)
+        env = dict(os.environ)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        fds = (child_end.fileno(), self._progress_file.fileno())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qrunner.policy_worker", str(fds[0]), str(fds[1])],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=fds, env=env,
+        )
+        child_end.close()
+        self.conn = parent_end
+        self.sender: Optional[Sender] = None
+
+    def progress(self) -> Tuple[int, float]:
+        return PROGRESS.unpack_from(self.progress_map, 0)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                try:
+                    self.conn.send(("quit",))
+                except OSError:
+                    pass
+                try:
+                    self.proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            self.conn.close()
+            self.progress_map.close()
+            self._progress_file.close()
+
+
+class _Stuck(Exception):
+    """The worker overran a call or died.
+
+    ``index`` is the call under way (in the batch sent), None when the worker
+    died between calls; then the first undecided message takes the blame, so
+    a worker that keeps dying cannot loop forever.
+    """
+
+    def __init__(self, index: Optional[int], why: str):
+        super().__init__(why)
+        self.index = index
+        self.why = why
+
+
+class PolicyEngine:
+    """Runs the admin's script over messages, sender by sender.
+
+    Use as a context manager; :meth:`decide` is the whole job. A script that
+    does not load raises :class:`ScriptLoadError` before any message is
+    decided, so the caller changes nothing in the queue.
+    """
+
+    def __init__(self, settings: PolicySettings):
+        self.settings = settings
+        self._script_text = self._read_script(settings.script)
+        self._worker: Optional[_Worker] = None
+        self._extras_used: Set[str] = set()
+        self.policy_errors = 0
+
+    @staticmethod
+    def _read_script(path: str) -> bytes:
+        try:
+            with open(path, "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise ScriptLoadError(f"{path}: policy script not found; set 'script' in the configuration or pass --script.")
+        except OSError as exc:
+            raise ScriptLoadError(f"{path}: cannot read the policy script: {exc.strerror}.")
+
+    def __enter__(self) -> "PolicyEngine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    # -- the job -----------------------------------------------------------
+
+    def decide(self, messages: Sequence[Message], senders: Sequence[Sender]) -> List[Decision]:
+        """Every message's decision, in arrival order (oldest first)."""
+        ordered = arrival_order(messages)
+        verdicts: List[List[Verdict]] = [[] for _ in ordered]
+        remaining = list(range(len(ordered)))
+        for sender in senders:
+            answers = self.run_pass(sender, [ordered[i] for i in remaining])
+            for i, verdict in zip(remaining, answers):
+                verdicts[i].append(verdict)
+            remaining = [i for i, verdict in zip(remaining, answers) if verdict.skip]
+        self._log_extras()
+        decisions = [combine(m, v, len(senders) > 1) for m, v in zip(ordered, verdicts)]
+        self.policy_errors = sum(1 for d in decisions if d.errors)
+        return decisions
+
+    def load(self, sender: Sender) -> None:
+        """Load the script for ``sender`` (top level, then ``Start()``)."""
+        self._loaded_worker(sender)
+
+    def run_pass(self, sender: Sender, messages: Sequence[Message]) -> List[Verdict]:
+        """One sender's verdicts on ``messages``, in the order given."""
+        results: List[Optional[Verdict]] = [None] * len(messages)
+        payloads = [_payload(m) for m in messages]
+        self._loaded_worker(sender)
+        while True:
+            pending = [i for i, r in enumerate(results) if r is None]
+            if not pending:
+                return results  # type: ignore[return-value]
+            worker = self._loaded_worker(sender)
+            worker.conn.send(("decide", [payloads[i] for i in pending]))
+            try:
+                self._collect(worker, sender, messages, pending, results)
+            except _Stuck as stuck:
+                self._worker = None
+                if stuck.index is None:
+                    stuck.index = next(n for n, i in enumerate(pending) if results[i] is None)
+                message = messages[pending[stuck.index]]
+                results[pending[stuck.index]] = policy_error(sender, stuck.why, self.settings.on_script_error)
+                log.error("%s: sender %s: %s; the Lua state was abandoned and the rest of this pass runs in a "
+                          "fresh state (top level and Start() run again)", message.queue_id, sender.name, stuck.why)
+
+    # -- the worker --------------------------------------------------------
+
+    def _loaded_worker(self, sender: Sender) -> _Worker:
+        worker = self._worker
+        if worker is not None and worker.sender == sender and worker.proc.poll() is None:
+            return worker
+        if worker is None or worker.proc.poll() is not None:
+            if worker is not None:
+                worker.kill()
+            worker = self._worker = _Worker()
+        worker.sender = None
+        worker.conn.send(("load", self._load_settings(sender)))
+        reply = self._await_load(worker, sender)
+        if reply[0] != "loaded":
+            self.close()
+            raise ScriptLoadError(self._load_error_text(sender, reply[1], reply[2]))
+        self._note_extras(reply[1])
+        worker.sender = sender
+        return worker
+
+    def _load_settings(self, sender: Sender) -> Dict:
+        s = self.settings
+        return {"lua": s.lua, "timeout": s.timeout, "memory_mb": s.memory_mb, "now": s.now,
+                "sender_id": sender.id, "sender_name": sender.name, "script_text": self._script_text,
+                "script_name": s.script}
+
+    def _await_load(self, worker: _Worker, sender: Sender) -> tuple:
+        limit = STARTUP_ALLOWANCE + 2 * (self.settings.timeout + WATCHDOG_GRACE)
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not worker.conn.poll(remaining):
+                worker.kill()
+                self._worker = None
+                return ("load_error", "timeout", "")
+            try:
+                reply = worker.conn.recv()
+            except (EOFError, OSError):
+                worker.kill()
+                self._worker = None
+                return ("load_error", "crashed", "")
+            if reply[0] == "print":
+                self._log_print(sender, None, reply[1])
+                continue
+            return reply
+
+    def _load_error_text(self, sender: Sender, kind: str, detail: str) -> str:
+        script = self.settings.script
+        limit = f"{self.settings.timeout:g} s"
+        texts = {
+            "syntax": f"{detail}; fix the script (nothing was decided)",
+            "error": f"{detail} (while running the script's top level); fix the script (nothing was decided)",
+            "timeout": f"{script}: the script's top level or Start() did not finish within {limit}; nothing was decided",
+            "memory": f"{script}: the script's top level ran out of memory ({self.settings.memory_mb} MB); nothing was decided",
+            "nocheckfile": f"{script}: the script defines no function CheckFile; define CheckFile(Filename, Actions, ...) (nothing was decided)",
+            "start_error": f"{detail} (in Start()); fix the script (nothing was decided)",
+            "start_timeout": f"{script}: Start() did not finish within {limit}; nothing was decided",
+            "start_memory": f"{script}: Start() ran out of memory ({self.settings.memory_mb} MB); nothing was decided",
+            "crashed": f"{script}: the Lua worker died while loading the script; nothing was decided",
+        }
+        text = texts.get(kind, f"{script}: {detail or kind}")
+        return f"{text} [sender {sender.id}:{sender.name}]" if sender.id or sender.name != "default" else text
+
+    def _collect(self, worker: _Worker, sender: Sender, messages: Sequence[Message],
+                 pending: List[int], results: List[Optional[Verdict]]) -> None:
+        limit = self.settings.timeout + WATCHDOG_GRACE
+        idle_since = time.monotonic()
+        while True:
+            index, started = worker.progress()
+            now = time.monotonic()
+            wait = (started + limit - now) if index >= 0 else (idle_since + STARTUP_ALLOWANCE + limit - now)
+            if worker.conn.poll(max(wait, 0.0)):
+                try:
+                    reply = worker.conn.recv()
+                except (EOFError, OSError):
+                    dying, _ = worker.progress()
+                    worker.kill()
+                    raise _Stuck(dying if dying >= 0 else None, "the Lua worker died during CheckFile")
+                idle_since = time.monotonic()
+                kind = reply[0]
+                if kind == "results":
+                    for local, outcome, values in reply[1]:
+                        i = pending[local]
+                        results[i] = self._verdict(sender, messages[i], outcome, values)
+                elif kind == "print":
+                    self._log_print(sender, messages[pending[reply[2]]] if reply[2] is not None else None, reply[1])
+                elif kind == "done":
+                    self._note_extras(reply[1])
+                    return
+                elif kind == "abandon":
+                    worker.kill()
+                    self._worker = None
+                    return
+                continue
+            again, started_again = worker.progress()
+            if again == index and started_again == started:
+                worker.kill()
+                if index >= 0:
+                    raise _Stuck(index, f"CheckFile did not return within {self.settings.timeout:g} s")
+                raise _Stuck(None, "the Lua worker stopped answering")
+
+    def _verdict(self, sender: Sender, message: Message, outcome: str, values) -> Verdict:
+        where = f"{message.queue_id}: sender {sender.name}"
+        on_error = self.settings.on_script_error
+        if outcome == "ok":
+            return verdict_from_result(sender, values, where, on_error)
+        if outcome == "timeout":
+            error = f"CheckFile did not return within {self.settings.timeout:g} s"
+        elif outcome == "memory":
+            error = f"the script ran out of memory ({self.settings.memory_mb} MB)"
+            log.error("%s: %s; the Lua state was abandoned and the rest of this pass runs in a fresh state "
+                      "(top level and Start() run again)", where, error)
+        else:
+            error = values[0].decode("utf-8", "replace") if isinstance(values[0], bytes) else str(values[0])
+        log.error("%s: policy error: %s", where, error)
+        return policy_error(sender, error, on_error)
+
+    def _log_print(self, sender: Sender, message: Optional[Message], text: str) -> None:
+        prefix = message.queue_id if message is not None else sender.name
+        log.info("%s: script (sender %s): %s", prefix, sender.name, text)
+
+    def _note_extras(self, names: str) -> None:
+        self._extras_used.update(n for n in names.split(",") if n)
+
+    def _log_extras(self) -> None:
+        for name in sorted(self._extras_used):
+            log.info("the script uses VPOP3's %s, which cannot act in qrunner: %s governs this instead",
+                     name, VPOP3_EXTRAS.get(name, "the MTA"))
+        self._extras_used.clear()
+
