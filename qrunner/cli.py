@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from typing import List, Optional, Sequence
@@ -17,9 +18,13 @@ from qrunner import __version__
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, QrunnerError, UsageError
 from qrunner.log import setup_logging
+from qrunner.mta import backend_for
+from qrunner.mta.postfix_queuefile import is_queue_id
 from qrunner.mta.snapshot import SnapshotBackend
-from qrunner.plan import report_order
+from qrunner.plan import Plan, report_order
 from qrunner.policy import Decision, PolicyEngine, PolicySettings
+from qrunner.runner import RunResult, Runner, senders_of
+from qrunner.state import State
 
 EXIT_CODES = """\
 exit codes:
@@ -100,7 +105,64 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_policy_options(check, "a queue snapshot to run the script over (postqueue -j lines, '-' for stdin)")
     check.set_defaults(func=cmd_check)
+
+    run = commands.add_parser(
+        "run", help="decide every message and act: hold what the policy skips, deliver the rest",
+        description="One run over the live queue: reconcile qrunner's records with the queue, run the policy over "
+                    "the deferred messages and qrunner's own holds, put skipped messages on hold, release and "
+                    "schedule allowed ones in dispatch order (only those due for a retry). This is what the "
+                    "timer runs.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_options(run)
+    run.add_argument("--dry-run", action="store_true", help="show what the run would do; change nothing")
+    run.set_defaults(func=cmd_run)
+
+    flush = commands.add_parser(
+        "flush", help="the admin's flush: decide and deliver the named messages now",
+        description="Without --ignore-policy: the policy decides for the named messages (or all with --all) as in "
+                    "'run', retry times included. With --ignore-policy: the named messages are released (if qrunner "
+                    "held them) and scheduled now, whatever the policy or their retry time says; the log says the "
+                    "policy was overridden.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_run_options(flush)
+    _add_id_arguments(flush, "the messages to flush")
+    flush.add_argument("--ignore-policy", action="store_true",
+                       help="release and schedule the named messages now, without asking the policy")
+    flush.set_defaults(func=cmd_flush)
+
+    release = commands.add_parser(
+        "release", help="release qrunner's holds back to the MTA without sending them",
+        description="Release qrunner's own holds (the named ones, or all with --all) back to Postfix's normal "
+                    "handling, without scheduling them: the way out when uninstalling. Messages an admin held are "
+                    "never touched. Warning (as postsuper(1) says): mail released after a long hold is subject to "
+                    "maximal_queue_lifetime at once, and may bounce on Postfix's next attempt if it is older than "
+                    "that. In gate mode released mail stays deferred until qrunner schedules it or the gate "
+                    "(defer_transports) is removed.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_id_arguments(release, "the holds to release")
+    release.set_defaults(func=cmd_release)
+
+    status = commands.add_parser(
+        "status", help="qrunner's holds and the last run",
+        description="List qrunner's holds (queue id, since when, senders, reason) and the last run's summary.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    status.set_defaults(func=cmd_status)
     return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--script", metavar="PATH", help="the policy script (default: the config's 'script')")
+    parser.add_argument("--now", metavar="YYYY-MM-DDTHH:MM:SS", type=_now,
+                        help="the local time the script's clock shows (for tests; records and logs keep real time)")
+    parser.add_argument("--on-script-error", choices=ON_SCRIPT_ERROR,
+                        help="what a policy error does to a message (default: the config's, else skip = hold)")
+    parser.add_argument("--lua", choices=LUA_VERSIONS, help="the Lua version to run the script with")
+    parser.set_defaults(senders=None, queue_file=None)
+
+
+def _add_id_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID", help=what)
+    parser.add_argument("--all", action="store_true", help="all of them")
 
 
 # -- settings --------------------------------------------------------------
@@ -122,26 +184,91 @@ def _policy_settings(config: Config, now: Optional[int]) -> PolicySettings:
                           memory_mb=config.script_memory_mb, on_script_error=config.on_script_error, now=now)
 
 
-def _decide(args: argparse.Namespace) -> List[Decision]:
+def _runner(args: argparse.Namespace) -> Runner:
     config = _config(args)
-    senders = _senders(args, config)
-    if not args.queue_file:
-        raise UsageError("plan and check need --queue-file PATH (a 'postqueue -j' snapshot, '-' for stdin).")
-    messages = SnapshotBackend(args.queue_file).list_messages()
-    with PolicyEngine(_policy_settings(config, args.now)) as engine:
-        return engine.decide(messages, senders)
+    return Runner(config, backend_for(config), _policy_settings(config, args.now), _senders(args, config))
+
+
+def _queue_ids(args: argparse.Namespace) -> Optional[List[str]]:
+    """The ids named on the command line (None for --all), each checked against Postfix's syntax."""
+    if args.all and args.queue_ids:
+        raise UsageError("name queue ids or give --all, not both.")
+    if not args.all and not args.queue_ids:
+        raise UsageError("name the queue ids to act on, or give --all.")
+    for queue_id in args.queue_ids:
+        if not is_queue_id(queue_id):
+            raise UsageError(f"{queue_id!r} is not a Postfix queue id (like 8F64916008A); check the id with 'postqueue -p'.")
+    return None if args.all else list(args.queue_ids)
+
+
+def _exit_code(decisions: Sequence[Decision]) -> int:
+    return EX_POLICY_ERRORS if any(d.errors for d in decisions) else EX_OK
 
 
 # -- commands --------------------------------------------------------------
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    decisions = report_order(_decide(args))
-    if args.format == "json":
-        print(json.dumps({"decisions": [_decision_json(d) for d in decisions]}, indent=None))
+    if args.queue_file:
+        config = _config(args)
+        messages = SnapshotBackend(args.queue_file).list_messages()
+        with PolicyEngine(_policy_settings(config, args.now)) as engine:
+            decisions = engine.decide(messages, _senders(args, config))
+        print_decisions(report_order(decisions), args.format)
+        return _exit_code(decisions)
+    result = _runner(args).run(command="plan", dry_run=True)
+    print_plan(result, args.format)
+    return _exit_code(result.decisions)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    result = _runner(args).run(command="run", dry_run=args.dry_run)
+    if args.dry_run:
+        print_plan(result, "table")
+    return _exit_code(result.decisions)
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    ids = _queue_ids(args)
+    if args.ignore_policy:
+        logging.getLogger("qrunner").warning("flush --ignore-policy: the policy is overridden by the admin for %s",
+                                             "every message" if ids is None else ", ".join(ids))
+    result = _runner(args).run(command="flush", only_ids=ids, ignore_policy=args.ignore_policy)
+    return _exit_code(result.decisions)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    ids = _queue_ids(args)
+    config = load_config(args.config)
+    Runner(config, backend_for(config), _policy_settings(config, None), config.senders).release(ids)
+    return EX_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    backend = backend_for(config)
+    state = State(config.state_dir, backend.instance, readonly=True)
+    try:
+        holds = state.holds()
+        last = state.last_run()
+    finally:
+        state.close()
+    print(f"qrunner holds in {backend.instance}: {len(holds)}")
+    if holds:
+        rows = [("QUEUE ID", "HELD SINCE", "SENDERS", "REASON")]
+        for hold in holds.values():
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(hold.held_at))
+            state_note = "" if hold.state == "held" else f" [{hold.state}, settled by the next run]"
+            rows.append((hold.queue_id, since, hold.senders, hold.reason + state_note))
+        print(_columns(rows))
+    if last is None:
+        print("last run: none recorded")
     else:
-        print(format_table(decisions))
-    return EX_POLICY_ERRORS if any(d.errors for d in decisions) else EX_OK
+        _, run = last
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started))
+        print(f"last run: {when} ({run.command}, {run.outcome}): listed={run.listed} sent={run.sent} "
+              f"held={run.held} released={run.released} errors={run.errors} seconds={run.seconds:.2f}")
+    return EX_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -180,21 +307,61 @@ def _decision_json(decision: Decision) -> dict:
     }
 
 
+def print_decisions(decisions: Sequence[Decision], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps({"decisions": [_decision_json(d) for d in decisions]}))
+    else:
+        print(format_table(decisions))
+
+
+def print_plan(result: RunResult, fmt: str) -> None:
+    """A live plan: like a snapshot's, plus which allowed messages wait for their retry time."""
+    plan = result.plan
+    waiting = {d.queue_id: retry for d, retry in plan.wait}
+    released = {d.queue_id for d in plan.release}
+    ordered = report_order(result.decisions)
+    if fmt == "json":
+        rows = []
+        for d in ordered:
+            row = _decision_json(d)
+            retry = waiting.get(d.queue_id)
+            row["next_retry"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(retry)) if retry else None
+            row["release"] = d.queue_id in released
+            rows.append(row)
+        print(json.dumps({"decisions": rows}))
+        return
+    notes = {}
+    for d in ordered:
+        if d.queue_id in waiting:
+            notes[d.queue_id] = "waits for its retry time " + time.strftime("%H:%M:%S", time.localtime(waiting[d.queue_id]))
+        elif d.queue_id in released:
+            notes[d.queue_id] = "released from qrunner's hold, then sent"
+    print(format_table(ordered, notes))
+
+
 def _note(decision: Decision) -> str:
     if not decision.send:
         return decision.reason
     return "; ".join(f"policy error: {e}" for e in decision.errors)
 
 
-def format_table(decisions: Sequence[Decision]) -> str:
+def format_table(decisions: Sequence[Decision], notes: Optional[dict] = None) -> str:
     """An aligned table, sends in dispatch order then skips, and a summary line."""
+    notes = notes or {}
     rows = [("QUEUE ID", "ACTION", "PRIO", "SENDER", "REASON")]
     for d in decisions:
-        rows.append((d.queue_id, d.action, str(d.priority) if d.send else "-",
-                     d.sender.name if d.sender else "-", _note(d)))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4] for row in rows]
-    return "\n".join(line.rstrip() for line in lines) + "\n" + summary_line(decisions)
+        note = "; ".join(n for n in (notes.get(d.queue_id, ""), _note(d)) if n)
+        rows.append((d.queue_id, "wait" if d.queue_id in notes and "waits" in note else d.action,
+                     str(d.priority) if d.send else "-", d.sender.name if d.sender else senders_of(d) if d.send else "-",
+                     note))
+    return _columns(rows) + "\n" + summary_line(decisions)
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> str:
+    """Rows as aligned columns; the last column is left ragged."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def summary_line(decisions: Sequence[Decision]) -> str:
@@ -223,7 +390,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        setup_logging(args.verbosity)
+        setup_logging(args.verbosity, use_syslog=args.command in ("run", "flush", "release"))
         return args.func(args)
     except QrunnerError as error:
         print(f"qrunner: {error.message}", file=sys.stderr)

@@ -35,12 +35,13 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from qrunner.config import Sender
 from qrunner.exceptions import ScriptLoadError
 from qrunner.message import Message, arrival_order
-from qrunner.policy_worker import PROGRESS
+from qrunner.policy_worker import LOADING, PROGRESS
 
 log = logging.getLogger("qrunner.policy")
 
 DEFAULT_PRIORITY = 50
 WATCHDOG_GRACE = 0.25  # wall-clock seconds past script_timeout before the worker is killed
+WATCHDOG_POLL = 0.05  # seconds between the watchdog's looks at the worker's progress
 STARTUP_ALLOWANCE = 10.0  # seconds a fresh worker may take to start Lua, on top of the script's own limits
 
 # What governs, in qrunner, the knobs that later VPOP3 versions gave scripts.
@@ -363,14 +364,19 @@ class PolicyEngine:
                 "script_name": s.script}
 
     def _await_load(self, worker: _Worker, sender: Sender) -> tuple:
-        limit = STARTUP_ALLOWANCE + 2 * (self.settings.timeout + WATCHDOG_GRACE)
-        deadline = time.monotonic() + limit
+        running_limit = 2 * (self.settings.timeout + WATCHDOG_GRACE)  # top level, then Start()
+        deadline = time.monotonic() + STARTUP_ALLOWANCE + running_limit
         while True:
+            index, started = worker.progress()
+            if index == LOADING:  # the script itself runs now: its own limit counts, not Lua's start-up
+                deadline = min(deadline, started + running_limit)
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not worker.conn.poll(remaining):
+            if remaining <= 0:
                 worker.kill()
                 self._worker = None
                 return ("load_error", "timeout", "")
+            if not worker.conn.poll(min(remaining, WATCHDOG_POLL)):
+                continue
             try:
                 reply = worker.conn.recv()
             except (EOFError, OSError):
@@ -406,8 +412,10 @@ class PolicyEngine:
         while True:
             index, started = worker.progress()
             now = time.monotonic()
-            wait = (started + limit - now) if index >= 0 else (idle_since + STARTUP_ALLOWANCE + limit - now)
-            if worker.conn.poll(max(wait, 0.0)):
+            deadline = (started + limit) if index >= 0 else (idle_since + STARTUP_ALLOWANCE + limit)
+            # Wait in short slices: a call may start (and get stuck) while we
+            # wait out the idle allowance, and its own deadline is much nearer.
+            if worker.conn.poll(min(max(deadline - now, 0.0), WATCHDOG_POLL)):
                 try:
                     reply = worker.conn.recv()
                 except (EOFError, OSError):
@@ -429,6 +437,8 @@ class PolicyEngine:
                     worker.kill()
                     self._worker = None
                     return
+                continue
+            if time.monotonic() < deadline:
                 continue
             again, started_again = worker.progress()
             if again == index and started_again == started:

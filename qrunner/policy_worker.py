@@ -7,7 +7,9 @@ script runs here, and the parent (:mod:`qrunner.policy`) watches the wall
 clock through a small shared memory block: before each ``CheckFile`` call the
 worker writes the message's index and the time; if a call overruns, the
 parent kills this process, records a policy error for that message and
-starts a fresh worker for the rest of the pass.
+starts a fresh worker for the rest of the pass. While the script's top level
+and ``Start()`` run, the block holds ``LOADING`` and the time, so a load that
+overruns is killed too (a load failure).
 
 The protocol over the connection (pickled tuples):
   parent -> ("load", settings)        worker -> ("loaded", uses) | ("load_error", text)
@@ -28,6 +30,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Dict, List, Optional, Tuple
 
 PROGRESS = struct.Struct("=qd")  # index of the call under way (-1: none), its monotonic start
+LOADING = -2  # the PROGRESS index while the script's top level and Start() run
 FLUSH_SECONDS = 0.01
 FLUSH_COUNT = 500
 PRINT_LIMIT = 200  # lines of print() output logged per call; a loop printing forever cannot flood the log
@@ -222,6 +225,9 @@ local function timed(fn, ...)
   deadline = clock() + timeout
   local results = {pcall(fn, ...)}
   deadline = huge
+  -- A script's own pcall or coroutine.resume may have caught the timeout
+  -- error: the call still overran, so it still counts as a timeout.
+  if expired then results = {false, TIMEOUT} end
   return results
 end
 
@@ -361,7 +367,7 @@ class LuaState:
                 self.table_from([v for _, v in pairs]))
 
 
-def _load(conn: Connection, settings: Dict[str, Any]) -> Optional[LuaState]:
+def _load(conn: Connection, settings: Dict[str, Any], progress) -> Optional[LuaState]:
     try:
         state = LuaState(conn, settings)
     except MemoryError:
@@ -370,10 +376,13 @@ def _load(conn: Connection, settings: Dict[str, Any]) -> Optional[LuaState]:
     except Exception as exc:  # lupa reports a missing Lua build or a broken prelude this way
         conn.send(("load_error", "error", f"cannot start Lua {settings['lua']}: {exc}"))
         return None
+    PROGRESS.pack_into(progress, 0, LOADING, time.monotonic())
     try:
         outcome = state.run_top(settings["script_text"], ("@" + settings["script_name"]).encode())
     except MemoryError:
         outcome = (b"memory",)
+    finally:
+        PROGRESS.pack_into(progress, 0, -1, 0.0)
     if not isinstance(outcome, tuple):
         outcome = (outcome,)
     kind = _text(outcome[0])
@@ -431,7 +440,7 @@ def main(argv: List[str]) -> int:
         except EOFError:
             return 0
         if request[0] == "load":
-            state = _load(conn, request[1])
+            state = _load(conn, request[1], progress)
         elif request[0] == "decide" and state is not None:
             if not _decide(conn, state, request[1], progress):
                 return 0

@@ -1,0 +1,254 @@
+"""The Postfix back end: list, hold, release and schedule through Postfix's own tools.
+
+Every value comes from ``postconf -h`` (queue directory, hashing), never a
+guess, and every command gets ``-c`` when a config directory is set, so a
+``postmulti`` instance works. Listing is one ``postqueue -j``; holds and
+releases are one ``postsuper -h -`` / ``-H -`` per batch; scheduling talks
+to the flush service's socket directly (what ``postqueue -i`` does, without
+a process per message), falling back to ``postqueue -i``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from typing import Dict, Iterable, List, Optional, Sequence, Set
+
+from qrunner.config import PostfixSettings
+from qrunner.exceptions import NoPermissionError, UnavailableError
+from qrunner.message import Message
+from qrunner.mta.base import Backend
+from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, _hash_key, is_queue_id, queue_file_path
+
+log = logging.getLogger("qrunner.postfix")
+
+GATE_REASON = "deferred transport"  # what Postfix writes for a due message whose transport is gated
+POSTCONF_NAMES = ("queue_directory", "command_directory", "hash_queue_names", "hash_queue_depth",
+                  "defer_transports", "maximal_queue_lifetime")
+FLUSH_TIMEOUT = 10.0
+
+
+def find_postconf(command_directory: Optional[str]) -> Optional[str]:
+    """``postconf`` in the configured command directory, else PATH, else /usr/sbin."""
+    if command_directory:
+        candidate = os.path.join(command_directory, "postconf")
+        return candidate if os.access(candidate, os.X_OK) else None
+    return shutil.which("postconf") or shutil.which("postconf", path="/usr/sbin:/usr/local/sbin")
+
+
+class PostfixBackend(Backend):
+    """One Postfix instance (its config directory), as qrunner acts on it."""
+
+    name = "postfix"
+
+    def __init__(self, settings: PostfixSettings):
+        self.settings = settings
+        postconf = find_postconf(settings.command_directory)
+        if postconf is None:
+            where = settings.command_directory or "PATH or /usr/sbin"
+            raise UnavailableError(f"Postfix is not installed: no postconf in {where}; install Postfix "
+                                   "or set mta and [postfix] command_directory in the configuration.")
+        self.config_args = ["-c", settings.config_directory] if settings.config_directory else []
+        values = self._postconf(postconf)
+        self.queue_directory = values["queue_directory"]
+        self.command_directory = settings.command_directory or values["command_directory"]
+        self.hash_queue_names = values["hash_queue_names"]
+        self.hash_queue_depth = int(values["hash_queue_depth"] or 1)
+        self.defer_transports = values["defer_transports"]
+        self.maximal_queue_lifetime = values["maximal_queue_lifetime"]
+        self.instance = f"postfix:{os.path.realpath(self.queue_directory)}"
+
+    # -- commands ----------------------------------------------------------
+
+    def _postconf(self, postconf: str) -> Dict[str, str]:
+        result = subprocess.run([postconf] + self.config_args + ["-h"] + list(POSTCONF_NAMES),
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        lines = result.stdout.splitlines()
+        if result.returncode != 0 or len(lines) != len(POSTCONF_NAMES):
+            why = result.stderr.strip().splitlines()[-1:] or ["no output"]
+            where = self.settings.config_directory or "Postfix's default config directory"
+            raise UnavailableError(f"postconf cannot read the configuration in {where} ({why[0]}); "
+                                   "check [postfix] config_directory.")
+        return dict(zip(POSTCONF_NAMES, lines))
+
+    def command(self, name: str) -> str:
+        return os.path.join(self.command_directory, name)
+
+    def _run(self, name: str, args: Sequence[str], input_text: Optional[str] = None) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run([self.command(name)] + self.config_args + list(args), input=input_text,
+                                  stdin=None if input_text is not None else subprocess.DEVNULL,
+                                  capture_output=True, text=True, errors="replace")
+        except OSError as exc:
+            raise UnavailableError(f"cannot run {self.command(name)}: {exc.strerror}; is Postfix installed whole?")
+
+    # -- readiness ---------------------------------------------------------
+
+    def check_can_act(self) -> None:
+        """Root and a running Postfix: without them postsuper half-applies a batch."""
+        if os.geteuid() != 0:
+            raise NoPermissionError("qrunner must run as root to hold, release and schedule Postfix mail "
+                                    "(postsuper is reserved for the superuser); run it from root's timer or with sudo.")
+        self.check_running()
+
+    def check_running(self) -> None:
+        if os.geteuid() != 0:
+            return  # only root may ask 'postfix status'; postqueue says "mail system is down" for the rest
+        result = self._run("postfix", ["status"])
+        if result.returncode != 0:
+            where = self.settings.config_directory or "the default instance"
+            raise UnavailableError(f"Postfix is not running ({where}: 'postfix status' says: "
+                                   f"{_last_line(result.stderr) or 'not running'}); start it with 'postfix start'.")
+
+    # -- list --------------------------------------------------------------
+
+    def list_messages(self) -> List[Message]:
+        result = self._run("postqueue", ["-j"])
+        if result.returncode != 0:
+            raise UnavailableError(f"postqueue -j failed: {_last_line(result.stderr) or 'exit ' + str(result.returncode)}; "
+                                   "is Postfix running?")
+        postcat = [self.command("postcat")] + self.config_args
+        messages = []
+        for number, line in enumerate(result.stdout.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                queue_id = record["queue_id"]
+                queue_name = record["queue_name"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("postqueue -j line %d not understood, skipped: %.200s", number, line)
+                continue
+            if not is_queue_id(queue_id):
+                log.warning("postqueue -j line %d: %r is not a Postfix queue id, skipped", number, queue_id)
+                continue
+            messages.append(self._message(record, queue_id, queue_name, postcat))
+        return messages
+
+    def _message(self, record: dict, queue_id: str, queue_name: str, postcat: List[str]) -> Message:
+        try:
+            path = queue_file_path(self.queue_directory, queue_name, queue_id,
+                                   self.hash_queue_names, self.hash_queue_depth)
+        except ValueError:
+            path = ""
+        recipients = [r for r in record.get("recipients", []) if isinstance(r, dict)]
+        return Message(
+            queue_id=queue_id,
+            arrival=arrival_time(record.get("arrival_time", 0), queue_id),
+            size=int(record.get("message_size", 0)),
+            sender=str(record.get("sender", "")),
+            recipients=tuple(str(r.get("address", "")) for r in recipients),
+            queue_name=queue_name,
+            filename=path,
+            headers=PostfixQueueFileHeaders(path, queue_id, postcat),
+            delay_reasons=tuple(str(r["delay_reason"]) for r in recipients if "delay_reason" in r),
+        )
+
+    def next_retry(self, message: Message) -> Optional[float]:
+        """When Postfix would retry the message by itself, or None when it is due now.
+
+        Due: its only delay reason is the gate's own (Postfix found it due
+        and its transport deferred), or its next retry time (the queue
+        file's mtime) has passed.
+        """
+        if message.delay_reasons and all(GATE_REASON in reason for reason in message.delay_reasons):
+            return None
+        try:
+            mtime = os.stat(message.filename).st_mtime
+        except OSError:
+            return None
+        return mtime if mtime > time.time() else None
+
+    # -- act ---------------------------------------------------------------
+
+    def hold(self, queue_ids: Iterable[str]) -> Set[str]:
+        """Put messages on hold in one ``postsuper -h -``; the ids postsuper confirmed."""
+        return self._postsuper("-h", queue_ids, "placed on hold")
+
+    def release(self, queue_ids: Iterable[str]) -> Set[str]:
+        """Release held messages in one ``postsuper -H -``; the ids postsuper confirmed."""
+        return self._postsuper("-H", queue_ids, "released from hold")
+
+    def _postsuper(self, flag: str, queue_ids: Iterable[str], done: str) -> Set[str]:
+        ids = [q for q in queue_ids if is_queue_id(q)]
+        if not ids:
+            return set()
+        result = self._run("postsuper", [flag, "-"], input_text="".join(q + "\n" for q in ids))
+        confirmed = set(re.findall(r"^postsuper: ([0-9A-Za-z]+): " + re.escape(done) + r"$", result.stderr, re.M))
+        if result.returncode != 0:
+            raise UnavailableError(f"postsuper {flag} failed ({_last_line(result.stderr)}); "
+                                   f"{len(confirmed)} of {len(ids)} messages were changed before it stopped.")
+        return confirmed
+
+    def schedule(self, queue_id: str) -> bool:
+        """Ask Postfix to deliver one deferred message now (``postqueue -i``'s request).
+
+        True when the flush service accepted the request (it also accepts an
+        id that no longer exists: the caller checks the queue for that).
+        """
+        if not is_queue_id(queue_id):
+            return False
+        try:
+            return _flush_request(os.path.join(self.queue_directory, "public", "flush"), queue_id)
+        except OSError as exc:
+            log.debug("%s: flush socket unusable (%s); using postqueue -i", queue_id, exc)
+        result = self._run("postqueue", ["-i", queue_id])
+        return result.returncode == 0
+
+
+def arrival_time(seconds, queue_id: str) -> float:
+    """Arrival with the microseconds the queue id carries (postqueue -j gives whole seconds).
+
+    Both queue id forms encode the arrival's microseconds (the first five hex
+    digits of a short id; four base-52 digits of a long one), so messages
+    that arrived within one second are still offered oldest first.
+    """
+    try:
+        return int(seconds) + int(_hash_key(queue_id)[:5], 16) / 1e6
+    except (TypeError, ValueError):
+        return float(seconds or 0)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _read_attrs(sock: socket.socket) -> Dict[bytes, bytes]:
+    """One attribute list of Postfix's null-terminated protocol: name\0value\0 ... then \0."""
+    data = b""
+    while True:
+        tokens = data.split(b"\0")[:-1]  # the part after the last \0 is incomplete
+        attrs = {}
+        for i in range(0, len(tokens), 2):
+            if tokens[i] == b"":
+                return attrs
+            if i + 1 == len(tokens):
+                break
+            attrs[tokens[i]] = tokens[i + 1]
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise OSError("the flush service closed the connection")
+        data += chunk
+
+
+def _flush_request(path: str, queue_id: str) -> bool:
+    """``postqueue -i``'s exchange with the flush service, on its UNIX socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(FLUSH_TIMEOUT)
+        sock.connect(path)
+        hello = _read_attrs(sock)
+        if hello.get(b"protocol") != b"queue_flush_protocol":
+            raise OSError(f"unexpected greeting {hello!r}")
+        sock.sendall(b"request\0send_file\0queue_id\0" + queue_id.encode("ascii") + b"\0\0")
+        reply = _read_attrs(sock)
+    status = reply.get(b"status")
+    if status is None:
+        raise OSError(f"unexpected reply {reply!r}")
+    return status == b"0"

@@ -1,0 +1,541 @@
+"""Read the header fields of a message straight from its Postfix queue file.
+
+A policy that reads headers needs them for every message of a possibly huge
+queue; ``postcat -hq`` would cost a process per message (about 5 ms), while
+the header part of a queue file is a few kilobytes that Python reads in
+microseconds. This module reads those files the way Postfix's own readers do
+(``src/global/record.c``, ``src/postcat/postcat.c``) and nothing more.
+
+The record format: each record is one type byte, the data length in 7-bit
+groups (low bits first, the high bit set on every byte but the last), then
+the data. The first record (``C``) holds the offset where the message
+content starts; from there each ``N`` record is one line, and a line longer
+than Postfix's record limit comes as ``L`` records followed by its final
+``N``. A ``p`` record is a pointer: reading continues at the file offset it
+holds (0 means "nothing here"); cleanup uses them when a milter adds headers,
+which then live at the end of the file. ``w`` records are padding.
+
+Queue ids and file locations follow ``src/global/mail_queue.c`` and
+``mail_queue.h``; see :func:`is_queue_id` and :func:`queue_file_path`.
+
+Nothing here raises for what a queue file contains: malformed or truncated
+files yield what could be read. Only a file that cannot be opened or read
+raises :class:`OSError`, and :class:`PostfixQueueFileHeaders` turns even
+that into an explanation in ``.problem``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple, Union
+
+from qrunner.message import HeaderSource
+
+__all__ = [
+    "iter_records",
+    "read_headers",
+    "fields_from_lines",
+    "PostfixQueueFileHeaders",
+    "is_queue_id",
+    "queue_file_path",
+    "DEFAULT_MAX_HEADER_BYTES",
+]
+
+DEFAULT_MAX_HEADER_BYTES = 262144
+
+# Record types (src/global/rec_type.h), as byte values.
+_REC_SIZE = ord("C")
+_REC_MESG = ord("M")
+_REC_CONT = ord("L")
+_REC_NORM = ord("N")
+_REC_DTXT = ord("w")
+_REC_XTRA = ord("X")
+_REC_END = ord("E")
+_REC_PTR = ord("p")
+
+# Postfix refuses a record length that needs more than 4 length bytes
+# (record.c: shift + 7 >= bits in an int); we do the same.
+_MAX_LENGTH_BYTES = 4
+# A record longer than this is not something Postfix writes in a queue file
+# we read; treat it as damage rather than allocate for it.
+_DEFAULT_MAX_RECORD = 1 << 24
+# record.c's REVERSE_JUMP_LIMIT: a guard against pointer loops.
+_REVERSE_JUMP_LIMIT = 10000
+_CHUNK = 16384
+_MAX_READ = 1 << 20
+
+# A header line as postcat's is_header() sees it: a name of printable ASCII
+# other than space, tab and colon, optional space or tab, then a colon.
+_HEADER_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+
+class _Damaged(Exception):
+    """The queue file is malformed or truncated at this point (internal)."""
+
+
+class _Reader:
+    """Buffered record reader over a binary file, with seeks for pointers.
+
+    Reads in chunks and parses records out of an in-memory buffer, so that a
+    header part costs one or two ``read`` calls rather than several per
+    record.
+    """
+
+    __slots__ = ("f", "buf", "pos", "base", "eof", "max_record")
+
+    def __init__(self, f: BinaryIO, max_record: int = _DEFAULT_MAX_RECORD):
+        self.f = f
+        self.buf = b""
+        self.pos = 0
+        self.base = 0  # file offset of buf[0]
+        self.eof = False
+        self.max_record = max_record
+
+    def tell(self) -> int:
+        return self.base + self.pos
+
+    def seek(self, offset: int) -> None:
+        if self.base <= offset <= self.base + len(self.buf):
+            self.pos = offset - self.base
+            return
+        try:
+            self.f.seek(offset)
+        except (OSError, ValueError) as exc:
+            raise _Damaged("cannot seek to offset %d: %s" % (offset, exc))
+        self.buf = b""
+        self.pos = 0
+        self.base = offset
+        self.eof = False
+
+    def _fill(self, need: int) -> bool:
+        """Make ``need`` bytes available at ``pos``; False at end of file."""
+        buf = self.buf[self.pos:]
+        self.base += self.pos
+        self.pos = 0
+        while len(buf) < need and not self.eof:
+            chunk = self.f.read(min(max(_CHUNK, need - len(buf)), _MAX_READ))
+            if not chunk:
+                self.eof = True
+                break
+            buf += chunk
+        self.buf = buf
+        return len(buf) >= need
+
+    def next(self) -> Optional[Tuple[int, bytes]]:
+        """The next record as (type byte value, data); None at a clean end."""
+        buf, pos = self.buf, self.pos
+        if len(buf) - pos < 2 + _MAX_LENGTH_BYTES:
+            if not self._fill(2 + _MAX_LENGTH_BYTES) and len(self.buf) == 0:
+                return None
+            buf, pos = self.buf, self.pos
+        if len(buf) - pos < 2:
+            raise _Damaged("file ends inside a record header")
+        rtype = buf[pos]
+        b = buf[pos + 1]
+        if b < 0x80:
+            length = b
+            pos += 2
+        else:
+            length = b & 0x7F
+            shift = 7
+            i = pos + 2
+            while True:
+                if i - pos - 1 >= _MAX_LENGTH_BYTES:
+                    raise _Damaged("too many length bytes in a %r record" % chr(rtype))
+                if i >= len(buf):
+                    raise _Damaged("file ends inside a record length")
+                b = buf[i]
+                length |= (b & 0x7F) << shift
+                shift += 7
+                i += 1
+                if b < 0x80:
+                    break
+            pos = i
+        if length > self.max_record:
+            raise _Damaged("%r record of %d bytes is implausibly long" % (chr(rtype), length))
+        end = pos + length
+        if end > len(buf):
+            self.pos = pos
+            if not self._fill(length):
+                raise _Damaged("file ends inside a %r record" % chr(rtype))
+            buf, pos = self.buf, 0
+            end = length
+        self.pos = end
+        return rtype, buf[pos:end]
+
+
+class _Follower:
+    """Records as Postfix's rec_get() returns them: pointers followed, padding skipped."""
+
+    __slots__ = ("reader", "saved_offset", "reverse_jumps")
+
+    def __init__(self, reader: _Reader):
+        self.reader = reader
+        self.saved_offset = 0
+        self.reverse_jumps = 0
+
+    def next(self) -> Optional[Tuple[int, bytes]]:
+        reader = self.reader
+        while True:
+            rec = reader.next()
+            if rec is None:
+                return None
+            rtype = rec[0]
+            if rtype == _REC_PTR:
+                self._jump(rec[1])
+                continue
+            if rtype == _REC_DTXT:
+                continue
+            return rec
+
+    def _jump(self, data: bytes) -> None:
+        text = data.strip(b" \t\r\n\v\f")
+        if not text.isdigit():
+            raise _Damaged("malformed pointer record %r" % data[:40])
+        offset = int(text)
+        if offset == 0:  # a dummy pointer: read on
+            return
+        if offset <= self.saved_offset:
+            self.reverse_jumps += 1
+            if self.reverse_jumps > _REVERSE_JUMP_LIMIT:
+                raise _Damaged("too many reverse jumps (pointer loop)")
+        self.reader.seek(offset)
+        self.saved_offset = offset
+
+
+def iter_records(f: BinaryIO, max_record: int = _DEFAULT_MAX_RECORD) -> Iterator[Tuple[str, bytes]]:
+    """Yield ``(type, data)`` for each record of a queue file, as stored.
+
+    ``type`` is the record type as a one-character string (``"N"``); pointer
+    records are yielded, not followed. The iteration stops cleanly at the
+    end of the file, at a truncated record, and at a length that is
+    malformed or longer than ``max_record``: the records before the damage
+    are still yielded, which is all a reader of a half-written or corrupt
+    file can use.
+    """
+    reader = _Reader(f, max_record)
+    while True:
+        try:
+            rec = reader.next()
+        except _Damaged:
+            return
+        if rec is None:
+            return
+        yield chr(rec[0]), rec[1]
+
+
+def _is_header_line_start(data: bytes) -> bool:
+    return data[:1] in (b" ", b"\t") or _HEADER_START.match(data) is not None
+
+
+def _find_content(follower: _Follower) -> bool:
+    """Position the reader at the first content record; False if there is none.
+
+    The size record (``C``, always first in a queue file that cleanup
+    wrote) holds the content offset, which is how postcat skips the
+    envelope, however many recipients it lists. Without a usable one we
+    read the envelope up to the ``M`` record.
+    """
+    reader = follower.reader
+    rec = reader.next()
+    if rec is None:
+        return False
+    if rec[0] == _REC_SIZE:
+        parts = rec[1].split()
+        if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) > reader.tell():
+            reader.seek(int(parts[1]))
+            return True
+    else:
+        reader.seek(0)
+    while True:
+        rec = follower.next()
+        if rec is None or rec[0] in (_REC_XTRA, _REC_END):
+            return False
+        if rec[0] == _REC_MESG:
+            return True
+
+
+def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optional[str]]:
+    """The header fields of an open queue file and, if incomplete, why."""
+    follower = _Follower(_Reader(f))
+    fields: List[bytes] = []
+    total = 0
+    try:
+        if not _find_content(follower):
+            return fields, "the queue file holds no message content"
+        next_rec = follower.next
+        while True:
+            rec = next_rec()
+            if rec is None:
+                return fields, "the queue file ends inside the message headers"
+            rtype, data = rec
+            if rtype != _REC_NORM and rtype != _REC_CONT:
+                if rtype == _REC_XTRA or rtype == _REC_END:
+                    return fields, None  # headers without a body
+                continue  # a record type that carries no text here
+            # The first record of a line decides, as in postcat: a line
+            # that is neither a header nor a continuation ends the headers.
+            if not _is_header_line_start(data):
+                return fields, None
+            last = False
+            note = None
+            if rtype == _REC_CONT:
+                parts = [data]
+                size = len(data)
+                while rtype == _REC_CONT:
+                    rec = next_rec()
+                    if rec is None:
+                        last = True
+                        note = "the queue file ends inside a header line"
+                        break
+                    rtype, data = rec
+                    if rtype != _REC_NORM and rtype != _REC_CONT:
+                        if rtype == _REC_XTRA or rtype == _REC_END:
+                            last = True  # an unterminated last line
+                            break
+                        continue
+                    parts.append(data)
+                    size += len(data)
+                    if total + size > max_bytes:
+                        break
+                line = b"".join(parts)
+            else:
+                line = data
+            total += len(line) + 1
+            if total > max_bytes:
+                line = line[:max(0, len(line) - (total - max_bytes))]
+            if not line and total > max_bytes:
+                pass  # the cap fell on this line's first byte
+            elif line[:1] in (b" ", b"\t") and fields:
+                fields[-1] += b"\n" + line
+            else:
+                fields.append(line)
+            if total > max_bytes:
+                return fields, "the headers are longer than %d bytes; the rest was not read" % max_bytes
+            if last:
+                return fields, note
+    except _Damaged as exc:
+        return fields, "the queue file is damaged: %s" % exc
+
+
+def read_headers(path: str, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> List[bytes]:
+    """The header fields of the message in queue file ``path``, in order.
+
+    One entry per field, continuation lines joined by ``b"\\n"``, no final
+    line break: what ``HeaderLines`` holds. Headers a milter added (reached
+    through pointer records) appear where Postfix's readers show them.
+    Reading stops at the first line that is neither a header nor a
+    continuation (normally the empty line before the body), at the end of
+    the content, at damage in the file, or once ``max_bytes`` of header text
+    were read (the field that crosses the cap is cut there): a message with
+    megabytes of headers must not cost megabytes per message. Bytes are
+    returned as stored (8-bit text is not decoded). Raises OSError only
+    when the file cannot be opened or read.
+    """
+    with open(path, "rb", buffering=0) as f:
+        return _read_header_fields(f, max_bytes)[0]
+
+
+def fields_from_lines(lines: Sequence[bytes]) -> List[bytes]:
+    """Group header lines (as postcat prints them) into fields.
+
+    A line starting with a space or tab continues the previous field
+    (joined with ``b"\\n"``); a continuation with no field before it stands
+    alone, as in :func:`read_headers`.
+    """
+    fields: List[bytes] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\n" + line
+        else:
+            fields.append(line)
+    return fields
+
+
+class PostfixQueueFileHeaders(HeaderSource):
+    """The headers of one queued Postfix message, read when first asked.
+
+    Holds only the file's path, the queue id and the optional postcat
+    command, so it is cheap to create for every listed message and to
+    pickle to the policy worker. ``read()`` reads the queue file; if that
+    fails (the message moved between queues since the listing, or the file
+    is not readable by this user) and ``postcat_argv`` is given (e.g.
+    ``["postcat", "-c", "/etc/postfix"]``), it asks ``postcat -hq ID``,
+    which finds the message in whatever queue it is now. When nothing could
+    be read it returns ``[]`` and says why in ``.problem``; it never raises.
+    """
+
+    __slots__ = ("path", "queue_id", "postcat_argv", "max_bytes", "problem")
+
+    def __init__(self, path: str, queue_id: str,
+                 postcat_argv: Optional[Sequence[str]] = None,
+                 max_bytes: int = DEFAULT_MAX_HEADER_BYTES):
+        self.path = path
+        self.queue_id = queue_id
+        self.postcat_argv = tuple(postcat_argv) if postcat_argv else None
+        self.max_bytes = max_bytes
+        self.problem: Optional[str] = None
+
+    def __getstate__(self):
+        return (self.path, self.queue_id, self.postcat_argv, self.max_bytes, self.problem)
+
+    def __setstate__(self, state) -> None:
+        self.path, self.queue_id, self.postcat_argv, self.max_bytes, self.problem = state
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, PostfixQueueFileHeaders)
+                and (other.path, other.queue_id, other.postcat_argv)
+                == (self.path, self.queue_id, self.postcat_argv))
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.queue_id))
+
+    def __repr__(self) -> str:
+        return "PostfixQueueFileHeaders(%r, %r)" % (self.path, self.queue_id)
+
+    def read(self) -> List[bytes]:
+        self.problem = None
+        try:
+            return self._read()
+        except Exception as exc:  # the contract: never raise into the policy
+            self.problem = "headers of %s could not be read: %s" % (self.queue_id, exc)
+            return []
+
+    def _read(self) -> List[bytes]:
+        file_error = "no queue file path known"
+        if self.path:
+            try:
+                with open(self.path, "rb", buffering=0) as f:
+                    fields, note = _read_header_fields(f, self.max_bytes)
+                if note:
+                    self.problem = "%s (%s): %s" % (self.queue_id, self.path, note)
+                return fields
+            except OSError as exc:
+                file_error = "cannot read %s: %s" % (self.path, exc.strerror or exc)
+        if not self.postcat_argv:
+            self.problem = "headers of %s not read: %s" % (self.queue_id, file_error)
+            return []
+        if not is_queue_id(self.queue_id):
+            self.problem = ("headers of %s not read: %s, and %r is not a Postfix queue id"
+                            % (self.queue_id, file_error, self.queue_id))
+            return []
+        argv = list(self.postcat_argv) + ["-hq", self.queue_id]
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.problem = ("headers of %s not read: %s; running %s failed: %s"
+                            % (self.queue_id, file_error, argv[0], exc))
+            return []
+        if r.returncode != 0:
+            why = r.stderr.decode("utf-8", "replace").strip().splitlines()
+            self.problem = ("headers of %s not read: %s; %s exited with %d%s"
+                            % (self.queue_id, file_error, " ".join(argv), r.returncode,
+                               (": " + why[-1]) if why else ""))
+            return []
+        out = r.stdout
+        lines = out.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        fields = fields_from_lines(lines)
+        capped: List[bytes] = []
+        total = 0
+        for fld in fields:
+            total += len(fld) + 1
+            if total > self.max_bytes:
+                cut = fld[:max(0, len(fld) - (total - self.max_bytes))]
+                if cut:
+                    capped.append(cut)
+                self.problem = ("%s: the headers are longer than %d bytes; the rest was not read"
+                                % (self.queue_id, self.max_bytes))
+                break
+            capped.append(fld)
+        return capped
+
+
+# -- queue ids and queue file locations (src/global/mail_queue.[ch]) -----------
+
+# safe_ultostr.c: digits and the consonants, no vowels; base 51 leaves out "z".
+_SAFE = "0-9B-DF-HJ-NP-TV-Zb-df-hj-np-tv-z"
+_SAFE51 = "0-9B-DF-HJ-NP-TV-Zb-df-hj-np-tv-y"
+_SAFE_DIGITS = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
+_SAFE_VALUE = {c: i for i, c in enumerate(_SAFE_DIGITS)}
+
+# Short form (mail_queue.h MQID_SH_*): microseconds as exactly 5 upper-case
+# hex digits, then the inode number in upper-case hex (%lX, 1..16 digits).
+_SHORT_ID = re.compile(r"[0-9A-F]{6,21}\Z")
+# Long form (MQID_LG_*, enable_long_queue_ids): seconds in base 52 (6 or
+# more digits, at most 12 for 64 bits), microseconds in base 52 (exactly 4),
+# the separator "z", the inode number in base 51 (never a "z").
+_LONG_ID = re.compile(r"[%s]{10,16}z[%s]{1,12}\Z" % (_SAFE, _SAFE51))
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9]{1,100}\Z")
+_MQID_LG_TIME_PAD = 10
+_MQID_LG_USEC_PAD = 4
+
+
+def is_queue_id(s: object) -> bool:
+    """True when ``s`` is a Postfix queue id, short or long form.
+
+    Stricter than Postfix's own ``mail_queue_id_ok()`` (which also admits
+    flush log names): only what ``mail_queue_enter()`` creates passes, so a
+    path, an option or anything with spaces never reaches a command line or
+    a file name.
+    """
+    if not isinstance(s, str):
+        return False
+    return _SHORT_ID.match(s) is not None or _LONG_ID.match(s) is not None
+
+
+def _hash_key(queue_id: str) -> str:
+    """The string whose first characters name the hash directories.
+
+    ``mail_queue_dir()``: a long id (found with MQID_FIND_LG_INUM_SEPARATOR:
+    the last "z", at least 10 characters in) hashes on its microseconds,
+    the 4 base-52 digits before the "z", converted to the short form's
+    5-digit upper-case hex (MQID_LG_GET_HEX_USEC); a short id hashes on
+    itself, whose first 5 characters are those hex microseconds. So both
+    forms of the same arrival land in the same directory.
+    """
+    z = queue_id.rfind("z")
+    if z >= _MQID_LG_TIME_PAD:
+        usec = 0
+        for ch in queue_id[z - _MQID_LG_USEC_PAD:z]:
+            value = _SAFE_VALUE.get(ch)
+            if value is None or value >= 52:
+                usec = 0  # Postfix uses 0 when the digits do not decode
+                break
+            usec = usec * 52 + value
+        return "%05X" % usec
+    return queue_id
+
+
+def queue_file_path(queue_directory: str, queue_name: str, queue_id: str,
+                    hash_queue_names: Union[Sequence[str], str],
+                    hash_queue_depth: int) -> str:
+    """Where Postfix keeps message ``queue_id`` of queue ``queue_name``.
+
+    ``hash_queue_names`` is ``postconf -h hash_queue_names`` (a list, or the
+    string itself); queues named there (compared without case, as Postfix
+    does) get ``hash_queue_depth`` levels of one-character directories
+    (``dir_forest()``: an id shorter than the depth is padded with "_").
+    Raises ValueError for a queue name or id that Postfix would refuse,
+    so that nothing else ever becomes a path.
+    """
+    if not isinstance(queue_name, str) or not _QUEUE_NAME.match(queue_name):
+        raise ValueError("not a Postfix queue name: %r" % (queue_name,))
+    if not is_queue_id(queue_id):
+        raise ValueError("not a Postfix queue id: %r" % (queue_id,))
+    if isinstance(hash_queue_names, str):
+        names = hash_queue_names.replace(",", " ").split()
+    else:
+        names = [n for item in hash_queue_names for n in str(item).replace(",", " ").split()]
+    forest: List[str] = []
+    if queue_name.lower() in {n.lower() for n in names}:
+        depth = int(hash_queue_depth)
+        if depth < 1:
+            raise ValueError("hash_queue_depth must be at least 1, not %r" % (hash_queue_depth,))
+        key = _hash_key(queue_id)
+        forest = [key[n] if n < len(key) else "_" for n in range(depth)]
+    return os.path.join(queue_directory, queue_name, *forest, queue_id)

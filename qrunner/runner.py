@@ -1,0 +1,252 @@
+"""One run: lock, list, decide, plan, execute, record.
+
+The order of every write is what makes a crash harmless: a hold is recorded,
+then made, then marked done; a release is marked, then made, then the record
+dropped. The next run reconciles whatever a crash left half-way before it
+does anything else (see :mod:`qrunner.state`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+from qrunner.config import Config, Sender
+from qrunner.message import Message
+from qrunner.mta.postfix_queuefile import queue_file_path
+from qrunner.plan import Plan, make_plan, message_key
+from qrunner.policy import Decision, PolicyEngine, PolicySettings
+from qrunner.state import RunLock, RunSummary, State
+
+log = logging.getLogger("qrunner")
+
+
+def quote(text: str) -> str:
+    """A value for a ``key="..."`` log field, on one line."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ").replace("\r", " ") + '"'
+
+
+def senders_of(decision: Decision) -> str:
+    """Who decided: the sending sender, or every sender that skipped."""
+    if decision.sender is not None:
+        return decision.sender.name
+    return ",".join(v.sender.name for v in decision.verdicts) or "-"
+
+
+@dataclass
+class RunResult:
+    """What a run decided and did; the CLI prints it and picks the exit code."""
+
+    decisions: List[Decision]
+    plan: Plan
+    summary: RunSummary
+    run_id: Optional[int] = None
+    not_candidates: List[str] = field(default_factory=list)
+
+    @property
+    def policy_errors(self) -> int:
+        return sum(1 for d in self.decisions if d.errors)
+
+
+class Runner:
+    """Runs the pipeline against one MTA back end."""
+
+    def __init__(self, config: Config, backend, policy: PolicySettings, senders: Sequence[Sender]):
+        self.config = config
+        self.backend = backend
+        self.policy = policy
+        self.senders = senders
+
+    # -- the job -----------------------------------------------------------
+
+    def run(self, command: str = "run", dry_run: bool = False, only_ids: Optional[Sequence[str]] = None,
+            ignore_policy: bool = False) -> RunResult:
+        """A whole run (``run``, ``flush``) or a look at one (``--dry-run``, ``plan``)."""
+        if dry_run:
+            self.backend.check_running()
+            state = State(self.config.state_dir, self.backend.instance, readonly=True)
+            try:
+                return self._decide_and_plan(command, state, dry_run=True, only_ids=only_ids,
+                                             ignore_policy=ignore_policy)
+            finally:
+                state.close()
+        with RunLock(self.config.state_dir):
+            self.backend.check_can_act()
+            state = State(self.config.state_dir, self.backend.instance)
+            try:
+                result = self._decide_and_plan(command, state, dry_run=False, only_ids=only_ids,
+                                               ignore_policy=ignore_policy)
+                self._execute(state, result)
+                return result
+            finally:
+                state.close()
+
+    def _decide_and_plan(self, command: str, state: State, dry_run: bool, only_ids: Optional[Sequence[str]],
+                         ignore_policy: bool) -> RunResult:
+        summary = RunSummary(command=command, started=time.time())
+        messages = self.backend.list_messages()
+        queue = {(m.queue_id, int(m.arrival)): m.queue_name for m in messages}
+        if not dry_run:
+            for note in state.reconcile(queue):
+                log.info("%s", note)
+        ours = {key for key, hold in state.holds().items() if queue.get(key) == "hold"}
+        candidates = [m for m in messages if m.queue_name == "deferred"
+                      or (m.queue_name == "hold" and (m.queue_id, int(m.arrival)) in ours)]
+        not_candidates: List[str] = []
+        if only_ids is not None:
+            candidates, not_candidates = self._only(candidates, messages, only_ids)
+        summary.listed = len(candidates)
+        if ignore_policy:
+            decisions = [Decision(m, True, 50, None, "policy overridden by the admin") for m in candidates]
+            next_retry: Dict[str, Optional[float]] = {}
+        else:
+            with PolicyEngine(self.policy) as engine:
+                decisions = engine.decide(candidates, self.senders)
+            next_retry = {d.queue_id: self.backend.next_retry(d.message) for d in decisions if d.send}
+        plan = make_plan(decisions, ours, next_retry)
+        return RunResult(decisions, plan, summary, not_candidates=not_candidates)
+
+    def _only(self, candidates: List[Message], messages: List[Message],
+              only_ids: Sequence[str]) -> Tuple[List[Message], List[str]]:
+        """The candidates the admin named; the named ids qrunner may not act on, logged."""
+        wanted = set(only_ids)
+        chosen = [m for m in candidates if m.queue_id in wanted]
+        found = {m.queue_id for m in chosen}
+        where = {m.queue_id: m.queue_name for m in messages}
+        missing = []
+        for queue_id in only_ids:
+            if queue_id in found:
+                continue
+            missing.append(queue_id)
+            if queue_id not in where:
+                log.warning("%s: not in the queue; nothing to do", queue_id)
+            elif where[queue_id] == "hold":
+                log.warning("%s: on hold by someone else, not by qrunner; left alone "
+                            "(release it with 'postsuper -H %s' if you mean to)", queue_id, queue_id)
+            else:
+                log.warning("%s: in the %s queue, which qrunner never touches", queue_id, where[queue_id])
+        return chosen, missing
+
+    # -- execute -------------------------------------------------------------
+
+    def _execute(self, state: State, result: RunResult) -> None:
+        plan, summary = result.plan, result.summary
+        run_id = result.run_id = state.start_run(summary)
+        try:
+            self._hold(state, plan, summary)
+            self._release(state, plan.release, summary)
+            self._send(state, run_id, plan, summary)
+            for decision, retry in plan.wait:
+                log.info("%s: action=wait sender=%s priority=%d next_retry=%s", decision.queue_id,
+                         senders_of(decision), decision.priority,
+                         time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(retry)))
+            summary.errors = result.policy_errors
+            summary.outcome = "ok"
+        except BaseException as exc:
+            summary.outcome = f"failed: {exc}"
+            raise
+        finally:
+            summary.finished = time.time()
+            state.finish_run(run_id, summary)
+            log.info("%s: listed=%d sent=%d held=%d released=%d errors=%d seconds=%.2f", summary.command,
+                     summary.listed, summary.sent, summary.held, summary.released, summary.errors,
+                     summary.seconds)
+
+    def _hold(self, state: State, plan: Plan, summary: RunSummary) -> None:
+        for decision in plan.keep:
+            log.debug("%s: action=keep sender=%s reason=%s", decision.queue_id, senders_of(decision),
+                      quote(decision.reason))
+        state.update_reason((d.queue_id, int(d.message.arrival), senders_of(d), d.reason) for d in plan.keep)
+        if not plan.hold:
+            return
+        state.record_holding((d.queue_id, int(d.message.arrival), senders_of(d), d.reason) for d in plan.hold)
+        confirmed = self.backend.hold([d.queue_id for d in plan.hold])
+        state.mark_held(message_key(d) for d in plan.hold if d.queue_id in confirmed)
+        state.forget(message_key(d) for d in plan.hold if d.queue_id not in confirmed)
+        for decision in plan.hold:
+            if decision.queue_id in confirmed:
+                log.info("%s: action=hold sender=%s priority=%d reason=%s", decision.queue_id,
+                         senders_of(decision), decision.priority, quote(decision.reason))
+            else:
+                log.info("%s: action=vanished (not held: no longer in the queue)", decision.queue_id)
+        summary.held = len(confirmed)
+
+    def _release(self, state: State, decisions: Sequence[Decision], summary: RunSummary) -> Set[str]:
+        if not decisions:
+            return set()
+        state.mark_releasing(message_key(d) for d in decisions)
+        confirmed = self.backend.release([d.queue_id for d in decisions])
+        state.forget(message_key(d) for d in decisions)
+        for decision in decisions:
+            if decision.queue_id in confirmed:
+                log.info("%s: action=release", decision.queue_id)
+            else:
+                log.info("%s: action=vanished (not released: no longer on hold)", decision.queue_id)
+        summary.released += len(confirmed)
+        return confirmed
+
+    def _send(self, state: State, run_id: int, plan: Plan, summary: RunSummary) -> None:
+        rows = []
+        for seq, decision in enumerate(plan.send, 1):
+            path = self._deferred_path(decision.message)
+            if path and not os.path.exists(path):
+                outcome = "vanished"
+                log.info("%s: action=vanished (no longer deferred: delivered, deleted or being delivered)",
+                         decision.queue_id)
+            elif self.backend.schedule(decision.queue_id):
+                outcome = "scheduled"
+                summary.sent += 1
+                log.info("%s: action=send sender=%s priority=%d%s", decision.queue_id, senders_of(decision),
+                         decision.priority, " policy=overridden" if decision.sender is None else "")
+            else:
+                outcome = "failed"
+                log.error("%s: action=send failed: Postfix refused to schedule it", decision.queue_id)
+            rows.append((seq, decision.queue_id, int(decision.message.arrival), decision.priority,
+                         senders_of(decision), outcome))
+        state.record_dispatches(run_id, rows)
+
+    def _deferred_path(self, message: Message) -> str:
+        backend = self.backend
+        try:
+            return queue_file_path(backend.queue_directory, "deferred", message.queue_id,
+                                   backend.hash_queue_names, backend.hash_queue_depth)
+        except (AttributeError, ValueError):
+            return ""
+
+    # -- release -----------------------------------------------------------
+
+    def release(self, only_ids: Optional[Sequence[str]]) -> int:
+        """Release qrunner's holds (all, or the named ones) without scheduling them."""
+        with RunLock(self.config.state_dir):
+            self.backend.check_can_act()
+            state = State(self.config.state_dir, self.backend.instance)
+            try:
+                messages = self.backend.list_messages()
+                queue = {(m.queue_id, int(m.arrival)): m.queue_name for m in messages}
+                for note in state.reconcile(queue):
+                    log.info("%s", note)
+                holds = state.holds()
+                keys = sorted(holds)
+                if only_ids is not None:
+                    named = set(only_ids)
+                    keys = [k for k in keys if k[0] in named]
+                    for queue_id in sorted(named - {k[0] for k in keys}):
+                        log.warning("%s: not held by qrunner; left alone", queue_id)
+                summary = RunSummary(command="release", started=time.time())
+                run_id = state.start_run(summary)
+                state.mark_releasing(keys)
+                confirmed = self.backend.release([k[0] for k in keys])
+                state.forget(keys)
+                for key in keys:
+                    log.info("%s: action=release%s", key[0], "" if key[0] in confirmed else " (was no longer on hold)")
+                summary.released = len(confirmed)
+                summary.finished = time.time()
+                summary.outcome = "ok"
+                state.finish_run(run_id, summary)
+                log.info("release: released=%d seconds=%.2f", summary.released, summary.seconds)
+                return summary.released
+            finally:
+                state.close()
