@@ -4,7 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install-test-deps bench clean
+PREFIX ?= /opt/qrunner
+# As root the test setup installs Postfix, so skipping an MTA test is an error.
+REQUIRE_MTA := $(shell [ "$$(id -u)" = 0 ] && echo 1)
+
+.PHONY: demo test install-test-deps install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +22,20 @@ demo: $(STAMP)
 
 ## test: install what the tests need (as root on Debian: Postfix), then run every test
 test: $(STAMP) install-test-deps
-	$(BIN)/python -m pytest
+	QRUNNER_REQUIRE_MTA=$${QRUNNER_REQUIRE_MTA:-$(REQUIRE_MTA)} $(BIN)/python -m pytest
 
 install-test-deps:
-	@if [ -x tests/setup/install-postfix.sh ]; then tests/setup/install-postfix.sh; fi
+	bash tests/setup/install-postfix.sh
+
+## install: qrunner in its own venv under $(PREFIX), /usr/local/bin/qrunner, /etc/qrunner, systemd units
+install:
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install --quiet .
+	ln -sf $(PREFIX)/bin/qrunner /usr/local/bin/qrunner
+	install -d -m 755 /etc/qrunner
+	[ -e /etc/qrunner/relayout.lua ] || install -m 644 relayout.lua /etc/qrunner/relayout.lua
+	[ -e /etc/qrunner/qrunner.toml ] || install -m 644 contrib/postfix/qrunner.toml /etc/qrunner/qrunner.toml
+	if [ -d /etc/systemd/system ]; then install -m 644 contrib/postfix/qrunner.service contrib/postfix/qrunner.timer /etc/systemd/system/; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info

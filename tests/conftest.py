@@ -1,3 +1,20 @@
-"""Shared test setup: the Postfix fixtures (tests/postfix_fixtures.py) for every test module."""
+"""Shared test setup: the Postfix fixtures for every module, and no silent skips in CI."""
+
+import os
+
+import pytest
 
 pytest_plugins = ["postfix_fixtures"]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """Under QRUNNER_REQUIRE_MTA=1 (CI, make test as root) a skipped test fails the run."""
+    if os.environ.get("QRUNNER_REQUIRE_MTA") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if skipped and session.exitstatus == 0:
+        reporter.write_line(f"QRUNNER_REQUIRE_MTA=1: {skipped} tests were skipped; every test must run here.",
+                            red=True)
+        session.exitstatus = 1
