@@ -290,3 +290,20 @@ def test_crash_between_record_and_hold_is_settled_by_next_run(tmp_path, postfix,
     assert result.code == 0, result.stderr
     assert "interrupted holding settled: message not on hold" in result.stderr
     assert subjects(smtp_sink, 1) == ["x"]
+
+
+def test_bounce_has_an_empty_return_path(tmp_path, postfix, smtp_sink):
+    """postqueue -j shows the null sender as MAILER-DAEMON; the policy must see ""."""
+    qr = Qrunner(tmp_path, postfix, 'function CheckFile(f, a, s, c, rp)\n'
+                                    '  if rp == "" then a.SkipSend = 1; a.Reason = "bounce" end\n'
+                                    '  if rp == "MAILER-DAEMON" then error("null sender seen as MAILER-DAEMON") end\n'
+                                    '  return a\nend\n')
+    bounce = queue_message(postfix, "bounce", sender="")
+    normal = queue_message(postfix, "normal")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert queue_state(postfix)[bounce][0] == "hold"
+    assert f'{bounce}: action=hold sender=default priority=50 reason="bounce"' in result.stderr
+    assert subjects(smtp_sink, 1) == ["normal"]

@@ -24,13 +24,14 @@ from qrunner.config import PostfixSettings
 from qrunner.exceptions import NoPermissionError, UnavailableError
 from qrunner.message import Message
 from qrunner.mta.base import Backend
-from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, _hash_key, is_queue_id, queue_file_path
+from qrunner.mta.postfix_queuefile import (PostfixQueueFileHeaders, arrival_microseconds, is_queue_id,
+                                           queue_file_path, read_sender)
 
 log = logging.getLogger("qrunner.postfix")
 
 GATE_REASON = "deferred transport"  # what Postfix writes for a due message whose transport is gated
 POSTCONF_NAMES = ("queue_directory", "command_directory", "hash_queue_names", "hash_queue_depth",
-                  "defer_transports", "maximal_queue_lifetime")
+                  "defer_transports", "maximal_queue_lifetime", "empty_address_recipient")
 FLUSH_TIMEOUT = 10.0
 
 
@@ -62,6 +63,7 @@ class PostfixBackend(Backend):
         self.hash_queue_depth = int(values["hash_queue_depth"] or 1)
         self.defer_transports = values["defer_transports"]
         self.maximal_queue_lifetime = values["maximal_queue_lifetime"]
+        self.empty_address_recipient = values["empty_address_recipient"]
         self.instance = f"postfix:{os.path.realpath(self.queue_directory)}"
 
     # -- commands ----------------------------------------------------------
@@ -142,13 +144,23 @@ class PostfixBackend(Backend):
             queue_id=queue_id,
             arrival=arrival_time(record.get("arrival_time", 0), queue_id),
             size=int(record.get("message_size", 0)),
-            sender=str(record.get("sender", "")),
+            sender=self._sender(str(record.get("sender", "")), path),
             recipients=tuple(str(r.get("address", "")) for r in recipients),
             queue_name=queue_name,
             filename=path,
             headers=PostfixQueueFileHeaders(path, queue_id, postcat),
             delay_reasons=tuple(str(r["delay_reason"]) for r in recipients if "delay_reason" in r),
         )
+
+    def _sender(self, shown: str, path: str) -> str:
+        """The envelope sender; "" for the null sender, which postqueue -j shows as MAILER-DAEMON."""
+        if shown != self.empty_address_recipient:
+            return shown
+        try:
+            raw = read_sender(path)
+        except OSError:
+            return ""  # a bounce, all but certainly; the file moved on
+        return "" if not raw else raw.decode("utf-8", "surrogateescape")
 
     def next_retry(self, message: Message) -> Optional[float]:
         """When Postfix would retry the message by itself, or None when it is due now.
@@ -210,7 +222,7 @@ def arrival_time(seconds, queue_id: str) -> float:
     that arrived within one second are still offered oldest first.
     """
     try:
-        return int(seconds) + int(_hash_key(queue_id)[:5], 16) / 1e6
+        return int(seconds) + arrival_microseconds(queue_id) / 1e6
     except (TypeError, ValueError):
         return float(seconds or 0)
 

@@ -539,3 +539,24 @@ def queue_file_path(queue_directory: str, queue_name: str, queue_id: str,
         key = _hash_key(queue_id)
         forest = [key[n] if n < len(key) else "_" for n in range(depth)]
     return os.path.join(queue_directory, queue_name, *forest, queue_id)
+
+
+def arrival_microseconds(queue_id: str) -> int:
+    """The microseconds of the arrival that a queue id (either form) encodes."""
+    return int(_hash_key(queue_id)[:5], 16)
+
+
+def read_sender(path: str) -> Optional[bytes]:
+    """The envelope sender (the ``S`` record) of a queue file; None when not found.
+
+    ``postqueue -j`` shows the null sender as ``empty_address_recipient``
+    (MAILER-DAEMON), which a real sender could also be called: the queue
+    file says which it is. Only the envelope part before the content is read.
+    """
+    with open(path, "rb") as f:
+        for rec_type, data in iter_records(f):
+            if rec_type == "S":
+                return data
+            if rec_type == "M":
+                return None
+    return None

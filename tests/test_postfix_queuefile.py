@@ -1,0 +1,586 @@
+"""Tests for qrunner.mta.postfix_queuefile.
+
+Part (a) builds queue files by hand, record by record, to reach what a real
+Postfix writes only in special cases (pointer records in both directions,
+long lines, damage). Part (b) checks the reader against the real thing: a
+private Postfix instance, whose ``postcat -hq`` output is the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import struct
+import threading
+from typing import List, Optional, Tuple
+
+import pytest
+
+from qrunner.mta.postfix_queuefile import (
+    PostfixQueueFileHeaders,
+    fields_from_lines,
+    is_queue_id,
+    iter_records,
+    queue_file_path,
+    read_headers,
+)
+
+# The fixtures postfix, smtp_sink and postfix_available come from
+# tests/postfix_fixtures.py, loaded by tests/conftest.py.
+
+
+# -- building queue files ---------------------------------------------------------
+
+
+def rec(rtype: str, data: bytes) -> bytes:
+    """One record: type byte, length in 7-bit groups (low first), data."""
+    n = len(data)
+    length = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            length.append(b | 0x80)
+        else:
+            length.append(b)
+            break
+    return rtype.encode() + bytes(length) + data
+
+
+def ptr(offset: int) -> bytes:
+    """A pointer record as cleanup writes it (REC_TYPE_PTR_FORMAT "%15ld")."""
+    return rec("p", b"%15d" % offset)
+
+
+ENVELOPE = (rec("T", b"1700000000 0") + rec("A", b"create_time=1700000000")
+            + rec("S", b"sender@example.org") + rec("O", b"r@example.net")
+            + rec("R", b"r@example.net"))
+
+
+def queue_file(content: bytes, with_size: bool = True) -> bytes:
+    """A queue file with a size record pointing at ``content`` (the records after M)."""
+    if not with_size:
+        return ENVELOPE + rec("M", b"") + content + rec("X", b"") + rec("E", b"")
+    # The size record is padded to a fixed width, so its length is known.
+    size_len = len(rec("C", b"%15d %15d %15d %15d %15d %15d" % (0, 0, 0, 0, 0, 0)))
+    offset = size_len + len(ENVELOPE) + len(rec("M", b""))
+    size = rec("C", b"%15d %15d %15d %15d %15d %15d" % (len(content), offset, 1, 0, len(content), 0))
+    assert len(size) == size_len
+    return size + ENVELOPE + rec("M", b"") + content + rec("X", b"") + rec("E", b"")
+
+
+def content_offset(data: bytes) -> int:
+    return data.index(rec("M", b"")) + 2
+
+
+def lines(*ls: bytes) -> bytes:
+    return b"".join(rec("N", x) for x in ls)
+
+
+def write(tmp_path, data: bytes, name: str = "ABCDEF123") -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+# -- (a) synthetic files --------------------------------------------------------------
+
+
+def test_plain_and_folded_headers(tmp_path):
+    data = queue_file(lines(b"Subject: hello", b"X-Folded: a", b"\tb", b" c",
+                            b"From: a@b", b"", b"body line", b"Not-A-Header: body"))
+    assert read_headers(write(tmp_path, data)) == [
+        b"Subject: hello", b"X-Folded: a\n\tb\n c", b"From: a@b"]
+
+
+def test_without_size_record_scans_to_content(tmp_path):
+    data = queue_file(lines(b"Subject: x", b"", b"b"), with_size=False)
+    assert read_headers(write(tmp_path, data)) == [b"Subject: x"]
+
+
+def test_long_line_as_L_records(tmp_path):
+    chunk = b"y" * 2048
+    content = (rec("L", b"X-Long: " + chunk) + rec("L", chunk) + rec("N", b"end")
+               + rec("N", b" continued") + lines(b"Subject: s", b"", b"body"))
+    assert read_headers(write(tmp_path, queue_file(content))) == [
+        b"X-Long: " + chunk + chunk + b"end\n continued", b"Subject: s"]
+
+
+def test_L_record_decides_line_start_only(tmp_path):
+    # The second part of a continued line looks like a body line; it must
+    # not end the headers because it does not start a line.
+    content = rec("L", b"X-A: 1") + rec("N", b" not: a start") + lines(b"B: 2", b"")
+    assert read_headers(write(tmp_path, queue_file(content))) == [b"X-A: 1 not: a start", b"B: 2"]
+
+
+def test_headers_end_at_non_header_line_without_blank(tmp_path):
+    content = lines(b"A: 1", b"this is body text", b"B: 2")
+    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+
+
+def test_header_name_rules_follow_is_header(tmp_path):
+    content = lines(b"Obsolete-Space : v", b"A: 1", b"Bad Name: x", b"C: 3")
+    assert read_headers(write(tmp_path, queue_file(content))) == [b"Obsolete-Space : v", b"A: 1"]
+
+
+def test_padding_records_are_skipped(tmp_path):
+    content = rec("N", b"A: 1") + rec("w", b"\0" * 12) + rec("N", b"\tcont") + lines(b"", b"b")
+    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1\n\tcont"]
+
+
+def test_pointer_forward_and_back_like_cleanup_milter(tmp_path):
+    """A milter appended one header and inserted one before the second field.
+
+    cleanup leaves a dummy pointer after the last header; to append it
+    writes the new header at the end of the file followed by a pointer back,
+    and points the dummy there. To insert, it overwrites a (padded) header
+    record with a pointer to the end, where the new header, the overwritten
+    one and a pointer back follow.
+    """
+    head = queue_file(b"")[: -len(rec("X", b"") + rec("E", b""))]
+    # Content layout (offsets computed below):
+    #   N "A: 1"; p -> INS; (w padding); N "C: 3"; p -> APP; N ""; N body; X; E
+    #   INS: N "X-Inserted: yes"; N "B: 2"; p -> after_b
+    #   APP: N "X-Appended: yes"; p -> after_dummy
+    part1 = rec("N", b"A: 1")
+    # Placeholders with the right size; fixed up once the offsets are known.
+    p_ins_at = len(head) + len(part1)
+    after_b = p_ins_at + len(ptr(0))
+    part2 = rec("N", b"C: 3")
+    p_app_at = after_b + len(part2)
+    after_dummy = p_app_at + len(ptr(0))
+    tail = lines(b"", b"body") + rec("X", b"") + rec("E", b"")
+    ins_at = after_dummy + len(tail)
+    ins = lines(b"X-Inserted: yes", b"B: 2") + ptr(after_b)
+    app_at = ins_at + len(ins)
+    app = rec("N", b"X-Appended: yes") + rec("N", b"\tfolded") + ptr(after_dummy)
+    data = head + part1 + ptr(ins_at) + part2 + ptr(app_at) + tail + ins + app
+    assert data.index(b"X-Inserted") == ins_at + 2
+    assert read_headers(write(tmp_path, data)) == [
+        b"A: 1", b"X-Inserted: yes", b"B: 2", b"C: 3", b"X-Appended: yes\n\tfolded"]
+
+
+def test_dummy_pointer_is_ignored(tmp_path):
+    content = lines(b"A: 1") + ptr(0) + lines(b"", b"body")
+    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+
+
+def test_pointer_loop_terminates(tmp_path):
+    head = queue_file(b"")[: -len(rec("X", b"") + rec("E", b""))]
+    at = len(head) + len(rec("N", b"A: 1"))
+    data = head + rec("N", b"A: 1") + ptr(at) + lines(b"", b"b")
+    assert read_headers(write(tmp_path, data)) == [b"A: 1"]
+
+
+def test_pointer_loop_with_text_is_capped(tmp_path):
+    head = queue_file(b"")[: -len(rec("X", b"") + rec("E", b""))]
+    start = len(head)
+    data = head + rec("N", b"A: 1") + ptr(start)
+    got = read_headers(write(tmp_path, data), max_bytes=1000)
+    assert sum(len(f) + 1 for f in got) <= 1000 + 5
+    assert set(got) <= {b"A: 1", b"A:"}
+
+
+def test_malformed_pointer_stops(tmp_path):
+    content = lines(b"A: 1") + rec("p", b"12ab") + lines(b"B: 2", b"")
+    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+
+
+def test_eight_bit_bytes_are_returned_raw(tmp_path):
+    fields = [b"Subject: caf\xc3\xa9", b"X-Latin1: \xe9t\xe9", b"X-Bad: \xff\xfe\x00\x01"]
+    data = queue_file(lines(*fields, b"", b"body \xff"))
+    assert read_headers(write(tmp_path, data)) == fields
+
+
+def test_cap_stops_reading_more_fields(tmp_path):
+    many = [b"X-H%05d: %s" % (i, b"v" * 80) for i in range(5000)]
+    data = queue_file(lines(*many, b"", b"body"))
+    path = write(tmp_path, data)
+    got = read_headers(path, max_bytes=10000)
+    assert 0 < len(got) < 200
+    assert sum(len(f) + 1 for f in got) <= 10000
+    assert got[:-1] == many[:len(got) - 1]
+    assert many[len(got) - 1].startswith(got[-1])
+    default = read_headers(path)  # the default cap, 256 KiB, applies too
+    assert 2500 < len(default) < 5000
+    assert default[:-1] == many[:len(default) - 1]
+    hs = PostfixQueueFileHeaders(path, "ABCDEF123", max_bytes=10000)
+    assert hs.read() == got and "longer than 10000" in hs.problem
+
+
+def test_cap_cuts_a_huge_single_line(tmp_path):
+    chunk = b"z" * 2048
+    content = rec("L", b"X-Big: ") + b"".join(rec("L", chunk) for _ in range(100)) + lines(b"", b"b")
+    got = read_headers(write(tmp_path, queue_file(content)), max_bytes=5000)
+    assert len(got) == 1 and got[0].startswith(b"X-Big: zz") and len(got[0]) < 5000
+
+
+def test_truncated_files_never_raise(tmp_path):
+    chunk = b"q" * 300  # two length bytes
+    content = (lines(b"A: 1", b"B: 2") + rec("L", b"C: " + chunk) + rec("N", b"end")
+               + lines(b"D: 4", b"", b"body"))
+    data = queue_file(content)
+    full = read_headers(write(tmp_path, data))
+    assert full == [b"A: 1", b"B: 2", b"C: " + chunk + b"end", b"D: 4"]
+    for cut in range(len(data)):
+        got = read_headers(write(tmp_path, data[:cut], "cut"))
+        assert got == full[:len(got)] or (got and got[:-1] == full[:len(got) - 1])
+        hs = PostfixQueueFileHeaders(str(tmp_path / "cut"), "ABCDEF123")
+        assert hs.read() == got
+        if len(got) < len(full):
+            assert hs.problem
+
+
+def test_absurd_lengths_stop_cleanly(tmp_path):
+    content = lines(b"A: 1") + b"N\xff\xff\xff\xff\x7f" + b"x" * 10
+    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    content = lines(b"A: 1") + b"N\xff\xff\xff\x7f" + b"x" * 10  # 2^28-1, file too short
+    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+
+
+def test_iter_records(tmp_path):
+    data = rec("C", b"1 2") + rec("N", b"x" * 200) + rec("p", b"0")
+    path = write(tmp_path, data + b"N\x05ab")
+    with open(path, "rb") as f:
+        assert list(iter_records(f)) == [("C", b"1 2"), ("N", b"x" * 200), ("p", b"0")]
+    with open(write(tmp_path, b"", "empty"), "rb") as f:
+        assert list(iter_records(f)) == []
+    with open(write(tmp_path, b"N\x81", "badlen"), "rb") as f:
+        assert list(iter_records(f)) == []
+    with open(write(tmp_path, b"N\x80\x80\x80\x80\x01", "toolong"), "rb") as f:
+        assert list(iter_records(f)) == []
+
+
+def test_empty_and_garbage_files(tmp_path):
+    assert read_headers(write(tmp_path, b"", "empty")) == []
+    assert read_headers(write(tmp_path, os.urandom(4096), "junk")) is not None
+    assert read_headers(write(tmp_path, b"C\x03abc" + b"\x00" * 50, "c")) == []
+
+
+def test_unreadable_file_raises_oserror(tmp_path):
+    with pytest.raises(OSError):
+        read_headers(str(tmp_path / "missing"))
+
+
+# -- the HeaderSource --------------------------------------------------------------------
+
+
+def test_header_source_reads_and_pickles(tmp_path):
+    path = write(tmp_path, queue_file(lines(b"A: 1", b" 2", b"", b"b")))
+    hs = PostfixQueueFileHeaders(path, "ABCDEF123", ["postcat", "-c", "/etc/postfix"])
+    copy = pickle.loads(pickle.dumps(hs))
+    assert copy == hs and copy.read() == [b"A: 1\n 2"] and copy.problem is None
+    assert len(pickle.dumps(hs)) < 300
+
+
+def test_header_source_missing_file_without_postcat(tmp_path):
+    hs = PostfixQueueFileHeaders(str(tmp_path / "gone"), "ABCDEF123")
+    assert hs.read() == []
+    assert "gone" in hs.problem and "\n" not in hs.problem
+
+
+def test_header_source_falls_back_to_postcat(tmp_path):
+    fake = ["sh", "-c", 'test "$1" = -hq && test "$2" = ABCDEF123 && '
+                        "printf 'A: 1\\n\\tb\\nB: 2\\n'", "sh"]
+    hs = PostfixQueueFileHeaders(str(tmp_path / "gone"), "ABCDEF123", fake)
+    assert hs.read() == [b"A: 1\n\tb", b"B: 2"]
+    assert hs.problem is None
+
+
+def test_header_source_postcat_failure_explained(tmp_path):
+    fake = ["sh", "-c", "echo 'postcat: fatal: open queue file ABCDEF123: No such file' >&2; exit 1",
+            "sh"]
+    hs = PostfixQueueFileHeaders(str(tmp_path / "gone"), "ABCDEF123", fake)
+    assert hs.read() == []
+    assert "No such file" in hs.problem and "\n" not in hs.problem
+    hs = PostfixQueueFileHeaders("", "ABCDEF123", ["/nonexistent/postcat"])
+    assert hs.read() == [] and hs.problem
+
+
+def test_header_source_refuses_bad_queue_id_for_postcat(tmp_path, mocker):
+    run = mocker.patch("subprocess.run")
+    hs = PostfixQueueFileHeaders(str(tmp_path / "gone"), "-v", ["postcat"])
+    assert hs.read() == [] and "not a Postfix queue id" in hs.problem
+    run.assert_not_called()
+
+
+def test_fields_from_lines():
+    assert fields_from_lines([b" orphan", b"A: 1", b"\tx", b"B: 2"]) == [b" orphan", b"A: 1\n\tx", b"B: 2"]
+
+
+# -- queue ids and paths ----------------------------------------------------------------------
+
+SAFE = "0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz"
+
+
+def safe_encode(value: int, base: int, pad: int) -> str:
+    out = ""
+    while value:
+        out = SAFE[value % base] + out
+        value //= base
+    return out.rjust(pad, "0")
+
+
+def long_id(sec: int, usec: int, inum: int) -> str:
+    """A long queue id built as mail_queue_enter() does."""
+    return safe_encode(sec, 52, 6) + safe_encode(usec, 52, 4) + "z" + safe_encode(inum, 51, 0)
+
+
+@pytest.mark.parametrize("qid", [
+    "2D19A210594", "B7FA32109FE", "000000", "FFFFF" + "F" * 16,
+    long_id(1700000000, 123456, 987654321), long_id(1700000000, 0, 1),
+    long_id(1700000000, 999999, 2 ** 63), "4Z1yq03Hj7zQ5", long_id(52 ** 7, 5, 51 * 3),
+])
+def test_is_queue_id_accepts(qid):
+    assert is_queue_id(qid)
+
+
+@pytest.mark.parametrize("qid", [
+    "", "ABCDE", "2d19a210594", "2D19A210594 ", " 2D19A210594", "2D19A210594\n",
+    "FFFFF" + "F" * 17, "-h", "--", "../2D19A210594", "deferred/2/2D19A210594", "ALL",
+    "2D19A21059G", "4Z1yq03Hj7zQ5a", "4Z1yq03Hjz7QZ", "4Z1yq03Hj7zQz", "4Z1yq03Hj7z",
+    "4Z1yq03Hj7z/", "4Z1yq03HjAzQ5", None, 12345678,
+])
+def test_is_queue_id_rejects(qid):
+    assert not is_queue_id(qid)
+
+
+def test_queue_file_path_short_ids():
+    names = ["deferred", "defer"]
+    assert queue_file_path("/q", "deferred", "2D19A210594", names, 1) == "/q/deferred/2/2D19A210594"
+    assert queue_file_path("/q/", "deferred", "2D19A210594", names, 2) == "/q/deferred/2/D/2D19A210594"
+    assert queue_file_path("/q", "hold", "2D19A210594", names, 1) == "/q/hold/2D19A210594"
+    assert queue_file_path("/q", "Deferred", "2D19A210594", "DEFERRED, defer", 1) \
+        == "/q/Deferred/2/2D19A210594"
+    assert queue_file_path("/q", "deferred", "2D19A210594", "deferred defer", 3) \
+        == "/q/deferred/2/D/1/2D19A210594"
+
+
+def test_queue_file_path_long_ids_hash_on_hex_microseconds():
+    qid = long_id(1700000000, 0xABCDE, 4242)
+    assert queue_file_path("/q", "deferred", qid, ["deferred"], 1) == "/q/deferred/A/" + qid
+    assert queue_file_path("/q", "deferred", qid, ["deferred"], 2) == "/q/deferred/A/B/" + qid
+    small = long_id(1700000000, 0x1F, 7)  # "%05X" keeps the leading zeros
+    assert queue_file_path("/q", "deferred", small, ["deferred"], 3) == "/q/deferred/0/0/0/" + small
+    # Deeper than the 5 hex digits: dir_forest() pads with "_".
+    assert queue_file_path("/q", "deferred", qid, ["deferred"], 6) \
+        == "/q/deferred/A/B/C/D/E/_/" + qid
+    # A "z" inside the seconds is not the separator: the last "z" is.
+    tricky = "zzzzzz" + safe_encode(77, 52, 4) + "z" + "Q"
+    assert is_queue_id(tricky)
+    assert queue_file_path("/q", "deferred", tricky, ["deferred"], 2) == "/q/deferred/0/0/" + tricky
+
+
+def test_queue_file_path_refuses_bad_input():
+    for qid in ("../etc/passwd", "-h", "", "2D19A210594/x"):
+        with pytest.raises(ValueError):
+            queue_file_path("/q", "deferred", qid, ["deferred"], 1)
+    for name in ("../deferred", "", "de ferred", "hold/"):
+        with pytest.raises(ValueError):
+            queue_file_path("/q", name, "2D19A210594", ["deferred"], 1)
+    with pytest.raises(ValueError):
+        queue_file_path("/q", "deferred", "2D19A210594", ["deferred"], 0)
+
+
+# -- (b) against a real private Postfix ---------------------------------------------------------
+
+MESSAGE = (
+    b"From: Sender <sender@example.org>\n"
+    b"To: r@example.net\n"
+    b"Subject: =?utf-8?q?caf=C3=A9?= and raw caf\xc3\xa9\n"
+    b"X-Latin1: \xe9t\xe9 \xe0 la plage\n"
+    b"X-Folded: first\n"
+    b"\tsecond\n"
+    b"   third: looks like a header\n"
+    b"X-Long: " + b"L" * 5000 + b"\n"
+    b"X-Long-Folded: short\n"
+    b" " + b"c" * 4500 + b"\n"
+    b"X-Huge: " + (b"h" * 70 + b"\n ") * 1700 + b"end\n"
+    b"X-After-Huge: still here?\n"
+    b"Message-ID: <%s@qrunner.test>\n"
+    b"\n"
+    b"Body: not a header\n"
+    b"body line\n"
+)
+
+
+def postfix_paths(instance) -> Tuple[List[str], int]:
+    names = instance.postconf("hash_queue_names").replace(",", " ").split()
+    return names, int(instance.postconf("hash_queue_depth"))
+
+
+def reference_fields(instance, qid: str) -> List[bytes]:
+    return fields_from_lines(instance.postcat_headers(qid))
+
+
+def submit(instance, tag: bytes, message: bytes = MESSAGE) -> str:
+    qid = instance.submit("sender@example.org", ["r@example.net"], message.replace(b"%s", tag))
+    instance.wait_deferred([qid])
+    return qid
+
+
+def test_real_deferred_and_held_messages_match_postcat(postfix):
+    names, depth = postfix_paths(postfix)
+    q1 = submit(postfix, b"one")
+    q2 = submit(postfix, b"two")
+    postfix.hold([q2])
+    postfix.wait_for_queue([q2], "hold")
+    for qid, queue in ((q1, "deferred"), (q2, "hold")):
+        path = queue_file_path(postfix.queue_directory, queue, qid, names, depth)
+        assert os.path.isfile(path), (queue, path)
+        got = read_headers(path)
+        expected = reference_fields(postfix, qid)
+        assert got == expected
+        by_name = {f.split(b":", 1)[0]: f for f in got}
+        assert by_name[b"X-Latin1"] == b"X-Latin1: \xe9t\xe9 \xe0 la plage"
+        assert by_name[b"Subject"].endswith(b"raw caf\xc3\xa9")
+        assert by_name[b"X-Folded"] == b"X-Folded: first\n\tsecond\n   third: looks like a header"
+        assert by_name[b"X-Long"] == b"X-Long: " + b"L" * 5000
+        assert b"Body" not in by_name
+        hs = PostfixQueueFileHeaders(path, qid)
+        assert hs.read() == expected and hs.problem is None
+    # A long line really is stored as L records (what this test is about).
+    path = queue_file_path(postfix.queue_directory, "deferred", q1, names, depth)
+    with open(path, "rb") as f:
+        types = [t for t, _ in iter_records(f)]
+    assert "L" in types[types.index("M"):]
+
+
+def test_real_header_source_follows_a_moved_message(postfix):
+    names, depth = postfix_paths(postfix)
+    qid = submit(postfix, b"moved")
+    deferred = queue_file_path(postfix.queue_directory, "deferred", qid, names, depth)
+    hs = PostfixQueueFileHeaders(deferred, qid, ["postcat", "-c", postfix.config_directory])
+    postfix.hold([qid])
+    postfix.wait_for_queue([qid], "hold")
+    assert not os.path.exists(deferred)
+    assert hs.read() == reference_fields(postfix, qid)
+    assert hs.problem is None
+    postfix.delete([qid])
+    assert hs.read() == [] and qid in hs.problem
+
+
+def test_real_long_queue_ids_and_deeper_hashing(postfix):
+    postfix.set(enable_long_queue_ids="yes", hash_queue_depth="2")
+    qid = submit(postfix, b"long-id")
+    assert is_queue_id(qid) and "z" in qid, qid
+    names, depth = postfix_paths(postfix)
+    assert depth == 2
+    path = queue_file_path(postfix.queue_directory, "deferred", qid, names, depth)
+    assert os.path.isfile(path), (path, sorted(os.listdir(os.path.join(postfix.queue_directory, "deferred"))))
+    assert read_headers(path) == reference_fields(postfix, qid)
+    postfix.hold([qid])
+    postfix.wait_for_queue([qid], "hold")
+    assert os.path.isfile(queue_file_path(postfix.queue_directory, "hold", qid, names, depth))
+
+
+# -- a minimal milter, so that cleanup writes real pointer records ------------------------------
+
+SMFIF_ADDHDRS, SMFIF_CHGHDRS = 0x01, 0x10
+# Ask Postfix not to send the stages we do not need (connect, helo, mail,
+# rcpt, body, headers, end of headers, unknown, data).
+SMFIP_SKIP_STAGES = 0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x20 | 0x40 | 0x100 | 0x200
+
+
+class HeaderMilter:
+    """Speaks just enough of the milter protocol (version 6) to edit headers.
+
+    At the end of each message it appends one header (``h``), inserts one
+    at position 1 (``i``) and changes the first Subject (``m``): each makes
+    cleanup write pointer records (cleanup_milter.c).
+    """
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.messages = 0
+        self.errors: List[str] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self):
+        self.sock.close()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._session, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _recv(conn, n) -> Optional[bytes]:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    @staticmethod
+    def _send(conn, cmd: bytes, data: bytes = b""):
+        conn.sendall(struct.pack(">I", len(data) + 1) + cmd + data)
+
+    def _session(self, conn):
+        try:
+            with conn:
+                while True:
+                    head = self._recv(conn, 4)
+                    if head is None:
+                        return
+                    packet = self._recv(conn, struct.unpack(">I", head)[0])
+                    if not packet:
+                        return
+                    cmd, data = packet[:1], packet[1:]
+                    if cmd == b"O":
+                        _version, actions, protocol = struct.unpack(">III", data[:12])
+                        self._send(conn, b"O", struct.pack(
+                            ">III", 6, actions & (SMFIF_ADDHDRS | SMFIF_CHGHDRS),
+                            protocol & SMFIP_SKIP_STAGES))
+                    elif cmd in (b"D", b"A"):
+                        continue  # macros and abort get no reply
+                    elif cmd == b"Q":
+                        return
+                    elif cmd == b"E":
+                        self.messages += 1
+                        self._send(conn, b"h", b"X-Milter-Appended\0appended by the test milter\0")
+                        self._send(conn, b"i", struct.pack(">I", 1)
+                                   + b"X-Milter-Inserted\0at position 1\n\tfolded\0")
+                        self._send(conn, b"m", struct.pack(">I", 1)
+                                   + b"Subject\0changed by the test milter\0")
+                        self._send(conn, b"a")
+                    else:
+                        self._send(conn, b"c")
+        except OSError as exc:
+            self.errors.append(str(exc))
+
+
+@pytest.fixture
+def milter():
+    m = HeaderMilter()
+    yield m
+    m.close()
+
+
+def test_real_milter_pointer_records_match_postcat(postfix, milter):
+    postfix.set(non_smtpd_milters="inet:127.0.0.1:%d" % milter.port,
+                milter_default_action="tempfail")
+    names, depth = postfix_paths(postfix)
+    qid = submit(postfix, b"milter")
+    assert milter.messages >= 1, postfix.log_text()[-2000:]
+    path = queue_file_path(postfix.queue_directory, "deferred", qid, names, depth)
+    with open(path, "rb") as f:
+        pointers = [int(d) for t, d in iter_records(f) if t == "p"]
+    assert any(p != 0 for p in pointers), pointers  # real (non-dummy) pointers
+    got = read_headers(path)
+    expected = reference_fields(postfix, qid)
+    assert got == expected
+    assert b"X-Milter-Appended: appended by the test milter" in got
+    assert b"Subject: changed by the test milter" in got
+    assert any(f.startswith(b"X-Milter-Inserted:") for f in got)
+    assert not any(b"raw caf" in f for f in got)
