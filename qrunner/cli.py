@@ -175,7 +175,10 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _senders(args: argparse.Namespace, config: Config) -> Sequence[Sender]:
     if args.senders:
-        return check_senders(args.senders, "--sender")
+        try:
+            return check_senders(args.senders, "--sender")
+        except QrunnerError as error:
+            raise UsageError(error.message)
     return config.senders
 
 
@@ -369,11 +372,13 @@ def summary_line(decisions: Sequence[Decision]) -> str:
     sent: dict = {}
     errors: dict = {}
     for d in decisions:
-        if d.send:
-            sent[d.sender.name] = sent.get(d.sender.name, 0) + 1
+        if d.send and d.sender is not None:
+            sent[d.sender] = sent.get(d.sender, 0) + 1
         for verdict in d.verdicts:
             if verdict.error:
-                errors[verdict.sender.name] = errors.get(verdict.sender.name, 0) + 1
+                errors[verdict.sender] = errors.get(verdict.sender, 0) + 1
+    sent = {s.name: sent[s] for s in sorted(sent, key=lambda s: s.id)}
+    errors = {s.name: errors[s] for s in sorted(errors, key=lambda s: s.id)}
     skipped = sum(1 for d in decisions if not d.send)
     per_sender = ", ".join(f"{name} {count}" for name, count in sent.items())
     text = f"{len(decisions)} messages: {sum(sent.values())} to send"

@@ -388,8 +388,18 @@ class PolicyEngine:
                 continue
             return reply
 
+    def _full_path(self, text: str) -> str:
+        """Lua shortens a long chunk name to "..." and its tail: put the script's whole path back."""
+        script = self.settings.script
+        if text.startswith("..."):
+            tail, colon, rest = text[3:].partition(":")
+            if colon and tail and script.endswith(tail):
+                return f"{script}:{rest}"
+        return text
+
     def _load_error_text(self, sender: Sender, kind: str, detail: str) -> str:
         script = self.settings.script
+        detail = self._full_path(detail)
         limit = f"{self.settings.timeout:g} s"
         texts = {
             "syntax": f"{detail}; fix the script (nothing was decided)",
@@ -460,6 +470,7 @@ class PolicyEngine:
                       "(top level and Start() run again)", where, error)
         else:
             error = values[0].decode("utf-8", "replace") if isinstance(values[0], bytes) else str(values[0])
+            error = self._full_path(error)
         log.error("%s: policy error: %s", where, error)
         return policy_error(sender, error, on_error)
 

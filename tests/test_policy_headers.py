@@ -1,0 +1,186 @@
+"""HeaderData and HeaderLines: contents, case rules, iteration on every Lua, laziness.
+
+DESIGN.md section 2: HeaderData maps name -> value (first occurrence wins,
+case-insensitive lookup, names as written under pairs(), values unfolded and
+stripped); HeaderLines holds the raw fields, continuation lines joined by
+"\\n". Headers are read only when the script first touches either table.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from policy_helpers import (LUA_VERSIONS, RecordingHeaders, by_id, decide, message, reads,  # noqa: F401
+                            worker_imports_tests)
+
+# Lua versions whose tables honour __len/__pairs: there the headers are read
+# only on first touch. On 5.1, 5.2 and LuaJIT qrunner reads them before each
+# call (DESIGN.md "Lua facts"), so only correctness is checked there.
+LAZY_VERSIONS = ("5.3", "5.4", "5.5")
+
+HEADERS = [
+    "Received: from a.example.org\n\tby b.example.net; Tue, 25 Nov 2025 05:53:20 +0000",
+    "Subject:   Quarterly report  ",
+    "From: Alice <alice@example.org>",
+    "X-Long: part one\n\tpart two\n  part three   ",
+    "SUBJECT: a second subject",
+    "x-mailer: Mutt",
+    "this line is not a header field",
+    "To:bob@example.net",
+]
+
+
+def run(tmp_path, body, headers=HEADERS, lua="5.4"):
+    script = "function CheckFile(f, a, s, c, r, rc, HeaderData, HeaderLines)\n%s\n a.SkipSend = true return a end" % body
+    (d,) = decide(tmp_path, script, [message("Q1", headers=headers)], lua=lua)
+    assert d.errors == (), d.errors
+    return d.reason
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_headerdata_lookup_is_case_insensitive_and_first_occurrence_wins(tmp_path, lua):
+    reason = run(tmp_path, """
+      a.Reason = table.concat({HeaderData.subject, HeaderData["Subject"], HeaderData["SUBJECT"],
+        HeaderData["sUbJeCt"], HeaderData["X-Mailer"], HeaderData.from, tostring(HeaderData.missing),
+        tostring(HeaderData[1])}, "|")""", lua=lua)
+    assert reason == "Quarterly report|Quarterly report|Quarterly report|Quarterly report|Mutt|" \
+                     "Alice <alice@example.org>|nil|nil"
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_headerdata_values_are_unfolded_and_stripped(tmp_path, lua):
+    reason = run(tmp_path, """
+      a.Reason = table.concat({"[" .. HeaderData["X-Long"] .. "]", "[" .. HeaderData.received .. "]",
+        "[" .. HeaderData.to .. "]"}, "|")""", lua=lua)
+    assert reason == ("[part one\tpart two  part three]|"
+                      "[from a.example.org\tby b.example.net; Tue, 25 Nov 2025 05:53:20 +0000]|"
+                      "[bob@example.net]")
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_headerdata_pairs_yields_names_as_written(tmp_path, lua):
+    reason = run(tmp_path, """
+      local names = {}
+      for k, v in pairs(HeaderData) do names[#names + 1] = k .. "=" .. v end
+      table.sort(names)
+      a.Reason = table.concat(names, "|")""", lua=lua)
+    assert reason.split("|") == sorted([
+        "Received=from a.example.org\tby b.example.net; Tue, 25 Nov 2025 05:53:20 +0000",
+        "Subject=Quarterly report", "From=Alice <alice@example.org>", "X-Long=part one\tpart two  part three",
+        "x-mailer=Mutt", "To=bob@example.net",
+    ])
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_headerlines_are_the_raw_fields_in_order(tmp_path, lua):
+    reason = run(tmp_path, """
+      local out = {}
+      for i = 1, #HeaderLines do out[i] = HeaderLines[i] end
+      a.Reason = table.concat(out, "\\0")""", lua=lua)
+    assert reason.split("\0") == HEADERS
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_both_tables_iterate_on_every_lua(tmp_path, lua):
+    reason = run(tmp_path, """
+      local n_ipairs, n_pairs, n_data = 0, 0, 0
+      for i, line in ipairs(HeaderLines) do n_ipairs = n_ipairs + 1 end
+      for k, line in pairs(HeaderLines) do n_pairs = n_pairs + 1 end
+      for k, v in pairs(HeaderData) do n_data = n_data + 1 end
+      local k1, v1 = next(HeaderLines)
+      local dk = next(HeaderData)
+      a.Reason = table.concat({#HeaderLines, n_ipairs, n_pairs, n_data, tostring(k1), v1:sub(1, 9),
+        type(dk), table.concat(HeaderLines, "~"):len()}, "|")""", lua=lua)
+    joined = len("~".join(HEADERS))
+    assert reason == f"8|8|8|6|1|Received:|string|{joined}"
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+@pytest.mark.parametrize("first_touch", [
+    "a.Reason = tostring(#HeaderLines)",
+    "local n = 0 for _ in ipairs(HeaderLines) do n = n + 1 end a.Reason = tostring(n)",
+    "local n = 0 for _ in pairs(HeaderLines) do n = n + 1 end a.Reason = tostring(n)",
+    "local n, k = 0, next(HeaderLines) while k do n = n + 1 k = next(HeaderLines, k) end a.Reason = tostring(n)",
+    "local n = 0 for _ in pairs(HeaderData) do n = n + 1 end a.Reason = tostring(n)",
+    "a.Reason = tostring(next(HeaderData) ~= nil)",
+    "a.Reason = HeaderData.subject",
+    "a.Reason = HeaderLines[2]",
+    "a.Reason = tostring(#table.concat(HeaderLines, '~'))",
+])
+def test_the_first_touch_of_either_table_sees_every_header(tmp_path, lua, first_touch):
+    headers = ["Subject: hello", "X-Two: 2", "X-Three: 3"]
+    reason = run(tmp_path, first_touch, headers=headers, lua=lua)
+    assert reason in ("3", "true", "hello", "X-Two: 2", str(len("Subject: hello~X-Two: 2~X-Three: 3")))
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_a_message_without_headers_gives_empty_tables(tmp_path, lua):
+    reason = run(tmp_path, """
+      local n = 0 for _ in pairs(HeaderData) do n = n + 1 end
+      a.Reason = #HeaderLines .. "|" .. n .. "|" .. tostring(HeaderData.subject)""", headers=[], lua=lua)
+    assert reason == "0|0|nil"
+
+
+def test_headers_of_each_message_are_its_own(tmp_path):
+    script = "function CheckFile(f, a, s, c, r, rc, hd, hl) a.SkipSend = 1 a.Reason = hd.subject .. '/' .. #hl return a end"
+    ms = [message("A", arrival=1, headers=["Subject: first"]),
+          message("B", arrival=2, headers=["Subject: second", "X-Other: x"]),
+          message("C", arrival=3, headers=["Subject: third"])]
+    decisions = by_id(decide(tmp_path, script, ms))
+    assert [decisions[q].reason for q in "ABC"] == ["first/1", "second/2", "third/1"]
+
+
+def test_headers_with_8bit_bytes_reach_the_script_unchanged(tmp_path):
+    script = "function CheckFile(f, a, s, c, r, rc, hd) a.SkipSend = 1 a.Reason = hd.subject .. '|' .. #hd.subject return a end"
+    (d,) = decide(tmp_path, script, [message("A", headers=["Subject: Grüße".encode("utf-8")])])
+    assert d.reason == "Grüße|7"
+
+
+# -- laziness --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lua", LAZY_VERSIONS)
+def test_headers_are_not_read_by_a_script_that_never_looks(tmp_path, worker_imports_tests, lua):
+    log = tmp_path / "reads.log"
+    script = "function CheckFile(f, a, size, c, r, rc, HeaderData, HeaderLines) a.Priority = 60 return a end"
+    ms = [message(q, arrival=i, headers=RecordingHeaders(log, q, ["Subject: s"])) for i, q in enumerate("ABC")]
+    decisions = decide(tmp_path, script, ms, lua=lua)
+    assert [d.priority for d in decisions] == [60, 60, 60]
+    assert reads(log) == []
+
+
+@pytest.mark.parametrize("lua", LAZY_VERSIONS)
+def test_headers_are_read_on_first_touch_only(tmp_path, worker_imports_tests, lua):
+    log = tmp_path / "reads.log"
+    script = """
+    function CheckFile(f, a, size, c, r, rc, HeaderData, HeaderLines)
+      if size > 1000 then
+        a.SkipSend = true
+        a.Reason = HeaderData.subject .. "/" .. HeaderData.Subject .. "/" .. #HeaderLines .. "/" .. HeaderLines[1]
+      end
+      return a
+    end"""
+    ms = [message("SMALL1", arrival=1, size=10, headers=RecordingHeaders(log, "SMALL1", ["Subject: a"])),
+          message("BIG", arrival=2, size=5000, headers=RecordingHeaders(log, "BIG", ["Subject: big one"])),
+          message("SMALL2", arrival=3, size=10, headers=RecordingHeaders(log, "SMALL2", ["Subject: c"]))]
+    decisions = by_id(decide(tmp_path, script, ms, lua=lua))
+    assert decisions["BIG"].reason == "big one/big one/1/Subject: big one"
+    assert decisions["SMALL1"].send and decisions["SMALL2"].send
+    assert reads(log) == ["BIG"]  # once, though touched four times
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_headers_read_from_a_source_are_read_at_most_once_per_call(tmp_path, worker_imports_tests, lua):
+    log = tmp_path / "reads.log"
+    script = """
+    function CheckFile(f, a, size, c, r, rc, HeaderData, HeaderLines)
+      local n = 0
+      for _ in pairs(HeaderData) do n = n + 1 end
+      a.SkipSend = true
+      a.Reason = HeaderData.subject .. "/" .. n .. "/" .. #HeaderLines
+      return a
+    end"""
+    ms = [message("A", headers=RecordingHeaders(log, "A", ["Subject: one", "X-Two: two"]))]
+    (d,) = decide(tmp_path, script, ms, lua=lua)
+    assert d.reason == "one/2/2"
+    assert reads(log) == ["A"]
