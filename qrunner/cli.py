@@ -19,9 +19,8 @@ from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_
 from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, QrunnerError, UsageError
 from qrunner.log import setup_logging
 from qrunner.mta import backend_for
-from qrunner.mta.postfix_queuefile import is_queue_id
 from qrunner.mta.snapshot import SnapshotBackend
-from qrunner.plan import Plan, report_order
+from qrunner.plan import report_order
 from qrunner.policy import Decision, PolicyEngine, PolicySettings
 from qrunner.runner import RunResult, Runner, senders_of
 from qrunner.state import State
@@ -192,15 +191,16 @@ def _runner(args: argparse.Namespace) -> Runner:
     return Runner(config, backend_for(config), _policy_settings(config, args.now), _senders(args, config))
 
 
-def _queue_ids(args: argparse.Namespace) -> Optional[List[str]]:
-    """The ids named on the command line (None for --all), each checked against Postfix's syntax."""
+def _queue_ids(args: argparse.Namespace, backend) -> Optional[List[str]]:
+    """The ids named on the command line (None for --all), each checked against the MTA's syntax."""
     if args.all and args.queue_ids:
         raise UsageError("name queue ids or give --all, not both.")
     if not args.all and not args.queue_ids:
         raise UsageError("name the queue ids to act on, or give --all.")
     for queue_id in args.queue_ids:
-        if not is_queue_id(queue_id):
-            raise UsageError(f"{queue_id!r} is not a Postfix queue id (like 8F64916008A); check the id with 'postqueue -p'.")
+        if not backend.is_message_id(queue_id):
+            raise UsageError(f"{queue_id!r} is not a {backend.name} message id; check it in the queue listing "
+                             "('postqueue -p', 'exim -bp').")
     return None if args.all else list(args.queue_ids)
 
 
@@ -232,18 +232,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    ids = _queue_ids(args)
+    runner = _runner(args)
+    ids = _queue_ids(args, runner.backend)
     if args.ignore_policy:
         logging.getLogger("qrunner").warning("flush --ignore-policy: the policy is overridden by the admin for %s",
                                              "every message" if ids is None else ", ".join(ids))
-    result = _runner(args).run(command="flush", only_ids=ids, ignore_policy=args.ignore_policy)
+    result = runner.run(command="flush", only_ids=ids, ignore_policy=args.ignore_policy)
     return _exit_code(result.decisions)
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    ids = _queue_ids(args)
     config = load_config(args.config)
-    Runner(config, backend_for(config), _policy_settings(config, None), config.senders).release(ids)
+    backend = backend_for(config)
+    ids = _queue_ids(args, backend)
+    Runner(config, backend, _policy_settings(config, None), config.senders).release(ids)
     return EX_OK
 
 

@@ -79,7 +79,8 @@ class Message:
     ``queue_name`` is the MTA's name for where the message sits (Postfix:
     ``deferred``, ``hold``, ...); ``filename`` is its file on disk, or "".
     ``delay_reasons`` are the MTA's reasons for the pending recipients,
-    where it gives them.
+    where it gives them. ``held`` says the MTA holds it (Postfix's hold
+    queue, Exim's frozen state), whoever held it.
     """
 
     queue_id: str
@@ -91,6 +92,7 @@ class Message:
     filename: str = ""
     headers: HeaderSource = field(default=NO_HEADERS, compare=False)
     delay_reasons: Tuple[str, ...] = ()
+    held: bool = False
 
     def creation_time(self) -> str:
         """Arrival as ``YYYYMMDDHHMMSS`` in the local time zone (TZ respected)."""

@@ -27,7 +27,7 @@ import struct
 import sys
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 PROGRESS = struct.Struct("=qd")  # index of the call under way (-1: none), its monotonic start
 LOADING = -2  # the PROGRESS index while the script's top level and Start() run

@@ -9,14 +9,12 @@ does anything else (see :mod:`qrunner.state`).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from qrunner.config import Config, Sender
 from qrunner.message import Message
-from qrunner.mta.postfix_queuefile import queue_file_path
 from qrunner.plan import Plan, make_plan, message_key
 from qrunner.policy import Decision, PolicyEngine, PolicySettings
 from qrunner.state import RunLock, RunSummary, State
@@ -27,6 +25,11 @@ log = logging.getLogger("qrunner")
 def quote(text: str) -> str:
     """A value for a ``key="..."`` log field, on one line."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ").replace("\r", " ") + '"'
+
+
+def queue_map(messages: Sequence[Message]) -> Dict[Tuple[str, int], str]:
+    """(queue id, arrival second) -> where the message is: "hold" when held, else its queue's name."""
+    return {(m.queue_id, int(m.arrival)): "hold" if m.held else m.queue_name for m in messages}
 
 
 def senders_of(decision: Decision) -> str:
@@ -88,13 +91,12 @@ class Runner:
                          ignore_policy: bool) -> RunResult:
         summary = RunSummary(command=command, started=time.time())
         messages = self.backend.list_messages()
-        queue = {(m.queue_id, int(m.arrival)): m.queue_name for m in messages}
+        queue = queue_map(messages)
         if not dry_run:
             for note in state.reconcile(queue):
                 log.info("%s", note)
-        ours = {key for key, hold in state.holds().items() if queue.get(key) == "hold"}
-        candidates = [m for m in messages if m.queue_name == "deferred"
-                      or (m.queue_name == "hold" and (m.queue_id, int(m.arrival)) in ours)]
+        ours = {key for key in state.holds() if queue.get(key) == "hold"}
+        candidates = [m for m in messages if self.backend.is_candidate(m, (m.queue_id, int(m.arrival)) in ours)]
         not_candidates: List[str] = []
         if only_ids is not None:
             candidates, not_candidates = self._only(candidates, messages, only_ids)
@@ -115,7 +117,7 @@ class Runner:
         wanted = set(only_ids)
         chosen = [m for m in candidates if m.queue_id in wanted]
         found = {m.queue_id for m in chosen}
-        where = {m.queue_id: m.queue_name for m in messages}
+        where = {m.queue_id: m for m in messages}
         missing = []
         for queue_id in only_ids:
             if queue_id in found:
@@ -123,11 +125,8 @@ class Runner:
             missing.append(queue_id)
             if queue_id not in where:
                 log.warning("%s: not in the queue; nothing to do", queue_id)
-            elif where[queue_id] == "hold":
-                log.warning("%s: on hold by someone else, not by qrunner; left alone "
-                            "(release it with 'postsuper -H %s' if you mean to)", queue_id, queue_id)
             else:
-                log.warning("%s: in the %s queue, which qrunner never touches", queue_id, where[queue_id])
+                log.warning("%s: %s", queue_id, self.backend.why_not_candidate(where[queue_id]))
         return chosen, missing
 
     # -- execute -------------------------------------------------------------
@@ -189,32 +188,23 @@ class Runner:
         return confirmed
 
     def _send(self, state: State, run_id: int, plan: Plan, summary: RunSummary) -> None:
+        outcomes = self.backend.dispatch([d.message for d in plan.send]) if plan.send else {}
         rows = []
         for seq, decision in enumerate(plan.send, 1):
-            path = self._deferred_path(decision.message)
-            if path and not os.path.exists(path):
-                outcome = "vanished"
-                log.info("%s: action=vanished (no longer deferred: delivered, deleted or being delivered)",
+            outcome = outcomes.get(decision.queue_id, "failed: not dispatched")
+            if outcome == "vanished":
+                log.info("%s: action=vanished (no longer waiting: delivered, deleted or being delivered)",
                          decision.queue_id)
-            elif self.backend.schedule(decision.queue_id):
-                outcome = "scheduled"
-                summary.sent += 1
-                log.info("%s: action=send sender=%s priority=%d%s", decision.queue_id, senders_of(decision),
-                         decision.priority, " policy=overridden" if decision.sender is None else "")
+            elif outcome.startswith("failed"):
+                log.error("%s: action=send %s", decision.queue_id, outcome)
             else:
-                outcome = "failed"
-                log.error("%s: action=send failed: Postfix refused to schedule it", decision.queue_id)
+                summary.sent += 1
+                log.info("%s: action=send sender=%s priority=%d%s%s", decision.queue_id, senders_of(decision),
+                         decision.priority, " policy=overridden" if decision.sender is None else "",
+                         "" if outcome == "scheduled" else f" result={outcome}")
             rows.append((seq, decision.queue_id, int(decision.message.arrival), decision.priority,
                          senders_of(decision), outcome))
         state.record_dispatches(run_id, rows)
-
-    def _deferred_path(self, message: Message) -> str:
-        backend = self.backend
-        try:
-            return queue_file_path(backend.queue_directory, "deferred", message.queue_id,
-                                   backend.hash_queue_names, backend.hash_queue_depth)
-        except (AttributeError, ValueError):
-            return ""
 
     # -- release -----------------------------------------------------------
 
@@ -225,8 +215,7 @@ class Runner:
             state = State(self.config.state_dir, self.backend.instance)
             try:
                 messages = self.backend.list_messages()
-                queue = {(m.queue_id, int(m.arrival)): m.queue_name for m in messages}
-                for note in state.reconcile(queue):
+                for note in state.reconcile(queue_map(messages)):
                     log.info("%s", note)
                 holds = state.holds()
                 keys = sorted(holds)

@@ -15,7 +15,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 ALLOW_ALL = "function CheckFile(f, a) return a end\n"
 SKIP_ALL = 'function CheckFile(f, a) a.SkipSend = true; a.Reason = "not now" return a end\n'

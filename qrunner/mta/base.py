@@ -1,8 +1,13 @@
-"""The one small interface every MTA back end implements."""
+"""The one small interface every MTA back end implements.
+
+The runner follows the pipeline (list, decide, plan, execute, record) and
+asks the back end only these questions and for these actions, so a back end
+for another MTA slots in without the runner changing shape.
+"""
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional, Sequence, Set
 
 from qrunner.message import Message
 
@@ -10,14 +15,57 @@ from qrunner.message import Message
 class Backend:
     """A queue qrunner can read (and, for a live MTA, act on).
 
-    ``list_messages`` returns the candidates for the policy: for a live MTA
-    the messages qrunner may act on, for a snapshot every line.
+    ``instance`` names the MTA instance in qrunner's records (two instances
+    never share records); ``list_messages`` returns every message the MTA
+    shows, and ``is_candidate`` says which of them the policy may decide.
     """
 
     name = "backend"
+    instance = ""
 
     def list_messages(self) -> List[Message]:  # pragma: no cover - interface
         raise NotImplementedError
 
     def close(self) -> None:
         """Release whatever the back end holds open."""
+
+    # -- what a live MTA adds ------------------------------------------------
+
+    def is_message_id(self, text: str) -> bool:  # pragma: no cover - interface
+        """True when ``text`` has the MTA's message id syntax (checked before any command line)."""
+        raise NotImplementedError
+
+    def check_running(self) -> None:
+        """Raise UnavailableError when the MTA cannot be asked about its queue."""
+
+    def check_can_act(self) -> None:
+        """Raise when qrunner may not change the queue now (rights, MTA stopped)."""
+
+    def is_candidate(self, message: Message, ours: bool) -> bool:  # pragma: no cover - interface
+        """May the policy decide this message? ``ours``: it is held and qrunner held it."""
+        raise NotImplementedError
+
+    def why_not_candidate(self, message: Message) -> str:  # pragma: no cover - interface
+        """One phrase for the log: why qrunner leaves this message alone."""
+        raise NotImplementedError
+
+    def next_retry(self, message: Message) -> Optional[float]:
+        """When the message is next due for delivery, or None when it is due now."""
+        return None
+
+    def hold(self, queue_ids: Sequence[str]) -> Set[str]:  # pragma: no cover - interface
+        """Hold the messages; return the ids the MTA confirmed."""
+        raise NotImplementedError
+
+    def release(self, queue_ids: Sequence[str]) -> Set[str]:  # pragma: no cover - interface
+        """Release qrunner's holds; return the ids the MTA confirmed."""
+        raise NotImplementedError
+
+    def dispatch(self, messages: Sequence[Message]) -> Dict[str, str]:  # pragma: no cover - interface
+        """Ask the MTA to deliver the messages, in the order given.
+
+        Returns queue id -> outcome: ``scheduled`` (the MTA took the request),
+        ``delivered`` / ``deferred`` (the MTA's attempt is known to have
+        ended so), ``vanished`` (no longer there to send), ``failed: why``.
+        """
+        raise NotImplementedError

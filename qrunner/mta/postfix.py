@@ -135,8 +135,7 @@ class PostfixBackend(Backend):
 
     def _message(self, record: dict, queue_id: str, queue_name: str, postcat: List[str]) -> Message:
         try:
-            path = queue_file_path(self.queue_directory, queue_name, queue_id,
-                                   self.hash_queue_names, self.hash_queue_depth)
+            path = self._path(queue_name, queue_id)
         except ValueError:
             path = ""
         recipients = [r for r in record.get("recipients", []) if isinstance(r, dict)]
@@ -150,7 +149,21 @@ class PostfixBackend(Backend):
             filename=path,
             headers=PostfixQueueFileHeaders(path, queue_id, postcat),
             delay_reasons=tuple(str(r["delay_reason"]) for r in recipients if "delay_reason" in r),
+            held=queue_name == "hold",
         )
+
+    def is_message_id(self, text: str) -> bool:
+        return is_queue_id(text)
+
+    def is_candidate(self, message: Message, ours: bool) -> bool:
+        """Deferred mail, and qrunner's own holds; never active, incoming or an admin's hold."""
+        return message.queue_name == "deferred" or (message.held and ours)
+
+    def why_not_candidate(self, message: Message) -> str:
+        if message.held:
+            return (f"on hold by someone else, not by qrunner; left alone (release it with "
+                    f"'postsuper -H {message.queue_id}' if you mean to)")
+        return f"in the {message.queue_name} queue, which qrunner never touches"
 
     def _sender(self, shown: str, path: str) -> str:
         """The envelope sender; "" for the null sender, which postqueue -j shows as MAILER-DAEMON."""
@@ -197,6 +210,22 @@ class PostfixBackend(Backend):
             raise UnavailableError(f"postsuper {flag} failed ({_last_line(result.stderr)}); "
                                    f"{len(confirmed)} of {len(ids)} messages were changed before it stopped.")
         return confirmed
+
+    def dispatch(self, messages: Sequence[Message]) -> Dict[str, str]:
+        """Schedule each message in turn (the flush service moves it to incoming/ at once, in this order)."""
+        outcomes = {}
+        for message in messages:
+            if not os.path.exists(self._path("deferred", message.queue_id)):
+                outcomes[message.queue_id] = "vanished"
+            elif self.schedule(message.queue_id):
+                outcomes[message.queue_id] = "scheduled"
+            else:
+                outcomes[message.queue_id] = "failed: Postfix refused to schedule it"
+        return outcomes
+
+    def _path(self, queue_name: str, queue_id: str) -> str:
+        return queue_file_path(self.queue_directory, queue_name, queue_id, self.hash_queue_names,
+                               self.hash_queue_depth)
 
     def schedule(self, queue_id: str) -> bool:
         """Ask Postfix to deliver one deferred message now (``postqueue -i``'s request).
