@@ -53,6 +53,30 @@ class PostfixSettings:
 
 
 @dataclass(frozen=True)
+class EximSettings:
+    """The ``[exim]`` table: which Exim, which named queue, and qrunner's own retry pacing.
+
+    Gated mail sits in a named queue that Exim's queue runners never process,
+    so it has no retry schedule but qrunner's: a message qrunner dispatched
+    that is still queued afterwards waits ``backoff_min`` seconds, doubling
+    per attempt up to ``backoff_max``, before it is dispatched again; a
+    message older than ``max_queue_time`` is handed back to Exim's default
+    queue, where Exim's own retry rules time it out and bounce it as usual.
+    The defaults follow Exim's default retry rule (F,2h,15m; G,16h,1h,1.5;
+    F,4d,6h): start within minutes, settle at hours, give up after 4 days.
+    """
+
+    binary: Optional[str] = None
+    config: Optional[str] = None
+    spool_directory: Optional[str] = None
+    queue: str = "qrunner"
+    dispatch_concurrency: int = 2
+    backoff_min: int = 300
+    backoff_max: int = 14400
+    max_queue_time: int = 345600
+
+
+@dataclass(frozen=True)
 class Config:
     """Every setting, with the defaults a fresh install runs with."""
 
@@ -65,6 +89,7 @@ class Config:
     lua: str = "5.4"
     senders: Tuple[Sender, ...] = DEFAULT_SENDERS
     postfix: PostfixSettings = field(default_factory=PostfixSettings)
+    exim: EximSettings = field(default_factory=EximSettings)
     path: Optional[str] = None
 
     def with_overrides(self, **changes: Any) -> "Config":
@@ -149,6 +174,41 @@ def _parse_postfix(path: str, raw: Any) -> PostfixSettings:
     return PostfixSettings(**raw)
 
 
+_EXIM_KEYS = {
+    # key: (type description, type test)
+    "binary": ("a non-empty string (a file path)", lambda v: isinstance(v, str) and v != ""),
+    "config": ("a non-empty string (a file path)", lambda v: isinstance(v, str) and v != ""),
+    "spool_directory": ("a non-empty string (a directory)", lambda v: isinstance(v, str) and v != ""),
+    "queue": ("a string (a queue name, \"\" for the default queue)", lambda v: isinstance(v, str)),
+    "dispatch_concurrency": ("a whole number from 1 up", lambda v: _whole(v) and v >= 1),
+    "backoff_min": ("a whole number of seconds from 1 up", lambda v: _whole(v) and v >= 1),
+    "backoff_max": ("a whole number of seconds from 1 up", lambda v: _whole(v) and v >= 1),
+    "max_queue_time": ("a whole number of seconds from 1 up", lambda v: _whole(v) and v >= 1),
+}
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_exim(path: str, raw: Any) -> EximSettings:
+    if not isinstance(raw, dict):
+        raise _fail(path, "exim", "must be an [exim] table")
+    for key, value in raw.items():
+        if key not in _EXIM_KEYS:
+            raise _fail(path, f"exim.{key}", "is not a known setting (known: " + ", ".join(_EXIM_KEYS) + ")")
+        description, type_ok = _EXIM_KEYS[key]
+        if not type_ok(value):
+            raise _fail(path, f"exim.{key}", f"must be {description}, not {value!r}")
+    queue = raw.get("queue", "qrunner")
+    if queue and not all(c.isalnum() or c in "-_" for c in queue):
+        raise _fail(path, "exim.queue", f"must be a plain queue name (letters, digits, - and _), not {queue!r}")
+    settings = EximSettings(**raw)
+    if settings.backoff_max < settings.backoff_min:
+        raise _fail(path, "exim.backoff_max", f"must not be smaller than backoff_min ({settings.backoff_min})")
+    return settings
+
+
 def parse_config(data: Dict[str, Any], path: str) -> Config:
     """Check a parsed TOML document and turn it into a :class:`Config`."""
     values: Dict[str, Any] = {}
@@ -158,6 +218,9 @@ def parse_config(data: Dict[str, Any], path: str) -> Config:
             continue
         if key == "postfix":
             values["postfix"] = _parse_postfix(path, value)
+            continue
+        if key == "exim":
+            values["exim"] = _parse_exim(path, value)
             continue
         if key not in _TOP_LEVEL:
             raise _fail(path, key, "is not a known setting")

@@ -107,7 +107,9 @@ class Runner:
         else:
             with PolicyEngine(self.policy) as engine:
                 decisions = engine.decide(candidates, self.senders)
-            next_retry = {d.queue_id: self.backend.next_retry(d.message) for d in decisions if d.send}
+            attempts = state.attempts()
+            next_retry = {d.queue_id: self.backend.next_retry(d.message, attempts.get(message_key(d)))
+                          for d in decisions if d.send}
         plan = make_plan(decisions, ours, next_retry)
         return RunResult(decisions, plan, summary, not_candidates=not_candidates)
 
@@ -205,6 +207,7 @@ class Runner:
             rows.append((seq, decision.queue_id, int(decision.message.arrival), decision.priority,
                          senders_of(decision), outcome))
         state.record_dispatches(run_id, rows)
+        state.note_attempts(message_key(d) for d in plan.send if outcomes.get(d.queue_id) == "deferred")
 
     # -- release -----------------------------------------------------------
 

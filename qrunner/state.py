@@ -1,7 +1,9 @@
 """qrunner's own records, in SQLite under ``state_dir``.
 
 What is here: the holds qrunner made (who, when, for which senders, why),
-the order in which each run scheduled messages, and each run's summary.
+the order in which each run scheduled messages, each run's summary, and,
+for an MTA that keeps no retry schedule for gated mail (Exim's named
+queue), how often qrunner dispatched a message that is still queued.
 What is not here: anything the MTA already knows. The queue is the truth;
 these records only say which of its holds are qrunner's.
 
@@ -38,6 +40,14 @@ CREATE TABLE IF NOT EXISTS holds (
     held_at   REAL NOT NULL,
     senders   TEXT NOT NULL,
     reason    TEXT NOT NULL,
+    PRIMARY KEY (instance, queue_id, arrival)
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    instance  TEXT NOT NULL,
+    queue_id  TEXT NOT NULL,
+    arrival   INTEGER NOT NULL,
+    count     INTEGER NOT NULL,
+    last      REAL NOT NULL,
     PRIMARY KEY (instance, queue_id, arrival)
 );
 CREATE TABLE IF NOT EXISTS runs (
@@ -234,7 +244,28 @@ class State:
                     notes.append(f"{key[0]}: record of an interrupted {hold.state} settled: message not on hold")
         self.mark_held(held)
         self.forget(gone)
+        with self.db:
+            stale = [k for k in self.attempts() if k not in queue]
+            self.db.executemany("DELETE FROM attempts WHERE instance = ? AND queue_id = ? AND arrival = ?",
+                                [(self.instance, qid, arrival) for qid, arrival in stale])
         return notes
+
+    # -- dispatch attempts (qrunner's own retry pacing) ----------------------
+
+    def attempts(self) -> Dict[Tuple[str, int], Tuple[int, float]]:
+        """(queue id, arrival) -> (attempts so far, time of the last one)."""
+        rows = self.db.execute("SELECT queue_id, arrival, count, last FROM attempts WHERE instance = ?",
+                               (self.instance,))
+        return {(r[0], r[1]): (r[2], r[3]) for r in rows}
+
+    def note_attempts(self, keys: Iterable[Tuple[str, int]]) -> None:
+        """A dispatch that left the message queued: one more attempt, now."""
+        now = time.time()
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO attempts (instance, queue_id, arrival, count, last) VALUES (?, ?, ?, 1, ?) "
+                "ON CONFLICT (instance, queue_id, arrival) DO UPDATE SET count = count + 1, last = excluded.last",
+                [(self.instance, qid, arrival, now) for qid, arrival in keys])
 
     # -- runs --------------------------------------------------------------
 

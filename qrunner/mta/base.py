@@ -7,7 +7,7 @@ for another MTA slots in without the runner changing shape.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from qrunner.message import Message
 
@@ -49,8 +49,13 @@ class Backend:
         """One phrase for the log: why qrunner leaves this message alone."""
         raise NotImplementedError
 
-    def next_retry(self, message: Message) -> Optional[float]:
-        """When the message is next due for delivery, or None when it is due now."""
+    def next_retry(self, message: Message, attempt: Optional[Tuple[int, float]]) -> Optional[float]:
+        """When the message is next due for delivery, or None when it is due now.
+
+        ``attempt`` is qrunner's record of its own dispatches that left the
+        message queued (count, time of the last), for MTAs that keep no
+        retry schedule of their own for gated mail.
+        """
         return None
 
     def hold(self, queue_ids: Sequence[str]) -> Set[str]:  # pragma: no cover - interface

@@ -18,7 +18,7 @@ import shutil
 import socket
 import subprocess
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from qrunner.config import PostfixSettings
 from qrunner.exceptions import NoPermissionError, UnavailableError
@@ -175,7 +175,7 @@ class PostfixBackend(Backend):
             return ""  # a bounce, all but certainly; the file moved on
         return "" if not raw else raw.decode("utf-8", "surrogateescape")
 
-    def next_retry(self, message: Message) -> Optional[float]:
+    def next_retry(self, message: Message, attempt: Optional[Tuple[int, float]] = None) -> Optional[float]:
         """When Postfix would retry the message by itself, or None when it is due now.
 
         Due: its only delay reason is the gate's own (Postfix found it due
