@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from typing import List, Optional, Sequence
@@ -28,10 +29,11 @@ from qrunner.state import State
 EXIT_CODES = """\
 exit codes:
   0   every message decided (and acted on) without a policy error
-  1   decided, but at least one message had a policy error
+  1   decided, but at least one message had a policy error, or (run, flush)
+      could not be acted on: a failed send, a named id qrunner may not touch
   64  bad usage (an unknown option, a malformed --now or --sender)
   65  malformed input (a snapshot line that is not postqueue -j JSON)
-  66  an input file named on the command line does not exist
+  66  the --queue-file snapshot does not exist
   69  the MTA is not installed or not running
   75  another qrunner run holds the lock; try again later
   77  not run with the rights the MTA's commands need
@@ -139,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(defer_transports) is removed.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_id_arguments(release, "the holds to release")
+    release.add_argument("--to-default-queue", action="store_true",
+                         help="Exim: also move them to Exim's default queue, where its own queue runners deliver "
+                              "them; with --all, every message in qrunner's named queue, held or not (the way out "
+                              "when uninstalling)")
     release.set_defaults(func=cmd_release)
 
     status = commands.add_parser(
@@ -146,7 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="List qrunner's holds (queue id, since when, senders, reason) and the last run's summary.",
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     status.set_defaults(func=cmd_status)
+    for command in (plan, check, run, flush, release, status):
+        _add_log_options(command)
     return parser
+
+
+def _add_log_options(parser: argparse.ArgumentParser) -> None:
+    """-v/-q after the command too (qrunner run -v); SUPPRESS keeps the global value when absent."""
+    parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
+                        default=argparse.SUPPRESS, help="log more")
+    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
+                        default=argparse.SUPPRESS, help="log errors only")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -224,11 +240,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return _exit_code(result.decisions)
 
 
+def _run_exit_code(result: RunResult) -> int:
+    """1 when a message had a policy error or could not be acted on (a failed send, a named id left alone)."""
+    trouble = result.policy_errors or result.summary.failed or result.not_candidates
+    return EX_POLICY_ERRORS if trouble else EX_OK
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     result = _runner(args).run(command="run", dry_run=args.dry_run)
     if args.dry_run:
         print_plan(result, "table")
-    return _exit_code(result.decisions)
+    return _run_exit_code(result)
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
@@ -238,14 +260,17 @@ def cmd_flush(args: argparse.Namespace) -> int:
         logging.getLogger("qrunner").warning("flush --ignore-policy: the policy is overridden by the admin for %s",
                                              "every message" if ids is None else ", ".join(ids))
     result = runner.run(command="flush", only_ids=ids, ignore_policy=args.ignore_policy)
-    return _exit_code(result.decisions)
+    return _run_exit_code(result)
 
 
 def cmd_release(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     backend = backend_for(config)
     ids = _queue_ids(args, backend)
-    Runner(config, backend, _policy_settings(config, None), config.senders).release(ids)
+    if args.to_default_queue and backend.name != "exim":
+        raise UsageError("--to-default-queue is for Exim's named queue; Postfix has no such queue.")
+    Runner(config, backend, _policy_settings(config, None), config.senders).release(
+        ids, to_default_queue=args.to_default_queue)
     return EX_OK
 
 
@@ -405,3 +430,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("qrunner: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (qrunner plan | head): not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141

@@ -2,7 +2,8 @@
 
 Lines look like Postfix's: ``qrunner[PID]: QUEUEID: action=hold ...``. They
 go to stderr and, for the commands that change the queue and are not run
-from a terminal (a timer, cron), to syslog's mail facility as well.
+from a terminal (cron), to syslog's mail facility as well; under systemd,
+stderr is the journal already.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def setup_logging(verbosity: int = 0, use_syslog: bool = False) -> logging.Logge
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(logging.Formatter(f"qrunner[{os.getpid()}]: %(message)s"))
     logger.addHandler(stderr)
-    if use_syslog and not sys.stderr.isatty() and os.path.exists("/dev/log"):
+    # Under systemd stderr already is the journal (JOURNAL_STREAM): syslog too would log every line twice.
+    if use_syslog and not sys.stderr.isatty() and "JOURNAL_STREAM" not in os.environ and os.path.exists("/dev/log"):
         try:
             syslog = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
         except OSError:

@@ -76,8 +76,8 @@ class Runner:
                                              ignore_policy=ignore_policy)
             finally:
                 state.close()
+        self.backend.check_can_act()
         with RunLock(self.config.state_dir):
-            self.backend.check_can_act()
             state = State(self.config.state_dir, self.backend.instance)
             try:
                 result = self._decide_and_plan(command, state, dry_run=False, only_ids=only_ids,
@@ -97,6 +97,7 @@ class Runner:
                 log.info("%s", note)
         ours = {key for key in state.holds() if queue.get(key) == "hold"}
         candidates = [m for m in messages if self.backend.is_candidate(m, (m.queue_id, int(m.arrival)) in ours)]
+        candidates = self._hand_back_expired(state, candidates, ours, dry_run)
         not_candidates: List[str] = []
         if only_ids is not None:
             candidates, not_candidates = self._only(candidates, messages, only_ids)
@@ -112,6 +113,25 @@ class Runner:
                           for d in decisions if d.send}
         plan = make_plan(decisions, ours, next_retry)
         return RunResult(decisions, plan, summary, not_candidates=not_candidates)
+
+    def _hand_back_expired(self, state: State, candidates: List[Message], ours: Set[Tuple[str, int]],
+                           dry_run: bool) -> List[Message]:
+        """Messages too old to keep (Exim's max_queue_time) go back to the MTA's own handling."""
+        expired = [m for m in candidates if self.backend.is_expired(m)]
+        if not expired:
+            return candidates
+        handed: Set[str] = set()
+        if not dry_run:
+            keys = [(m.queue_id, int(m.arrival)) for m in expired]
+            state.mark_releasing([k for k in keys if k in ours])
+            handed = self.backend.hand_back([m.queue_id for m in expired])
+            state.forget([k for k in keys if k in ours])
+        for message in expired:
+            if dry_run or message.queue_id in handed:
+                log.info("%s: action=handback reason=%s", message.queue_id,
+                         quote("older than max_queue_time: handed to the MTA's own retry rules"))
+        gone = {m.queue_id for m in expired}
+        return [m for m in candidates if m.queue_id not in gone]
 
     def _only(self, candidates: List[Message], messages: List[Message],
               only_ids: Sequence[str]) -> Tuple[List[Message], List[str]]:
@@ -165,14 +185,17 @@ class Runner:
             return
         state.record_holding((d.queue_id, int(d.message.arrival), senders_of(d), d.reason) for d in plan.hold)
         confirmed = self.backend.hold([d.queue_id for d in plan.hold])
+        # An unconfirmed hold keeps its 'holding' record: the next run's
+        # reconcile settles it from the queue, so a hold the MTA made but did
+        # not report can never pass for an admin's.
         state.mark_held(message_key(d) for d in plan.hold if d.queue_id in confirmed)
-        state.forget(message_key(d) for d in plan.hold if d.queue_id not in confirmed)
         for decision in plan.hold:
             if decision.queue_id in confirmed:
                 log.info("%s: action=hold sender=%s priority=%d reason=%s", decision.queue_id,
                          senders_of(decision), decision.priority, quote(decision.reason))
             else:
-                log.info("%s: action=vanished (not held: no longer in the queue)", decision.queue_id)
+                log.info("%s: action=vanished (not confirmed on hold: no longer in the queue?); "
+                         "the next run settles its record", decision.queue_id)
         summary.held = len(confirmed)
 
     def _release(self, state: State, decisions: Sequence[Decision], summary: RunSummary) -> Set[str]:
@@ -198,6 +221,7 @@ class Runner:
                 log.info("%s: action=vanished (no longer waiting: delivered, deleted or being delivered)",
                          decision.queue_id)
             elif outcome.startswith("failed"):
+                summary.failed += 1
                 log.error("%s: action=send %s", decision.queue_id, outcome)
             else:
                 summary.sent += 1
@@ -211,10 +235,15 @@ class Runner:
 
     # -- release -----------------------------------------------------------
 
-    def release(self, only_ids: Optional[Sequence[str]]) -> int:
-        """Release qrunner's holds (all, or the named ones) without scheduling them."""
+    def release(self, only_ids: Optional[Sequence[str]], to_default_queue: bool = False) -> int:
+        """Release qrunner's holds (all, or the named ones) without scheduling them.
+
+        ``to_default_queue`` (Exim) moves them to Exim's default queue too;
+        with ``only_ids`` None (``--all``) every message still in qrunner's
+        named queue goes there, held or not: the way out leaves no mail behind.
+        """
+        self.backend.check_can_act()
         with RunLock(self.config.state_dir):
-            self.backend.check_can_act()
             state = State(self.config.state_dir, self.backend.instance)
             try:
                 messages = self.backend.list_messages()
@@ -230,10 +259,18 @@ class Runner:
                 summary = RunSummary(command="release", started=time.time())
                 run_id = state.start_run(summary)
                 state.mark_releasing(keys)
-                confirmed = self.backend.release([k[0] for k in keys])
+                confirmed = self.backend.release([k[0] for k in keys], to_default_queue=to_default_queue)
                 state.forget(keys)
                 for key in keys:
                     log.info("%s: action=release%s", key[0], "" if key[0] in confirmed else " (was no longer on hold)")
+                if to_default_queue and only_ids is None:
+                    rest = [m.queue_id for m in self.backend.list_messages() if m.queue_id not in confirmed]
+                    for queue_id in sorted(self.backend.move_to_default_queue(rest)):
+                        log.info("%s: action=move to=default-queue", queue_id)
+                    left = [m.queue_id for m in self.backend.list_messages()]
+                    if left:
+                        log.warning("%d messages are still in qrunner's queue (being delivered?): %s; run the "
+                                    "release again", len(left), " ".join(left[:20]))
                 summary.released = len(confirmed)
                 summary.finished = time.time()
                 summary.outcome = "ok"

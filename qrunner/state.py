@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from qrunner.exceptions import ConfigError, LockHeldError
+from qrunner.exceptions import ConfigError, LockHeldError, NoPermissionError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS holds (
@@ -107,6 +107,7 @@ class RunSummary:
     released: int = 0
     errors: int = 0
     finished: Optional[float] = None
+    failed: int = 0  # messages qrunner could not act on (not stored; counted in the exit code)
     outcome: str = ""
 
     @property
@@ -132,7 +133,11 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         _ensure_dir(self.state_dir)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"{self.path}: cannot open the lock file ({exc.strerror}); "
+                              "check 'state_dir' and that qrunner runs as root.")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -158,20 +163,41 @@ class State:
     def __init__(self, state_dir: str, instance: str, readonly: bool = False):
         self.instance = instance
         path = os.path.join(state_dir, DB_NAME)
-        if readonly and not os.path.exists(path):
-            self.db = sqlite3.connect(":memory:")
-        else:
-            if not readonly:
-                _ensure_dir(state_dir)
-            try:
-                self.db = sqlite3.connect(path, timeout=30)
-            except sqlite3.Error as exc:
-                raise ConfigError(f"{path}: cannot open the state database ({exc}); check 'state_dir'.")
+        if readonly:
+            self.db = self._open_readonly(state_dir, path)
+            return
+        _ensure_dir(state_dir)
         try:
+            self.db = sqlite3.connect(path, timeout=30)
             self.db.executescript(SCHEMA)
         except sqlite3.Error as exc:
-            if not readonly:
-                raise ConfigError(f"{path}: cannot use the state database ({exc}); check 'state_dir'.")
+            raise ConfigError(f"{path}: cannot use the state database ({exc}); check 'state_dir'.")
+
+    @staticmethod
+    def _open_readonly(state_dir: str, path: str) -> sqlite3.Connection:
+        """The records as they are, for plan, status and dry runs: never written, never created.
+
+        A state directory this user may not read is an error (77), not an
+        empty record: "no holds" must never be said when it is not known.
+        """
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            if os.path.isdir(state_dir) and not os.access(state_dir, os.R_OK | os.X_OK):
+                raise NoPermissionError(f"{state_dir}: cannot read qrunner's state directory; run as root.")
+            db = sqlite3.connect(":memory:")
+            db.executescript(SCHEMA)
+            return db
+        except PermissionError:
+            raise NoPermissionError(f"{state_dir}: cannot read qrunner's state directory; run as root.")
+        if not os.access(path, os.R_OK):
+            raise NoPermissionError(f"{path}: cannot read qrunner's state database; run as root.")
+        try:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+            db.execute("SELECT count(*) FROM holds").fetchone()
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{path}: cannot read the state database ({exc}); check 'state_dir'.")
+        return db
 
     def close(self) -> None:
         self.db.close()
@@ -254,8 +280,11 @@ class State:
 
     def attempts(self) -> Dict[Tuple[str, int], Tuple[int, float]]:
         """(queue id, arrival) -> (attempts so far, time of the last one)."""
-        rows = self.db.execute("SELECT queue_id, arrival, count, last FROM attempts WHERE instance = ?",
-                               (self.instance,))
+        try:
+            rows = self.db.execute("SELECT queue_id, arrival, count, last FROM attempts WHERE instance = ?",
+                                   (self.instance,)).fetchall()
+        except sqlite3.OperationalError:  # a database from before this table, opened read-only
+            return {}
         return {(r[0], r[1]): (r[2], r[3]) for r in rows}
 
     def note_attempts(self, keys: Iterable[Tuple[str, int]]) -> None:

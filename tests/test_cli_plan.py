@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from policy_helpers import (SCRIPTS_DIR, no_default_config, plan_json, record,  # noqa: F401
+from policy_helpers import (REPO_ROOT, SCRIPTS_DIR, no_default_config, plan_json, record,  # noqa: F401
                             run_cli, run_qrunner, set_tz, write_script, write_snapshot)
 
 pytestmark = pytest.mark.usefixtures("no_default_config")
@@ -381,6 +383,12 @@ def test_bad_usage_exits_64(capsys, tmp_path, script, args):
      2, "'headers'"),
     ('{"queue_id": "X", "arrival_time": 1, "message_size": 5, "sender": "", "recipients": [], "filename": 7}', 2,
      "'filename'"),
+    ('{"queue_id": "X", "arrival_time": 1e20, "message_size": 5, "sender": "", "recipients": []}', 2,
+     "'arrival_time'"),
+    ('{"queue_id": "X", "arrival_time": NaN, "message_size": 5, "sender": "", "recipients": []}', 2,
+     "'arrival_time'"),
+    ('{"queue_id": "X", "arrival_time": 1, "message_size": 1e300, "sender": "", "recipients": []}', 2,
+     "'message_size'"),
 ])
 def test_a_malformed_snapshot_line_exits_65_naming_the_line(capsys, tmp_path, script, line, number, fragment):
     snapshot = write_snapshot(tmp_path, [record("GOOD"), line, record("LATER")])
@@ -528,3 +536,19 @@ def test_plan_runs_on_the_chosen_lua(capsys, tmp_path, lua):
     expected = {"5.1": "Lua 5.1", "5.2": "Lua 5.2", "5.3": "Lua 5.3", "5.4": "Lua 5.4", "5.5": "Lua 5.5",
                 "luajit": "Lua 5.1"}[lua]
     assert decisions[0]["reason"] == expected
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(tmp_path, script):
+    snapshot = write_snapshot(tmp_path, [record(f"M{i}", arrival=i) for i in range(3000)])
+    env = dict(os.environ, QRUNNER_CONFIG=os.devnull, PYTHONPATH=str(REPO_ROOT))
+    pipeline = subprocess.run(
+        f"{sys.executable} -m qrunner plan --queue-file {snapshot} --script {script} | head -1",
+        shell=True, capture_output=True, env=env, timeout=120)
+    assert pipeline.stdout.startswith(b"QUEUE ID")
+    assert b"Traceback" not in pipeline.stderr and b"BrokenPipe" not in pipeline.stderr
+
+
+def test_log_options_work_after_the_command_too(capsys, tmp_path, script):
+    snapshot = write_snapshot(tmp_path, [record("A")])
+    code, out, err = run_cli(capsys, ["plan", "--queue-file", snapshot, "--script", script, "-q"])
+    assert code == 0 and "QUEUE ID" in out

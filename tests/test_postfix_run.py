@@ -7,7 +7,6 @@ queue (postqueue -j), qrunner's status, its log and its exit code.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 import time
@@ -102,6 +101,7 @@ def test_admin_hold_is_never_released(tmp_path, postfix, smtp_sink):
     assert qr("release", "--all").code == 0
     flushed = qr("flush", admins, "--ignore-policy")
     assert "on hold by someone else" in flushed.stderr
+    assert flushed.code == 1  # a named message qrunner may not act on
 
     assert queue_state(postfix)[admins][0] == "hold"
     assert smtp_sink.messages == []
@@ -243,14 +243,6 @@ def test_runtime_error_holds_that_message_delivers_the_rest_exit_1(tmp_path, pos
     assert bad in status and "policy error" in status and "boom in the policy" in status
 
 
-def test_not_root_exits_77(tmp_path, postfix, mocker):
-    from qrunner.cli import main
-
-    qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
-    mocker.patch("os.geteuid", return_value=1000)
-    assert main(["--config", str(qr.config_path), "run"]) == 77
-
-
 def test_mail_to_a_dead_relay_waits_for_its_retry_time(tmp_path, postfix, smtp_sink):
     qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
     queue_id = queue_message(postfix, "to a dead relay")
@@ -307,3 +299,75 @@ def test_bounce_has_an_empty_return_path(tmp_path, postfix, smtp_sink):
     assert queue_state(postfix)[bounce][0] == "hold"
     assert f'{bounce}: action=hold sender=default priority=50 reason="bounce"' in result.stderr
     assert subjects(smtp_sink, 1) == ["normal"]
+
+
+@pytest.mark.parametrize("command", [["run"], ["flush", "--all"], ["release", "--all"]])
+def test_not_root_exits_77_before_touching_anything(tmp_path, postfix, mocker, capsys, command):
+    from qrunner.cli import main
+
+    qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
+    mocker.patch("os.geteuid", return_value=65534)
+    assert main(["--config", str(qr.config_path)] + command) == 77
+    assert "must run as root" in capsys.readouterr().err
+    assert not os.path.exists(qr.state_dir)  # refused before the lock or the state was touched
+
+
+def test_status_of_an_unreadable_state_exits_77_not_an_empty_list(tmp_path, postfix, mocker, capsys):
+    from qrunner.cli import main
+
+    qr = Qrunner(tmp_path, postfix, SKIP_ALL)
+    queue_message(postfix, "x")
+    assert qr("run").code == 0
+    real_access = os.access
+    mocker.patch("os.access", lambda path, mode: False if str(path).startswith(qr.state_dir) else real_access(path, mode))
+    assert main(["--config", str(qr.config_path), "status"]) == 77
+    assert "holds" not in capsys.readouterr().out
+
+
+def test_unconfirmed_hold_keeps_its_record_until_the_next_run_settles_it(tmp_path, postfix, mocker, capsys):
+    from qrunner.cli import main
+    from qrunner.mta.postfix import PostfixBackend
+
+    qr = Qrunner(tmp_path, postfix, SKIP_ALL)
+    queue_id = queue_message(postfix, "x")
+    real_hold = PostfixBackend.hold
+    mocker.patch.object(PostfixBackend, "hold", lambda self, ids: (real_hold(self, ids), set())[1])
+    assert main(["--config", str(qr.config_path), "run"]) == 0
+    mocker.stopall()
+    assert queue_state(postfix)[queue_id][0] == "hold"
+    assert "[holding, settled by the next run]" in qr("status").stdout
+
+    settle = qr("run")
+
+    assert settle.code == 0, settle.stderr
+    assert "interrupted holding settled: message is on hold" in settle.stderr
+    status = qr("status").stdout
+    assert queue_id in status and "settled by the next run" not in status
+
+
+def test_a_send_postfix_refuses_gives_exit_1(tmp_path, postfix, mocker):
+    from qrunner.cli import main
+    from qrunner.mta.postfix import PostfixBackend
+
+    qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
+    queue_message(postfix, "x")
+    mocker.patch.object(PostfixBackend, "schedule", return_value=False)
+    assert main(["--config", str(qr.config_path), "run"]) == 1
+
+
+def test_without_gate_mode_every_run_warns(tmp_path, postfix):
+    qr = Qrunner(tmp_path, postfix, SKIP_ALL)
+    postfix.set(defer_transports="")
+    result = qr("run", "--dry-run", "-v")
+    assert result.code == 0, result.stderr
+    assert "not in gate mode" in result.stderr
+
+
+def test_run_summary_line_and_quiet(tmp_path, postfix, smtp_sink):
+    qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
+    queue_message(postfix, "x")
+    quiet = qr("run", "-q")
+    assert quiet.code == 0 and quiet.stderr == ""
+    queue_message(postfix, "y")
+    loud = qr("run")
+    assert "run: listed=1 sent=1 held=0 released=0 errors=0 seconds=" in loud.stderr

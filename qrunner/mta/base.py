@@ -58,13 +58,28 @@ class Backend:
         """
         return None
 
+    def is_expired(self, message: Message) -> bool:
+        """Too old for qrunner to keep: the MTA's own retry rules should take it over."""
+        return False
+
+    def hand_back(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Give messages back to the MTA's normal handling; the ids it confirmed."""
+        return set()
+
     def hold(self, queue_ids: Sequence[str]) -> Set[str]:  # pragma: no cover - interface
         """Hold the messages; return the ids the MTA confirmed."""
         raise NotImplementedError
 
-    def release(self, queue_ids: Sequence[str]) -> Set[str]:  # pragma: no cover - interface
-        """Release qrunner's holds; return the ids the MTA confirmed."""
+    def release(self, queue_ids: Sequence[str], to_default_queue: bool = False) -> Set[str]:  # pragma: no cover
+        """Release qrunner's holds; return the ids the MTA confirmed.
+
+        ``to_default_queue`` (Exim): also move them out of qrunner's named queue.
+        """
         raise NotImplementedError
+
+    def move_to_default_queue(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Move messages out of qrunner's named queue (Exim); nothing elsewhere."""
+        return set()
 
     def dispatch(self, messages: Sequence[Message]) -> Dict[str, str]:  # pragma: no cover - interface
         """Ask the MTA to deliver the messages, in the order given.

@@ -102,6 +102,9 @@ class PostfixBackend(Backend):
     def check_running(self) -> None:
         if os.geteuid() != 0:
             return  # only root may ask 'postfix status'; postqueue says "mail system is down" for the rest
+        if not self.defer_transports.strip():
+            log.warning("Postfix is not in gate mode (defer_transports is empty): it delivers deferred mail on its "
+                        "own schedule, so qrunner's holds work but its order does not; see contrib/postfix/main.cf.qrunner")
         result = self._run("postfix", ["status"])
         if result.returncode != 0:
             where = self.settings.config_directory or "the default instance"
@@ -196,7 +199,7 @@ class PostfixBackend(Backend):
         """Put messages on hold in one ``postsuper -h -``; the ids postsuper confirmed."""
         return self._postsuper("-h", queue_ids, "placed on hold")
 
-    def release(self, queue_ids: Iterable[str]) -> Set[str]:
+    def release(self, queue_ids: Iterable[str], to_default_queue: bool = False) -> Set[str]:
         """Release held messages in one ``postsuper -H -``; the ids postsuper confirmed."""
         return self._postsuper("-H", queue_ids, "released from hold")
 

@@ -18,7 +18,10 @@ from typing import IO, Any, Dict, List
 from qrunner.exceptions import DataError, NoInputError
 from qrunner.message import NO_HEADERS, InlineHeaders, Message
 from qrunner.mta.base import Backend
+from qrunner.mta.postfix_queuefile import arrival_microseconds, is_queue_id
 
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: what time.localtime can show
+MAX_SIZE = 2 ** 53  # what a Lua 5.1 number (a double) holds exactly
 FORMAT_HINT = "each line must be one JSON object as 'postqueue -j' prints it"
 
 
@@ -32,8 +35,8 @@ def _problem(record: Any) -> str:
         return "not a JSON object"
     checks = (
         ("queue_id", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-        ("arrival_time", _number, "a number (epoch seconds)"),
-        ("message_size", lambda v: _number(v) and v >= 0, "a number of bytes"),
+        ("arrival_time", lambda v: _number(v) and 0 <= v <= MAX_EPOCH, "a number of epoch seconds (0 to year 9999)"),
+        ("message_size", lambda v: _number(v) and 0 <= v <= MAX_SIZE, "a number of bytes (0 to 2**53)"),
         ("sender", lambda v: isinstance(v, str), "a string"),
         ("recipients", lambda v: isinstance(v, list) and all(
             isinstance(r, dict) and isinstance(r.get("address"), str) for r in v), "a list of {\"address\": ...} objects"),
@@ -58,13 +61,20 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
+def arrival_time(seconds: float, queue_id: str) -> float:
+    """Arrival, refined by the microseconds a Postfix queue id carries (as a live run does)."""
+    if is_queue_id(queue_id) and float(seconds).is_integer():
+        return int(seconds) + arrival_microseconds(queue_id) / 1e6
+    return float(seconds)
+
+
 def message_from_record(record: Dict[str, Any]) -> Message:
     """One ``postqueue -j`` object (already checked) as a :class:`Message`."""
     headers = record.get("headers")
     recipients = record["recipients"]
     return Message(
         queue_id=record["queue_id"],
-        arrival=float(record["arrival_time"]),
+        arrival=arrival_time(record["arrival_time"], record["queue_id"]),
         size=int(record["message_size"]),
         sender=record["sender"],
         recipients=tuple(r["address"] for r in recipients),
