@@ -20,12 +20,13 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/qrunner --config /dev/null plan --queue-file examples/queue.jsonl --script relayout.lua --now 2026-11-25T10:00:00
 
-## test: install what the tests need (as root on Debian: Postfix), then run every test
+## test: install what the tests need (as root on Debian: Postfix, and a private Exim beside it), then run every test
 test: $(STAMP) install-test-deps
 	QRUNNER_REQUIRE_MTA=$${QRUNNER_REQUIRE_MTA:-$(REQUIRE_MTA)} $(BIN)/python -m pytest
 
 install-test-deps:
 	bash tests/setup/install-postfix.sh
+	bash tests/setup/install-exim.sh
 
 ## install: qrunner in its own venv under $(PREFIX), /usr/local/bin/qrunner, /etc/qrunner, systemd units
 install:

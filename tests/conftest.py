@@ -1,10 +1,10 @@
-"""Shared test setup: the Postfix fixtures for every module, and no silent skips in CI."""
+"""Shared test setup: the Postfix and Exim fixtures for every module, and no silent skips in CI."""
 
 import os
 
 import pytest
 
-pytest_plugins = ["postfix_fixtures"]
+pytest_plugins = ["postfix_fixtures", "exim_fixtures"]
 
 
 @pytest.hookimpl(trylast=True)

@@ -31,22 +31,23 @@ class Result:
 class Qrunner:
     """The qrunner command, configured for one private Postfix instance."""
 
-    def __init__(self, tmp_path, postfix, script: str = ALLOW_ALL, extra_config: str = ""):
+    def __init__(self, tmp_path, mta, script: str = ALLOW_ALL, extra_config: str = ""):
+        """``mta``: a harness (tests/mta_harness.py) or a PostfixInstance."""
         self.tmp_path = tmp_path
-        self.postfix = postfix
         self.state_dir = str(tmp_path / "state")
         self.script_path = tmp_path / "relayout.lua"
         self.config_path = tmp_path / "qrunner.toml"
         self.set_script(script)
+        if hasattr(mta, "config"):
+            mta_config = mta.config()
+        else:
+            mta_config = f'mta = "postfix"\n[postfix]\nconfig_directory = "{mta.config_directory}"\n'
         self.config_path.write_text(textwrap.dedent(f"""\
-            mta = "postfix"
             script = "{self.script_path}"
             state_dir = "{self.state_dir}"
             script_timeout = 2
             {extra_config}
-            [postfix]
-            config_directory = "{postfix.config_directory}"
-            """))
+            """) + mta_config)
 
     def set_script(self, text: str) -> None:
         self.script_path.write_text(text)
@@ -66,7 +67,7 @@ class Qrunner:
         with sqlite3.connect(os.path.join(self.state_dir, "qrunner.sqlite")) as db:
             run_id = db.execute("SELECT max(run_id) FROM dispatches").fetchone()[0]
             return [r[0] for r in db.execute(
-                "SELECT queue_id FROM dispatches WHERE run_id = ? AND result = 'scheduled' ORDER BY seq", (run_id,))]
+                "SELECT queue_id FROM dispatches WHERE run_id = ? AND result IN ('scheduled', 'delivered', 'deferred') ORDER BY seq", (run_id,))]
 
 
 def _project_root() -> str:

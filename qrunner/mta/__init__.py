@@ -13,15 +13,18 @@ from qrunner.exceptions import UnavailableError
 
 def backend_for(config: Config):
     """The live back end the configuration names (``mta``), found on this host for ``auto``."""
+    from qrunner.mta.exim import EximBackend, find_exim
     from qrunner.mta.postfix import PostfixBackend, find_postconf
 
     mta = config.mta
     if mta == "auto":
-        if find_postconf(config.postfix.command_directory) is None:
-            raise UnavailableError("no MTA found: Postfix's postconf is not installed (PATH, /usr/sbin); "
-                                   "install Postfix or set 'mta' in the configuration.")
-        mta = "postfix"
-    if mta == "postfix":
-        return PostfixBackend(config.postfix)
-    raise UnavailableError(f"mta = \"{mta}\": this version of qrunner has no {mta} back end yet; "
-                           "use mta = \"postfix\", or plan --queue-file for a snapshot.")
+        if find_postconf(config.postfix.command_directory) is not None:
+            mta = "postfix"
+        elif find_exim(config.exim.binary) is not None:
+            mta = "exim"
+        else:
+            raise UnavailableError("no MTA found: neither Postfix's postconf nor an exim4/exim binary is installed "
+                                   "(PATH, /usr/sbin); install one or set 'mta' in the configuration.")
+    if mta == "exim":
+        return EximBackend(config.exim)
+    return PostfixBackend(config.postfix)

@@ -1,0 +1,115 @@
+"""One face for both real MTAs, so an end-to-end case is written once and run over each.
+
+A harness wraps a private instance (tests/postfix_instance.py,
+tests/exim_instance.py) and its SMTP sink and answers, in the admin's words,
+what the tests ask: queue a message, where is it now (waiting, held,
+active, gone), hold it as an admin would, deliver it outside qrunner, and
+what qrunner's configuration for this MTA is.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Dict, Optional, Sequence, Tuple
+
+from qrunner_e2e import make_message
+
+WAITING, HELD, ACTIVE = "waiting", "held", "active"
+
+
+class Harness:
+    name = ""
+
+    def __init__(self, instance, sink):
+        self.instance = instance
+        self.sink = sink
+
+    def queue_message(self, subject: str, size: int = 0, to: Sequence[str] = ("bob@example.net",),
+                      sender: str = "alice@qrunner-test.localdomain") -> str:
+        """Submit a message and wait until it waits for qrunner behind the gate."""
+        raise NotImplementedError
+
+    def snapshot(self) -> Dict[str, Tuple[str, Tuple[str, ...]]]:
+        """queue id -> (where, pending recipients): for "nothing changed" checks."""
+        raise NotImplementedError
+
+    def where(self, queue_id: str) -> Optional[str]:
+        return self.snapshot().get(queue_id, (None,))[0]
+
+    def wait_where(self, queue_id: str, where: Optional[str], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.where(queue_id) != where:
+            assert time.monotonic() < deadline, f"{queue_id} is {self.where(queue_id)}, not {where}"
+            time.sleep(0.05)
+
+    def wait_gone(self, queue_id: str) -> None:
+        self.wait_where(queue_id, None)
+
+
+class PostfixHarness(Harness):
+    name = "postfix"
+    _WHERE = {"deferred": WAITING, "hold": HELD, "active": ACTIVE, "incoming": "incoming"}
+
+    def config(self) -> str:
+        return f'mta = "postfix"\n[postfix]\nconfig_directory = "{self.instance.config_directory}"\n'
+
+    def queue_message(self, subject, size=0, to=("bob@example.net",), sender="alice@qrunner-test.localdomain"):
+        queue_id = self.instance.submit(sender, list(to), make_message(subject, size, sender=sender, to=", ".join(to)))
+        self.instance.wait_deferred([queue_id])
+        return queue_id
+
+    def snapshot(self):
+        return {m["queue_id"]: (self._WHERE.get(m["queue_name"], m["queue_name"]),
+                                tuple(r["address"] for r in m["recipients"])) for m in self.instance.queue()}
+
+    def admin_hold(self, queue_id: str) -> None:
+        self.instance.hold([queue_id])
+
+    def deliver_outside(self, queue_id: str) -> None:
+        """Start a delivery without qrunner (postqueue -i) and wait until the message is active."""
+        self.instance.schedule(queue_id)
+        self.instance.wait_for_queue([queue_id], "active")
+
+    def arrival(self, queue_id: str) -> int:
+        return [m["arrival_time"] for m in self.instance.queue() if m["queue_id"] == queue_id][0]
+
+
+class EximHarness(Harness):
+    name = "exim"
+
+    def config(self) -> str:
+        i = self.instance
+        return (f'mta = "exim"\n[exim]\nbinary = "{i.binary}"\nconfig = "{i.config_path}"\n'
+                f'spool_directory = "{i.spool_directory}"\nqueue = "{i.queue_name}"\n')
+
+    def queue_message(self, subject, size=0, to=("bob@example.net",), sender="alice@qrunner-test.localdomain"):
+        message_id = self.instance.submit(sender, list(to), make_message(subject, size, sender=sender,
+                                                                         to=", ".join(to)))
+        self.instance.wait_queued([message_id])
+        return message_id
+
+    def snapshot(self):
+        from qrunner.mta import exim_spool
+
+        result = {}
+        for entry in self.instance.queue():
+            where = HELD if entry["frozen"] else WAITING
+            if exim_spool.is_locked(self.instance.data_path(entry["id"])):
+                where = ACTIVE
+            result[entry["id"]] = (where, tuple(entry["recipients"]))
+        return result
+
+    def admin_hold(self, queue_id: str) -> None:
+        self.instance.freeze([queue_id])
+
+    def deliver_outside(self, queue_id: str) -> None:
+        """Start ``exim -M`` without qrunner and wait until it holds the message's lock."""
+        self._outside = subprocess.Popen(self.instance.argv + [f"-qG{self.instance.queue_name}", "-M", queue_id],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.wait_where(queue_id, ACTIVE)
+
+    def arrival(self, queue_id: str) -> int:
+        from qrunner.mta import exim_spool
+
+        return int(exim_spool.read_header_file(self.instance.header_path(queue_id), read_headers=False).arrival)

@@ -1,0 +1,142 @@
+"""End to end against a real (private) Exim with qrunner's gate: the cases only Exim has.
+
+The cases both MTAs share are in test_run.py. Here: Exim missing, qrunner's
+own retry pacing for the named queue, the way out (release --all
+--to-default-queue), handing too-old mail back to Exim's retry rules, and
+bounces that Exim generates into the named queue.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mta_harness import HELD, WAITING, EximHarness
+from qrunner_e2e import ALLOW_ALL, SKIP_ALL, Qrunner
+
+
+def harness(exim, exim_sink):
+    return EximHarness(exim, exim_sink)
+
+
+def test_exim_missing_exits_69(tmp_path, exim, exim_sink):
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, ALLOW_ALL)
+    qr.config_path.write_text(qr.config_path.read_text().replace(f'binary = "{exim.binary}"',
+                                                                  'binary = "/nonexistent/exim4"'))
+    queue_id = mta.queue_message("x")
+
+    result = qr("run")
+
+    assert result.code == 69
+    assert "Exim is not installed" in result.stderr and "Traceback" not in result.stderr
+    assert mta.where(queue_id) == WAITING
+
+
+def test_a_deferred_dispatch_waits_for_qrunners_backoff(tmp_path, exim, exim_sink):
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, ALLOW_ALL)
+    exim_sink.defer_rcpt = {"bob@example.net"}
+    queue_id = mta.queue_message("relay says later")
+
+    first = qr("run")
+    assert first.code == 0, first.stderr
+    assert f"{queue_id}: action=send sender=default priority=50 result=deferred" in first.stderr
+    assert mta.where(queue_id) == WAITING
+
+    second = qr("run")
+    assert f"{queue_id}: action=wait" in second.stderr
+    assert "action=send" not in second.stderr
+    plan = qr("plan")
+    assert "waits for its retry time" in plan.stdout
+
+    exim_sink.defer_rcpt = set()
+    forced = qr("flush", queue_id, "--ignore-policy")
+    assert forced.code == 0, forced.stderr
+    assert [m.header("Subject") for m in exim_sink.wait_for(1)] == [b"relay says later"]
+    mta.wait_gone(queue_id)
+
+
+def test_release_all_to_default_queue_leaves_nothing_behind(tmp_path, exim, exim_sink):
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    held = mta.queue_message("held by qrunner")
+    assert qr("run").code == 0
+    waiting = mta.queue_message("arrived after the run")
+    admins = mta.queue_message("frozen by the admin")
+    mta.admin_hold(admins)
+
+    result = qr("release", "--all", "--to-default-queue")
+
+    assert result.code == 0, result.stderr
+    assert exim.queue_ids() == []  # qrunner's named queue is empty
+    default = {m["id"]: m for m in exim.queue("")}
+    assert set(default) == {held, waiting, admins}
+    assert not default[held]["frozen"] and not default[waiting]["frozen"]
+    assert default[admins]["frozen"]  # moved, but the admin's freeze is the admin's
+
+
+def test_to_default_queue_is_refused_for_postfix(tmp_path, postfix):
+    qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
+    result = qr("release", "--all", "--to-default-queue")
+    assert result.code == 64 and "Exim" in result.stderr
+
+
+def test_mail_older_than_max_queue_time_is_handed_back_to_exim(tmp_path, exim, exim_sink):
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    old = mta.queue_message("old")
+    assert qr("run").code == 0
+    assert mta.where(old) == HELD
+    time.sleep(2.1)
+    qr.config_path.write_text(qr.config_path.read_text() + "max_queue_time = 1\n")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert f"{old}: action=handback" in result.stderr
+    assert exim.queue_ids() == []
+    moved = {m["id"]: m for m in exim.queue("")}
+    assert old in moved and not moved[old]["frozen"]
+    assert old not in qr("status").stdout
+
+
+def test_bounce_of_gated_mail_is_not_trapped_in_the_named_queue(tmp_path, exim, exim_sink):
+    """Exim's own bounce for gated mail leaves through Exim's normal handling, never stuck behind the gate."""
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, ALLOW_ALL)
+    exim_sink.reject_rcpt = {"nobody@example.net"}
+    refused = mta.queue_message("refused", to=("nobody@example.net",), sender="carol@remote.example")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    bounce = exim_sink.wait_for(1)[0]
+    assert bounce.mail_from in ("", "<>") and bounce.rcpt_tos == ["carol@remote.example"]
+    assert exim.queue_ids() == [] and exim.queue_ids("") == []
+    assert refused not in result.stderr.replace(f"{refused}: action=send", "")
+
+
+def test_null_sender_mail_in_the_named_queue_reaches_the_policy_with_empty_return_path(tmp_path, exim, exim_sink):
+    mta = harness(exim, exim_sink)
+    script = ('function CheckFile(f, a, s, c, rp)\n'
+              '  if rp == "" then a.SkipSend = 1; a.Reason = "bounces wait" end\n'
+              '  return a\nend\n')
+    qr = Qrunner(tmp_path, mta, script)
+    bounce = mta.queue_message("a bounce", sender="")
+    normal = mta.queue_message("normal")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert f'{bounce}: action=hold sender=default priority=50 reason="bounces wait"' in result.stderr
+    assert mta.where(bounce) == HELD
+    mta.wait_gone(normal)
+
+
+def test_not_root_exits_77_before_touching_anything(tmp_path, exim, exim_sink, mocker, capsys):
+    from qrunner.cli import main
+
+    qr = Qrunner(tmp_path, harness(exim, exim_sink), ALLOW_ALL)
+    mocker.patch("os.geteuid", return_value=65534)
+    assert main(["--config", str(qr.config_path), "run"]) == 77
+    assert "must run as root" in capsys.readouterr().err
