@@ -286,9 +286,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"qrunner holds in {backend.instance}: {len(holds)}")
     if holds:
         rows = [("QUEUE ID", "HELD SINCE", "SENDERS", "REASON")]
+        limit = backend.hold_age_limit()
         for hold in holds.values():
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(hold.held_at))
             state_note = "" if hold.state == "held" else f" [{hold.state}, settled by the next run]"
+            if limit and time.time() - hold.arrival > limit:
+                state_note += " [older than the MTA's queue lifetime: bounces when released]"
             rows.append((hold.queue_id, since, hold.senders, hold.reason + state_note))
         print(_columns(rows))
     if last is None:

@@ -96,6 +96,7 @@ class Runner:
             for note in state.reconcile(queue):
                 log.info("%s", note)
         ours = {key for key in state.holds() if queue.get(key) == "hold"}
+        self._warn_old_holds(ours)
         candidates = [m for m in messages if self.backend.is_candidate(m, (m.queue_id, int(m.arrival)) in ours)]
         candidates = self._hand_back_expired(state, candidates, ours, dry_run)
         not_candidates: List[str] = []
@@ -113,6 +114,18 @@ class Runner:
                           for d in decisions if d.send}
         plan = make_plan(decisions, ours, next_retry)
         return RunResult(decisions, plan, summary, not_candidates=not_candidates)
+
+    def _warn_old_holds(self, ours: Set[Tuple[str, int]]) -> None:
+        """Nothing should sit on hold unnoticed until releasing it means a bounce."""
+        limit = self.backend.hold_age_limit()
+        if not limit:
+            return
+        now = time.time()
+        for queue_id, arrival in sorted(ours):
+            if now - arrival > limit:
+                log.warning("%s: held by qrunner for longer than the MTA's queue lifetime (%d days since arrival): "
+                            "it will bounce on its first delivery attempt after release", queue_id,
+                            (now - arrival) // 86400)
 
     def _hand_back_expired(self, state: State, candidates: List[Message], ours: Set[Tuple[str, int]],
                            dry_run: bool) -> List[Message]:

@@ -169,3 +169,18 @@ def test_run_summary_line_and_quiet(tmp_path, postfix, smtp_sink):
     queue_message(postfix, "y")
     loud = qr("run")
     assert "run: listed=1 sent=1 held=0 released=0 errors=0 seconds=" in loud.stderr
+
+
+def test_holds_older_than_the_queue_lifetime_are_flagged(tmp_path, postfix):
+    qr = Qrunner(tmp_path, postfix, SKIP_ALL)
+    queue_id = queue_message(postfix, "x")
+    assert qr("run").code == 0
+    postfix.set(maximal_queue_lifetime="1s", bounce_queue_lifetime="1s")
+    time.sleep(2.1)
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert f"{queue_id}: held by qrunner for longer than the MTA's queue lifetime" in result.stderr
+    assert "bounces when released" in qr("status").stdout
+    assert queue_state(postfix)[queue_id][0] == "hold"  # a warning, never an action

@@ -58,6 +58,10 @@ class Backend:
         """
         return None
 
+    def hold_age_limit(self) -> Optional[float]:
+        """Age (seconds since arrival) past which a released message is likely to bounce at once, if known."""
+        return None
+
     def is_expired(self, message: Message) -> bool:
         """Too old for qrunner to keep: the MTA's own retry rules should take it over."""
         return False

@@ -168,6 +168,10 @@ class PostfixBackend(Backend):
                     f"'postsuper -H {message.queue_id}' if you mean to)")
         return f"in the {message.queue_name} queue, which qrunner never touches"
 
+    def hold_age_limit(self) -> Optional[float]:
+        """maximal_queue_lifetime: held mail older than this bounces on its first attempt after release."""
+        return postfix_time(self.maximal_queue_lifetime)
+
     def _sender(self, shown: str, path: str) -> str:
         """The envelope sender; "" for the null sender, which postqueue -j shows as MAILER-DAEMON."""
         if shown != self.empty_address_recipient:
@@ -244,6 +248,15 @@ class PostfixBackend(Backend):
             log.debug("%s: flush socket unusable (%s); using postqueue -i", queue_id, exc)
         result = self._run("postqueue", ["-i", queue_id])
         return result.returncode == 0
+
+
+def postfix_time(value: str) -> Optional[float]:
+    """A Postfix time value ("5d", "3600s", "2h"; a bare number is in days) in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw]?)\s*", value or "")
+    if not match:
+        return None
+    return int(match.group(1)) * units[match.group(2) or "d"]
 
 
 def arrival_time(seconds, queue_id: str) -> float:
