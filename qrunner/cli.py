@@ -269,9 +269,9 @@ def cmd_release(args: argparse.Namespace) -> int:
     ids = _queue_ids(args, backend)
     if args.to_default_queue and backend.name != "exim":
         raise UsageError("--to-default-queue is for Exim's named queue; Postfix has no such queue.")
-    Runner(config, backend, _policy_settings(config, None), config.senders).release(
+    summary = Runner(config, backend, _policy_settings(config, None), config.senders).release(
         ids, to_default_queue=args.to_default_queue)
-    return EX_OK
+    return EX_POLICY_ERRORS if summary.failed else EX_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -294,6 +294,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 state_note += " [older than the MTA's queue lifetime: bounces when released]"
             rows.append((hold.queue_id, since, hold.senders, hold.reason + state_note))
         print(_columns(rows))
+    print(senders_line(config.senders))
     if last is None:
         print("last run: none recorded")
     else:
@@ -370,6 +371,23 @@ def print_plan(result: RunResult, fmt: str) -> None:
         elif d.queue_id in released:
             notes[d.queue_id] = "released from qrunner's hold, then sent"
     print(format_table(ordered, notes))
+    print(senders_line(result.senders))
+
+
+def senders_line(senders: Sequence[Sender]) -> str:
+    """The senders in the order they run, each with how its mail leaves."""
+    return "senders: " + "; ".join(f"{s.id}:{s.name} ({route_text(s)})" for s in senders)
+
+
+def route_text(sender: Sender) -> str:
+    if sender.default:
+        return "default: the MTA's own routing"
+    routes = []
+    if sender.postfix:
+        routes.append(f"postfix: via {sender.postfix.listener} to {sender.postfix.content_filter}")
+    if sender.exim:
+        routes.append(f"exim: transport {sender.exim.transport}")
+    return ", ".join(routes) or "no route"
 
 
 def _note(decision: Decision) -> str:

@@ -10,9 +10,10 @@ configuration must not silently fall back to a default.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from qrunner.exceptions import ConfigError
 
@@ -31,17 +32,56 @@ ON_SCRIPT_ERROR = ("skip", "send")
 
 
 @dataclass(frozen=True)
+class PostfixRoute:
+    """How Postfix reaches a sender: re-injection into a loopback listener that fixes the route.
+
+    ``listener`` is the ``host:port`` of the ``smtpd`` that contrib/postfix's
+    master.cf lines define for this sender with ``-o
+    content_filter=TRANSPORT:NEXTHOP``; ``transport`` and ``nexthop`` are
+    that route, which qrunner also uses to recognise a copy it re-injected.
+    """
+
+    listener: str
+    transport: str
+    nexthop: str
+
+    @property
+    def content_filter(self) -> str:
+        return f"{self.transport}:{self.nexthop}"
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        host, _, port = self.listener.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class EximRoute:
+    """How Exim reaches a sender: the transport contrib/exim's router gives its messages."""
+
+    transport: str
+
+
+@dataclass(frozen=True)
 class Sender:
-    """One VPOP3 "mail sender": the script runs once per sender, in id order."""
+    """One VPOP3 "mail sender": the script runs once per sender, in id order.
+
+    A ``default`` sender's mail goes by the MTA's own routing; any other
+    sender's mail goes by its route (``postfix``/``exim``), which the MTA in
+    use must have.
+    """
 
     id: int
     name: str
+    default: bool = field(default=False, compare=False)
+    postfix: Optional[PostfixRoute] = field(default=None, compare=False)
+    exim: Optional[EximRoute] = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return self.name
 
 
-DEFAULT_SENDERS = (Sender(0, "default"),)
+DEFAULT_SENDERS = (Sender(0, "default", True),)
 
 
 @dataclass(frozen=True)
@@ -132,6 +172,36 @@ def _fail(path: str, key: str, problem: str) -> ConfigError:
     return ConfigError(f"{path}: setting '{key}' {problem}; fix it or remove the line to use the default.")
 
 
+_SENDER_KEYS = ("id", "name", "default", "postfix", "exim")
+_LISTENER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
+_ROUTE_WORD = re.compile(r"[A-Za-z0-9_.-]+\Z")
+
+
+def _parse_postfix_route(path: str, where: str, raw: Any) -> PostfixRoute:
+    if not isinstance(raw, dict):
+        raise _fail(path, f"{where}.postfix", "must be a [sender.postfix] table")
+    for key in raw:
+        if key not in ("listener", "transport", "nexthop"):
+            raise _fail(path, f"{where}.postfix.{key}", "is not a known setting (listener, transport, nexthop)")
+    for key in ("listener", "transport", "nexthop"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise _fail(path, f"{where}.postfix.{key}", "is missing: a Postfix route needs listener, transport "
+                                                         "and nexthop (see contrib/postfix/master.cf.qrunner)")
+    if not _LISTENER.match(raw["listener"]) or not 0 < int(raw["listener"].rpartition(":")[2]) < 65536:
+        raise _fail(path, f"{where}.postfix.listener", f"must be host:port, like 127.0.0.1:10026, not {raw['listener']!r}")
+    if not _ROUTE_WORD.match(raw["transport"]):
+        raise _fail(path, f"{where}.postfix.transport", f"must be a master.cf service name, not {raw['transport']!r}")
+    return PostfixRoute(raw["listener"], raw["transport"], raw["nexthop"])
+
+
+def _parse_exim_route(path: str, where: str, raw: Any) -> EximRoute:
+    if not isinstance(raw, dict) or set(raw) != {"transport"} or not isinstance(raw["transport"], str) \
+            or not _ROUTE_WORD.match(raw["transport"]):
+        raise _fail(path, f"{where}.exim", "must be a [sender.exim] table with one key, transport = "
+                                           "\"<an Exim transport name>\"")
+    return EximRoute(raw["transport"])
+
+
 def _parse_senders(path: str, raw: Any) -> Tuple[Sender, ...]:
     if not isinstance(raw, list) or not all(isinstance(s, dict) for s in raw):
         raise _fail(path, "sender", "must be written as [[sender]] tables")
@@ -139,16 +209,38 @@ def _parse_senders(path: str, raw: Any) -> Tuple[Sender, ...]:
     for number, table in enumerate(raw, 1):
         where = f"sender #{number}"
         for key in table:
-            if key not in ("id", "name"):
-                raise _fail(path, f"{where}.{key}", "is not a known setting (a sender has 'id' and 'name')")
+            if key not in _SENDER_KEYS:
+                raise _fail(path, f"{where}.{key}", "is not a known setting (a sender has " +
+                            ", ".join(_SENDER_KEYS) + ")")
         sender_id = table.get("id")
         if not isinstance(sender_id, int) or isinstance(sender_id, bool) or sender_id < 0:
             raise _fail(path, f"{where}.id", "must be a whole number from 0 up")
         name = table.get("name")
         if not isinstance(name, str) or not name.strip():
             raise _fail(path, f"{where}.name", "must be a non-empty string")
-        senders.append(Sender(sender_id, name))
+        default = table.get("default", False)
+        if not isinstance(default, bool):
+            raise _fail(path, f"{where}.default", "must be true or false")
+        postfix = _parse_postfix_route(path, where, table["postfix"]) if "postfix" in table else None
+        exim = _parse_exim_route(path, where, table["exim"]) if "exim" in table else None
+        senders.append(Sender(sender_id, name, default, postfix, exim))
+    defaults = [s.name for s in senders if s.default]
+    if len(defaults) > 1:
+        raise ConfigError(f"{path}: senders {', '.join(defaults)} are all default = true; at most one sender "
+                          "may use the MTA's own routing.")
+    if not defaults and len(senders) == 1 and senders[0].postfix is None and senders[0].exim is None:
+        senders[0] = Sender(senders[0].id, senders[0].name, True)  # one sender without a route: the MTA's routing
     return check_senders(senders, path)
+
+
+def check_routes(senders: Sequence[Sender], mta: str, where: str) -> None:
+    """Every sender that is not the default has a route for ``mta`` (else exit 78, naming it)."""
+    for sender in senders:
+        if sender.default:
+            continue
+        if getattr(sender, mta) is None:
+            raise ConfigError(f"{where}: sender {sender.id}:{sender.name} has no [sender.{mta}] route and is not "
+                              f"default = true; give it a route (see contrib/{mta}/) or make it the default sender.")
 
 
 def check_senders(senders: List[Sender], where: str) -> Tuple[Sender, ...]:
@@ -201,8 +293,9 @@ def _parse_exim(path: str, raw: Any) -> EximSettings:
         if not type_ok(value):
             raise _fail(path, f"exim.{key}", f"must be {description}, not {value!r}")
     queue = raw.get("queue", "qrunner")
-    if queue and not all(c.isalnum() or c in "-_" for c in queue):
-        raise _fail(path, "exim.queue", f"must be a plain queue name (letters, digits, - and _), not {queue!r}")
+    if queue and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", queue):
+        raise _fail(path, "exim.queue", f"must be a plain queue name (ASCII letters and digits, then also "
+                                        f"_ . -), not {queue!r}")
     settings = EximSettings(**raw)
     if settings.backoff_max < settings.backoff_min:
         raise _fail(path, "exim.backoff_max", f"must not be smaller than backoff_min ({settings.backoff_min})")

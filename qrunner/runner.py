@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from qrunner.config import Config, Sender
+from qrunner.config import Config, Sender, check_routes
 from qrunner.message import Message
+from qrunner.mta.base import HandOverError
 from qrunner.plan import Plan, make_plan, message_key
 from qrunner.policy import Decision, PolicyEngine, PolicySettings
 from qrunner.state import RunLock, RunSummary, State
@@ -32,6 +33,21 @@ def queue_map(messages: Sequence[Message]) -> Dict[Tuple[str, int], str]:
     return {(m.queue_id, int(m.arrival)): "hold" if m.held else m.queue_name for m in messages}
 
 
+def is_routed_copy(message: Message, routed: Dict[str, Tuple[float, float]]) -> bool:
+    """A copy qrunner handed to a sender: same id, and it arrived while the hand-over ran.
+
+    The time window tells the copy from a later message that reuses the
+    short queue id (Postfix does), which must be decided like any other.
+    """
+    window = routed.get(message.queue_id)
+    return window is not None and window[0] - 2 <= message.arrival <= window[1] + 2
+
+
+def routed_sender(decision: Decision) -> bool:
+    """Does this send go by a sender's own route rather than the MTA's routing?"""
+    return decision.sender is not None and not decision.sender.default
+
+
 def senders_of(decision: Decision) -> str:
     """Who decided: the sending sender, or every sender that skipped."""
     if decision.sender is not None:
@@ -46,6 +62,7 @@ class RunResult:
     decisions: List[Decision]
     plan: Plan
     summary: RunSummary
+    senders: Sequence[Sender] = ()
     run_id: Optional[int] = None
     not_candidates: List[str] = field(default_factory=list)
 
@@ -76,6 +93,7 @@ class Runner:
                                              ignore_policy=ignore_policy)
             finally:
                 state.close()
+        check_routes(self.senders, self.backend.name, self.config.path or "the configuration")
         self.backend.check_can_act()
         with RunLock(self.config.state_dir):
             state = State(self.config.state_dir, self.backend.instance)
@@ -97,8 +115,10 @@ class Runner:
                 log.info("%s", note)
         ours = {key for key in state.holds() if queue.get(key) == "hold"}
         self._warn_old_holds(ours)
-        candidates = [m for m in messages if self.backend.is_candidate(m, (m.queue_id, int(m.arrival)) in ours)]
-        candidates = self._hand_back_expired(state, candidates, ours, dry_run)
+        routed = state.routed()
+        candidates = [m for m in messages if self.backend.is_candidate(m, (m.queue_id, int(m.arrival)) in ours)
+                      and not is_routed_copy(m, routed)]
+        candidates = self._hand_back_expired(state, candidates, ours, dry_run, messages)
         not_candidates: List[str] = []
         if only_ids is not None:
             candidates, not_candidates = self._only(candidates, messages, only_ids)
@@ -113,7 +133,7 @@ class Runner:
             next_retry = {d.queue_id: self.backend.next_retry(d.message, attempts.get(message_key(d)))
                           for d in decisions if d.send}
         plan = make_plan(decisions, ours, next_retry)
-        return RunResult(decisions, plan, summary, not_candidates=not_candidates)
+        return RunResult(decisions, plan, summary, self.senders, not_candidates=not_candidates)
 
     def _warn_old_holds(self, ours: Set[Tuple[str, int]]) -> None:
         """Nothing should sit on hold unnoticed until releasing it means a bounce."""
@@ -128,23 +148,21 @@ class Runner:
                             (now - arrival) // 86400)
 
     def _hand_back_expired(self, state: State, candidates: List[Message], ours: Set[Tuple[str, int]],
-                           dry_run: bool) -> List[Message]:
-        """Messages too old to keep (Exim's max_queue_time) go back to the MTA's own handling."""
-        expired = [m for m in candidates if self.backend.is_expired(m)]
+                           dry_run: bool, messages: Sequence[Message] = ()) -> List[Message]:
+        """Mail too old to keep (Exim's max_queue_time) goes back to the MTA's own handling.
+
+        Never a hold of qrunner's own (those stay, and each run warns about
+        them); waiting mail and mail someone else (or Exim) froze.
+        """
+        expired = [m for m in messages if (m.queue_id, int(m.arrival)) not in ours and self.backend.is_expired(m)]
         if not expired:
             return candidates
-        handed: Set[str] = set()
-        if not dry_run:
-            keys = [(m.queue_id, int(m.arrival)) for m in expired]
-            state.mark_releasing([k for k in keys if k in ours])
-            handed = self.backend.hand_back([m.queue_id for m in expired])
-            state.forget([k for k in keys if k in ours])
+        handed = {m.queue_id for m in expired} if dry_run else self.backend.hand_back([m.queue_id for m in expired])
         for message in expired:
-            if dry_run or message.queue_id in handed:
+            if message.queue_id in handed:
                 log.info("%s: action=handback reason=%s", message.queue_id,
-                         quote("older than max_queue_time: handed to the MTA's own retry rules"))
-        gone = {m.queue_id for m in expired}
-        return [m for m in candidates if m.queue_id not in gone]
+                         quote("older than max_queue_time: handed to the MTA's own retry and freeze rules"))
+        return [m for m in candidates if m.queue_id not in handed]
 
     def _only(self, candidates: List[Message], messages: List[Message],
               only_ids: Sequence[str]) -> Tuple[List[Message], List[str]]:
@@ -170,9 +188,13 @@ class Runner:
         plan, summary = result.plan, result.summary
         run_id = result.run_id = state.start_run(summary)
         try:
+            handed = [d for d in plan.send if routed_sender(d)] if self.backend.hands_over else []
+            handed_ids = {d.queue_id for d in handed}
             self._hold(state, plan, summary)
-            self._release(state, plan.release, summary)
-            self._send(state, run_id, plan, summary)
+            self._release(state, [d for d in plan.release if d.queue_id not in handed_ids], summary)
+            outcomes = self._hand_over(state, handed, {message_key(d) for d in plan.release}, summary)
+            self._send(state, run_id, plan, summary, [d for d in plan.send if d.queue_id not in handed_ids],
+                       outcomes)
             for decision, retry in plan.wait:
                 log.info("%s: action=wait sender=%s priority=%d next_retry=%s", decision.queue_id,
                          senders_of(decision), decision.priority,
@@ -216,7 +238,9 @@ class Runner:
             return set()
         state.mark_releasing(message_key(d) for d in decisions)
         confirmed = self.backend.release([d.queue_id for d in decisions])
-        state.forget(message_key(d) for d in decisions)
+        # An unconfirmed release keeps its 'releasing' record: the next run's reconcile
+        # makes it 'held' again if the message is still held, so no hold loses its record.
+        state.forget(message_key(d) for d in decisions if d.queue_id in confirmed)
         for decision in decisions:
             if decision.queue_id in confirmed:
                 log.info("%s: action=release", decision.queue_id)
@@ -225,8 +249,57 @@ class Runner:
         summary.released += len(confirmed)
         return confirmed
 
-    def _send(self, state: State, run_id: int, plan: Plan, summary: RunSummary) -> None:
-        outcomes = self.backend.dispatch([d.message for d in plan.send]) if plan.send else {}
+    def _hand_over(self, state: State, decisions: List[Decision], held_by_us: Set[Tuple[str, int]],
+                   summary: RunSummary) -> Dict[str, str]:
+        """Postfix: give each message to its sender's listener, then delete the original.
+
+        The original is held (recorded first) before the copy is made, so a
+        failure leaves it held with the failure as its reason, and a crash
+        between the listener's acceptance and the delete leaves at worst a
+        duplicate, never a loss. Returns queue id -> outcome.
+        """
+        outcomes: Dict[str, str] = {}
+        if not decisions:
+            return outcomes
+        reason = {d.queue_id: f"being handed to sender {d.sender.name}" for d in decisions}
+        fresh = [d for d in decisions if message_key(d) not in held_by_us]
+        fresh_ids = {d.queue_id for d in fresh}
+        state.record_holding((d.queue_id, int(d.message.arrival), d.sender.name, reason[d.queue_id]) for d in fresh)
+        state.update_reason((d.queue_id, int(d.message.arrival), d.sender.name, reason[d.queue_id])
+                            for d in decisions if d.queue_id not in fresh_ids)
+        confirmed = self.backend.hold([d.queue_id for d in fresh]) if fresh else set()
+        state.mark_held(message_key(d) for d in fresh if d.queue_id in confirmed)
+        copies = {}
+        for decision in decisions:
+            if decision.queue_id in fresh_ids and decision.queue_id not in confirmed:
+                outcomes[decision.queue_id] = "vanished"
+                continue
+            started = time.time()
+            try:
+                new_id = self.backend.hand_over(decision.message, decision.sender)
+            except HandOverError as error:
+                outcomes[decision.queue_id] = f"failed: {error}"
+                state.update_reason([(decision.queue_id, int(decision.message.arrival), decision.sender.name,
+                                      f"hand-over to sender {decision.sender.name} failed: {error}")])
+                continue
+            state.record_routed(new_id, decision.queue_id, decision.sender.name, started, time.time())
+            copies[decision.queue_id] = new_id
+            outcomes[decision.queue_id] = f"routed as {new_id}"
+        deleted = self.backend.delete(sorted(copies)) if copies else set()
+        state.forget(message_key(d) for d in decisions if d.queue_id in deleted)
+        for decision in decisions:
+            new_id = copies.get(decision.queue_id)
+            if new_id is not None:
+                log.info("%s: action=route sender=%s priority=%d new_queue_id=%s%s", decision.queue_id,
+                         decision.sender.name, decision.priority, new_id,
+                         "" if decision.queue_id in deleted else " (original not deleted: a duplicate may go)")
+        return outcomes
+
+    def _send(self, state: State, run_id: int, plan: Plan, summary: RunSummary, direct: List[Decision],
+              outcomes: Dict[str, str]) -> None:
+        routes = {d.queue_id: d.sender for d in direct if routed_sender(d)}
+        if direct:
+            outcomes.update(self.backend.dispatch([d.message for d in direct], routes))
         rows = []
         for seq, decision in enumerate(plan.send, 1):
             outcome = outcomes.get(decision.queue_id, "failed: not dispatched")
@@ -235,7 +308,9 @@ class Runner:
                          decision.queue_id)
             elif outcome.startswith("failed"):
                 summary.failed += 1
-                log.error("%s: action=send %s", decision.queue_id, outcome)
+                log.error("%s: action=send sender=%s %s", decision.queue_id, senders_of(decision), outcome)
+            elif outcome.startswith("routed"):
+                summary.sent += 1
             else:
                 summary.sent += 1
                 log.info("%s: action=send sender=%s priority=%d%s%s", decision.queue_id, senders_of(decision),
@@ -248,7 +323,7 @@ class Runner:
 
     # -- release -----------------------------------------------------------
 
-    def release(self, only_ids: Optional[Sequence[str]], to_default_queue: bool = False) -> int:
+    def release(self, only_ids: Optional[Sequence[str]], to_default_queue: bool = False) -> RunSummary:
         """Release qrunner's holds (all, or the named ones) without scheduling them.
 
         ``to_default_queue`` (Exim) moves them to Exim's default queue too;
@@ -273,22 +348,28 @@ class Runner:
                 run_id = state.start_run(summary)
                 state.mark_releasing(keys)
                 confirmed = self.backend.release([k[0] for k in keys], to_default_queue=to_default_queue)
-                state.forget(keys)
+                state.forget(k for k in keys if k[0] in confirmed)
                 for key in keys:
-                    log.info("%s: action=release%s", key[0], "" if key[0] in confirmed else " (was no longer on hold)")
+                    if key[0] in confirmed:
+                        log.info("%s: action=release", key[0])
+                    else:
+                        summary.failed += 1
+                        log.error("%s: action=release failed (being delivered, or gone?); the next run settles "
+                                  "its record", key[0])
                 if to_default_queue and only_ids is None:
                     rest = [m.queue_id for m in self.backend.list_messages() if m.queue_id not in confirmed]
                     for queue_id in sorted(self.backend.move_to_default_queue(rest)):
                         log.info("%s: action=move to=default-queue", queue_id)
                     left = [m.queue_id for m in self.backend.list_messages()]
                     if left:
-                        log.warning("%d messages are still in qrunner's queue (being delivered?): %s; run the "
-                                    "release again", len(left), " ".join(left[:20]))
+                        summary.failed += len(left)
+                        log.error("%d messages are still in qrunner's queue (being delivered?): %s; run the "
+                                  "release again", len(left), " ".join(left[:20]))
                 summary.released = len(confirmed)
                 summary.finished = time.time()
                 summary.outcome = "ok"
                 state.finish_run(run_id, summary)
                 log.info("release: released=%d seconds=%.2f", summary.released, summary.seconds)
-                return summary.released
+                return summary
             finally:
                 state.close()

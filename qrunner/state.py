@@ -50,6 +50,15 @@ CREATE TABLE IF NOT EXISTS attempts (
     last      REAL NOT NULL,
     PRIMARY KEY (instance, queue_id, arrival)
 );
+CREATE TABLE IF NOT EXISTS routed (
+    instance  TEXT NOT NULL,
+    queue_id  TEXT NOT NULL,
+    original  TEXT NOT NULL,
+    sender    TEXT NOT NULL,
+    started   REAL NOT NULL,
+    accepted  REAL NOT NULL,
+    PRIMARY KEY (instance, queue_id, accepted)
+);
 CREATE TABLE IF NOT EXISTS runs (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
     instance  TEXT NOT NULL,
@@ -170,6 +179,7 @@ class State:
         try:
             self.db = sqlite3.connect(path, timeout=30)
             self.db.executescript(SCHEMA)
+            os.chmod(path, 0o600)  # holds and reasons are the admin's business only
         except sqlite3.Error as exc:
             raise ConfigError(f"{path}: cannot use the state database ({exc}); check 'state_dir'.")
 
@@ -271,10 +281,30 @@ class State:
         self.mark_held(held)
         self.forget(gone)
         with self.db:
+            present = {qid for qid, _ in queue}
+            self.db.executemany("DELETE FROM routed WHERE instance = ? AND queue_id = ?",
+                                [(self.instance, qid) for qid in self.routed() if qid not in present])
             stale = [k for k in self.attempts() if k not in queue]
             self.db.executemany("DELETE FROM attempts WHERE instance = ? AND queue_id = ? AND arrival = ?",
                                 [(self.instance, qid, arrival) for qid, arrival in stale])
         return notes
+
+    # -- copies handed to a sender (Postfix re-injection) ----------------------
+
+    def record_routed(self, queue_id: str, original: str, sender: str, started: float, accepted: float) -> None:
+        """A copy the sender's listener accepted: never to be decided or handed over again."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO routed VALUES (?, ?, ?, ?, ?, ?)",
+                            (self.instance, queue_id, original, sender, started, accepted))
+
+    def routed(self) -> Dict[str, Tuple[float, float]]:
+        """queue id of each routed copy -> the window in which it arrived (started, accepted)."""
+        try:
+            rows = self.db.execute("SELECT queue_id, started, accepted FROM routed WHERE instance = ?",
+                                   (self.instance,)).fetchall()
+        except sqlite3.OperationalError:  # a database from before this table, opened read-only
+            return {}
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     # -- dispatch attempts (qrunner's own retry pacing) ----------------------
 
@@ -330,4 +360,6 @@ class State:
             "WHERE instance = ? AND finished IS NOT NULL ORDER BY id DESC LIMIT 1", (self.instance,)).fetchone()
         if row is None:
             return None
-        return row[0], RunSummary(*row[1:])
+        command, started, listed, sent, held, released, errors, finished, outcome = row[1:]
+        return row[0], RunSummary(command=command, started=started, listed=listed, sent=sent, held=held,
+                                  released=released, errors=errors, finished=finished, outcome=outcome)

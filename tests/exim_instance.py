@@ -169,6 +169,8 @@ class EximInstance:
             "acl_not_smtp": "acl_not_smtp",
             "acl_smtp_rcpt": "acl_check_rcpt",
             "acl_smtp_predata": "acl_qrunner_gate_smtp",
+            # BDAT (CHUNKING) skips acl_smtp_predata in 4.96: offer no CHUNKING, or the gate leaks.
+            "chunking_advertise_hosts": "",
             "acl_smtp_data": "acl_check_data",
         }
         main.update(self.settings)
@@ -187,7 +189,7 @@ begin acl
 # "queue =" is set for every message (empty: the default queue), because
 # Exim does not reset it between the messages of one SMTP session or batch.
 acl_qrunner_gate:
-  warn   queue = ${{if forany{{<, $recipients}}{{!match_domain{{${{domain:$item}}}}{{+local_domains}}}}{{{queue}}}{{}}}}
+  warn   queue = ${{if or{{{{eq{{$recipients}}{{}}}}{{forany{{<, $recipients}}{{and{{{{!eq{{${{domain:$item}}}}{{}}}}{{!match_domain{{${{domain:$item}}}}{{+local_domains}}}}}}}}}}}}{{{queue}}}{{}}}}
   accept
 
 acl_not_smtp:
@@ -197,7 +199,7 @@ acl_not_smtp:
   accept
 
 acl_qrunner_gate_smtp:
-  warn   queue = ${{if forany{{<, $recipients}}{{!match_domain{{${{domain:$item}}}}{{+local_domains}}}}{{{queue}}}{{}}}}
+  warn   queue = ${{if or{{{{eq{{$recipients}}{{}}}}{{forany{{<, $recipients}}{{and{{{{!eq{{${{domain:$item}}}}{{}}}}{{!match_domain{{${{domain:$item}}}}{{+local_domains}}}}}}}}}}}}{{{queue}}}{{}}}}
   accept condition = ${{if eq{{$queue_name}}{{{queue}}}}}
          control = queue
   accept

@@ -268,3 +268,61 @@ def test_lua_flag_overrides_the_file(capsys, tmp_path, probe, snapshot):
     config = write_config(tmp_path, f'script = "{probe}"\nlua = "5.1"\n')
     code, decisions, err = plan(capsys, ["--config", config, "plan", "--queue-file", snapshot, "--lua", "5.5"])
     assert decisions[0]["reason"] == "Lua 5.5"
+
+
+# -- senders' routes (several senders) -------------------------------------------
+
+ROUTED = """
+[[sender]]
+id = 0
+name = "isp"
+[sender.postfix]
+listener = "127.0.0.1:10026"
+transport = "relay-isp"
+nexthop = "[smtp.isp.example]:587"
+[sender.exim]
+transport = "isp_smtp"
+[[sender]]
+id = 1
+name = "backup"
+default = true
+"""
+
+
+def test_sender_routes_are_read(tmp_path):
+    from qrunner.config import load_config
+
+    path = tmp_path / "qrunner.toml"
+    path.write_text(ROUTED)
+    isp, backup = load_config(str(path)).senders
+    assert isp.postfix.address == ("127.0.0.1", 10026)
+    assert isp.postfix.content_filter == "relay-isp:[smtp.isp.example]:587"
+    assert isp.exim.transport == "isp_smtp" and not isp.default
+    assert backup.default and backup.postfix is None
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (('listener = "127.0.0.1:10026"\n', ''), "sender #1.postfix.listener' is missing"),
+    (('listener = "127.0.0.1:10026"', 'listener = "localhost"'), "must be host:port"),
+    (('transport = "relay-isp"', 'transport = "a b"'), "master.cf service name"),
+    (('transport = "isp_smtp"', 'transport = 5'), "sender #1.exim"),
+    (('name = "isp"\n', 'name = "isp"\ndefault = true\n'), "at most one sender"),
+    (('default = true', 'default = "yes"'), "sender #2.default"),
+    (('[sender.exim]', '[sender.sendmail]'), "sender #1.sendmail"),
+])
+def test_inconsistent_sender_routes_are_config_errors(capsys, tmp_path, change, fragment):
+    from qrunner.cli import main
+
+    path = tmp_path / "qrunner.toml"
+    path.write_text(ROUTED.replace(*change))
+    assert main(["--config", str(path), "check", "--script", str(tmp_path / "x.lua")]) == 78
+    assert fragment in capsys.readouterr().err
+
+
+def test_one_sender_without_a_route_is_the_default(tmp_path):
+    from qrunner.config import load_config
+
+    path = tmp_path / "qrunner.toml"
+    path.write_text('[[sender]]\nid = 3\nname = "only"\n')
+    (only,) = load_config(str(path)).senders
+    assert only.default

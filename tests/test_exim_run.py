@@ -8,6 +8,7 @@ bounces that Exim generates into the named queue.
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 from mta_harness import HELD, WAITING, EximHarness
@@ -81,39 +82,73 @@ def test_to_default_queue_is_refused_for_postfix(tmp_path, postfix):
     assert result.code == 64 and "Exim" in result.stderr
 
 
-def test_mail_older_than_max_queue_time_is_handed_back_to_exim(tmp_path, exim, exim_sink):
+def test_old_mail_goes_back_to_exim_but_qrunners_holds_stay_with_a_warning(tmp_path, exim, exim_sink):
     mta = harness(exim, exim_sink)
-    qr = Qrunner(tmp_path, mta, SKIP_ALL)
-    old = mta.queue_message("old")
+    qr = Qrunner(tmp_path, mta, 'function CheckFile(f, a, s, c, rp, r, h)\n'
+                                '  if h.subject == "policy hold" then a.SkipSend = 1; a.Reason = "held" end\n'
+                                '  return a\nend\n')
+    exim_sink.defer_rcpt = {"later@example.net"}
+    held = mta.queue_message("policy hold")
+    waiting = mta.queue_message("relay defers", to=("later@example.net",))
+    admins = mta.queue_message("admin froze this")
+    mta.admin_hold(admins)
     assert qr("run").code == 0
-    assert mta.where(old) == HELD
+    assert mta.where(held) == HELD and mta.where(waiting) == WAITING
     time.sleep(2.1)
     qr.config_path.write_text(qr.config_path.read_text() + "max_queue_time = 1\n")
 
     result = qr("run")
 
     assert result.code == 0, result.stderr
-    assert f"{old}: action=handback" in result.stderr
-    assert exim.queue_ids() == []
+    assert f"{waiting}: action=handback" in result.stderr and f"{admins}: action=handback" in result.stderr
+    assert f"{held}: held by qrunner for longer than the MTA's queue lifetime" in result.stderr
+    assert exim.queue_ids() == [held]  # qrunner's own hold stays, frozen, with its record
+    assert held in qr("status").stdout
     moved = {m["id"]: m for m in exim.queue("")}
-    assert old in moved and not moved[old]["frozen"]
-    assert old not in qr("status").stdout
+    assert set(moved) == {waiting, admins}
+    assert not moved[waiting]["frozen"] and moved[admins]["frozen"]  # nothing thawed on the way
 
 
-def test_bounce_of_gated_mail_is_not_trapped_in_the_named_queue(tmp_path, exim, exim_sink):
-    """Exim's own bounce for gated mail leaves through Exim's normal handling, never stuck behind the gate."""
+def test_bounces_of_gated_mail_land_in_the_named_queue_and_reach_the_policy(tmp_path, exim, exim_sink):
+    """Exim submits its bounces like sendmail -t; the gate (fail closed) queues them for the policy."""
     mta = harness(exim, exim_sink)
-    qr = Qrunner(tmp_path, mta, ALLOW_ALL)
+    script = ('function CheckFile(f, a, s, c, rp)\n'
+              '  if rp == "" then a.Priority = 100; print("bounce seen") end\n'
+              '  return a\nend\n')
+    qr = Qrunner(tmp_path, mta, script)
     exim_sink.reject_rcpt = {"nobody@example.net"}
     refused = mta.queue_message("refused", to=("nobody@example.net",), sender="carol@remote.example")
 
-    result = qr("run")
+    first = qr("run")
 
-    assert result.code == 0, result.stderr
-    bounce = exim_sink.wait_for(1)[0]
+    assert first.code == 0, first.stderr
+    bounces = [m for m in exim.queue() if m["sender"] == ""]
+    assert len(bounces) == 1 and bounces[0]["recipients"] == ["carol@remote.example"]
+    assert refused not in exim.queue_ids()
+    second = qr("run")
+    assert second.code == 0, second.stderr
+    assert "bounce seen" in second.stderr
+    [bounce] = exim_sink.wait_for(1)
     assert bounce.mail_from in ("", "<>") and bounce.rcpt_tos == ["carol@remote.example"]
-    assert exim.queue_ids() == [] and exim.queue_ids("") == []
-    assert refused not in result.stderr.replace(f"{refused}: action=send", "")
+
+
+def test_gate_catches_sendmail_t_and_leaves_bare_local_names_alone(tmp_path, exim, exim_sink):
+    mta = harness(exim, exim_sink)
+    subprocess.run(exim.argv + ["-t", "-oi"], input=b"To: c@example.net\nSubject: via -t\n\nbody\n", check=True)
+    subprocess.run(exim.argv + ["-oi", "--", "root"], input=b"Subject: for root\n\nbody\n", check=True)
+    time.sleep(0.5)
+    assert [m["recipients"] for m in exim.queue()] == [["c@example.net"]]
+    assert exim_sink.messages == []
+    assert "for root" in exim.mailbox_text()
+
+
+def test_gate_catches_smtp_without_chunking(tmp_path, exim, exim_sink):
+    """BDAT would skip acl_smtp_predata; the gate offers no CHUNKING, so SMTP mail is gated."""
+    script = b"EHLO client\r\nQUIT\r\n"
+    ehlo = subprocess.run(exim.argv + ["-bs"], input=script, capture_output=True, check=True).stdout
+    assert b"CHUNKING" not in ehlo
+    message_id = exim.submit_smtp("alice@qrunner-test.localdomain", ["d@example.net"], b"Subject: smtp\n\nbody\n")
+    assert message_id in exim.queue_ids()
 
 
 def test_null_sender_mail_in_the_named_queue_reaches_the_policy_with_empty_return_path(tmp_path, exim, exim_sink):

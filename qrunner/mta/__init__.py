@@ -26,5 +26,5 @@ def backend_for(config: Config):
             raise UnavailableError("no MTA found: neither Postfix's postconf nor an exim4/exim binary is installed "
                                    "(PATH, /usr/sbin); install one or set 'mta' in the configuration.")
     if mta == "exim":
-        return EximBackend(config.exim)
+        return EximBackend(config.exim, config.state_dir)
     return PostfixBackend(config.postfix)

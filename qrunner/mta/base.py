@@ -12,6 +12,10 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from qrunner.message import Message
 
 
+class HandOverError(Exception):
+    """A message could not be handed to its sender's route; the text says which step failed and why."""
+
+
 class Backend:
     """A queue qrunner can read (and, for a live MTA, act on).
 
@@ -22,6 +26,7 @@ class Backend:
 
     name = "backend"
     instance = ""
+    hands_over = False  # True: a routed message is copied to its sender's route (Postfix), not dispatched
 
     def list_messages(self) -> List[Message]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -85,8 +90,21 @@ class Backend:
         """Move messages out of qrunner's named queue (Exim); nothing elsewhere."""
         return set()
 
-    def dispatch(self, messages: Sequence[Message]) -> Dict[str, str]:  # pragma: no cover - interface
+    def hand_over(self, message: Message, sender) -> str:  # pragma: no cover - interface
+        """Copy a held message into its sender's route; the copy's queue id. Raises HandOverError."""
+        raise NotImplementedError
+
+    def delete(self, queue_ids: Sequence[str]) -> Set[str]:  # pragma: no cover - interface
+        """Delete messages (originals whose copy was accepted); the ids the MTA confirmed."""
+        raise NotImplementedError
+
+    def dispatch(self, messages: Sequence[Message], routes: Optional[Dict[str, object]] = None
+                 ) -> Dict[str, str]:  # pragma: no cover - interface
         """Ask the MTA to deliver the messages, in the order given.
+
+        ``routes`` maps a queue id to the sender whose route it takes (a back
+        end that routes at dispatch, like Exim's router lookup file); the
+        others go by the MTA's own routing.
 
         Returns queue id -> outcome: ``scheduled`` (the MTA took the request),
         ``delivered`` / ``deferred`` (the MTA's attempt is known to have

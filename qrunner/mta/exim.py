@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -34,6 +35,7 @@ from qrunner.mta import exim_spool
 log = logging.getLogger("qrunner.exim")
 
 BATCH = 10  # message ids per `exim -M` process
+ROUTES_FILE = "exim-routes"  # in state_dir: message id -> transport, read by contrib/exim's router
 COMMAND_BATCH = 200  # ids per -Mf / -Mt / -MG call
 
 
@@ -53,8 +55,9 @@ class EximBackend(Backend):
 
     name = "exim"
 
-    def __init__(self, settings: EximSettings):
+    def __init__(self, settings: EximSettings, state_dir: str = ""):
         self.settings = settings
+        self.routes_file = os.path.join(state_dir, ROUTES_FILE) if state_dir else ""
         binary = find_exim(settings.binary)
         if binary is None:
             where = settings.binary or "PATH or /usr/sbin (exim4, exim)"
@@ -107,6 +110,8 @@ class EximBackend(Backend):
             raise NoPermissionError("qrunner must run as root to freeze, thaw and deliver Exim mail "
                                     "(-Mf, -Mt, -M are for admin users); run it from root's timer or with sudo.")
         self.check_running()
+        if self.routes_file and not os.path.exists(self.routes_file):
+            self.write_routes({})
 
     def is_message_id(self, text: str) -> bool:
         return exim_spool.is_message_id(text)
@@ -167,8 +172,17 @@ class EximBackend(Backend):
         return due if due > time.time() else None
 
     def is_expired(self, message: Message) -> bool:
-        """Older than max_queue_time: Exim's own retry rules should decide its fate now."""
-        return time.time() - message.arrival > self.settings.max_queue_time
+        """Older than max_queue_time, not being delivered: Exim's own rules should decide its fate now.
+
+        Waiting mail then meets Exim's retry rules, and mail frozen by Exim
+        (a delivery error) or an admin meets timeout_frozen_after and
+        ignore_bounce_errors_after, which never act in a named queue. The
+        caller never hands back a hold of qrunner's own: those stay, warned about.
+        """
+        return message.queue_name != "locked" and time.time() - message.arrival > self.settings.max_queue_time
+
+    def hold_age_limit(self) -> Optional[float]:
+        return float(self.settings.max_queue_time)
 
     # -- act ---------------------------------------------------------------
 
@@ -183,21 +197,27 @@ class EximBackend(Backend):
             return None
 
     def hold(self, queue_ids: Sequence[str]) -> Set[str]:
-        """Freeze (``-Mf``); the ids the spool shows frozen afterwards."""
-        ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
-        if ids:
-            self._each_batch("-Mf", ids)
-        return {q for q in ids if self._frozen(q)}
+        """Freeze (``-Mf``); the ids Exim says it froze now.
+
+        "is now frozen", not "frozen afterwards": a message an admin froze
+        in the meantime ("is already frozen") stays the admin's.
+        """
+        return self._confirmed("-Mf", queue_ids, "is now frozen")
 
     def release(self, queue_ids: Sequence[str], to_default_queue: bool = False) -> Set[str]:
         """Thaw (``-Mt``); with ``to_default_queue`` also move them to Exim's default queue."""
-        ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
-        if ids:
-            self._each_batch("-Mt", ids)
-        thawed = {q for q in ids if self._frozen(q) is False}
+        thawed = self._confirmed("-Mt", queue_ids, "is no longer frozen")
         if to_default_queue and thawed:
             self.move_to_default_queue(sorted(thawed))
         return thawed
+
+    def _confirmed(self, flag: str, queue_ids: Sequence[str], done: str) -> Set[str]:
+        ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
+        confirmed: Set[str] = set()
+        for start in range(0, len(ids), COMMAND_BATCH):
+            result = self._exim(self.queue_args + [flag] + ids[start:start + COMMAND_BATCH])
+            confirmed.update(re.findall(r"^Message (\S+) " + re.escape(done) + r"$", result.stdout, re.M))
+        return confirmed & set(ids)
 
     def move_to_default_queue(self, queue_ids: Sequence[str]) -> Set[str]:
         """``-qG<queue> -MG '' ID...``: back to the queue Exim's own runners process."""
@@ -208,14 +228,29 @@ class EximBackend(Backend):
         return {q for q in ids if self._frozen(q) is None}
 
     def hand_back(self, queue_ids: Sequence[str]) -> Set[str]:
-        """Thaw (they are qrunner's or not frozen) and move to the default queue, for Exim's retry rules."""
-        ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
-        frozen = [q for q in ids if self._frozen(q)]
-        if frozen:
-            self._each_batch("-Mt", frozen)
-        return self.move_to_default_queue(ids)
+        """Move to the default queue as they are (nothing thawed), for Exim's retry and freeze rules."""
+        return self.move_to_default_queue(queue_ids)
 
-    def dispatch(self, messages: Sequence[Message]) -> Dict[str, str]:
+    def write_routes(self, routes: Dict[str, str]) -> None:
+        """The router's lookup file, message id -> transport, replaced atomically.
+
+        It must always exist: with the file missing, Exim's lookup fails to
+        the paniclog and routes every message the default way. Messages of
+        the default sender are not listed and route as usual.
+        """
+        if not self.routes_file:
+            return
+        directory = os.path.dirname(self.routes_file)
+        os.makedirs(directory, mode=0o711, exist_ok=True)
+        os.chmod(directory, os.stat(directory).st_mode | 0o011)  # Exim's delivery user must reach the file
+        temporary = f"{self.routes_file}.{os.getpid()}.tmp"
+        with open(temporary, "w") as out:
+            for message_id, transport in sorted(routes.items()):
+                out.write(f"{message_id}: {transport}\n")
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, self.routes_file)
+
+    def dispatch(self, messages: Sequence[Message], routes=None) -> Dict[str, str]:
         """``exim -qG<queue> -M ID...`` in dispatch order, at most ``dispatch_concurrency`` at once.
 
         Batches are started in order, so a message is handed to Exim only
@@ -225,6 +260,7 @@ class EximBackend(Backend):
         means deferred.
         """
         outcomes: Dict[str, str] = {}
+        self.write_routes({queue_id: sender.exim.transport for queue_id, sender in (routes or {}).items()})
         ready = []
         for message in messages:
             frozen = self._frozen(message.queue_id)
@@ -235,18 +271,60 @@ class EximBackend(Backend):
             else:
                 ready.append(message.queue_id)
         batches = [ready[i:i + BATCH] for i in range(0, len(ready), BATCH)]
-        running: List[subprocess.Popen] = []
+        started = time.time()
+        running: List[Tuple[subprocess.Popen, List[str]]] = []
+        problems: Dict[str, str] = {}
         for batch in batches:
             while len(running) >= self.settings.dispatch_concurrency:
-                running = _wait_for_one(running)
-            running.append(subprocess.Popen([self.binary] + self.config_args + self.queue_args + ["-M"] + batch,
-                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL))
-        for proc in running:
-            proc.wait()
+                running = self._reap(running, problems, block=True)
+            # -Mc, not -M: Exim checks under its own lock that the message is not frozen, so
+            # a message someone freezes after this check is never delivered by qrunner.
+            proc = subprocess.Popen([self.binary] + self.config_args + self.queue_args + ["-Mc"] + batch,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            running.append((proc, batch))
+        while running:
+            running = self._reap(running, problems, block=True)
         for queue_id in ready:
-            outcomes[queue_id] = "delivered" if self._frozen(queue_id) is None else "deferred"
+            outcomes[queue_id] = self._outcome(queue_id, started, problems)
         return outcomes
+
+    def _reap(self, running, problems: Dict[str, str], block: bool):
+        """Wait for one -Mc process to end; remember what a failing one said."""
+        while True:
+            still = []
+            for proc, batch in running:
+                if proc.poll() is None:
+                    still.append((proc, batch))
+                    continue
+                error = proc.stderr.read().decode("utf-8", "replace").strip() if proc.stderr else ""
+                if proc.stderr:
+                    proc.stderr.close()
+                if proc.returncode != 0:
+                    for queue_id in batch:
+                        problems[queue_id] = f"exim -Mc exited {proc.returncode}: {_last_line(error) or 'no message'}"
+            if len(still) < len(running) or not block:
+                return still
+            time.sleep(0.01)
+
+    def _outcome(self, queue_id: str, started: float, problems: Dict[str, str]) -> str:
+        paths = exim_spool.find_spool_paths(self.spool_directory, self.queue, queue_id, self.split)
+        if paths is None:
+            return "delivered"
+        try:
+            spool = exim_spool.read_header_file(paths.header, read_headers=False)
+        except (OSError, ValueError):
+            return "delivered"
+        if queue_id in problems:
+            return f"failed: {problems[queue_id]}"
+        if spool.frozen:
+            if (spool.frozen_at or 0) >= int(started):
+                # Frozen by this delivery (a bounce that cannot be delivered, a delivery error):
+                # only Exim's own rules (ignore_bounce_errors_after, timeout_frozen_after) can end
+                # that, and they never act in a named queue.
+                self.move_to_default_queue([queue_id])
+                return "failed: frozen by Exim during delivery; moved, still frozen, to Exim's default queue"
+            return "failed: frozen by someone else since it was listed; not sent"
+        return "deferred"
 
 
 def _wait_for_one(running: List[subprocess.Popen]) -> List[subprocess.Popen]:

@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 from qrunner.config import PostfixSettings
 from qrunner.exceptions import NoPermissionError, UnavailableError
 from qrunner.message import Message
-from qrunner.mta.base import Backend
+from qrunner.mta.base import Backend, HandOverError
 from qrunner.mta.postfix_queuefile import (PostfixQueueFileHeaders, arrival_microseconds, is_queue_id,
                                            queue_file_path, read_sender)
 
@@ -47,6 +47,7 @@ class PostfixBackend(Backend):
     """One Postfix instance (its config directory), as qrunner acts on it."""
 
     name = "postfix"
+    hands_over = True  # a sender's route is fixed by re-injection into its loopback listener
 
     def __init__(self, settings: PostfixSettings):
         self.settings = settings
@@ -218,7 +219,20 @@ class PostfixBackend(Backend):
                                    f"{len(confirmed)} of {len(ids)} messages were changed before it stopped.")
         return confirmed
 
-    def dispatch(self, messages: Sequence[Message]) -> Dict[str, str]:
+    def hand_over(self, message: Message, sender) -> str:
+        """Re-inject the held original into the sender's listener; the copy's new queue id."""
+        from qrunner.mta.postfix_reinject import ReinjectError, reinject
+
+        try:
+            return reinject(self._path("hold", message.queue_id), sender.postfix.address)
+        except (ReinjectError, OSError, ValueError) as error:
+            raise HandOverError(str(error)) from None
+
+    def delete(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Delete originals whose copy a listener accepted, in one ``postsuper -d -``."""
+        return self._postsuper("-d", queue_ids, "removed")
+
+    def dispatch(self, messages: Sequence[Message], routes=None) -> Dict[str, str]:
         """Schedule each message in turn (the flush service moves it to incoming/ at once, in this order)."""
         outcomes = {}
         for message in messages:
