@@ -207,6 +207,74 @@ class PostfixInstance:
         """``postfix reload``: make the running instance read main.cf again."""
         self._run(["postfix", "-c", self.config_directory, "reload"])
 
+    # -- extra master.cf services (added by tests that need a listener) ----
+
+    def add_master_service(self, service: str, service_type: str, command: str,
+                           options: Optional[Dict[str, str]] = None,
+                           private: str = "n", unpriv: str = "-", chroot: str = "n",
+                           wakeup: str = "-", maxproc: str = "-") -> None:
+        """Append (or replace) one master.cf service entry, reloading if running.
+
+        An entry with the same service name and type is replaced, so a test
+        may call this again with other options; every other entry is kept.
+        ``options`` become ``-o name=value`` lines (an empty value is
+        written as ``name=``, which is how master.cf empties a setting).
+        Postfix's master reads master.cf again on ``postfix reload`` and
+        opens (or closes) the inet listeners it names.
+        """
+        path = os.path.join(self.config_directory, "master.cf")
+        if not self._written:
+            self.write_config()
+        with open(path) as f:
+            kept = _drop_master_entry(f.read(), service, service_type)
+        lines = ["%s %s %s %s %s %s %s %s" % (service, service_type, private, unpriv,
+                                               chroot, wakeup, maxproc, command)]
+        for name, value in (options or {}).items():
+            lines.append("  -o %s=%s" % (name, value))
+        with open(path, "w") as f:
+            f.write(kept.rstrip("\n") + "\n" + "\n".join(lines) + "\n")
+        if self.is_running():
+            self.reload()
+
+    def append_master_cf(self, text: str) -> None:
+        """Append master.cf lines as given (e.g. a contrib/ file), reloading if running."""
+        if not self._written:
+            self.write_config()
+        path = os.path.join(self.config_directory, "master.cf")
+        with open(path, "a") as f:
+            f.write("\n" + text.rstrip("\n") + "\n")
+        if self.is_running():
+            self.reload()
+
+    def add_smtpd_listener(self, port: int, options: Optional[Dict[str, str]] = None) -> None:
+        """A plain loopback smtpd on 127.0.0.1:``port``, for submitting test mail over SMTP.
+
+        Mail submitted here is routed as usual (relayhost, gated by
+        ``defer_transports``), so a test can give it SMTP-only envelope
+        parameters (RET, ENVID, NOTIFY, ORCPT, BODY, SMTPUTF8) that
+        ``sendmail`` cannot all express. Clients in ``mynetworks`` may relay.
+        """
+        opts = {"smtpd_recipient_restrictions": "permit_mynetworks,reject",
+                "smtpd_relay_restrictions": ""}
+        opts.update(options or {})
+        self.add_master_service("127.0.0.1:%d" % port, "inet", "smtpd", opts)
+
+    def add_reinjection_listener(self, port: int, transport: str, nexthop: str,
+                                 options: Optional[Dict[str, str]] = None) -> None:
+        """A sender's re-injection listener and transport, as contrib/postfix/master.cf.qrunner has them.
+
+        The loopback smtpd on 127.0.0.1:``port`` stamps every message with
+        ``content_filter=TRANSPORT:NEXTHOP`` and skips what already happened
+        when the message first arrived (DESIGN.md section 5b);
+        ``TRANSPORT`` is an smtp clone that is not in ``defer_transports``,
+        so the copy leaves at once, gate or not. ``options`` override or
+        add listener options (e.g. a recipient restriction that refuses).
+        """
+        opts = reinjection_listener_options(transport, nexthop)
+        opts.update(options or {})
+        self.add_master_service(transport, "unix", "smtp", None, private="-", unpriv="-")
+        self.add_master_service("127.0.0.1:%d" % port, "inet", "smtpd", opts)
+
     # -- life cycle --------------------------------------------------------
 
     def start(self) -> None:
@@ -264,7 +332,7 @@ class PostfixInstance:
     # -- mail ----------------------------------------------------------------
 
     def submit(self, sender: str, recipients: Sequence[str], message: bytes,
-               timeout: float = 20.0) -> str:
+               timeout: float = 20.0, sendmail_options: Sequence[str] = ()) -> str:
         """Submit ``message`` (raw bytes) with ``sendmail``; return its queue id.
 
         Postfix's sendmail does not print the queue id, so it is taken from
@@ -272,10 +340,13 @@ class PostfixInstance:
         after the submission: that works for mail that stays in the queue
         and for mail delivered at once. Submissions from one test are
         sequential, so the first new pickup line is this message's.
+        ``sendmail_options`` go before the recipients (e.g. ``["-N",
+        "success", "-R", "hdrs", "-V", "envid"]`` for DSN, ``["-B",
+        "8BITMIME"]``).
         """
         offset = self._log_size()
         argv = [self._command("sendmail"), "-C", self.config_directory, "-i",
-                "-f", sender, "--"] + list(recipients)
+                "-f", sender] + list(sendmail_options) + ["--"] + list(recipients)
         r = subprocess.run(argv, input=message, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, timeout=timeout)
         if r.returncode != 0:
@@ -420,6 +491,44 @@ class PostfixInstance:
                 " ".join(argv), r.returncode, r.stderr.decode("utf-8", "replace"),
                 r.stdout.decode("utf-8", "replace")))
         return r
+
+
+def reinjection_listener_options(transport: str, nexthop: str) -> Dict[str, str]:
+    """The ``-o`` options of a re-injection listener (contrib/postfix/master.cf.qrunner says why)."""
+    return {
+        "content_filter": "%s:%s" % (transport, nexthop),
+        "receive_override_options": ("no_unknown_recipient_checks,no_header_body_checks,"
+                                     "no_milters,no_address_mappings"),
+        "mynetworks": "127.0.0.0/8",
+        "smtpd_client_restrictions": "",
+        "smtpd_helo_restrictions": "",
+        "smtpd_sender_restrictions": "",
+        "smtpd_relay_restrictions": "",
+        "smtpd_recipient_restrictions": "permit_mynetworks,reject",
+        "smtpd_data_restrictions": "",
+        "smtpd_end_of_data_restrictions": "",
+        "smtpd_discard_ehlo_keywords": "",
+        "smtpd_discard_ehlo_keyword_address_maps": "",
+        "smtpd_recipient_limit": "100000",
+        "smtpd_tls_security_level": "none",
+        "smtpd_sasl_auth_enable": "no",
+        "smtpd_authorized_xforward_hosts": "127.0.0.0/8",
+    }
+
+
+def _drop_master_entry(master_cf: str, service: str, service_type: str) -> str:
+    """master.cf text without the entry (and its indented lines) for service/type."""
+    out: List[str] = []
+    dropping = False
+    for line in master_cf.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            out.append(line)  # comments and blank lines are kept, and end nothing
+            continue
+        if line[0] not in " \t":
+            dropping = line.split()[:2] == [service, service_type]
+        if not dropping:
+            out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def _postconf_values(names: Sequence[str]) -> Dict[str, str]:

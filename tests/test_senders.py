@@ -19,6 +19,8 @@ from smtp_sink import SmtpSink
 
 SEED_EXAMPLE_2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "seed_example2.lua")
 
+SKIP_OTHERS = "function CheckFile(f, a) return a end\n"
+
 THREE_SENDERS = """
 function CheckFile(f, a, size, created, from, rcpts, headers)
   local subject = headers.subject or ""
@@ -143,3 +145,185 @@ def test_a_sender_without_a_route_for_the_mta_is_a_config_error(tmp_path, exim, 
 
     assert result.code == 78
     assert "sender 0:isp has no [sender.exim] route" in result.stderr
+
+
+# -- Postfix: re-injection into each sender's loopback listener ----------------------------
+
+import signal  # noqa: E402
+import smtplib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from postfix_instance import free_loopback_port  # noqa: E402
+from qrunner_e2e import queue_message, queue_state  # noqa: E402
+
+KILL_BEFORE_DELETE = """
+import os, signal, sys
+from qrunner.mta.postfix import PostfixBackend
+def die(self, ids):
+    os.kill(os.getpid(), signal.SIGKILL)  # the listener accepted the copy; the original is not deleted yet
+PostfixBackend.delete = die
+from qrunner.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def relays(postfix_available):
+    started = [SmtpSink().start() for _ in range(3)]
+    yield started
+    for sink in started:
+        sink.stop()
+
+
+@pytest.fixture(scope="module")
+def listener_ports(_module_postfix, relays):
+    """One re-injection listener per relay (ports[i] routes to relays[i]), and one whose relay is down."""
+    ports = [free_loopback_port() for _ in relays]
+    for i, (port, relay) in enumerate(zip(ports, relays)):
+        _module_postfix.add_reinjection_listener(port, f"qr-sender-{i}", f"[127.0.0.1]:{relay.port}")
+    dead = free_loopback_port()
+    _module_postfix.add_reinjection_listener(dead, "qr-sender-dead", f"[127.0.0.1]:{free_loopback_port()}")
+    for port in ports + [dead]:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
+                    client.noop()
+                    break
+            except (OSError, smtplib.SMTPException):
+                assert time.monotonic() < deadline, f"listener {port} never greeted"
+                time.sleep(0.1)
+    return ports + [dead]
+
+
+@pytest.fixture
+def pf(postfix, smtp_sink, relays, listener_ports):
+    for relay in relays:
+        relay.clear()
+    yield postfix
+
+
+def postfix_senders(names, ports, routes=None) -> str:
+    text = ""
+    for i, name in enumerate(names):
+        index = routes[i] if routes else i
+        text += (f'[[sender]]\nid = {i}\nname = "{name}"\n[sender.postfix]\nlistener = "127.0.0.1:{ports[index]}"\n'
+                 f'transport = "qr-sender-{index if index < 3 else "dead"}"\nnexthop = "[127.0.0.1]:1"\n')
+    return text
+
+
+def postfix_qrunner(tmp_path, postfix, script_text, names, ports, routes=None):
+    qr = Qrunner(tmp_path, postfix, script_text)
+    qr.config_path.write_text(qr.config_path.read_text() + postfix_senders(names, ports, routes))
+    return qr
+
+
+def test_postfix_seed_example_2_sends_big_mail_through_sender_0_and_small_through_sender_1(
+        tmp_path, pf, smtp_sink, relays, listener_ports):
+    with open(SEED_EXAMPLE_2) as f:
+        qr = postfix_qrunner(tmp_path, pf, f.read(), ["big", "small"], listener_ports)
+    big = queue_message(pf, "big one", size=60000, to=("x@example.net", "y@example.org"),
+                        sender="carol@qrunner-test.localdomain")
+    small = queue_message(pf, "small one", size=100, sender="dave@qrunner-test.localdomain")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    [at_a] = relays[0].wait_for(1)
+    [at_b] = relays[1].wait_for(1)
+    assert at_a.header("Subject") == b"big one" and at_b.header("Subject") == b"small one"
+    assert at_a.mail_from == "carol@qrunner-test.localdomain" and sorted(at_a.rcpt_tos) == ["x@example.net", "y@example.org"]
+    assert at_b.mail_from == "dave@qrunner-test.localdomain" and at_b.rcpt_tos == ["bob@example.net"]
+    assert smtp_sink.messages == []  # nothing went by the default (gated) route
+    for original in (big, small):
+        line = [ln for ln in result.stderr.splitlines() if f"{original}: action=route" in ln]
+        assert line and "new_queue_id=" in line[0]  # old and new queue id on one line
+        assert original not in queue_state(pf)
+
+
+def test_postfix_dsn_parameters_survive_the_hand_over(tmp_path, pf, relays, listener_ports):
+    qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
+    queue_id = pf.submit("erin@qrunner-test.localdomain", ["f@example.net"], make_message("dsn"),
+                         sendmail_options=["-N", "success,delay,failure", "-R", "hdrs", "-V", "env-42"])
+    pf.wait_deferred([queue_id])
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    [copy] = relays[0].wait_for(1)
+    mail = " ".join(copy.mail_options).upper()
+    assert "RET=HDRS" in mail and "ENVID=ENV-42" in mail
+    rcpt = " ".join(copy.rcpt_options["f@example.net"]).upper()
+    notify = [p for p in rcpt.split() if p.startswith("NOTIFY=")]
+    assert notify and set(notify[0][7:].split(",")) == {"SUCCESS", "DELAY", "FAILURE"}
+    assert "ORCPT=RFC822;F@EXAMPLE.NET" in rcpt
+
+
+def test_postfix_listener_down_leaves_the_original_held_with_the_reason(tmp_path, pf, relays, listener_ports):
+    closed = [free_loopback_port()]
+    qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], closed)
+    queue_id = queue_message(pf, "nowhere to go")
+    before = queue_state(pf)[queue_id][1]
+
+    result = qr("run")
+
+    assert result.code == 1
+    assert queue_state(pf)[queue_id] == ("hold", before)
+    status = qr("status").stdout
+    assert queue_id in status and "hand-over to sender isp failed" in status
+    assert all(r.messages == [] for r in relays)
+
+
+def test_postfix_three_senders_the_middle_takes_what_the_first_skips(tmp_path, pf, smtp_sink, relays,
+                                                                      listener_ports):
+    qr = postfix_qrunner(tmp_path, pf, THREE_SENDERS, ["first", "middle", "last"], listener_ports)
+    middle = queue_message(pf, "for the middle")
+    last = queue_message(pf, "for the last")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert [m.header("Subject") for m in relays[1].wait_for(1)] == [b"for the middle"]
+    assert [m.header("Subject") for m in relays[2].wait_for(1)] == [b"for the last"]
+    assert relays[0].messages == [] and smtp_sink.messages == []
+    assert f"{middle}: action=route sender=middle" in result.stderr
+    assert f"{last}: action=route sender=last" in result.stderr
+
+
+def test_postfix_routed_copy_is_never_decided_again(tmp_path, pf, listener_ports):
+    """A copy whose relay is down stays deferred on its route; later runs leave it to Postfix."""
+    qr = postfix_qrunner(tmp_path, pf, SKIP_OTHERS, ["isp"], listener_ports, routes=[3])
+    original = queue_message(pf, "route is down")
+    first = qr("run")
+    assert first.code == 0, first.stderr
+    new_id = first.stderr.split("new_queue_id=")[1].split()[0]
+    pf.wait_deferred([new_id])
+
+    second = qr("run")
+
+    assert second.code == 0, second.stderr
+    assert new_id not in second.stderr and "listed=0" in second.stderr
+    assert queue_state(pf)[new_id][0] == "deferred" and original not in queue_state(pf)
+
+
+def test_postfix_killed_between_acceptance_and_delete_leaves_a_duplicate_never_a_loss(
+        tmp_path, pf, relays, listener_ports):
+    qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
+    queue_id = queue_message(pf, "crash test")
+    wrapper = tmp_path / "kill_before_delete.py"
+    wrapper.write_text(KILL_BEFORE_DELETE)
+    env = dict(os.environ, QRUNNER_CONFIG=str(qr.config_path),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    killed = subprocess.run([sys.executable, str(wrapper), "run"], env=env, capture_output=True, text=True)
+
+    assert killed.returncode == -signal.SIGKILL
+    assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"crash test"]  # the copy went out
+    assert queue_state(pf)[queue_id][0] == "hold"  # the original is still here, and still qrunner's
+    assert queue_id in qr("status").stdout
+    again = qr("run")
+    assert again.code == 0, again.stderr
+    assert len(relays[0].wait_for(2)) == 2  # at worst a duplicate
+    assert queue_id not in queue_state(pf)
