@@ -63,12 +63,11 @@ import fcntl
 import os
 import re
 import struct
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
-from qrunner.message import HeaderSource
+from qrunner.message import MtaFileHeaders
 
 __all__ = [
     "DEFAULT_MAX_HEADER_BYTES",
@@ -849,96 +848,42 @@ def _scan(directory: str, subdirs_too: bool = True) -> Iterator[Tuple[str, str, 
 # -- headers on demand -----------------------------------------------------------
 
 
-class EximSpoolHeaders(HeaderSource):
+class EximSpoolHeaders(MtaFileHeaders):
     """The headers of one queued Exim message, read when first asked.
 
-    Holds only the ``-H`` path, the message id and the optional ``-Mvh``
-    command, so it is cheap to create for every listed message and to
-    pickle to the policy worker. ``read()`` reads the ``-H`` file; if that
-    fails (the message moved to another queue since the listing, or the
-    file is not readable by this user) and ``mvh_argv`` is given (e.g.
-    ``["exim", "-C", "/etc/exim.conf", "-qGqrunner"]``), it asks
-    ``exim ... -Mvh ID``, which prints the same file. When nothing could be
-    read it returns ``[]`` and says why in ``.problem``; it never raises.
+    From the ``-H`` file; if that cannot be read (the message moved to
+    another queue since the listing, or the file is not readable by this
+    user) and ``mvh_argv`` is given (e.g. ``["exim", "-C",
+    "/etc/exim.conf", "-qGqrunner"]``), from ``exim ... -Mvh ID``, which
+    prints the same file. Never raises (see :class:`MtaFileHeaders`).
     """
 
-    __slots__ = ("path", "message_id", "mvh_argv", "max_bytes", "problem")
+    __slots__ = ()
+    kind = "spool file"
+    id_kind = "an Exim message id"
 
-    def __init__(self, path: str, message_id: str,
-                 mvh_argv: Optional[Sequence[str]] = None,
+    def __init__(self, path: str, message_id: str, mvh_argv: Optional[Sequence[str]] = None,
                  max_bytes: int = DEFAULT_MAX_HEADER_BYTES):
-        self.path = path
-        self.message_id = message_id
-        self.mvh_argv = tuple(mvh_argv) if mvh_argv else None
-        self.max_bytes = max_bytes
-        self.problem: Optional[str] = None
+        super().__init__(path, message_id, mvh_argv, max_bytes)
 
-    def __getstate__(self):
-        return (self.path, self.message_id, self.mvh_argv, self.max_bytes, self.problem)
+    @property
+    def message_id(self) -> str:
+        return self.queue_id
 
-    def __setstate__(self, state) -> None:
-        self.path, self.message_id, self.mvh_argv, self.max_bytes, self.problem = state
+    @property
+    def mvh_argv(self) -> Optional[Tuple[str, ...]]:
+        return self.fallback_argv
 
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, EximSpoolHeaders)
-                and (other.path, other.message_id, other.mvh_argv)
-                == (self.path, self.message_id, self.mvh_argv))
+    def read_file(self) -> Tuple[List[bytes], Optional[str]]:
+        hf = read_header_file(self.path, read_headers=True, max_header_bytes=self.max_bytes, journal=False)
+        return hf.headers, hf.problem
 
-    def __hash__(self) -> int:
-        return hash((self.path, self.message_id))
+    def is_valid_id(self) -> bool:
+        return is_message_id(self.queue_id)
 
-    def __repr__(self) -> str:
-        return "EximSpoolHeaders(%r, %r)" % (self.path, self.message_id)
+    def fallback_args(self) -> List[str]:
+        return ["-Mvh", self.queue_id]
 
-    def read(self) -> List[bytes]:
-        self.problem = None
-        try:
-            return self._read()
-        except Exception as exc:  # the contract: never raise into the policy
-            self.problem = "headers of %s could not be read: %s" % (self.message_id, exc)
-            return []
-
-    def _read(self) -> List[bytes]:
-        file_error = "no spool file path known"
-        if self.path:
-            try:
-                hf = read_header_file(self.path, read_headers=True,
-                                      max_header_bytes=self.max_bytes, journal=False)
-                if hf.problem:
-                    self.problem = "%s (%s): %s" % (self.message_id, self.path, hf.problem)
-                return hf.headers
-            except OSError as exc:
-                file_error = "cannot read %s: %s" % (self.path, exc.strerror or exc)
-            except SpoolFormatError as exc:
-                self.problem = "headers of %s not read: %s: %s" % (self.message_id, self.path, exc)
-                return []
-        if not self.mvh_argv:
-            self.problem = "headers of %s not read: %s" % (self.message_id, file_error)
-            return []
-        if not is_message_id(self.message_id):
-            self.problem = ("headers of %s not read: %s, and %r is not an Exim message id"
-                            % (self.message_id, file_error, self.message_id))
-            return []
-        argv = list(self.mvh_argv) + ["-Mvh", self.message_id]
-        try:
-            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, timeout=60)
-        except (OSError, subprocess.SubprocessError) as exc:
-            self.problem = ("headers of %s not read: %s; running %s failed: %s"
-                            % (self.message_id, file_error, argv[0], exc))
-            return []
-        if r.returncode != 0:
-            why = (r.stderr or r.stdout).decode("utf-8", "replace").strip().splitlines()
-            self.problem = ("headers of %s not read: %s; %s exited with %d%s"
-                            % (self.message_id, file_error, " ".join(argv), r.returncode,
-                               (": " + why[-1]) if why else ""))
-            return []
-        try:
-            hf = parse_header_file(r.stdout, read_headers=True, max_header_bytes=self.max_bytes)
-        except SpoolFormatError as exc:
-            self.problem = ("headers of %s not read: %s; %s printed no spool header file: %s"
-                            % (self.message_id, file_error, " ".join(argv), exc))
-            return []
-        if hf.problem:
-            self.problem = "%s (exim -Mvh): %s" % (self.message_id, hf.problem)
-        return hf.headers
+    def parse_fallback(self, output: bytes) -> Tuple[List[bytes], Optional[str]]:
+        hf = parse_header_file(output, read_headers=True, max_header_bytes=self.max_bytes)
+        return hf.headers, hf.problem

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple, Union
 
-from qrunner.message import HeaderSource
+from qrunner.message import MtaFileHeaders
 
 __all__ = [
     "iter_records",
@@ -354,105 +353,51 @@ def fields_from_lines(lines: Sequence[bytes]) -> List[bytes]:
     return fields
 
 
-class PostfixQueueFileHeaders(HeaderSource):
+class PostfixQueueFileHeaders(MtaFileHeaders):
     """The headers of one queued Postfix message, read when first asked.
 
-    Holds only the file's path, the queue id and the optional postcat
-    command, so it is cheap to create for every listed message and to
-    pickle to the policy worker. ``read()`` reads the queue file; if that
-    fails (the message moved between queues since the listing, or the file
-    is not readable by this user) and ``postcat_argv`` is given (e.g.
-    ``["postcat", "-c", "/etc/postfix"]``), it asks ``postcat -hq ID``,
-    which finds the message in whatever queue it is now. When nothing could
-    be read it returns ``[]`` and says why in ``.problem``; it never raises.
+    From the queue file; if that cannot be read (the message moved between
+    queues since the listing, or the file is not readable by this user)
+    and ``postcat_argv`` is given (e.g. ``["postcat", "-c",
+    "/etc/postfix"]``), from ``postcat -hq ID``, which finds the message in
+    whatever queue it is now. Never raises (see :class:`MtaFileHeaders`).
     """
 
-    __slots__ = ("path", "queue_id", "postcat_argv", "max_bytes", "problem")
+    __slots__ = ()
+    kind = "queue file"
+    id_kind = "a Postfix queue id"
 
-    def __init__(self, path: str, queue_id: str,
-                 postcat_argv: Optional[Sequence[str]] = None,
+    def __init__(self, path: str, queue_id: str, postcat_argv: Optional[Sequence[str]] = None,
                  max_bytes: int = DEFAULT_MAX_HEADER_BYTES):
-        self.path = path
-        self.queue_id = queue_id
-        self.postcat_argv = tuple(postcat_argv) if postcat_argv else None
-        self.max_bytes = max_bytes
-        self.problem: Optional[str] = None
+        super().__init__(path, queue_id, postcat_argv, max_bytes)
 
-    def __getstate__(self):
-        return (self.path, self.queue_id, self.postcat_argv, self.max_bytes, self.problem)
+    @property
+    def postcat_argv(self) -> Optional[Tuple[str, ...]]:
+        return self.fallback_argv
 
-    def __setstate__(self, state) -> None:
-        self.path, self.queue_id, self.postcat_argv, self.max_bytes, self.problem = state
+    def read_file(self) -> Tuple[List[bytes], Optional[str]]:
+        with open(self.path, "rb", buffering=0) as f:
+            return _read_header_fields(f, self.max_bytes)
 
-    def __eq__(self, other: object) -> bool:
-        return (isinstance(other, PostfixQueueFileHeaders)
-                and (other.path, other.queue_id, other.postcat_argv)
-                == (self.path, self.queue_id, self.postcat_argv))
+    def is_valid_id(self) -> bool:
+        return is_queue_id(self.queue_id)
 
-    def __hash__(self) -> int:
-        return hash((self.path, self.queue_id))
+    def fallback_args(self) -> List[str]:
+        return ["-hq", self.queue_id]
 
-    def __repr__(self) -> str:
-        return "PostfixQueueFileHeaders(%r, %r)" % (self.path, self.queue_id)
-
-    def read(self) -> List[bytes]:
-        self.problem = None
-        try:
-            return self._read()
-        except Exception as exc:  # the contract: never raise into the policy
-            self.problem = "headers of %s could not be read: %s" % (self.queue_id, exc)
-            return []
-
-    def _read(self) -> List[bytes]:
-        file_error = "no queue file path known"
-        if self.path:
-            try:
-                with open(self.path, "rb", buffering=0) as f:
-                    fields, note = _read_header_fields(f, self.max_bytes)
-                if note:
-                    self.problem = "%s (%s): %s" % (self.queue_id, self.path, note)
-                return fields
-            except OSError as exc:
-                file_error = "cannot read %s: %s" % (self.path, exc.strerror or exc)
-        if not self.postcat_argv:
-            self.problem = "headers of %s not read: %s" % (self.queue_id, file_error)
-            return []
-        if not is_queue_id(self.queue_id):
-            self.problem = ("headers of %s not read: %s, and %r is not a Postfix queue id"
-                            % (self.queue_id, file_error, self.queue_id))
-            return []
-        argv = list(self.postcat_argv) + ["-hq", self.queue_id]
-        try:
-            r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, timeout=60)
-        except (OSError, subprocess.SubprocessError) as exc:
-            self.problem = ("headers of %s not read: %s; running %s failed: %s"
-                            % (self.queue_id, file_error, argv[0], exc))
-            return []
-        if r.returncode != 0:
-            why = r.stderr.decode("utf-8", "replace").strip().splitlines()
-            self.problem = ("headers of %s not read: %s; %s exited with %d%s"
-                            % (self.queue_id, file_error, " ".join(argv), r.returncode,
-                               (": " + why[-1]) if why else ""))
-            return []
-        out = r.stdout
-        lines = out.split(b"\n")
+    def parse_fallback(self, output: bytes) -> Tuple[List[bytes], Optional[str]]:
+        lines = output.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
-        fields = fields_from_lines(lines)
         capped: List[bytes] = []
         total = 0
-        for fld in fields:
+        for fld in fields_from_lines(lines):
             total += len(fld) + 1
             if total > self.max_bytes:
-                cut = fld[:max(0, len(fld) - (total - self.max_bytes))]
-                if cut:
-                    capped.append(cut)
-                self.problem = ("%s: the headers are longer than %d bytes; the rest was not read"
-                                % (self.queue_id, self.max_bytes))
+                capped.append(fld[:max(0, len(fld) - (total - self.max_bytes))])
                 break
             capped.append(fld)
-        return capped
+        return capped, None
 
 
 # -- queue ids and queue file locations (src/global/mail_queue.[ch]) -----------
