@@ -190,8 +190,11 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _senders(args: argparse.Namespace, config: Config) -> Sequence[Sender]:
     if args.senders:
+        senders = args.senders
+        if len(senders) == 1:  # one sender without a route: the MTA's own routing, as in the config
+            senders = [Sender(senders[0].id, senders[0].name, True)]
         try:
-            return check_senders(args.senders, "--sender")
+            return check_senders(senders, "--sender")
         except QrunnerError as error:
             raise UsageError(error.message)
     return config.senders
@@ -368,6 +371,8 @@ def print_plan(result: RunResult, fmt: str) -> None:
     for d in ordered:
         if d.queue_id in waiting:
             notes[d.queue_id] = "waits for its retry time " + time.strftime("%H:%M:%S", time.localtime(waiting[d.queue_id]))
+        elif d.queue_id in released and d.sender is not None and not d.sender.default and result.hands_over:
+            notes[d.queue_id] = f"handed to sender {d.sender.name} (a copy, then the original is deleted)"
         elif d.queue_id in released:
             notes[d.queue_id] = "released from qrunner's hold, then sent"
     print(format_table(ordered, notes))

@@ -22,6 +22,8 @@ from qrunner.state import RunLock, RunSummary, State
 
 log = logging.getLogger("qrunner")
 
+OVERRIDDEN = "policy overridden by the admin"  # the reason of a flush --ignore-policy decision
+
 
 def quote(text: str) -> str:
     """A value for a ``key="..."`` log field, on one line."""
@@ -63,6 +65,7 @@ class RunResult:
     plan: Plan
     summary: RunSummary
     senders: Sequence[Sender] = ()
+    hands_over: bool = False
     run_id: Optional[int] = None
     not_candidates: List[str] = field(default_factory=list)
 
@@ -85,6 +88,8 @@ class Runner:
     def run(self, command: str = "run", dry_run: bool = False, only_ids: Optional[Sequence[str]] = None,
             ignore_policy: bool = False) -> RunResult:
         """A whole run (``run``, ``flush``) or a look at one (``--dry-run``, ``plan``)."""
+        check_routes(self.senders, self.backend.name, self.config.path or "the configuration")
+        self.backend.check_routes(self.senders)
         if dry_run:
             self.backend.check_running()
             state = State(self.config.state_dir, self.backend.instance, readonly=True)
@@ -93,7 +98,6 @@ class Runner:
                                              ignore_policy=ignore_policy)
             finally:
                 state.close()
-        check_routes(self.senders, self.backend.name, self.config.path or "the configuration")
         self.backend.check_can_act()
         with RunLock(self.config.state_dir):
             state = State(self.config.state_dir, self.backend.instance)
@@ -118,13 +122,15 @@ class Runner:
         routed = state.routed()
         candidates = [m for m in messages if self.backend.is_candidate(m, (m.queue_id, int(m.arrival)) in ours)
                       and not is_routed_copy(m, routed)]
+        candidates = self._finish_hand_overs(state, candidates, ours, dry_run)
         candidates = self._hand_back_expired(state, candidates, ours, dry_run, messages)
         not_candidates: List[str] = []
         if only_ids is not None:
             candidates, not_candidates = self._only(candidates, messages, only_ids)
         summary.listed = len(candidates)
         if ignore_policy:
-            decisions = [Decision(m, True, 50, None, "policy overridden by the admin") for m in candidates]
+            sender = next((s for s in self.senders if s.default), self.senders[0] if self.senders else None)
+            decisions = [Decision(m, True, 50, sender, OVERRIDDEN) for m in candidates]
             next_retry: Dict[str, Optional[float]] = {}
         else:
             with PolicyEngine(self.policy) as engine:
@@ -133,7 +139,29 @@ class Runner:
             next_retry = {d.queue_id: self.backend.next_retry(d.message, attempts.get(message_key(d)))
                           for d in decisions if d.send}
         plan = make_plan(decisions, ours, next_retry)
-        return RunResult(decisions, plan, summary, self.senders, not_candidates=not_candidates)
+        return RunResult(decisions, plan, summary, self.senders, self.backend.hands_over,
+                         not_candidates=not_candidates)
+
+    def _finish_hand_overs(self, state: State, candidates: List[Message], ours: Set[Tuple[str, int]],
+                           dry_run: bool) -> List[Message]:
+        """Originals whose copy a listener already accepted (a run stopped before the delete): delete them.
+
+        Handing them over again would send the message twice.
+        """
+        handed = state.handed_over()
+        done = [m for m in candidates if (m.queue_id, int(m.arrival)) in handed and (m.queue_id, int(m.arrival)) in ours]
+        if not done:
+            return candidates
+        deleted = {m.queue_id for m in done} if dry_run else self.backend.delete([m.queue_id for m in done])
+        for message in done:
+            key = (message.queue_id, int(message.arrival))
+            copy, sender = handed[key]
+            if message.queue_id in deleted:
+                if not dry_run:
+                    state.forget([key])
+                log.info("%s: action=delete reason=%s", message.queue_id,
+                         quote(f"already handed to sender {sender} as {copy} by an interrupted run"))
+        return [m for m in candidates if m.queue_id not in deleted]
 
     def _warn_old_holds(self, ours: Set[Tuple[str, int]]) -> None:
         """Nothing should sit on hold unnoticed until releasing it means a bounce."""
@@ -269,7 +297,6 @@ class Runner:
                             for d in decisions if d.queue_id not in fresh_ids)
         confirmed = self.backend.hold([d.queue_id for d in fresh]) if fresh else set()
         state.mark_held(message_key(d) for d in fresh if d.queue_id in confirmed)
-        copies = {}
         for decision in decisions:
             if decision.queue_id in fresh_ids and decision.queue_id not in confirmed:
                 outcomes[decision.queue_id] = "vanished"
@@ -282,17 +309,16 @@ class Runner:
                 state.update_reason([(decision.queue_id, int(decision.message.arrival), decision.sender.name,
                                       f"hand-over to sender {decision.sender.name} failed: {error}")])
                 continue
-            state.record_routed(new_id, decision.queue_id, decision.sender.name, started, time.time())
-            copies[decision.queue_id] = new_id
+            state.record_routed(new_id, message_key(decision), decision.sender.name, started, time.time())
             outcomes[decision.queue_id] = f"routed as {new_id}"
-        deleted = self.backend.delete(sorted(copies)) if copies else set()
-        state.forget(message_key(d) for d in decisions if d.queue_id in deleted)
-        for decision in decisions:
-            new_id = copies.get(decision.queue_id)
-            if new_id is not None:
-                log.info("%s: action=route sender=%s priority=%d new_queue_id=%s%s", decision.queue_id,
-                         decision.sender.name, decision.priority, new_id,
-                         "" if decision.queue_id in deleted else " (original not deleted: a duplicate may go)")
+            # One delete per original, right away: a crash can then leave at most this one
+            # original behind, and the next run deletes it instead of handing it over again.
+            deleted = decision.queue_id in self.backend.delete([decision.queue_id])
+            if deleted:
+                state.forget([message_key(decision)])
+            log.info("%s: action=route sender=%s priority=%d new_queue_id=%s%s", decision.queue_id,
+                     decision.sender.name, decision.priority, new_id,
+                     "" if deleted else " (original not deleted yet: the next run deletes it)")
         return outcomes
 
     def _send(self, state: State, run_id: int, plan: Plan, summary: RunSummary, direct: List[Decision],
@@ -314,7 +340,7 @@ class Runner:
             else:
                 summary.sent += 1
                 log.info("%s: action=send sender=%s priority=%d%s%s", decision.queue_id, senders_of(decision),
-                         decision.priority, " policy=overridden" if decision.sender is None else "",
+                         decision.priority, " policy=overridden" if decision.reason == OVERRIDDEN else "",
                          "" if outcome == "scheduled" else f" result={outcome}")
             rows.append((seq, decision.queue_id, int(decision.message.arrival), decision.priority,
                          senders_of(decision), outcome))

@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS routed (
     instance  TEXT NOT NULL,
     queue_id  TEXT NOT NULL,
     original  TEXT NOT NULL,
+    original_arrival INTEGER NOT NULL,
     sender    TEXT NOT NULL,
     started   REAL NOT NULL,
     accepted  REAL NOT NULL,
@@ -126,7 +127,9 @@ class RunSummary:
 
 def _ensure_dir(state_dir: str) -> None:
     try:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        # 0711: others may pass (Exim's delivery user reads exim-routes here) but not list;
+        # the database and the lock are 0600.
+        os.makedirs(state_dir, mode=0o711, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{state_dir}: cannot create the state directory ({exc.strerror}); "
                           "set 'state_dir' to a directory qrunner may write.")
@@ -282,8 +285,12 @@ class State:
         self.forget(gone)
         with self.db:
             present = {qid for qid, _ in queue}
-            self.db.executemany("DELETE FROM routed WHERE instance = ? AND queue_id = ?",
-                                [(self.instance, qid) for qid in self.routed() if qid not in present])
+            # A copy's record lives while the copy or its original is queued: the original
+            # of a hand-over a crash interrupted must be deleted, not handed over again.
+            self.db.executemany(
+                "DELETE FROM routed WHERE instance = ? AND queue_id = ? AND original = ?",
+                [(self.instance, qid, original) for qid, original, arrival in self._routed_rows()
+                 if qid not in present and (original, arrival) not in queue])
             stale = [k for k in self.attempts() if k not in queue]
             self.db.executemany("DELETE FROM attempts WHERE instance = ? AND queue_id = ? AND arrival = ?",
                                 [(self.instance, qid, arrival) for qid, arrival in stale])
@@ -291,20 +298,37 @@ class State:
 
     # -- copies handed to a sender (Postfix re-injection) ----------------------
 
-    def record_routed(self, queue_id: str, original: str, sender: str, started: float, accepted: float) -> None:
+    def record_routed(self, queue_id: str, original: Tuple[str, int], sender: str, started: float,
+                      accepted: float) -> None:
         """A copy the sender's listener accepted: never to be decided or handed over again."""
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO routed VALUES (?, ?, ?, ?, ?, ?)",
-                            (self.instance, queue_id, original, sender, started, accepted))
+            self.db.execute("INSERT OR REPLACE INTO routed VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (self.instance, queue_id, original[0], original[1], sender, started, accepted))
+
+    def _routed_rows(self) -> List[Tuple[str, str, int]]:
+        try:
+            return self.db.execute("SELECT queue_id, original, original_arrival FROM routed WHERE instance = ?",
+                                   (self.instance,)).fetchall()
+        except sqlite3.OperationalError:  # a database from before this table, opened read-only
+            return []
 
     def routed(self) -> Dict[str, Tuple[float, float]]:
         """queue id of each routed copy -> the window in which it arrived (started, accepted)."""
         try:
             rows = self.db.execute("SELECT queue_id, started, accepted FROM routed WHERE instance = ?",
                                    (self.instance,)).fetchall()
-        except sqlite3.OperationalError:  # a database from before this table, opened read-only
+        except sqlite3.OperationalError:
             return {}
         return {r[0]: (r[1], r[2]) for r in rows}
+
+    def handed_over(self) -> Dict[Tuple[str, int], Tuple[str, str]]:
+        """(original id, arrival) of each hand-over -> (the copy's queue id, sender)."""
+        try:
+            rows = self.db.execute("SELECT original, original_arrival, queue_id, sender FROM routed "
+                                   "WHERE instance = ?", (self.instance,)).fetchall()
+        except sqlite3.OperationalError:
+            return {}
+        return {(r[0], r[1]): (r[2], r[3]) for r in rows}
 
     # -- dispatch attempts (qrunner's own retry pacing) ----------------------
 

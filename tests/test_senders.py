@@ -179,13 +179,19 @@ def relays(postfix_available):
 
 @pytest.fixture(scope="module")
 def listener_ports(_module_postfix, relays):
-    """One re-injection listener per relay (ports[i] routes to relays[i]), and one whose relay is down."""
+    """One re-injection listener per relay (ports[i] routes to relays[i]), one whose relay is down,
+    and one (index 4) that refuses the recipient refused@example.net."""
     ports = [free_loopback_port() for _ in relays]
     for i, (port, relay) in enumerate(zip(ports, relays)):
         _module_postfix.add_reinjection_listener(port, f"qr-sender-{i}", f"[127.0.0.1]:{relay.port}")
     dead = free_loopback_port()
     _module_postfix.add_reinjection_listener(dead, "qr-sender-dead", f"[127.0.0.1]:{free_loopback_port()}")
-    for port in ports + [dead]:
+    refusing = free_loopback_port()
+    _module_postfix.add_reinjection_listener(
+        refusing, "qr-sender-0", f"[127.0.0.1]:{relays[0].port}",
+        {"smtpd_recipient_restrictions": "check_recipient_access,inline:{refused@example.net=REJECT},"
+                                         "permit_mynetworks,reject"})
+    for port in ports + [dead, refusing]:
         deadline = time.monotonic() + 15
         while True:
             try:
@@ -195,7 +201,7 @@ def listener_ports(_module_postfix, relays):
             except (OSError, smtplib.SMTPException):
                 assert time.monotonic() < deadline, f"listener {port} never greeted"
                 time.sleep(0.1)
-    return ports + [dead]
+    return ports + [dead, refusing]
 
 
 @pytest.fixture
@@ -210,7 +216,8 @@ def postfix_senders(names, ports, routes=None) -> str:
     for i, name in enumerate(names):
         index = routes[i] if routes else i
         text += (f'[[sender]]\nid = {i}\nname = "{name}"\n[sender.postfix]\nlistener = "127.0.0.1:{ports[index]}"\n'
-                 f'transport = "qr-sender-{index if index < 3 else "dead"}"\nnexthop = "[127.0.0.1]:1"\n')
+                 f'transport = "qr-sender-{index if index < 3 else "dead" if index == 3 else 0}"\n'
+                 f'nexthop = "[127.0.0.1]:1"\n')
     return text
 
 
@@ -325,5 +332,69 @@ def test_postfix_killed_between_acceptance_and_delete_leaves_a_duplicate_never_a
     assert queue_id in qr("status").stdout
     again = qr("run")
     assert again.code == 0, again.stderr
-    assert len(relays[0].wait_for(2)) == 2  # at worst a duplicate
+    assert f"{queue_id}: action=delete" in again.stderr  # the copy was recorded: delete, don't send twice
     assert queue_id not in queue_state(pf)
+    time.sleep(1)
+    assert len(relays[0].messages) == 1  # no duplicate at all here; at worst there would be one
+
+
+def test_postfix_a_recipient_the_listener_refuses_leaves_the_original_held_and_unchanged(
+        tmp_path, pf, relays, listener_ports):
+    qr = postfix_qrunner(tmp_path, pf, SKIP_OTHERS, ["isp"], listener_ports, routes=[4])
+    queue_id = queue_message(pf, "one refused", to=("ok@example.net", "refused@example.net"))
+    before = queue_state(pf)[queue_id][1]
+
+    result = qr("run")
+
+    assert result.code == 1
+    assert queue_state(pf)[queue_id] == ("hold", before)
+    status = qr("status").stdout
+    assert "hand-over to sender isp failed" in status and "refused@example.net" in status
+    time.sleep(1)
+    assert relays[0].messages == []  # nothing half-sent
+
+
+def test_postfix_flush_ignoring_the_policy_uses_the_first_senders_route_when_none_is_default(
+        tmp_path, pf, smtp_sink, relays, listener_ports):
+    qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) a.SkipSend = 1 return a end\n",
+                         ["isp", "backup"], listener_ports)
+    queue_id = queue_message(pf, "flush me")
+    assert qr("run").code == 0
+
+    forced = qr("flush", queue_id, "--ignore-policy")
+
+    assert forced.code == 0, forced.stderr
+    assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"flush me"]
+    assert smtp_sink.messages == [] and f"{queue_id}: action=route sender=isp" in forced.stderr
+
+
+def test_postfix_a_sender_transport_in_defer_transports_is_a_config_error(tmp_path, pf, listener_ports):
+    pf.set(defer_transports="smtp, qr-sender-0")
+    qr = postfix_qrunner(tmp_path, pf, SKIP_OTHERS, ["isp"], listener_ports)
+    queue_message(pf, "x")
+    for command in (["run"], ["plan"]):
+        result = qr(*command)
+        assert result.code == 78, result.stderr
+        assert "qr-sender-0 is in Postfix's defer_transports" in result.stderr
+
+
+def test_live_plan_with_an_unrouted_sender_is_a_config_error(tmp_path, pf, listener_ports):
+    qr = Qrunner(tmp_path, pf, SKIP_OTHERS)
+    qr.config_path.write_text(qr.config_path.read_text() + '[[sender]]\nid = 0\nname = "a"\n[[sender]]\nid = 1\nname = "b"\n')
+    result = qr("plan")
+    assert result.code == 78 and "sender 0:a has no [sender.postfix] route" in result.stderr
+
+
+def test_exim_routes_file_out_of_reach_of_exims_delivery_user_is_refused(tmp_path, exim, exim_sink, sinks):
+    mta = EximHarness(exim, exim_sink)
+    exim_routes(exim, str(tmp_path / "state"), sinks)
+    qr = Qrunner(tmp_path, mta, THREE_SENDERS)  # state_dir under pytest's 0700 tmp directory
+    qr.config_path.write_text(qr.config_path.read_text() + exim_senders(["first", "middle", "last"]))
+    queue_id = mta.queue_message("for the middle")
+
+    result = qr("run")
+
+    assert result.code == 78, result.stderr
+    assert "not searchable by other users" in result.stderr
+    assert all(s.messages == [] for s in sinks) and exim_sink.messages == []
+    assert mta.where(queue_id) == "waiting"

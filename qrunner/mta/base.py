@@ -43,6 +43,9 @@ class Backend:
     def check_running(self) -> None:
         """Raise UnavailableError when the MTA cannot be asked about its queue."""
 
+    def check_routes(self, senders) -> None:
+        """Raise ConfigError when a sender's route cannot work with this MTA's configuration."""
+
     def check_can_act(self) -> None:
         """Raise when qrunner may not change the queue now (rights, MTA stopped)."""
 

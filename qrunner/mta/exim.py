@@ -27,7 +27,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from qrunner.config import EximSettings
-from qrunner.exceptions import NoPermissionError, UnavailableError
+from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message
 from qrunner.mta.base import Backend
 from qrunner.mta import exim_spool
@@ -241,14 +241,47 @@ class EximBackend(Backend):
         if not self.routes_file:
             return
         directory = os.path.dirname(self.routes_file)
-        os.makedirs(directory, mode=0o711, exist_ok=True)
-        os.chmod(directory, os.stat(directory).st_mode | 0o011)  # Exim's delivery user must reach the file
-        temporary = f"{self.routes_file}.{os.getpid()}.tmp"
-        with open(temporary, "w") as out:
-            for message_id, transport in sorted(routes.items()):
-                out.write(f"{message_id}: {transport}\n")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, self.routes_file)
+        try:
+            os.makedirs(directory, mode=0o711, exist_ok=True)
+            os.chmod(directory, os.stat(directory).st_mode | 0o011)  # Exim's delivery user must reach the file
+            temporary = f"{self.routes_file}.{os.getpid()}.tmp"
+            with open(temporary, "w") as out:
+                for message_id, transport in sorted(routes.items()):
+                    out.write(f"{message_id}: {transport}\n")
+            os.chmod(temporary, 0o644)
+            os.replace(temporary, self.routes_file)
+        except OSError as exc:
+            raise ConfigError(f"{self.routes_file}: cannot write Exim's routes file ({exc.strerror}); "
+                              "check 'state_dir'.")
+        if routes:
+            self._check_reachable(directory)
+
+    def check_routes(self, senders) -> None:
+        """With routed senders, Exim's delivery user must be able to read the routes file: checked before acting."""
+        if self.routes_file and any(not s.default and s.exim for s in senders):
+            directory = os.path.dirname(self.routes_file)
+            if os.path.isdir(directory):
+                os.chmod(directory, os.stat(directory).st_mode | 0o011)  # qrunner's own state_dir
+            while not os.path.isdir(directory):  # state_dir itself is created 0711 on first use
+                directory = os.path.dirname(directory)
+            self._check_reachable(directory)
+
+    def _check_reachable(self, directory: str) -> None:
+        """Every directory above the routes file must let Exim's delivery user through.
+
+        Otherwise the router's lookup fails and Exim routes the message the
+        default way: refuse before any message goes.
+        """
+        path = os.path.realpath(directory)
+        while True:
+            if not os.stat(path).st_mode & 0o001:
+                raise ConfigError(f"{path} is not searchable by other users, so Exim's delivery user cannot read "
+                                  f"{self.routes_file} and would route every message the default way; "
+                                  "put state_dir where others may pass (like /var/lib/qrunner).")
+            parent = os.path.dirname(path)
+            if parent == path:
+                return
+            path = parent
 
     def dispatch(self, messages: Sequence[Message], routes=None) -> Dict[str, str]:
         """``exim -qG<queue> -M ID...`` in dispatch order, at most ``dispatch_concurrency`` at once.

@@ -21,7 +21,7 @@ import time
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from qrunner.config import PostfixSettings
-from qrunner.exceptions import NoPermissionError, UnavailableError
+from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message
 from qrunner.mta.base import Backend, HandOverError
 from qrunner.mta.postfix_queuefile import (PostfixQueueFileHeaders, arrival_microseconds, is_queue_id,
@@ -99,6 +99,15 @@ class PostfixBackend(Backend):
             raise NoPermissionError("qrunner must run as root to hold, release and schedule Postfix mail "
                                     "(postsuper is reserved for the superuser); run it from root's timer or with sudo.")
         self.check_running()
+
+    def check_routes(self, senders) -> None:
+        """A sender's transport must not be gated: its copies would wait for a schedule that never comes."""
+        gated = set(self.defer_transports.replace(",", " ").split())
+        for sender in senders:
+            if not sender.default and sender.postfix and sender.postfix.transport in gated:
+                raise ConfigError(f"sender {sender.id}:{sender.name}: its transport {sender.postfix.transport} is in "
+                                  "Postfix's defer_transports, so re-injected copies would never leave; gate only "
+                                  "the relay transport (contrib/postfix/main.cf.qrunner).")
 
     def check_running(self) -> None:
         if os.geteuid() != 0:
