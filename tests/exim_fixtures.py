@@ -20,35 +20,23 @@
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import pytest
 
 try:  # tests/ is on sys.path (conftest.py's pytest_plugins)
     from exim_instance import EximInstance, exim_missing_reason, make_instance
+    from mta_available import skip_or_fail
     from smtp_sink import SmtpSink
 except ImportError:  # pragma: no cover - loaded as tests.exim_fixtures
     from tests.exim_instance import EximInstance, exim_missing_reason, make_instance
+    from tests.mta_available import skip_or_fail
     from tests.smtp_sink import SmtpSink
-
-REQUIRE_MTA_ENV = "QRUNNER_REQUIRE_MTA"
-
-
-def mta_required() -> bool:
-    """True when the environment says MTA tests must run, not skip."""
-    return os.environ.get(REQUIRE_MTA_ENV, "").strip() == "1"
-
 
 @pytest.fixture(scope="session")
 def exim_available() -> None:
     """Skip (or, under QRUNNER_REQUIRE_MTA=1, fail) when Exim cannot run here."""
-    reason = exim_missing_reason()
-    if reason is None:
-        return
-    if mta_required():
-        pytest.fail("%s=1 but %s" % (REQUIRE_MTA_ENV, reason), pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail(exim_missing_reason())
 
 
 @pytest.fixture(scope="module")

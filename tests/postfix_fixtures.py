@@ -25,28 +25,17 @@ import pytest
 
 try:  # tests/ is on sys.path (conftest.py's pytest_plugins = ["postfix_fixtures"])
     from postfix_instance import PostfixInstance, make_instance, postfix_missing_reason
+    from mta_available import skip_or_fail
     from smtp_sink import SmtpSink
 except ImportError:  # pragma: no cover - loaded as tests.postfix_fixtures
     from tests.postfix_instance import PostfixInstance, make_instance, postfix_missing_reason
+    from tests.mta_available import skip_or_fail
     from tests.smtp_sink import SmtpSink
-
-REQUIRE_MTA_ENV = "QRUNNER_REQUIRE_MTA"
-
-
-def mta_required() -> bool:
-    """True when the environment says MTA tests must run, not skip."""
-    return os.environ.get(REQUIRE_MTA_ENV, "").strip() == "1"
-
 
 @pytest.fixture(scope="session")
 def postfix_available() -> None:
     """Skip (or, under QRUNNER_REQUIRE_MTA=1, fail) when Postfix cannot run here."""
-    reason = postfix_missing_reason()
-    if reason is None:
-        return
-    if mta_required():
-        pytest.fail("%s=1 but %s" % (REQUIRE_MTA_ENV, reason), pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail(postfix_missing_reason())
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 
+import smtplib
 import socket
 import threading
 import time
@@ -221,3 +222,17 @@ class SmtpSink:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_for_greeting(port: int, host: str = "127.0.0.1", timeout: float = 15.0) -> None:
+    """Wait until an SMTP server on ``port`` greets (a Postfix listener after a reload, say)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with smtplib.SMTP(host, port, timeout=5) as client:
+                client.noop()
+                return
+        except (OSError, smtplib.SMTPException):
+            if time.monotonic() > deadline:
+                raise AssertionError("no SMTP greeting on %s:%d within %.0f s" % (host, port, timeout))
+            time.sleep(0.1)

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Sequence
 import pytest
 
 from postfix_instance import PostfixInstance, free_loopback_port, reinjection_listener_options
-from smtp_sink import SinkMessage, SmtpSink
+from smtp_sink import SinkMessage, SmtpSink, wait_for_greeting
 from qrunner.mta.postfix_queuefile import is_queue_id, iter_records
 from qrunner.mta.postfix_reinject import (NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS,
                                           PostfixEnvelope, PostfixRecipient, QueueFileError, ReinjectError,
@@ -95,18 +95,9 @@ def listeners(_module_listeners: Listeners, postfix: PostfixInstance, relay_b: S
     return _module_listeners
 
 
-def _wait_listening(port: int, timeout: float = 15.0) -> None:
+def _wait_listening(port: int) -> None:
     """Wait until the listener greets (master opens it on reload; smtpd must start)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
-                client.noop()
-                return
-        except (OSError, smtplib.SMTPException):
-            if time.monotonic() > deadline:
-                raise AssertionError("listener 127.0.0.1:%d never greeted" % port)
-            time.sleep(0.1)
+    wait_for_greeting(port)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 
 from mta_harness import EximHarness
 from qrunner_e2e import Qrunner, make_message
-from smtp_sink import SmtpSink
+from smtp_sink import SmtpSink, wait_for_greeting
 
 SEED_EXAMPLE_2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "seed_example2.lua")
 
@@ -150,7 +150,6 @@ def test_a_sender_without_a_route_for_the_mta_is_a_config_error(tmp_path, exim, 
 # -- Postfix: re-injection into each sender's loopback listener ----------------------------
 
 import signal  # noqa: E402
-import smtplib  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -192,15 +191,7 @@ def listener_ports(_module_postfix, relays):
         {"smtpd_recipient_restrictions": "check_recipient_access,inline:{refused@example.net=REJECT},"
                                          "permit_mynetworks,reject"})
     for port in ports + [dead, refusing]:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with smtplib.SMTP("127.0.0.1", port, timeout=5) as client:
-                    client.noop()
-                    break
-            except (OSError, smtplib.SMTPException):
-                assert time.monotonic() < deadline, f"listener {port} never greeted"
-                time.sleep(0.1)
+        wait_for_greeting(port)
     return ports + [dead, refusing]
 
 
