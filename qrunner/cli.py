@@ -42,6 +42,9 @@ exit codes:
 """
 
 
+RAW = argparse.RawDescriptionHelpFormatter  # keep the exit code list and descriptions as written
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that ends bad usage with exit 64 (EX_USAGE), not 2."""
 
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="qrunner",
         description="Run a VPOP3-style Lua policy (relayout.lua, CheckFile) over an MTA's outgoing queue.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_CODES, formatter_class=RAW,
     )
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $QRUNNER_CONFIG, else /etc/qrunner/qrunner.toml)")
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="show what the policy would do, change nothing",
         description="Show, for every message, whether the policy sends it (and in which order) or skips it. "
                     "Changes nothing.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES, formatter_class=RAW)
     _add_policy_options(plan, "a queue snapshot (postqueue -j lines, '-' for stdin) instead of the live queue")
     plan.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
     plan.set_defaults(func=cmd_plan)
@@ -103,17 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="check that the policy script loads (and runs over a snapshot)",
         description="Load the policy script for every sender and report load errors with line numbers; "
                     "with --queue-file, also run it over every message and list the policy errors.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES, formatter_class=RAW)
     _add_policy_options(check, "a queue snapshot to run the script over (postqueue -j lines, '-' for stdin)")
     check.set_defaults(func=cmd_check)
 
     run = commands.add_parser(
         "run", help="decide every message and act: hold what the policy skips, deliver the rest",
         description="One run over the live queue: reconcile qrunner's records with the queue, run the policy over "
-                    "the deferred messages and qrunner's own holds, put skipped messages on hold, release and "
-                    "schedule allowed ones in dispatch order (only those due for a retry). This is what the "
-                    "timer runs.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "the waiting messages (Postfix: deferred; Exim: qrunner's named queue) and qrunner's own holds, "
+                    "hold (Exim: freeze) what it skips, release and send the rest in dispatch order (only those due "
+                    "for a retry), each by the sender that took it. This is what the timer runs.",
+        epilog=EXIT_CODES, formatter_class=RAW)
     _add_run_options(run)
     run.add_argument("--dry-run", action="store_true", help="show what the run would do; change nothing")
     run.set_defaults(func=cmd_run)
@@ -124,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "'run', retry times included. With --ignore-policy: the named messages are released (if qrunner "
                     "held them) and scheduled now, whatever the policy or their retry time says; the log says the "
                     "policy was overridden.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES, formatter_class=RAW)
     _add_run_options(flush)
     _add_id_arguments(flush, "the messages to flush")
     flush.add_argument("--ignore-policy", action="store_true",
@@ -133,13 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     release = commands.add_parser(
         "release", help="release qrunner's holds back to the MTA without sending them",
-        description="Release qrunner's own holds (the named ones, or all with --all) back to Postfix's normal "
-                    "handling, without scheduling them: the way out when uninstalling. Messages an admin held are "
-                    "never touched. Warning (as postsuper(1) says): mail released after a long hold is subject to "
-                    "maximal_queue_lifetime at once, and may bounce on Postfix's next attempt if it is older than "
-                    "that. In gate mode released mail stays deferred until qrunner schedules it or the gate "
-                    "(defer_transports) is removed.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description="Release qrunner's own holds (the named ones, or all with --all) back to the MTA's normal "
+                    "handling, without sending them: the way out when uninstalling. Messages an admin held (or "
+                    "froze) are never touched. Warning (as postsuper(1) says): mail released after a long hold is "
+                    "subject to maximal_queue_lifetime at once, and may bounce on Postfix's next attempt if it is "
+                    "older than that. In gate mode released mail waits until qrunner sends it or the gate is "
+                    "removed (Postfix: defer_transports; Exim: use --to-default-queue, and see timeout_frozen_after).",
+        epilog=EXIT_CODES, formatter_class=RAW)
     _add_id_arguments(release, "the holds to release")
     release.add_argument("--to-default-queue", action="store_true",
                          help="Exim: also move them to Exim's default queue, where its own queue runners deliver "
@@ -150,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="qrunner's holds and the last run",
         description="List qrunner's holds (queue id, since when, senders, reason) and the last run's summary.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES, formatter_class=RAW)
     status.set_defaults(func=cmd_status)
     for command in (plan, check, run, flush, release, status):
         _add_log_options(command)
