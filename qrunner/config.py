@@ -191,6 +191,9 @@ def _parse_postfix_route(path: str, where: str, raw: Any) -> PostfixRoute:
         raise _fail(path, f"{where}.postfix.listener", f"must be host:port, like 127.0.0.1:10026, not {raw['listener']!r}")
     if not _ROUTE_WORD.match(raw["transport"]):
         raise _fail(path, f"{where}.postfix.transport", f"must be a master.cf service name, not {raw['transport']!r}")
+    if any(c.isspace() or c in ",;" for c in raw["nexthop"]):
+        raise _fail(path, f"{where}.postfix.nexthop", f"must be one next hop like [smtp.isp.example]:587, "
+                                                      f"not {raw['nexthop']!r}")
     return PostfixRoute(raw["listener"], raw["transport"], raw["nexthop"])
 
 

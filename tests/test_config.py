@@ -305,6 +305,7 @@ def test_sender_routes_are_read(tmp_path):
     (('listener = "127.0.0.1:10026"\n', ''), "sender #1.postfix.listener' is missing"),
     (('listener = "127.0.0.1:10026"', 'listener = "localhost"'), "must be host:port"),
     (('transport = "relay-isp"', 'transport = "a b"'), "master.cf service name"),
+    (('nexthop = "[smtp.isp.example]:587"', 'nexthop = "a, b"'), "one next hop"),
     (('transport = "isp_smtp"', 'transport = 5'), "sender #1.exim"),
     (('name = "isp"\n', 'name = "isp"\ndefault = true\n'), "at most one sender"),
     (('default = true', 'default = "yes"'), "sender #2.default"),
