@@ -22,8 +22,8 @@ from qrunner.log import setup_logging
 from qrunner.mta import backend_for
 from qrunner.mta.snapshot import SnapshotBackend
 from qrunner.plan import report_order
-from qrunner.policy import Decision, PolicyEngine, PolicySettings
-from qrunner.runner import RunResult, Runner, senders_of
+from qrunner.policy import Decision, PolicySettings
+from qrunner.runner import RunResult, Runner, decide_offline, senders_of
 from qrunner.state import State
 
 EXIT_CODES = """\
@@ -236,9 +236,8 @@ def _exit_code(decisions: Sequence[Decision]) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.queue_file:
         config = _config(args)
-        messages = SnapshotBackend(args.queue_file).list_messages()
-        with PolicyEngine(_policy_settings(config, args.now)) as engine:
-            decisions = engine.decide(messages, _senders(args, config))
+        decisions = decide_offline(_policy_settings(config, args.now), _senders(args, config),
+                                   SnapshotBackend(args.queue_file))
         print_decisions(report_order(decisions), args.format)
         return _exit_code(decisions)
     result = _runner(args).run(command="plan", dry_run=True)
@@ -314,16 +313,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     senders = _senders(args, config)
-    settings = _policy_settings(config, args.now)
-    with PolicyEngine(settings) as engine:
-        for sender in senders:
-            engine.load(sender)
-        if not args.queue_file:
-            names = ", ".join(f"{s.id}:{s.name}" for s in senders)
-            print(f"{config.script}: loads without errors (Lua {config.lua}; senders {names})")
-            return EX_OK
-        messages = SnapshotBackend(args.queue_file).list_messages()
-        decisions = engine.decide(messages, senders)
+    backend = SnapshotBackend(args.queue_file) if args.queue_file else None
+    decisions = decide_offline(_policy_settings(config, args.now), senders, backend)
+    if backend is None:
+        names = ", ".join(f"{s.id}:{s.name}" for s in senders)
+        print(f"{config.script}: loads without errors (Lua {config.lua}; senders {names})")
+        return EX_OK
     failed = [d for d in decisions if d.errors]
     for decision in failed:
         for error in decision.errors:

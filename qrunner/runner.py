@@ -57,6 +57,22 @@ def senders_of(decision: Decision) -> str:
     return ",".join(v.sender.name for v in decision.verdicts) or "-"
 
 
+def decide_offline(policy: PolicySettings, senders: Sequence[Sender], backend=None) -> List[Decision]:
+    """``plan --queue-file`` and ``check``: the list and decide stages only; nothing acts, no lock.
+
+    Every sender's script is loaded first, so a script that fails to load
+    for any sender stops here (exit 78) whether or not messages reach it.
+    Without a back end (``check`` with no snapshot) nothing is decided.
+    """
+    messages = backend.list_messages() if backend is not None else None
+    with PolicyEngine(policy) as engine:
+        if messages is not None:
+            return engine.decide(messages, senders)  # each sender's pass loads its script first
+        for sender in senders:
+            engine.load(sender)
+        return []
+
+
 @dataclass
 class RunResult:
     """What a run decided and did; the CLI prints it and picks the exit code."""
