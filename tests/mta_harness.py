@@ -9,6 +9,7 @@ what qrunner's configuration for this MTA is.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from typing import Dict, Optional, Sequence, Tuple
@@ -74,6 +75,10 @@ class PostfixHarness(Harness):
     def arrival(self, queue_id: str) -> int:
         return [m["arrival_time"] for m in self.instance.queue() if m["queue_id"] == queue_id][0]
 
+    def filename(self, queue_id: str) -> str:
+        """Where a deferred message's queue file is (hash_queue_depth 1: the id's first character)."""
+        return os.path.join(self.instance.queue_directory, "deferred", queue_id[0], queue_id)
+
 
 class EximHarness(Harness):
     name = "exim"
@@ -113,3 +118,7 @@ class EximHarness(Harness):
         from qrunner.mta import exim_spool
 
         return int(exim_spool.read_header_file(self.instance.header_path(queue_id), read_headers=False).arrival)
+
+    def filename(self, queue_id: str) -> str:
+        """The -D file, as Filename is for Exim."""
+        return self.instance.data_path(queue_id)

@@ -47,6 +47,8 @@ def test_a_deferred_dispatch_waits_for_qrunners_backoff(tmp_path, exim, exim_sin
     second = qr("run")
     assert f"{queue_id}: action=wait" in second.stderr
     assert "action=send" not in second.stderr
+    polite = qr("flush", queue_id)  # without --ignore-policy, the backoff holds for flush too
+    assert f"{queue_id}: action=wait" in polite.stderr and "action=send" not in polite.stderr
     plan = qr("plan")
     assert "waits for its retry time" in plan.stdout
 
@@ -175,3 +177,17 @@ def test_not_root_exits_77_before_touching_anything(tmp_path, exim, exim_sink, m
     mocker.patch("os.geteuid", return_value=65534)
     assert main(["--config", str(qr.config_path), "run"]) == 77
     assert "must run as root" in capsys.readouterr().err
+
+
+def test_release_of_named_holds_to_the_default_queue(tmp_path, exim, exim_sink):
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    first, second = mta.queue_message("one"), mta.queue_message("two")
+    assert qr("run").code == 0
+
+    result = qr("release", first, "--to-default-queue")
+
+    assert result.code == 0, result.stderr
+    assert exim.queue_ids() == [second] and mta.where(second) == HELD
+    moved = {m["id"]: m for m in exim.queue("")}
+    assert first in moved and not moved[first]["frozen"]

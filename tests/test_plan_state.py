@@ -192,3 +192,10 @@ def test_schedule_speaks_the_flush_protocol(backend, tmp_path):
     server.close()
     assert seen == [b"request\0send_file\0queue_id\0ABC123\0\0"]
     run.assert_not_called()
+
+
+def test_a_message_gone_since_the_listing_is_vanished_not_an_error(backend, tmp_path):
+    instance, run = backend  # an empty queue directory: the deferred file is not there
+    message = Message("ABC123", 0, 1, "a@b", ("c@d",), queue_name="deferred")
+    assert instance.dispatch([message]) == {"ABC123": "vanished"}
+    run.assert_not_called()  # nothing was asked of Postfix for it

@@ -8,8 +8,11 @@ its log and its exit code.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -54,10 +57,12 @@ def test_mail_to_a_dead_relay_waits_for_its_retry_time(tmp_path, postfix, smtp_s
 
     plan = qr("plan")
     run = qr("run")
+    polite = qr("flush", queue_id)
 
     assert "waits for its retry time" in plan.stdout
     assert f"{queue_id}: action=wait" in run.stderr
     assert "action=send" not in run.stderr
+    assert f"{queue_id}: action=wait" in polite.stderr and "action=send" not in polite.stderr
     forced = qr("flush", queue_id, "--ignore-policy")
     assert forced.code == 0
     assert subjects(smtp_sink, 1) == ["to a dead relay"]
@@ -184,3 +189,23 @@ def test_holds_older_than_the_queue_lifetime_are_flagged(tmp_path, postfix):
     assert f"{queue_id}: held by qrunner for longer than the MTA's queue lifetime" in result.stderr
     assert "bounces when released" in qr("status").stdout
     assert queue_state(postfix)[queue_id][0] == "hold"  # a warning, never an action
+
+
+def test_real_postqueue_j_output_plans_offline(tmp_path, postfix):
+    """postqueue -j | qrunner plan --queue-file -: the snapshot path reads what Postfix really prints."""
+    qr = Qrunner(tmp_path, postfix, 'function CheckFile(f, a, size, c, rp) a.Priority = 70 '
+                                    'if rp == "" then a.SkipSend = 1 a.Reason = "bounce" end return a end\n')
+    normal = queue_message(postfix, "normal")
+    bounce = queue_message(postfix, "bounce", sender="")
+    listing = subprocess.run(["postqueue", "-c", postfix.config_directory, "-j"], capture_output=True, check=True)
+    env = dict(os.environ, QRUNNER_CONFIG=str(qr.config_path),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    plan = subprocess.run([sys.executable, "-m", "qrunner", "plan", "--queue-file", "-", "--format", "json"],
+                          input=listing.stdout, capture_output=True, env=env)
+
+    assert plan.returncode == 0, plan.stderr
+    decisions = {d["queue_id"]: d for d in json.loads(plan.stdout)["decisions"]}
+    assert decisions[normal]["action"] == "send" and decisions[normal]["priority"] == 70
+    # offline, the null sender is what postqueue -j prints (MAILER-DAEMON), not "": only a live run reads the file
+    assert decisions[bounce]["action"] == "send"

@@ -9,6 +9,7 @@ test_exim_run.py.
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
@@ -60,9 +61,12 @@ def test_allowed_mail_is_delivered_and_skipped_mail_held_with_reason(tmp_path, m
     assert mta.where(hold_id) == HELD
     assert f'{hold_id}: action=hold sender=default priority=50 reason="subject says hold"' in result.stderr
     assert f"{send_id}: action=send sender=default priority=50" in result.stderr
+    assert all(line.startswith(f"qrunner[{line[8:].split(']')[0]}]: ") for line in result.stderr.splitlines())
     status = qr("status")
-    assert hold_id in status.stdout and "subject says hold" in status.stdout
-    assert "sent=1 held=1" in status.stdout
+    [row] = [line for line in status.stdout.splitlines() if line.startswith(hold_id)]
+    assert re.match(rf"{hold_id}\s+{time.strftime('%Y-%m-%d')} \d\d:\d\d:\d\d\s+default\s+subject says hold$", row)
+    assert re.search(rf"last run: {time.strftime('%Y-%m-%d')} \d\d:\d\d:\d\d \(run, ok\): listed=2 sent=1 held=1",
+                     status.stdout)
 
 
 def test_later_run_with_moved_clock_releases_and_delivers(tmp_path, mta):
@@ -73,6 +77,8 @@ def test_later_run_with_moved_clock_releases_and_delivers(tmp_path, mta):
     assert day.code == 0, day.stderr
     assert mta.where(queue_id) == HELD
     assert mta.sink.messages == []
+    still_day = qr("run", "-v", "--now", "2026-11-25T11:00:00")  # -v: also what stays as it is
+    assert f"{queue_id}: action=keep" in still_day.stderr and mta.where(queue_id) == HELD
 
     night = qr("run", "--now", "2026-11-25T22:00:00")
     assert night.code == 0, night.stderr
@@ -247,8 +253,8 @@ def test_live_policy_sees_the_message_as_queued(tmp_path, mta):
     """Arguments from the live queue: size, sender, recipients, headers, the queue file as Filename."""
     script = """
 function CheckFile(f, a, size, created, from, rcpts, hd, hl)
-  print(string.format("seen %s|%d|%s|%s|%d|%s|%s", created, size, from, table.concat(rcpts, ","), #hl,
-        hd.subject, tostring(io == nil)))
+  print(string.format("seen %s|%d|%s|%s|%d|%s|%s|%s", created, size, from, table.concat(rcpts, ","), #hl,
+        hd.subject, tostring(io == nil), f))
   local file_ok = (f ~= "") and f:find("^/") ~= nil
   if not file_ok then error("Filename is not a path: " .. f) end
   return a
@@ -261,7 +267,8 @@ end
 
     assert result.code == 0, result.stderr
     line = [ln for ln in result.stderr.splitlines() if "seen " in ln][0]
-    created, size, sender, rcpts, nlines, subject, sandboxed = line.split("seen ", 1)[1].split("|")
+    created, size, sender, rcpts, nlines, subject, sandboxed, filename = line.split("seen ", 1)[1].split("|")
+    assert filename == mta.filename(queue_id)
     assert created == time.strftime("%Y%m%d%H%M%S", time.localtime(mta.arrival(queue_id)))
     assert int(size) > 100
     assert sender == "alice@qrunner-test.localdomain"

@@ -46,16 +46,21 @@ def world_readable_state_dir() -> str:
     return os.path.join(directory, "state")
 
 
+CONTRIB_GATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib", "exim",
+                            "exim-gate.conf")
+
+
+def contrib_routers(routes_file: str) -> str:
+    """contrib/exim's two routers exactly as shipped, but for the routes file's path."""
+    text = open(CONTRIB_GATE).read()
+    start = text.index("qrunner_route:")
+    end = text.index("# And one transport per sender")
+    return text[start:end].replace("/var/lib/qrunner/exim-routes", routes_file)
+
+
 def exim_routes(exim, state_dir: str, sinks) -> None:
-    """contrib/exim's router, first, and one smtp transport per sink."""
-    routes = os.path.join(state_dir, "exim-routes")
-    exim.extra_routers = f"""qrunner_route:
-  driver = accept
-  domains = ! +local_domains
-  condition = ${{if and{{{{eq{{$queue_name}}{{qrunner}}}} {{!eq{{${{lookup{{$message_exim_id}}lsearch{{{routes}}}{{$value}}{{}}}}}}{{}}}}}}}}
-  transport = ${{lookup{{$message_exim_id}}lsearch{{{routes}}}}}
-  no_more
-"""
+    """contrib/exim's routers, first, and one smtp transport per sink."""
+    exim.extra_routers = contrib_routers(os.path.join(state_dir, "exim-routes"))
     exim.extra_transports = "".join(f"""to_sink_{i}:
   driver = smtp
   hosts = 127.0.0.1
@@ -105,6 +110,10 @@ def test_exim_seed_example_2_sends_big_mail_through_sender_0_and_small_through_s
     assert f"{big}: action=send sender=big" in result.stderr and f"{small}: action=send sender=small" in result.stderr
     mta.wait_gone(big)
     mta.wait_gone(small)
+    routes = open(os.path.join(qr.state_dir, "exim-routes")).read()
+    assert sorted(routes.splitlines()) == sorted([f"{big}: to_sink_0", f"{small}: to_sink_1"])
+    status = qr("status").stdout
+    assert "senders: 0:big (exim: transport to_sink_0); 1:small (exim: transport to_sink_1)" in status
 
 
 def test_exim_three_senders_the_middle_takes_what_the_first_skips(tmp_path, exim, exim_sink, sinks):
@@ -389,3 +398,40 @@ def test_exim_routes_file_out_of_reach_of_exims_delivery_user_is_refused(tmp_pat
     assert "not searchable by other users" in result.stderr
     assert all(s.messages == [] for s in sinks) and exim_sink.messages == []
     assert mta.where(queue_id) == "waiting"
+
+
+def test_exim_unreadable_routes_file_defers_instead_of_the_default_route(tmp_path, exim, exim_sink, sinks):
+    """contrib's fail-closed router: with the file gone, qrunner's mail waits rather than leave the wrong way."""
+    mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
+    queue_id = mta.queue_message("for the last")
+    os.makedirs(qr.state_dir, exist_ok=True)
+    routes = os.path.join(qr.state_dir, "exim-routes")
+    if os.path.exists(routes):
+        os.remove(routes)
+
+    exim.deliver(queue_id)  # Exim on its own, the routes file missing
+
+    assert queue_id in exim.queue_ids()
+    assert exim_sink.messages == [] and all(s.messages == [] for s in sinks)
+    assert "routes file" in exim.log_text()
+
+
+def test_postfix_default_sender_goes_by_flush_beside_a_routed_sender(tmp_path, pf, smtp_sink, relays,
+                                                                      listener_ports):
+    script = "function CheckFile(f, a, size) if senderid == 0 and size < 50000 then a.SkipSend = 1 end return a end\n"
+    qr = Qrunner(tmp_path, pf, script)
+    qr.config_path.write_text(qr.config_path.read_text() + postfix_senders(["isp"], listener_ports) +
+                              '[[sender]]\nid = 1\nname = "backup"\ndefault = true\n')
+    big = queue_message(pf, "big", size=60000)
+    small = queue_message(pf, "small", size=100)
+
+    result = qr("run")
+    plan_senders = qr("plan").stdout.splitlines()[-1]
+
+    assert result.code == 0, result.stderr
+    assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"big"]
+    assert [m.header("Subject") for m in smtp_sink.wait_for(1)] == [b"small"]  # the MTA's own (gated) route
+    assert f"{big}: action=route sender=isp" in result.stderr
+    assert f"{small}: action=send sender=backup priority=50" in result.stderr
+    assert plan_senders.startswith("senders: 0:isp (postfix: via 127.0.0.1:") and \
+        "1:backup (default: the MTA's own routing)" in plan_senders
