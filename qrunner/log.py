@@ -14,6 +14,7 @@ import os
 import sys
 
 LOGGER = "qrunner"
+SYSLOG_ADDRESS = "/dev/log"
 
 
 def setup_logging(verbosity: int = 0, use_syslog: bool = False) -> logging.Logger:
@@ -28,9 +29,9 @@ def setup_logging(verbosity: int = 0, use_syslog: bool = False) -> logging.Logge
     stderr.setFormatter(logging.Formatter(f"qrunner[{os.getpid()}]: %(message)s"))
     logger.addHandler(stderr)
     # Under systemd stderr already is the journal (JOURNAL_STREAM): syslog too would log every line twice.
-    if use_syslog and not sys.stderr.isatty() and "JOURNAL_STREAM" not in os.environ and os.path.exists("/dev/log"):
+    if use_syslog and not sys.stderr.isatty() and "JOURNAL_STREAM" not in os.environ and os.path.exists(SYSLOG_ADDRESS):
         try:
-            syslog = logging.handlers.SysLogHandler("/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+            syslog = logging.handlers.SysLogHandler(SYSLOG_ADDRESS, facility=logging.handlers.SysLogHandler.LOG_MAIL)
         except OSError:
             pass
         else:

@@ -199,3 +199,52 @@ def test_a_message_gone_since_the_listing_is_vanished_not_an_error(backend, tmp_
     message = Message("ABC123", 0, 1, "a@b", ("c@d",), queue_name="deferred")
     assert instance.dispatch([message]) == {"ABC123": "vanished"}
     run.assert_not_called()  # nothing was asked of Postfix for it
+
+
+@pytest.mark.parametrize("queue_name, held, ours, expected", [
+    ("deferred", False, False, True),
+    ("hold", True, True, True),      # qrunner's own hold
+    ("hold", True, False, False),    # an admin's hold
+    ("active", False, False, False),
+    ("incoming", False, False, False),
+    ("maildrop", False, False, False),
+])
+def test_postfix_candidates_are_deferred_mail_and_qrunners_holds_only(backend, queue_name, held, ours, expected):
+    instance, _ = backend
+    message = Message("ABC123", 0, 1, "a@b", ("c@d",), queue_name=queue_name, held=held)
+    assert instance.is_candidate(message, ours) is expected
+
+
+def test_command_directory_names_where_postfix_commands_are(mocker, tmp_path):
+    postconf = tmp_path / "postconf"
+    postconf.write_text("#!/bin/sh\nprintf '%s\\n' /var/spool/postfix /usr/sbin 'deferred, defer' 1 smtp 5d MAILER-DAEMON\n")
+    postconf.chmod(0o755)
+    instance = postfix_mod.PostfixBackend(PostfixSettings(command_directory=str(tmp_path)))
+    assert instance.command("postsuper") == str(tmp_path / "postsuper")  # the setting wins over postconf's answer
+    assert postfix_mod.find_postconf(str(tmp_path / "nowhere")) is None
+
+
+def test_actions_reach_syslogs_mail_facility(tmp_path, monkeypatch):
+    import logging
+    import socket as socket_mod
+
+    from qrunner import log as log_mod
+
+    address = str(tmp_path / "log.sock")
+    server = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
+    server.bind(address)
+    server.settimeout(5)
+    monkeypatch.setattr(log_mod, "SYSLOG_ADDRESS", address)
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    monkeypatch.setattr(log_mod.sys.stderr, "isatty", lambda: False, raising=False)
+    logger = log_mod.setup_logging(0, use_syslog=True)
+    logger.info("8F64916008A: action=hold sender=default")
+    data = server.recv(4096).decode()
+    server.close()
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    priority = int(data[1:data.index(">")])
+    assert priority == 2 * 8 + 6  # facility mail (2), severity info (6)
+    assert "qrunner[" in data and "8F64916008A: action=hold sender=default" in data
+    assert logging.getLogger("qrunner").level == logging.INFO

@@ -166,6 +166,16 @@ import time  # noqa: E402
 from postfix_instance import free_loopback_port  # noqa: E402
 from qrunner_e2e import queue_message, queue_state  # noqa: E402
 
+KILL_BEFORE_RECORD = """
+import os, signal, sys
+from qrunner.state import State
+def die(self, *args):
+    os.kill(os.getpid(), signal.SIGKILL)  # the listener accepted the copy; qrunner has not recorded it
+State.record_routed = die
+from qrunner.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
 KILL_BEFORE_DELETE = """
 import os, signal, sys
 from qrunner.mta.postfix import PostfixBackend
@@ -435,3 +445,23 @@ def test_postfix_default_sender_goes_by_flush_beside_a_routed_sender(tmp_path, p
     assert f"{small}: action=send sender=backup priority=50" in result.stderr
     assert plan_senders.startswith("senders: 0:isp (postfix: via 127.0.0.1:") and \
         "1:backup (default: the MTA's own routing)" in plan_senders
+
+
+def test_postfix_killed_before_the_copy_is_recorded_sends_at_worst_a_duplicate(tmp_path, pf, relays, listener_ports):
+    qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
+    queue_id = queue_message(pf, "crash before the record")
+    wrapper = tmp_path / "kill_before_record.py"
+    wrapper.write_text(KILL_BEFORE_RECORD)
+    env = dict(os.environ, QRUNNER_CONFIG=str(qr.config_path),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    killed = subprocess.run([sys.executable, str(wrapper), "run"], env=env, capture_output=True, text=True)
+
+    assert killed.returncode == -signal.SIGKILL
+    assert len(relays[0].wait_for(1)) == 1
+    assert queue_state(pf)[queue_id][0] == "hold"  # never lost: still here, still qrunner's hold
+    again = qr("run")
+    assert again.code == 0, again.stderr
+    copies = relays[0].wait_for(2)
+    assert [m.header("Subject") for m in copies] == [b"crash before the record"] * 2  # the duplicate, and no more
+    assert queue_id not in queue_state(pf)
