@@ -8,6 +8,8 @@ bounces that Exim generates into the named queue.
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import time
 
@@ -191,3 +193,19 @@ def test_release_of_named_holds_to_the_default_queue(tmp_path, exim, exim_sink):
     assert exim.queue_ids() == [second] and mta.where(second) == HELD
     moved = {m["id"]: m for m in exim.queue("")}
     assert first in moved and not moved[first]["frozen"]
+
+
+def test_contrib_gate_is_the_gate_these_tests_run(exim):
+    """The test instance's gate (tests/exim_instance.py) and contrib/exim's must not drift apart."""
+    contrib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib", "exim")
+    tested = exim.config_text()
+    gate_lines = lambda text: {line.strip() for line in text.splitlines()
+                               if line.strip().startswith(("warn   queue =", "control = queue"))}
+    for name in ("exim-gate.conf", os.path.join("conf.d", "acl", "35_qrunner_gate")):
+        with open(os.path.join(contrib, name)) as f:
+            shipped = f.read()
+        assert gate_lines(shipped) and gate_lines(shipped) <= gate_lines(tested), name
+    for name in ("exim-gate.conf", os.path.join("conf.d", "main", "05_qrunner_gate")):
+        with open(os.path.join(contrib, name)) as f:
+            assert re.search(r"^chunking_advertise_hosts =\s*$", f.read(), re.M), name
+    assert re.search(r"^chunking_advertise_hosts =\s*$", tested, re.M)

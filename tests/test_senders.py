@@ -465,3 +465,20 @@ def test_postfix_killed_before_the_copy_is_recorded_sends_at_worst_a_duplicate(t
     copies = relays[0].wait_for(2)
     assert [m.header("Subject") for m in copies] == [b"crash before the record"] * 2  # the duplicate, and no more
     assert queue_id not in queue_state(pf)
+
+
+def test_exim_default_sender_goes_by_exims_own_routing_beside_a_routed_sender(tmp_path, exim, exim_sink, sinks):
+    script = "function CheckFile(f, a, size) if senderid == 0 and size < 50000 then a.SkipSend = 1 end return a end\n"
+    mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, script, ["isp"])
+    qr.config_path.write_text(qr.config_path.read_text() + '[[sender]]\nid = 1\nname = "backup"\ndefault = true\n')
+    big = mta.queue_message("big", size=60000)
+    small = mta.queue_message("small", size=100)
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert [m.header("Subject") for m in sinks[0].wait_for(1)] == [b"big"]
+    assert [m.header("Subject") for m in exim_sink.wait_for(1)] == [b"small"]  # Exim's usual router
+    routes = open(os.path.join(qr.state_dir, "exim-routes")).read()
+    assert routes == f"{big}: to_sink_0\n"  # the default sender's message is not listed
+    assert small not in routes
