@@ -60,8 +60,8 @@ def senders_of(decision: Decision) -> str:
 def decide_offline(policy: PolicySettings, senders: Sequence[Sender], backend=None) -> List[Decision]:
     """``plan --queue-file`` and ``check``: the list and decide stages only; nothing acts, no lock.
 
-    Every sender's script is loaded first, so a script that fails to load
-    for any sender stops here (exit 78) whether or not messages reach it.
+    Every sender's script is loaded, even for a sender no message reaches,
+    so a script that fails to load for any sender stops here (exit 78).
     Without a back end (``check`` with no snapshot) nothing is decided.
     """
     messages = backend.list_messages() if backend is not None else None

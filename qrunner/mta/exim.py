@@ -259,10 +259,9 @@ class EximBackend(Backend):
     def check_routes(self, senders) -> None:
         """With routed senders, Exim's delivery user must be able to read the routes file: checked before acting."""
         if self.routes_file and any(not s.default and s.exim for s in senders):
-            directory = os.path.dirname(self.routes_file)
-            if os.path.isdir(directory):
-                os.chmod(directory, os.stat(directory).st_mode | 0o011)  # qrunner's own state_dir
-            while not os.path.isdir(directory):  # state_dir itself is created 0711 on first use
+            # state_dir itself is made 0711 when the file is written; what lies above it is the admin's.
+            directory = os.path.dirname(os.path.dirname(self.routes_file))
+            while not os.path.isdir(directory):
                 directory = os.path.dirname(directory)
             self._check_reachable(directory)
 
