@@ -166,25 +166,25 @@ import time  # noqa: E402
 from postfix_instance import free_loopback_port  # noqa: E402
 from qrunner_e2e import queue_message, queue_state  # noqa: E402
 
-KILL_BEFORE_RECORD = """
-import os, signal, sys
-from qrunner.state import State
-def die(self, *args):
-    os.kill(os.getpid(), signal.SIGKILL)  # the listener accepted the copy; qrunner has not recorded it
-State.record_routed = die
+KILLED_RUN = """
+import importlib, os, signal, sys
+module, _, attribute = sys.argv[1].rpartition(":")
+owner, _, method = attribute.partition(".")
+def die(*args):
+    os.kill(os.getpid(), signal.SIGKILL)  # stopped dead at this step, as a crash or kill -9 would
+setattr(getattr(importlib.import_module(module), owner), method, die)
 from qrunner.cli import main
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[2:]))
 """
 
-KILL_BEFORE_DELETE = """
-import os, signal, sys
-from qrunner.mta.postfix import PostfixBackend
-def die(self, ids):
-    os.kill(os.getpid(), signal.SIGKILL)  # the listener accepted the copy; the original is not deleted yet
-PostfixBackend.delete = die
-from qrunner.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+
+def run_killed_at(qr, tmp_path, step: str) -> subprocess.CompletedProcess:
+    """``qrunner run``, killed when it reaches ``step`` ("module:Class.method")."""
+    wrapper = tmp_path / "killed_run.py"
+    wrapper.write_text(KILLED_RUN)
+    env = dict(os.environ, QRUNNER_CONFIG=str(qr.config_path),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return subprocess.run([sys.executable, str(wrapper), step, "run"], env=env, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -329,12 +329,8 @@ def test_postfix_killed_between_acceptance_and_delete_leaves_a_duplicate_never_a
         tmp_path, pf, relays, listener_ports):
     qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
     queue_id = queue_message(pf, "crash test")
-    wrapper = tmp_path / "kill_before_delete.py"
-    wrapper.write_text(KILL_BEFORE_DELETE)
-    env = dict(os.environ, QRUNNER_CONFIG=str(qr.config_path),
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-    killed = subprocess.run([sys.executable, str(wrapper), "run"], env=env, capture_output=True, text=True)
+    killed = run_killed_at(qr, tmp_path, "qrunner.mta.postfix:PostfixBackend.delete")  # copy accepted and recorded
 
     assert killed.returncode == -signal.SIGKILL
     assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"crash test"]  # the copy went out
@@ -450,12 +446,8 @@ def test_postfix_default_sender_goes_by_flush_beside_a_routed_sender(tmp_path, p
 def test_postfix_killed_before_the_copy_is_recorded_sends_at_worst_a_duplicate(tmp_path, pf, relays, listener_ports):
     qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
     queue_id = queue_message(pf, "crash before the record")
-    wrapper = tmp_path / "kill_before_record.py"
-    wrapper.write_text(KILL_BEFORE_RECORD)
-    env = dict(os.environ, QRUNNER_CONFIG=str(qr.config_path),
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-    killed = subprocess.run([sys.executable, str(wrapper), "run"], env=env, capture_output=True, text=True)
+    killed = run_killed_at(qr, tmp_path, "qrunner.state:State.record_routed")  # copy accepted, not recorded
 
     assert killed.returncode == -signal.SIGKILL
     assert len(relays[0].wait_for(1)) == 1
