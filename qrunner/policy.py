@@ -216,6 +216,7 @@ class _Worker:
         child_end.close()
         self.conn = parent_end
         self.sender: Optional[Sender] = None
+        self.loading: Optional[Sender] = None  # a load request sent and not yet answered
 
     def progress(self) -> Tuple[int, float]:
         return PROGRESS.unpack_from(self.progress_map, 0)
@@ -339,16 +340,32 @@ class PolicyEngine:
 
     # -- the worker --------------------------------------------------------
 
+    def prepare(self, sender: Sender) -> None:
+        """Start the worker and load ``sender``'s script now, without waiting for it.
+
+        The runner calls this before it lists the queue, so that starting
+        Python and Lua overlaps with the MTA's listing; a load failure is
+        reported when the first pass needs the state, still before anything
+        in the queue is changed.
+        """
+        if self._worker is None:
+            self._worker = _Worker()
+            self._worker.conn.send(("load", self._load_settings(sender)))
+            self._worker.loading = sender
+
     def _loaded_worker(self, sender: Sender) -> _Worker:
         worker = self._worker
         if worker is not None and worker.sender == sender and worker.proc.poll() is None:
             return worker
-        if worker is None or worker.proc.poll() is not None:
-            if worker is not None:
-                worker.kill()
-            worker = self._worker = _Worker()
-        worker.sender = None
-        worker.conn.send(("load", self._load_settings(sender)))
+        if worker is not None and worker.loading == sender:
+            worker.loading = None  # the load request prepare() sent: its answer is next
+        else:
+            if worker is None or worker.proc.poll() is not None:
+                if worker is not None:
+                    worker.kill()
+                worker = self._worker = _Worker()
+            worker.sender = None
+            worker.conn.send(("load", self._load_settings(sender)))
         reply = self._await_load(worker, sender)
         if reply[0] != "loaded":
             self.close()

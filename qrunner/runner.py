@@ -127,6 +127,15 @@ class Runner:
 
     def _decide_and_plan(self, command: str, state: State, dry_run: bool, only_ids: Optional[Sequence[str]],
                          ignore_policy: bool) -> RunResult:
+        if ignore_policy:
+            return self._plan(command, state, dry_run, only_ids, None)
+        with PolicyEngine(self.policy) as engine:
+            if self.senders:
+                engine.prepare(self.senders[0])  # Lua starts while the MTA lists its queue
+            return self._plan(command, state, dry_run, only_ids, engine)
+
+    def _plan(self, command: str, state: State, dry_run: bool, only_ids: Optional[Sequence[str]],
+              engine: Optional[PolicyEngine]) -> RunResult:
         summary = RunSummary(command=command, started=time.time())
         messages = self.backend.list_messages()
         queue = queue_map(messages)
@@ -144,13 +153,12 @@ class Runner:
         if only_ids is not None:
             candidates, not_candidates = self._only(candidates, messages, only_ids)
         summary.listed = len(candidates)
-        if ignore_policy:
+        if engine is None:
             sender = next((s for s in self.senders if s.default), self.senders[0] if self.senders else None)
             decisions = [Decision(m, True, 50, sender, OVERRIDDEN) for m in candidates]
             next_retry: Dict[str, Optional[float]] = {}
         else:
-            with PolicyEngine(self.policy) as engine:
-                decisions = engine.decide(candidates, self.senders)
+            decisions = engine.decide(candidates, self.senders)
             attempts = state.attempts()
             next_retry = {d.queue_id: self.backend.next_retry(d.message, attempts.get(message_key(d)))
                           for d in decisions if d.send}

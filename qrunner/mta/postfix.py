@@ -24,8 +24,8 @@ from qrunner.config import PostfixSettings
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message
 from qrunner.mta.base import Backend, HandOverError
-from qrunner.mta.postfix_queuefile import (PostfixQueueFileHeaders, arrival_microseconds, is_queue_id,
-                                           queue_file_path, read_sender)
+from qrunner.mta.postfix_queuefile import (PostfixQueueFileHeaders, QueuePaths, hash_key,
+                                           is_queue_id, read_sender)
 
 log = logging.getLogger("qrunner.postfix")
 
@@ -62,6 +62,7 @@ class PostfixBackend(Backend):
         self.command_directory = settings.command_directory or values["command_directory"]
         self.hash_queue_names = values["hash_queue_names"]
         self.hash_queue_depth = int(values["hash_queue_depth"] or 1)
+        self.paths = QueuePaths(self.queue_directory, self.hash_queue_names, self.hash_queue_depth)
         self.defer_transports = values["defer_transports"]
         self.maximal_queue_lifetime = values["maximal_queue_lifetime"]
         self.empty_address_recipient = values["empty_address_recipient"]
@@ -124,37 +125,55 @@ class PostfixBackend(Backend):
     # -- list --------------------------------------------------------------
 
     def list_messages(self) -> List[Message]:
-        result = self._run("postqueue", ["-j"])
-        if result.returncode != 0:
-            raise UnavailableError(f"postqueue -j failed: {_last_line(result.stderr) or 'exit ' + str(result.returncode)}; "
-                                   "is Postfix running?")
+        """One ``postqueue -j``, parsed line by line while Postfix is still printing it."""
         postcat = [self.command("postcat")] + self.config_args
         messages = []
-        for number, line in enumerate(result.stdout.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                queue_id = record["queue_id"]
-                queue_name = record["queue_name"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("postqueue -j line %d not understood, skipped: %.200s", number, line)
-                continue
-            if not is_queue_id(queue_id):
-                log.warning("postqueue -j line %d: %r is not a Postfix queue id, skipped", number, queue_id)
-                continue
-            messages.append(self._message(record, queue_id, queue_name, postcat))
+        try:
+            proc = subprocess.Popen([self.command("postqueue")] + self.config_args + ["-j"],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise UnavailableError(f"cannot run {self.command('postqueue')}: {exc.strerror}; is Postfix installed whole?")
+        with proc:
+            for number, line in enumerate(proc.stdout, 1):
+                message = self._parse_line(number, line, postcat)
+                if message is not None:
+                    messages.append(message)
+            error = proc.stderr.read().decode("utf-8", "replace")
+        if proc.returncode != 0:
+            raise UnavailableError(f"postqueue -j failed: {_last_line(error) or 'exit ' + str(proc.returncode)}; "
+                                   "is Postfix running?")
         return messages
 
-    def _message(self, record: dict, queue_id: str, queue_name: str, postcat: List[str]) -> Message:
+    def _parse_line(self, number: int, line: bytes, postcat: List[str]) -> Optional[Message]:
+        if not line.strip():
+            return None
         try:
-            path = self._path(queue_name, queue_id)
+            record = json.loads(line)
+            queue_id = record["queue_id"]
+            queue_name = record["queue_name"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("postqueue -j line %d not understood, skipped: %.200s", number,
+                        line.decode("utf-8", "replace"))
+            return None
+        if not is_queue_id(queue_id):
+            log.warning("postqueue -j line %d: %r is not a Postfix queue id, skipped", number, queue_id)
+            return None
+        return self._message(record, queue_id, queue_name, postcat)
+
+    def _message(self, record: dict, queue_id: str, queue_name: str, postcat: List[str]) -> Message:
+        key = hash_key(queue_id)
+        try:
+            path = self.paths.path(queue_name, queue_id, key)
         except ValueError:
             path = ""
         recipients = [r for r in record.get("recipients", []) if isinstance(r, dict)]
+        try:
+            arrival = int(record.get("arrival_time", 0)) + int(key[:5], 16) / 1e6
+        except (TypeError, ValueError):
+            arrival = 0.0
         return Message(
             queue_id=queue_id,
-            arrival=arrival_time(record.get("arrival_time", 0), queue_id),
+            arrival=arrival,
             size=int(record.get("message_size", 0)),
             sender=self._sender(str(record.get("sender", "")), path),
             recipients=tuple(str(r.get("address", "")) for r in recipients),
@@ -254,8 +273,7 @@ class PostfixBackend(Backend):
         return outcomes
 
     def _path(self, queue_name: str, queue_id: str) -> str:
-        return queue_file_path(self.queue_directory, queue_name, queue_id, self.hash_queue_names,
-                               self.hash_queue_depth)
+        return self.paths.path(queue_name, queue_id)
 
     def schedule(self, queue_id: str) -> bool:
         """Ask Postfix to deliver one deferred message now (``postqueue -i``'s request).
@@ -280,19 +298,6 @@ def postfix_time(value: str) -> Optional[float]:
     if not match:
         return None
     return int(match.group(1)) * units[match.group(2) or "d"]
-
-
-def arrival_time(seconds, queue_id: str) -> float:
-    """Arrival with the microseconds the queue id carries (postqueue -j gives whole seconds).
-
-    Both queue id forms encode the arrival's microseconds (the first five hex
-    digits of a short id; four base-52 digits of a long one), so messages
-    that arrived within one second are still offered oldest first.
-    """
-    try:
-        return int(seconds) + arrival_microseconds(queue_id) / 1e6
-    except (TypeError, ValueError):
-        return float(seconds or 0)
 
 
 def _last_line(text: str) -> str:

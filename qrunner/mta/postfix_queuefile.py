@@ -456,6 +456,38 @@ def _hash_key(queue_id: str) -> str:
     return queue_id
 
 
+class QueuePaths:
+    """Queue file paths of one Postfix instance: its hashing settings parsed once, for a whole listing."""
+
+    def __init__(self, queue_directory: str, hash_queue_names: Union[Sequence[str], str], hash_queue_depth: int):
+        if isinstance(hash_queue_names, str):
+            names = hash_queue_names.replace(",", " ").split()
+        else:
+            names = [n for item in hash_queue_names for n in str(item).replace(",", " ").split()]
+        self.queue_directory = queue_directory
+        self.hashed = {n.lower() for n in names}
+        self.depth = int(hash_queue_depth)
+        if self.hashed and self.depth < 1:
+            raise ValueError("hash_queue_depth must be at least 1, not %r" % (hash_queue_depth,))
+
+    def path(self, queue_name: str, queue_id: str, key: Optional[str] = None) -> str:
+        """See :func:`queue_file_path`; ``key`` is :func:`hash_key` of the id when the caller has it."""
+        if not isinstance(queue_name, str) or not _QUEUE_NAME.match(queue_name):
+            raise ValueError("not a Postfix queue name: %r" % (queue_name,))
+        if not is_queue_id(queue_id):
+            raise ValueError("not a Postfix queue id: %r" % (queue_id,))
+        if queue_name.lower() not in self.hashed:
+            return os.path.join(self.queue_directory, queue_name, queue_id)
+        key = key or _hash_key(queue_id)
+        forest = [key[n] if n < len(key) else "_" for n in range(self.depth)]
+        return os.path.join(self.queue_directory, queue_name, *forest, queue_id)
+
+
+def hash_key(queue_id: str) -> str:
+    """What Postfix hashes a queue id on: five hex digits of its arrival's microseconds first."""
+    return _hash_key(queue_id)
+
+
 def queue_file_path(queue_directory: str, queue_name: str, queue_id: str,
                     hash_queue_names: Union[Sequence[str], str],
                     hash_queue_depth: int) -> str:
@@ -468,22 +500,10 @@ def queue_file_path(queue_directory: str, queue_name: str, queue_id: str,
     Raises ValueError for a queue name or id that Postfix would refuse,
     so that nothing else ever becomes a path.
     """
-    if not isinstance(queue_name, str) or not _QUEUE_NAME.match(queue_name):
-        raise ValueError("not a Postfix queue name: %r" % (queue_name,))
-    if not is_queue_id(queue_id):
-        raise ValueError("not a Postfix queue id: %r" % (queue_id,))
-    if isinstance(hash_queue_names, str):
-        names = hash_queue_names.replace(",", " ").split()
-    else:
-        names = [n for item in hash_queue_names for n in str(item).replace(",", " ").split()]
-    forest: List[str] = []
-    if queue_name.lower() in {n.lower() for n in names}:
-        depth = int(hash_queue_depth)
-        if depth < 1:
-            raise ValueError("hash_queue_depth must be at least 1, not %r" % (hash_queue_depth,))
-        key = _hash_key(queue_id)
-        forest = [key[n] if n < len(key) else "_" for n in range(depth)]
-    return os.path.join(queue_directory, queue_name, *forest, queue_id)
+    paths = QueuePaths(queue_directory, hash_queue_names, 1)
+    if queue_name.lower() in paths.hashed:
+        paths = QueuePaths(queue_directory, hash_queue_names, hash_queue_depth)
+    return paths.path(queue_name, queue_id)
 
 
 def arrival_microseconds(queue_id: str) -> int:
