@@ -94,7 +94,9 @@ class MtaFileHeaders(HeaderSource):
                  max_bytes: int = 262144):
         self.path = path
         self.queue_id = queue_id
-        self.fallback_argv = tuple(fallback_argv) if fallback_argv else None
+        # One shared tuple for a whole listing: pickling it to the worker then costs one copy, not one per message.
+        self.fallback_argv = (fallback_argv if isinstance(fallback_argv, tuple) else tuple(fallback_argv)) \
+            if fallback_argv else None
         self.max_bytes = max_bytes
         self.problem: Optional[str] = None
 

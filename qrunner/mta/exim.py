@@ -125,7 +125,7 @@ class EximBackend(Backend):
     def list_messages(self) -> List[Message]:
         """The named queue's messages, from the -H files; locked (being delivered) ones marked."""
         messages = []
-        mvh = [self.binary] + self.config_args + self.queue_args
+        mvh = tuple([self.binary] + self.config_args + self.queue_args)
         for message_id, header_path in exim_spool.list_spool(self.spool_directory, self.queue, self.split):
             data_path = header_path[:-2] + "-D"
             try:

@@ -126,7 +126,7 @@ class PostfixBackend(Backend):
 
     def list_messages(self) -> List[Message]:
         """One ``postqueue -j``, parsed line by line while Postfix is still printing it."""
-        postcat = [self.command("postcat")] + self.config_args
+        postcat = tuple([self.command("postcat")] + self.config_args)
         messages = []
         try:
             proc = subprocess.Popen([self.command("postqueue")] + self.config_args + ["-j"],
@@ -144,7 +144,7 @@ class PostfixBackend(Backend):
                                    "is Postfix running?")
         return messages
 
-    def _parse_line(self, number: int, line: bytes, postcat: List[str]) -> Optional[Message]:
+    def _parse_line(self, number: int, line: bytes, postcat: Tuple[str, ...]) -> Optional[Message]:
         if not line.strip():
             return None
         try:
@@ -160,7 +160,7 @@ class PostfixBackend(Backend):
             return None
         return self._message(record, queue_id, queue_name, postcat)
 
-    def _message(self, record: dict, queue_id: str, queue_name: str, postcat: List[str]) -> Message:
+    def _message(self, record: dict, queue_id: str, queue_name: str, postcat: Tuple[str, ...]) -> Message:
         key = hash_key(queue_id)
         try:
             path = self.paths.path(queue_name, queue_id, key)
