@@ -165,7 +165,6 @@ _TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
     "lua": ("a string", lambda v: isinstance(v, str), _check_choice(LUA_VERSIONS)),
 }
 
-_POSTFIX_KEYS = ("config_directory", "command_directory")
 
 
 def _fail(path: str, key: str, problem: str) -> ConfigError:
@@ -258,22 +257,20 @@ def check_senders(senders: List[Sender], where: str) -> Tuple[Sender, ...]:
     return tuple(sorted(senders, key=lambda s: s.id))
 
 
-def _parse_postfix(path: str, raw: Any) -> PostfixSettings:
-    if not isinstance(raw, dict):
-        raise _fail(path, "postfix", "must be a [postfix] table")
-    for key, value in raw.items():
-        if key not in _POSTFIX_KEYS:
-            raise _fail(path, f"postfix.{key}", "is not a known setting (known: " + ", ".join(_POSTFIX_KEYS) + ")")
-        if not isinstance(value, str) or not value:
-            raise _fail(path, f"postfix.{key}", "must be a non-empty string (a directory)")
-    return PostfixSettings(**raw)
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _text(what: str):
+    return (f"a non-empty string ({what})", lambda v: isinstance(v, str) and v != "")
+
+
+# Each MTA table: key -> (type description, type test).
+_POSTFIX_KEYS = {"config_directory": _text("a directory"), "command_directory": _text("a directory")}
 _EXIM_KEYS = {
-    # key: (type description, type test)
-    "binary": ("a non-empty string (a file path)", lambda v: isinstance(v, str) and v != ""),
-    "config": ("a non-empty string (a file path)", lambda v: isinstance(v, str) and v != ""),
-    "spool_directory": ("a non-empty string (a directory)", lambda v: isinstance(v, str) and v != ""),
+    "binary": _text("a file path"),
+    "config": _text("a file path"),
+    "spool_directory": _text("a directory"),
     "queue": ("a string (a queue name, \"\" for the default queue)", lambda v: isinstance(v, str)),
     "dispatch_concurrency": ("a whole number from 1 up", lambda v: _whole(v) and v >= 1),
     "backoff_min": ("a whole number of seconds from 1 up", lambda v: _whole(v) and v >= 1),
@@ -282,19 +279,25 @@ _EXIM_KEYS = {
 }
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _check_table(path: str, name: str, raw: Any, keys: Dict[str, Tuple[str, Any]]) -> Dict[str, Any]:
+    """An MTA's table: only known keys, each of its type."""
+    if not isinstance(raw, dict):
+        raise _fail(path, name, f"must be a [{name}] table")
+    for key, value in raw.items():
+        if key not in keys:
+            raise _fail(path, f"{name}.{key}", "is not a known setting (known: " + ", ".join(keys) + ")")
+        description, type_ok = keys[key]
+        if not type_ok(value):
+            raise _fail(path, f"{name}.{key}", f"must be {description}, not {value!r}")
+    return raw
+
+
+def _parse_postfix(path: str, raw: Any) -> PostfixSettings:
+    return PostfixSettings(**_check_table(path, "postfix", raw, _POSTFIX_KEYS))
 
 
 def _parse_exim(path: str, raw: Any) -> EximSettings:
-    if not isinstance(raw, dict):
-        raise _fail(path, "exim", "must be an [exim] table")
-    for key, value in raw.items():
-        if key not in _EXIM_KEYS:
-            raise _fail(path, f"exim.{key}", "is not a known setting (known: " + ", ".join(_EXIM_KEYS) + ")")
-        description, type_ok = _EXIM_KEYS[key]
-        if not type_ok(value):
-            raise _fail(path, f"exim.{key}", f"must be {description}, not {value!r}")
+    _check_table(path, "exim", raw, _EXIM_KEYS)
     queue = raw.get("queue", "qrunner")
     if queue and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", queue):
         raise _fail(path, "exim.queue", f"must be a plain queue name (ASCII letters and digits, then also "
