@@ -148,7 +148,7 @@ class Runner:
         candidates = [m for m in messages if self.backend.is_candidate(m, (m.queue_id, int(m.arrival)) in ours)
                       and not is_routed_copy(m, routed)]
         candidates = self._finish_hand_overs(state, candidates, ours, dry_run)
-        candidates = self._hand_back_expired(state, candidates, ours, dry_run, messages)
+        candidates = self._hand_back_expired(messages, candidates, ours, dry_run)
         not_candidates: List[str] = []
         if only_ids is not None:
             candidates, not_candidates = self._only(candidates, messages, only_ids)
@@ -199,8 +199,8 @@ class Runner:
                             "it will bounce on its first delivery attempt after release", queue_id,
                             (now - arrival) // 86400)
 
-    def _hand_back_expired(self, state: State, candidates: List[Message], ours: Set[Tuple[str, int]],
-                           dry_run: bool, messages: Sequence[Message] = ()) -> List[Message]:
+    def _hand_back_expired(self, messages: Sequence[Message], candidates: List[Message],
+                           ours: Set[Tuple[str, int]], dry_run: bool) -> List[Message]:
         """Mail too old to keep (Exim's max_queue_time) goes back to the MTA's own handling.
 
         Never a hold of qrunner's own (those stay, and each run warns about

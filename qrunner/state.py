@@ -373,11 +373,6 @@ class State:
                 "INSERT INTO dispatches (run_id, seq, queue_id, arrival, priority, sender, result) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)", [(run_id,) + tuple(r) for r in rows])
 
-    def dispatches(self, run_id: int) -> List[Tuple[int, str, int, str, str]]:
-        return list(self.db.execute(
-            "SELECT seq, queue_id, priority, sender, result FROM dispatches WHERE run_id = ? ORDER BY seq",
-            (run_id,)))
-
     def last_run(self) -> Optional[Tuple[int, RunSummary]]:
         row = self.db.execute(
             "SELECT id, command, started, listed, sent, held, released, errors, finished, outcome FROM runs "
