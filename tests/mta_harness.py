@@ -3,8 +3,13 @@
 A harness wraps a private instance (tests/postfix_instance.py,
 tests/exim_instance.py) and its SMTP sink and answers, in the admin's words,
 what the tests ask: queue a message, where is it now (waiting, held,
-active, gone), hold it as an admin would, deliver it outside qrunner, and
-what qrunner's configuration for this MTA is.
+active, gone), its arrival time, hold it as an admin would, deliver it
+outside qrunner, and what qrunner's configuration for this MTA is.
+
+Every answer comes from the MTA's own tools (``postqueue -j``, ``exim
+-bp``, ``exipick``, the kernel's lock table), never from qrunner's
+readers or its state database: a test must not grade the program with the
+program's own eyes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ class Harness:
 
     def snapshot(self) -> Dict[str, Tuple[str, Tuple[str, ...]]]:
         """queue id -> (where, pending recipients): for "nothing changed" checks."""
+        raise NotImplementedError
+
+    def arrival(self, queue_id: str) -> int:
+        """The arrival time (epoch seconds) the MTA's own tool reports."""
         raise NotImplementedError
 
     def where(self, queue_id: str) -> Optional[str]:
@@ -73,7 +82,12 @@ class PostfixHarness(Harness):
         self.instance.wait_for_queue([queue_id], "active")
 
     def arrival(self, queue_id: str) -> int:
-        return [m["arrival_time"] for m in self.instance.queue() if m["queue_id"] == queue_id][0]
+        """``arrival_time`` as ``postqueue -j`` reports it."""
+        return self._listed(queue_id)["arrival_time"]
+
+    def _listed(self, queue_id: str) -> dict:
+        [entry] = [m for m in self.instance.queue() if m["queue_id"] == queue_id]
+        return entry
 
     def filename(self, queue_id: str) -> str:
         """Where a deferred message's queue file is (hash_queue_depth 1: the id's first character)."""
@@ -95,15 +109,14 @@ class EximHarness(Harness):
         return message_id
 
     def snapshot(self):
-        from qrunner.mta import exim_spool
+        """``exim -bp`` for the queue and the freezes; the kernel's lock table for "active".
 
-        result = {}
-        for entry in self.instance.queue():
-            where = HELD if entry["frozen"] else WAITING
-            if exim_spool.is_locked(self.instance.data_path(entry["id"])):
-                where = ACTIVE
-            result[entry["id"]] = (where, tuple(entry["recipients"]))
-        return result
+        Active means an Exim process holds the lock on the message's ``-D``
+        file (a delivery, or ``-Mf`` in progress), as /proc/locks shows it.
+        """
+        locked = self.instance.locked_ids()
+        return {entry["id"]: (ACTIVE if entry["id"] in locked else HELD if entry["frozen"] else WAITING,
+                              tuple(entry["recipients"])) for entry in self.instance.queue()}
 
     def admin_hold(self, queue_id: str) -> None:
         self.instance.freeze([queue_id])
@@ -115,9 +128,11 @@ class EximHarness(Harness):
         self.wait_where(queue_id, ACTIVE)
 
     def arrival(self, queue_id: str) -> int:
-        from qrunner.mta import exim_spool
+        """``received_time`` as exipick reports it (``exim -bp`` shows only the age)."""
+        return int(self._exipick(queue_id)["received_time"])
 
-        return int(exim_spool.read_header_file(self.instance.header_path(queue_id), read_headers=False).arrival)
+    def _exipick(self, queue_id: str) -> Dict[str, str]:
+        return self.instance.exipick(["received_time", "message_size"])[queue_id]
 
     def filename(self, queue_id: str) -> str:
         """The -D file, as Filename is for Exim."""
