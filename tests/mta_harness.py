@@ -3,8 +3,9 @@
 A harness wraps a private instance (tests/postfix_instance.py,
 tests/exim_instance.py) and its SMTP sink and answers, in the admin's words,
 what the tests ask: queue a message, where is it now (waiting, held,
-active, gone), its arrival time, hold it as an admin would, deliver it
-outside qrunner, and what qrunner's configuration for this MTA is.
+active, gone), its arrival time and size, hold it as an admin would,
+deliver it outside qrunner, and what qrunner's configuration for this MTA
+is.
 
 Every answer comes from the MTA's own tools (``postqueue -j``, ``exim
 -bp``, ``exipick``, the kernel's lock table), never from qrunner's
@@ -42,6 +43,10 @@ class Harness:
 
     def arrival(self, queue_id: str) -> int:
         """The arrival time (epoch seconds) the MTA's own tool reports."""
+        raise NotImplementedError
+
+    def size(self, queue_id: str) -> int:
+        """The message size in bytes the MTA's own tool reports (what the policy's Size must be)."""
         raise NotImplementedError
 
     def where(self, queue_id: str) -> Optional[str]:
@@ -84,6 +89,10 @@ class PostfixHarness(Harness):
     def arrival(self, queue_id: str) -> int:
         """``arrival_time`` as ``postqueue -j`` reports it."""
         return self._listed(queue_id)["arrival_time"]
+
+    def size(self, queue_id: str) -> int:
+        """``message_size`` as ``postqueue -j`` reports it."""
+        return self._listed(queue_id)["message_size"]
 
     def _listed(self, queue_id: str) -> dict:
         [entry] = [m for m in self.instance.queue() if m["queue_id"] == queue_id]
@@ -130,6 +139,10 @@ class EximHarness(Harness):
     def arrival(self, queue_id: str) -> int:
         """``received_time`` as exipick reports it (``exim -bp`` shows only the age)."""
         return int(self._exipick(queue_id)["received_time"])
+
+    def size(self, queue_id: str) -> int:
+        """``message_size`` as exipick reports it: ``$message_size``, in bytes (``exim -bp`` rounds to K)."""
+        return int(self._exipick(queue_id)["message_size"])
 
     def _exipick(self, queue_id: str) -> Dict[str, str]:
         return self.instance.exipick(["received_time", "message_size"])[queue_id]
