@@ -15,6 +15,7 @@ program's own eyes.
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import time
@@ -99,8 +100,10 @@ class PostfixHarness(Harness):
         return entry
 
     def filename(self, queue_id: str) -> str:
-        """Where a deferred message's queue file is (hash_queue_depth 1: the id's first character)."""
-        return os.path.join(self.instance.queue_directory, "deferred", queue_id[0], queue_id)
+        """Where a deferred message's queue file is: found on disk, not worked out from a hashing rule."""
+        deferred = os.path.join(self.instance.queue_directory, "deferred")
+        [path] = glob.glob(os.path.join(deferred, queue_id)) + glob.glob(os.path.join(deferred, "*", queue_id))
+        return path
 
 
 class EximHarness(Harness):
