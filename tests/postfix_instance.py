@@ -18,7 +18,9 @@ Why each setting is what it is (see :meth:`PostfixInstance.main_cf`):
   Postfix for port 25) and chroot turned off (a chroot jail under a temporary
   directory would lack the files Debian's init script copies into it).
 - ``maillog_file`` gives a log without syslog; ``maillog_file_prefixes``
-  must allow a log outside ``/var``.
+  must allow a log outside ``/var``. The ``flush`` service runs with
+  ``-v``, so that the log records each scheduling request in order (the
+  order qrunner dispatched in, as Postfix saw it).
 - ``queue_run_delay`` is short, so that anything due is looked at quickly;
   the backoff times are long enough that a deferred message stays in
   ``deferred`` during a test instead of flipping through ``active`` every
@@ -61,6 +63,10 @@ _COPIED_SETTINGS = (
     "setgid_group",
     "manpage_directory",
 )
+
+
+# The verbose flush daemon's line for one send_file request (src/flush/flush.c).
+_FLUSH_REQUEST = re.compile(r"/flush\[\d+\]: flush_send_file_service: requesting delivery for queue_id (\w+)$", re.M)
 
 
 class PostfixError(RuntimeError):
@@ -112,6 +118,26 @@ def _strip_inet_and_chroot(master_cf: str) -> str:
         if len(fields) >= 8:
             fields[4] = "n"
             line = " ".join(fields[:8]) + (" " + " ".join(fields[8:]) if fields[8:] else "")
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _verbose_flush(master_cf: str) -> str:
+    """master.cf with ``-v`` on the ``flush`` service, so the log shows every scheduling request.
+
+    Verbose, Postfix's flush daemon logs ``flush_send_file_service:
+    requesting delivery for queue_id ID`` (flush.c) for each ``send_file``
+    request, before it moves the file to ``incoming/`` and replies: what
+    ``postqueue -i`` and qrunner ask for, one request per connection, in
+    the order they ask (see :meth:`PostfixInstance.flush_requests`). The
+    flush daemon does nothing else in these tests, so the extra lines are
+    a few per request.
+    """
+    out: List[str] = []
+    for line in master_cf.splitlines():
+        fields = line.split()
+        if line[:1] not in ("", " ", "\t", "#") and fields[:2] == ["flush", "unix"] and "-v" not in fields[8:]:
+            line += " -v"
         out.append(line)
     return "\n".join(out) + "\n"
 
@@ -186,7 +212,7 @@ class PostfixInstance:
             os.makedirs(d, exist_ok=True)
             os.chmod(d, 0o755)
         with open(os.path.join(SYSTEM_CONFIG_DIRECTORY, "master.cf")) as f:
-            master = _strip_inet_and_chroot(f.read())
+            master = _verbose_flush(_strip_inet_and_chroot(f.read()))
         with open(os.path.join(self.config_directory, "master.cf"), "w") as f:
             f.write(master)
         with open(os.path.join(self.config_directory, "main.cf"), "w") as f:
@@ -443,6 +469,17 @@ class PostfixInstance:
         if lines and lines[-1] == b"":
             lines.pop()
         return lines
+
+    def flush_requests(self) -> List[str]:
+        """Queue ids the flush service was asked to deliver, in request order, from the log.
+
+        One entry per ``send_file`` request (``postqueue -i ID``, or
+        qrunner on the flush socket), logged by the verbose flush daemon
+        (see :func:`_verbose_flush`) as it takes the request. Scheduling
+        order, not delivery order: the queue manager delivers concurrently
+        (DESIGN.md section 4).
+        """
+        return _FLUSH_REQUEST.findall(self.log_text())
 
     def postconf(self, name: str) -> str:
         """One setting of this instance as ``postconf -h`` prints it."""
