@@ -3,27 +3,31 @@
 A harness wraps a private instance (tests/postfix_instance.py,
 tests/exim_instance.py) and its SMTP sink and answers, in the admin's words,
 what the tests ask: queue a message, where is it now (waiting, held,
-active, gone), its arrival time and size, hold it as an admin would,
-deliver it outside qrunner, and what qrunner's configuration for this MTA
-is.
+active, gone), its arrival time and size, in what order the MTA was asked
+to deliver messages, hold it as an admin would, deliver it outside
+qrunner, and what qrunner's configuration for this MTA is.
 
-Every answer comes from the MTA's own tools (``postqueue -j``, ``exim
--bp``, ``exipick``, the kernel's lock table), never from qrunner's
-readers or its state database: a test must not grade the program with the
-program's own eyes.
+Every answer comes from the MTA's own tools (``postqueue -j``, Postfix's
+log, ``exim -bp``, ``exipick``, the kernel's lock table, the SMTP sink),
+never from qrunner's readers or its state database: a test must not grade
+the program with the program's own eyes.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from qrunner_e2e import make_message
 
 WAITING, HELD, ACTIVE = "waiting", "held", "active"
+
+# The message id in the Received: field Exim writes when it takes a message in.
+_EXIM_RECEIVED_ID = re.compile(rb"\bid ([0-9A-Za-z]{6}-[0-9A-Za-z]{6,11}-[0-9A-Za-z]{2,4})\b")
 
 
 class Harness:
@@ -50,6 +54,10 @@ class Harness:
         """The message size in bytes the MTA's own tool reports (what the policy's Size must be)."""
         raise NotImplementedError
 
+    def dispatch_order(self, ids: Iterable[str], timeout: float = 30.0) -> List[str]:
+        """``ids`` in the order the MTA says it was asked to deliver them (each waited for)."""
+        raise NotImplementedError
+
     def where(self, queue_id: str) -> Optional[str]:
         return self.snapshot().get(queue_id, (None,))[0]
 
@@ -61,6 +69,18 @@ class Harness:
 
     def wait_gone(self, queue_id: str) -> None:
         self.wait_where(queue_id, None)
+
+
+def _first_seen(ids: Iterable[str], observe: Callable[[], List[str]], what: str, timeout: float) -> List[str]:
+    """``ids`` in the order ``observe()`` first lists them, once it lists them all."""
+    wanted = set(ids)
+    deadline = time.monotonic() + timeout
+    while True:
+        order = list(dict.fromkeys(i for i in observe() if i in wanted))
+        if len(order) == len(wanted):
+            return order
+        assert time.monotonic() < deadline, f"{what} never showed {sorted(wanted - set(order))}"
+        time.sleep(0.05)
 
 
 class PostfixHarness(Harness):
@@ -94,6 +114,18 @@ class PostfixHarness(Harness):
     def size(self, queue_id: str) -> int:
         """``message_size`` as ``postqueue -j`` reports it."""
         return self._listed(queue_id)["message_size"]
+
+    def dispatch_order(self, ids, timeout=30.0):
+        """The order Postfix's flush service took the delivery requests in, from Postfix's log.
+
+        The test instance's flush daemon runs with ``-v`` and logs each
+        ``send_file`` request as it takes it (PostfixInstance.flush_requests);
+        qrunner makes one request at a time and waits for the reply, so the
+        log's order is the order it scheduled in. The sink cannot tell: the
+        queue manager delivers concurrently, and mail scheduled milliseconds
+        apart reaches the relay in either order (DESIGN.md section 4).
+        """
+        return _first_seen(ids, self.instance.flush_requests, "Postfix's log (flush -v)", timeout)
 
     def _listed(self, queue_id: str) -> dict:
         [entry] = [m for m in self.instance.queue() if m["queue_id"] == queue_id]
@@ -146,6 +178,29 @@ class EximHarness(Harness):
     def size(self, queue_id: str) -> int:
         """``message_size`` as exipick reports it: ``$message_size``, in bytes (``exim -bp`` rounds to K)."""
         return int(self._exipick(queue_id)["message_size"])
+
+    def dispatch_order(self, ids, timeout=30.0):
+        """The order the relay (the sink) received the messages in.
+
+        qrunner hands a batch of up to 10 ids to one ``exim -qG<queue> -Mc
+        ID...``, and Exim delivers them one after another: it forks a
+        delivery for the first id, waits for it to end, then starts the next
+        (seen in the kernel's lock table: one ``-D`` lock at a time, in the
+        order named). So the sink's arrival order is the dispatch order,
+        exactly, and it is what the relay saw. (The mainlog's ``=>`` lines
+        have the same order, but only second-resolution stamps, and say less
+        about what left.) Batches may run side by side
+        (``dispatch_concurrency``): more than 10 ids have no single order.
+        """
+        ids = list(ids)
+        assert len(ids) <= 10, "exact only within one -Mc batch of 10"
+        return _first_seen(ids, lambda: [self.exim_id(m) for m in self.sink.messages], "the sink", timeout)
+
+    @staticmethod
+    def exim_id(message) -> Optional[str]:
+        """The Exim message id of a message the sink received: from the Received: field Exim added."""
+        m = _EXIM_RECEIVED_ID.search(message.header("Received") or b"")
+        return m.group(1).decode() if m else None
 
     def _exipick(self, queue_id: str) -> Dict[str, str]:
         return self.instance.exipick(["received_time", "message_size"])[queue_id]

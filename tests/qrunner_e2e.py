@@ -9,13 +9,12 @@ then exactly what an admin sees.
 from __future__ import annotations
 
 import os
-import sqlite3
 import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import List, Sequence
+from typing import Sequence
 
 ALLOW_ALL = "function CheckFile(f, a) return a end\n"
 SKIP_ALL = 'function CheckFile(f, a) a.SkipSend = true; a.Reason = "not now" return a end\n'
@@ -61,13 +60,6 @@ class Qrunner:
         proc = self.start(*args)
         out, err = proc.communicate(timeout=timeout)
         return Result(proc.returncode, out, err)
-
-    def dispatch_order(self) -> List[str]:
-        """The queue ids the last run scheduled, in the order it scheduled them (qrunner's record)."""
-        with sqlite3.connect(os.path.join(self.state_dir, "qrunner.sqlite")) as db:
-            run_id = db.execute("SELECT max(run_id) FROM dispatches").fetchone()[0]
-            return [r[0] for r in db.execute(
-                "SELECT queue_id FROM dispatches WHERE run_id = ? AND result IN ('scheduled', 'delivered', 'deferred') ORDER BY seq", (run_id,))]
 
 
 def _project_root() -> str:
