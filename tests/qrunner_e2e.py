@@ -19,6 +19,19 @@ from typing import Sequence
 ALLOW_ALL = "function CheckFile(f, a) return a end\n"
 SKIP_ALL = 'function CheckFile(f, a) a.SkipSend = true; a.Reason = "not now" return a end\n'
 
+# ``python KILLED_RUN module:Class.method ARGS...``: the qrunner command with that method replaced
+# by a SIGKILL of its own process.
+KILLED_RUN = """
+import importlib, os, signal, sys
+module, _, attribute = sys.argv[1].rpartition(":")
+owner, _, method = attribute.partition(".")
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # stopped dead at this step, as a crash or kill -9 would
+setattr(getattr(importlib.import_module(module), owner), method, die)
+from qrunner.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
 
 @dataclass
 class Result:
@@ -52,14 +65,32 @@ class Qrunner:
         self.script_path.write_text(text)
 
     def start(self, *args: str) -> subprocess.Popen:
-        env = dict(os.environ, QRUNNER_CONFIG=str(self.config_path), PYTHONPATH=_project_root())
         return subprocess.Popen([sys.executable, "-m", "qrunner"] + list(args), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
+                                stderr=subprocess.PIPE, text=True, env=self._env())
 
     def __call__(self, *args: str, timeout: float = 120) -> Result:
         proc = self.start(*args)
         out, err = proc.communicate(timeout=timeout)
         return Result(proc.returncode, out, err)
+
+    def run_killed_at(self, step: str, *args: str, timeout: float = 120) -> Result:
+        """The qrunner command (``run`` unless ``args`` say otherwise), SIGKILLed when it reaches ``step``.
+
+        ``step`` is ``"module:Class.method"``, e.g.
+        ``"qrunner.mta.postfix:PostfixBackend.hold"``: the process dies the
+        moment it calls that method, before the method does anything. A kill,
+        not an exception: no ``finally`` block, no lock release, no
+        clean-up runs, so the next run finds the queue and the state exactly
+        as a crash or ``kill -9`` would leave them.
+        """
+        wrapper = self.tmp_path / "killed_run.py"
+        wrapper.write_text(KILLED_RUN)
+        proc = subprocess.run([sys.executable, str(wrapper), step] + list(args or ("run",)), env=self._env(),
+                              capture_output=True, text=True, timeout=timeout)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def _env(self) -> dict:
+        return dict(os.environ, QRUNNER_CONFIG=str(self.config_path), PYTHONPATH=_project_root())
 
 
 def _project_root() -> str:

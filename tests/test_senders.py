@@ -159,32 +159,10 @@ def test_a_sender_without_a_route_for_the_mta_is_a_config_error(tmp_path, exim, 
 # -- Postfix: re-injection into each sender's loopback listener ----------------------------
 
 import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 from postfix_instance import free_loopback_port  # noqa: E402
 from qrunner_e2e import queue_message, queue_state  # noqa: E402
-
-KILLED_RUN = """
-import importlib, os, signal, sys
-module, _, attribute = sys.argv[1].rpartition(":")
-owner, _, method = attribute.partition(".")
-def die(*args):
-    os.kill(os.getpid(), signal.SIGKILL)  # stopped dead at this step, as a crash or kill -9 would
-setattr(getattr(importlib.import_module(module), owner), method, die)
-from qrunner.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
-def run_killed_at(qr, tmp_path, step: str) -> subprocess.CompletedProcess:
-    """``qrunner run``, killed when it reaches ``step`` ("module:Class.method")."""
-    wrapper = tmp_path / "killed_run.py"
-    wrapper.write_text(KILLED_RUN)
-    env = dict(os.environ, QRUNNER_CONFIG=str(qr.config_path),
-               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return subprocess.run([sys.executable, str(wrapper), step, "run"], env=env, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -330,9 +308,9 @@ def test_postfix_killed_between_acceptance_and_delete_leaves_a_duplicate_never_a
     qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
     queue_id = queue_message(pf, "crash test")
 
-    killed = run_killed_at(qr, tmp_path, "qrunner.mta.postfix:PostfixBackend.delete")  # copy accepted and recorded
+    killed = qr.run_killed_at("qrunner.mta.postfix:PostfixBackend.delete")  # copy accepted and recorded
 
-    assert killed.returncode == -signal.SIGKILL
+    assert killed.code == -signal.SIGKILL
     assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"crash test"]  # the copy went out
     assert queue_state(pf)[queue_id][0] == "hold"  # the original is still here, and still qrunner's
     assert queue_id in qr("status").stdout
@@ -447,9 +425,9 @@ def test_postfix_killed_before_the_copy_is_recorded_sends_at_worst_a_duplicate(t
     qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
     queue_id = queue_message(pf, "crash before the record")
 
-    killed = run_killed_at(qr, tmp_path, "qrunner.state:State.record_routed")  # copy accepted, not recorded
+    killed = qr.run_killed_at("qrunner.state:State.record_routed")  # copy accepted, not recorded
 
-    assert killed.returncode == -signal.SIGKILL
+    assert killed.code == -signal.SIGKILL
     assert len(relays[0].wait_for(1)) == 1
     assert queue_state(pf)[queue_id][0] == "hold"  # never lost: still here, still qrunner's hold
     again = qr("run")
