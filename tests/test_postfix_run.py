@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
+import signal
 import subprocess
 import sys
 import time
@@ -69,22 +69,25 @@ def test_mail_to_a_dead_relay_waits_for_its_retry_time(tmp_path, postfix, smtp_s
 
 
 def test_crash_between_record_and_hold_is_settled_by_next_run(tmp_path, postfix, smtp_sink):
-    """A hold recorded but never made (a crash in between) must not leave a stale record."""
+    """Killed after recording a hold but before postsuper -h: the next run settles the record and sends."""
     qr = Qrunner(tmp_path, postfix, SKIP_ALL)
     queue_id = queue_message(postfix, "x")
-    assert qr("run").code == 0
-    assert qr("release", "--all").code == 0
-    arrival = [m["arrival_time"] for m in postfix.queue() if m["queue_id"] == queue_id][0]
-    with sqlite3.connect(os.path.join(qr.state_dir, "qrunner.sqlite")) as db:
-        db.execute("INSERT INTO holds VALUES (?, ?, ?, 'holding', 0, 'default', 'crash test')",
-                   (f"postfix:{os.path.realpath(postfix.queue_directory)}", queue_id, arrival))
+
+    killed = qr.run_killed_at("qrunner.mta.postfix:PostfixBackend.hold")  # recorded 'holding', never held
+
+    assert killed.code == -signal.SIGKILL
+    assert queue_state(postfix)[queue_id][0] == "deferred"  # postsuper -h never ran
+    assert "[holding, settled by the next run]" in qr("status").stdout
     qr.set_script(ALLOW_ALL)
 
     result = qr("run")
 
     assert result.code == 0, result.stderr
-    assert "interrupted holding settled: message not on hold" in result.stderr
+    [settled] = [line for line in result.stderr.splitlines() if "interrupted holding settled" in line]
+    assert queue_id in settled and "message not on hold" in settled
     assert subjects(smtp_sink, 1) == ["x"]
+    postfix.wait_gone([queue_id])
+    assert queue_id not in qr("status").stdout
 
 
 def test_bounce_has_an_empty_return_path(tmp_path, postfix, smtp_sink):
