@@ -67,10 +67,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
-from qrunner.message import MtaFileHeaders
+from qrunner.mta.headers import DEFAULT_MAX_HEADER_BYTES, MtaFileHeaders
 
 __all__ = [
-    "DEFAULT_MAX_HEADER_BYTES",
     "SpoolFormatError",
     "EximRecipient",
     "EximHeaderFile",
@@ -87,8 +86,6 @@ __all__ = [
     "is_locked",
     "list_spool",
 ]
-
-DEFAULT_MAX_HEADER_BYTES = 262144
 
 # Message ids (local_scan.h, receive.c, exim.c's regex_ismsgid): three
 # groups of base-62 digits (0-9A-Za-z; base 36, upper case only, on

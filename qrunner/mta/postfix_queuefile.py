@@ -30,7 +30,7 @@ import os
 import re
 from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple, Union
 
-from qrunner.message import MtaFileHeaders
+from qrunner.mta.headers import DEFAULT_MAX_HEADER_BYTES, MtaFileHeaders
 
 __all__ = [
     "iter_records",
@@ -39,10 +39,7 @@ __all__ = [
     "PostfixQueueFileHeaders",
     "is_queue_id",
     "queue_file_path",
-    "DEFAULT_MAX_HEADER_BYTES",
 ]
-
-DEFAULT_MAX_HEADER_BYTES = 262144
 
 # Record types (src/global/rec_type.h), as byte values.
 _REC_SIZE = ord("C")
