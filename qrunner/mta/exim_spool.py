@@ -863,14 +863,6 @@ class EximSpoolHeaders(MtaFileHeaders):
                  max_bytes: int = DEFAULT_MAX_HEADER_BYTES):
         super().__init__(path, message_id, mvh_argv, max_bytes)
 
-    @property
-    def message_id(self) -> str:
-        return self.queue_id
-
-    @property
-    def mvh_argv(self) -> Optional[Tuple[str, ...]]:
-        return self.fallback_argv
-
     def read_file(self) -> Tuple[List[bytes], Optional[str]]:
         hf = read_header_file(self.path, read_headers=True, max_header_bytes=self.max_bytes, journal=False)
         return hf.headers, hf.problem

@@ -368,10 +368,6 @@ class PostfixQueueFileHeaders(MtaFileHeaders):
                  max_bytes: int = DEFAULT_MAX_HEADER_BYTES):
         super().__init__(path, queue_id, postcat_argv, max_bytes)
 
-    @property
-    def postcat_argv(self) -> Optional[Tuple[str, ...]]:
-        return self.fallback_argv
-
     def read_file(self) -> Tuple[List[bytes], Optional[str]]:
         with open(self.path, "rb", buffering=0) as f:
             return _read_header_fields(f, self.max_bytes)
