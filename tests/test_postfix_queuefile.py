@@ -21,10 +21,10 @@ from qrunner.mta.postfix_queuefile import (
     PostfixQueueFileHeaders,
     fields_from_lines,
     is_queue_id,
-    iter_records,
     queue_file_path,
     read_headers,
 )
+from qrunner.mta.postfix_records import iter_records
 
 # The fixtures postfix, smtp_sink and postfix_available come from
 # tests/postfix_fixtures.py, loaded by tests/conftest.py.

@@ -23,7 +23,8 @@ import pytest
 
 from postfix_instance import PostfixInstance, free_loopback_port, reinjection_listener_options
 from smtp_sink import SinkMessage, SmtpSink, wait_for_greeting
-from qrunner.mta.postfix_queuefile import is_queue_id, iter_records
+from qrunner.mta.postfix_queuefile import is_queue_id
+from qrunner.mta.postfix_records import iter_records
 from qrunner.mta.postfix_reinject import (NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS,
                                           PostfixEnvelope, PostfixRecipient, QueueFileError, ReinjectError,
                                           _quote_821, _uxtext, _xtext, is_routed_copy, iter_content,

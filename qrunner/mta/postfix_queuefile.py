@@ -3,17 +3,13 @@
 A policy that reads headers needs them for every message of a possibly huge
 queue; ``postcat -hq`` would cost a process per message (about 5 ms), while
 the header part of a queue file is a few kilobytes that Python reads in
-microseconds. This module reads those files the way Postfix's own readers do
-(``src/global/record.c``, ``src/postcat/postcat.c``) and nothing more.
-
-The record format: each record is one type byte, the data length in 7-bit
-groups (low bits first, the high bit set on every byte but the last), then
-the data. The first record (``C``) holds the offset where the message
-content starts; from there each ``N`` record is one line, and a line longer
-than Postfix's record limit comes as ``L`` records followed by its final
-``N``. A ``p`` record is a pointer: reading continues at the file offset it
-holds (0 means "nothing here"); cleanup uses them when a milter adds headers,
-which then live at the end of the file. ``w`` records are padding.
+microseconds. This module reads those files the way postcat does
+(``src/postcat/postcat.c``), through the record reader of
+:mod:`qrunner.mta.postfix_records`, and nothing more: the first record
+(``C``) holds the offset where the message content starts; from there each
+``N`` record is one line, and a line longer than Postfix's record limit
+comes as ``L`` records followed by its final ``N``. Headers a milter added
+are reached through pointer records, as Postfix's own readers reach them.
 
 Queue ids and file locations follow ``src/global/mail_queue.c`` and
 ``mail_queue.h``; see :func:`is_queue_id` and :func:`queue_file_path`.
@@ -28,12 +24,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, List, Optional, Sequence, Tuple, Union
 
 from qrunner.mta.headers import DEFAULT_MAX_HEADER_BYTES, MtaFileHeaders
+from qrunner.mta.postfix_records import (REC_TYPE_CONT, REC_TYPE_END, REC_TYPE_MESG, REC_TYPE_NORM,
+                                         REC_TYPE_SIZE, REC_TYPE_XTRA, Damaged, RecordFollower,
+                                         RecordReader, iter_records)
 
 __all__ = [
-    "iter_records",
     "read_headers",
     "fields_from_lines",
     "PostfixQueueFileHeaders",
@@ -41,192 +39,16 @@ __all__ = [
     "queue_file_path",
 ]
 
-# Record types (src/global/rec_type.h), as byte values.
-_REC_SIZE = ord("C")
-_REC_MESG = ord("M")
-_REC_CONT = ord("L")
-_REC_NORM = ord("N")
-_REC_DTXT = ord("w")
-_REC_XTRA = ord("X")
-_REC_END = ord("E")
-_REC_PTR = ord("p")
-
-# Postfix refuses a record length that needs more than 4 length bytes
-# (record.c: shift + 7 >= bits in an int); we do the same.
-_MAX_LENGTH_BYTES = 4
-# A record longer than this is not something Postfix writes in a queue file
-# we read; treat it as damage rather than allocate for it.
-_DEFAULT_MAX_RECORD = 1 << 24
-# record.c's REVERSE_JUMP_LIMIT: a guard against pointer loops.
-_REVERSE_JUMP_LIMIT = 10000
-_CHUNK = 16384
-_MAX_READ = 1 << 20
-
 # A header line as postcat's is_header() sees it: a name of printable ASCII
 # other than space, tab and colon, optional space or tab, then a colon.
 _HEADER_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
-
-
-class _Damaged(Exception):
-    """The queue file is malformed or truncated at this point (internal)."""
-
-
-class _Reader:
-    """Buffered record reader over a binary file, with seeks for pointers.
-
-    Reads in chunks and parses records out of an in-memory buffer, so that a
-    header part costs one or two ``read`` calls rather than several per
-    record.
-    """
-
-    __slots__ = ("f", "buf", "pos", "base", "eof", "max_record")
-
-    def __init__(self, f: BinaryIO, max_record: int = _DEFAULT_MAX_RECORD):
-        self.f = f
-        self.buf = b""
-        self.pos = 0
-        self.base = 0  # file offset of buf[0]
-        self.eof = False
-        self.max_record = max_record
-
-    def tell(self) -> int:
-        return self.base + self.pos
-
-    def seek(self, offset: int) -> None:
-        if self.base <= offset <= self.base + len(self.buf):
-            self.pos = offset - self.base
-            return
-        try:
-            self.f.seek(offset)
-        except (OSError, ValueError) as exc:
-            raise _Damaged("cannot seek to offset %d: %s" % (offset, exc))
-        self.buf = b""
-        self.pos = 0
-        self.base = offset
-        self.eof = False
-
-    def _fill(self, need: int) -> bool:
-        """Make ``need`` bytes available at ``pos``; False at end of file."""
-        buf = self.buf[self.pos:]
-        self.base += self.pos
-        self.pos = 0
-        while len(buf) < need and not self.eof:
-            chunk = self.f.read(min(max(_CHUNK, need - len(buf)), _MAX_READ))
-            if not chunk:
-                self.eof = True
-                break
-            buf += chunk
-        self.buf = buf
-        return len(buf) >= need
-
-    def next(self) -> Optional[Tuple[int, bytes]]:
-        """The next record as (type byte value, data); None at a clean end."""
-        buf, pos = self.buf, self.pos
-        if len(buf) - pos < 2 + _MAX_LENGTH_BYTES:
-            if not self._fill(2 + _MAX_LENGTH_BYTES) and len(self.buf) == 0:
-                return None
-            buf, pos = self.buf, self.pos
-        if len(buf) - pos < 2:
-            raise _Damaged("file ends inside a record header")
-        rtype = buf[pos]
-        b = buf[pos + 1]
-        if b < 0x80:
-            length = b
-            pos += 2
-        else:
-            length = b & 0x7F
-            shift = 7
-            i = pos + 2
-            while True:
-                if i - pos - 1 >= _MAX_LENGTH_BYTES:
-                    raise _Damaged("too many length bytes in a %r record" % chr(rtype))
-                if i >= len(buf):
-                    raise _Damaged("file ends inside a record length")
-                b = buf[i]
-                length |= (b & 0x7F) << shift
-                shift += 7
-                i += 1
-                if b < 0x80:
-                    break
-            pos = i
-        if length > self.max_record:
-            raise _Damaged("%r record of %d bytes is implausibly long" % (chr(rtype), length))
-        end = pos + length
-        if end > len(buf):
-            self.pos = pos
-            if not self._fill(length):
-                raise _Damaged("file ends inside a %r record" % chr(rtype))
-            buf, pos = self.buf, 0
-            end = length
-        self.pos = end
-        return rtype, buf[pos:end]
-
-
-class _Follower:
-    """Records as Postfix's rec_get() returns them: pointers followed, padding skipped."""
-
-    __slots__ = ("reader", "saved_offset", "reverse_jumps")
-
-    def __init__(self, reader: _Reader):
-        self.reader = reader
-        self.saved_offset = 0
-        self.reverse_jumps = 0
-
-    def next(self) -> Optional[Tuple[int, bytes]]:
-        reader = self.reader
-        while True:
-            rec = reader.next()
-            if rec is None:
-                return None
-            rtype = rec[0]
-            if rtype == _REC_PTR:
-                self._jump(rec[1])
-                continue
-            if rtype == _REC_DTXT:
-                continue
-            return rec
-
-    def _jump(self, data: bytes) -> None:
-        text = data.strip(b" \t\r\n\v\f")
-        if not text.isdigit():
-            raise _Damaged("malformed pointer record %r" % data[:40])
-        offset = int(text)
-        if offset == 0:  # a dummy pointer: read on
-            return
-        if offset <= self.saved_offset:
-            self.reverse_jumps += 1
-            if self.reverse_jumps > _REVERSE_JUMP_LIMIT:
-                raise _Damaged("too many reverse jumps (pointer loop)")
-        self.reader.seek(offset)
-        self.saved_offset = offset
-
-
-def iter_records(f: BinaryIO, max_record: int = _DEFAULT_MAX_RECORD) -> Iterator[Tuple[str, bytes]]:
-    """Yield ``(type, data)`` for each record of a queue file, as stored.
-
-    ``type`` is the record type as a one-character string (``"N"``); pointer
-    records are yielded, not followed. The iteration stops cleanly at the
-    end of the file, at a truncated record, and at a length that is
-    malformed or longer than ``max_record``: the records before the damage
-    are still yielded, which is all a reader of a half-written or corrupt
-    file can use.
-    """
-    reader = _Reader(f, max_record)
-    while True:
-        try:
-            rec = reader.next()
-        except _Damaged:
-            return
-        if rec is None:
-            return
-        yield chr(rec[0]), rec[1]
 
 
 def _is_header_line_start(data: bytes) -> bool:
     return data[:1] in (b" ", b"\t") or _HEADER_START.match(data) is not None
 
 
-def _find_content(follower: _Follower) -> bool:
+def _find_content(follower: RecordFollower) -> bool:
     """Position the reader at the first content record; False if there is none.
 
     The size record (``C``, always first in a queue file that cleanup
@@ -238,7 +60,7 @@ def _find_content(follower: _Follower) -> bool:
     rec = reader.next()
     if rec is None:
         return False
-    if rec[0] == _REC_SIZE:
+    if rec[0] == REC_TYPE_SIZE:
         parts = rec[1].split()
         if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) > reader.tell():
             reader.seek(int(parts[1]))
@@ -247,15 +69,15 @@ def _find_content(follower: _Follower) -> bool:
         reader.seek(0)
     while True:
         rec = follower.next()
-        if rec is None or rec[0] in (_REC_XTRA, _REC_END):
+        if rec is None or rec[0] in (REC_TYPE_XTRA, REC_TYPE_END):
             return False
-        if rec[0] == _REC_MESG:
+        if rec[0] == REC_TYPE_MESG:
             return True
 
 
 def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optional[str]]:
     """The header fields of an open queue file and, if incomplete, why."""
-    follower = _Follower(_Reader(f))
+    follower = RecordFollower(RecordReader(f))
     fields: List[bytes] = []
     total = 0
     try:
@@ -267,8 +89,8 @@ def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optio
             if rec is None:
                 return fields, "the queue file ends inside the message headers"
             rtype, data = rec
-            if rtype != _REC_NORM and rtype != _REC_CONT:
-                if rtype == _REC_XTRA or rtype == _REC_END:
+            if rtype != REC_TYPE_NORM and rtype != REC_TYPE_CONT:
+                if rtype == REC_TYPE_XTRA or rtype == REC_TYPE_END:
                     return fields, None  # headers without a body
                 continue  # a record type that carries no text here
             # The first record of a line decides, as in postcat: a line
@@ -277,18 +99,18 @@ def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optio
                 return fields, None
             last = False
             note = None
-            if rtype == _REC_CONT:
+            if rtype == REC_TYPE_CONT:
                 parts = [data]
                 size = len(data)
-                while rtype == _REC_CONT:
+                while rtype == REC_TYPE_CONT:
                     rec = next_rec()
                     if rec is None:
                         last = True
                         note = "the queue file ends inside a header line"
                         break
                     rtype, data = rec
-                    if rtype != _REC_NORM and rtype != _REC_CONT:
-                        if rtype == _REC_XTRA or rtype == _REC_END:
+                    if rtype != REC_TYPE_NORM and rtype != REC_TYPE_CONT:
+                        if rtype == REC_TYPE_XTRA or rtype == REC_TYPE_END:
                             last = True  # an unterminated last line
                             break
                         continue
@@ -312,7 +134,7 @@ def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optio
                 return fields, "the headers are longer than %d bytes; the rest was not read" % max_bytes
             if last:
                 return fields, note
-    except _Damaged as exc:
+    except Damaged as exc:
         return fields, "the queue file is damaged: %s" % exc
 
 

@@ -49,7 +49,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from qrunner.mta.postfix_queuefile import _Damaged, _Follower, _Reader
+from qrunner.mta.postfix_records import Damaged, RecordFollower, RecordReader
 
 __all__ = [
     "PostfixRecipient",
@@ -307,11 +307,11 @@ class _EnvelopeBuilder:
 
 def _read_envelope_from(f: BinaryIO, path: str) -> Tuple[PostfixEnvelope, int, int]:
     """The envelope, the content offset and the offset of the extracted part."""
-    reader = _Reader(f)
-    follower = _Follower(reader)
+    reader = RecordReader(f)
+    follower = RecordFollower(reader)
     try:
         first = reader.next()
-    except _Damaged:
+    except Damaged:
         first = None
     if first is None or first[0] != _SIZE:
         raise QueueFileError("%s is not a Postfix queue file (it does not start with a size record)" % path)
@@ -341,7 +341,7 @@ def _read_envelope_from(f: BinaryIO, path: str) -> Tuple[PostfixEnvelope, int, i
             if rec[0] == _END:
                 break
             env.add(rec[0], rec[1])
-    except _Damaged as exc:
+    except Damaged as exc:
         raise QueueFileError("%s is damaged: %s" % (path, exc))
     if env.sender is None:
         raise QueueFileError("%s has no envelope sender record: not a complete queue file" % path)
@@ -369,8 +369,8 @@ def read_envelope(path: str) -> PostfixEnvelope:
 
 
 def _iter_content_from(f: BinaryIO, path: str, data_offset: int) -> Iterator[bytes]:
-    reader = _Reader(f)
-    follower = _Follower(reader)
+    reader = RecordReader(f)
+    follower = RecordFollower(reader)
     try:
         reader.seek(data_offset)
         parts: List[bytes] = []
@@ -395,7 +395,7 @@ def _iter_content_from(f: BinaryIO, path: str, data_offset: int) -> Iterator[byt
             else:
                 raise QueueFileError("%s: unexpected %r record inside the message content"
                                      % (path, chr(rtype)))
-    except _Damaged as exc:
+    except Damaged as exc:
         raise QueueFileError("%s is damaged inside the message content: %s" % (path, exc))
 
 
