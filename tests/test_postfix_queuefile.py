@@ -58,16 +58,21 @@ ENVELOPE = (rec("T", b"1700000000 0") + rec("A", b"create_time=1700000000")
             + rec("R", b"r@example.net"))
 
 
-def queue_file(content: bytes, with_size: bool = True) -> bytes:
-    """A queue file with a size record pointing at ``content`` (the records after M)."""
+def queue_file(content: bytes, with_size: bool = True, envelope: bytes = ENVELOPE, extracted: bytes = b"") -> bytes:
+    """A queue file with a size record pointing at ``content`` (the records after M).
+
+    ``envelope`` and ``extracted`` are the records of the envelope part
+    (after the size record) and of the extracted part (between X and E).
+    """
+    tail = content + rec("X", b"") + extracted + rec("E", b"")
     if not with_size:
-        return ENVELOPE + rec("M", b"") + content + rec("X", b"") + rec("E", b"")
+        return envelope + rec("M", b"") + tail
     # The size record is padded to a fixed width, so its length is known.
     size_len = len(rec("C", b"%15d %15d %15d %15d %15d %15d" % (0, 0, 0, 0, 0, 0)))
-    offset = size_len + len(ENVELOPE) + len(rec("M", b""))
+    offset = size_len + len(envelope) + len(rec("M", b""))
     size = rec("C", b"%15d %15d %15d %15d %15d %15d" % (len(content), offset, 1, 0, len(content), 0))
     assert len(size) == size_len
-    return size + ENVELOPE + rec("M", b"") + content + rec("X", b"") + rec("E", b"")
+    return size + envelope + rec("M", b"") + tail
 
 
 def content_offset(data: bytes) -> int:

@@ -29,7 +29,7 @@ from typing import BinaryIO, List, Optional, Sequence, Tuple, Union
 from qrunner.mta.headers import DEFAULT_MAX_HEADER_BYTES, MtaFileHeaders
 from qrunner.mta.postfix_records import (REC_TYPE_CONT, REC_TYPE_END, REC_TYPE_MESG, REC_TYPE_NORM,
                                          REC_TYPE_SIZE, REC_TYPE_XTRA, Damaged, RecordFollower,
-                                         RecordReader, iter_records)
+                                         RecordReader)
 
 __all__ = [
     "read_headers",
@@ -324,19 +324,3 @@ def queue_file_path(queue_directory: str, queue_name: str, queue_id: str,
 def arrival_microseconds(queue_id: str) -> int:
     """The microseconds of the arrival that a queue id (either form) encodes."""
     return int(_hash_key(queue_id)[:5], 16)
-
-
-def read_sender(path: str) -> Optional[bytes]:
-    """The envelope sender (the ``S`` record) of a queue file; None when not found.
-
-    ``postqueue -j`` shows the null sender as ``empty_address_recipient``
-    (MAILER-DAEMON), which a real sender could also be called: the queue
-    file says which it is. Only the envelope part before the content is read.
-    """
-    with open(path, "rb") as f:
-        for rec_type, data in iter_records(f):
-            if rec_type == "S":
-                return data
-            if rec_type == "M":
-                return None
-    return None
