@@ -1,4 +1,4 @@
-"""Tests for qrunner.mta.postfix_queuefile.
+"""Tests for qrunner.mta.postfix_queuefile (and the record reader under it, qrunner.mta.postfix_records).
 
 Part (a) builds queue files by hand, record by record, to reach what a real
 Postfix writes only in special cases (pointer records in both directions,
@@ -13,17 +13,11 @@ import pickle
 import socket
 import struct
 import threading
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import pytest
 
-from qrunner.mta.postfix_queuefile import (
-    PostfixQueueFileHeaders,
-    fields_from_lines,
-    is_queue_id,
-    queue_file_path,
-    read_headers,
-)
+from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, fields_from_lines, is_queue_id
 from qrunner.mta.postfix_records import iter_records
 
 # The fixtures postfix, smtp_sink and postfix_available come from
@@ -87,6 +81,11 @@ def write(tmp_path, data: bytes, name: str = "ABCDEF123") -> str:
     path = tmp_path / name
     path.write_bytes(data)
     return str(path)
+
+
+def read_headers(path: str, **cap) -> List[bytes]:
+    """The header fields as a policy gets them: through the listing's header source."""
+    return PostfixQueueFileHeaders(path, os.path.basename(path), **cap).read()
 
 
 # -- (a) synthetic files --------------------------------------------------------------
@@ -263,11 +262,6 @@ def test_empty_and_garbage_files(tmp_path):
     assert read_headers(write(tmp_path, b"C\x03abc" + b"\x00" * 50, "c")) == []
 
 
-def test_unreadable_file_raises_oserror(tmp_path):
-    with pytest.raises(OSError):
-        read_headers(str(tmp_path / "missing"))
-
-
 # -- the HeaderSource --------------------------------------------------------------------
 
 
@@ -282,7 +276,8 @@ def test_header_source_reads_and_pickles(tmp_path):
 def test_header_source_missing_file_without_postcat(tmp_path):
     hs = PostfixQueueFileHeaders(str(tmp_path / "gone"), "ABCDEF123")
     assert hs.read() == []
-    assert "gone" in hs.problem and "\n" not in hs.problem
+    assert hs.problem == "headers of ABCDEF123 not read: cannot read %s: No such file or directory" % (
+        tmp_path / "gone")
 
 
 def test_header_source_falls_back_to_postcat(tmp_path):
@@ -351,41 +346,41 @@ def test_is_queue_id_rejects(qid):
     assert not is_queue_id(qid)
 
 
-def test_queue_file_path_short_ids():
+def test_queue_paths_short_ids():
     names = ["deferred", "defer"]
-    assert queue_file_path("/q", "deferred", "2D19A210594", names, 1) == "/q/deferred/2/2D19A210594"
-    assert queue_file_path("/q/", "deferred", "2D19A210594", names, 2) == "/q/deferred/2/D/2D19A210594"
-    assert queue_file_path("/q", "hold", "2D19A210594", names, 1) == "/q/hold/2D19A210594"
-    assert queue_file_path("/q", "Deferred", "2D19A210594", "DEFERRED, defer", 1) \
+    assert QueuePaths("/q", names, 1).path("deferred", "2D19A210594") == "/q/deferred/2/2D19A210594"
+    assert QueuePaths("/q/", names, 2).path("deferred", "2D19A210594") == "/q/deferred/2/D/2D19A210594"
+    assert QueuePaths("/q", names, 1).path("hold", "2D19A210594") == "/q/hold/2D19A210594"
+    assert QueuePaths("/q", "DEFERRED, defer", 1).path("Deferred", "2D19A210594") \
         == "/q/Deferred/2/2D19A210594"
-    assert queue_file_path("/q", "deferred", "2D19A210594", "deferred defer", 3) \
+    assert QueuePaths("/q", "deferred defer", 3).path("deferred", "2D19A210594") \
         == "/q/deferred/2/D/1/2D19A210594"
 
 
-def test_queue_file_path_long_ids_hash_on_hex_microseconds():
+def test_queue_paths_long_ids_hash_on_hex_microseconds():
     qid = long_id(1700000000, 0xABCDE, 4242)
-    assert queue_file_path("/q", "deferred", qid, ["deferred"], 1) == "/q/deferred/A/" + qid
-    assert queue_file_path("/q", "deferred", qid, ["deferred"], 2) == "/q/deferred/A/B/" + qid
+    assert QueuePaths("/q", ["deferred"], 1).path("deferred", qid) == "/q/deferred/A/" + qid
+    assert QueuePaths("/q", ["deferred"], 2).path("deferred", qid) == "/q/deferred/A/B/" + qid
     small = long_id(1700000000, 0x1F, 7)  # "%05X" keeps the leading zeros
-    assert queue_file_path("/q", "deferred", small, ["deferred"], 3) == "/q/deferred/0/0/0/" + small
+    assert QueuePaths("/q", ["deferred"], 3).path("deferred", small) == "/q/deferred/0/0/0/" + small
     # Deeper than the 5 hex digits: dir_forest() pads with "_".
-    assert queue_file_path("/q", "deferred", qid, ["deferred"], 6) \
+    assert QueuePaths("/q", ["deferred"], 6).path("deferred", qid) \
         == "/q/deferred/A/B/C/D/E/_/" + qid
     # A "z" inside the seconds is not the separator: the last "z" is.
     tricky = "zzzzzz" + safe_encode(77, 52, 4) + "z" + "Q"
     assert is_queue_id(tricky)
-    assert queue_file_path("/q", "deferred", tricky, ["deferred"], 2) == "/q/deferred/0/0/" + tricky
+    assert QueuePaths("/q", ["deferred"], 2).path("deferred", tricky) == "/q/deferred/0/0/" + tricky
 
 
-def test_queue_file_path_refuses_bad_input():
+def test_queue_paths_refuses_bad_input():
     for qid in ("../etc/passwd", "-h", "", "2D19A210594/x"):
         with pytest.raises(ValueError):
-            queue_file_path("/q", "deferred", qid, ["deferred"], 1)
+            QueuePaths("/q", ["deferred"], 1).path("deferred", qid)
     for name in ("../deferred", "", "de ferred", "hold/"):
         with pytest.raises(ValueError):
-            queue_file_path("/q", name, "2D19A210594", ["deferred"], 1)
+            QueuePaths("/q", ["deferred"], 1).path(name, "2D19A210594")
     with pytest.raises(ValueError):
-        queue_file_path("/q", "deferred", "2D19A210594", ["deferred"], 0)
+        QueuePaths("/q", ["deferred"], 0).path("deferred", "2D19A210594")
 
 
 # -- (b) against a real private Postfix ---------------------------------------------------------
@@ -410,9 +405,10 @@ MESSAGE = (
 )
 
 
-def postfix_paths(instance) -> Tuple[List[str], int]:
-    names = instance.postconf("hash_queue_names").replace(",", " ").split()
-    return names, int(instance.postconf("hash_queue_depth"))
+def postfix_paths(instance) -> QueuePaths:
+    """Queue file paths as the Postfix back end finds them, from the instance's own settings."""
+    return QueuePaths(instance.queue_directory, instance.postconf("hash_queue_names"),
+                      int(instance.postconf("hash_queue_depth")))
 
 
 def reference_fields(instance, qid: str) -> List[bytes]:
@@ -426,13 +422,13 @@ def submit(instance, tag: bytes, message: bytes = MESSAGE) -> str:
 
 
 def test_real_deferred_and_held_messages_match_postcat(postfix):
-    names, depth = postfix_paths(postfix)
+    paths = postfix_paths(postfix)
     q1 = submit(postfix, b"one")
     q2 = submit(postfix, b"two")
     postfix.hold([q2])
     postfix.wait_for_queue([q2], "hold")
     for qid, queue in ((q1, "deferred"), (q2, "hold")):
-        path = queue_file_path(postfix.queue_directory, queue, qid, names, depth)
+        path = paths.path(queue, qid)
         assert os.path.isfile(path), (queue, path)
         got = read_headers(path)
         expected = reference_fields(postfix, qid)
@@ -446,16 +442,16 @@ def test_real_deferred_and_held_messages_match_postcat(postfix):
         hs = PostfixQueueFileHeaders(path, qid)
         assert hs.read() == expected and hs.problem is None
     # A long line really is stored as L records (what this test is about).
-    path = queue_file_path(postfix.queue_directory, "deferred", q1, names, depth)
+    path = paths.path("deferred", q1)
     with open(path, "rb") as f:
         types = [t for t, _ in iter_records(f)]
     assert "L" in types[types.index("M"):]
 
 
 def test_real_header_source_follows_a_moved_message(postfix):
-    names, depth = postfix_paths(postfix)
+    paths = postfix_paths(postfix)
     qid = submit(postfix, b"moved")
-    deferred = queue_file_path(postfix.queue_directory, "deferred", qid, names, depth)
+    deferred = paths.path("deferred", qid)
     hs = PostfixQueueFileHeaders(deferred, qid, ["postcat", "-c", postfix.config_directory])
     postfix.hold([qid])
     postfix.wait_for_queue([qid], "hold")
@@ -470,14 +466,14 @@ def test_real_long_queue_ids_and_deeper_hashing(postfix):
     postfix.set(enable_long_queue_ids="yes", hash_queue_depth="2")
     qid = submit(postfix, b"long-id")
     assert is_queue_id(qid) and "z" in qid, qid
-    names, depth = postfix_paths(postfix)
-    assert depth == 2
-    path = queue_file_path(postfix.queue_directory, "deferred", qid, names, depth)
+    paths = postfix_paths(postfix)
+    assert paths.depth == 2
+    path = paths.path("deferred", qid)
     assert os.path.isfile(path), (path, sorted(os.listdir(os.path.join(postfix.queue_directory, "deferred"))))
     assert read_headers(path) == reference_fields(postfix, qid)
     postfix.hold([qid])
     postfix.wait_for_queue([qid], "hold")
-    assert os.path.isfile(queue_file_path(postfix.queue_directory, "hold", qid, names, depth))
+    assert os.path.isfile(paths.path("hold", qid))
 
 
 # -- a minimal milter, so that cleanup writes real pointer records ------------------------------
@@ -575,10 +571,10 @@ def milter():
 def test_real_milter_pointer_records_match_postcat(postfix, milter):
     postfix.set(non_smtpd_milters="inet:127.0.0.1:%d" % milter.port,
                 milter_default_action="tempfail")
-    names, depth = postfix_paths(postfix)
+    paths = postfix_paths(postfix)
     qid = submit(postfix, b"milter")
     assert milter.messages >= 1, postfix.log_text()[-2000:]
-    path = queue_file_path(postfix.queue_directory, "deferred", qid, names, depth)
+    path = paths.path("deferred", qid)
     with open(path, "rb") as f:
         pointers = [int(d) for t, d in iter_records(f) if t == "p"]
     assert any(p != 0 for p in pointers), pointers  # real (non-dummy) pointers

@@ -1,23 +1,24 @@
-"""Read the header fields of a message straight from its Postfix queue file.
+"""Postfix queue files: where they are, what their ids say, and the header fields they hold.
 
 A policy that reads headers needs them for every message of a possibly huge
 queue; ``postcat -hq`` would cost a process per message (about 5 ms), while
 the header part of a queue file is a few kilobytes that Python reads in
-microseconds. This module reads those files the way postcat does
-(``src/postcat/postcat.c``), through the record reader of
-:mod:`qrunner.mta.postfix_records`, and nothing more: the first record
-(``C``) holds the offset where the message content starts; from there each
-``N`` record is one line, and a line longer than Postfix's record limit
-comes as ``L`` records followed by its final ``N``. Headers a milter added
-are reached through pointer records, as Postfix's own readers reach them.
+microseconds. :class:`PostfixQueueFileHeaders` reads them the way postcat
+does (``src/postcat/postcat.c``), through the record reader of
+:mod:`qrunner.mta.postfix_records`: the size record (``C``) holds the offset
+where the message content starts; from there each ``N`` record is one line,
+and a line longer than Postfix's record limit comes as ``L`` records
+followed by its final ``N``. Headers a milter added are reached through
+pointer records, as Postfix's own readers reach them.
 
 Queue ids and file locations follow ``src/global/mail_queue.c`` and
-``mail_queue.h``; see :func:`is_queue_id` and :func:`queue_file_path`.
+``mail_queue.h``: :func:`is_queue_id`, :func:`hash_key`,
+:func:`arrival_microseconds` and :class:`QueuePaths`.
 
 Nothing here raises for what a queue file contains: malformed or truncated
-files yield what could be read. Only a file that cannot be opened or read
-raises :class:`OSError`, and :class:`PostfixQueueFileHeaders` turns even
-that into an explanation in ``.problem``.
+files yield what could be read, and :class:`PostfixQueueFileHeaders` says
+in ``.problem`` what could not be read (even when the file could not be
+opened at all).
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ from qrunner.mta.postfix_records import (REC_TYPE_CONT, REC_TYPE_END, REC_TYPE_M
                                          RecordReader)
 
 __all__ = [
-    "read_headers",
-    "fields_from_lines",
     "PostfixQueueFileHeaders",
+    "fields_from_lines",
     "is_queue_id",
-    "queue_file_path",
+    "hash_key",
+    "arrival_microseconds",
+    "QueuePaths",
 ]
 
 # A header line as postcat's is_header() sees it: a name of printable ASCII
@@ -138,30 +140,12 @@ def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optio
         return fields, "the queue file is damaged: %s" % exc
 
 
-def read_headers(path: str, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> List[bytes]:
-    """The header fields of the message in queue file ``path``, in order.
-
-    One entry per field, continuation lines joined by ``b"\\n"``, no final
-    line break: what ``HeaderLines`` holds. Headers a milter added (reached
-    through pointer records) appear where Postfix's readers show them.
-    Reading stops at the first line that is neither a header nor a
-    continuation (normally the empty line before the body), at the end of
-    the content, at damage in the file, or once ``max_bytes`` of header text
-    were read (the field that crosses the cap is cut there): a message with
-    megabytes of headers must not cost megabytes per message. Bytes are
-    returned as stored (8-bit text is not decoded). Raises OSError only
-    when the file cannot be opened or read.
-    """
-    with open(path, "rb", buffering=0) as f:
-        return _read_header_fields(f, max_bytes)[0]
-
-
 def fields_from_lines(lines: Sequence[bytes]) -> List[bytes]:
     """Group header lines (as postcat prints them) into fields.
 
     A line starting with a space or tab continues the previous field
     (joined with ``b"\\n"``); a continuation with no field before it stands
-    alone, as in :func:`read_headers`.
+    alone, as it does in the queue file reader.
     """
     fields: List[bytes] = []
     for line in lines:
@@ -180,6 +164,16 @@ class PostfixQueueFileHeaders(MtaFileHeaders):
     and ``postcat_argv`` is given (e.g. ``["postcat", "-c",
     "/etc/postfix"]``), from ``postcat -hq ID``, which finds the message in
     whatever queue it is now. Never raises (see :class:`MtaFileHeaders`).
+
+    ``read()`` returns one entry per field, continuation lines joined by
+    ``b"\\n"``, no final line break: what ``HeaderLines`` holds, in the
+    order Postfix's readers show (headers a milter added included). Reading
+    stops at the first line that is neither a header nor a continuation
+    (normally the empty line before the body), at the end of the content,
+    at damage in the file, or once ``max_bytes`` of header text were read
+    (the field that crosses the cap is cut there): a message with megabytes
+    of headers must not cost megabytes per message. Bytes are returned as
+    stored (8-bit text is not decoded).
     """
 
     __slots__ = ()
@@ -248,8 +242,8 @@ def is_queue_id(s: object) -> bool:
     return _SHORT_ID.match(s) is not None or _LONG_ID.match(s) is not None
 
 
-def _hash_key(queue_id: str) -> str:
-    """The string whose first characters name the hash directories.
+def hash_key(queue_id: str) -> str:
+    """What Postfix hashes a queue id on: the string whose first characters name the hash directories.
 
     ``mail_queue_dir()``: a long id (found with MQID_FIND_LG_INUM_SEPARATOR:
     the last "z", at least 10 characters in) hashes on its microseconds,
@@ -272,7 +266,12 @@ def _hash_key(queue_id: str) -> str:
 
 
 class QueuePaths:
-    """Queue file paths of one Postfix instance: its hashing settings parsed once, for a whole listing."""
+    """Queue file paths of one Postfix instance: its hashing settings parsed once, for a whole listing.
+
+    ``hash_queue_names`` is ``postconf -h hash_queue_names`` (a list, or the
+    string itself); queues named there (compared without case, as Postfix
+    does) get ``hash_queue_depth`` levels of one-character directories.
+    """
 
     def __init__(self, queue_directory: str, hash_queue_names: Union[Sequence[str], str], hash_queue_depth: int):
         if isinstance(hash_queue_names, str):
@@ -286,41 +285,25 @@ class QueuePaths:
             raise ValueError("hash_queue_depth must be at least 1, not %r" % (hash_queue_depth,))
 
     def path(self, queue_name: str, queue_id: str, key: Optional[str] = None) -> str:
-        """See :func:`queue_file_path`; ``key`` is :func:`hash_key` of the id when the caller has it."""
+        """Where Postfix keeps message ``queue_id`` of queue ``queue_name``.
+
+        In a hashed queue, ``dir_forest()`` names one directory level per
+        character of :func:`hash_key` (an id shorter than the depth is
+        padded with "_"); ``key`` is that key when the caller has it.
+        Raises ValueError for a queue name or id that Postfix would refuse,
+        so that nothing else ever becomes a path.
+        """
         if not isinstance(queue_name, str) or not _QUEUE_NAME.match(queue_name):
             raise ValueError("not a Postfix queue name: %r" % (queue_name,))
         if not is_queue_id(queue_id):
             raise ValueError("not a Postfix queue id: %r" % (queue_id,))
         if queue_name.lower() not in self.hashed:
             return os.path.join(self.queue_directory, queue_name, queue_id)
-        key = key or _hash_key(queue_id)
+        key = key or hash_key(queue_id)
         forest = [key[n] if n < len(key) else "_" for n in range(self.depth)]
         return os.path.join(self.queue_directory, queue_name, *forest, queue_id)
 
 
-def hash_key(queue_id: str) -> str:
-    """What Postfix hashes a queue id on: five hex digits of its arrival's microseconds first."""
-    return _hash_key(queue_id)
-
-
-def queue_file_path(queue_directory: str, queue_name: str, queue_id: str,
-                    hash_queue_names: Union[Sequence[str], str],
-                    hash_queue_depth: int) -> str:
-    """Where Postfix keeps message ``queue_id`` of queue ``queue_name``.
-
-    ``hash_queue_names`` is ``postconf -h hash_queue_names`` (a list, or the
-    string itself); queues named there (compared without case, as Postfix
-    does) get ``hash_queue_depth`` levels of one-character directories
-    (``dir_forest()``: an id shorter than the depth is padded with "_").
-    Raises ValueError for a queue name or id that Postfix would refuse,
-    so that nothing else ever becomes a path.
-    """
-    paths = QueuePaths(queue_directory, hash_queue_names, 1)
-    if queue_name.lower() in paths.hashed:
-        paths = QueuePaths(queue_directory, hash_queue_names, hash_queue_depth)
-    return paths.path(queue_name, queue_id)
-
-
 def arrival_microseconds(queue_id: str) -> int:
     """The microseconds of the arrival that a queue id (either form) encodes."""
-    return int(_hash_key(queue_id)[:5], 16)
+    return int(hash_key(queue_id)[:5], 16)
