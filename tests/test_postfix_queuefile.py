@@ -10,18 +10,37 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import socket
+import subprocess
 import struct
 import threading
 from typing import List, Optional
 
 import pytest
 
+from mta_available import skip_or_fail
 from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, fields_from_lines, is_queue_id
 from qrunner.mta.postfix_records import iter_records
 
 # The fixtures postfix, smtp_sink and postfix_available come from
 # tests/postfix_fixtures.py, loaded by tests/conftest.py.
+
+
+@pytest.fixture(scope="session")
+def postcat():
+    """The header lines ``postcat -h FILE`` prints (Postfix's reference), as a function of the file."""
+    skip_or_fail(None if shutil.which("postcat") else
+                 "Postfix is not installed (no postcat); run tests/setup/install-postfix.sh as root")
+
+    def header_lines(path: str) -> List[bytes]:
+        out = subprocess.run(["postcat", "-h", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+        lines = out.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        return lines
+
+    return header_lines
 
 
 # -- building queue files ---------------------------------------------------------
@@ -220,20 +239,72 @@ def test_cap_cuts_a_huge_single_line(tmp_path):
     assert len(got) == 1 and got[0].startswith(b"X-Big: zz") and len(got[0]) < 5000
 
 
-def test_truncated_files_never_raise(tmp_path):
-    chunk = b"q" * 300  # two length bytes
-    content = (lines(b"A: 1", b"B: 2") + rec("L", b"C: " + chunk) + rec("N", b"end")
-               + lines(b"D: 4", b"", b"body"))
-    data = queue_file(content)
-    full = read_headers(write(tmp_path, data))
-    assert full == [b"A: 1", b"B: 2", b"C: " + chunk + b"end", b"D: 4"]
+# A header part with every shape a cut can fall into: one-record lines, a
+# long line (L records, the first with two length bytes, then its final N),
+# a folded field, the empty line that ends the headers, a body.
+TRUNCATED_CONTENT = [("N", b"A: 1"), ("N", b"B: 2"), ("L", b"C: " + b"q" * 300), ("N", b"end"),
+                     ("N", b"D: 4"), ("N", b"\tfolded"), ("N", b""), ("N", b"body")]
+
+
+def expected_after_cut(cut: int, spans, header_text: bytes):
+    """The fields and the note a queue file cut at ``cut`` must yield.
+
+    ``spans`` are (start, end, type, length bytes, header text it completes)
+    for the size record and each content record; ``header_text`` is what
+    postcat prints for the whole file. The fields are those of the header
+    text whose records are complete before the cut (a long line cut after
+    one of its L records keeps what those records hold, as postcat prints
+    it); the note says where the cut fell.
+    """
+    size_end, content_start, blank_end = spans[0][1], spans[1][0], spans[-2][1]
+    done = max([text for start, end, _t, _n, text in spans if end <= cut], default=0)
+    prefix = header_text[:done].split(b"\n")
+    if prefix[-1] == b"":
+        prefix.pop()
+    fields = fields_from_lines(prefix)
+    if cut == 0:
+        return fields, "the queue file holds no message content"
+    if cut >= blank_end:
+        return fields, None
+    if size_end <= cut <= content_start:
+        return fields, "the queue file ends inside the message headers"
+    for start, end, rtype, length_bytes, _text in spans:
+        if cut == end:
+            return fields, ("the queue file ends inside a header line" if rtype == "L"
+                            else "the queue file ends inside the message headers")
+        if start < cut < end:
+            if cut == start + 1:
+                why = "file ends inside a record header"
+            elif cut < start + 1 + length_bytes:
+                why = "file ends inside a record length"
+            else:
+                why = "file ends inside a %r record" % rtype
+            return fields, "the queue file is damaged: " + why
+    raise AssertionError("cut %d is in no record" % cut)
+
+
+def test_truncated_files_never_raise(tmp_path, postcat):
+    """Cut at every byte, a queue file yields exactly the fields of its records complete before the cut."""
+    data = queue_file(b"".join(rec(t, d) for t, d in TRUNCATED_CONTENT))
+    header_text = b"".join(line + b"\n" for line in postcat(write(tmp_path, data, "whole")))
+    assert fields_from_lines(header_text.split(b"\n")[:-1]) == [
+        b"A: 1", b"B: 2", b"C: " + b"q" * 300 + b"end", b"D: 4\n\tfolded"]
+    size_record_length = data.index(ENVELOPE)
+    spans = [(0, size_record_length, "C", 1, 0)]
+    offset, text, in_headers = content_offset(data), 0, True
+    for rtype, payload in TRUNCATED_CONTENT:
+        length_bytes = len(rec(rtype, payload)) - 1 - len(payload)
+        in_headers = in_headers and (rtype, payload) != ("N", b"")
+        if in_headers:
+            text += len(payload) + (rtype == "N")  # postcat ends each N record's line with a newline
+        spans.append((offset, offset + 1 + length_bytes + len(payload), rtype, length_bytes, text))
+        offset = spans[-1][1]
     for cut in range(len(data)):
-        got = read_headers(write(tmp_path, data[:cut], "cut"))
-        assert got == full[:len(got)] or (got and got[:-1] == full[:len(got) - 1])
-        hs = PostfixQueueFileHeaders(str(tmp_path / "cut"), "ABCDEF123")
-        assert hs.read() == got
-        if len(got) < len(full):
-            assert hs.problem
+        path = write(tmp_path, data[:cut], "ABCDEF123")
+        fields, note = expected_after_cut(cut, spans, header_text)
+        source = PostfixQueueFileHeaders(path, "ABCDEF123")
+        assert (cut, source.read(), source.problem) == (
+            cut, fields, note and "ABCDEF123 (%s): %s" % (path, note))
 
 
 def test_absurd_lengths_stop_cleanly(tmp_path):
@@ -256,10 +327,21 @@ def test_iter_records(tmp_path):
         assert list(iter_records(f)) == []
 
 
-def test_empty_and_garbage_files(tmp_path):
-    assert read_headers(write(tmp_path, b"", "empty")) == []
-    assert read_headers(write(tmp_path, os.urandom(4096), "junk")) is not None
-    assert read_headers(write(tmp_path, b"C\x03abc" + b"\x00" * 50, "c")) == []
+@pytest.mark.parametrize("name, data, note", [
+    ("empty", b"", "the queue file holds no message content"),
+    # "S" is a record type, and "u" a length of 117: more than the file holds
+    ("text", b"Subject: not a queue file\n\nhello\n",
+     "the queue file is damaged: file ends inside a 'S' record"),
+    # a size record that holds no offsets, then empty records up to the end: no M record
+    ("bad size record", b"C\x03abc" + b"\x00" * 50, "the queue file holds no message content"),
+    # every byte has its high bit set: a length that never ends
+    ("high bits", b"\xff" * 4096, "the queue file is damaged: too many length bytes in a '\xff' record"),
+])
+def test_empty_and_garbage_files(tmp_path, postcat, name, data, note):
+    path = write(tmp_path, data)
+    source = PostfixQueueFileHeaders(path, "ABCDEF123")
+    assert postcat(path) == []
+    assert (source.read(), source.problem) == ([], "ABCDEF123 (%s): %s" % (path, note))
 
 
 # -- the HeaderSource --------------------------------------------------------------------

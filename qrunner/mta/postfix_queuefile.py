@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import BinaryIO, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
 
 from qrunner.mta.headers import DEFAULT_MAX_HEADER_BYTES, MtaFileHeaders
 from qrunner.mta.postfix_records import (REC_TYPE_CONT, REC_TYPE_END, REC_TYPE_MESG, REC_TYPE_NORM,
@@ -44,6 +44,8 @@ __all__ = [
 # A header line as postcat's is_header() sees it: a name of printable ASCII
 # other than space, tab and colon, optional space or tab, then a colon.
 _HEADER_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+_Next = Callable[[], Optional[Tuple[int, bytes]]]
 
 
 def _is_header_line_start(data: bytes) -> bool:
@@ -77,6 +79,34 @@ def _find_content(follower: RecordFollower) -> bool:
             return True
 
 
+def _long_line(next_rec: _Next, first: bytes, room: int) -> Tuple[bytes, bool, Optional[str]]:
+    """A line stored as ``L`` records and its final ``N``, joined.
+
+    Returns the line, whether the header part ends with it, and why when
+    that is because the file ends or is damaged: the records read before
+    that point still count, as postcat prints them. Reading stops once the
+    line is longer than ``room``, the header text the cap still allows.
+    """
+    parts = [first]
+    size = len(first)
+    while size <= room:
+        try:
+            rec = next_rec()
+        except Damaged as exc:
+            return b"".join(parts), True, "the queue file is damaged: %s" % exc
+        if rec is None:
+            return b"".join(parts), True, "the queue file ends inside a header line"
+        rtype, data = rec
+        if rtype == REC_TYPE_NORM or rtype == REC_TYPE_CONT:
+            parts.append(data)
+            size += len(data)
+            if rtype == REC_TYPE_NORM:
+                break
+        elif rtype == REC_TYPE_XTRA or rtype == REC_TYPE_END:
+            return b"".join(parts), True, None  # an unterminated last line
+    return b"".join(parts), False, None
+
+
 def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optional[str]]:
     """The header fields of an open queue file and, if incomplete, why."""
     follower = RecordFollower(RecordReader(f))
@@ -90,39 +120,18 @@ def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optio
             rec = next_rec()
             if rec is None:
                 return fields, "the queue file ends inside the message headers"
-            rtype, data = rec
+            rtype, line = rec
             if rtype != REC_TYPE_NORM and rtype != REC_TYPE_CONT:
                 if rtype == REC_TYPE_XTRA or rtype == REC_TYPE_END:
                     return fields, None  # headers without a body
                 continue  # a record type that carries no text here
             # The first record of a line decides, as in postcat: a line
             # that is neither a header nor a continuation ends the headers.
-            if not _is_header_line_start(data):
+            if not _is_header_line_start(line):
                 return fields, None
-            last = False
-            note = None
+            last, note = False, None
             if rtype == REC_TYPE_CONT:
-                parts = [data]
-                size = len(data)
-                while rtype == REC_TYPE_CONT:
-                    rec = next_rec()
-                    if rec is None:
-                        last = True
-                        note = "the queue file ends inside a header line"
-                        break
-                    rtype, data = rec
-                    if rtype != REC_TYPE_NORM and rtype != REC_TYPE_CONT:
-                        if rtype == REC_TYPE_XTRA or rtype == REC_TYPE_END:
-                            last = True  # an unterminated last line
-                            break
-                        continue
-                    parts.append(data)
-                    size += len(data)
-                    if total + size > max_bytes:
-                        break
-                line = b"".join(parts)
-            else:
-                line = data
+                line, last, note = _long_line(next_rec, line, max_bytes - total)
             total += len(line) + 1
             if total > max_bytes:
                 line = line[:max(0, len(line) - (total - max_bytes))]
