@@ -441,11 +441,15 @@ def _read_envelope(src: _Source, name_id: Optional[str]) -> EximHeaderFile:
 
 
 def _read_options(src: _Source, hf: EximHeaderFile) -> Optional[bytes]:
-    """The ``-`` option lines; returns the first line after them (or None)."""
+    """The ``-`` option lines; returns the first line after them (or None).
+
+    A last line without its newline is where the file was cut: its value
+    may be cut too (``-frozen 17``), so it is no option.
+    """
     options = hf.options
     while True:
         line = src.line()
-        if line is None or line[:1] != b"-":
+        if line is None or line[:1] != b"-" or line[-1:] != b"\n":
             return line
         body = _strip_nl(line)[1:]
         if body[:1] == b"-":  # tainted value
