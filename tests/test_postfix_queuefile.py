@@ -102,7 +102,7 @@ def write(tmp_path, data: bytes, name: str = "ABCDEF123") -> str:
     return str(path)
 
 
-def read_headers(path: str, **cap) -> List[bytes]:
+def header_fields(path: str, **cap) -> List[bytes]:
     """The header fields as a policy gets them: through the listing's header source."""
     return PostfixQueueFileHeaders(path, os.path.basename(path), **cap).read()
 
@@ -113,20 +113,20 @@ def read_headers(path: str, **cap) -> List[bytes]:
 def test_plain_and_folded_headers(tmp_path):
     data = queue_file(lines(b"Subject: hello", b"X-Folded: a", b"\tb", b" c",
                             b"From: a@b", b"", b"body line", b"Not-A-Header: body"))
-    assert read_headers(write(tmp_path, data)) == [
+    assert header_fields(write(tmp_path, data)) == [
         b"Subject: hello", b"X-Folded: a\n\tb\n c", b"From: a@b"]
 
 
 def test_without_size_record_scans_to_content(tmp_path):
     data = queue_file(lines(b"Subject: x", b"", b"b"), with_size=False)
-    assert read_headers(write(tmp_path, data)) == [b"Subject: x"]
+    assert header_fields(write(tmp_path, data)) == [b"Subject: x"]
 
 
 def test_long_line_as_L_records(tmp_path):
     chunk = b"y" * 2048
     content = (rec("L", b"X-Long: " + chunk) + rec("L", chunk) + rec("N", b"end")
                + rec("N", b" continued") + lines(b"Subject: s", b"", b"body"))
-    assert read_headers(write(tmp_path, queue_file(content))) == [
+    assert header_fields(write(tmp_path, queue_file(content))) == [
         b"X-Long: " + chunk + chunk + b"end\n continued", b"Subject: s"]
 
 
@@ -134,22 +134,22 @@ def test_L_record_decides_line_start_only(tmp_path):
     # The second part of a continued line looks like a body line; it must
     # not end the headers because it does not start a line.
     content = rec("L", b"X-A: 1") + rec("N", b" not: a start") + lines(b"B: 2", b"")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"X-A: 1 not: a start", b"B: 2"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"X-A: 1 not: a start", b"B: 2"]
 
 
 def test_headers_end_at_non_header_line_without_blank(tmp_path):
     content = lines(b"A: 1", b"this is body text", b"B: 2")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1"]
 
 
 def test_header_name_rules_follow_is_header(tmp_path):
     content = lines(b"Obsolete-Space : v", b"A: 1", b"Bad Name: x", b"C: 3")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"Obsolete-Space : v", b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"Obsolete-Space : v", b"A: 1"]
 
 
 def test_padding_records_are_skipped(tmp_path):
     content = rec("N", b"A: 1") + rec("w", b"\0" * 12) + rec("N", b"\tcont") + lines(b"", b"b")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1\n\tcont"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1\n\tcont"]
 
 
 def test_pointer_forward_and_back_like_cleanup_milter(tmp_path):
@@ -180,52 +180,52 @@ def test_pointer_forward_and_back_like_cleanup_milter(tmp_path):
     app = rec("N", b"X-Appended: yes") + rec("N", b"\tfolded") + ptr(after_dummy)
     data = head + part1 + ptr(ins_at) + part2 + ptr(app_at) + tail + ins + app
     assert data.index(b"X-Inserted") == ins_at + 2
-    assert read_headers(write(tmp_path, data)) == [
+    assert header_fields(write(tmp_path, data)) == [
         b"A: 1", b"X-Inserted: yes", b"B: 2", b"C: 3", b"X-Appended: yes\n\tfolded"]
 
 
 def test_dummy_pointer_is_ignored(tmp_path):
     content = lines(b"A: 1") + ptr(0) + lines(b"", b"body")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1"]
 
 
 def test_pointer_loop_terminates(tmp_path):
     head = queue_file(b"")[: -len(rec("X", b"") + rec("E", b""))]
     at = len(head) + len(rec("N", b"A: 1"))
     data = head + rec("N", b"A: 1") + ptr(at) + lines(b"", b"b")
-    assert read_headers(write(tmp_path, data)) == [b"A: 1"]
+    assert header_fields(write(tmp_path, data)) == [b"A: 1"]
 
 
 def test_pointer_loop_with_text_is_capped(tmp_path):
     head = queue_file(b"")[: -len(rec("X", b"") + rec("E", b""))]
     start = len(head)
     data = head + rec("N", b"A: 1") + ptr(start)
-    got = read_headers(write(tmp_path, data), max_bytes=1000)
+    got = header_fields(write(tmp_path, data), max_bytes=1000)
     assert sum(len(f) + 1 for f in got) <= 1000 + 5
     assert set(got) <= {b"A: 1", b"A:"}
 
 
 def test_malformed_pointer_stops(tmp_path):
     content = lines(b"A: 1") + rec("p", b"12ab") + lines(b"B: 2", b"")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1"]
 
 
 def test_eight_bit_bytes_are_returned_raw(tmp_path):
     fields = [b"Subject: caf\xc3\xa9", b"X-Latin1: \xe9t\xe9", b"X-Bad: \xff\xfe\x00\x01"]
     data = queue_file(lines(*fields, b"", b"body \xff"))
-    assert read_headers(write(tmp_path, data)) == fields
+    assert header_fields(write(tmp_path, data)) == fields
 
 
 def test_cap_stops_reading_more_fields(tmp_path):
     many = [b"X-H%05d: %s" % (i, b"v" * 80) for i in range(5000)]
     data = queue_file(lines(*many, b"", b"body"))
     path = write(tmp_path, data)
-    got = read_headers(path, max_bytes=10000)
+    got = header_fields(path, max_bytes=10000)
     assert 0 < len(got) < 200
     assert sum(len(f) + 1 for f in got) <= 10000
     assert got[:-1] == many[:len(got) - 1]
     assert many[len(got) - 1].startswith(got[-1])
-    default = read_headers(path)  # the default cap, 256 KiB, applies too
+    default = header_fields(path)  # the default cap, 256 KiB, applies too
     assert 2500 < len(default) < 5000
     assert default[:-1] == many[:len(default) - 1]
     hs = PostfixQueueFileHeaders(path, "ABCDEF123", max_bytes=10000)
@@ -235,7 +235,7 @@ def test_cap_stops_reading_more_fields(tmp_path):
 def test_cap_cuts_a_huge_single_line(tmp_path):
     chunk = b"z" * 2048
     content = rec("L", b"X-Big: ") + b"".join(rec("L", chunk) for _ in range(100)) + lines(b"", b"b")
-    got = read_headers(write(tmp_path, queue_file(content)), max_bytes=5000)
+    got = header_fields(write(tmp_path, queue_file(content)), max_bytes=5000)
     assert len(got) == 1 and got[0].startswith(b"X-Big: zz") and len(got[0]) < 5000
 
 
@@ -309,9 +309,9 @@ def test_truncated_files_never_raise(tmp_path, postcat):
 
 def test_absurd_lengths_stop_cleanly(tmp_path):
     content = lines(b"A: 1") + b"N\xff\xff\xff\xff\x7f" + b"x" * 10
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1"]
     content = lines(b"A: 1") + b"N\xff\xff\xff\x7f" + b"x" * 10  # 2^28-1, file too short
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1"]
 
 
 def test_iter_records(tmp_path):
@@ -512,7 +512,7 @@ def test_real_deferred_and_held_messages_match_postcat(postfix):
     for qid, queue in ((q1, "deferred"), (q2, "hold")):
         path = paths.path(queue, qid)
         assert os.path.isfile(path), (queue, path)
-        got = read_headers(path)
+        got = header_fields(path)
         expected = reference_fields(postfix, qid)
         assert got == expected
         by_name = {f.split(b":", 1)[0]: f for f in got}
@@ -552,7 +552,7 @@ def test_real_long_queue_ids_and_deeper_hashing(postfix):
     assert paths.depth == 2
     path = paths.path("deferred", qid)
     assert os.path.isfile(path), (path, sorted(os.listdir(os.path.join(postfix.queue_directory, "deferred"))))
-    assert read_headers(path) == reference_fields(postfix, qid)
+    assert header_fields(path) == reference_fields(postfix, qid)
     postfix.hold([qid])
     postfix.wait_for_queue([qid], "hold")
     assert os.path.isfile(paths.path("hold", qid))
@@ -660,7 +660,7 @@ def test_real_milter_pointer_records_match_postcat(postfix, milter):
     with open(path, "rb") as f:
         pointers = [int(d) for t, d in iter_records(f) if t == "p"]
     assert any(p != 0 for p in pointers), pointers  # real (non-dummy) pointers
-    got = read_headers(path)
+    got = header_fields(path)
     expected = reference_fields(postfix, qid)
     assert got == expected
     assert b"X-Milter-Appended: appended by the test milter" in got
