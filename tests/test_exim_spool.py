@@ -80,6 +80,36 @@ FULL_HEADERS = [
 ]
 
 
+# What full_h() holds, as Exim reads it.
+FULL_OPTIONS = {"received_time_usec": ".323645", "ident": "root", "helo_name": "evil host", "auth_id": "someone",
+                "frozen": "1795600400", "manual_thaw": "", "localerror": "", "dsn_envid": "abc", "dsn_ret": "2",
+                "N": ""}
+FULL_NON_RECIPIENTS = frozenset({"b@example.com", "d@example.com", "f@example.com"})
+FULL_RECIPIENTS = (
+    EximRecipient("b@example.com", orcpt="rfc822;orig@example.com", dsn_flags=12),
+    EximRecipient("c@example.com", dsn_flags=2),
+    EximRecipient("d@example.com"),
+    EximRecipient("e@example.com", errors_to="err@example.org", pno=3),
+    EximRecipient("f@example.com"),
+    EximRecipient("g host@example.com", pno=2),
+)
+FULL_FIELDS = [  # the live headers: X-Removed is flagged deleted
+    b"Received: from root by host with local (Exim 4.96)\n"
+    b"\t(envelope-from <a@example.org>)\n\tid 1xW85O-0001T2-2A;\n"
+    b"\tWed, 25 Nov 2026 09:52:09 +0000",
+    b"Subject: caf\xc3\xa9 \xff raw",
+    b"X-Folded: one\n two\n\tthree",
+    b"X-Long: " + LONG_VALUE,
+    b"From: a@example.org",
+]
+
+
+def options_before(name: str):
+    """The options of full_h() whose lines come before option ``name``."""
+    names = list(FULL_OPTIONS)
+    return {k: FULL_OPTIONS[k] for k in names[:names.index(name)]}
+
+
 def full_h() -> bytes:
     return make_h(
         options=[
@@ -137,21 +167,14 @@ def test_full_header_file(tmp_path):
     assert hf.recipients[3] == EximRecipient("e@example.com", dsn_flags=0,
                                              errors_to="err@example.org", pno=3)
     assert hf.recipients[5].pno == 2
-    assert hf.non_recipients == {"b@example.com", "d@example.com", "f@example.com"}
+    assert hf.non_recipients == FULL_NON_RECIPIENTS
+    assert hf.options == FULL_OPTIONS and hf.recipients == FULL_RECIPIENTS
     assert hf.pending_recipients == ("c@example.com", "e@example.com", "g host@example.com")
 
 
 def test_header_fields_are_raw_and_exclude_deleted(tmp_path):
     hf = read_header_file(write(tmp_path / (OLD_ID + "-H"), full_h()))
-    assert hf.headers == [
-        b"Received: from root by host with local (Exim 4.96)\n"
-        b"\t(envelope-from <a@example.org>)\n\tid 1xW85O-0001T2-2A;\n"
-        b"\tWed, 25 Nov 2026 09:52:09 +0000",
-        b"Subject: caf\xc3\xa9 \xff raw",
-        b"X-Folded: one\n two\n\tthree",
-        b"X-Long: " + LONG_VALUE,
-        b"From: a@example.org",
-    ]
+    assert hf.headers == FULL_FIELDS
     # the long header's length took 4 digits
     assert b"\n1209  X-Long: " in full_h()
     # header_size counts every live header with its newline, not the deleted one
@@ -211,17 +234,34 @@ def test_file_named_for_another_message_raises(tmp_path):
         read_header_file(write(tmp_path / (NEW_ID + "-H"), make_h(message_id=OLD_ID)))
 
 
-@pytest.mark.parametrize("marker", [
-    b"-dsn_envid", b"NN b@example.com", b"c@example.com  0,2", b"Received: from", b"X-Long: xx",
-    b"rom: a@example.org",
-])
-def test_truncated_files_never_raise_past_the_envelope(tmp_path, marker):
+@pytest.mark.parametrize("marker, options, non_recipients, recipients, fields, problem", [
+    # inside an option line: the options before it, none from the cut line
+    (b"-dsn_envid", options_before("dsn_envid"), frozenset(), (), [], "the file ends before the recipient list"),
+    (b"0400\n-manual_thaw", options_before("frozen"), frozenset(), (), [],
+     "the file ends before the recipient list"),
+    # inside the non-recipients tree: the nodes before the cut
+    (b"NN b@example.com", FULL_OPTIONS, {"d@example.com"}, (), [], "the non-recipients tree is malformed"),
+    # inside a recipient line: the recipients before it
+    (b"c@example.com  0,2", FULL_OPTIONS, FULL_NON_RECIPIENTS, FULL_RECIPIENTS[:1], [],
+     "the file ends inside the recipient list"),
+    # inside a header: the headers before it, and what the file holds of that one
+    (b"Received: from", FULL_OPTIONS, FULL_NON_RECIPIENTS, FULL_RECIPIENTS, [b"Rec"],
+     "the file ends inside a header"),
+    (b"X-Long: xx", FULL_OPTIONS, FULL_NON_RECIPIENTS, FULL_RECIPIENTS, FULL_FIELDS[:3] + [b"X-L"],
+     "the file ends inside a header"),
+    (b"rom: a@example.org", FULL_OPTIONS, FULL_NON_RECIPIENTS, FULL_RECIPIENTS, FULL_FIELDS[:4] + [b"From"],
+     "the file ends inside a header"),
+], ids=["option", "option value", "tree", "recipient", "first header", "long header", "last header"])
+def test_truncated_files_never_raise_past_the_envelope(tmp_path, marker, options, non_recipients, recipients,
+                                                       fields, problem):
+    """A -H file cut 3 bytes into ``marker`` yields exactly what full_h() wrote before the cut."""
     data = full_h()
     cut = data.index(marker) + 3
     hf = read_header_file(write(tmp_path / (OLD_ID + "-H"), data[:cut]))
-    assert hf.problem is not None
-    assert not hf.headers_complete
-    assert hf.sender == "a@example.org"
+    assert ((hf.message_id, hf.login, hf.sender, hf.received_time), hf.options, hf.non_recipients,
+            hf.recipients, hf.headers, hf.headers_complete, hf.problem) == (
+        (OLD_ID, "root", "a@example.org", 1795600329), options, frozenset(non_recipients),
+        recipients, fields, False, problem)
 
 
 def test_malformed_header_part_is_reported_not_raised(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for qrunner.mta.postfix_queuefile.
+"""Tests for qrunner.mta.postfix_queuefile (and the record reader under it, qrunner.mta.postfix_records).
 
 Part (a) builds queue files by hand, record by record, to reach what a real
 Postfix writes only in special cases (pointer records in both directions,
@@ -10,24 +10,37 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import socket
+import subprocess
 import struct
 import threading
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import pytest
 
-from qrunner.mta.postfix_queuefile import (
-    PostfixQueueFileHeaders,
-    fields_from_lines,
-    is_queue_id,
-    iter_records,
-    queue_file_path,
-    read_headers,
-)
+from mta_available import skip_or_fail
+from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, fields_from_lines, is_queue_id
+from qrunner.mta.postfix_records import iter_records
 
 # The fixtures postfix, smtp_sink and postfix_available come from
 # tests/postfix_fixtures.py, loaded by tests/conftest.py.
+
+
+@pytest.fixture(scope="session")
+def postcat():
+    """The header lines ``postcat -h FILE`` prints (Postfix's reference), as a function of the file."""
+    skip_or_fail(None if shutil.which("postcat") else
+                 "Postfix is not installed (no postcat); run tests/setup/install-postfix.sh as root")
+
+    def header_lines(path: str) -> List[bytes]:
+        out = subprocess.run(["postcat", "-h", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout
+        lines = out.split(b"\n")
+        if lines[-1] == b"":
+            lines.pop()
+        return lines
+
+    return header_lines
 
 
 # -- building queue files ---------------------------------------------------------
@@ -58,16 +71,21 @@ ENVELOPE = (rec("T", b"1700000000 0") + rec("A", b"create_time=1700000000")
             + rec("R", b"r@example.net"))
 
 
-def queue_file(content: bytes, with_size: bool = True) -> bytes:
-    """A queue file with a size record pointing at ``content`` (the records after M)."""
+def queue_file(content: bytes, with_size: bool = True, envelope: bytes = ENVELOPE, extracted: bytes = b"") -> bytes:
+    """A queue file with a size record pointing at ``content`` (the records after M).
+
+    ``envelope`` and ``extracted`` are the records of the envelope part
+    (after the size record) and of the extracted part (between X and E).
+    """
+    tail = content + rec("X", b"") + extracted + rec("E", b"")
     if not with_size:
-        return ENVELOPE + rec("M", b"") + content + rec("X", b"") + rec("E", b"")
+        return envelope + rec("M", b"") + tail
     # The size record is padded to a fixed width, so its length is known.
     size_len = len(rec("C", b"%15d %15d %15d %15d %15d %15d" % (0, 0, 0, 0, 0, 0)))
-    offset = size_len + len(ENVELOPE) + len(rec("M", b""))
+    offset = size_len + len(envelope) + len(rec("M", b""))
     size = rec("C", b"%15d %15d %15d %15d %15d %15d" % (len(content), offset, 1, 0, len(content), 0))
     assert len(size) == size_len
-    return size + ENVELOPE + rec("M", b"") + content + rec("X", b"") + rec("E", b"")
+    return size + envelope + rec("M", b"") + tail
 
 
 def content_offset(data: bytes) -> int:
@@ -84,26 +102,31 @@ def write(tmp_path, data: bytes, name: str = "ABCDEF123") -> str:
     return str(path)
 
 
+def header_fields(path: str, **cap) -> List[bytes]:
+    """The header fields as a policy gets them: through the listing's header source."""
+    return PostfixQueueFileHeaders(path, os.path.basename(path), **cap).read()
+
+
 # -- (a) synthetic files --------------------------------------------------------------
 
 
 def test_plain_and_folded_headers(tmp_path):
     data = queue_file(lines(b"Subject: hello", b"X-Folded: a", b"\tb", b" c",
                             b"From: a@b", b"", b"body line", b"Not-A-Header: body"))
-    assert read_headers(write(tmp_path, data)) == [
+    assert header_fields(write(tmp_path, data)) == [
         b"Subject: hello", b"X-Folded: a\n\tb\n c", b"From: a@b"]
 
 
 def test_without_size_record_scans_to_content(tmp_path):
     data = queue_file(lines(b"Subject: x", b"", b"b"), with_size=False)
-    assert read_headers(write(tmp_path, data)) == [b"Subject: x"]
+    assert header_fields(write(tmp_path, data)) == [b"Subject: x"]
 
 
 def test_long_line_as_L_records(tmp_path):
     chunk = b"y" * 2048
     content = (rec("L", b"X-Long: " + chunk) + rec("L", chunk) + rec("N", b"end")
                + rec("N", b" continued") + lines(b"Subject: s", b"", b"body"))
-    assert read_headers(write(tmp_path, queue_file(content))) == [
+    assert header_fields(write(tmp_path, queue_file(content))) == [
         b"X-Long: " + chunk + chunk + b"end\n continued", b"Subject: s"]
 
 
@@ -111,22 +134,22 @@ def test_L_record_decides_line_start_only(tmp_path):
     # The second part of a continued line looks like a body line; it must
     # not end the headers because it does not start a line.
     content = rec("L", b"X-A: 1") + rec("N", b" not: a start") + lines(b"B: 2", b"")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"X-A: 1 not: a start", b"B: 2"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"X-A: 1 not: a start", b"B: 2"]
 
 
 def test_headers_end_at_non_header_line_without_blank(tmp_path):
     content = lines(b"A: 1", b"this is body text", b"B: 2")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1"]
 
 
 def test_header_name_rules_follow_is_header(tmp_path):
     content = lines(b"Obsolete-Space : v", b"A: 1", b"Bad Name: x", b"C: 3")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"Obsolete-Space : v", b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"Obsolete-Space : v", b"A: 1"]
 
 
 def test_padding_records_are_skipped(tmp_path):
     content = rec("N", b"A: 1") + rec("w", b"\0" * 12) + rec("N", b"\tcont") + lines(b"", b"b")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1\n\tcont"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1\n\tcont"]
 
 
 def test_pointer_forward_and_back_like_cleanup_milter(tmp_path):
@@ -157,52 +180,52 @@ def test_pointer_forward_and_back_like_cleanup_milter(tmp_path):
     app = rec("N", b"X-Appended: yes") + rec("N", b"\tfolded") + ptr(after_dummy)
     data = head + part1 + ptr(ins_at) + part2 + ptr(app_at) + tail + ins + app
     assert data.index(b"X-Inserted") == ins_at + 2
-    assert read_headers(write(tmp_path, data)) == [
+    assert header_fields(write(tmp_path, data)) == [
         b"A: 1", b"X-Inserted: yes", b"B: 2", b"C: 3", b"X-Appended: yes\n\tfolded"]
 
 
 def test_dummy_pointer_is_ignored(tmp_path):
     content = lines(b"A: 1") + ptr(0) + lines(b"", b"body")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1"]
 
 
 def test_pointer_loop_terminates(tmp_path):
     head = queue_file(b"")[: -len(rec("X", b"") + rec("E", b""))]
     at = len(head) + len(rec("N", b"A: 1"))
     data = head + rec("N", b"A: 1") + ptr(at) + lines(b"", b"b")
-    assert read_headers(write(tmp_path, data)) == [b"A: 1"]
+    assert header_fields(write(tmp_path, data)) == [b"A: 1"]
 
 
 def test_pointer_loop_with_text_is_capped(tmp_path):
     head = queue_file(b"")[: -len(rec("X", b"") + rec("E", b""))]
     start = len(head)
     data = head + rec("N", b"A: 1") + ptr(start)
-    got = read_headers(write(tmp_path, data), max_bytes=1000)
+    got = header_fields(write(tmp_path, data), max_bytes=1000)
     assert sum(len(f) + 1 for f in got) <= 1000 + 5
     assert set(got) <= {b"A: 1", b"A:"}
 
 
 def test_malformed_pointer_stops(tmp_path):
     content = lines(b"A: 1") + rec("p", b"12ab") + lines(b"B: 2", b"")
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1"]
 
 
 def test_eight_bit_bytes_are_returned_raw(tmp_path):
     fields = [b"Subject: caf\xc3\xa9", b"X-Latin1: \xe9t\xe9", b"X-Bad: \xff\xfe\x00\x01"]
     data = queue_file(lines(*fields, b"", b"body \xff"))
-    assert read_headers(write(tmp_path, data)) == fields
+    assert header_fields(write(tmp_path, data)) == fields
 
 
 def test_cap_stops_reading_more_fields(tmp_path):
     many = [b"X-H%05d: %s" % (i, b"v" * 80) for i in range(5000)]
     data = queue_file(lines(*many, b"", b"body"))
     path = write(tmp_path, data)
-    got = read_headers(path, max_bytes=10000)
+    got = header_fields(path, max_bytes=10000)
     assert 0 < len(got) < 200
     assert sum(len(f) + 1 for f in got) <= 10000
     assert got[:-1] == many[:len(got) - 1]
     assert many[len(got) - 1].startswith(got[-1])
-    default = read_headers(path)  # the default cap, 256 KiB, applies too
+    default = header_fields(path)  # the default cap, 256 KiB, applies too
     assert 2500 < len(default) < 5000
     assert default[:-1] == many[:len(default) - 1]
     hs = PostfixQueueFileHeaders(path, "ABCDEF123", max_bytes=10000)
@@ -212,31 +235,83 @@ def test_cap_stops_reading_more_fields(tmp_path):
 def test_cap_cuts_a_huge_single_line(tmp_path):
     chunk = b"z" * 2048
     content = rec("L", b"X-Big: ") + b"".join(rec("L", chunk) for _ in range(100)) + lines(b"", b"b")
-    got = read_headers(write(tmp_path, queue_file(content)), max_bytes=5000)
+    got = header_fields(write(tmp_path, queue_file(content)), max_bytes=5000)
     assert len(got) == 1 and got[0].startswith(b"X-Big: zz") and len(got[0]) < 5000
 
 
-def test_truncated_files_never_raise(tmp_path):
-    chunk = b"q" * 300  # two length bytes
-    content = (lines(b"A: 1", b"B: 2") + rec("L", b"C: " + chunk) + rec("N", b"end")
-               + lines(b"D: 4", b"", b"body"))
-    data = queue_file(content)
-    full = read_headers(write(tmp_path, data))
-    assert full == [b"A: 1", b"B: 2", b"C: " + chunk + b"end", b"D: 4"]
+# A header part with every shape a cut can fall into: one-record lines, a
+# long line (L records, the first with two length bytes, then its final N),
+# a folded field, the empty line that ends the headers, a body.
+TRUNCATED_CONTENT = [("N", b"A: 1"), ("N", b"B: 2"), ("L", b"C: " + b"q" * 300), ("N", b"end"),
+                     ("N", b"D: 4"), ("N", b"\tfolded"), ("N", b""), ("N", b"body")]
+
+
+def expected_after_cut(cut: int, spans, header_text: bytes):
+    """The fields and the note a queue file cut at ``cut`` must yield.
+
+    ``spans`` are (start, end, type, length bytes, header text it completes)
+    for the size record and each content record; ``header_text`` is what
+    postcat prints for the whole file. The fields are those of the header
+    text whose records are complete before the cut (a long line cut after
+    one of its L records keeps what those records hold, as postcat prints
+    it); the note says where the cut fell.
+    """
+    size_end, content_start, blank_end = spans[0][1], spans[1][0], spans[-2][1]
+    done = max([text for start, end, _t, _n, text in spans if end <= cut], default=0)
+    prefix = header_text[:done].split(b"\n")
+    if prefix[-1] == b"":
+        prefix.pop()
+    fields = fields_from_lines(prefix)
+    if cut == 0:
+        return fields, "the queue file holds no message content"
+    if cut >= blank_end:
+        return fields, None
+    if size_end <= cut <= content_start:
+        return fields, "the queue file ends inside the message headers"
+    for start, end, rtype, length_bytes, _text in spans:
+        if cut == end:
+            return fields, ("the queue file ends inside a header line" if rtype == "L"
+                            else "the queue file ends inside the message headers")
+        if start < cut < end:
+            if cut == start + 1:
+                why = "file ends inside a record header"
+            elif cut < start + 1 + length_bytes:
+                why = "file ends inside a record length"
+            else:
+                why = "file ends inside a %r record" % rtype
+            return fields, "the queue file is damaged: " + why
+    raise AssertionError("cut %d is in no record" % cut)
+
+
+def test_truncated_files_never_raise(tmp_path, postcat):
+    """Cut at every byte, a queue file yields exactly the fields of its records complete before the cut."""
+    data = queue_file(b"".join(rec(t, d) for t, d in TRUNCATED_CONTENT))
+    header_text = b"".join(line + b"\n" for line in postcat(write(tmp_path, data, "whole")))
+    assert fields_from_lines(header_text.split(b"\n")[:-1]) == [
+        b"A: 1", b"B: 2", b"C: " + b"q" * 300 + b"end", b"D: 4\n\tfolded"]
+    size_record_length = data.index(ENVELOPE)
+    spans = [(0, size_record_length, "C", 1, 0)]
+    offset, text, in_headers = content_offset(data), 0, True
+    for rtype, payload in TRUNCATED_CONTENT:
+        length_bytes = len(rec(rtype, payload)) - 1 - len(payload)
+        in_headers = in_headers and (rtype, payload) != ("N", b"")
+        if in_headers:
+            text += len(payload) + (rtype == "N")  # postcat ends each N record's line with a newline
+        spans.append((offset, offset + 1 + length_bytes + len(payload), rtype, length_bytes, text))
+        offset = spans[-1][1]
     for cut in range(len(data)):
-        got = read_headers(write(tmp_path, data[:cut], "cut"))
-        assert got == full[:len(got)] or (got and got[:-1] == full[:len(got) - 1])
-        hs = PostfixQueueFileHeaders(str(tmp_path / "cut"), "ABCDEF123")
-        assert hs.read() == got
-        if len(got) < len(full):
-            assert hs.problem
+        path = write(tmp_path, data[:cut], "ABCDEF123")
+        fields, note = expected_after_cut(cut, spans, header_text)
+        source = PostfixQueueFileHeaders(path, "ABCDEF123")
+        assert (cut, source.read(), source.problem) == (
+            cut, fields, note and "ABCDEF123 (%s): %s" % (path, note))
 
 
 def test_absurd_lengths_stop_cleanly(tmp_path):
     content = lines(b"A: 1") + b"N\xff\xff\xff\xff\x7f" + b"x" * 10
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1"]
     content = lines(b"A: 1") + b"N\xff\xff\xff\x7f" + b"x" * 10  # 2^28-1, file too short
-    assert read_headers(write(tmp_path, queue_file(content))) == [b"A: 1"]
+    assert header_fields(write(tmp_path, queue_file(content))) == [b"A: 1"]
 
 
 def test_iter_records(tmp_path):
@@ -252,15 +327,21 @@ def test_iter_records(tmp_path):
         assert list(iter_records(f)) == []
 
 
-def test_empty_and_garbage_files(tmp_path):
-    assert read_headers(write(tmp_path, b"", "empty")) == []
-    assert read_headers(write(tmp_path, os.urandom(4096), "junk")) is not None
-    assert read_headers(write(tmp_path, b"C\x03abc" + b"\x00" * 50, "c")) == []
-
-
-def test_unreadable_file_raises_oserror(tmp_path):
-    with pytest.raises(OSError):
-        read_headers(str(tmp_path / "missing"))
+@pytest.mark.parametrize("name, data, note", [
+    ("empty", b"", "the queue file holds no message content"),
+    # "S" is a record type, and "u" a length of 117: more than the file holds
+    ("text", b"Subject: not a queue file\n\nhello\n",
+     "the queue file is damaged: file ends inside a 'S' record"),
+    # a size record that holds no offsets, then empty records up to the end: no M record
+    ("bad size record", b"C\x03abc" + b"\x00" * 50, "the queue file holds no message content"),
+    # every byte has its high bit set: a length that never ends
+    ("high bits", b"\xff" * 4096, "the queue file is damaged: too many length bytes in a '\xff' record"),
+])
+def test_empty_and_garbage_files(tmp_path, postcat, name, data, note):
+    path = write(tmp_path, data)
+    source = PostfixQueueFileHeaders(path, "ABCDEF123")
+    assert postcat(path) == []
+    assert (source.read(), source.problem) == ([], "ABCDEF123 (%s): %s" % (path, note))
 
 
 # -- the HeaderSource --------------------------------------------------------------------
@@ -277,7 +358,8 @@ def test_header_source_reads_and_pickles(tmp_path):
 def test_header_source_missing_file_without_postcat(tmp_path):
     hs = PostfixQueueFileHeaders(str(tmp_path / "gone"), "ABCDEF123")
     assert hs.read() == []
-    assert "gone" in hs.problem and "\n" not in hs.problem
+    assert hs.problem == "headers of ABCDEF123 not read: cannot read %s: No such file or directory" % (
+        tmp_path / "gone")
 
 
 def test_header_source_falls_back_to_postcat(tmp_path):
@@ -346,41 +428,41 @@ def test_is_queue_id_rejects(qid):
     assert not is_queue_id(qid)
 
 
-def test_queue_file_path_short_ids():
+def test_queue_paths_short_ids():
     names = ["deferred", "defer"]
-    assert queue_file_path("/q", "deferred", "2D19A210594", names, 1) == "/q/deferred/2/2D19A210594"
-    assert queue_file_path("/q/", "deferred", "2D19A210594", names, 2) == "/q/deferred/2/D/2D19A210594"
-    assert queue_file_path("/q", "hold", "2D19A210594", names, 1) == "/q/hold/2D19A210594"
-    assert queue_file_path("/q", "Deferred", "2D19A210594", "DEFERRED, defer", 1) \
+    assert QueuePaths("/q", names, 1).path("deferred", "2D19A210594") == "/q/deferred/2/2D19A210594"
+    assert QueuePaths("/q/", names, 2).path("deferred", "2D19A210594") == "/q/deferred/2/D/2D19A210594"
+    assert QueuePaths("/q", names, 1).path("hold", "2D19A210594") == "/q/hold/2D19A210594"
+    assert QueuePaths("/q", "DEFERRED, defer", 1).path("Deferred", "2D19A210594") \
         == "/q/Deferred/2/2D19A210594"
-    assert queue_file_path("/q", "deferred", "2D19A210594", "deferred defer", 3) \
+    assert QueuePaths("/q", "deferred defer", 3).path("deferred", "2D19A210594") \
         == "/q/deferred/2/D/1/2D19A210594"
 
 
-def test_queue_file_path_long_ids_hash_on_hex_microseconds():
+def test_queue_paths_long_ids_hash_on_hex_microseconds():
     qid = long_id(1700000000, 0xABCDE, 4242)
-    assert queue_file_path("/q", "deferred", qid, ["deferred"], 1) == "/q/deferred/A/" + qid
-    assert queue_file_path("/q", "deferred", qid, ["deferred"], 2) == "/q/deferred/A/B/" + qid
+    assert QueuePaths("/q", ["deferred"], 1).path("deferred", qid) == "/q/deferred/A/" + qid
+    assert QueuePaths("/q", ["deferred"], 2).path("deferred", qid) == "/q/deferred/A/B/" + qid
     small = long_id(1700000000, 0x1F, 7)  # "%05X" keeps the leading zeros
-    assert queue_file_path("/q", "deferred", small, ["deferred"], 3) == "/q/deferred/0/0/0/" + small
+    assert QueuePaths("/q", ["deferred"], 3).path("deferred", small) == "/q/deferred/0/0/0/" + small
     # Deeper than the 5 hex digits: dir_forest() pads with "_".
-    assert queue_file_path("/q", "deferred", qid, ["deferred"], 6) \
+    assert QueuePaths("/q", ["deferred"], 6).path("deferred", qid) \
         == "/q/deferred/A/B/C/D/E/_/" + qid
     # A "z" inside the seconds is not the separator: the last "z" is.
     tricky = "zzzzzz" + safe_encode(77, 52, 4) + "z" + "Q"
     assert is_queue_id(tricky)
-    assert queue_file_path("/q", "deferred", tricky, ["deferred"], 2) == "/q/deferred/0/0/" + tricky
+    assert QueuePaths("/q", ["deferred"], 2).path("deferred", tricky) == "/q/deferred/0/0/" + tricky
 
 
-def test_queue_file_path_refuses_bad_input():
+def test_queue_paths_refuses_bad_input():
     for qid in ("../etc/passwd", "-h", "", "2D19A210594/x"):
         with pytest.raises(ValueError):
-            queue_file_path("/q", "deferred", qid, ["deferred"], 1)
+            QueuePaths("/q", ["deferred"], 1).path("deferred", qid)
     for name in ("../deferred", "", "de ferred", "hold/"):
         with pytest.raises(ValueError):
-            queue_file_path("/q", name, "2D19A210594", ["deferred"], 1)
+            QueuePaths("/q", ["deferred"], 1).path(name, "2D19A210594")
     with pytest.raises(ValueError):
-        queue_file_path("/q", "deferred", "2D19A210594", ["deferred"], 0)
+        QueuePaths("/q", ["deferred"], 0).path("deferred", "2D19A210594")
 
 
 # -- (b) against a real private Postfix ---------------------------------------------------------
@@ -405,9 +487,10 @@ MESSAGE = (
 )
 
 
-def postfix_paths(instance) -> Tuple[List[str], int]:
-    names = instance.postconf("hash_queue_names").replace(",", " ").split()
-    return names, int(instance.postconf("hash_queue_depth"))
+def postfix_paths(instance) -> QueuePaths:
+    """Queue file paths as the Postfix back end finds them, from the instance's own settings."""
+    return QueuePaths(instance.queue_directory, instance.postconf("hash_queue_names"),
+                      int(instance.postconf("hash_queue_depth")))
 
 
 def reference_fields(instance, qid: str) -> List[bytes]:
@@ -421,15 +504,15 @@ def submit(instance, tag: bytes, message: bytes = MESSAGE) -> str:
 
 
 def test_real_deferred_and_held_messages_match_postcat(postfix):
-    names, depth = postfix_paths(postfix)
+    paths = postfix_paths(postfix)
     q1 = submit(postfix, b"one")
     q2 = submit(postfix, b"two")
     postfix.hold([q2])
     postfix.wait_for_queue([q2], "hold")
     for qid, queue in ((q1, "deferred"), (q2, "hold")):
-        path = queue_file_path(postfix.queue_directory, queue, qid, names, depth)
+        path = paths.path(queue, qid)
         assert os.path.isfile(path), (queue, path)
-        got = read_headers(path)
+        got = header_fields(path)
         expected = reference_fields(postfix, qid)
         assert got == expected
         by_name = {f.split(b":", 1)[0]: f for f in got}
@@ -441,16 +524,16 @@ def test_real_deferred_and_held_messages_match_postcat(postfix):
         hs = PostfixQueueFileHeaders(path, qid)
         assert hs.read() == expected and hs.problem is None
     # A long line really is stored as L records (what this test is about).
-    path = queue_file_path(postfix.queue_directory, "deferred", q1, names, depth)
+    path = paths.path("deferred", q1)
     with open(path, "rb") as f:
         types = [t for t, _ in iter_records(f)]
     assert "L" in types[types.index("M"):]
 
 
 def test_real_header_source_follows_a_moved_message(postfix):
-    names, depth = postfix_paths(postfix)
+    paths = postfix_paths(postfix)
     qid = submit(postfix, b"moved")
-    deferred = queue_file_path(postfix.queue_directory, "deferred", qid, names, depth)
+    deferred = paths.path("deferred", qid)
     hs = PostfixQueueFileHeaders(deferred, qid, ["postcat", "-c", postfix.config_directory])
     postfix.hold([qid])
     postfix.wait_for_queue([qid], "hold")
@@ -465,14 +548,14 @@ def test_real_long_queue_ids_and_deeper_hashing(postfix):
     postfix.set(enable_long_queue_ids="yes", hash_queue_depth="2")
     qid = submit(postfix, b"long-id")
     assert is_queue_id(qid) and "z" in qid, qid
-    names, depth = postfix_paths(postfix)
-    assert depth == 2
-    path = queue_file_path(postfix.queue_directory, "deferred", qid, names, depth)
+    paths = postfix_paths(postfix)
+    assert paths.depth == 2
+    path = paths.path("deferred", qid)
     assert os.path.isfile(path), (path, sorted(os.listdir(os.path.join(postfix.queue_directory, "deferred"))))
-    assert read_headers(path) == reference_fields(postfix, qid)
+    assert header_fields(path) == reference_fields(postfix, qid)
     postfix.hold([qid])
     postfix.wait_for_queue([qid], "hold")
-    assert os.path.isfile(queue_file_path(postfix.queue_directory, "hold", qid, names, depth))
+    assert os.path.isfile(paths.path("hold", qid))
 
 
 # -- a minimal milter, so that cleanup writes real pointer records ------------------------------
@@ -570,14 +653,14 @@ def milter():
 def test_real_milter_pointer_records_match_postcat(postfix, milter):
     postfix.set(non_smtpd_milters="inet:127.0.0.1:%d" % milter.port,
                 milter_default_action="tempfail")
-    names, depth = postfix_paths(postfix)
+    paths = postfix_paths(postfix)
     qid = submit(postfix, b"milter")
     assert milter.messages >= 1, postfix.log_text()[-2000:]
-    path = queue_file_path(postfix.queue_directory, "deferred", qid, names, depth)
+    path = paths.path("deferred", qid)
     with open(path, "rb") as f:
         pointers = [int(d) for t, d in iter_records(f) if t == "p"]
     assert any(p != 0 for p in pointers), pointers  # real (non-dummy) pointers
-    got = read_headers(path)
+    got = header_fields(path)
     expected = reference_fields(postfix, qid)
     assert got == expected
     assert b"X-Milter-Appended: appended by the test milter" in got

@@ -1,5 +1,7 @@
 """Re-injecting a queued Postfix message through a sender's listener (qrunner/mta/postfix_reinject.py).
 
+The envelope, content and route it reads come from qrunner/mta/postfix_envelope.py, tested here too.
+
 Against the real private Postfix: a second SMTP sink stands for relay B, and
 the instance gets the master.cf lines of contrib/postfix/master.cf.qrunner
 (a loopback smtpd with ``content_filter=qr-relay-b:[127.0.0.1]:PORT`` and an
@@ -21,13 +23,14 @@ from typing import Dict, Iterator, List, Sequence
 
 import pytest
 
+import test_postfix_queuefile as built
 from postfix_instance import PostfixInstance, free_loopback_port, reinjection_listener_options
 from smtp_sink import SinkMessage, SmtpSink, wait_for_greeting
+from qrunner.mta.postfix_envelope import (NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS,
+                                          PostfixRecipient, QueueFileError, iter_content, read_envelope,
+                                          read_route, read_sender)
 from qrunner.mta.postfix_queuefile import is_queue_id
-from qrunner.mta.postfix_reinject import (NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS,
-                                          PostfixEnvelope, PostfixRecipient, QueueFileError, ReinjectError,
-                                          _quote_821, _uxtext, _xtext, is_routed_copy, iter_content,
-                                          read_envelope, reinject)
+from qrunner.mta.postfix_reinject import ReinjectError, _quote_821, _uxtext, _xtext, reinject
 
 SENDER = "alice@qrunner-test.localdomain"
 REFUSED = "refused@example.net"
@@ -349,16 +352,15 @@ def test_routed_copy_is_recognised_and_content_survives(postfix, smtp_sink, list
     path = deferred(postfix, qid)
     original = list(iter_content(path))
     assert long_body.encode() in original and b".leading dot" in original
-    env = read_envelope(path)
-    assert not is_routed_copy(env, [listeners.b_route, listeners.dead])
+    assert read_envelope(path).content_filter == "" and read_route(path) == ""
 
     new_id = reinject(path, ("127.0.0.1", listeners.dead_route))
     copy_path = deferred(postfix, new_id)
-    copy = read_envelope(copy_path)
-    assert copy.content_filter == listeners.dead
-    assert is_routed_copy(copy, [listeners.b_route, listeners.dead])
-    assert is_routed_copy(copy, [("qr-relay-dead", "[127.0.0.1]:%d" % listeners.dead_relay_port)])
-    assert not is_routed_copy(copy, [listeners.b_route])
+    assert read_envelope(copy_path).content_filter == listeners.dead
+    assert read_route(copy_path) == listeners.dead
+    # What postcat shows for the copy's envelope.
+    r = subprocess.run(["postcat", "-c", postfix.config_directory, "-eq", new_id], stdout=subprocess.PIPE)
+    assert ("content_filter: %s" % listeners.dead).encode() in r.stdout.split(b"\n")
     copied = list(iter_content(copy_path))
     assert copied[0].startswith(b"Received: from ") and copied[-len(original):] == original
     # The same lines postcat prints.
@@ -368,8 +370,7 @@ def test_routed_copy_is_recognised_and_content_survives(postfix, smtp_sink, list
 
 
 def test_milter_headers_are_sent_and_not_added_twice(postfix, smtp_sink, listeners, relay_b):
-    from test_postfix_queuefile import HeaderMilter
-    milter = HeaderMilter()
+    milter = built.HeaderMilter()
     try:
         postfix.set(non_smtpd_milters="inet:127.0.0.1:%d" % milter.port, milter_default_action="tempfail")
         qid = postfix.submit(SENDER, ["bob@example.net"], message("milter"))
@@ -485,9 +486,46 @@ def test_encoders():
     assert PostfixRecipient("a").notify_param() is None
 
 
-def test_is_routed_copy_compares_routes():
-    env = PostfixEnvelope(path="p", queue_id="q", sender="", recipients=(),
-                          content_filter="relay-b:[Smtp.Example]:587")
-    assert is_routed_copy(env, ["relay-b:[smtp.example]:587"])
-    assert not is_routed_copy(env, ["Relay-B:[smtp.example]:587", "relay-b:[smtp.example]:25"])
-    assert not is_routed_copy(PostfixEnvelope("p", "q", "", ()), ["relay-b:[smtp.example]:587"])
+# -- read_route and read_sender on queue files built record by record ---------------------------------
+
+def routed_file(tmp_path, envelope_route: bytes = b"", extracted_route: bytes = b"", content: bytes = b"",
+                name: str = "ABCDEF123") -> str:
+    """A queue file whose envelope and extracted parts hold the given routes (L records)."""
+    envelope = built.ENVELOPE + (built.rec("L", envelope_route) if envelope_route else b"")
+    extracted = built.rec("L", extracted_route) if extracted_route else b""
+    content = content or built.lines(b"Subject: x", b"", b"body")
+    return built.write(tmp_path, built.queue_file(content, envelope=envelope, extracted=extracted), name)
+
+
+def test_read_route_reads_the_envelope_then_the_extracted_part(tmp_path):
+    assert read_route(routed_file(tmp_path)) == ""
+    assert read_route(routed_file(tmp_path, b"qr-relay-b:[127.0.0.1]:2525")) == "qr-relay-b:[127.0.0.1]:2525"
+    # As in qmgr, the later record wins.
+    path = routed_file(tmp_path, b"relay-a:[a.example]:25", b"relay-b:[b.example]:587 ")
+    assert read_route(path) == "relay-b:[b.example]:587" == read_envelope(path).content_filter
+
+
+def test_read_route_never_takes_a_long_content_line_for_a_route(tmp_path):
+    content = (built.rec("L", b"smtp:[evil.example]:25") + built.rec("N", b" continued")
+               + built.lines(b"", b"body"))
+    assert read_route(routed_file(tmp_path, content=content)) == ""
+
+
+def test_read_route_of_damaged_and_missing_files(tmp_path):
+    path = routed_file(tmp_path, b"relay-a:[a.example]:25", b"relay-b:[b.example]:587")
+    with open(path, "rb") as f:
+        data = f.read()
+    cut = tmp_path / "cut"
+    cut.write_bytes(data[:data.index(b"relay-b") + 3])  # inside the extracted part's route record
+    assert read_route(str(cut)) == "relay-a:[a.example]:25"
+    cut.write_bytes(b"Subject: not a queue file\n")
+    assert read_route(str(cut)) == ""
+    with pytest.raises(OSError):
+        read_route(str(tmp_path / "missing"))
+
+
+def test_read_sender(tmp_path):
+    assert read_sender(routed_file(tmp_path)) == b"sender@example.org"
+    null = built.queue_file(built.rec("N", b""), envelope=built.rec("S", b"") + built.rec("R", b"r@example.net"))
+    assert read_sender(built.write(tmp_path, null, "null")) == b""
+    assert read_sender(built.write(tmp_path, b"", "empty")) is None

@@ -67,10 +67,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
 
-from qrunner.message import MtaFileHeaders
+from qrunner.mta.headers import DEFAULT_MAX_HEADER_BYTES, MtaFileHeaders
 
 __all__ = [
-    "DEFAULT_MAX_HEADER_BYTES",
     "SpoolFormatError",
     "EximRecipient",
     "EximHeaderFile",
@@ -87,8 +86,6 @@ __all__ = [
     "is_locked",
     "list_spool",
 ]
-
-DEFAULT_MAX_HEADER_BYTES = 262144
 
 # Message ids (local_scan.h, receive.c, exim.c's regex_ismsgid): three
 # groups of base-62 digits (0-9A-Za-z; base 36, upper case only, on
@@ -444,11 +441,15 @@ def _read_envelope(src: _Source, name_id: Optional[str]) -> EximHeaderFile:
 
 
 def _read_options(src: _Source, hf: EximHeaderFile) -> Optional[bytes]:
-    """The ``-`` option lines; returns the first line after them (or None)."""
+    """The ``-`` option lines; returns the first line after them (or None).
+
+    A last line without its newline is where the file was cut: its value
+    may be cut too (``-frozen 17``), so it is no option.
+    """
     options = hf.options
     while True:
         line = src.line()
-        if line is None or line[:1] != b"-":
+        if line is None or line[:1] != b"-" or line[-1:] != b"\n":
             return line
         body = _strip_nl(line)[1:]
         if body[:1] == b"-":  # tainted value
@@ -865,14 +866,6 @@ class EximSpoolHeaders(MtaFileHeaders):
     def __init__(self, path: str, message_id: str, mvh_argv: Optional[Sequence[str]] = None,
                  max_bytes: int = DEFAULT_MAX_HEADER_BYTES):
         super().__init__(path, message_id, mvh_argv, max_bytes)
-
-    @property
-    def message_id(self) -> str:
-        return self.queue_id
-
-    @property
-    def mvh_argv(self) -> Optional[Tuple[str, ...]]:
-        return self.fallback_argv
 
     def read_file(self) -> Tuple[List[bytes], Optional[str]]:
         hf = read_header_file(self.path, read_headers=True, max_header_bytes=self.max_bytes, journal=False)

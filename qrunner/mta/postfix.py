@@ -24,8 +24,8 @@ from qrunner.config import PostfixSettings
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message
 from qrunner.mta.base import Backend, HandOverError
-from qrunner.mta.postfix_queuefile import (PostfixQueueFileHeaders, QueuePaths, hash_key,
-                                           is_queue_id, read_sender)
+from qrunner.mta.postfix_envelope import read_route, read_sender
+from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, hash_key, is_queue_id
 
 log = logging.getLogger("qrunner.postfix")
 

@@ -1,235 +1,58 @@
-"""Read the header fields of a message straight from its Postfix queue file.
+"""Postfix queue files: where they are, what their ids say, and the header fields they hold.
 
 A policy that reads headers needs them for every message of a possibly huge
 queue; ``postcat -hq`` would cost a process per message (about 5 ms), while
 the header part of a queue file is a few kilobytes that Python reads in
-microseconds. This module reads those files the way Postfix's own readers do
-(``src/global/record.c``, ``src/postcat/postcat.c``) and nothing more.
-
-The record format: each record is one type byte, the data length in 7-bit
-groups (low bits first, the high bit set on every byte but the last), then
-the data. The first record (``C``) holds the offset where the message
-content starts; from there each ``N`` record is one line, and a line longer
-than Postfix's record limit comes as ``L`` records followed by its final
-``N``. A ``p`` record is a pointer: reading continues at the file offset it
-holds (0 means "nothing here"); cleanup uses them when a milter adds headers,
-which then live at the end of the file. ``w`` records are padding.
+microseconds. :class:`PostfixQueueFileHeaders` reads them the way postcat
+does (``src/postcat/postcat.c``), through the record reader of
+:mod:`qrunner.mta.postfix_records`: the size record (``C``) holds the offset
+where the message content starts; from there each ``N`` record is one line,
+and a line longer than Postfix's record limit comes as ``L`` records
+followed by its final ``N``. Headers a milter added are reached through
+pointer records, as Postfix's own readers reach them.
 
 Queue ids and file locations follow ``src/global/mail_queue.c`` and
-``mail_queue.h``; see :func:`is_queue_id` and :func:`queue_file_path`.
+``mail_queue.h``: :func:`is_queue_id`, :func:`hash_key`,
+:func:`arrival_microseconds` and :class:`QueuePaths`.
 
 Nothing here raises for what a queue file contains: malformed or truncated
-files yield what could be read. Only a file that cannot be opened or read
-raises :class:`OSError`, and :class:`PostfixQueueFileHeaders` turns even
-that into an explanation in ``.problem``.
+files yield what could be read, and :class:`PostfixQueueFileHeaders` says
+in ``.problem`` what could not be read (even when the file could not be
+opened at all).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import BinaryIO, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
 
-from qrunner.message import MtaFileHeaders
+from qrunner.mta.headers import DEFAULT_MAX_HEADER_BYTES, MtaFileHeaders
+from qrunner.mta.postfix_records import (REC_TYPE_CONT, REC_TYPE_END, REC_TYPE_MESG, REC_TYPE_NORM,
+                                         REC_TYPE_SIZE, REC_TYPE_XTRA, Damaged, RecordFollower,
+                                         RecordReader)
 
 __all__ = [
-    "iter_records",
-    "read_headers",
-    "fields_from_lines",
     "PostfixQueueFileHeaders",
+    "fields_from_lines",
     "is_queue_id",
-    "queue_file_path",
-    "DEFAULT_MAX_HEADER_BYTES",
+    "hash_key",
+    "arrival_microseconds",
+    "QueuePaths",
 ]
-
-DEFAULT_MAX_HEADER_BYTES = 262144
-
-# Record types (src/global/rec_type.h), as byte values.
-_REC_SIZE = ord("C")
-_REC_MESG = ord("M")
-_REC_CONT = ord("L")
-_REC_NORM = ord("N")
-_REC_DTXT = ord("w")
-_REC_XTRA = ord("X")
-_REC_END = ord("E")
-_REC_PTR = ord("p")
-
-# Postfix refuses a record length that needs more than 4 length bytes
-# (record.c: shift + 7 >= bits in an int); we do the same.
-_MAX_LENGTH_BYTES = 4
-# A record longer than this is not something Postfix writes in a queue file
-# we read; treat it as damage rather than allocate for it.
-_DEFAULT_MAX_RECORD = 1 << 24
-# record.c's REVERSE_JUMP_LIMIT: a guard against pointer loops.
-_REVERSE_JUMP_LIMIT = 10000
-_CHUNK = 16384
-_MAX_READ = 1 << 20
 
 # A header line as postcat's is_header() sees it: a name of printable ASCII
 # other than space, tab and colon, optional space or tab, then a colon.
 _HEADER_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 
-
-class _Damaged(Exception):
-    """The queue file is malformed or truncated at this point (internal)."""
-
-
-class _Reader:
-    """Buffered record reader over a binary file, with seeks for pointers.
-
-    Reads in chunks and parses records out of an in-memory buffer, so that a
-    header part costs one or two ``read`` calls rather than several per
-    record.
-    """
-
-    __slots__ = ("f", "buf", "pos", "base", "eof", "max_record")
-
-    def __init__(self, f: BinaryIO, max_record: int = _DEFAULT_MAX_RECORD):
-        self.f = f
-        self.buf = b""
-        self.pos = 0
-        self.base = 0  # file offset of buf[0]
-        self.eof = False
-        self.max_record = max_record
-
-    def tell(self) -> int:
-        return self.base + self.pos
-
-    def seek(self, offset: int) -> None:
-        if self.base <= offset <= self.base + len(self.buf):
-            self.pos = offset - self.base
-            return
-        try:
-            self.f.seek(offset)
-        except (OSError, ValueError) as exc:
-            raise _Damaged("cannot seek to offset %d: %s" % (offset, exc))
-        self.buf = b""
-        self.pos = 0
-        self.base = offset
-        self.eof = False
-
-    def _fill(self, need: int) -> bool:
-        """Make ``need`` bytes available at ``pos``; False at end of file."""
-        buf = self.buf[self.pos:]
-        self.base += self.pos
-        self.pos = 0
-        while len(buf) < need and not self.eof:
-            chunk = self.f.read(min(max(_CHUNK, need - len(buf)), _MAX_READ))
-            if not chunk:
-                self.eof = True
-                break
-            buf += chunk
-        self.buf = buf
-        return len(buf) >= need
-
-    def next(self) -> Optional[Tuple[int, bytes]]:
-        """The next record as (type byte value, data); None at a clean end."""
-        buf, pos = self.buf, self.pos
-        if len(buf) - pos < 2 + _MAX_LENGTH_BYTES:
-            if not self._fill(2 + _MAX_LENGTH_BYTES) and len(self.buf) == 0:
-                return None
-            buf, pos = self.buf, self.pos
-        if len(buf) - pos < 2:
-            raise _Damaged("file ends inside a record header")
-        rtype = buf[pos]
-        b = buf[pos + 1]
-        if b < 0x80:
-            length = b
-            pos += 2
-        else:
-            length = b & 0x7F
-            shift = 7
-            i = pos + 2
-            while True:
-                if i - pos - 1 >= _MAX_LENGTH_BYTES:
-                    raise _Damaged("too many length bytes in a %r record" % chr(rtype))
-                if i >= len(buf):
-                    raise _Damaged("file ends inside a record length")
-                b = buf[i]
-                length |= (b & 0x7F) << shift
-                shift += 7
-                i += 1
-                if b < 0x80:
-                    break
-            pos = i
-        if length > self.max_record:
-            raise _Damaged("%r record of %d bytes is implausibly long" % (chr(rtype), length))
-        end = pos + length
-        if end > len(buf):
-            self.pos = pos
-            if not self._fill(length):
-                raise _Damaged("file ends inside a %r record" % chr(rtype))
-            buf, pos = self.buf, 0
-            end = length
-        self.pos = end
-        return rtype, buf[pos:end]
-
-
-class _Follower:
-    """Records as Postfix's rec_get() returns them: pointers followed, padding skipped."""
-
-    __slots__ = ("reader", "saved_offset", "reverse_jumps")
-
-    def __init__(self, reader: _Reader):
-        self.reader = reader
-        self.saved_offset = 0
-        self.reverse_jumps = 0
-
-    def next(self) -> Optional[Tuple[int, bytes]]:
-        reader = self.reader
-        while True:
-            rec = reader.next()
-            if rec is None:
-                return None
-            rtype = rec[0]
-            if rtype == _REC_PTR:
-                self._jump(rec[1])
-                continue
-            if rtype == _REC_DTXT:
-                continue
-            return rec
-
-    def _jump(self, data: bytes) -> None:
-        text = data.strip(b" \t\r\n\v\f")
-        if not text.isdigit():
-            raise _Damaged("malformed pointer record %r" % data[:40])
-        offset = int(text)
-        if offset == 0:  # a dummy pointer: read on
-            return
-        if offset <= self.saved_offset:
-            self.reverse_jumps += 1
-            if self.reverse_jumps > _REVERSE_JUMP_LIMIT:
-                raise _Damaged("too many reverse jumps (pointer loop)")
-        self.reader.seek(offset)
-        self.saved_offset = offset
-
-
-def iter_records(f: BinaryIO, max_record: int = _DEFAULT_MAX_RECORD) -> Iterator[Tuple[str, bytes]]:
-    """Yield ``(type, data)`` for each record of a queue file, as stored.
-
-    ``type`` is the record type as a one-character string (``"N"``); pointer
-    records are yielded, not followed. The iteration stops cleanly at the
-    end of the file, at a truncated record, and at a length that is
-    malformed or longer than ``max_record``: the records before the damage
-    are still yielded, which is all a reader of a half-written or corrupt
-    file can use.
-    """
-    reader = _Reader(f, max_record)
-    while True:
-        try:
-            rec = reader.next()
-        except _Damaged:
-            return
-        if rec is None:
-            return
-        yield chr(rec[0]), rec[1]
+_Next = Callable[[], Optional[Tuple[int, bytes]]]
 
 
 def _is_header_line_start(data: bytes) -> bool:
     return data[:1] in (b" ", b"\t") or _HEADER_START.match(data) is not None
 
 
-def _find_content(follower: _Follower) -> bool:
+def _find_content(follower: RecordFollower) -> bool:
     """Position the reader at the first content record; False if there is none.
 
     The size record (``C``, always first in a queue file that cleanup
@@ -241,7 +64,7 @@ def _find_content(follower: _Follower) -> bool:
     rec = reader.next()
     if rec is None:
         return False
-    if rec[0] == _REC_SIZE:
+    if rec[0] == REC_TYPE_SIZE:
         parts = rec[1].split()
         if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) > reader.tell():
             reader.seek(int(parts[1]))
@@ -250,15 +73,43 @@ def _find_content(follower: _Follower) -> bool:
         reader.seek(0)
     while True:
         rec = follower.next()
-        if rec is None or rec[0] in (_REC_XTRA, _REC_END):
+        if rec is None or rec[0] in (REC_TYPE_XTRA, REC_TYPE_END):
             return False
-        if rec[0] == _REC_MESG:
+        if rec[0] == REC_TYPE_MESG:
             return True
+
+
+def _long_line(next_rec: _Next, first: bytes, room: int) -> Tuple[bytes, bool, Optional[str]]:
+    """A line stored as ``L`` records and its final ``N``, joined.
+
+    Returns the line, whether the header part ends with it, and why when
+    that is because the file ends or is damaged: the records read before
+    that point still count, as postcat prints them. Reading stops once the
+    line is longer than ``room``, the header text the cap still allows.
+    """
+    parts = [first]
+    size = len(first)
+    while size <= room:
+        try:
+            rec = next_rec()
+        except Damaged as exc:
+            return b"".join(parts), True, "the queue file is damaged: %s" % exc
+        if rec is None:
+            return b"".join(parts), True, "the queue file ends inside a header line"
+        rtype, data = rec
+        if rtype == REC_TYPE_NORM or rtype == REC_TYPE_CONT:
+            parts.append(data)
+            size += len(data)
+            if rtype == REC_TYPE_NORM:
+                break
+        elif rtype == REC_TYPE_XTRA or rtype == REC_TYPE_END:
+            return b"".join(parts), True, None  # an unterminated last line
+    return b"".join(parts), False, None
 
 
 def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optional[str]]:
     """The header fields of an open queue file and, if incomplete, why."""
-    follower = _Follower(_Reader(f))
+    follower = RecordFollower(RecordReader(f))
     fields: List[bytes] = []
     total = 0
     try:
@@ -269,39 +120,18 @@ def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optio
             rec = next_rec()
             if rec is None:
                 return fields, "the queue file ends inside the message headers"
-            rtype, data = rec
-            if rtype != _REC_NORM and rtype != _REC_CONT:
-                if rtype == _REC_XTRA or rtype == _REC_END:
+            rtype, line = rec
+            if rtype != REC_TYPE_NORM and rtype != REC_TYPE_CONT:
+                if rtype == REC_TYPE_XTRA or rtype == REC_TYPE_END:
                     return fields, None  # headers without a body
                 continue  # a record type that carries no text here
             # The first record of a line decides, as in postcat: a line
             # that is neither a header nor a continuation ends the headers.
-            if not _is_header_line_start(data):
+            if not _is_header_line_start(line):
                 return fields, None
-            last = False
-            note = None
-            if rtype == _REC_CONT:
-                parts = [data]
-                size = len(data)
-                while rtype == _REC_CONT:
-                    rec = next_rec()
-                    if rec is None:
-                        last = True
-                        note = "the queue file ends inside a header line"
-                        break
-                    rtype, data = rec
-                    if rtype != _REC_NORM and rtype != _REC_CONT:
-                        if rtype == _REC_XTRA or rtype == _REC_END:
-                            last = True  # an unterminated last line
-                            break
-                        continue
-                    parts.append(data)
-                    size += len(data)
-                    if total + size > max_bytes:
-                        break
-                line = b"".join(parts)
-            else:
-                line = data
+            last, note = False, None
+            if rtype == REC_TYPE_CONT:
+                line, last, note = _long_line(next_rec, line, max_bytes - total)
             total += len(line) + 1
             if total > max_bytes:
                 line = line[:max(0, len(line) - (total - max_bytes))]
@@ -315,26 +145,8 @@ def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optio
                 return fields, "the headers are longer than %d bytes; the rest was not read" % max_bytes
             if last:
                 return fields, note
-    except _Damaged as exc:
+    except Damaged as exc:
         return fields, "the queue file is damaged: %s" % exc
-
-
-def read_headers(path: str, max_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> List[bytes]:
-    """The header fields of the message in queue file ``path``, in order.
-
-    One entry per field, continuation lines joined by ``b"\\n"``, no final
-    line break: what ``HeaderLines`` holds. Headers a milter added (reached
-    through pointer records) appear where Postfix's readers show them.
-    Reading stops at the first line that is neither a header nor a
-    continuation (normally the empty line before the body), at the end of
-    the content, at damage in the file, or once ``max_bytes`` of header text
-    were read (the field that crosses the cap is cut there): a message with
-    megabytes of headers must not cost megabytes per message. Bytes are
-    returned as stored (8-bit text is not decoded). Raises OSError only
-    when the file cannot be opened or read.
-    """
-    with open(path, "rb", buffering=0) as f:
-        return _read_header_fields(f, max_bytes)[0]
 
 
 def fields_from_lines(lines: Sequence[bytes]) -> List[bytes]:
@@ -342,7 +154,7 @@ def fields_from_lines(lines: Sequence[bytes]) -> List[bytes]:
 
     A line starting with a space or tab continues the previous field
     (joined with ``b"\\n"``); a continuation with no field before it stands
-    alone, as in :func:`read_headers`.
+    alone, as it does in the queue file reader.
     """
     fields: List[bytes] = []
     for line in lines:
@@ -361,6 +173,16 @@ class PostfixQueueFileHeaders(MtaFileHeaders):
     and ``postcat_argv`` is given (e.g. ``["postcat", "-c",
     "/etc/postfix"]``), from ``postcat -hq ID``, which finds the message in
     whatever queue it is now. Never raises (see :class:`MtaFileHeaders`).
+
+    ``read()`` returns one entry per field, continuation lines joined by
+    ``b"\\n"``, no final line break: what ``HeaderLines`` holds, in the
+    order Postfix's readers show (headers a milter added included). Reading
+    stops at the first line that is neither a header nor a continuation
+    (normally the empty line before the body), at the end of the content,
+    at damage in the file, or once ``max_bytes`` of header text were read
+    (the field that crosses the cap is cut there): a message with megabytes
+    of headers must not cost megabytes per message. Bytes are returned as
+    stored (8-bit text is not decoded).
     """
 
     __slots__ = ()
@@ -370,10 +192,6 @@ class PostfixQueueFileHeaders(MtaFileHeaders):
     def __init__(self, path: str, queue_id: str, postcat_argv: Optional[Sequence[str]] = None,
                  max_bytes: int = DEFAULT_MAX_HEADER_BYTES):
         super().__init__(path, queue_id, postcat_argv, max_bytes)
-
-    @property
-    def postcat_argv(self) -> Optional[Tuple[str, ...]]:
-        return self.fallback_argv
 
     def read_file(self) -> Tuple[List[bytes], Optional[str]]:
         with open(self.path, "rb", buffering=0) as f:
@@ -433,8 +251,8 @@ def is_queue_id(s: object) -> bool:
     return _SHORT_ID.match(s) is not None or _LONG_ID.match(s) is not None
 
 
-def _hash_key(queue_id: str) -> str:
-    """The string whose first characters name the hash directories.
+def hash_key(queue_id: str) -> str:
+    """What Postfix hashes a queue id on: the string whose first characters name the hash directories.
 
     ``mail_queue_dir()``: a long id (found with MQID_FIND_LG_INUM_SEPARATOR:
     the last "z", at least 10 characters in) hashes on its microseconds,
@@ -457,7 +275,12 @@ def _hash_key(queue_id: str) -> str:
 
 
 class QueuePaths:
-    """Queue file paths of one Postfix instance: its hashing settings parsed once, for a whole listing."""
+    """Queue file paths of one Postfix instance: its hashing settings parsed once, for a whole listing.
+
+    ``hash_queue_names`` is ``postconf -h hash_queue_names`` (a list, or the
+    string itself); queues named there (compared without case, as Postfix
+    does) get ``hash_queue_depth`` levels of one-character directories.
+    """
 
     def __init__(self, queue_directory: str, hash_queue_names: Union[Sequence[str], str], hash_queue_depth: int):
         if isinstance(hash_queue_names, str):
@@ -471,57 +294,25 @@ class QueuePaths:
             raise ValueError("hash_queue_depth must be at least 1, not %r" % (hash_queue_depth,))
 
     def path(self, queue_name: str, queue_id: str, key: Optional[str] = None) -> str:
-        """See :func:`queue_file_path`; ``key`` is :func:`hash_key` of the id when the caller has it."""
+        """Where Postfix keeps message ``queue_id`` of queue ``queue_name``.
+
+        In a hashed queue, ``dir_forest()`` names one directory level per
+        character of :func:`hash_key` (an id shorter than the depth is
+        padded with "_"); ``key`` is that key when the caller has it.
+        Raises ValueError for a queue name or id that Postfix would refuse,
+        so that nothing else ever becomes a path.
+        """
         if not isinstance(queue_name, str) or not _QUEUE_NAME.match(queue_name):
             raise ValueError("not a Postfix queue name: %r" % (queue_name,))
         if not is_queue_id(queue_id):
             raise ValueError("not a Postfix queue id: %r" % (queue_id,))
         if queue_name.lower() not in self.hashed:
             return os.path.join(self.queue_directory, queue_name, queue_id)
-        key = key or _hash_key(queue_id)
+        key = key or hash_key(queue_id)
         forest = [key[n] if n < len(key) else "_" for n in range(self.depth)]
         return os.path.join(self.queue_directory, queue_name, *forest, queue_id)
 
 
-def hash_key(queue_id: str) -> str:
-    """What Postfix hashes a queue id on: five hex digits of its arrival's microseconds first."""
-    return _hash_key(queue_id)
-
-
-def queue_file_path(queue_directory: str, queue_name: str, queue_id: str,
-                    hash_queue_names: Union[Sequence[str], str],
-                    hash_queue_depth: int) -> str:
-    """Where Postfix keeps message ``queue_id`` of queue ``queue_name``.
-
-    ``hash_queue_names`` is ``postconf -h hash_queue_names`` (a list, or the
-    string itself); queues named there (compared without case, as Postfix
-    does) get ``hash_queue_depth`` levels of one-character directories
-    (``dir_forest()``: an id shorter than the depth is padded with "_").
-    Raises ValueError for a queue name or id that Postfix would refuse,
-    so that nothing else ever becomes a path.
-    """
-    paths = QueuePaths(queue_directory, hash_queue_names, 1)
-    if queue_name.lower() in paths.hashed:
-        paths = QueuePaths(queue_directory, hash_queue_names, hash_queue_depth)
-    return paths.path(queue_name, queue_id)
-
-
 def arrival_microseconds(queue_id: str) -> int:
     """The microseconds of the arrival that a queue id (either form) encodes."""
-    return int(_hash_key(queue_id)[:5], 16)
-
-
-def read_sender(path: str) -> Optional[bytes]:
-    """The envelope sender (the ``S`` record) of a queue file; None when not found.
-
-    ``postqueue -j`` shows the null sender as ``empty_address_recipient``
-    (MAILER-DAEMON), which a real sender could also be called: the queue
-    file says which it is. Only the envelope part before the content is read.
-    """
-    with open(path, "rb") as f:
-        for rec_type, data in iter_records(f):
-            if rec_type == "S":
-                return data
-            if rec_type == "M":
-                return None
-    return None
+    return int(hash_key(queue_id)[:5], 16)

@@ -7,36 +7,12 @@ place, so qrunner submits a copy over SMTP to a loopback ``smtpd`` listener
 stamps the route into the copy; the caller deletes the original only after
 this module reports that the listener accepted the copy.
 
-Everything the copy must carry comes from the original's queue file, read
-the way Postfix's queue manager reads it (``src/qmgr/qmgr_message.c``):
-
-- The envelope part runs from the size record (``C``) to the message start
-  (``M``); the "extracted" part runs from ``X`` (at data offset + data size,
-  both in ``C``) to the end record ``E``. Recipients and most attributes may
-  appear in either part; a later value overrides an earlier one, as in qmgr.
-- A recipient is an ``R`` record, preceded by its own ``A notify_flags=``,
-  ``A dsn_orig_rcpt=`` and ``O`` (original recipient) records. When a
-  delivery agent finishes with a recipient, qmgr overwrites the type byte of
-  its ``R`` record in place with ``D`` (``deliver_completed()``); cleanup
-  marks a recipient it cancelled (e.g. a milter's delrcpt) ``/``. Both are
-  done: only ``R`` recipients are re-injected.
-- DSN: ``A envelope_id=`` (ENVID), ``A ret_flags=`` (RET: FULL 1, HDRS 2),
-  per recipient ``A notify_flags=`` (``src/global/dsn_mask.h``: NEVER 1,
-  SUCCESS 2, FAILURE 4, DELAY 8) and ``A dsn_orig_rcpt=`` ("type;address",
-  already decoded). ``A encoding=8bit`` is BODY=8BITMIME. The 6th field of
-  ``C`` holds the send options (``src/global/sendopts.h``): bit 1 is
-  SMTPUTF8 requested, bits 2 and 4 say that a header / the sender contain
-  UTF-8.
-- The route a previous re-injection stamped is an ``L`` record in the
-  envelope (or extracted) part, REC_TYPE_FILT, which postcat shows as
-  ``content_filter:``. In the content part the same letter means a long line
-  continued (REC_TYPE_CONT): the two are never confused because the content
-  part is skipped with the offsets in ``C``.
-
-The content is sent as Postfix's own SMTP client would send it: every ``N``
-record is one line, ``L`` records continue a long line, ``p`` pointer
-records (headers a milter added) are followed. Nothing here writes to the
-queue file.
+This module is the SMTP client: what the copy carries (envelope sender,
+pending recipients, DSN, BODY, SMTPUTF8) and its content come from
+:mod:`qrunner.mta.postfix_envelope`, which reads the original's queue file
+the way Postfix's queue manager does; here they are encoded (xtext, RFC 3461
+and RFC 6533) and sent as Postfix's own SMTP client would send them. Nothing
+here writes to the queue file.
 """
 
 from __future__ import annotations
@@ -46,60 +22,23 @@ import os
 import re
 import smtplib
 import socket
-from dataclasses import dataclass, field
-from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
-from qrunner.mta.postfix_queuefile import _Damaged, _Follower, _Reader
+from qrunner.mta.postfix_envelope import (PostfixEnvelope, PostfixRecipient, QueueFileError, iter_content,
+                                          read_envelope)
 
 __all__ = [
-    "PostfixRecipient",
-    "PostfixEnvelope",
-    "QueueFileError",
     "ReinjectError",
-    "read_envelope",
-    "iter_content",
     "reinject",
-    "is_routed_copy",
-    "route_of",
     "DEFAULT_HELO",
-    "NOTIFY_NEVER",
-    "NOTIFY_SUCCESS",
-    "NOTIFY_FAILURE",
-    "NOTIFY_DELAY",
-    "RET_FULL",
-    "RET_HDRS",
-    "SMTPUTF8_REQUESTED",
 ]
 
 log = logging.getLogger("qrunner.postfix")
 
 DEFAULT_HELO = "qrunner.localhost"
 
-# src/global/dsn_mask.h
-NOTIFY_NEVER = 1
-NOTIFY_SUCCESS = 2
-NOTIFY_FAILURE = 4
-NOTIFY_DELAY = 8
-RET_FULL = 1
-RET_HDRS = 2
-# src/global/sendopts.h (the 6th field of the C record)
-SMTPUTF8_REQUESTED = 1
-
-_NOTIFY_WORDS = ((NOTIFY_SUCCESS, "SUCCESS"), (NOTIFY_FAILURE, "FAILURE"), (NOTIFY_DELAY, "DELAY"))
-
-# Record types (src/global/rec_type.h).
-_SIZE, _TIME, _FROM, _RCPT, _DONE, _DRCP, _ORCP = b"C"[0], b"T"[0], b"S"[0], b"R"[0], b"D"[0], b"/"[0], b"O"[0]
-_ATTR, _FILT, _RDR, _MESG, _XTRA, _END = b"A"[0], b"L"[0], b">"[0], b"M"[0], b"X"[0], b"E"[0]
-_CONT, _NORM = b"L"[0], b"N"[0]
-# DSN records that older writers used instead of named attributes (rec_attr_map.c maps both).
-_DSN_ORCPT, _DSN_NOTIFY, _DSN_ENVID, _DSN_RET = b"o"[0], b"n"[0], b"i"[0], b"<"[0]
-
 _QUEUED_AS = re.compile(r"\bqueued as ([0-9A-Za-z]+)")
 _CHUNK = 65536
-
-
-class QueueFileError(ValueError):
-    """The file is not a Postfix queue file, or not a complete one: nothing may be re-injected from it."""
 
 
 class ReinjectError(Exception):
@@ -120,336 +59,6 @@ class ReinjectError(Exception):
         self.step = step
         self.code = code
         self.maybe_accepted = maybe_accepted
-
-
-@dataclass(frozen=True)
-class PostfixRecipient:
-    """One recipient still to be delivered, with its DSN data.
-
-    ``notify``: the NOTIFY bits (0 when the client asked for none, and
-    Postfix's default applies). ``orcpt``: the DSN original recipient as
-    Postfix stores it, "type;address" with the address decoded (smtpd
-    writes one even when the client sent no ORCPT). ``original``: the ``O``
-    record, the address before Postfix's own rewriting and aliasing.
-    """
-
-    address: str
-    notify: int = 0
-    orcpt: str = ""
-    original: str = ""
-
-    def notify_param(self) -> Optional[str]:
-        """The RCPT TO ``NOTIFY=`` value, or None when the client gave none."""
-        if not self.notify:
-            return None
-        if self.notify & NOTIFY_NEVER:
-            return "NEVER"
-        words = [w for bit, w in _NOTIFY_WORDS if self.notify & bit]
-        return ",".join(words) or None
-
-
-@dataclass(frozen=True)
-class PostfixEnvelope:
-    """What a re-injection of one queued message must carry, read from its queue file.
-
-    Addresses are text decoded as UTF-8 with ``surrogateescape``, so any
-    byte a queue file holds goes back out unchanged. ``sendopts`` is the
-    6th field of the size record; ``encoding`` is "8bit", "7bit" or "".
-    ``content_filter`` is the route stamped into the message
-    ("transport:nexthop"), "" for none. ``client`` holds the original
-    client's attributes (``log_client_name`` ...), used to tell the
-    listener with XFORWARD so that its log names the original client and
-    queue id.
-    """
-
-    path: str
-    queue_id: str
-    sender: str
-    recipients: Tuple[PostfixRecipient, ...]
-    done_recipients: int = 0
-    envid: str = ""
-    ret: int = 0
-    encoding: str = ""
-    sendopts: int = 0
-    arrival: float = 0.0
-    content_filter: str = ""
-    redirect: str = ""
-    client: Dict[str, str] = field(default_factory=dict, hash=False, compare=False)
-
-    @property
-    def smtputf8(self) -> bool:
-        """The sender requested SMTPUTF8 (or Postfix's autodetection did)."""
-        return bool(self.sendopts & SMTPUTF8_REQUESTED)
-
-    @property
-    def eight_bit(self) -> bool:
-        """The message was received as BODY=8BITMIME."""
-        return self.encoding == "8bit"
-
-    def ret_param(self) -> Optional[str]:
-        """The MAIL FROM ``RET=`` value, or None."""
-        return {RET_FULL: "FULL", RET_HDRS: "HDRS"}.get(self.ret)
-
-    def needs_smtputf8(self) -> bool:
-        """SMTPUTF8 must be sent: requested, or an envelope address is not ASCII.
-
-        Postfix's smtpd refuses a non-ASCII address in MAIL FROM or RCPT TO
-        without the SMTPUTF8 parameter, even when the original sender did not
-        ask for it (Postfix then only recorded that the sender is UTF-8).
-        """
-        if self.smtputf8:
-            return True
-        addresses = [self.sender, self.redirect] + [r.address for r in self.recipients]
-        return not all(_is_ascii(a) for a in addresses)
-
-
-# -- reading -------------------------------------------------------------------------------------
-
-
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "surrogateescape")
-
-
-def _is_ascii(text: str) -> bool:
-    try:
-        text.encode("ascii")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _size_fields(data: bytes, path: str) -> List[int]:
-    """The numbers of the size record; at least data size, data offset and recipient count."""
-    try:
-        fields = [int(x) for x in data.split()]
-    except ValueError:
-        fields = []
-    if len(fields) < 3 or fields[0] <= 0 or fields[1] <= 0:
-        raise QueueFileError("%s is not a Postfix queue file (its size record %r is not one Postfix writes)"
-                             % (path, data[:100]))
-    return fields
-
-
-class _EnvelopeBuilder:
-    """Collects records of the envelope and extracted parts, with qmgr's rules."""
-
-    def __init__(self) -> None:
-        self.sender: Optional[bytes] = None
-        self.recipients: List[PostfixRecipient] = []
-        self.done = 0
-        self.envid = b""
-        self.ret = 0
-        self.encoding = b""
-        self.arrival = 0.0
-        self.content_filter = b""
-        self.redirect = b""
-        self.attrs: Dict[str, bytes] = {}
-        self._notify = 0
-        self._orcpt = b""
-        self._orig = b""
-
-    def _forget_recipient_data(self) -> None:
-        self._notify = 0
-        self._orcpt = b""
-        self._orig = b""
-
-    def add(self, rtype: int, data: bytes) -> None:
-        if rtype == _ATTR:
-            name, sep, value = data.partition(b"=")
-            if not sep:
-                return
-            key = _text(name)
-            rtype = {"dsn_orig_rcpt": _DSN_ORCPT, "notify_flags": _DSN_NOTIFY,
-                     "envelope_id": _DSN_ENVID, "ret_flags": _DSN_RET}.get(key, _ATTR)
-            if rtype == _ATTR:
-                if key == "encoding":
-                    self.encoding = value
-                else:
-                    self.attrs.setdefault(key, value)
-                return
-            data = value
-        if rtype == _RCPT:
-            self.recipients.append(PostfixRecipient(_text(data), self._notify, _text(self._orcpt),
-                                                    _text(self._orig)))
-            self._forget_recipient_data()
-        elif rtype == _DONE or rtype == _DRCP:
-            self.done += 1
-            self._forget_recipient_data()
-        elif rtype == _ORCP:
-            self._orig = data
-        elif rtype == _DSN_ORCPT:
-            self._orcpt = data
-        elif rtype == _DSN_NOTIFY:
-            n = int(data) if data.isdigit() else 0
-            # dsn_mask.h DSN_NOTIFY_OK: NEVER alone, or any of the others; qmgr ignores the rest
-            ok = n == NOTIFY_NEVER or (n and not n & ~(NOTIFY_SUCCESS | NOTIFY_FAILURE | NOTIFY_DELAY))
-            self._notify = n if ok else 0
-        elif rtype == _DSN_ENVID:
-            self.envid = data
-        elif rtype == _DSN_RET:
-            if data.isdigit() and int(data) in (RET_FULL, RET_HDRS):
-                self.ret = int(data)
-        elif rtype == _FROM:
-            if self.sender is None:
-                self.sender = data
-        elif rtype == _TIME:
-            if not self.arrival:
-                parts = data.split()
-                try:
-                    self.arrival = int(parts[0]) + (int(parts[1]) / 1e6 if len(parts) > 1 else 0.0)
-                except (ValueError, IndexError):
-                    pass
-        elif rtype == _FILT:
-            self.content_filter = data
-        elif rtype == _RDR:
-            self.redirect = data
-
-
-def _read_envelope_from(f: BinaryIO, path: str) -> Tuple[PostfixEnvelope, int, int]:
-    """The envelope, the content offset and the offset of the extracted part."""
-    reader = _Reader(f)
-    follower = _Follower(reader)
-    try:
-        first = reader.next()
-    except _Damaged:
-        first = None
-    if first is None or first[0] != _SIZE:
-        raise QueueFileError("%s is not a Postfix queue file (it does not start with a size record)" % path)
-    fields = _size_fields(first[1], path)
-    data_size, data_offset = fields[0], fields[1]
-    sendopts = fields[5] if len(fields) > 5 else 0
-    env = _EnvelopeBuilder()
-    try:
-        while True:
-            rec = follower.next()
-            if rec is None:
-                raise QueueFileError("%s ends inside the envelope (no message content): not a complete "
-                                     "queue file" % path)
-            if rec[0] == _MESG:
-                break
-            env.add(rec[0], rec[1])
-        extracted = data_offset + data_size
-        reader.seek(extracted)
-        rec = follower.next()
-        if rec is None or rec[0] != _XTRA:
-            raise QueueFileError("%s: no end-of-content record where the size record says the content ends"
-                                 % path)
-        while True:
-            rec = follower.next()
-            if rec is None:
-                raise QueueFileError("%s has no end record: the queue file is incomplete" % path)
-            if rec[0] == _END:
-                break
-            env.add(rec[0], rec[1])
-    except _Damaged as exc:
-        raise QueueFileError("%s is damaged: %s" % (path, exc))
-    if env.sender is None:
-        raise QueueFileError("%s has no envelope sender record: not a complete queue file" % path)
-    queue_id = _text(env.attrs.get("log_ident", b"")) or os.path.basename(path)
-    client = {k: _text(v) for k, v in env.attrs.items()
-              if k in ("log_client_name", "log_client_address", "log_client_port", "log_protocol_name",
-                       "log_helo_name", "rewrite_context")}
-    envelope = PostfixEnvelope(
-        path=path, queue_id=queue_id, sender=_text(env.sender), recipients=tuple(env.recipients),
-        done_recipients=env.done, envid=_text(env.envid), ret=env.ret, encoding=_text(env.encoding),
-        sendopts=sendopts, arrival=env.arrival, content_filter=_text(env.content_filter).strip(),
-        redirect=_text(env.redirect), client=client)
-    return envelope, data_offset, extracted
-
-
-def read_envelope(path: str) -> PostfixEnvelope:
-    """What a re-injection of the message in queue file ``path`` must carry.
-
-    Raises QueueFileError (a ValueError) for a file that is not a complete
-    Postfix queue file (a half-written file must never be re-injected: the
-    copy would be cut short), OSError when it cannot be read.
-    """
-    with open(path, "rb") as f:
-        return _read_envelope_from(f, path)[0]
-
-
-def _iter_content_from(f: BinaryIO, path: str, data_offset: int) -> Iterator[bytes]:
-    reader = _Reader(f)
-    follower = _Follower(reader)
-    try:
-        reader.seek(data_offset)
-        parts: List[bytes] = []
-        while True:
-            rec = follower.next()
-            if rec is None:
-                raise QueueFileError("%s ends inside the message content" % path)
-            rtype, data = rec
-            if rtype == _NORM:
-                if parts:
-                    parts.append(data)
-                    yield b"".join(parts)
-                    parts = []
-                else:
-                    yield data
-            elif rtype == _CONT:
-                parts.append(data)
-            elif rtype == _XTRA:
-                if parts:  # an unterminated last line, as Postfix's smtp client would send it
-                    yield b"".join(parts)
-                return
-            else:
-                raise QueueFileError("%s: unexpected %r record inside the message content"
-                                     % (path, chr(rtype)))
-    except _Damaged as exc:
-        raise QueueFileError("%s is damaged inside the message content: %s" % (path, exc))
-
-
-def iter_content(path: str) -> Iterator[bytes]:
-    """The message content of queue file ``path``, one line at a time, without line ends.
-
-    Headers (including those a milter added, reached through pointer
-    records), the empty line, then the body, exactly as stored: long lines
-    joined, 8-bit bytes raw. Raises QueueFileError if the content is
-    damaged or cut short: a caller streaming it must then abandon what it
-    sent.
-    """
-    with open(path, "rb") as f:
-        data_offset = _read_envelope_from(f, path)[1]
-        yield from _iter_content_from(f, path, data_offset)
-
-
-# -- routes --------------------------------------------------------------------------------------
-
-
-def route_of(transport: str, nexthop: str) -> str:
-    """The content_filter value a listener stamps for ``transport`` and ``nexthop``."""
-    return "%s:%s" % (transport, nexthop)
-
-
-def _split_route(route: Union[str, Tuple[str, str]]) -> Tuple[str, str]:
-    if isinstance(route, tuple):
-        return route[0].strip(), route[1].strip()
-    transport, _sep, nexthop = route.strip().partition(":")
-    return transport, nexthop
-
-
-def is_routed_copy(envelope: PostfixEnvelope, routes: Iterable[Union[str, Tuple[str, str]]]) -> bool:
-    """True when the message carries one of ``routes`` as its content_filter.
-
-    ``routes`` are "transport:nexthop" strings (or (transport, nexthop)
-    pairs), as the senders' listeners stamp them. A message that carries
-    one was re-injected by qrunner (or is routed the same way by the
-    admin), so it must not be decided or re-injected again even when
-    qrunner's own record of it is lost. The transport name is compared
-    exactly (master.cf names are case-sensitive), the next hop without case
-    (host names).
-    """
-    if not envelope.content_filter:
-        return False
-    mine = _split_route(envelope.content_filter)
-    for route in routes:
-        transport, nexthop = _split_route(route)
-        if transport == mine[0] and nexthop.lower() == mine[1].lower():
-            return True
-    return False
-
-
-# -- SMTP ----------------------------------------------------------------------------------------
 
 
 def _xtext(value: str, special: str = "+=") -> str:
@@ -480,10 +89,10 @@ def _orcpt_param(rcpt: PostfixRecipient, utf8: bool) -> Optional[str]:
     """The RCPT TO ``ORCPT=`` value: the stored type;address, or the O record as Postfix's client does."""
     orcpt = rcpt.orcpt
     if not orcpt and rcpt.original:
-        kind = "utf-8" if utf8 and not _is_ascii(rcpt.original) else "rfc822"
+        kind = "utf-8" if utf8 and not rcpt.original.isascii() else "rfc822"
         orcpt = "%s;%s" % (kind, rcpt.original)
     kind, sep, address = orcpt.partition(";")
-    if not sep or not kind or not _is_ascii(kind):
+    if not sep or not kind or not kind.isascii():
         return None  # not something smtpd would have stored; sending it would only get the RCPT refused
     if kind.lower() == "utf-8":
         if not _valid_text(address):

@@ -1,0 +1,235 @@
+-- qrunner's Lua prelude (run by qrunner/policy_worker.py before the admin's script): sandbox, limits, lazy headers.
+local emit, fetch_headers, opts = ...
+local G = _G
+local type, tostring, select, error, pcall, rawget, rawset, rawlen, next, setmetatable =
+      type, tostring, select, error, pcall, rawget, rawset, rawlen, next, setmetatable
+local string_lower, string_byte, table_concat = string.lower, string.byte, table.concat
+local huge = math.huge
+local clock = os.clock           -- our own reference: a script may replace os.clock
+local sethook = debug.sethook
+local real_load, real_loadstring, real_setfenv = load, loadstring, setfenv
+local unpack = table.unpack or unpack
+local co_create, co_resume, co_status = coroutine.create, coroutine.resume, coroutine.status
+local timeout = opts.timeout
+local TIMEOUT = "__qrunner_timeout__"
+local function pack(...) return {n = select("#", ...), ...} end
+
+-- The time limit. os.clock() is the process's CPU time, which for a busy
+-- script is close to the wall clock; the parent's wall-clock watchdog covers
+-- the rest (a C function no hook can interrupt, a starved process).
+local deadline = huge
+local expired = false
+local function hook()
+  if clock() > deadline then
+    expired = true
+    error(TIMEOUT, 0)
+  end
+end
+local HOOK_COUNT = 1000
+if G.jit then G.jit.off() end    -- LuaJIT runs hooks only in the interpreter
+sethook(hook, "", HOOK_COUNT)
+
+local function with_hook(co)
+  sethook(co, hook, "", HOOK_COUNT)
+  return co
+end
+coroutine.create = function(f) return with_hook(co_create(f)) end
+coroutine.wrap = function(f)
+  local co = coroutine.create(f)
+  return function(...)
+    local results = pack(co_resume(co, ...))
+    if results[1] then return unpack(results, 2, results.n) end
+    error(results[2], 0)
+  end
+end
+
+-- Loading: text only (a binary chunk can break out of any sandbox).
+local function collect(reader)
+  local parts = {}
+  while true do
+    local piece = reader()
+    if piece == nil or piece == "" then break end
+    if type(piece) ~= "string" then return nil end
+    parts[#parts + 1] = piece
+  end
+  return table_concat(parts)
+end
+local function load_text(chunk, name, mode, env)
+  if type(chunk) == "function" then chunk = collect(chunk) end
+  if type(chunk) ~= "string" then return nil, "load: only text chunks can be loaded" end
+  if string_byte(chunk, 1) == 27 then return nil, "load: binary chunks are not allowed" end
+  if real_setfenv then
+    local fn, err = real_loadstring(chunk, name)
+    if fn and env ~= nil then real_setfenv(fn, env) end
+    return fn, err
+  end
+  if env ~= nil then return real_load(chunk, name, "t", env) end
+  return real_load(chunk, name, "t")
+end
+G.load = load_text
+if real_loadstring then G.loadstring = function(s, name) return load_text(s, name) end end
+
+local real_collectgarbage = collectgarbage
+G.collectgarbage = function(what, ...)
+  if what == nil or what == "collect" or what == "count" or what == "step" then
+    return real_collectgarbage(what, ...)
+  end
+  error("collectgarbage('" .. tostring(what) .. "') is not available to policy scripts", 2)
+end
+
+-- print goes to qrunner's log, never to stdout.
+local printed = 0
+G.print = function(...)
+  printed = printed + 1
+  if printed > opts.print_limit then return end
+  local parts = {}
+  for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
+  if printed == opts.print_limit then parts[#parts + 1] = " (further print output of this call suppressed)" end
+  emit(table_concat(parts, "\t"))
+end
+
+-- The fixed clock of --now: only calls without a time argument see it.
+if opts.now then
+  local real_time, real_date, now = os.time, os.date, opts.now
+  os.time = function(t) if t == nil then return now end return real_time(t) end
+  os.date = function(fmt, t) if t == nil then t = now end return real_date(fmt, t) end
+end
+
+-- Ways to end, hang or escape the process, or to read the host: gone.
+for _, name in ipairs({"exit", "execute", "remove", "rename", "tmpname", "getenv", "setlocale"}) do os[name] = nil end
+for _, name in ipairs({"io", "require", "package", "dofile", "loadfile", "debug", "python", "jit", "module", "newproxy"}) do G[name] = nil end
+string.dump = nil
+
+-- Globals of later VPOP3 versions: present, settable, never acted on.
+for name, value in pairs(opts.vpop3_globals) do G[name] = value end
+G.senderid = opts.senderid
+G.sendername = opts.sendername
+
+-- Headers, loaded on first touch. A lazy table fills itself when touched;
+-- the sandbox's next/rawget/rawlen see it filled too.
+local lazy = setmetatable({}, {__mode = "k"})
+local real_next, real_rawget, real_rawlen, real_rawequal = next, rawget, rawlen, rawequal
+local function fill(t) local loader = lazy[t] if loader then loader() end end
+G.next = function(t, k) fill(t) return real_next(t, k) end
+G.rawget = function(t, k) fill(t) return real_rawget(t, k) end
+if real_rawlen then G.rawlen = function(t) fill(t) return real_rawlen(t) end end
+
+local function header_tables()
+  local data, lines, lower = {}, {}, {}
+  local loaded = false
+  local function load_headers()
+    if loaded then return end
+    loaded = true
+    lazy[data], lazy[lines] = nil, nil
+    local raw, names, values = fetch_headers()
+    for i = 1, #raw do rawset(lines, i, raw[i]) end
+    for i = 1, #names do
+      rawset(data, names[i], values[i])
+      lower[string_lower(names[i])] = names[i]
+    end
+    setmetatable(lines, nil)
+  end
+  local function lookup(t, k)
+    load_headers()
+    if type(k) == "string" then
+      local name = lower[string_lower(k)]
+      if name ~= nil then return rawget(t, name) end
+    end
+    return nil
+  end
+  setmetatable(data, {
+    __index = lookup,
+    __pairs = function(t) load_headers() return real_next, t, nil end,
+  })
+  if opts.lazy_headers then
+    lazy[data], lazy[lines] = load_headers, load_headers
+    setmetatable(lines, {
+      __index = function(t, k) load_headers() return rawget(t, k) end,
+      __len = function(t) load_headers() return rawlen(t) end,
+      __pairs = function(t) load_headers() return real_next, t, nil end,
+    })
+  else
+    load_headers()
+  end
+  return data, lines
+end
+
+local function simple(v)
+  local t = type(v)
+  if t == "number" or t == "string" or t == "boolean" or t == "nil" then return t, v end
+  return t, nil
+end
+
+local function timed(fn, ...)
+  printed = 0
+  expired = false
+  deadline = clock() + timeout
+  local results = {pcall(fn, ...)}
+  deadline = huge
+  -- A script's own pcall or coroutine.resume may have caught the timeout
+  -- error: the call still overran, so it still counts as a timeout.
+  if expired then results = {false, TIMEOUT} end
+  return results
+end
+
+local function failure(results)
+  if expired then return "timeout" end
+  local err = results[2]
+  if err == "not enough memory" then return "memory" end
+  if type(err) ~= "string" then err = "error object of type " .. type(err) .. ": " .. tostring(err) end
+  return "error", err
+end
+
+local ctl = {}
+
+function ctl.run_top(chunk, name)
+  local fn, err = load_text(chunk, name)
+  if not fn then return "syntax", err end
+  local results = timed(fn)
+  if not results[1] then return failure(results) end
+  if type(rawget(G, "CheckFile")) ~= "function" then return "nocheckfile" end
+  local start = rawget(G, "Start")
+  if type(start) == "function" then
+    results = timed(start)
+    if not results[1] then
+      local kind, text = failure(results)
+      return "start_" .. kind, text
+    end
+  end
+  return "ok"
+end
+
+local function invoke(filename, size, ctime, returnpath, recipients)
+  local actions = {SkipSend = false, Priority = 50, Reason = ""}
+  local data, lines = header_tables()
+  local checkfile = rawget(G, "CheckFile")
+  if type(checkfile) ~= "function" then return "CheckFile is no longer a function" end
+  local result = checkfile(filename, actions, size, ctime, returnpath, recipients, data, lines)
+  if result == nil then result = actions end
+  if type(result) ~= "table" then return "CheckFile returned a " .. type(result) .. " value instead of the Actions table" end
+  return nil, result.SkipSend, result.Priority, result.Reason
+end
+
+function ctl.call(filename, size, ctime, returnpath, recipients)
+  local r = timed(invoke, filename, size, ctime, returnpath, recipients)
+  if not r[1] then return failure(r) end
+  if r[2] ~= nil then return "error", r[2] end
+  local st, sv = simple(r[3])
+  local pt, pv = simple(r[4])
+  local rt, rv = simple(r[5])
+  if rt == "number" then rv = tostring(rv) rt = "string" end
+  return "ok", st, sv, pt, pv, rt, rv
+end
+
+function ctl.used_globals()
+  local used = {}
+  for name, default in pairs(opts.vpop3_globals) do
+    if rawget(G, name) ~= default then used[#used + 1] = name end
+  end
+  for _, name in ipairs({"ServerConnected", "ReturnCodeHandler"}) do
+    if type(rawget(G, name)) == "function" then used[#used + 1] = name end
+  end
+  return table_concat(used, ",")
+end
+
+return ctl
