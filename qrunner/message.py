@@ -71,6 +71,20 @@ class InlineHeaders(HeaderSource):
 NO_HEADERS = NoHeaders()
 
 
+class QueueState:
+    """Where a message stands in its MTA's queue, in words every back end shares.
+
+    The MTA's own name for the place stays in :attr:`Message.queue_name`
+    (Postfix's ``deferred``, ``hold``, ...; Exim's queue name); this is what
+    the pipeline decides by.
+    """
+
+    WAITING = "waiting"    # queued, waiting for a delivery attempt (Postfix deferred; Exim not frozen)
+    HELD = "held"          # on hold (Postfix's hold queue, Exim frozen), whoever held it
+    ACTIVE = "active"      # being delivered right now (Postfix active; Exim's -D file locked)
+    ARRIVING = "arriving"  # not yet with the queue manager (Postfix incoming, maildrop)
+
+
 @dataclass(frozen=True)
 class Message:
     """One queued message as every stage of the pipeline sees it.
@@ -78,11 +92,10 @@ class Message:
     ``size`` is the message's size as the MTA reports it (headers and body,
     without the MTA's envelope records); ``arrival`` is the epoch time it
     entered the queue; ``recipients`` are the ones still to be delivered.
-    ``queue_name`` is the MTA's name for where the message sits (Postfix:
-    ``deferred``, ``hold``, ...); ``filename`` is its file on disk, or "".
-    ``delay_reasons`` are the MTA's reasons for the pending recipients,
-    where it gives them. ``held`` says the MTA holds it (Postfix's hold
-    queue, Exim's frozen state), whoever held it.
+    ``state`` is a :class:`QueueState`; ``queue_name`` is the MTA's own name
+    for where the message sits, for the admin's eyes; ``filename`` is its
+    file on disk, or "". ``delay_reasons`` are the MTA's reasons for the
+    pending recipients, where it gives them.
     """
 
     queue_id: str
@@ -94,7 +107,12 @@ class Message:
     filename: str = ""
     headers: HeaderSource = field(default=NO_HEADERS, compare=False)
     delay_reasons: Tuple[str, ...] = ()
-    held: bool = False
+    state: str = QueueState.WAITING
+
+    @property
+    def held(self) -> bool:
+        """On hold in the MTA, whoever held it."""
+        return self.state == QueueState.HELD
 
     def creation_time(self) -> str:
         """Arrival as ``YYYYMMDDHHMMSS`` in the local time zone (TZ respected)."""

@@ -33,6 +33,7 @@ from multiprocessing import Pipe
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from qrunner.config import Sender
+from qrunner.decision import Decision, Verdict
 from qrunner.exceptions import ScriptLoadError
 from qrunner.message import Message, arrival_order
 from qrunner.policy_worker import LOADING, PROGRESS
@@ -66,49 +67,6 @@ class PolicySettings:
     memory_mb: int = 64
     on_script_error: str = "skip"
     now: Optional[int] = None  # epoch seconds the script's clock shows; None: the real clock
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One sender's answer for one message."""
-
-    sender: Sender
-    skip: bool
-    priority: int
-    reason: str
-    error: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What happens to one message after every sender has had its say.
-
-    ``sender`` is the sender that sends it (None when every sender skipped
-    it); ``reason`` joins each sender's reason for a skip; ``errors`` lists
-    the policy errors any sender's pass had with this message.
-    """
-
-    message: Message
-    send: bool
-    priority: int
-    sender: Optional[Sender]
-    reason: str
-    verdicts: Tuple[Verdict, ...] = ()
-    several_senders: bool = False
-
-    @property
-    def errors(self) -> Tuple[str, ...]:
-        """Each policy error, prefixed by its sender's name when there are several."""
-        return tuple(f"{v.sender.name}: {v.error}" if self.several_senders else v.error
-                     for v in self.verdicts if v.error)
-
-    @property
-    def queue_id(self) -> str:
-        return self.message.queue_id
-
-    @property
-    def action(self) -> str:
-        return "send" if self.send else "skip"
 
 
 def _as_number(kind: str, value) -> Optional[float]:
@@ -272,7 +230,6 @@ class PolicyEngine:
         self._script_text = self._read_script(settings.script)
         self._worker: Optional[_Worker] = None
         self._extras_used: Set[str] = set()
-        self.policy_errors = 0
 
     @staticmethod
     def _read_script(path: str) -> bytes:
@@ -308,9 +265,7 @@ class PolicyEngine:
                 verdicts[i].append(verdict)
             remaining = [i for i, verdict in zip(remaining, answers) if verdict.skip]
         self._log_extras()
-        decisions = [combine(m, v, len(senders) > 1) for m, v in zip(ordered, verdicts)]
-        self.policy_errors = sum(1 for d in decisions if d.errors)
-        return decisions
+        return [combine(m, v, len(senders) > 1) for m, v in zip(ordered, verdicts)]
 
     def load(self, sender: Sender) -> None:
         """Load the script for ``sender`` (top level, then ``Start()``)."""
