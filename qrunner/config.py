@@ -27,7 +27,7 @@ DEFAULT_SCRIPT = "/etc/qrunner/relayout.lua"
 DEFAULT_STATE_DIR = "/var/lib/qrunner"
 
 LUA_VERSIONS = ("5.1", "5.2", "5.3", "5.4", "5.5", "luajit")
-MTAS = ("auto", "postfix", "exim")
+MTAS = ("auto", "postfix", "exim", "memory")
 ON_SCRIPT_ERROR = ("skip", "send")
 
 
@@ -117,6 +117,18 @@ class EximSettings:
 
 
 @dataclass(frozen=True)
+class MemorySettings:
+    """The ``[memory]`` table: where the in-memory back end keeps its queue (``mta = "memory"``).
+
+    A faithful model of an MTA queue (qrunner/mta/memory.py) for trying a
+    policy and for running qrunner's own cases on any machine; it delivers
+    nothing anywhere.
+    """
+
+    directory: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Config:
     """Every setting, with the defaults a fresh install runs with."""
 
@@ -127,9 +139,11 @@ class Config:
     script_timeout: float = 2.0
     script_memory_mb: int = 64
     lua: str = "5.4"
+    history_days: float = 30.0
     senders: Tuple[Sender, ...] = DEFAULT_SENDERS
     postfix: PostfixSettings = field(default_factory=PostfixSettings)
     exim: EximSettings = field(default_factory=EximSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
     path: Optional[str] = None
 
     def with_overrides(self, **changes: Any) -> "Config":
@@ -163,6 +177,7 @@ _TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
     "script_timeout": ("a number of seconds", _is_number, _positive),
     "script_memory_mb": ("a whole number of megabytes", lambda v: isinstance(v, int) and not isinstance(v, bool), _positive),
     "lua": ("a string", lambda v: isinstance(v, str), _check_choice(LUA_VERSIONS)),
+    "history_days": ("a number of days", _is_number, _positive),
 }
 
 
@@ -226,27 +241,22 @@ def _parse_senders(path: str, raw: Any) -> Tuple[Sender, ...]:
         postfix = _parse_postfix_route(path, where, table["postfix"]) if "postfix" in table else None
         exim = _parse_exim_route(path, where, table["exim"]) if "exim" in table else None
         senders.append(Sender(sender_id, name, default, postfix, exim))
-    defaults = [s.name for s in senders if s.default]
-    if len(defaults) > 1:
-        raise ConfigError(f"{path}: senders {', '.join(defaults)} are all default = true; at most one sender "
-                          "may use the MTA's own routing.")
-    if not defaults and len(senders) == 1 and senders[0].postfix is None and senders[0].exim is None:
-        senders[0] = Sender(senders[0].id, senders[0].name, True)  # one sender without a route: the MTA's routing
     return check_senders(senders, path)
 
 
-def check_routes(senders: Sequence[Sender], mta: str, where: str) -> None:
-    """Every sender that is not the default has a route for ``mta`` (else exit 78, naming it)."""
-    for sender in senders:
-        if sender.default:
-            continue
-        if getattr(sender, mta) is None:
-            raise ConfigError(f"{where}: sender {sender.id}:{sender.name} has no [sender.{mta}] route and is not "
-                              f"default = true; give it a route (see contrib/{mta}/) or make it the default sender.")
+def check_senders(senders: Sequence[Sender], where: str) -> Tuple[Sender, ...]:
+    """Senders in the order they run (ascending id); ids and names unique; at most one default.
 
-
-def check_senders(senders: List[Sender], where: str) -> Tuple[Sender, ...]:
-    """Senders in the order they run (ascending id); ids and names unique."""
+    One sender without a route is the default: its mail goes by the MTA's
+    own routing, as a site with one VPOP3 sender expects.
+    """
+    senders = list(senders)
+    defaults = [s.name for s in senders if s.default]
+    if len(defaults) > 1:
+        raise ConfigError(f"{where}: senders {', '.join(defaults)} are all default = true; at most one sender "
+                          "may use the MTA's own routing.")
+    if not defaults and len(senders) == 1 and senders[0].postfix is None and senders[0].exim is None:
+        senders[0] = Sender(senders[0].id, senders[0].name, True)
     if not senders:
         raise ConfigError(f"{where}: no senders are configured; add a [[sender]] table or leave them all out for one sender 0:default.")
     for attr in ("id", "name"):
@@ -255,6 +265,11 @@ def check_senders(senders: List[Sender], where: str) -> Tuple[Sender, ...]:
         if duplicates:
             raise ConfigError(f"{where}: sender {attr} {duplicates[0]} is used twice; every sender needs its own {attr}.")
     return tuple(sorted(senders, key=lambda s: s.id))
+
+
+def fallback_sender(senders: Sequence[Sender]) -> Optional[Sender]:
+    """Who sends what the admin forces out (``flush --ignore-policy``): the default sender, else the first."""
+    return next((s for s in senders if s.default), senders[0] if senders else None)
 
 
 def _whole(value: Any) -> bool:
@@ -292,6 +307,13 @@ def _check_table(path: str, name: str, raw: Any, keys: Dict[str, Tuple[str, Any]
     return raw
 
 
+_MEMORY_KEYS = {"directory": _text("a directory")}
+
+
+def _parse_memory(path: str, raw: Any) -> MemorySettings:
+    return MemorySettings(**_check_table(path, "memory", raw, _MEMORY_KEYS))
+
+
 def _parse_postfix(path: str, raw: Any) -> PostfixSettings:
     return PostfixSettings(**_check_table(path, "postfix", raw, _POSTFIX_KEYS))
 
@@ -321,6 +343,9 @@ def parse_config(data: Dict[str, Any], path: str) -> Config:
         if key == "exim":
             values["exim"] = _parse_exim(path, value)
             continue
+        if key == "memory":
+            values["memory"] = _parse_memory(path, value)
+            continue
         if key not in _TOP_LEVEL:
             raise _fail(path, key, "is not a known setting")
         description, type_ok, extra = _TOP_LEVEL[key]
@@ -329,8 +354,12 @@ def parse_config(data: Dict[str, Any], path: str) -> Config:
         problem = extra(value) if extra else None
         if problem:
             raise _fail(path, key, f"{problem} (it is {value!r})")
-        values[key] = float(value) if key == "script_timeout" else value
-    return Config(path=path, **values)
+        values[key] = float(value) if key in ("script_timeout", "history_days") else value
+    config = Config(path=path, **values)
+    if config.mta == "memory" and not config.memory.directory:
+        raise ConfigError(f'{path}: mta = "memory" needs [memory] directory, the directory that holds its queue; '
+                          "add it.")
+    return config
 
 
 def load_config(path: Optional[str] = None) -> Config:

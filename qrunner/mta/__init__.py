@@ -1,22 +1,27 @@
 """MTA back ends: everything that knows Postfix or Exim lives below here.
 
-Each back end implements :class:`qrunner.mta.base.Backend`; the offline
-snapshot reader is one too, so ``plan --queue-file`` follows the same path
-as a live run.
+Each back end implements :class:`qrunner.mta.base.Backend`: ``postfix.py``,
+``exim.py``, ``memory.py`` (a faithful model of a queue, for any machine);
+the offline snapshot reader is one too, so ``plan --queue-file`` follows
+the same list and decide stages as a live run.
 """
 
 from __future__ import annotations
 
 from qrunner.config import Config
 from qrunner.exceptions import UnavailableError
+from qrunner.mta.base import Backend
 
 
-def backend_for(config: Config):
+def backend_for(config: Config) -> Backend:
     """The live back end the configuration names (``mta``), found on this host for ``auto``."""
     from qrunner.mta.exim import EximBackend, find_exim
+    from qrunner.mta.memory import MemoryBackend
     from qrunner.mta.postfix import PostfixBackend, find_postconf
 
     mta = config.mta
+    if mta == "memory":
+        return MemoryBackend(config.memory.directory)
     if mta == "auto":
         if find_postconf(config.postfix.command_directory) is not None:
             mta = "postfix"

@@ -1,116 +1,163 @@
-"""The one small interface every MTA back end implements.
+"""The one narrow interface every MTA back end implements.
 
-The runner follows the pipeline (list, decide, plan, execute, record) and
-asks the back end only these questions and for these actions, so a back end
-for another MTA slots in without the runner changing shape.
+Modelled on httpx's transports: a small base class, interchangeable back
+ends each in its own file (``postfix.py``, ``exim.py``, ``memory.py``, the
+offline ``snapshot.py``), and the same end-to-end cases run over each. The
+runner asks a back end for a few facts and a few actions, and nothing
+outside ``qrunner/mta/`` knows which MTA it drives.
+
+Each back end does "send by a sender's route" its own way: Postfix holds
+the original, re-injects a copy into the sender's listener and removes the
+original, telling the executor each step through a :class:`HandOverJournal`
+so that every step is recorded before the next; Exim writes its routes
+file and lets its router pick the transport at delivery.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+import enum
+from dataclasses import dataclass
+from typing import Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
 
+from qrunner.config import Sender
 from qrunner.message import Message
 
 
-class HandOverError(Exception):
-    """A message could not be handed to its sender's route; the text says which step failed and why."""
+class Result(enum.Enum):
+    """How the MTA took a request to deliver a message."""
+
+    SCHEDULED = "scheduled"  # the MTA took the request; its delivery runs on its own
+    DELIVERED = "delivered"  # the MTA's attempt is known to have ended with the message gone
+    DEFERRED = "deferred"    # the MTA's attempt is known to have left the message queued
+    ROUTED = "routed"        # a copy now travels the sender's route under a new id
+    VANISHED = "vanished"    # no longer there to send (delivered, deleted or being delivered)
+    FAILED = "failed"        # the MTA refused or could not be asked; ``detail`` says why
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one send request."""
+
+    result: Result
+    detail: str = ""
+    new_id: str = ""                # ROUTED: the copy's queue id
+    original_removed: bool = True   # ROUTED: False when the original is still queued
+
+    def __str__(self) -> str:
+        """As the run's dispatch record stores it."""
+        if self.result is Result.ROUTED:
+            return f"routed as {self.new_id}"
+        if self.result is Result.FAILED:
+            return f"failed: {self.detail}"
+        return self.result.value
+
+
+class SendRequest(NamedTuple):
+    """One message to deliver now; ``route`` is its sender, None for the MTA's own routing."""
+
+    message: Message
+    route: Optional[Sender]
+
+
+class HandOverJournal(Protocol):
+    """The executor's record of a hand-over, called by a back end that copies messages into a route."""
+
+    def holding(self, requests: Sequence[SendRequest]) -> None:
+        """The originals are about to be held so that nothing else sends them while they are copied."""
+
+    def held(self, requests: Sequence[SendRequest], confirmed: Set[str]) -> None:
+        """The MTA confirmed these holds."""
+
+    def copied(self, request: SendRequest, new_id: str) -> None:
+        """The sender's route accepted a copy; the original is removed next."""
+
+
+class Gate(NamedTuple):
+    """Whether the MTA waits for qrunner before it delivers gated mail: True, False or None (unknown, ``why``)."""
+
+    gated: Optional[bool]
+    why: str = ""
 
 
 class Backend:
-    """A queue qrunner can read (and, for a live MTA, act on).
+    """A queue qrunner can read and act on.
 
     ``instance`` names the MTA instance in qrunner's records (two instances
-    never share records); ``list_messages`` returns every message the MTA
-    shows, and ``is_candidate`` says which of them the policy may decide.
+    never share records). Actions return the ids the MTA confirmed: a
+    message that vanished meanwhile is simply not confirmed.
     """
 
-    name = "backend"
     instance = ""
-    hands_over = False  # True: a routed message is copied to its sender's route (Postfix), not dispatched
+    has_named_queue = False  # True: hand_back moves mail out of qrunner's own queue (Exim)
+    id_hint = "a message id"  # how the CLI names a bad id: "a Postfix queue id (see 'postqueue -p')"
 
-    def list_messages(self) -> List[Message]:  # pragma: no cover - interface
+    # -- facts ---------------------------------------------------------------
+
+    def is_message_id(self, text: str) -> bool:
+        """``text`` has the MTA's message id syntax (checked before it reaches a command line or a path)."""
         raise NotImplementedError
 
-    def close(self) -> None:
-        """Release whatever the back end holds open."""
+    def check(self, senders: Sequence[Sender], acting: bool) -> None:
+        """Raise when the MTA cannot be asked now: not running, a sender without a working route,
+        and, when ``acting``, not the rights to change its queue."""
 
-    # -- what a live MTA adds ------------------------------------------------
+    def gate(self) -> Gate:
+        """Is the MTA gated, so that qrunner alone starts the delivery of the mail it decides?"""
+        return Gate(None, "this back end cannot tell")
 
-    def is_message_id(self, text: str) -> bool:  # pragma: no cover - interface
-        """True when ``text`` has the MTA's message id syntax (checked before any command line)."""
+    def unfit(self, message: Message, ours: bool) -> Optional[str]:
+        """None when the policy may decide the message (``ours``: qrunner holds it); else why it is left alone."""
         raise NotImplementedError
 
-    def check_running(self) -> None:
-        """Raise UnavailableError when the MTA cannot be asked about its queue."""
+    def carries_route(self, message: Message, sender: Sender) -> bool:
+        """Is this message a copy handed to ``sender``'s route? The MTA's own files say; asked only of
+        messages that qrunner's records name as copies."""
+        return False
 
-    def check_routes(self, senders) -> None:
-        """Raise ConfigError when a sender's route cannot work with this MTA's configuration."""
-
-    def check_can_act(self) -> None:
-        """Raise when qrunner may not change the queue now (rights, MTA stopped)."""
-
-    def is_candidate(self, message: Message, ours: bool) -> bool:  # pragma: no cover - interface
-        """May the policy decide this message? ``ours``: it is held and qrunner held it."""
-        raise NotImplementedError
-
-    def why_not_candidate(self, message: Message) -> str:  # pragma: no cover - interface
-        """One phrase for the log: why qrunner leaves this message alone."""
-        raise NotImplementedError
-
-    def next_retry(self, message: Message, attempt: Optional[Tuple[int, float]]) -> Optional[float]:
+    def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[float]:
         """When the message is next due for delivery, or None when it is due now.
 
-        ``attempt`` is qrunner's record of its own dispatches that left the
-        message queued (count, time of the last), for MTAs that keep no
-        retry schedule of their own for gated mail.
+        ``attempts`` is qrunner's record of its dispatches that left the
+        message queued (count, time of the last), for an MTA that keeps no
+        retry schedule of its own for gated mail.
         """
         return None
 
-    def hold_age_limit(self) -> Optional[float]:
+    def expired(self, message: Message) -> Optional[str]:
+        """Why the MTA's own rules should take the message over now (too old to keep), or None."""
+        return None
+
+    def queue_lifetime(self) -> Optional[float]:
         """Age (seconds since arrival) past which a released message is likely to bounce at once, if known."""
         return None
 
-    def is_expired(self, message: Message) -> bool:
-        """Too old for qrunner to keep: the MTA's own retry rules should take it over."""
-        return False
+    def describe_route(self, sender: Sender) -> str:
+        """How a sender's mail leaves this MTA, for ``status`` and ``plan``."""
+        return "default: the MTA's own routing" if sender.default else "no route"
+
+    # -- actions ---------------------------------------------------------------
+
+    def list(self) -> List[Message]:
+        """Every message the MTA shows."""
+        raise NotImplementedError
+
+    def hold(self, queue_ids: Sequence[str]) -> Set[str]:
+        raise NotImplementedError
+
+    def release(self, queue_ids: Sequence[str]) -> Set[str]:
+        raise NotImplementedError
+
+    def send(self, requests: Sequence[SendRequest], journal: HandOverJournal) -> Dict[str, Outcome]:
+        """Ask the MTA to deliver each message (in the order given), each by its route; queue id -> outcome."""
+        raise NotImplementedError
+
+    def remove(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Remove originals whose copy a sender's route accepted."""
+        raise NotImplementedError
 
     def hand_back(self, queue_ids: Sequence[str]) -> Set[str]:
-        """Give messages back to the MTA's normal handling; the ids it confirmed."""
+        """Give messages back to the MTA's own scheduling (Exim: its default queue); nothing elsewhere."""
         return set()
 
-    def hold(self, queue_ids: Sequence[str]) -> Set[str]:  # pragma: no cover - interface
-        """Hold the messages; return the ids the MTA confirmed."""
-        raise NotImplementedError
-
-    def release(self, queue_ids: Sequence[str], to_default_queue: bool = False) -> Set[str]:  # pragma: no cover
-        """Release qrunner's holds; return the ids the MTA confirmed.
-
-        ``to_default_queue`` (Exim): also move them out of qrunner's named queue.
-        """
-        raise NotImplementedError
-
-    def move_to_default_queue(self, queue_ids: Sequence[str]) -> Set[str]:
-        """Move messages out of qrunner's named queue (Exim); nothing elsewhere."""
-        return set()
-
-    def hand_over(self, message: Message, sender) -> str:  # pragma: no cover - interface
-        """Copy a held message into its sender's route; the copy's queue id. Raises HandOverError."""
-        raise NotImplementedError
-
-    def delete(self, queue_ids: Sequence[str]) -> Set[str]:  # pragma: no cover - interface
-        """Delete messages (originals whose copy was accepted); the ids the MTA confirmed."""
-        raise NotImplementedError
-
-    def dispatch(self, messages: Sequence[Message], routes: Optional[Dict[str, object]] = None
-                 ) -> Dict[str, str]:  # pragma: no cover - interface
-        """Ask the MTA to deliver the messages, in the order given.
-
-        ``routes`` maps a queue id to the sender whose route it takes (a back
-        end that routes at dispatch, like Exim's router lookup file); the
-        others go by the MTA's own routing.
-
-        Returns queue id -> outcome: ``scheduled`` (the MTA took the request),
-        ``delivered`` / ``deferred`` (the MTA's attempt is known to have
-        ended so), ``vanished`` (no longer there to send), ``failed: why``.
-        """
-        raise NotImplementedError
+    def close(self) -> None:
+        """Release whatever the back end holds open."""

@@ -26,10 +26,10 @@ import subprocess
 import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from qrunner.config import EximSettings
+from qrunner.config import EximSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
-from qrunner.message import Message
-from qrunner.mta.base import Backend
+from qrunner.message import Message, QueueState
+from qrunner.mta.base import Backend, HandOverJournal, Outcome, Result, SendRequest
 from qrunner.mta import exim_spool
 
 log = logging.getLogger("qrunner.exim")
@@ -51,9 +51,13 @@ def find_exim(binary: Optional[str]) -> Optional[str]:
 
 
 class EximBackend(Backend):
-    """One Exim (binary and configuration) and the named queue qrunner works on."""
+    """One Exim (binary and configuration) and the named queue qrunner works on.
 
-    name = "exim"
+    A sender's route is chosen at delivery: the routes file names the
+    transport of each routed message, and contrib/exim's router reads it.
+    """
+
+    id_hint = "an Exim message id; check it in the queue listing ('exim -bp')"
 
     def __init__(self, settings: EximSettings, state_dir: str = ""):
         self.settings = settings
@@ -66,6 +70,7 @@ class EximBackend(Backend):
         self.binary = binary
         self.config_args = ["-C", settings.config] if settings.config else []
         self.queue = settings.queue
+        self.has_named_queue = bool(self.queue)
         self.queue_args = [f"-qG{self.queue}"] if self.queue else []
         self.spool_directory = settings.spool_directory or self._option("spool_directory")
         self.split = self._option("split_spool_directory", boolean=True) == "yes"
@@ -96,25 +101,69 @@ class EximBackend(Backend):
             chunk = list(ids[start:start + COMMAND_BATCH])
             self._exim(self.queue_args + [flag] + list(extra) + chunk)
 
-    # -- readiness ---------------------------------------------------------
+    # -- facts ---------------------------------------------------------------
 
-    def check_running(self) -> None:
-        """Exim needs no daemon to list or deliver; it needs a binary and a configuration that loads."""
-        if not os.path.isdir(self._input_directory()):
-            if not os.path.isdir(self.spool_directory):
-                raise UnavailableError(f"Exim's spool directory {self.spool_directory} does not exist; "
-                                       "check [exim] spool_directory.")
+    def check(self, senders: Sequence[Sender], acting: bool) -> None:
+        """A spool to read, a route for every routed sender that Exim's delivery user can read, root when acting.
 
-    def check_can_act(self) -> None:
-        if os.geteuid() != 0:
+        Exim needs no daemon to list or deliver. An acting run makes sure
+        the routes file exists: with it missing, Exim's lookup fails to the
+        paniclog and routes every message the default way.
+        """
+        for sender in senders:
+            if not sender.default and sender.exim is None:
+                raise ConfigError(f"sender {sender.id}:{sender.name} has no [sender.exim] route and is not "
+                                  "default = true; give it a route (see contrib/exim/) or make it the default sender.")
+        self._check_routes_reachable(senders)
+        if acting and os.geteuid() != 0:
             raise NoPermissionError("qrunner must run as root to freeze, thaw and deliver Exim mail "
                                     "(-Mf, -Mt, -M are for admin users); run it from root's timer or with sudo.")
-        self.check_running()
-        if self.routes_file and not os.path.exists(self.routes_file):
+        if not os.path.isdir(self._input_directory()) and not os.path.isdir(self.spool_directory):
+            raise UnavailableError(f"Exim's spool directory {self.spool_directory} does not exist; "
+                                   "check [exim] spool_directory.")
+        if acting and self.routes_file and not os.path.exists(self.routes_file):
             self.write_routes({})
 
     def is_message_id(self, text: str) -> bool:
         return exim_spool.is_message_id(text)
+
+    def unfit(self, message: Message, ours: bool) -> Optional[str]:
+        """Messages of the named queue not being delivered right now; frozen ones only if qrunner froze them."""
+        if message.state == QueueState.ACTIVE:
+            return "being delivered by Exim right now; left alone"
+        if message.held and not ours:
+            return (f"frozen by someone else, not by qrunner; left alone (thaw it with "
+                    f"'exim {' '.join(self.queue_args)} -Mt {message.queue_id}' if you mean to)")
+        return None
+
+    def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[float]:
+        """qrunner's own backoff for a message it dispatched that is still queued."""
+        if attempts is None:
+            return None
+        count, last = attempts
+        wait = min(self.settings.backoff_min * (2 ** max(count - 1, 0)), self.settings.backoff_max)
+        due = last + wait
+        return due if due > time.time() else None
+
+    def expired(self, message: Message) -> Optional[str]:
+        """Older than max_queue_time, not being delivered: Exim's own rules should decide its fate now.
+
+        Waiting mail then meets Exim's retry rules, and mail frozen by Exim
+        (a delivery error) or an admin meets timeout_frozen_after and
+        ignore_bounce_errors_after, which never act in a named queue. The
+        plan never hands back a hold of qrunner's own: those stay, warned about.
+        """
+        if message.state == QueueState.ACTIVE or time.time() - message.arrival <= self.settings.max_queue_time:
+            return None
+        return "older than max_queue_time: handed to the MTA's own retry and freeze rules"
+
+    def queue_lifetime(self) -> Optional[float]:
+        return float(self.settings.max_queue_time)
+
+    def describe_route(self, sender: Sender) -> str:
+        if sender.default:
+            return "default: the MTA's own routing"
+        return f"exim: transport {sender.exim.transport}" if sender.exim else "no route"
 
     # -- list --------------------------------------------------------------
 
@@ -122,7 +171,7 @@ class EximBackend(Backend):
         parts = [self.spool_directory] + ([self.queue] if self.queue else []) + ["input"]
         return os.path.join(*parts)
 
-    def list_messages(self) -> List[Message]:
+    def list(self) -> List[Message]:
         """The named queue's messages, from the -H files; locked (being delivered) ones marked."""
         messages = []
         mvh = tuple([self.binary] + self.config_args + self.queue_args)
@@ -137,52 +186,19 @@ class EximBackend(Backend):
             if size is None:
                 continue  # gone since the directory scan
             locked = exim_spool.is_locked(data_path)
+            state = QueueState.ACTIVE if locked else QueueState.HELD if spool.frozen else QueueState.WAITING
             messages.append(Message(
                 queue_id=message_id,
                 arrival=spool.arrival,
                 size=size,
                 sender=spool.sender,
                 recipients=spool.pending_recipients,
-                queue_name="locked" if locked else (self.queue or "default"),
+                queue_name=self.queue or "default",
                 filename=data_path,
                 headers=exim_spool.EximSpoolHeaders(header_path, message_id, mvh),
-                held=spool.frozen,
+                state=state,
             ))
         return messages
-
-    def is_candidate(self, message: Message, ours: bool) -> bool:
-        """Messages of the named queue not being delivered right now; frozen ones only if qrunner froze them."""
-        if message.queue_name == "locked":
-            return False
-        return not message.held or ours
-
-    def why_not_candidate(self, message: Message) -> str:
-        if message.queue_name == "locked":
-            return "being delivered by Exim right now; left alone"
-        return (f"frozen by someone else, not by qrunner; left alone (thaw it with "
-                f"'exim {' '.join(self.queue_args)} -Mt {message.queue_id}' if you mean to)")
-
-    def next_retry(self, message: Message, attempt: Optional[Tuple[int, float]]) -> Optional[float]:
-        """qrunner's own backoff for a message it dispatched that is still queued."""
-        if attempt is None:
-            return None
-        count, last = attempt
-        wait = min(self.settings.backoff_min * (2 ** max(count - 1, 0)), self.settings.backoff_max)
-        due = last + wait
-        return due if due > time.time() else None
-
-    def is_expired(self, message: Message) -> bool:
-        """Older than max_queue_time, not being delivered: Exim's own rules should decide its fate now.
-
-        Waiting mail then meets Exim's retry rules, and mail frozen by Exim
-        (a delivery error) or an admin meets timeout_frozen_after and
-        ignore_bounce_errors_after, which never act in a named queue. The
-        caller never hands back a hold of qrunner's own: those stay, warned about.
-        """
-        return message.queue_name != "locked" and time.time() - message.arrival > self.settings.max_queue_time
-
-    def hold_age_limit(self) -> Optional[float]:
-        return float(self.settings.max_queue_time)
 
     # -- act ---------------------------------------------------------------
 
@@ -204,12 +220,9 @@ class EximBackend(Backend):
         """
         return self._confirmed("-Mf", queue_ids, "is now frozen")
 
-    def release(self, queue_ids: Sequence[str], to_default_queue: bool = False) -> Set[str]:
-        """Thaw (``-Mt``); with ``to_default_queue`` also move them to Exim's default queue."""
-        thawed = self._confirmed("-Mt", queue_ids, "is no longer frozen")
-        if to_default_queue and thawed:
-            self.move_to_default_queue(sorted(thawed))
-        return thawed
+    def release(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Thaw (``-Mt``); the ids Exim says it thawed."""
+        return self._confirmed("-Mt", queue_ids, "is no longer frozen")
 
     def _confirmed(self, flag: str, queue_ids: Sequence[str], done: str) -> Set[str]:
         ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
@@ -219,17 +232,13 @@ class EximBackend(Backend):
             confirmed.update(re.findall(r"^Message (\S+) " + re.escape(done) + r"$", result.stdout, re.M))
         return confirmed & set(ids)
 
-    def move_to_default_queue(self, queue_ids: Sequence[str]) -> Set[str]:
-        """``-qG<queue> -MG '' ID...``: back to the queue Exim's own runners process."""
+    def hand_back(self, queue_ids: Sequence[str]) -> Set[str]:
+        """``-qG<queue> -MG '' ID...``: as they are (nothing thawed), to the queue Exim's own runners process."""
         ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
         if not ids or not self.queue:
             return set()
         self._each_batch("-MG", ids, extra=[""])
         return {q for q in ids if self._frozen(q) is None}
-
-    def hand_back(self, queue_ids: Sequence[str]) -> Set[str]:
-        """Move to the default queue as they are (nothing thawed), for Exim's retry and freeze rules."""
-        return self.move_to_default_queue(queue_ids)
 
     def write_routes(self, routes: Dict[str, str]) -> None:
         """The router's lookup file, message id -> transport, replaced atomically.
@@ -256,7 +265,11 @@ class EximBackend(Backend):
         if routes:
             self._check_reachable(directory)
 
-    def check_routes(self, senders) -> None:
+    def remove(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Exim routes at delivery and never copies a message: there is no original to remove."""
+        return set()
+
+    def _check_routes_reachable(self, senders: Sequence[Sender]) -> None:
         """With routed senders, Exim's delivery user must be able to read the routes file: checked before acting."""
         if self.routes_file and any(not s.default and s.exim for s in senders):
             # state_dir itself is made 0711 when the file is written; what lies above it is the admin's.
@@ -282,8 +295,8 @@ class EximBackend(Backend):
                 return
             path = parent
 
-    def dispatch(self, messages: Sequence[Message], routes=None) -> Dict[str, str]:
-        """``exim -qG<queue> -M ID...`` in dispatch order, at most ``dispatch_concurrency`` at once.
+    def send(self, requests: Sequence[SendRequest], journal: HandOverJournal) -> Dict[str, Outcome]:
+        """``exim -qG<queue> -Mc ID...`` in the order given, at most ``dispatch_concurrency`` at once.
 
         Batches are started in order, so a message is handed to Exim only
         after every higher-priority message was. A message frozen (by anyone)
@@ -291,36 +304,37 @@ class EximBackend(Backend):
         afterwards: gone means delivered (or bounced by Exim), still there
         means deferred.
         """
-        outcomes: Dict[str, str] = {}
-        self.write_routes({queue_id: sender.exim.transport for queue_id, sender in (routes or {}).items()})
+        outcomes: Dict[str, Outcome] = {}
+        self.write_routes({r.message.queue_id: r.route.exim.transport for r in requests if r.route is not None})
         ready = []
-        for message in messages:
-            frozen = self._frozen(message.queue_id)
+        for request in requests:
+            queue_id = request.message.queue_id
+            frozen = self._frozen(queue_id)
             if frozen is None:
-                outcomes[message.queue_id] = "vanished"
+                outcomes[queue_id] = Outcome(Result.VANISHED)
             elif frozen:
-                outcomes[message.queue_id] = "failed: frozen since it was listed; not sent"
+                outcomes[queue_id] = Outcome(Result.FAILED, "frozen since it was listed; not sent")
             else:
-                ready.append(message.queue_id)
+                ready.append(queue_id)
         batches = [ready[i:i + BATCH] for i in range(0, len(ready), BATCH)]
         started = time.time()
         running: List[Tuple[subprocess.Popen, List[str]]] = []
         problems: Dict[str, str] = {}
         for batch in batches:
             while len(running) >= self.settings.dispatch_concurrency:
-                running = self._reap(running, problems, block=True)
+                running = self._reap(running, problems)
             # -Mc, not -M: Exim checks under its own lock that the message is not frozen, so
             # a message someone freezes after this check is never delivered by qrunner.
             proc = subprocess.Popen([self.binary] + self.config_args + self.queue_args + ["-Mc"] + batch,
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             running.append((proc, batch))
         while running:
-            running = self._reap(running, problems, block=True)
+            running = self._reap(running, problems)
         for queue_id in ready:
             outcomes[queue_id] = self._outcome(queue_id, started, problems)
         return outcomes
 
-    def _reap(self, running, problems: Dict[str, str], block: bool):
+    def _reap(self, running, problems: Dict[str, str]):
         """Wait for one -Mc process to end; remember what a failing one said."""
         while True:
             still = []
@@ -334,38 +348,30 @@ class EximBackend(Backend):
                 if proc.returncode != 0:
                     for queue_id in batch:
                         problems[queue_id] = f"exim -Mc exited {proc.returncode}: {_last_line(error) or 'no message'}"
-            if len(still) < len(running) or not block:
+            if len(still) < len(running):
                 return still
             time.sleep(0.01)
 
-    def _outcome(self, queue_id: str, started: float, problems: Dict[str, str]) -> str:
+    def _outcome(self, queue_id: str, started: float, problems: Dict[str, str]) -> Outcome:
         paths = exim_spool.find_spool_paths(self.spool_directory, self.queue, queue_id, self.split)
         if paths is None:
-            return "delivered"
+            return Outcome(Result.DELIVERED)
         try:
             spool = exim_spool.read_header_file(paths.header, read_headers=False)
         except (OSError, ValueError):
-            return "delivered"
+            return Outcome(Result.DELIVERED)
         if queue_id in problems:
-            return f"failed: {problems[queue_id]}"
+            return Outcome(Result.FAILED, problems[queue_id])
         if spool.frozen:
             if (spool.frozen_at or 0) >= int(started):
                 # Frozen by this delivery (a bounce that cannot be delivered, a delivery error):
                 # only Exim's own rules (ignore_bounce_errors_after, timeout_frozen_after) can end
                 # that, and they never act in a named queue.
-                self.move_to_default_queue([queue_id])
-                return "failed: frozen by Exim during delivery; moved, still frozen, to Exim's default queue"
-            return "failed: frozen by someone else since it was listed; not sent"
-        return "deferred"
-
-
-def _wait_for_one(running: List[subprocess.Popen]) -> List[subprocess.Popen]:
-    """Block until at least one process ends; the ones still running."""
-    while True:
-        still = [p for p in running if p.poll() is None]
-        if len(still) < len(running):
-            return still
-        time.sleep(0.01)
+                self.hand_back([queue_id])
+                return Outcome(Result.FAILED, "frozen by Exim during delivery; moved, still frozen, to Exim's "
+                                              "default queue")
+            return Outcome(Result.FAILED, "frozen by someone else since it was listed; not sent")
+        return Outcome(Result.DEFERRED)
 
 
 def _last_line(text: str) -> str:

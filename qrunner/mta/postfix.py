@@ -18,14 +18,15 @@ import shutil
 import socket
 import subprocess
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from qrunner.config import PostfixSettings
+from qrunner.config import PostfixSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
-from qrunner.message import Message
-from qrunner.mta.base import Backend, HandOverError
+from qrunner.message import Message, QueueState
+from qrunner.mta.base import Backend, Gate, HandOverJournal, Outcome, Result, SendRequest
 from qrunner.mta.postfix_envelope import read_route, read_sender
 from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, hash_key, is_queue_id
+from qrunner.mta.postfix_reinject import ReinjectError, reinject
 
 log = logging.getLogger("qrunner.postfix")
 
@@ -43,11 +44,19 @@ def find_postconf(command_directory: Optional[str]) -> Optional[str]:
     return shutil.which("postconf") or shutil.which("postconf", path="/usr/sbin:/usr/local/sbin")
 
 
-class PostfixBackend(Backend):
-    """One Postfix instance (its config directory), as qrunner acts on it."""
+QUEUE_STATES = {"deferred": QueueState.WAITING, "hold": QueueState.HELD, "active": QueueState.ACTIVE}
 
-    name = "postfix"
-    hands_over = True  # a sender's route is fixed by re-injection into its loopback listener
+
+class PostfixBackend(Backend):
+    """One Postfix instance (its config directory), as qrunner acts on it.
+
+    A sender's route is fixed by re-injection: the original is held, a copy
+    is submitted to the sender's loopback listener (whose ``content_filter``
+    stamps the route into the copy's queue file), then the original is
+    removed. Mail of the default sender is scheduled through the flush service.
+    """
+
+    id_hint = "a Postfix queue id; check it in the queue listing ('postqueue -p')"
 
     def __init__(self, settings: PostfixSettings):
         self.settings = settings
@@ -56,13 +65,13 @@ class PostfixBackend(Backend):
             where = settings.command_directory or "PATH or /usr/sbin"
             raise UnavailableError(f"Postfix is not installed: no postconf in {where}; install Postfix "
                                    "or set mta and [postfix] command_directory in the configuration.")
+        self.postconf = postconf
         self.config_args = ["-c", settings.config_directory] if settings.config_directory else []
         values = self._postconf(postconf)
         self.queue_directory = values["queue_directory"]
         self.command_directory = settings.command_directory or values["command_directory"]
-        self.hash_queue_names = values["hash_queue_names"]
-        self.hash_queue_depth = int(values["hash_queue_depth"] or 1)
-        self.paths = QueuePaths(self.queue_directory, self.hash_queue_names, self.hash_queue_depth)
+        self.paths = QueuePaths(self.queue_directory, values["hash_queue_names"],
+                                int(values["hash_queue_depth"] or 1))
         self.defer_transports = values["defer_transports"]
         self.maximal_queue_lifetime = values["maximal_queue_lifetime"]
         self.empty_address_recipient = values["empty_address_recipient"]
@@ -92,39 +101,122 @@ class PostfixBackend(Backend):
         except OSError as exc:
             raise UnavailableError(f"cannot run {self.command(name)}: {exc.strerror}; is Postfix installed whole?")
 
-    # -- readiness ---------------------------------------------------------
+    # -- facts ---------------------------------------------------------------
 
-    def check_can_act(self) -> None:
-        """Root and a running Postfix: without them postsuper half-applies a batch."""
-        if os.geteuid() != 0:
+    def is_message_id(self, text: str) -> bool:
+        return is_queue_id(text)
+
+    def check(self, senders: Sequence[Sender], acting: bool) -> None:
+        """Routes that work, root when acting, and a running Postfix: without it postsuper half-applies a batch."""
+        self._check_routes(senders)
+        if acting and os.geteuid() != 0:
             raise NoPermissionError("qrunner must run as root to hold, release and schedule Postfix mail "
                                     "(postsuper is reserved for the superuser); run it from root's timer or with sudo.")
-        self.check_running()
-
-    def check_routes(self, senders) -> None:
-        """A sender's transport must not be gated: its copies would wait for a schedule that never comes."""
-        gated = set(self.defer_transports.replace(",", " ").split())
-        for sender in senders:
-            if not sender.default and sender.postfix and sender.postfix.transport in gated:
-                raise ConfigError(f"sender {sender.id}:{sender.name}: its transport {sender.postfix.transport} is in "
-                                  "Postfix's defer_transports, so re-injected copies would never leave; gate only "
-                                  "the relay transport (contrib/postfix/main.cf.qrunner).")
-
-    def check_running(self) -> None:
         if os.geteuid() != 0:
             return  # only root may ask 'postfix status'; postqueue says "mail system is down" for the rest
-        if not self.defer_transports.strip():
-            log.warning("Postfix is not in gate mode (defer_transports is empty): it delivers deferred mail on its "
-                        "own schedule, so qrunner's holds work but its order does not; see contrib/postfix/main.cf.qrunner")
         result = self._run("postfix", ["status"])
         if result.returncode != 0:
             where = self.settings.config_directory or "the default instance"
             raise UnavailableError(f"Postfix is not running ({where}: 'postfix status' says: "
                                    f"{_last_line(result.stderr) or 'not running'}); start it with 'postfix start'.")
 
+    def _check_routes(self, senders: Sequence[Sender]) -> None:
+        """Every routed sender has a Postfix route whose transport is not gated and whose listener stamps it."""
+        routed = [s for s in senders if not s.default]
+        gated = set(self.defer_transports.replace(",", " ").split())
+        for sender in routed:
+            if sender.postfix is None:
+                raise ConfigError(f"sender {sender.id}:{sender.name} has no [sender.postfix] route and is not "
+                                  "default = true; give it a route (see contrib/postfix/) or make it the default "
+                                  "sender.")
+            if sender.postfix.transport in gated:
+                raise ConfigError(f"sender {sender.id}:{sender.name}: its transport {sender.postfix.transport} is in "
+                                  "Postfix's defer_transports, so re-injected copies would never leave; gate only "
+                                  "the relay transport (contrib/postfix/main.cf.qrunner).")
+        if routed:
+            self._check_listeners(routed)
+
+    def _check_listeners(self, senders: Sequence[Sender]) -> None:
+        """The content_filter each sender's listener stamps (master.cf) is the route qrunner recognises copies by."""
+        stamped = self._listener_filters()
+        for sender in senders:
+            route = sender.postfix
+            found = stamped.get(route.listener)
+            if found is None:
+                log.warning("sender %s: no master.cf service %s sets content_filter, so qrunner cannot check its "
+                            "route; see contrib/postfix/master.cf.qrunner", sender.name, route.listener)
+            elif not same_route(found, route.content_filter):
+                raise ConfigError(f"sender {sender.id}:{sender.name}: its listener {route.listener} stamps "
+                                  f"content_filter={found} (master.cf), not {route.content_filter} as its transport "
+                                  "and nexthop say; make them the same: qrunner tells a copy it handed to the sender "
+                                  "by that route.")
+
+    def _listener_filters(self) -> Dict[str, str]:
+        """master.cf service name -> the content_filter its -o option sets (``postconf -xP``)."""
+        result = subprocess.run([self.postconf] + self.config_args + ["-xP"], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True, errors="replace")
+        filters = {}
+        for line in result.stdout.splitlines():
+            name, _, value = line.partition(" = ")
+            service, _, parameter = name.rpartition("/")
+            if parameter == "content_filter" and service.endswith("/inet"):
+                filters[service[:-len("/inet")]] = value.strip()
+        return filters
+
+    def gate(self) -> Gate:
+        if not self.defer_transports.strip():
+            return Gate(False, "Postfix is not in gate mode (defer_transports is empty): it delivers deferred mail "
+                               "on its own schedule, so qrunner's holds work but its order does not; see "
+                               "contrib/postfix/main.cf.qrunner")
+        return Gate(True, f"defer_transports = {self.defer_transports}")
+
+    def unfit(self, message: Message, ours: bool) -> Optional[str]:
+        """Deferred mail, and qrunner's own holds; never active, incoming or an admin's hold."""
+        if message.state == QueueState.WAITING or (message.held and ours):
+            return None
+        if message.held:
+            return (f"on hold by someone else, not by qrunner; left alone (release it with "
+                    f"'postsuper -H {message.queue_id}' if you mean to)")
+        return f"in the {message.queue_name} queue, which qrunner never touches"
+
+    def carries_route(self, message: Message, sender: Sender) -> bool:
+        """The route stamped in the copy's own queue file is the truth; unreadable (moved on), the record is."""
+        if sender.postfix is None:
+            return False
+        try:
+            return same_route(read_route(message.filename), sender.postfix.content_filter)
+        except (OSError, ValueError):
+            return True
+
+    def due(self, message: Message, attempts: Optional[Tuple[int, float]] = None) -> Optional[float]:
+        """When Postfix would retry the message by itself, or None when it is due now.
+
+        Due: its only delay reason is the gate's own (Postfix found it due
+        and its transport deferred), or its next retry time (the queue
+        file's mtime) has passed.
+        """
+        if message.delay_reasons and all(GATE_REASON in reason for reason in message.delay_reasons):
+            return None
+        try:
+            mtime = os.stat(message.filename).st_mtime
+        except OSError:
+            return None
+        return mtime if mtime > time.time() else None
+
+    def queue_lifetime(self) -> Optional[float]:
+        """maximal_queue_lifetime: held mail older than this bounces on its first attempt after release."""
+        return postfix_time(self.maximal_queue_lifetime)
+
+    def describe_route(self, sender: Sender) -> str:
+        if sender.default:
+            return "default: the MTA's own routing"
+        if sender.postfix is None:
+            return "no route"
+        return f"postfix: via {sender.postfix.listener} to {sender.postfix.content_filter}"
+
     # -- list --------------------------------------------------------------
 
-    def list_messages(self) -> List[Message]:
+    def list(self) -> List[Message]:
         """One ``postqueue -j``, parsed line by line while Postfix is still printing it."""
         postcat = tuple([self.command("postcat")] + self.config_args)
         messages = []
@@ -181,25 +273,8 @@ class PostfixBackend(Backend):
             filename=path,
             headers=PostfixQueueFileHeaders(path, queue_id, postcat),
             delay_reasons=tuple(str(r["delay_reason"]) for r in recipients if "delay_reason" in r),
-            held=queue_name == "hold",
+            state=QUEUE_STATES.get(queue_name, QueueState.ARRIVING),
         )
-
-    def is_message_id(self, text: str) -> bool:
-        return is_queue_id(text)
-
-    def is_candidate(self, message: Message, ours: bool) -> bool:
-        """Deferred mail, and qrunner's own holds; never active, incoming or an admin's hold."""
-        return message.queue_name == "deferred" or (message.held and ours)
-
-    def why_not_candidate(self, message: Message) -> str:
-        if message.held:
-            return (f"on hold by someone else, not by qrunner; left alone (release it with "
-                    f"'postsuper -H {message.queue_id}' if you mean to)")
-        return f"in the {message.queue_name} queue, which qrunner never touches"
-
-    def hold_age_limit(self) -> Optional[float]:
-        """maximal_queue_lifetime: held mail older than this bounces on its first attempt after release."""
-        return postfix_time(self.maximal_queue_lifetime)
 
     def _sender(self, shown: str, path: str) -> str:
         """The envelope sender; "" for the null sender, which postqueue -j shows as MAILER-DAEMON."""
@@ -211,32 +286,21 @@ class PostfixBackend(Backend):
             return ""  # a bounce, all but certainly; the file moved on
         return "" if not raw else raw.decode("utf-8", "surrogateescape")
 
-    def next_retry(self, message: Message, attempt: Optional[Tuple[int, float]] = None) -> Optional[float]:
-        """When Postfix would retry the message by itself, or None when it is due now.
-
-        Due: its only delay reason is the gate's own (Postfix found it due
-        and its transport deferred), or its next retry time (the queue
-        file's mtime) has passed.
-        """
-        if message.delay_reasons and all(GATE_REASON in reason for reason in message.delay_reasons):
-            return None
-        try:
-            mtime = os.stat(message.filename).st_mtime
-        except OSError:
-            return None
-        return mtime if mtime > time.time() else None
-
     # -- act ---------------------------------------------------------------
 
-    def hold(self, queue_ids: Iterable[str]) -> Set[str]:
+    def hold(self, queue_ids: Sequence[str]) -> Set[str]:
         """Put messages on hold in one ``postsuper -h -``; the ids postsuper confirmed."""
         return self._postsuper("-h", queue_ids, "placed on hold")
 
-    def release(self, queue_ids: Iterable[str], to_default_queue: bool = False) -> Set[str]:
+    def release(self, queue_ids: Sequence[str]) -> Set[str]:
         """Release held messages in one ``postsuper -H -``; the ids postsuper confirmed."""
         return self._postsuper("-H", queue_ids, "released from hold")
 
-    def _postsuper(self, flag: str, queue_ids: Iterable[str], done: str) -> Set[str]:
+    def remove(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Delete originals whose copy a listener accepted, in one ``postsuper -d -``."""
+        return self._postsuper("-d", queue_ids, "removed")
+
+    def _postsuper(self, flag: str, queue_ids: Sequence[str], done: str) -> Set[str]:
         ids = [q for q in queue_ids if is_queue_id(q)]
         if not ids:
             return set()
@@ -247,33 +311,51 @@ class PostfixBackend(Backend):
                                    f"{len(confirmed)} of {len(ids)} messages were changed before it stopped.")
         return confirmed
 
-    def hand_over(self, message: Message, sender) -> str:
-        """Re-inject the held original into the sender's listener; the copy's new queue id."""
-        from qrunner.mta.postfix_reinject import ReinjectError, reinject
+    def send(self, requests: Sequence[SendRequest], journal: HandOverJournal) -> Dict[str, Outcome]:
+        """Each message in the order given: a sender's through its listener, the default sender's by flush.
 
-        try:
-            return reinject(self._path("hold", message.queue_id), sender.postfix.address)
-        except (ReinjectError, OSError, ValueError) as error:
-            raise HandOverError(str(error)) from None
-
-    def delete(self, queue_ids: Sequence[str]) -> Set[str]:
-        """Delete originals whose copy a listener accepted, in one ``postsuper -d -``."""
-        return self._postsuper("-d", queue_ids, "removed")
-
-    def dispatch(self, messages: Sequence[Message], routes=None) -> Dict[str, str]:
-        """Schedule each message in turn (the flush service moves it to incoming/ at once, in this order)."""
+        The originals of the routed messages are held first (recorded
+        before, confirmed after, through ``journal``), so that nothing else
+        sends them while they are copied; each original is removed right
+        after its copy is recorded, so that a crash leaves at most one
+        original behind, which the next run removes instead of handing it
+        over again.
+        """
+        routed = [r for r in requests if r.route is not None]
+        held: Set[str] = set()
+        if routed:
+            journal.holding(routed)
+            held = self.hold([r.message.queue_id for r in routed])
+            journal.held(routed, held)
         outcomes = {}
-        for message in messages:
-            if not os.path.exists(self._path("deferred", message.queue_id)):
-                outcomes[message.queue_id] = "vanished"
-            elif self.schedule(message.queue_id):
-                outcomes[message.queue_id] = "scheduled"
+        for request in requests:
+            queue_id = request.message.queue_id
+            if request.route is None:
+                outcomes[queue_id] = self._schedule_deferred(queue_id)
+            elif queue_id not in held:
+                outcomes[queue_id] = Outcome(Result.VANISHED)
             else:
-                outcomes[message.queue_id] = "failed: Postfix refused to schedule it"
+                outcomes[queue_id] = self._hand_over(request, journal)
         return outcomes
 
-    def _path(self, queue_name: str, queue_id: str) -> str:
-        return self.paths.path(queue_name, queue_id)
+    def _hand_over(self, request: SendRequest, journal: HandOverJournal) -> Outcome:
+        """Re-inject the held original into its sender's listener, record the copy, remove the original."""
+        queue_id = request.message.queue_id
+        try:
+            new_id = reinject(self.paths.path("hold", queue_id), request.route.postfix.address)
+        except (ReinjectError, OSError, ValueError) as error:
+            return Outcome(Result.FAILED, str(error))
+        journal.copied(request, new_id)
+        removed = queue_id in self.remove([queue_id])
+        return Outcome(Result.ROUTED, new_id=new_id, original_removed=removed)
+
+    def _schedule_deferred(self, queue_id: str) -> Outcome:
+        """The flush service moves a deferred message to incoming/ at once, in the order asked."""
+        if not os.path.exists(self.paths.path("deferred", queue_id)):
+            return Outcome(Result.VANISHED)
+        if self.schedule(queue_id):
+            return Outcome(Result.SCHEDULED)
+        return Outcome(Result.FAILED, "Postfix refused to schedule it")
 
     def schedule(self, queue_id: str) -> bool:
         """Ask Postfix to deliver one deferred message now (``postqueue -i``'s request).
@@ -289,6 +371,13 @@ class PostfixBackend(Backend):
             log.debug("%s: flush socket unusable (%s); using postqueue -i", queue_id, exc)
         result = self._run("postqueue", ["-i", queue_id])
         return result.returncode == 0
+
+
+def same_route(stamped: str, configured: str) -> bool:
+    """Two content_filter values name the same route: the transport exactly, the next hop without case."""
+    transport, _, nexthop = stamped.strip().partition(":")
+    want_transport, _, want_nexthop = configured.partition(":")
+    return transport == want_transport and nexthop.lower() == want_nexthop.lower()
 
 
 def postfix_time(value: str) -> Optional[float]:

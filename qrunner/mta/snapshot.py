@@ -7,6 +7,13 @@ with ``"headers"`` (raw header fields, as ``HeaderLines`` holds them) and
 ``"filename"``. So ``postqueue -j | qrunner plan --queue-file -`` works, and
 an admin can ask "what would the policy do with these messages" anywhere.
 Every line is decided, whatever its ``queue_name``.
+
+The policy gets what a live run gives for the same message: a bare
+``MAILER-DAEMON`` sender is how ``postqueue -j`` shows the null sender
+(Postfix's ``empty_address_recipient``), so it reaches the policy as "".
+What a snapshot cannot know it gives as a live run gives the unknown:
+headers absent from the line are none, and Filename is "" without a
+``filename``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from qrunner.mta.postfix_queuefile import arrival_microseconds, is_queue_id
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: what time.localtime can show
 MAX_SIZE = 2 ** 53  # what a Lua 5.1 number (a double) holds exactly
 FORMAT_HINT = "each line must be one JSON object as 'postqueue -j' prints it"
+NULL_SENDER_SHOWN = "MAILER-DAEMON"  # postqueue -j's name for the null sender (empty_address_recipient's default)
 
 
 def _number(value: Any) -> bool:
@@ -76,7 +84,7 @@ def message_from_record(record: Dict[str, Any]) -> Message:
         queue_id=record["queue_id"],
         arrival=arrival_time(record["arrival_time"], record["queue_id"]),
         size=int(record["message_size"]),
-        sender=record["sender"],
+        sender="" if record["sender"] == NULL_SENDER_SHOWN else record["sender"],
         recipients=tuple(r["address"] for r in recipients),
         queue_name=record.get("queue_name", ""),
         filename=record.get("filename", ""),
@@ -104,14 +112,12 @@ def parse_snapshot(stream: IO[bytes], name: str) -> List[Message]:
 
 
 class SnapshotBackend(Backend):
-    """Reads a snapshot file, or standard input for ``-``; touches no MTA."""
-
-    name = "snapshot"
+    """Reads a snapshot file, or standard input for ``-``; touches no MTA, so it only lists."""
 
     def __init__(self, path: str):
         self.path = path
 
-    def list_messages(self) -> List[Message]:
+    def list(self) -> List[Message]:
         if self.path == "-":
             return parse_snapshot(sys.stdin.buffer, "<stdin>")
         try:
