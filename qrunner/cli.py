@@ -13,18 +13,18 @@ import logging
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from qrunner import __version__
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
+from qrunner.decision import Decision
 from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, QrunnerError, UsageError
 from qrunner.log import setup_logging
 from qrunner.mta import backend_for
 from qrunner.mta.snapshot import SnapshotBackend
 from qrunner.plan import report_order
-from qrunner.policy import Decision, PolicySettings
-from qrunner.runner import RunResult, Runner, decide_offline, senders_of
-from qrunner.state import State
+from qrunner.policy import PolicySettings
+from qrunner.runner import RunResult, Runner, decide_offline
 
 EXIT_CODES = """\
 exit codes:
@@ -192,15 +192,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _senders(args: argparse.Namespace, config: Config) -> Sequence[Sender]:
-    if args.senders:
-        senders = args.senders
-        if len(senders) == 1:  # one sender without a route: the MTA's own routing, as in the config
-            senders = [Sender(senders[0].id, senders[0].name, True)]
-        try:
-            return check_senders(senders, "--sender")
-        except QrunnerError as error:
-            raise UsageError(error.message)
-    return config.senders
+    if not args.senders:
+        return config.senders
+    try:
+        return check_senders(args.senders, "--sender")
+    except QrunnerError as error:
+        raise UsageError(error.message)
 
 
 def _policy_settings(config: Config, now: Optional[int]) -> PolicySettings:
@@ -208,9 +205,10 @@ def _policy_settings(config: Config, now: Optional[int]) -> PolicySettings:
                           memory_mb=config.script_memory_mb, on_script_error=config.on_script_error, now=now)
 
 
-def _runner(args: argparse.Namespace) -> Runner:
-    config = _config(args)
-    return Runner(config, backend_for(config), _policy_settings(config, args.now), _senders(args, config))
+def _runner(args: argparse.Namespace, config: Optional[Config] = None) -> Runner:
+    config = config or _config(args)
+    return Runner(config, backend_for(config), _policy_settings(config, getattr(args, "now", None)),
+                  _senders(args, config) if hasattr(args, "senders") else config.senders)
 
 
 def _queue_ids(args: argparse.Namespace, backend) -> Optional[List[str]]:
@@ -221,8 +219,7 @@ def _queue_ids(args: argparse.Namespace, backend) -> Optional[List[str]]:
         raise UsageError("name the queue ids to act on, or give --all.")
     for queue_id in args.queue_ids:
         if not backend.is_message_id(queue_id):
-            raise UsageError(f"{queue_id!r} is not a {backend.name} message id; check it in the queue listing "
-                             "('postqueue -p', 'exim -bp').")
+            raise UsageError(f"{queue_id!r} is not {backend.id_hint}.")
     return None if args.all else list(args.queue_ids)
 
 
@@ -242,20 +239,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _exit_code(decisions)
     result = _runner(args).run(command="plan", dry_run=True)
     print_plan(result, args.format)
-    return _exit_code(result.decisions)
-
-
-def _run_exit_code(result: RunResult) -> int:
-    """1 when a message had a policy error or could not be acted on (a failed send, a named id left alone)."""
-    trouble = result.policy_errors or result.summary.failed or result.not_candidates
-    return EX_POLICY_ERRORS if trouble else EX_OK
+    return _exit_code(result.plan.decisions)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     result = _runner(args).run(command="run", dry_run=args.dry_run)
     if args.dry_run:
         print_plan(result, "table")
-    return _run_exit_code(result)
+    return EX_POLICY_ERRORS if result.trouble else EX_OK
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
@@ -265,45 +256,36 @@ def cmd_flush(args: argparse.Namespace) -> int:
         logging.getLogger("qrunner").warning("flush --ignore-policy: the policy is overridden by the admin for %s",
                                              "every message" if ids is None else ", ".join(ids))
     result = runner.run(command="flush", only_ids=ids, ignore_policy=args.ignore_policy)
-    return _run_exit_code(result)
+    return EX_POLICY_ERRORS if result.trouble else EX_OK
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    backend = backend_for(config)
-    ids = _queue_ids(args, backend)
-    if args.to_default_queue and backend.name != "exim":
-        raise UsageError("--to-default-queue is for Exim's named queue; Postfix has no such queue.")
-    summary = Runner(config, backend, _policy_settings(config, None), config.senders).release(
-        ids, to_default_queue=args.to_default_queue)
+    runner = _runner(args, load_config(args.config))
+    ids = _queue_ids(args, runner.backend)
+    if args.to_default_queue and not runner.backend.has_named_queue:
+        raise UsageError("--to-default-queue is for Exim's named queue; this MTA has no such queue.")
+    summary = runner.release(ids, to_default_queue=args.to_default_queue)
     return EX_POLICY_ERRORS if summary.failed else EX_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    backend = backend_for(config)
-    state = State(config.state_dir, backend.instance, readonly=True)
-    try:
-        holds = state.holds()
-        last = state.last_run()
-    finally:
-        state.close()
-    print(f"qrunner holds in {backend.instance}: {len(holds)}")
-    if holds:
+    status = _runner(args, load_config(args.config)).status()
+    print(f"qrunner holds in {status.instance}: {len(status.holds)}")
+    if status.holds:
         rows = [("QUEUE ID", "HELD SINCE", "SENDERS", "REASON")]
-        limit = backend.hold_age_limit()
-        for hold in holds.values():
+        old = set(status.past_lifetime)
+        for hold in status.holds:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(hold.held_at))
-            state_note = "" if hold.state == "held" else f" [{hold.state}, settled by the next run]"
-            if limit and time.time() - hold.arrival > limit:
-                state_note += " [older than the MTA's queue lifetime: bounces when released]"
-            rows.append((hold.queue_id, since, hold.senders, hold.reason + state_note))
+            note = "" if hold.state == "held" else f" [{hold.state}, settled by the next run]"
+            if hold.key in old:
+                note += " [older than the MTA's queue lifetime: bounces when released]"
+            rows.append((hold.queue_id, since, hold.senders, hold.reason + note))
         print(_columns(rows))
-    print(senders_line(config.senders))
-    if last is None:
+    print(senders_line(status.routes))
+    run = status.last_run
+    if run is None:
         print("last run: none recorded")
     else:
-        _, run = last
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started))
         print(f"last run: {when} ({run.command}, {run.outcome}): listed={run.listed} sent={run.sent} "
               f"held={run.held} released={run.released} errors={run.errors} seconds={run.seconds:.2f}")
@@ -346,51 +328,48 @@ def print_decisions(decisions: Sequence[Decision], fmt: str) -> None:
     if fmt == "json":
         print(json.dumps({"decisions": [_decision_json(d) for d in decisions]}))
     else:
-        print(format_table(decisions))
+        print(format_table([(d, d.action, _note(d)) for d in decisions]) + "\n" + summary_line(decisions))
+
+
+def _clock(epoch: float, fmt: str = "%Y-%m-%dT%H:%M:%S") -> str:
+    return time.strftime(fmt, time.localtime(epoch))
 
 
 def print_plan(result: RunResult, fmt: str) -> None:
-    """A live plan: like a snapshot's, plus which allowed messages wait for their retry time."""
+    """A live plan: like a snapshot's, plus releases, waits and the recovery a run would do first."""
     plan = result.plan
-    waiting = {d.queue_id: retry for d, retry in plan.wait}
-    released = {d.queue_id for d in plan.release}
-    ordered = report_order(result.decisions)
+    waiting = {w.queue_id: w.until for w in plan.wait}
+    released = {r.queue_id for r in plan.release}
+    ordered = report_order(plan.decisions)
+    recovery = [("delete", s) for s in plan.remove] + [("handback", s) for s in plan.hand_back]
     if fmt == "json":
         rows = []
         for d in ordered:
             row = _decision_json(d)
-            retry = waiting.get(d.queue_id)
-            row["next_retry"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(retry)) if retry else None
+            row["next_retry"] = _clock(waiting[d.queue_id]) if d.queue_id in waiting else None
             row["release"] = d.queue_id in released
             rows.append(row)
-        print(json.dumps({"decisions": rows}))
+        print(json.dumps({"decisions": rows, "recovery": [{"queue_id": s.queue_id, "action": action,
+                                                            "reason": s.reason} for action, s in recovery]}))
         return
-    notes = {}
+    table = []
     for d in ordered:
+        notes = []
         if d.queue_id in waiting:
-            notes[d.queue_id] = "waits for its retry time " + time.strftime("%H:%M:%S", time.localtime(waiting[d.queue_id]))
-        elif d.queue_id in released and d.sender is not None and not d.sender.default and result.hands_over:
-            notes[d.queue_id] = f"handed to sender {d.sender.name} (a copy, then the original is deleted)"
+            notes.append("waits for its retry time " + _clock(waiting[d.queue_id], "%H:%M:%S"))
         elif d.queue_id in released:
-            notes[d.queue_id] = "released from qrunner's hold, then sent"
-    print(format_table(ordered, notes))
-    print(senders_line(result.senders))
+            notes.append("released from qrunner's hold, then sent")
+        if _note(d):
+            notes.append(_note(d))
+        table.append((d, "wait" if d.queue_id in waiting else d.action, "; ".join(notes)))
+    print(format_table(table, [(s.queue_id, action, s.reason) for action, s in recovery]))
+    print(summary_line(plan.decisions))
+    print(senders_line(result.routes))
 
 
-def senders_line(senders: Sequence[Sender]) -> str:
+def senders_line(routes: Dict[Sender, str]) -> str:
     """The senders in the order they run, each with how its mail leaves."""
-    return "senders: " + "; ".join(f"{s.id}:{s.name} ({route_text(s)})" for s in senders)
-
-
-def route_text(sender: Sender) -> str:
-    if sender.default:
-        return "default: the MTA's own routing"
-    routes = []
-    if sender.postfix:
-        routes.append(f"postfix: via {sender.postfix.listener} to {sender.postfix.content_filter}")
-    if sender.exim:
-        routes.append(f"exim: transport {sender.exim.transport}")
-    return ", ".join(routes) or "no route"
+    return "senders: " + "; ".join(f"{s.id}:{s.name} ({route})" for s, route in routes.items())
 
 
 def _note(decision: Decision) -> str:
@@ -399,16 +378,14 @@ def _note(decision: Decision) -> str:
     return "; ".join(f"policy error: {e}" for e in decision.errors)
 
 
-def format_table(decisions: Sequence[Decision], notes: Optional[dict] = None) -> str:
-    """An aligned table, sends in dispatch order then skips, and a summary line."""
-    notes = notes or {}
-    rows = [("QUEUE ID", "ACTION", "PRIO", "SENDER", "REASON")]
-    for d in decisions:
-        note = "; ".join(n for n in (notes.get(d.queue_id, ""), _note(d)) if n)
-        rows.append((d.queue_id, "wait" if d.queue_id in notes and "waits" in note else d.action,
-                     str(d.priority) if d.send else "-", d.sender.name if d.sender else senders_of(d) if d.send else "-",
-                     note))
-    return _columns(rows) + "\n" + summary_line(decisions)
+def format_table(rows: Sequence[Tuple[Decision, str, str]], recovery: Sequence[Tuple[str, str, str]] = ()) -> str:
+    """An aligned table: the decisions (sends in dispatch order, then skips), then recovery steps."""
+    lines = [("QUEUE ID", "ACTION", "PRIO", "SENDER", "REASON")]
+    for d, action, note in rows:
+        lines.append((d.queue_id, action, str(d.priority) if d.send else "-", d.senders if d.send else "-",
+                      note))
+    lines.extend((queue_id, action, "-", "-", reason) for queue_id, action, reason in recovery)
+    return _columns(lines)
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> str:
@@ -446,7 +423,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        setup_logging(args.verbosity, use_syslog=args.command in ("run", "flush", "release"))
+        # A dry run and a look (plan, check, status) change nothing, so nothing of theirs reaches the mail log.
+        acting = args.command in ("run", "flush", "release") and not getattr(args, "dry_run", False)
+        setup_logging(args.verbosity, use_syslog=acting)
         return args.func(args)
     except QrunnerError as error:
         print(f"qrunner: {error.message}", file=sys.stderr)

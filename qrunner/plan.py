@@ -1,15 +1,209 @@
-"""The plan: from decisions to what happens, in which order.
+"""The plan: every action a run will take, decided before the first is taken.
 
-Pure functions, no I/O, so that every ordering rule is tested exhaustively
-without an MTA.
+Pure functions, no I/O. The runner lists the queue and asks the back end a
+few facts about each message (:class:`Listed`); :func:`triage` sorts them
+into what recovery finishes (originals of copies already accepted, mail too
+old to keep), what the policy decides, and what qrunner leaves alone; the
+policy decides; :func:`make_plan` turns the decisions into holds, releases,
+sends in dispatch order and waits. ``qrunner plan`` and dry runs print the
+:class:`Plan`; the executor carries it out. Every ordering rule is tested
+here without an MTA.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
-from qrunner.policy import Decision
+from qrunner.config import Sender
+from qrunner.decision import Decision, MessageKey
+from qrunner.message import Message
+
+OVERRIDDEN = "policy overridden by the admin"  # why a flush --ignore-policy sends
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One listed message and what the runner learned about it before the policy runs.
+
+    ``ours``: on hold, and qrunner's records say qrunner held it.
+    ``unfit``: None when the policy may decide it, else the back end's
+    reason for leaving it alone (being delivered, someone else's hold).
+    ``expired``: None, or why the MTA's own rules should take it over now.
+    ``copy``: a copy qrunner handed to a sender's route; it leaves on that
+    route and is never decided again. ``handed``: for an original whose copy
+    a sender's route already accepted, (the copy's id, the sender's name).
+    """
+
+    message: Message
+    ours: bool = False
+    unfit: Optional[str] = None
+    expired: Optional[str] = None
+    copy: bool = False
+    handed: Optional[Tuple[str, str]] = None
+
+
+@dataclass(frozen=True)
+class Step:
+    """One action on one message, with the reason the log and the plan show."""
+
+    message: Message
+    reason: str
+
+    @property
+    def queue_id(self) -> str:
+        return self.message.queue_id
+
+    @property
+    def key(self) -> MessageKey:
+        return MessageKey.of(self.message)
+
+
+class Remove(Step):
+    """Recovery: remove an original whose copy a sender's route accepted (a run stopped before it did)."""
+
+
+@dataclass(frozen=True)
+class HandBack(Step):
+    """Give a message back to the MTA's own scheduling (Exim: its default queue); ``by_admin``: ``release``."""
+
+    by_admin: bool = False
+
+
+@dataclass(frozen=True)
+class Release(Step):
+    """Release one of qrunner's holds back to the MTA; ``by_admin``: the ``release`` command, not the policy."""
+
+    by_admin: bool = False
+
+
+class LeftAlone(Step):
+    """A message the admin named that qrunner may not act on."""
+
+
+@dataclass(frozen=True)
+class Send:
+    """Ask the MTA to deliver a message now, by its sender's route (None: the MTA's own routing)."""
+
+    decision: Decision
+    overridden: bool = False
+
+    @property
+    def message(self) -> Message:
+        return self.decision.message
+
+    @property
+    def queue_id(self) -> str:
+        return self.decision.queue_id
+
+    @property
+    def key(self) -> MessageKey:
+        return self.decision.key
+
+    @property
+    def priority(self) -> int:
+        return self.decision.priority
+
+    @property
+    def route(self) -> Optional[Sender]:
+        sender = self.decision.sender
+        return None if sender is None or sender.default else sender
+
+    @property
+    def reason(self) -> str:
+        return OVERRIDDEN if self.overridden else f"allowed by sender {self.decision.senders}"
+
+
+@dataclass(frozen=True)
+class Wait:
+    """An allowed message whose retry time has not come: the MTA's backoff is kept, a dead relay not hammered."""
+
+    decision: Decision
+    until: float
+
+    @property
+    def queue_id(self) -> str:
+        return self.decision.queue_id
+
+    @property
+    def reason(self) -> str:
+        return "waits for its retry time"
+
+
+@dataclass
+class Plan:
+    """What a run does, in the order the executor does it.
+
+    ``remove`` (recovery) first; then ``hold`` (new holds) and ``keep``
+    (holds that stay, their reason refreshed); ``release`` (qrunner's holds
+    the policy now allows, or the admin releases); ``hand_back``; ``send``
+    in dispatch order; ``wait`` is only reported. ``left_alone`` are named
+    messages qrunner may not touch; ``decisions`` every policy decision, for
+    the report; ``listed`` how many messages the policy was asked about.
+    """
+
+    remove: List[Remove] = field(default_factory=list)
+    hold: List[Decision] = field(default_factory=list)
+    keep: List[Decision] = field(default_factory=list)
+    release: List[Release] = field(default_factory=list)
+    hand_back: List[HandBack] = field(default_factory=list)
+    send: List[Send] = field(default_factory=list)
+    wait: List[Wait] = field(default_factory=list)
+    left_alone: List[LeftAlone] = field(default_factory=list)
+    decisions: List[Decision] = field(default_factory=list)
+    listed: int = 0
+
+    @property
+    def policy_errors(self) -> int:
+        return sum(1 for d in self.decisions if d.errors)
+
+
+@dataclass
+class Triage:
+    """The listing sorted before the policy runs: recovery, the policy's share, and what is left alone."""
+
+    candidates: List[Message] = field(default_factory=list)
+    ours: Set[MessageKey] = field(default_factory=set)
+    remove: List[Remove] = field(default_factory=list)
+    hand_back: List[HandBack] = field(default_factory=list)
+    left_alone: List[LeftAlone] = field(default_factory=list)
+
+
+def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None) -> Triage:
+    """Sort the listing; ``only_ids`` (a flush of named messages) narrows what the policy sees.
+
+    Recovery happens whatever the admin named: a copy is never decided, the
+    original of an accepted copy is removed rather than handed over twice,
+    and expired mail (never one of qrunner's own holds: those stay, warned
+    about) goes back to the MTA's own rules.
+    """
+    result = Triage()
+    named = None if only_ids is None else set(only_ids)
+    seen: Set[str] = set()
+    for item in listed:
+        message = item.message
+        seen.add(message.queue_id)
+        if item.ours:
+            result.ours.add(MessageKey.of(message))
+        if item.copy:
+            continue
+        if item.handed is not None and item.ours:
+            copy_id, sender = item.handed
+            result.remove.append(Remove(message, f"already handed to sender {sender} as {copy_id} by an "
+                                                 "interrupted run"))
+        elif item.expired is not None and not item.ours:
+            result.hand_back.append(HandBack(message, item.expired))
+        elif named is not None and message.queue_id not in named:
+            continue
+        elif item.unfit is not None:
+            if named is not None:
+                result.left_alone.append(LeftAlone(message, item.unfit))
+        else:
+            result.candidates.append(message)
+    for queue_id in [] if only_ids is None else only_ids:
+        if queue_id not in seen:
+            result.left_alone.append(LeftAlone(Message(queue_id, 0.0, 0, "", ()), "not in the queue; nothing to do"))
+    return result
 
 
 def dispatch_key(decision: Decision):
@@ -33,47 +227,52 @@ def report_order(decisions: Iterable[Decision]) -> List[Decision]:
     return dispatch_order(decisions) + held_in_arrival_order(decisions)
 
 
-def message_key(decision: Decision) -> Tuple[str, int]:
-    """How qrunner's records name a message: queue id and arrival second."""
-    return (decision.queue_id, int(decision.message.arrival))
+def make_plan(decisions: Iterable[Decision], sorted_out: Triage,
+              due: Mapping[MessageKey, Optional[float]], overridden: bool = False) -> Plan:
+    """The plan for the policy's ``decisions`` over ``sorted_out.candidates``.
 
-
-@dataclass
-class Plan:
-    """What a run does, in the order it does it.
-
-    ``release`` (qrunner's holds the policy now allows) happens first, then
-    ``send`` in dispatch order; ``hold`` are new holds, ``keep`` holds that
-    stay (their reason refreshed), ``wait`` allowed messages whose retry time
-    has not come (Postfix's backoff is kept, a dead relay is not hammered).
+    ``due`` maps an allowed message to when the MTA would retry it by
+    itself, or None (or no entry) when it is due now. ``overridden`` (flush
+    --ignore-policy) sends every allowed message now, whatever its retry time.
     """
-
-    hold: List[Decision] = field(default_factory=list)
-    keep: List[Decision] = field(default_factory=list)
-    release: List[Decision] = field(default_factory=list)
-    send: List[Decision] = field(default_factory=list)
-    wait: List[Tuple[Decision, float]] = field(default_factory=list)
-
-
-def make_plan(decisions: Iterable[Decision], held_by_us: Set[Tuple[str, int]],
-              next_retry: Mapping[str, Optional[float]]) -> Plan:
-    """The plan for ``decisions``, given qrunner's holds and each message's next retry.
-
-    ``next_retry`` maps a queue id to the time Postfix would retry it by
-    itself, or None (or no entry) when it is due now.
-    """
-    plan = Plan()
-    for decision in sorted(decisions, key=lambda d: (d.message.arrival, d.queue_id)):
-        ours = message_key(decision) in held_by_us
+    decisions = sorted(decisions, key=lambda d: (d.message.arrival, d.queue_id))
+    plan = Plan(remove=list(sorted_out.remove), hand_back=list(sorted_out.hand_back),
+                left_alone=list(sorted_out.left_alone), decisions=decisions, listed=len(decisions))
+    for decision in decisions:
+        ours = decision.key in sorted_out.ours
         if not decision.send:
             (plan.keep if ours else plan.hold).append(decision)
             continue
         if ours:
-            plan.release.append(decision)
-        retry = next_retry.get(decision.queue_id)
+            plan.release.append(Release(decision.message, "released: the policy allows it now"))
+        retry = None if overridden else due.get(decision.key)
         if retry is None:
-            plan.send.append(decision)
+            plan.send.append(Send(decision, overridden))
         else:
-            plan.wait.append((decision, retry))
-    plan.send.sort(key=dispatch_key)
+            plan.wait.append(Wait(decision, retry))
+    plan.send.sort(key=lambda s: dispatch_key(s.decision))
+    return plan
+
+
+def release_plan(listed: Iterable[Listed], only_ids: Optional[Sequence[str]], to_default_queue: bool) -> Plan:
+    """``qrunner release``: qrunner's holds (the named ones, or all) back to the MTA, nothing sent.
+
+    ``to_default_queue`` hands the released messages back to the MTA's own
+    scheduling too; with every hold (``only_ids`` None) it hands back every
+    listed message, held by qrunner or not, so that the way out leaves no
+    mail in qrunner's queue. Holds qrunner did not make are never released.
+    """
+    plan = Plan()
+    named = None if only_ids is None else set(only_ids)
+    for item in listed:
+        message = item.message
+        chosen = named is None or message.queue_id in named
+        if item.ours and chosen:
+            plan.release.append(Release(message, "released by the admin", by_admin=True))
+        if to_default_queue and (named is None or (item.ours and chosen)):
+            plan.hand_back.append(HandBack(message, "moved to the MTA's default queue by the admin", by_admin=True))
+    if named is not None:
+        released = {r.queue_id for r in plan.release}
+        plan.left_alone = [LeftAlone(Message(q, 0.0, 0, "", ()), "not held by qrunner; left alone")
+                           for q in sorted(named - released)]
     return plan

@@ -1,23 +1,27 @@
-"""qrunner's own records, in SQLite under ``state_dir``.
+"""qrunner's own records, in SQLite under ``state_dir``, and the run lock.
 
-What is here: the holds qrunner made (who, when, for which senders, why),
-the order in which each run scheduled messages, each run's summary, and,
-for an MTA that keeps no retry schedule for gated mail (Exim's named
-queue), how often qrunner dispatched a message that is still queued.
-What is not here: anything the MTA already knows. The queue is the truth;
-these records only say which of its holds are qrunner's.
+What is here: the holds qrunner made (who, when, for which senders, why);
+the copies it handed to a sender's route (Postfix re-injection), so that an
+original is never handed over twice; for an MTA that keeps no retry
+schedule for gated mail (Exim's named queue), how often qrunner dispatched
+a message that is still queued; each run's summary and the order in which
+it scheduled messages. What is not here: anything the MTA already knows.
+The queue is the truth; these records say which of its holds are qrunner's.
 
-Crash safety follows Postfix's rule that every step may be repeated: a
-hold is recorded (``holding``) before ``postsuper -h`` runs and marked
-``held`` after; a release is marked ``releasing`` before ``postsuper -H``
-runs and the record deleted after. :meth:`State.reconcile` settles any
-record a crash left half-way against what the queue shows, so no hold
-qrunner made can ever look like an admin's.
+Crash safety follows Postfix's rule that every step may be repeated: a hold
+is recorded (``holding``) before the MTA is asked and marked ``held`` after;
+a release is marked ``releasing`` before and the record deleted after.
+:func:`settle` (the reconcile stage) turns any record a crash left half-way
+into what the queue shows, so no hold qrunner made can look like an admin's.
 
-Records are keyed by (instance, queue id, arrival time): ``instance`` names
-the MTA instance (for Postfix its queue directory, so two ``postmulti``
-instances never mix), and the arrival time tells a message from a later one
-that reuses its short queue id.
+Records are keyed by instance and :class:`~qrunner.decision.MessageKey`:
+``instance`` names the MTA instance (Postfix: its queue directory, so two
+``postmulti`` instances never mix), the key's arrival second tells a
+message from a later one that reuses its short queue id.
+
+The schema has a version (SQLite's ``user_version``) and migrations, so a
+state directory of an earlier release is upgraded in place by the first run
+that writes; history older than ``history_days`` is pruned by every such run.
 """
 
 from __future__ import annotations
@@ -26,12 +30,22 @@ import fcntl
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from qrunner.decision import MessageKey
 from qrunner.exceptions import ConfigError, LockHeldError, NoPermissionError
+from qrunner.message import QueueState
 
-SCHEMA = """
+DB_NAME = "qrunner.sqlite"
+LOCK_NAME = "qrunner.lock"
+
+# Each migration takes the schema from the version before it to its own.
+# Version 1 is the schema of the releases before versioning (user_version 0):
+# its CREATE ... IF NOT EXISTS statements leave such a database as it is and
+# create what an even older one lacks.
+MIGRATIONS: Tuple[Tuple[int, str, str], ...] = (
+    (1, "the schema of the first releases", """
 CREATE TABLE IF NOT EXISTS holds (
     instance  TEXT NOT NULL,
     queue_id  TEXT NOT NULL,
@@ -83,10 +97,23 @@ CREATE TABLE IF NOT EXISTS dispatches (
     result    TEXT NOT NULL,
     PRIMARY KEY (run_id, seq)
 );
-"""
-
-DB_NAME = "qrunner.sqlite"
-LOCK_NAME = "qrunner.lock"
+"""),
+    (2, "copies are recognised by the route stamped in their queue file, not by an arrival window", """
+CREATE TABLE copies (
+    instance  TEXT NOT NULL,
+    queue_id  TEXT NOT NULL,
+    original  TEXT NOT NULL,
+    original_arrival INTEGER NOT NULL,
+    sender    TEXT NOT NULL,
+    recorded  REAL NOT NULL,
+    PRIMARY KEY (instance, queue_id, original, original_arrival)
+);
+INSERT OR IGNORE INTO copies SELECT instance, queue_id, original, original_arrival, sender, accepted FROM routed;
+DROP TABLE routed;
+CREATE INDEX runs_by_start ON runs (instance, started);
+"""),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 @dataclass(frozen=True)
@@ -101,8 +128,86 @@ class Hold:
     reason: str
 
     @property
-    def key(self) -> Tuple[str, int]:
-        return (self.queue_id, self.arrival)
+    def key(self) -> MessageKey:
+        return MessageKey(self.queue_id, self.arrival)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A copy a sender's route accepted for an original (Postfix re-injection)."""
+
+    queue_id: str
+    original: MessageKey
+    sender: str
+
+
+@dataclass
+class Records:
+    """Everything the state database says about one MTA instance, read once per run."""
+
+    holds: Dict[MessageKey, Hold] = field(default_factory=dict)
+    copies: List[Copy] = field(default_factory=list)
+    attempts: Dict[MessageKey, Tuple[int, float]] = field(default_factory=dict)
+
+    def copies_by_id(self) -> Dict[str, Copy]:
+        return {c.queue_id: c for c in self.copies}
+
+    def handed(self) -> Dict[MessageKey, Copy]:
+        """Each original whose copy a sender's route accepted -> that copy."""
+        return {c.original: c for c in self.copies}
+
+
+@dataclass
+class Settlement:
+    """What reconciling the records with the queue changes, and a log line for each change."""
+
+    mark_held: List[MessageKey] = field(default_factory=list)
+    forget: List[MessageKey] = field(default_factory=list)
+    drop_copies: List[Copy] = field(default_factory=list)
+    drop_attempts: List[MessageKey] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def settle(records: Records, queue: Mapping[MessageKey, str]) -> Settlement:
+    """Reconcile: settle every record against the queue (key -> :class:`QueueState`).
+
+    A hold record whose message is on hold is qrunner's hold (``held``),
+    whatever step a crash interrupted. A hold record whose message is
+    elsewhere or gone is no hold any more. A copy's record lives while the
+    copy or its original is queued: the original of a hand-over a crash
+    interrupted must be removed, not handed over again. Pure: the caller
+    applies the result (:meth:`State.apply`) or, in a dry run, only looks.
+    """
+    result = Settlement()
+    for key, hold in records.holds.items():
+        where = queue.get(key)
+        if where == QueueState.HELD:
+            if hold.state != "held":
+                result.mark_held.append(key)
+                result.notes.append(f"{key.queue_id}: record of an interrupted {hold.state} settled: message is on hold")
+            continue
+        result.forget.append(key)
+        if hold.state == "held":
+            what = f"now {where}" if where else "no longer in the queue"
+            result.notes.append(f"{key.queue_id}: qrunner's hold record dropped: message {what} "
+                                "(released, delivered or deleted by someone else)")
+        else:
+            result.notes.append(f"{key.queue_id}: record of an interrupted {hold.state} settled: message not on hold")
+    present = {key.queue_id for key in queue}
+    result.drop_copies = [c for c in records.copies if c.queue_id not in present and c.original not in queue]
+    result.drop_attempts = [key for key in records.attempts if key not in queue]
+    return result
+
+
+def settled(records: Records, settlement: Settlement) -> Records:
+    """The records as they are once ``settlement`` is applied (what a dry run plans with)."""
+    holds = {k: h for k, h in records.holds.items() if k not in set(settlement.forget)}
+    for key in settlement.mark_held:
+        hold = holds[key]
+        holds[key] = Hold(hold.queue_id, hold.arrival, "held", hold.held_at, hold.senders, hold.reason)
+    dropped = set(settlement.drop_copies)
+    attempts = {k: v for k, v in records.attempts.items() if k not in set(settlement.drop_attempts)}
+    return Records(holds, [c for c in records.copies if c not in dropped], attempts)
 
 
 @dataclass
@@ -127,9 +232,9 @@ class RunSummary:
 
 def _ensure_dir(state_dir: str) -> None:
     try:
-        # 0711: others may pass (Exim's delivery user reads exim-routes here) but not list;
-        # the database and the lock are 0600.
-        os.makedirs(state_dir, mode=0o711, exist_ok=True)
+        # The database and the lock are 0600 in it; a back end that must let its MTA
+        # read a file here (Exim's routes file) opens the directory up itself.
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{state_dir}: cannot create the state directory ({exc.strerror}); "
                           "set 'state_dir' to a directory qrunner may write.")
@@ -169,29 +274,49 @@ class RunLock:
             self._fd = None
 
 
+def _version(db: sqlite3.Connection) -> int:
+    return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite3.Connection, path: str) -> None:
+    """Bring the schema to :data:`SCHEMA_VERSION`, one migration per transaction."""
+    version = _version(db)
+    if version > SCHEMA_VERSION:
+        raise ConfigError(f"{path}: the state database has schema version {version}, newer than this qrunner "
+                          f"knows ({SCHEMA_VERSION}); run the qrunner release that wrote it, or a newer one.")
+    for number, _why, script in MIGRATIONS:
+        if number <= version:
+            continue
+        # executescript commits what came before it; BEGIN ... COMMIT keeps each migration whole.
+        db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+
+
 class State:
     """The state database of one MTA instance."""
 
     def __init__(self, state_dir: str, instance: str, readonly: bool = False):
         self.instance = instance
-        path = os.path.join(state_dir, DB_NAME)
+        self.path = os.path.join(state_dir, DB_NAME)
         if readonly:
-            self.db = self._open_readonly(state_dir, path)
+            self.db = self._open_readonly(state_dir, self.path)
             return
         _ensure_dir(state_dir)
         try:
-            self.db = sqlite3.connect(path, timeout=30)
-            self.db.executescript(SCHEMA)
-            os.chmod(path, 0o600)  # holds and reasons are the admin's business only
+            self.db = sqlite3.connect(self.path, timeout=30)
+            os.chmod(self.path, 0o600)  # holds and reasons are the admin's business only
+            migrate(self.db, self.path)
         except sqlite3.Error as exc:
-            raise ConfigError(f"{path}: cannot use the state database ({exc}); check 'state_dir'.")
+            raise ConfigError(f"{self.path}: cannot use the state database ({exc}); check 'state_dir'.")
 
     @staticmethod
     def _open_readonly(state_dir: str, path: str) -> sqlite3.Connection:
         """The records as they are, for plan, status and dry runs: never written, never created.
 
-        A state directory this user may not read is an error (77), not an
-        empty record: "no holds" must never be said when it is not known.
+        A database of an earlier schema is read through an upgraded copy in
+        memory, so a look between an upgrade and the first run sees what
+        that run will see. A state directory this user may not read is an
+        error (77), not an empty record: "no holds" must never be said when
+        it is not known.
         """
         try:
             os.stat(path)
@@ -199,7 +324,7 @@ class State:
             if os.path.isdir(state_dir) and not os.access(state_dir, os.R_OK | os.X_OK):
                 raise NoPermissionError(f"{state_dir}: cannot read qrunner's state directory; run as root.")
             db = sqlite3.connect(":memory:")
-            db.executescript(SCHEMA)
+            migrate(db, path)
             return db
         except PermissionError:
             raise NoPermissionError(f"{state_dir}: cannot read qrunner's state directory; run as root.")
@@ -207,6 +332,14 @@ class State:
             raise NoPermissionError(f"{path}: cannot read qrunner's state database; run as root.")
         try:
             db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+            if _version(db) < SCHEMA_VERSION:
+                copy = sqlite3.connect(":memory:")
+                db.backup(copy)
+                db.close()
+                db = copy
+                migrate(db, path)
+            elif _version(db) > SCHEMA_VERSION:
+                migrate(db, path)  # refuses, naming both versions
             db.execute("SELECT count(*) FROM holds").fetchone()
         except sqlite3.Error as exc:
             raise ConfigError(f"{path}: cannot read the state database ({exc}); check 'state_dir'.")
@@ -215,16 +348,32 @@ class State:
     def close(self) -> None:
         self.db.close()
 
-    # -- holds -------------------------------------------------------------
+    # -- reading -------------------------------------------------------------
 
-    def holds(self) -> Dict[Tuple[str, int], Hold]:
+    def load(self) -> Records:
+        """Every record of this instance, once per run."""
+        return Records(self.holds(), self._copies(), self._attempts())
+
+    def holds(self) -> Dict[MessageKey, Hold]:
         rows = self.db.execute(
             "SELECT queue_id, arrival, state, held_at, senders, reason FROM holds WHERE instance = ? "
             "ORDER BY held_at, queue_id", (self.instance,))
-        return {(r[0], r[1]): Hold(*r) for r in rows}
+        return {MessageKey(r[0], r[1]): Hold(*r) for r in rows}
 
-    def record_holding(self, holds: Iterable[Tuple[str, int, str, str]]) -> None:
-        """Before ``postsuper -h``: (queue id, arrival, senders, reason) per message."""
+    def _copies(self) -> List[Copy]:
+        rows = self.db.execute("SELECT queue_id, original, original_arrival, sender FROM copies WHERE instance = ?",
+                               (self.instance,))
+        return [Copy(r[0], MessageKey(r[1], r[2]), r[3]) for r in rows]
+
+    def _attempts(self) -> Dict[MessageKey, Tuple[int, float]]:
+        rows = self.db.execute("SELECT queue_id, arrival, count, last FROM attempts WHERE instance = ?",
+                               (self.instance,))
+        return {MessageKey(r[0], r[1]): (r[2], r[3]) for r in rows}
+
+    # -- holds -------------------------------------------------------------
+
+    def record_holding(self, holds: Iterable[Tuple[MessageKey, str, str]]) -> None:
+        """Before the MTA is asked to hold: (key, senders, reason) per message."""
         now = time.time()
         with self.db:
             self.db.executemany(
@@ -232,123 +381,64 @@ class State:
                 "VALUES (?, ?, ?, 'holding', ?, ?, ?) "
                 "ON CONFLICT (instance, queue_id, arrival) DO UPDATE SET senders = excluded.senders, "
                 "reason = excluded.reason",
-                [(self.instance, qid, arrival, now, senders, reason) for qid, arrival, senders, reason in holds])
+                [(self.instance, key.queue_id, key.arrival, now, senders, reason) for key, senders, reason in holds])
 
-    def mark_held(self, keys: Iterable[Tuple[str, int]]) -> None:
+    def mark_held(self, keys: Iterable[MessageKey]) -> None:
         self._set_state(keys, "held")
 
-    def update_reason(self, keys_reasons: Iterable[Tuple[str, int, str, str]]) -> None:
+    def update_reason(self, holds: Iterable[Tuple[MessageKey, str, str]]) -> None:
         """A message still held: the latest run's senders and reason."""
         with self.db:
             self.db.executemany(
                 "UPDATE holds SET senders = ?, reason = ? WHERE instance = ? AND queue_id = ? AND arrival = ?",
-                [(senders, reason, self.instance, qid, arrival) for qid, arrival, senders, reason in keys_reasons])
+                [(senders, reason, self.instance, key.queue_id, key.arrival) for key, senders, reason in holds])
 
-    def mark_releasing(self, keys: Iterable[Tuple[str, int]]) -> None:
+    def mark_releasing(self, keys: Iterable[MessageKey]) -> None:
         self._set_state(keys, "releasing")
 
-    def forget(self, keys: Iterable[Tuple[str, int]]) -> None:
+    def forget(self, keys: Iterable[MessageKey]) -> None:
         with self.db:
             self.db.executemany("DELETE FROM holds WHERE instance = ? AND queue_id = ? AND arrival = ?",
-                                [(self.instance, qid, arrival) for qid, arrival in keys])
+                                [(self.instance, key.queue_id, key.arrival) for key in keys])
 
-    def _set_state(self, keys: Iterable[Tuple[str, int]], state: str) -> None:
+    def _set_state(self, keys: Iterable[MessageKey], state: str) -> None:
         with self.db:
             self.db.executemany("UPDATE holds SET state = ? WHERE instance = ? AND queue_id = ? AND arrival = ?",
-                                [(state, self.instance, qid, arrival) for qid, arrival in keys])
+                                [(state, self.instance, key.queue_id, key.arrival) for key in keys])
 
-    def reconcile(self, queue: Dict[Tuple[str, int], str]) -> List[str]:
-        """Settle every record against the queue (queue id, arrival) -> queue name.
-
-        A record whose message is on hold is qrunner's hold (``held``),
-        whatever step a crash interrupted. A record whose message is
-        elsewhere or gone is no hold any more and is dropped. Returns log
-        lines for what changed.
-        """
-        notes = []
-        held, gone = [], []
-        for key, hold in self.holds().items():
-            where = queue.get(key)
-            if where == "hold":
-                if hold.state != "held":
-                    held.append(key)
-                    notes.append(f"{key[0]}: record of an interrupted {hold.state} settled: message is on hold")
-            else:
-                gone.append(key)
-                if hold.state == "held":
-                    what = f"now in the {where} queue" if where else "no longer in the queue"
-                    notes.append(f"{key[0]}: qrunner's hold record dropped: message {what} "
-                                 "(released, delivered or deleted by someone else)")
-                else:
-                    notes.append(f"{key[0]}: record of an interrupted {hold.state} settled: message not on hold")
-        self.mark_held(held)
-        self.forget(gone)
+    def apply(self, settlement: Settlement) -> None:
+        """Write what :func:`settle` found (nothing at all when it found nothing to change)."""
+        if settlement.mark_held:
+            self.mark_held(settlement.mark_held)
+        if settlement.forget:
+            self.forget(settlement.forget)
+        if not (settlement.drop_copies or settlement.drop_attempts):
+            return
         with self.db:
-            present = {qid for qid, _ in queue}
-            # A copy's record lives while the copy or its original is queued: the original
-            # of a hand-over a crash interrupted must be deleted, not handed over again.
             self.db.executemany(
-                "DELETE FROM routed WHERE instance = ? AND queue_id = ? AND original = ?",
-                [(self.instance, qid, original) for qid, original, arrival in self._routed_rows()
-                 if qid not in present and (original, arrival) not in queue])
-            stale = [k for k in self.attempts() if k not in queue]
+                "DELETE FROM copies WHERE instance = ? AND queue_id = ? AND original = ? AND original_arrival = ?",
+                [(self.instance, c.queue_id, c.original.queue_id, c.original.arrival) for c in settlement.drop_copies])
             self.db.executemany("DELETE FROM attempts WHERE instance = ? AND queue_id = ? AND arrival = ?",
-                                [(self.instance, qid, arrival) for qid, arrival in stale])
-        return notes
+                                [(self.instance, k.queue_id, k.arrival) for k in settlement.drop_attempts])
 
-    # -- copies handed to a sender (Postfix re-injection) ----------------------
+    # -- copies handed to a sender's route -------------------------------------
 
-    def record_routed(self, queue_id: str, original: Tuple[str, int], sender: str, started: float,
-                      accepted: float) -> None:
-        """A copy the sender's listener accepted: never to be decided or handed over again."""
+    def record_copy(self, queue_id: str, original: MessageKey, sender: str) -> None:
+        """A copy the sender's route accepted: the original must go, never be handed over again."""
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO routed VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (self.instance, queue_id, original[0], original[1], sender, started, accepted))
-
-    def _routed_rows(self) -> List[Tuple[str, str, int]]:
-        try:
-            return self.db.execute("SELECT queue_id, original, original_arrival FROM routed WHERE instance = ?",
-                                   (self.instance,)).fetchall()
-        except sqlite3.OperationalError:  # a database from before this table, opened read-only
-            return []
-
-    def routed(self) -> Dict[str, Tuple[float, float]]:
-        """queue id of each routed copy -> the window in which it arrived (started, accepted)."""
-        try:
-            rows = self.db.execute("SELECT queue_id, started, accepted FROM routed WHERE instance = ?",
-                                   (self.instance,)).fetchall()
-        except sqlite3.OperationalError:
-            return {}
-        return {r[0]: (r[1], r[2]) for r in rows}
-
-    def handed_over(self) -> Dict[Tuple[str, int], Tuple[str, str]]:
-        """(original id, arrival) of each hand-over -> (the copy's queue id, sender)."""
-        try:
-            rows = self.db.execute("SELECT original, original_arrival, queue_id, sender FROM routed "
-                                   "WHERE instance = ?", (self.instance,)).fetchall()
-        except sqlite3.OperationalError:
-            return {}
-        return {(r[0], r[1]): (r[2], r[3]) for r in rows}
+            self.db.execute("INSERT OR REPLACE INTO copies VALUES (?, ?, ?, ?, ?, ?)",
+                            (self.instance, queue_id, original.queue_id, original.arrival, sender, time.time()))
 
     # -- dispatch attempts (qrunner's own retry pacing) ----------------------
 
-    def attempts(self) -> Dict[Tuple[str, int], Tuple[int, float]]:
-        """(queue id, arrival) -> (attempts so far, time of the last one)."""
-        try:
-            rows = self.db.execute("SELECT queue_id, arrival, count, last FROM attempts WHERE instance = ?",
-                                   (self.instance,)).fetchall()
-        except sqlite3.OperationalError:  # a database from before this table, opened read-only
-            return {}
-        return {(r[0], r[1]): (r[2], r[3]) for r in rows}
-
-    def note_attempts(self, keys: Iterable[Tuple[str, int]]) -> None:
+    def note_attempts(self, keys: Iterable[MessageKey]) -> None:
         """A dispatch that left the message queued: one more attempt, now."""
         now = time.time()
         with self.db:
             self.db.executemany(
                 "INSERT INTO attempts (instance, queue_id, arrival, count, last) VALUES (?, ?, ?, 1, ?) "
                 "ON CONFLICT (instance, queue_id, arrival) DO UPDATE SET count = count + 1, last = excluded.last",
-                [(self.instance, qid, arrival, now) for qid, arrival in keys])
+                [(self.instance, key.queue_id, key.arrival, now) for key in keys])
 
     # -- runs --------------------------------------------------------------
 
@@ -366,19 +456,30 @@ class State:
                 (summary.finished, summary.listed, summary.sent, summary.held, summary.released,
                  summary.errors, summary.outcome, run_id))
 
-    def record_dispatches(self, run_id: int, rows: Sequence[Tuple[int, str, int, int, str, str]]) -> None:
-        """The order a run scheduled messages: (seq, queue id, arrival, priority, sender, result)."""
+    def record_dispatches(self, run_id: int, rows: Sequence[Tuple[int, MessageKey, int, str, str]]) -> None:
+        """The order a run scheduled messages: (seq, key, priority, sender, result)."""
         with self.db:
             self.db.executemany(
                 "INSERT INTO dispatches (run_id, seq, queue_id, arrival, priority, sender, result) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", [(run_id,) + tuple(r) for r in rows])
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, seq, key.queue_id, key.arrival, priority, sender, result)
+                 for seq, key, priority, sender, result in rows])
 
-    def last_run(self) -> Optional[Tuple[int, RunSummary]]:
+    def prune(self, history_days: float) -> int:
+        """Forget runs (and their dispatch order) older than ``history_days``; how many runs went."""
+        cutoff = time.time() - history_days * 86400
+        with self.db:
+            old = "SELECT id FROM runs WHERE instance = ? AND started < ?"
+            self.db.execute(f"DELETE FROM dispatches WHERE run_id IN ({old})", (self.instance, cutoff))
+            return self.db.execute("DELETE FROM runs WHERE instance = ? AND started < ?",
+                                   (self.instance, cutoff)).rowcount
+
+    def last_run(self) -> Optional[RunSummary]:
         row = self.db.execute(
-            "SELECT id, command, started, listed, sent, held, released, errors, finished, outcome FROM runs "
+            "SELECT command, started, listed, sent, held, released, errors, finished, outcome FROM runs "
             "WHERE instance = ? AND finished IS NOT NULL ORDER BY id DESC LIMIT 1", (self.instance,)).fetchone()
         if row is None:
             return None
-        command, started, listed, sent, held, released, errors, finished, outcome = row[1:]
-        return row[0], RunSummary(command=command, started=started, listed=listed, sent=sent, held=held,
-                                  released=released, errors=errors, finished=finished, outcome=outcome)
+        command, started, listed, sent, held, released, errors, finished, outcome = row
+        return RunSummary(command=command, started=started, listed=listed, sent=sent, held=held,
+                          released=released, errors=errors, finished=finished, outcome=outcome)

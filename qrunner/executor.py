@@ -1,0 +1,180 @@
+"""The executor: the one place where qrunner changes the queue.
+
+It carries out a :class:`~qrunner.plan.Plan` in the order that makes a
+crash harmless: every change is recorded in the state database before the
+MTA is asked, confirmed from the MTA's answer, then marked done, so that
+the next run's reconcile can settle whatever a crash left half-way. Each
+action writes one log line in Postfix's style (``ID: action=hold ...``);
+admins grep these, so their format is fixed (tests/test_log_format.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Sequence, Set
+
+from qrunner.decision import Decision, MessageKey
+from qrunner.mta.base import Backend, Outcome, Result, SendRequest
+from qrunner.plan import HandBack, Plan, Release, Remove, Send
+from qrunner.state import RunSummary, State
+
+log = logging.getLogger("qrunner")
+
+
+def quote(text: str) -> str:
+    """A value for a ``key="..."`` log field, on one line."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ").replace("\r", " ") + '"'
+
+
+class Executor:
+    """Carries out one plan against one back end, recording each step in ``state``."""
+
+    def __init__(self, backend: Backend, state: State, summary: RunSummary):
+        self.backend = backend
+        self.state = state
+        self.summary = summary
+        self._not_released: Set[str] = set()
+        self._handing_over: Dict[str, Send] = {}
+
+    def execute(self, plan: Plan, run_id: int) -> None:
+        """Every action of the plan, in the crash-safe order."""
+        self.remove(plan.remove)
+        self.hold(plan.hold)
+        self.keep(plan.keep)
+        self.release(plan.release)
+        self.hand_back(plan.hand_back)
+        self.send(plan.send, run_id)
+        for wait in plan.wait:
+            log.info("%s: action=wait sender=%s priority=%d next_retry=%s", wait.queue_id, wait.decision.senders,
+                     wait.decision.priority, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wait.until)))
+
+    # -- recovery ------------------------------------------------------------
+
+    def remove(self, steps: Sequence[Remove]) -> None:
+        """Originals whose copy a sender's route already accepted: handing them over again would send twice."""
+        if not steps:
+            return
+        removed = self.backend.remove([s.queue_id for s in steps])
+        self.state.forget(s.key for s in steps if s.queue_id in removed)
+        for step in steps:
+            if step.queue_id in removed:
+                log.info("%s: action=delete reason=%s", step.queue_id, quote(step.reason))
+
+    def hand_back(self, steps: Sequence[HandBack]) -> None:
+        """To the MTA's own scheduling; never a hold of qrunner's that this run could not release."""
+        steps = [s for s in steps if s.queue_id not in self._not_released]
+        if not steps:
+            return
+        handed = self.backend.hand_back([s.queue_id for s in steps])
+        for step in steps:
+            if step.queue_id not in handed:
+                continue
+            if step.by_admin:
+                log.info("%s: action=move to=default-queue", step.queue_id)
+            else:
+                log.info("%s: action=handback reason=%s", step.queue_id, quote(step.reason))
+
+    # -- holds -----------------------------------------------------------------
+
+    def hold(self, decisions: Sequence[Decision]) -> None:
+        if not decisions:
+            return
+        self.state.record_holding((d.key, d.senders, d.reason) for d in decisions)
+        confirmed = self.backend.hold([d.queue_id for d in decisions])
+        # An unconfirmed hold keeps its 'holding' record: the next run's reconcile
+        # settles it from the queue, so a hold the MTA made but did not report can
+        # never pass for an admin's.
+        self.state.mark_held(d.key for d in decisions if d.queue_id in confirmed)
+        for decision in decisions:
+            if decision.queue_id in confirmed:
+                log.info("%s: action=hold sender=%s priority=%d reason=%s", decision.queue_id, decision.senders,
+                         decision.priority, quote(decision.reason))
+            else:
+                log.info("%s: action=vanished (not confirmed on hold: no longer in the queue?); "
+                         "the next run settles its record", decision.queue_id)
+        self.summary.held += len(confirmed)
+
+    def keep(self, decisions: Sequence[Decision]) -> None:
+        """Holds that stay: the latest run's senders and reason."""
+        for decision in decisions:
+            log.debug("%s: action=keep sender=%s reason=%s", decision.queue_id, decision.senders,
+                      quote(decision.reason))
+        self.state.update_reason((d.key, d.senders, d.reason) for d in decisions)
+
+    def release(self, steps: Sequence[Release]) -> None:
+        if not steps:
+            return
+        self.state.mark_releasing(s.key for s in steps)
+        confirmed = self.backend.release([s.queue_id for s in steps])
+        # An unconfirmed release keeps its 'releasing' record: the next run's reconcile
+        # makes it 'held' again if the message is still held, so no hold loses its record.
+        self.state.forget(s.key for s in steps if s.queue_id in confirmed)
+        for step in steps:
+            if step.queue_id in confirmed:
+                log.info("%s: action=release", step.queue_id)
+            elif step.by_admin:
+                self.summary.failed += 1
+                log.error("%s: action=release failed (being delivered, or gone?); the next run settles its record",
+                          step.queue_id)
+            else:
+                log.info("%s: action=vanished (not released: no longer on hold)", step.queue_id)
+        self._not_released.update(s.queue_id for s in steps if s.queue_id not in confirmed)
+        self.summary.released += len(confirmed)
+
+    # -- sends -----------------------------------------------------------------
+
+    def send(self, sends: Sequence[Send], run_id: int) -> None:
+        """Every send in dispatch order, each by its route; then the run's dispatch record."""
+        sends = [s for s in sends if s.queue_id not in self._not_released]
+        if not sends:
+            return
+        self._handing_over = {s.queue_id: s for s in sends}
+        outcomes = self.backend.send([SendRequest(s.message, s.route) for s in sends], self)
+        rows = []
+        for seq, send in enumerate(sends, 1):
+            outcome = outcomes.get(send.queue_id, Outcome(Result.FAILED, "not dispatched"))
+            self._report(send, outcome)
+            rows.append((seq, send.key, send.priority, send.decision.senders, str(outcome)))
+        self.state.record_dispatches(run_id, rows)
+        self.state.note_attempts(s.key for s in sends if s.queue_id in outcomes
+                                 and outcomes[s.queue_id].result is Result.DEFERRED)
+
+    def _report(self, send: Send, outcome: Outcome) -> None:
+        """The log line of one send; a failed hand-over leaves the original held with the failure as reason."""
+        senders = send.decision.senders
+        if outcome.result is Result.VANISHED:
+            log.info("%s: action=vanished (no longer waiting: delivered, deleted or being delivered)", send.queue_id)
+        elif outcome.result is Result.FAILED:
+            self.summary.failed += 1
+            if send.route is not None:
+                self.state.update_reason([(send.key, senders,
+                                           f"hand-over to sender {senders} failed: {outcome.detail}")])
+            log.error("%s: action=send sender=%s failed: %s", send.queue_id, senders, outcome.detail)
+        elif outcome.result is Result.ROUTED:
+            self.summary.sent += 1
+            if outcome.original_removed:
+                self.state.forget([send.key])
+            log.info("%s: action=route sender=%s priority=%d new_queue_id=%s%s", send.queue_id, senders,
+                     send.priority, outcome.new_id,
+                     "" if outcome.original_removed else " (original not deleted yet: the next run deletes it)")
+        else:
+            self.summary.sent += 1
+            log.info("%s: action=send sender=%s priority=%d%s%s", send.queue_id, senders, send.priority,
+                     " policy=overridden" if send.overridden else "",
+                     "" if outcome.result is Result.SCHEDULED else f" result={outcome}")
+
+    # -- the hand-over journal (see qrunner.mta.base.HandOverJournal) ------------
+
+    def holding(self, requests: Sequence[SendRequest]) -> None:
+        sends = [self._handing_over[r.message.queue_id] for r in requests]
+        self.state.record_holding((s.key, s.decision.senders, f"being handed to sender {s.decision.senders}")
+                                  for s in sends)
+
+    def held(self, requests: Sequence[SendRequest], confirmed: Set[str]) -> None:
+        self.state.mark_held(MessageKey.of(r.message) for r in requests if r.message.queue_id in confirmed)
+
+    def copied(self, request: SendRequest, new_id: str) -> None:
+        send = self._handing_over[request.message.queue_id]
+        self.state.record_copy(new_id, send.key, send.decision.senders)
+
