@@ -7,6 +7,19 @@ import pytest
 pytest_plugins = ["postfix_fixtures", "exim_fixtures"]
 
 
+REAL_MTA_FIXTURES = {"postfix_available", "exim_available"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark what needs a real MTA, and the shared end-to-end cases' memory runs (``-m memory``: the coverage gate)."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if REAL_MTA_FIXTURES & set(item.fixturenames) or params.get("mta") in ("postfix", "exim"):
+            item.add_marker(pytest.mark.real_mta)
+        elif params.get("mta") == "memory":
+            item.add_marker(pytest.mark.memory)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     """Under QRUNNER_REQUIRE_MTA=1 (CI, make test as root) a skipped test fails the run."""

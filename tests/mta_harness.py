@@ -32,6 +32,7 @@ _EXIM_RECEIVED_ID = re.compile(rb"\bid ([0-9A-Za-z]{6}-[0-9A-Za-z]{6,11}-[0-9A-Z
 
 class Harness:
     name = ""
+    backend_class = ""  # "module:Class" of qrunner's back end for this MTA, to kill a run at one of its steps
 
     def __init__(self, instance, sink):
         self.instance = instance
@@ -85,6 +86,7 @@ def _first_seen(ids: Iterable[str], observe: Callable[[], List[str]], what: str,
 
 class PostfixHarness(Harness):
     name = "postfix"
+    backend_class = "qrunner.mta.postfix:PostfixBackend"  # for Qrunner.run_killed_at
     _WHERE = {"deferred": WAITING, "hold": HELD, "active": ACTIVE, "incoming": "incoming"}
 
     def config(self) -> str:
@@ -140,6 +142,7 @@ class PostfixHarness(Harness):
 
 class EximHarness(Harness):
     name = "exim"
+    backend_class = "qrunner.mta.exim:EximBackend"
 
     def config(self) -> str:
         i = self.instance

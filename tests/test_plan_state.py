@@ -16,12 +16,14 @@ import threading
 import pytest
 
 from qrunner.config import PostfixSettings, Sender
+from qrunner.decision import Decision, MessageKey, Verdict
 from qrunner.exceptions import LockHeldError, UnavailableError
-from qrunner.message import Message
+from qrunner.message import Message, QueueState
 from qrunner.mta import postfix as postfix_mod
-from qrunner.plan import dispatch_order, make_plan, report_order
-from qrunner.policy import Decision, Verdict
-from qrunner.state import RunLock, State
+from qrunner.mta.base import Outcome, Result, SendRequest
+from qrunner.plan import (OVERRIDDEN, Listed, Triage, dispatch_order, make_plan, release_plan, report_order,
+                          triage)
+from qrunner.state import RunLock, State, settle, settled
 
 A, B = Sender(0, "a"), Sender(1, "b")
 
@@ -47,55 +49,116 @@ def test_report_order_lists_sends_then_skips_oldest_first():
 
 
 def test_make_plan_sorts_each_message_into_exactly_one_step():
-    ours = {("KEEP1", 1), ("REL1", 2), ("RELW1", 3)}
+    ours = {MessageKey("KEEP1", 1), MessageKey("REL1", 2), MessageKey("RELW1", 3)}
     items = [decision("KEEP1", 1, send=False), decision("REL1", 2, priority=10), decision("RELW1", 3),
              decision("NEW1", 4, send=False), decision("SEND1", 5, priority=90), decision("WAIT1", 6)]
-    plan = make_plan(items, ours, {"WAIT1": 9999.0, "RELW1": 8888.0})
+    plan = make_plan(items, Triage(ours=ours), {MessageKey("WAIT1", 6): 9999.0, MessageKey("RELW1", 3): 8888.0})
     assert [d.queue_id for d in plan.keep] == ["KEEP1"]
     assert [d.queue_id for d in plan.hold] == ["NEW1"]
-    assert [d.queue_id for d in plan.release] == ["REL1", "RELW1"]
-    assert [d.queue_id for d in plan.send] == ["SEND1", "REL1"]
-    assert [(d.queue_id, t) for d, t in plan.wait] == [("RELW1", 8888.0), ("WAIT1", 9999.0)]
+    assert [r.queue_id for r in plan.release] == ["REL1", "RELW1"]
+    assert [s.queue_id for s in plan.send] == ["SEND1", "REL1"]
+    assert [(w.queue_id, w.until) for w in plan.wait] == [("RELW1", 8888.0), ("WAIT1", 9999.0)]
+    assert plan.listed == 6 and plan.policy_errors == 0
+
+
+def test_an_overridden_plan_sends_now_whatever_the_retry_time():
+    plan = make_plan([decision("WAIT1", 6)], Triage(), {MessageKey("WAIT1", 6): 9999.0}, overridden=True)
+    assert [(s.queue_id, s.overridden, s.reason) for s in plan.send] == [("WAIT1", True, OVERRIDDEN)]
+    assert plan.wait == []
+
+
+def test_a_send_by_the_default_sender_takes_the_mtas_own_route():
+    default = Sender(2, "d", True)
+    plan = make_plan([decision("R1", 1, sender=A), decision("D1", 2, sender=default)], Triage(), {})
+    assert {s.queue_id: s.route for s in plan.send} == {"R1": A, "D1": None}
+
+
+def listed(qid, arrival=1, state=QueueState.WAITING, **facts):
+    return Listed(Message(qid, arrival, 1, "a@b", ("c@d",), state=state), **facts)
+
+
+def test_triage_recovery_before_the_policy_and_whatever_the_admin_named():
+    items = [listed("COPY1", copy=True), listed("ORIG1", state=QueueState.HELD, ours=True, handed=("NEW1", "isp")),
+             listed("OLD1", expired="too old"), listed("OLDOURS1", state=QueueState.HELD, ours=True, expired="too old"),
+             listed("BUSY1", unfit="being delivered"), listed("GO1")]
+    every = triage(items)
+    assert [m.queue_id for m in every.candidates] == ["OLDOURS1", "GO1"]  # qrunner's own old hold stays, decided
+    assert [(s.queue_id, s.reason) for s in every.remove] == [
+        ("ORIG1", "already handed to sender isp as NEW1 by an interrupted run")]
+    assert [(s.queue_id, s.reason) for s in every.hand_back] == [("OLD1", "too old")]
+    assert every.left_alone == [] and every.ours == {MessageKey("ORIG1", 1), MessageKey("OLDOURS1", 1)}
+
+    named = triage(items, only_ids=["BUSY1", "GONE1", "COPY1"])
+    assert named.candidates == [] and [s.queue_id for s in named.remove] == ["ORIG1"]
+    assert [(s.queue_id, s.reason) for s in named.left_alone] == [
+        ("BUSY1", "being delivered"), ("GONE1", "not in the queue; nothing to do")]
+
+
+def test_release_plan_releases_only_qrunners_holds_and_empties_the_queue_on_the_way_out():
+    items = [listed("OURS1", state=QueueState.HELD, ours=True), listed("ADMIN1", state=QueueState.HELD),
+             listed("WAIT1")]
+    named = release_plan(items, ["OURS1", "ADMIN1"], to_default_queue=True)
+    assert [r.queue_id for r in named.release] == ["OURS1"] and [h.queue_id for h in named.hand_back] == ["OURS1"]
+    assert [(s.queue_id, s.reason) for s in named.left_alone] == [("ADMIN1", "not held by qrunner; left alone")]
+    everything = release_plan(items, None, to_default_queue=True)
+    assert [h.queue_id for h in everything.hand_back] == ["OURS1", "ADMIN1", "WAIT1"]
+    assert [r.queue_id for r in release_plan(items, None, to_default_queue=False).release] == ["OURS1"]
+    assert release_plan(items, None, to_default_queue=False).hand_back == []
 
 
 def test_a_record_is_never_matched_to_a_reused_queue_id(tmp_path):
     state = State(str(tmp_path), "postfix:/q")
-    state.record_holding([("ABC123", 1000, "a", "why")])
-    state.mark_held([("ABC123", 1000)])
+    state.record_holding([(MessageKey("ABC123", 1000), "a", "why")])
+    state.mark_held([MessageKey("ABC123", 1000)])
     # Postfix reused the short id for a later message; the old one is gone.
-    notes = state.reconcile({("ABC123", 2000): "hold"})
+    settlement = settle(state.load(), {MessageKey("ABC123", 2000): QueueState.HELD})
+    state.apply(settlement)
     assert state.holds() == {}
-    assert any("no longer in the queue" in n for n in notes)
+    assert any("no longer in the queue" in n for n in settlement.notes)
 
 
 def test_records_of_two_instances_never_mix(tmp_path):
     one, two = State(str(tmp_path), "postfix:/q1"), State(str(tmp_path), "postfix:/q2")
-    one.record_holding([("ABC123", 1000, "a", "why")])
+    one.record_holding([(MessageKey("ABC123", 1000), "a", "why")])
     assert two.holds() == {}
-    two.reconcile({})
-    assert list(one.holds()) == [("ABC123", 1000)]
+    two.apply(settle(two.load(), {}))
+    assert list(one.holds()) == [MessageKey("ABC123", 1000)]
 
 
 @pytest.mark.parametrize("interrupted, where, kept", [
-    ("holding", "hold", True),        # crash after postsuper -h, before marking: it is our hold
-    ("holding", "deferred", False),   # crash before postsuper -h: no hold was made
-    ("releasing", "hold", True),      # crash before postsuper -H: still our hold
-    ("releasing", "deferred", False),  # crash after postsuper -H: released
-    ("held", "deferred", False),      # someone else released it
-    ("held", None, False),            # delivered or deleted
+    ("holding", QueueState.HELD, True),        # crash after the MTA held it, before marking: it is our hold
+    ("holding", QueueState.WAITING, False),    # crash before the MTA was asked: no hold was made
+    ("releasing", QueueState.HELD, True),      # crash before the release: still our hold
+    ("releasing", QueueState.WAITING, False),  # crash after the release
+    ("held", QueueState.WAITING, False),       # someone else released it
+    ("held", None, False),                     # delivered or deleted
 ])
 def test_reconcile_settles_every_interrupted_step(tmp_path, interrupted, where, kept):
+    key = MessageKey("ABC123", 1000)
     state = State(str(tmp_path), "postfix:/q")
-    state.record_holding([("ABC123", 1000, "a", "why")])
+    state.record_holding([(key, "a", "why")])
     if interrupted == "held":
-        state.mark_held([("ABC123", 1000)])
+        state.mark_held([key])
     if interrupted == "releasing":
-        state.mark_releasing([("ABC123", 1000)])
-    state.reconcile({("ABC123", 1000): where} if where else {})
+        state.mark_releasing([key])
+    records = state.load()
+    settlement = settle(records, {key: where} if where else {})
+    assert (key in settled(records, settlement).holds) == kept  # what a dry run plans with ...
+    state.apply(settlement)
     holds = state.holds()
-    assert (("ABC123", 1000) in holds) == kept
+    assert (key in holds) == kept  # ... is what the run writes
     if kept:
-        assert holds[("ABC123", 1000)].state == "held"
+        assert holds[key].state == "held"
+
+
+def test_a_copy_record_lives_while_its_copy_or_its_original_is_queued(tmp_path):
+    state = State(str(tmp_path), "postfix:/q")
+    original = MessageKey("ORIG1", 1000)
+    state.record_copy("COPY1", original, "isp")
+    assert settle(state.load(), {original: QueueState.HELD}).drop_copies == []
+    assert settle(state.load(), {MessageKey("COPY1", 2000): QueueState.WAITING}).drop_copies == []
+    state.apply(settle(state.load(), {}))
+    assert state.load().copies == []
 
 
 def test_lock_names_the_holder(tmp_path):
@@ -197,22 +260,22 @@ def test_schedule_speaks_the_flush_protocol(backend, tmp_path):
 def test_a_message_gone_since_the_listing_is_vanished_not_an_error(backend, tmp_path):
     instance, run = backend  # an empty queue directory: the deferred file is not there
     message = Message("ABC123", 0, 1, "a@b", ("c@d",), queue_name="deferred")
-    assert instance.dispatch([message]) == {"ABC123": "vanished"}
+    assert instance.send([SendRequest(message, None)], journal=None) == {"ABC123": Outcome(Result.VANISHED)}
     run.assert_not_called()  # nothing was asked of Postfix for it
 
 
-@pytest.mark.parametrize("queue_name, held, ours, expected", [
-    ("deferred", False, False, True),
-    ("hold", True, True, True),      # qrunner's own hold
-    ("hold", True, False, False),    # an admin's hold
-    ("active", False, False, False),
-    ("incoming", False, False, False),
-    ("maildrop", False, False, False),
+@pytest.mark.parametrize("queue_name, state, ours, expected", [
+    ("deferred", QueueState.WAITING, False, True),
+    ("hold", QueueState.HELD, True, True),      # qrunner's own hold
+    ("hold", QueueState.HELD, False, False),    # an admin's hold
+    ("active", QueueState.ACTIVE, False, False),
+    ("incoming", QueueState.ARRIVING, False, False),
+    ("maildrop", QueueState.ARRIVING, False, False),
 ])
-def test_postfix_candidates_are_deferred_mail_and_qrunners_holds_only(backend, queue_name, held, ours, expected):
+def test_postfix_candidates_are_deferred_mail_and_qrunners_holds_only(backend, queue_name, state, ours, expected):
     instance, _ = backend
-    message = Message("ABC123", 0, 1, "a@b", ("c@d",), queue_name=queue_name, held=held)
-    assert instance.is_candidate(message, ours) is expected
+    message = Message("ABC123", 0, 1, "a@b", ("c@d",), queue_name=queue_name, state=state)
+    assert (instance.unfit(message, ours) is None) is expected
 
 
 def test_command_directory_names_where_postfix_commands_are(mocker, tmp_path):

@@ -194,21 +194,24 @@ def test_holds_older_than_the_queue_lifetime_are_flagged(tmp_path, postfix):
     assert queue_state(postfix)[queue_id][0] == "hold"  # a warning, never an action
 
 
-def test_real_postqueue_j_output_plans_offline(tmp_path, postfix):
-    """postqueue -j | qrunner plan --queue-file -: the snapshot path reads what Postfix really prints."""
-    qr = Qrunner(tmp_path, postfix, 'function CheckFile(f, a, size, c, rp) a.Priority = 70 '
-                                    'if rp == "" then a.SkipSend = 1 a.Reason = "bounce" end return a end\n')
+def test_real_postqueue_j_output_plans_offline_as_the_live_queue_plans(tmp_path, postfix):
+    """postqueue -j | qrunner plan --queue-file -: the policy sees what a live run shows it, bounces included."""
+    qr = Qrunner(tmp_path, postfix, 'function CheckFile(f, a, size, c, rp, r) a.Priority = 70 '
+                                    'if rp == "" then a.SkipSend = 1 a.Reason = "bounce of " .. r[1] end return a end\n')
     normal = queue_message(postfix, "normal")
     bounce = queue_message(postfix, "bounce", sender="")
     listing = subprocess.run(["postqueue", "-c", postfix.config_directory, "-j"], capture_output=True, check=True)
     env = dict(os.environ, QRUNNER_CONFIG=str(qr.config_path),
                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-    plan = subprocess.run([sys.executable, "-m", "qrunner", "plan", "--queue-file", "-", "--format", "json"],
-                          input=listing.stdout, capture_output=True, env=env)
+    offline = subprocess.run([sys.executable, "-m", "qrunner", "plan", "--queue-file", "-", "--format", "json"],
+                             input=listing.stdout, capture_output=True, env=env)
+    live = qr("plan", "--format", "json")
 
-    assert plan.returncode == 0, plan.stderr
-    decisions = {d["queue_id"]: d for d in json.loads(plan.stdout)["decisions"]}
-    assert decisions[normal]["action"] == "send" and decisions[normal]["priority"] == 70
-    # offline, the null sender is what postqueue -j prints (MAILER-DAEMON), not "": only a live run reads the file
-    assert decisions[bounce]["action"] == "send"
+    assert offline.returncode == 0 and live.code == 0, offline.stderr + live.stderr.encode()
+    assert b'"sender": "MAILER-DAEMON"' in listing.stdout  # how postqueue -j shows the null sender
+    shown = ("queue_id", "action", "priority", "reason", "errors")
+    offline_decisions = [{k: d[k] for k in shown} for d in json.loads(offline.stdout)["decisions"]]
+    live_decisions = [{k: d[k] for k in shown} for d in json.loads(live.stdout)["decisions"]]
+    assert offline_decisions == live_decisions
+    assert {d["queue_id"]: d["action"] for d in live_decisions} == {normal: "send", bounce: "skip"}

@@ -1,4 +1,8 @@
-"""End to end, written once and run over both real MTAs: Postfix and Exim, each gated, each relaying to a sink.
+"""End to end, written once and run over the memory back end and both real MTAs.
+
+Postfix and Exim each run gated and relay to an SMTP sink; the memory back
+end (qrunner/mta/memory.py) models the same queue on any machine, so the
+orchestration's every case also runs in seconds without an MTA.
 
 Every test queues real mail, runs the real ``qrunner`` command, and checks
 what an admin would check: the sink, the queue, qrunner's status, its log
@@ -14,6 +18,7 @@ import time
 
 import pytest
 
+from memory_harness import MemoryHarness
 from mta_harness import ACTIVE, HELD, WAITING, EximHarness, PostfixHarness
 from qrunner_e2e import ALLOW_ALL, SKIP_ALL, Qrunner
 
@@ -36,9 +41,11 @@ end
 """
 
 
-@pytest.fixture(params=["postfix", "exim"])
-def mta(request):
-    """Each test runs once against the private Postfix and once against the private Exim."""
+@pytest.fixture(params=["memory", "postfix", "exim"])
+def mta(request, tmp_path):
+    """Each test runs against the memory back end (any machine), the private Postfix and the private Exim."""
+    if request.param == "memory":
+        return MemoryHarness(str(tmp_path / "memory-queue"))
     if request.param == "postfix":
         return PostfixHarness(request.getfixturevalue("postfix"), request.getfixturevalue("smtp_sink"))
     return EximHarness(request.getfixturevalue("exim"), request.getfixturevalue("exim_sink"))
@@ -278,3 +285,73 @@ end
     assert sender == "alice@qrunner-test.localdomain"
     assert rcpts == "x1@example.net,x2@example.org"
     assert int(nlines) >= 3 and subject == "argument check" and sandboxed == "true"
+
+
+# -- crash recovery: a run killed (SIGKILL) at each step, then a normal run ------------------
+
+
+def test_killed_between_recording_a_hold_and_making_it(tmp_path, mta):
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    queue_id = mta.queue_message("crash before the hold")
+
+    killed = qr.run_killed_at(f"{mta.backend_class}.hold")
+
+    assert killed.code < 0
+    assert mta.where(queue_id) == WAITING  # the MTA was never asked
+    assert "[holding, settled by the next run]" in qr("status").stdout
+    qr.set_script(ALLOW_ALL)
+    again = qr("run")
+    assert again.code == 0, again.stderr
+    assert f"{queue_id}: record of an interrupted holding settled: message not on hold" in again.stderr
+    assert subjects(mta.sink, 1) == ["crash before the hold"]
+    mta.wait_gone(queue_id)
+    assert queue_id not in qr("status").stdout
+
+
+def test_killed_between_making_a_hold_and_marking_it(tmp_path, mta):
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    queue_id = mta.queue_message("crash after the hold")
+
+    killed = qr.run_killed_at("qrunner.state:State.mark_held")
+
+    assert killed.code < 0
+    assert mta.where(queue_id) == HELD  # made, not yet marked: still qrunner's, never an admin's
+    again = qr("run")
+    assert again.code == 0, again.stderr
+    assert f"{queue_id}: record of an interrupted holding settled: message is on hold" in again.stderr
+    qr.set_script(ALLOW_ALL)
+    released = qr("run")
+    assert f"{queue_id}: action=release" in released.stderr
+    assert subjects(mta.sink, 1) == ["crash after the hold"]
+
+
+def test_killed_between_marking_a_release_and_making_it(tmp_path, mta):
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    queue_id = mta.queue_message("crash before the release")
+    assert qr("run").code == 0
+    qr.set_script(ALLOW_ALL)
+
+    killed = qr.run_killed_at(f"{mta.backend_class}.release")
+
+    assert killed.code < 0
+    assert mta.where(queue_id) == HELD and "[releasing, settled by the next run]" in qr("status").stdout
+    again = qr("run")
+    assert again.code == 0, again.stderr
+    assert f"{queue_id}: record of an interrupted releasing settled: message is on hold" in again.stderr
+    assert f"{queue_id}: action=release" in again.stderr
+    assert subjects(mta.sink, 1) == ["crash before the release"]
+
+
+def test_killed_after_the_send_before_the_run_was_recorded_sends_once(tmp_path, mta):
+    qr = Qrunner(tmp_path, mta, ALLOW_ALL)
+    queue_id = mta.queue_message("crash after the send")
+
+    killed = qr.run_killed_at("qrunner.state:State.record_dispatches")
+
+    assert killed.code < 0
+    assert subjects(mta.sink, 1) == ["crash after the send"]
+    mta.wait_gone(queue_id)
+    again = qr("run")
+    assert again.code == 0 and "listed=0" in again.stderr, again.stderr
+    time.sleep(0.5)
+    assert len(mta.sink.messages) == 1

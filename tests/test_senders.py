@@ -165,6 +165,11 @@ from postfix_instance import free_loopback_port  # noqa: E402
 from qrunner_e2e import queue_message, queue_state  # noqa: E402
 
 
+# listener port -> the nexthop its content_filter stamps: a sender's [sender.postfix] route must name it,
+# since qrunner checks it against master.cf and recognises the sender's copies by it.
+NEXTHOPS = {}
+
+
 @pytest.fixture(scope="module")
 def relays(postfix_available):
     started = [SmtpSink().start() for _ in range(3)]
@@ -179,12 +184,15 @@ def listener_ports(_module_postfix, relays):
     and one (index 4) that refuses the recipient refused@example.net."""
     ports = [free_loopback_port() for _ in relays]
     for i, (port, relay) in enumerate(zip(ports, relays)):
-        _module_postfix.add_reinjection_listener(port, f"qr-sender-{i}", f"[127.0.0.1]:{relay.port}")
+        NEXTHOPS[port] = f"[127.0.0.1]:{relay.port}"
+        _module_postfix.add_reinjection_listener(port, f"qr-sender-{i}", NEXTHOPS[port])
     dead = free_loopback_port()
-    _module_postfix.add_reinjection_listener(dead, "qr-sender-dead", f"[127.0.0.1]:{free_loopback_port()}")
+    NEXTHOPS[dead] = f"[127.0.0.1]:{free_loopback_port()}"
+    _module_postfix.add_reinjection_listener(dead, "qr-sender-dead", NEXTHOPS[dead])
     refusing = free_loopback_port()
+    NEXTHOPS[refusing] = f"[127.0.0.1]:{relays[0].port}"
     _module_postfix.add_reinjection_listener(
-        refusing, "qr-sender-0", f"[127.0.0.1]:{relays[0].port}",
+        refusing, "qr-sender-0", NEXTHOPS[refusing],
         {"smtpd_recipient_restrictions": "check_recipient_access,inline:{refused@example.net=REJECT},"
                                          "permit_mynetworks,reject"})
     for port in ports + [dead, refusing]:
@@ -205,7 +213,7 @@ def postfix_senders(names, ports, routes=None) -> str:
         index = routes[i] if routes else i
         text += (f'[[sender]]\nid = {i}\nname = "{name}"\n[sender.postfix]\nlistener = "127.0.0.1:{ports[index]}"\n'
                  f'transport = "qr-sender-{index if index < 3 else "dead" if index == 3 else 0}"\n'
-                 f'nexthop = "[127.0.0.1]:1"\n')
+                 f'nexthop = "{NEXTHOPS.get(ports[index], "[127.0.0.1]:1")}"\n')
     return text
 
 
@@ -308,7 +316,7 @@ def test_postfix_killed_between_acceptance_and_delete_leaves_a_duplicate_never_a
     qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
     queue_id = queue_message(pf, "crash test")
 
-    killed = qr.run_killed_at("qrunner.mta.postfix:PostfixBackend.delete")  # copy accepted and recorded
+    killed = qr.run_killed_at("qrunner.mta.postfix:PostfixBackend.remove")  # copy accepted and recorded
 
     assert killed.code == -signal.SIGKILL
     assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"crash test"]  # the copy went out
@@ -425,7 +433,7 @@ def test_postfix_killed_before_the_copy_is_recorded_sends_at_worst_a_duplicate(t
     qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
     queue_id = queue_message(pf, "crash before the record")
 
-    killed = qr.run_killed_at("qrunner.state:State.record_routed")  # copy accepted, not recorded
+    killed = qr.run_killed_at("qrunner.state:State.record_copy")  # copy accepted, not recorded
 
     assert killed.code == -signal.SIGKILL
     assert len(relays[0].wait_for(1)) == 1
@@ -452,3 +460,34 @@ def test_exim_default_sender_goes_by_exims_own_routing_beside_a_routed_sender(tm
     routes = open(os.path.join(qr.state_dir, "exim-routes")).read()
     assert routes == f"{big}: to_sink_0\n"  # the default sender's message is not listed
     assert small not in routes
+
+
+def test_postfix_a_copy_is_known_by_the_route_in_its_queue_file_not_by_the_record_alone(
+        tmp_path, pf, smtp_sink, relays, listener_ports):
+    """A copy record naming a queue id Postfix gave to a new message must not hide that message from the policy."""
+    from qrunner.decision import MessageKey
+    from qrunner.state import State
+
+    qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
+    queue_id = queue_message(pf, "reuses an old copy's id")
+    state = State(qr.state_dir, f"postfix:{os.path.realpath(pf.queue_directory)}")
+    state.record_copy(queue_id, MessageKey("B0000000000", 1), "isp")  # an earlier copy once had this id
+    state.close()
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert f"{queue_id}: action=route sender=isp" in result.stderr
+    assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"reuses an old copy's id"]
+
+
+def test_postfix_a_route_that_is_not_the_listeners_is_a_config_error(tmp_path, pf, listener_ports):
+    qr = Qrunner(tmp_path, pf, SKIP_OTHERS)
+    qr.config_path.write_text(qr.config_path.read_text() + f'[[sender]]\nid = 0\nname = "isp"\n[sender.postfix]\n'
+                              f'listener = "127.0.0.1:{listener_ports[0]}"\ntransport = "qr-sender-0"\n'
+                              'nexthop = "[192.0.2.1]:25"\n')
+    queue_message(pf, "x")
+    for command in (["run"], ["plan"]):
+        result = qr(*command)
+        assert result.code == 78, result.stderr
+        assert f"its listener 127.0.0.1:{listener_ports[0]} stamps content_filter=qr-sender-0:" in result.stderr
