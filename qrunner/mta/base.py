@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
 
 from qrunner.config import Sender
 from qrunner.message import Message
@@ -161,3 +161,33 @@ class Backend:
 
     def close(self) -> None:
         """Release whatever the back end holds open."""
+
+
+def send_copying_routes(backend: Backend, requests: Sequence[SendRequest], journal: HandOverJournal,
+                        schedule: Callable[[str], Outcome],
+                        hand_over: Callable[[SendRequest, HandOverJournal], Outcome]) -> Dict[str, Outcome]:
+    """``send`` for a back end that copies routed messages into their route (Postfix, memory).
+
+    The originals of the routed messages are held first, recorded before
+    and confirmed after through ``journal``, so that nothing else sends them
+    while they are copied; then each message in the order given: the
+    default route's by ``schedule(queue_id)``, a routed one by
+    ``hand_over`` (which records the copy through ``journal``, then
+    removes the original), one whose hold was not confirmed is gone.
+    """
+    routed = [r for r in requests if r.route is not None]
+    held: Set[str] = set()
+    if routed:
+        journal.holding(routed)
+        held = backend.hold([r.message.queue_id for r in routed])
+        journal.held(routed, held)
+    outcomes = {}
+    for request in requests:
+        queue_id = request.message.queue_id
+        if request.route is None:
+            outcomes[queue_id] = schedule(queue_id)
+        elif queue_id not in held:
+            outcomes[queue_id] = Outcome(Result.VANISHED)
+        else:
+            outcomes[queue_id] = hand_over(request, journal)
+    return outcomes

@@ -95,8 +95,6 @@ __all__ = [
 _ID_OLD = re.compile(r"[0-9A-Za-z]{6}-[0-9A-Za-z]{6}-[0-9A-Za-z]{2}\Z")
 _ID_NEW = re.compile(r"[0-9A-Za-z]{6}-[0-9A-Za-z]{11}-[0-9A-Za-z]{4}\Z")
 MESSAGE_ID_TIME_LEN = 6
-MESSAGE_ID_LENGTH_OLD = 16
-MESSAGE_ID_LENGTH = 23
 
 # A named queue is a directory under the spool directory; refuse anything
 # that could climb out of it or confuse a command line.
@@ -195,35 +193,6 @@ class EximHeaderFile:
         try:
             return int(value.split()[0])
         except (ValueError, IndexError):
-            return 0
-
-    @property
-    def manual_thaw(self) -> bool:
-        """True when an admin thawed it (``exim -Mt``): Exim will not freeze it again
-        for the same delivery error, and ``auto_thaw`` no longer applies."""
-        return "manual_thaw" in self.options
-
-    @property
-    def local_error_message(self) -> bool:
-        """True for a bounce or warning Exim generated itself (``-localerror``)."""
-        return "localerror" in self.options
-
-    @property
-    def dont_deliver(self) -> bool:
-        """True for a message submitted with ``-N`` (never to be delivered)."""
-        return "N" in self.options
-
-    @property
-    def dsn_envid(self) -> Optional[str]:
-        """The DSN envelope id (``ENVID=``), if one was given."""
-        return self.options.get("dsn_envid")
-
-    @property
-    def dsn_ret(self) -> int:
-        """The DSN ``RET=`` choice: 0 none, 1 FULL, 2 HDRS (Exim's dsn_ret_*)."""
-        try:
-            return int(self.options.get("dsn_ret", "0"))
-        except ValueError:
             return 0
 
     def message_size(self, data_file_size: int) -> int:

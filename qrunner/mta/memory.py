@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 from qrunner.config import Sender
 from qrunner.exceptions import UnavailableError
 from qrunner.message import HeaderSource, Message, QueueState
-from qrunner.mta.base import Backend, Gate, HandOverJournal, Outcome, Result, SendRequest
+from qrunner.mta.base import Backend, Gate, HandOverJournal, Outcome, Result, SendRequest, send_copying_routes
 
 MESSAGE_ID = re.compile(r"M[0-9A-F]{8}\Z")
 RETRY_SECONDS = 300  # how long a message the relay deferred waits, as Postfix's minimal_backoff_time
@@ -302,22 +302,7 @@ class MemoryBackend(Backend):
 
     def send(self, requests: Sequence[SendRequest], journal: HandOverJournal) -> Dict[str, Outcome]:
         """The default route: delivery starts now. A sender's route: hold, copy, remove, as Postfix does."""
-        routed = [r for r in requests if r.route is not None]
-        held: Set[str] = set()
-        if routed:
-            journal.holding(routed)
-            held = self.hold([r.message.queue_id for r in routed])
-            journal.held(routed, held)
-        outcomes = {}
-        for request in requests:
-            queue_id = request.message.queue_id
-            if request.route is None:
-                outcomes[queue_id] = self._deliver(queue_id)
-            elif queue_id not in held:
-                outcomes[queue_id] = Outcome(Result.VANISHED)
-            else:
-                outcomes[queue_id] = self._hand_over(request, journal)
-        return outcomes
+        return send_copying_routes(self, requests, journal, self._deliver, self._hand_over)
 
     def _deliver(self, queue_id: str) -> Outcome:
         with self.queue.change() as queue:

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from qrunner.config import PostfixSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message, QueueState
-from qrunner.mta.base import Backend, Gate, HandOverJournal, Outcome, Result, SendRequest
+from qrunner.mta.base import Backend, Gate, HandOverJournal, Outcome, Result, SendRequest, send_copying_routes
 from qrunner.mta.postfix_envelope import read_route, read_sender
 from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, hash_key, is_queue_id
 from qrunner.mta.postfix_reinject import ReinjectError, reinject
@@ -321,22 +321,7 @@ class PostfixBackend(Backend):
         original behind, which the next run removes instead of handing it
         over again.
         """
-        routed = [r for r in requests if r.route is not None]
-        held: Set[str] = set()
-        if routed:
-            journal.holding(routed)
-            held = self.hold([r.message.queue_id for r in routed])
-            journal.held(routed, held)
-        outcomes = {}
-        for request in requests:
-            queue_id = request.message.queue_id
-            if request.route is None:
-                outcomes[queue_id] = self._schedule_deferred(queue_id)
-            elif queue_id not in held:
-                outcomes[queue_id] = Outcome(Result.VANISHED)
-            else:
-                outcomes[queue_id] = self._hand_over(request, journal)
-        return outcomes
+        return send_copying_routes(self, requests, journal, self._schedule_deferred, self._hand_over)
 
     def _hand_over(self, request: SendRequest, journal: HandOverJournal) -> Outcome:
         """Re-inject the held original into its sender's listener, record the copy, remove the original."""
