@@ -24,9 +24,10 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/qrunner --config /dev/null plan --queue-file examples/queue.jsonl --script relayout.lua --now 2026-11-25T10:00:00
 
-## test: install what the tests need (as root on Debian: Postfix, and a private Exim beside it), then run every test
+## test: install what the tests need (as root on Debian: Postfix, and a private Exim beside it), then run every
+## test once: the memory cases under the coverage gate, then all the others
 test: $(STAMP) install-test-deps coverage
-	QRUNNER_REQUIRE_MTA=$${QRUNNER_REQUIRE_MTA:-$(REQUIRE_MTA)} $(BIN)/python -m pytest
+	QRUNNER_REQUIRE_MTA=$${QRUNNER_REQUIRE_MTA:-$(REQUIRE_MTA)} $(BIN)/python -m pytest -m "not memory"
 
 ## coverage: the memory back end's cases alone cover each of qrunner/{runner,plan,executor}.py to 90% (subprocesses included)
 coverage: $(STAMP)

@@ -206,6 +206,7 @@ def _policy_settings(config: Config, now: Optional[int]) -> PolicySettings:
 
 
 def _runner(args: argparse.Namespace, config: Optional[Config] = None) -> Runner:
+    """The pipeline for this command; use it in ``with``, which closes the back end."""
     config = config or _config(args)
     return Runner(config, backend_for(config), _policy_settings(config, getattr(args, "now", None)),
                   _senders(args, config) if hasattr(args, "senders") else config.senders)
@@ -237,39 +238,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                    SnapshotBackend(args.queue_file))
         print_decisions(report_order(decisions), args.format)
         return _exit_code(decisions)
-    result = _runner(args).run(command="plan", dry_run=True)
+    with _runner(args) as runner:
+        result = runner.run(command="plan", dry_run=True)
     print_plan(result, args.format)
     return _exit_code(result.plan.decisions)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    result = _runner(args).run(command="run", dry_run=args.dry_run)
+    with _runner(args) as runner:
+        result = runner.run(command="run", dry_run=args.dry_run)
     if args.dry_run:
         print_plan(result, "table")
     return EX_POLICY_ERRORS if result.trouble else EX_OK
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    runner = _runner(args)
-    ids = _queue_ids(args, runner.backend)
-    if args.ignore_policy:
-        logging.getLogger("qrunner").warning("flush --ignore-policy: the policy is overridden by the admin for %s",
-                                             "every message" if ids is None else ", ".join(ids))
-    result = runner.run(command="flush", only_ids=ids, ignore_policy=args.ignore_policy)
+    with _runner(args) as runner:
+        ids = _queue_ids(args, runner.backend)
+        if args.ignore_policy:
+            logging.getLogger("qrunner").warning("flush --ignore-policy: the policy is overridden by the admin for %s",
+                                                 "every message" if ids is None else ", ".join(ids))
+        result = runner.run(command="flush", only_ids=ids, ignore_policy=args.ignore_policy)
     return EX_POLICY_ERRORS if result.trouble else EX_OK
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    runner = _runner(args, load_config(args.config))
-    ids = _queue_ids(args, runner.backend)
-    if args.to_default_queue and not runner.backend.has_named_queue:
-        raise UsageError("--to-default-queue is for Exim's named queue; this MTA has no such queue.")
-    summary = runner.release(ids, to_default_queue=args.to_default_queue)
+    with _runner(args, load_config(args.config)) as runner:
+        ids = _queue_ids(args, runner.backend)
+        if args.to_default_queue and not runner.backend.has_named_queue:
+            raise UsageError("--to-default-queue is for Exim's named queue; this MTA has no such queue.")
+        summary = runner.release(ids, to_default_queue=args.to_default_queue)
     return EX_POLICY_ERRORS if summary.failed else EX_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _runner(args, load_config(args.config)).status()
+    with _runner(args, load_config(args.config)) as runner:
+        status = runner.status()
     print(f"qrunner holds in {status.instance}: {len(status.holds)}")
     if status.holds:
         rows = [("QUEUE ID", "HELD SINCE", "SENDERS", "REASON")]
@@ -340,6 +344,7 @@ def print_plan(result: RunResult, fmt: str) -> None:
     plan = result.plan
     waiting = {w.queue_id: w.until for w in plan.wait}
     released = {r.queue_id for r in plan.release}
+    kept_held = {s.queue_id for s in plan.send if s.from_hold}
     ordered = report_order(plan.decisions)
     recovery = [("delete", s) for s in plan.remove] + [("handback", s) for s in plan.hand_back]
     if fmt == "json":
@@ -347,7 +352,7 @@ def print_plan(result: RunResult, fmt: str) -> None:
         for d in ordered:
             row = _decision_json(d)
             row["next_retry"] = _clock(waiting[d.queue_id]) if d.queue_id in waiting else None
-            row["release"] = d.queue_id in released
+            row["release"] = d.queue_id in released or d.queue_id in kept_held
             rows.append(row)
         print(json.dumps({"decisions": rows, "recovery": [{"queue_id": s.queue_id, "action": action,
                                                             "reason": s.reason} for action, s in recovery]}))
@@ -359,6 +364,8 @@ def print_plan(result: RunResult, fmt: str) -> None:
             notes.append("waits for its retry time " + _clock(waiting[d.queue_id], "%H:%M:%S"))
         elif d.queue_id in released:
             notes.append("released from qrunner's hold, then sent")
+        elif d.queue_id in kept_held:
+            notes.append(f"handed from qrunner's hold to sender {d.senders}'s route")
         if _note(d):
             notes.append(_note(d))
         table.append((d, "wait" if d.queue_id in waiting else d.action, "; ".join(notes)))

@@ -35,7 +35,8 @@ class Executor:
         self.state = state
         self.summary = summary
         self._not_released: Set[str] = set()
-        self._handing_over: Dict[str, Send] = {}
+        self._sending: Dict[str, Send] = {}
+        self._outcomes: Dict[str, Outcome] = {}
 
     def execute(self, plan: Plan, run_id: int) -> None:
         """Every action of the plan, in the crash-safe order."""
@@ -125,20 +126,31 @@ class Executor:
     # -- sends -----------------------------------------------------------------
 
     def send(self, sends: Sequence[Send], run_id: int) -> None:
-        """Every send in dispatch order, each by its route; then the run's dispatch record."""
+        """Every send in dispatch order, each by its route; then the run's dispatch record.
+
+        Each outcome is logged and recorded as the back end reports it
+        (:meth:`sent`), so a failure later in the batch cannot take the
+        record of what already left with it: the dispatch record is written
+        even then.
+        """
         sends = [s for s in sends if s.queue_id not in self._not_released]
         if not sends:
             return
-        self._handing_over = {s.queue_id: s for s in sends}
-        outcomes = self.backend.send([SendRequest(s.message, s.route) for s in sends], self)
-        rows = []
-        for seq, send in enumerate(sends, 1):
-            outcome = outcomes.get(send.queue_id, Outcome(Result.FAILED, "not dispatched"))
-            self._report(send, outcome)
-            rows.append((seq, send.key, send.priority, send.decision.senders, str(outcome)))
-        self.state.record_dispatches(run_id, rows)
-        self.state.note_attempts(s.key for s in sends if s.queue_id in outcomes
-                                 and outcomes[s.queue_id].result is Result.DEFERRED)
+        self._sending = {s.queue_id: s for s in sends}
+        completed = False
+        try:
+            self.backend.send([SendRequest(s.message, s.route, s.from_hold) for s in sends], self)
+            completed = True
+        finally:
+            if completed:
+                for send in sends:
+                    if send.queue_id not in self._outcomes:
+                        self.sent(SendRequest(send.message, send.route), Outcome(Result.FAILED, "not dispatched"))
+            rows = [(seq, s.key, s.priority, s.decision.senders, str(self._outcomes[s.queue_id]))
+                    for seq, s in enumerate(sends, 1) if s.queue_id in self._outcomes]
+            self.state.record_dispatches(run_id, rows)
+            self.state.note_attempts(s.key for s in sends if s.queue_id in self._outcomes
+                                     and self._outcomes[s.queue_id].result is Result.DEFERRED)
 
     def _report(self, send: Send, outcome: Outcome) -> None:
         """The log line of one send; a failed hand-over leaves the original held with the failure as reason."""
@@ -167,7 +179,8 @@ class Executor:
     # -- the hand-over journal (see qrunner.mta.base.HandOverJournal) ------------
 
     def holding(self, requests: Sequence[SendRequest]) -> None:
-        sends = [self._handing_over[r.message.queue_id] for r in requests]
+        """Recorded before the hold; one of qrunner's holds keeps its state and age, with the new reason."""
+        sends = [self._sending[r.message.queue_id] for r in requests]
         self.state.record_holding((s.key, s.decision.senders, f"being handed to sender {s.decision.senders}")
                                   for s in sends)
 
@@ -175,6 +188,11 @@ class Executor:
         self.state.mark_held(MessageKey.of(r.message) for r in requests if r.message.queue_id in confirmed)
 
     def copied(self, request: SendRequest, new_id: str) -> None:
-        send = self._handing_over[request.message.queue_id]
+        send = self._sending[request.message.queue_id]
         self.state.record_copy(new_id, send.key, send.decision.senders)
+
+    def sent(self, request: SendRequest, outcome: Outcome) -> None:
+        send = self._sending[request.message.queue_id]
+        self._outcomes[send.queue_id] = outcome
+        self._report(send, outcome)
 

@@ -30,8 +30,9 @@ class Listed:
     ``unfit``: None when the policy may decide it, else the back end's
     reason for leaving it alone (being delivered, someone else's hold).
     ``expired``: None, or why the MTA's own rules should take it over now.
-    ``copy``: a copy qrunner handed to a sender's route; it leaves on that
-    route and is never decided again. ``handed``: for an original whose copy
+    ``copy``: the name of the sender whose route this message is a copy on
+    (qrunner handed it over); it leaves on that route and is never decided
+    again. ``handed``: for an original whose copy
     a sender's route already accepted, (the copy's id, the sender's name).
     """
 
@@ -39,7 +40,7 @@ class Listed:
     ours: bool = False
     unfit: Optional[str] = None
     expired: Optional[str] = None
-    copy: bool = False
+    copy: Optional[str] = None
     handed: Optional[Tuple[str, str]] = None
 
 
@@ -83,10 +84,15 @@ class LeftAlone(Step):
 
 @dataclass(frozen=True)
 class Send:
-    """Ask the MTA to deliver a message now, by its sender's route (None: the MTA's own routing)."""
+    """Ask the MTA to deliver a message now, by its sender's route (None: the MTA's own routing).
+
+    ``from_hold``: one of qrunner's holds, sent by its route as it is held
+    (the back end copies it from the hold), so it is never released first.
+    """
 
     decision: Decision
     overridden: bool = False
+    from_hold: bool = False
 
     @property
     def message(self) -> Message:
@@ -185,7 +191,10 @@ def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None) -
         seen.add(message.queue_id)
         if item.ours:
             result.ours.add(MessageKey.of(message))
-        if item.copy:
+        if item.copy is not None:
+            if named is not None and message.queue_id in named:
+                result.left_alone.append(LeftAlone(message, f"a copy qrunner handed to sender {item.copy}; the MTA "
+                                                            "delivers it on that route"))
             continue
         if item.handed is not None and item.ours:
             copy_id, sender = item.handed
@@ -227,13 +236,15 @@ def report_order(decisions: Iterable[Decision]) -> List[Decision]:
     return dispatch_order(decisions) + held_in_arrival_order(decisions)
 
 
-def make_plan(decisions: Iterable[Decision], sorted_out: Triage,
-              due: Mapping[MessageKey, Optional[float]], overridden: bool = False) -> Plan:
+def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[MessageKey, Optional[float]],
+              overridden: bool = False, from_hold: Set[MessageKey] = frozenset()) -> Plan:
     """The plan for the policy's ``decisions`` over ``sorted_out.candidates``.
 
     ``due`` maps an allowed message to when the MTA would retry it by
     itself, or None (or no entry) when it is due now. ``overridden`` (flush
     --ignore-policy) sends every allowed message now, whatever its retry time.
+    ``from_hold``: qrunner's holds that the back end can send by their
+    route as they are held; sent now, they are not released first.
     """
     decisions = sorted(decisions, key=lambda d: (d.message.arrival, d.queue_id))
     plan = Plan(remove=list(sorted_out.remove), hand_back=list(sorted_out.hand_back),
@@ -243,11 +254,12 @@ def make_plan(decisions: Iterable[Decision], sorted_out: Triage,
         if not decision.send:
             (plan.keep if ours else plan.hold).append(decision)
             continue
-        if ours:
-            plan.release.append(Release(decision.message, "released: the policy allows it now"))
         retry = None if overridden else due.get(decision.key)
+        kept = ours and retry is None and decision.key in from_hold
+        if ours and not kept:
+            plan.release.append(Release(decision.message, "released: the policy allows it now"))
         if retry is None:
-            plan.send.append(Send(decision, overridden))
+            plan.send.append(Send(decision, overridden, from_hold=kept))
         else:
             plan.wait.append(Wait(decision, retry))
     plan.send.sort(key=lambda s: dispatch_key(s.decision))

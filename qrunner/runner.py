@@ -80,6 +80,12 @@ class Runner:
         self.policy = policy
         self.senders = senders
 
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.backend.close()
+
     # -- the job -----------------------------------------------------------
 
     def run(self, command: str = "run", dry_run: bool = False, only_ids: Optional[Sequence[str]] = None,
@@ -112,7 +118,7 @@ class Runner:
             messages = self.backend.list()
             sorted_out = triage(self._listed(messages, self._reconcile(state, messages, write)), only_ids)
             decisions = self._overridden(sorted_out.candidates)
-            return make_plan(decisions, sorted_out, {}, overridden=True)
+            return make_plan(decisions, sorted_out, {}, overridden=True, from_hold=self._from_hold(decisions))
         with PolicyEngine(self.policy) as engine:
             if self.senders:
                 engine.prepare(self.senders[0])  # Lua starts while the MTA lists its queue
@@ -121,7 +127,12 @@ class Runner:
             sorted_out = triage(self._listed(messages, records), only_ids)
             decisions = engine.decide(sorted_out.candidates, self.senders)
         due = {d.key: self.backend.due(d.message, records.attempts.get(d.key)) for d in decisions if d.send}
-        return make_plan(decisions, sorted_out, due)
+        return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions))
+
+    def _from_hold(self, decisions: Sequence[Decision]) -> set:
+        """Allowed holds the back end sends by their route as they are held, never released in between."""
+        return {d.key for d in decisions if d.send and d.message.held
+                and self.backend.sends_from_hold(None if d.sender is None or d.sender.default else d.sender)}
 
     def _reconcile(self, state: State, messages: Sequence[Message], write: bool) -> Records:
         """The records settled against the queue; written (and each change logged) unless only looking."""
@@ -137,20 +148,34 @@ class Runner:
         """Each message with the facts the plan needs; the queue file, not the record, says what a copy is."""
         copies = records.copies_by_id()
         handed = records.handed()
-        senders = {s.name: s for s in self.senders}
+        names = {s.name for s in self.senders}
+        routed = [s for s in self.senders if not s.default]
         listed = []
         for message in messages:
             key = MessageKey.of(message)
             ours = message.held and key in records.holds
-            copy = copies.get(message.queue_id)
-            is_copy = copy is not None and copy.original != key and (
-                copy.sender not in senders or self.backend.carries_route(message, senders[copy.sender]))
             hand_over = handed.get(key)
             listed.append(Listed(message, ours=ours, unfit=self.backend.unfit(message, ours),
-                                 expired=self.backend.expired(message), copy=is_copy,
+                                 expired=self.backend.expired(message),
+                                 copy=self._copy_of(message, copies.get(message.queue_id), names, routed),
                                  handed=(hand_over.queue_id, hand_over.sender) if hand_over else None))
         self._warn_old_holds([item.message for item in listed if item.ours])
         return listed
+
+    def _copy_of(self, message: Message, record, names, routed) -> Optional[str]:
+        """The sender this message is a copy for: its queue file says, the record a hint.
+
+        A record whose sender is no longer configured has no route to compare:
+        the record alone says it, and the MTA delivers the copy on the route
+        stamped in it.
+        """
+        recorded = record is not None and record.original != MessageKey.of(message)
+        if recorded and record.sender not in names:
+            return record.sender
+        if not routed and not recorded:
+            return None
+        sender = self.backend.copy_of(message, routed, recorded=recorded)
+        return sender.name if sender is not None else None
 
     def _overridden(self, candidates: Sequence[Message]) -> List[Decision]:
         """``flush --ignore-policy``: every named message sent by the fallback sender, at priority 50."""
@@ -167,10 +192,11 @@ class Runner:
         except BaseException as exc:
             summary.outcome = f"failed: {exc}"
             raise
+        else:
+            state.prune(self.config.history_days)
         finally:
             summary.finished = time.time()
             state.finish_run(run_id, summary)
-            state.prune(self.config.history_days)
             log.info("%s: listed=%d sent=%d held=%d released=%d errors=%d seconds=%.2f", summary.command,
                      summary.listed, summary.sent, summary.held, summary.released, summary.errors,
                      summary.seconds)

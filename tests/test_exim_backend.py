@@ -59,11 +59,13 @@ def test_dispatch_starts_batches_in_order_never_more_than_the_concurrency(backen
     mocker.patch.object(exim_mod.subprocess, "Popen", FakeProcess)
     messages = [Message(i, 0, 1, "a@b", ("c@d",)) for i in ids]
 
-    outcomes = backend.send([SendRequest(m, None) for m in messages], journal=None)
+    reported = []
+    journal = mocker.Mock(sent=lambda request, outcome: reported.append(request.message.queue_id))
+    outcomes = backend.send([SendRequest(m, None) for m in messages], journal=journal)
 
     assert [argv[argv.index("-Mc") + 1:] for argv in started] == [ids[0:10], ids[10:20], ids[20:25]]
     assert all(argv[:2] == ["/usr/sbin/exim4", "-qGqrunner"] for argv in started)
-    assert set(outcomes.values()) == {Outcome(Result.DELIVERED)}
+    assert set(outcomes.values()) == {Outcome(Result.DELIVERED)} and reported == ids
 
 
 def test_auto_finds_exim_when_postfix_is_missing(mocker, tmp_path):

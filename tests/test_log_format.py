@@ -44,10 +44,9 @@ qrunner[PID]: M00000003: action=keep sender=isp,backup reason="isp: not for isp;
 qrunner[PID]: M00000004: action=wait sender=backup priority=50 next_retry=TIME
 qrunner[PID]: run: listed=2 sent=0 held=0 released=0 errors=0 seconds=SECONDS
 == run, policy allows all
-qrunner[PID]: M00000003: action=release
 qrunner[PID]: M00000003: action=route sender=isp priority=50 new_queue_id=M00000007
 qrunner[PID]: M00000004: action=wait sender=isp priority=50 next_retry=TIME
-qrunner[PID]: run: listed=2 sent=1 held=0 released=1 errors=0 seconds=SECONDS
+qrunner[PID]: run: listed=2 sent=1 held=0 released=0 errors=0 seconds=SECONDS
 == flush --ignore-policy
 qrunner[PID]: flush --ignore-policy: the policy is overridden by the admin for M00000004
 qrunner[PID]: M00000004: action=send sender=backup priority=50 policy=overridden

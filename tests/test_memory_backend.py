@@ -10,6 +10,7 @@ an ungated queue, a named queue and its way out. Each case runs the real
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -77,8 +78,85 @@ def test_a_route_that_refuses_the_copy_leaves_the_original_held_with_the_reason(
     assert "hand-over to sender isp failed" in qr("status").stdout
     mta.set(fail={})
     again = qr("run")
-    assert f"{queue_id}: action=release" in again.stderr and f"{queue_id}: action=route sender=isp" in again.stderr
+    assert f"{queue_id}: action=route sender=isp" in again.stderr
+    assert "action=release" not in again.stderr  # handed over from the hold: never released on the way
     assert [(m.header("Subject"), m.route) for m in mta.sink.wait_for(1)] == [(b"for isp", "isp")]
+
+
+def test_a_hold_going_to_a_senders_route_stays_held_and_recorded_until_it_is_copied(tmp_path, mta):
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    qr.config_path.write_text(qr.config_path.read_text() + TWO_SENDERS)
+    queue_id = mta.queue_message("held, then for isp")
+    assert qr("run").code == 0
+    held_since = [line for line in qr("status").stdout.splitlines() if line.startswith(queue_id)][0].split()[1:3]
+    qr.set_script(ALLOW_ALL)
+
+    killed = qr.run_killed_at("qrunner.state:State.record_copy")  # after the copy, before its record
+
+    assert killed.code < 0
+    assert mta.where(queue_id) == HELD  # never out of the hold in between
+    [row] = [line for line in qr("status").stdout.splitlines() if line.startswith(queue_id)]
+    assert row.split()[1:3] == held_since and row.endswith("being handed to sender isp")
+
+
+def test_a_failure_late_in_a_send_batch_keeps_the_log_of_what_already_left(tmp_path, mta):
+    qr = Qrunner(tmp_path, mta, 'function CheckFile(f, a, s, c, rp, r, h)\n'
+                                '  a.Priority = tonumber(h.subject:match("p(%d+)"))\n'
+                                '  if sendername == "isp" and not h.subject:find("isp") then a.SkipSend = 1 end\n'
+                                '  return a\nend\n')
+    qr.config_path.write_text(qr.config_path.read_text() + TWO_SENDERS)
+    first = mta.queue_message("p90 by default")
+    routed = mta.queue_message("p50 for isp")
+    last = mta.queue_message("p10 by default")
+    mta.set(stop_at={last: "its delivery agent died"})
+
+    result = qr("run")
+
+    assert result.code == 69 and "stopped answering" in result.stderr, result.stderr
+    assert f"{first}: action=send sender=backup priority=90" in result.stderr
+    assert f"{routed}: action=route sender=isp priority=50" in result.stderr
+    assert [m.route for m in mta.sink.wait_for(2)] == ["default", "isp"]  # the log tells exactly what left
+    assert "(run, failed: the memory queue stopped answering" in qr("status").stdout
+    mta.set(stop_at={})
+    again = qr("run")
+    assert again.code == 0 and f"{last}: action=send" in again.stderr, again.stderr
+    assert [m.route for m in mta.sink.wait_for(3)] == ["default", "isp", "default"]  # nothing sent twice
+
+
+def test_an_original_the_mta_would_not_remove_after_its_copy_is_removed_by_the_next_run(tmp_path, mta):
+    qr = Qrunner(tmp_path, mta, ALLOW_ALL)
+    qr.config_path.write_text(qr.config_path.read_text() + TWO_SENDERS)
+    queue_id = mta.queue_message("for isp")
+    mta.set(fail={"remove": "the MTA stopped"})
+
+    result = qr("run")
+
+    assert f"{queue_id}: the original of an accepted copy was not removed" in result.stderr
+    assert f"{queue_id}: action=route sender=isp priority=50 new_queue_id=" in result.stderr
+    assert "(original not deleted yet: the next run deletes it)" in result.stderr
+    assert len(mta.sink.wait_for(1)) == 1
+
+
+def test_a_copy_is_known_by_its_route_even_when_qrunners_records_are_gone(tmp_path, mta):
+    qr = Qrunner(tmp_path, mta, ALLOW_ALL)
+    qr.config_path.write_text(qr.config_path.read_text() + TWO_SENDERS)
+    mta.sink.data_delay = 3600  # the isp relay is slow: the copy stays queued
+    mta.set(delivery_seconds=3600)
+    original = mta.queue_message("for isp")
+    first = qr("run")
+    copy = first.stderr.split("new_queue_id=")[1].split()[0]
+    for name in os.listdir(qr.state_dir):
+        os.remove(os.path.join(qr.state_dir, name))  # the records are lost
+    with mta.queue.change() as queue:  # the copy is waiting again, as after a deferral on its route
+        [entry] = [m for m in queue["messages"] if m["id"] == copy]
+        entry["state"] = "waiting"
+
+    again = qr("run")
+    flushed = qr("flush", copy)
+
+    assert again.code == 0 and copy not in again.stderr and "listed=0" in again.stderr, again.stderr
+    assert flushed.code == 1 and f"{copy}: a copy qrunner handed to sender isp" in flushed.stderr
+    assert original not in mta.snapshot() and mta.where(copy) == WAITING
 
 
 def test_killed_before_the_copy_is_recorded_sends_at_worst_a_duplicate(tmp_path, mta):

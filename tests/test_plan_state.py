@@ -78,7 +78,7 @@ def listed(qid, arrival=1, state=QueueState.WAITING, **facts):
 
 
 def test_triage_recovery_before_the_policy_and_whatever_the_admin_named():
-    items = [listed("COPY1", copy=True), listed("ORIG1", state=QueueState.HELD, ours=True, handed=("NEW1", "isp")),
+    items = [listed("COPY1", copy="isp"), listed("ORIG1", state=QueueState.HELD, ours=True, handed=("NEW1", "isp")),
              listed("OLD1", expired="too old"), listed("OLDOURS1", state=QueueState.HELD, ours=True, expired="too old"),
              listed("BUSY1", unfit="being delivered"), listed("GO1")]
     every = triage(items)
@@ -91,6 +91,7 @@ def test_triage_recovery_before_the_policy_and_whatever_the_admin_named():
     named = triage(items, only_ids=["BUSY1", "GONE1", "COPY1"])
     assert named.candidates == [] and [s.queue_id for s in named.remove] == ["ORIG1"]
     assert [(s.queue_id, s.reason) for s in named.left_alone] == [
+        ("COPY1", "a copy qrunner handed to sender isp; the MTA delivers it on that route"),
         ("BUSY1", "being delivered"), ("GONE1", "not in the queue; nothing to do")]
 
 
@@ -257,10 +258,12 @@ def test_schedule_speaks_the_flush_protocol(backend, tmp_path):
     run.assert_not_called()
 
 
-def test_a_message_gone_since_the_listing_is_vanished_not_an_error(backend, tmp_path):
+def test_a_message_gone_since_the_listing_is_vanished_not_an_error(backend, tmp_path, mocker):
     instance, run = backend  # an empty queue directory: the deferred file is not there
     message = Message("ABC123", 0, 1, "a@b", ("c@d",), queue_name="deferred")
-    assert instance.send([SendRequest(message, None)], journal=None) == {"ABC123": Outcome(Result.VANISHED)}
+    journal = mocker.Mock()
+    assert instance.send([SendRequest(message, None)], journal) == {"ABC123": Outcome(Result.VANISHED)}
+    journal.sent.assert_called_once_with(SendRequest(message, None), Outcome(Result.VANISHED))
     run.assert_not_called()  # nothing was asked of Postfix for it
 
 

@@ -16,10 +16,12 @@ file and lets its router pick the transport at delivery.
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence, Set, Tuple
 
 from qrunner.config import Sender
+from qrunner.exceptions import QrunnerError
 from qrunner.message import Message
 
 
@@ -53,10 +55,15 @@ class Outcome:
 
 
 class SendRequest(NamedTuple):
-    """One message to deliver now; ``route`` is its sender, None for the MTA's own routing."""
+    """One message to deliver now; ``route`` is its sender, None for the MTA's own routing.
+
+    ``held``: the message is on qrunner's hold and stays there until it is
+    copied into its route (only where :meth:`Backend.sends_from_hold` says so).
+    """
 
     message: Message
     route: Optional[Sender]
+    held: bool = False
 
 
 class HandOverJournal(Protocol):
@@ -70,6 +77,10 @@ class HandOverJournal(Protocol):
 
     def copied(self, request: SendRequest, new_id: str) -> None:
         """The sender's route accepted a copy; the original is removed next."""
+
+    def sent(self, request: SendRequest, outcome: "Outcome") -> None:
+        """One request's outcome, reported as soon as it is known, so that a failure later in the
+        batch cannot take the record of what already left with it."""
 
 
 class Gate(NamedTuple):
@@ -109,9 +120,24 @@ class Backend:
         """None when the policy may decide the message (``ours``: qrunner holds it); else why it is left alone."""
         raise NotImplementedError
 
-    def carries_route(self, message: Message, sender: Sender) -> bool:
-        """Is this message a copy handed to ``sender``'s route? The MTA's own files say; asked only of
-        messages that qrunner's records name as copies."""
+    def copy_of(self, message: Message, senders: Sequence[Sender], recorded: bool = False) -> Optional[Sender]:
+        """The sender whose route an earlier hand-over stamped into this message, if any.
+
+        The MTA's own files say (Postfix: the ``content_filter`` in the copy's
+        queue file), so a copy is never decided again even when qrunner's
+        records of it are gone; ``recorded``: qrunner's records name it a
+        copy, so look even where the MTA's cheap signs say it cannot be one.
+        An MTA that routes at delivery has no copies.
+        """
+        return None
+
+    def sends_from_hold(self, route: Optional[Sender]) -> bool:
+        """Can one of qrunner's holds be sent by ``route`` as it is, without releasing it first?
+
+        True where a sender's route takes a copy of the held original
+        (Postfix, memory): releasing it first would open a moment in which
+        the MTA could send it by its own routing.
+        """
         return False
 
     def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[float]:
@@ -168,26 +194,45 @@ def send_copying_routes(backend: Backend, requests: Sequence[SendRequest], journ
                         hand_over: Callable[[SendRequest, HandOverJournal], Outcome]) -> Dict[str, Outcome]:
     """``send`` for a back end that copies routed messages into their route (Postfix, memory).
 
-    The originals of the routed messages are held first, recorded before
-    and confirmed after through ``journal``, so that nothing else sends them
-    while they are copied; then each message in the order given: the
-    default route's by ``schedule(queue_id)``, a routed one by
-    ``hand_over`` (which records the copy through ``journal``, then
-    removes the original), one whose hold was not confirmed is gone.
+    The originals of the routed messages are held first (those on qrunner's
+    hold already stay there), recorded before and confirmed after through
+    ``journal``, so that nothing else sends them while they are copied; then
+    each message in the order given: the default route's by
+    ``schedule(queue_id)``, a routed one by ``hand_over`` (which records the
+    copy through ``journal``, then removes the original); one whose hold was
+    not confirmed is gone. Each outcome goes to ``journal.sent`` at once.
     """
     routed = [r for r in requests if r.route is not None]
-    held: Set[str] = set()
+    held = {r.message.queue_id for r in routed if r.held}
     if routed:
         journal.holding(routed)
-        held = backend.hold([r.message.queue_id for r in routed])
-        journal.held(routed, held)
+        fresh = [r for r in routed if not r.held]
+        confirmed = backend.hold([r.message.queue_id for r in fresh]) if fresh else set()
+        journal.held(fresh, confirmed)
+        held |= confirmed
     outcomes = {}
     for request in requests:
         queue_id = request.message.queue_id
         if request.route is None:
-            outcomes[queue_id] = schedule(queue_id)
+            outcome = schedule(queue_id)
         elif queue_id not in held:
-            outcomes[queue_id] = Outcome(Result.VANISHED)
+            outcome = Outcome(Result.VANISHED)
         else:
-            outcomes[queue_id] = hand_over(request, journal)
+            outcome = hand_over(request, journal)
+        outcomes[queue_id] = outcome
+        journal.sent(request, outcome)
     return outcomes
+
+
+def removed_now(backend: Backend, queue_id: str) -> bool:
+    """Remove an original whose copy was recorded; False (the next run removes it) when the MTA would not.
+
+    The copy has left by then: a failure here must not stop the run from
+    logging and recording it.
+    """
+    try:
+        return queue_id in backend.remove([queue_id])
+    except QrunnerError as error:
+        logging.getLogger("qrunner").error("%s: the original of an accepted copy was not removed (%s); the next "
+                                           "run removes it", queue_id, error.message)
+        return False

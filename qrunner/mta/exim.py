@@ -153,7 +153,9 @@ class EximBackend(Backend):
         ignore_bounce_errors_after, which never act in a named queue. The
         plan never hands back a hold of qrunner's own: those stay, warned about.
         """
-        if message.state == QueueState.ACTIVE or time.time() - message.arrival <= self.settings.max_queue_time:
+        if not self.queue or message.state == QueueState.ACTIVE:
+            return None  # in Exim's default queue its own rules act already
+        if time.time() - message.arrival <= self.settings.max_queue_time:
             return None
         return "older than max_queue_time: handed to the MTA's own retry and freeze rules"
 
@@ -332,6 +334,8 @@ class EximBackend(Backend):
             running = self._reap(running, problems)
         for queue_id in ready:
             outcomes[queue_id] = self._outcome(queue_id, started, problems)
+        for request in requests:
+            journal.sent(request, outcomes[request.message.queue_id])
         return outcomes
 
     def _reap(self, running, problems: Dict[str, str]):

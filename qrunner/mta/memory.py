@@ -9,7 +9,8 @@ with a retry time when the relay is down, vanish between the listing and
 an action, and a command can fail half-way through a batch, like
 ``postsuper`` on a stopped Postfix. With ``named_queue`` it also has
 Exim's shape: qrunner's own queue, ``max_queue_time``, and handing mail
-back to the default queue.
+back to the default queue. ``stop_at`` makes the MTA stop answering in the
+middle of a run, as a Postfix whose flush service and ``postqueue`` went away.
 
 Its queue lives in ``DIRECTORY/queue.json``, replaced atomically (written
 aside, then renamed) under an flock for every operation, beside one file
@@ -35,7 +36,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 from qrunner.config import Sender
 from qrunner.exceptions import UnavailableError
 from qrunner.message import HeaderSource, Message, QueueState
-from qrunner.mta.base import Backend, Gate, HandOverJournal, Outcome, Result, SendRequest, send_copying_routes
+from qrunner.mta.base import (Backend, Gate, HandOverJournal, Outcome, Result, SendRequest, removed_now,
+                              send_copying_routes)
 
 MESSAGE_ID = re.compile(r"M[0-9A-F]{8}\Z")
 RETRY_SECONDS = 300  # how long a message the relay deferred waits, as Postfix's minimal_backoff_time
@@ -54,6 +56,7 @@ DEFAULTS: Dict[str, Any] = {
     "queue_lifetime": None,
     "fail": {},                # operation -> why: that command fails after the first message of its batch
     "vanish": {},              # message id -> operation: the message is delivered elsewhere just before it
+    "stop_at": {},             # message id -> why: the MTA stops answering when asked to deliver it
 }
 
 
@@ -191,9 +194,17 @@ class MemoryBackend(Backend):
     def __init__(self, directory: str):
         self.queue = MemoryQueue(directory)
         self.instance = f"memory:{os.path.realpath(directory)}"
-        with self.queue.change() as queue:
-            self.has_named_queue = bool(queue["named_queue"])
         self._listed: Dict[str, Dict[str, Any]] = {}
+        self._settings: Dict[str, Any] = {}
+        self._look()
+
+    def _look(self) -> List[Dict[str, Any]]:
+        """One locked read of the queue: its messages, and the settings the facts below answer from."""
+        with self.queue.change() as queue:
+            self._settings = {k: queue[k] for k in ("gated", "named_queue", "max_queue_time", "queue_lifetime")}
+            entries = [m for m in queue["messages"] if m["id"] not in queue["default_queue"]]
+        self.has_named_queue = bool(self._settings["named_queue"])
+        return entries
 
     # -- facts ---------------------------------------------------------------
 
@@ -202,12 +213,10 @@ class MemoryBackend(Backend):
 
     def check(self, senders: Sequence[Sender], acting: bool) -> None:
         """Every sender has a route here (the model routes by sender name); the queue must exist."""
-        with self.queue.change():
-            pass
+        self._look()
 
     def gate(self) -> Gate:
-        with self.queue.change() as queue:
-            gated = bool(queue["gated"])
+        gated = bool(self._settings["gated"])
         return Gate(gated, "the memory queue is gated" if gated else
                     "the memory queue is not gated: it would deliver waiting mail on its own schedule")
 
@@ -218,23 +227,25 @@ class MemoryBackend(Backend):
             return "on hold by someone else, not by qrunner; left alone"
         return None
 
-    def carries_route(self, message: Message, sender: Sender) -> bool:
-        return self._listed.get(message.queue_id, {}).get("route") == sender.name
+    def copy_of(self, message: Message, senders: Sequence[Sender], recorded: bool = False) -> Optional[Sender]:
+        route = self._listed.get(message.queue_id, {}).get("route")
+        return next((s for s in senders if not s.default and s.name == route), None) if route else None
+
+    def sends_from_hold(self, route: Optional[Sender]) -> bool:
+        return route is not None
 
     def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[float]:
         retry = self._listed.get(message.queue_id, {}).get("retry_at")
         return retry if retry and retry > time.time() else None
 
     def expired(self, message: Message) -> Optional[str]:
-        with self.queue.change() as queue:
-            limit = queue["max_queue_time"] if queue["named_queue"] else None
+        limit = self._settings["max_queue_time"] if self._settings["named_queue"] else None
         if not limit or message.state == QueueState.ACTIVE or time.time() - message.arrival <= limit:
             return None
         return "older than max_queue_time: handed to the MTA's own retry and freeze rules"
 
     def queue_lifetime(self) -> Optional[float]:
-        with self.queue.change() as queue:
-            return queue["queue_lifetime"]
+        return self._settings["queue_lifetime"]
 
     def describe_route(self, sender: Sender) -> str:
         return "default: the MTA's own routing" if sender.default else f"memory: route {sender.name}"
@@ -242,8 +253,7 @@ class MemoryBackend(Backend):
     # -- actions ---------------------------------------------------------------
 
     def list(self) -> List[Message]:
-        with self.queue.change() as queue:
-            entries = [m for m in queue["messages"] if m["id"] not in queue["default_queue"]]
+        entries = self._look()
         self._listed = {m["id"]: m for m in entries}
         return [self._message(m) for m in entries]
 
@@ -306,6 +316,9 @@ class MemoryBackend(Backend):
 
     def _deliver(self, queue_id: str) -> Outcome:
         with self.queue.change() as queue:
+            stopped = queue["stop_at"].get(queue_id)
+            if stopped:
+                raise UnavailableError(f"the memory queue stopped answering ({stopped}); start it again.")
             self._vanish(queue, queue_id, "send")
             entry = next((m for m in queue["messages"] if m["id"] == queue_id), None)
             if entry is None or entry["state"] != QueueState.WAITING:
@@ -320,12 +333,13 @@ class MemoryBackend(Backend):
         with self.queue.change() as queue:
             if "copy" in queue["fail"]:
                 return Outcome(Result.FAILED, f"{queue_id} was not copied: {queue['fail']['copy']}")
-            original = MemoryQueue._entry(queue, queue_id)
+            original = next((m for m in queue["messages"] if m["id"] == queue_id), None)
+            if original is None:
+                return Outcome(Result.VANISHED)
             with open(self.queue.content_path(queue_id), "rb") as f:
                 content = f.read()
             new_id = self.queue._add(queue, original["sender"], original["recipients"], content,
                                      request.route.name, None, state=QueueState.ACTIVE)
             MemoryQueue._entry(queue, new_id)["active_until"] = time.time() + queue["delivery_seconds"]
         journal.copied(request, new_id)
-        removed = queue_id in self.remove([queue_id])
-        return Outcome(Result.ROUTED, new_id=new_id, original_removed=removed)
+        return Outcome(Result.ROUTED, new_id=new_id, original_removed=removed_now(self, queue_id))

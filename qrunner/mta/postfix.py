@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from qrunner.config import PostfixSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message, QueueState
-from qrunner.mta.base import Backend, Gate, HandOverJournal, Outcome, Result, SendRequest, send_copying_routes
+from qrunner.mta.base import (Backend, Gate, HandOverJournal, Outcome, Result, SendRequest, removed_now,
+                              send_copying_routes)
 from qrunner.mta.postfix_envelope import read_route, read_sender
 from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, hash_key, is_queue_id
 from qrunner.mta.postfix_reinject import ReinjectError, reinject
@@ -179,14 +180,30 @@ class PostfixBackend(Backend):
                     f"'postsuper -H {message.queue_id}' if you mean to)")
         return f"in the {message.queue_name} queue, which qrunner never touches"
 
-    def carries_route(self, message: Message, sender: Sender) -> bool:
-        """The route stamped in the copy's own queue file is the truth; unreadable (moved on), the record is."""
-        if sender.postfix is None:
-            return False
+    def copy_of(self, message: Message, senders: Sequence[Sender], recorded: bool = False) -> Optional[Sender]:
+        """The sender whose route the listener stamped in this queue file (``content_filter``), if any.
+
+        Only waiting mail can be decided, so only it is looked at; and a
+        message whose only delay reason is the gate's own was deferred by
+        a gated transport, which no sender's transport may be
+        (:meth:`check`), so its file need not be read unless qrunner's
+        records name it a copy. A file that moved on since the listing
+        says nothing: the records decide then.
+        """
+        routes = [s for s in senders if not s.default and s.postfix is not None]
+        if not routes or message.state != QueueState.WAITING:
+            return None
+        if not recorded and message.delay_reasons and all(GATE_REASON in r for r in message.delay_reasons):
+            return None
         try:
-            return same_route(read_route(message.filename), sender.postfix.content_filter)
+            stamped = read_route(message.filename)
         except (OSError, ValueError):
-            return True
+            return next((s for s in routes), None) if recorded else None
+        return next((s for s in routes if same_route(stamped, s.postfix.content_filter)), None)
+
+    def sends_from_hold(self, route: Optional[Sender]) -> bool:
+        """A sender's route re-injects a copy of the held original; the default route needs it released."""
+        return route is not None
 
     def due(self, message: Message, attempts: Optional[Tuple[int, float]] = None) -> Optional[float]:
         """When Postfix would retry the message by itself, or None when it is due now.
@@ -331,8 +348,7 @@ class PostfixBackend(Backend):
         except (ReinjectError, OSError, ValueError) as error:
             return Outcome(Result.FAILED, str(error))
         journal.copied(request, new_id)
-        removed = queue_id in self.remove([queue_id])
-        return Outcome(Result.ROUTED, new_id=new_id, original_removed=removed)
+        return Outcome(Result.ROUTED, new_id=new_id, original_removed=removed_now(self, queue_id))
 
     def _schedule_deferred(self, queue_id: str) -> Outcome:
         """The flush service moves a deferred message to incoming/ at once, in the order asked."""
