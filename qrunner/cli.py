@@ -268,7 +268,7 @@ def cmd_release(args: argparse.Namespace) -> int:
         if args.to_default_queue and not runner.backend.has_named_queue:
             raise UsageError("--to-default-queue is for Exim's named queue; this MTA has no such queue.")
         summary = runner.release(ids, to_default_queue=args.to_default_queue)
-    return EX_POLICY_ERRORS if summary.failed else EX_OK
+    return EX_OK if summary.outcome == "ok" else EX_POLICY_ERRORS
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -276,14 +276,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         status = runner.status()
     print(f"qrunner holds in {status.instance}: {len(status.holds)}")
     if status.holds:
-        rows = [("QUEUE ID", "HELD SINCE", "SENDERS", "REASON")]
+        rows = [("QUEUE ID", "HELD SINCE", "ENVELOPE FROM", "DECIDED BY", "REASON")]
         old = set(status.past_lifetime)
         for hold in status.holds:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(hold.held_at))
             note = "" if hold.state == "held" else f" [{hold.state}, settled by the next run]"
             if hold.key in old:
                 note += " [older than the MTA's queue lifetime: bounces when released]"
-            rows.append((hold.queue_id, since, hold.senders, hold.reason + note))
+            envelope = "?" if hold.envelope_sender is None else hold.envelope_sender or "<>"
+            rows.append((hold.queue_id, since, envelope, hold.senders, hold.reason + note))
         print(_columns(rows))
     print(senders_line(status.routes))
     run = status.last_run
@@ -291,8 +292,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("last run: none recorded")
     else:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started))
+        moved = f" moved={run.moved}" if run.moved else ""
         print(f"last run: {when} ({run.command}, {run.outcome}): listed={run.listed} sent={run.sent} "
-              f"held={run.held} released={run.released} errors={run.errors} seconds={run.seconds:.2f}")
+              f"held={run.held} released={run.released}{moved} errors={run.errors} seconds={run.seconds:.2f}")
     return EX_OK
 
 
@@ -332,7 +334,7 @@ def print_decisions(decisions: Sequence[Decision], fmt: str) -> None:
     if fmt == "json":
         print(json.dumps({"decisions": [_decision_json(d) for d in decisions]}))
     else:
-        print(format_table([(d, d.action, _note(d)) for d in decisions]) + "\n" + summary_line(decisions))
+        print(format_table([(d, _shown(d), _note(d)) for d in decisions]) + "\n" + summary_line(decisions))
 
 
 def _clock(epoch: float, fmt: str = "%Y-%m-%dT%H:%M:%S") -> str:
@@ -368,7 +370,7 @@ def print_plan(result: RunResult, fmt: str) -> None:
             notes.append(f"handed from qrunner's hold to sender {d.senders}'s route")
         if _note(d):
             notes.append(_note(d))
-        table.append((d, "wait" if d.queue_id in waiting else d.action, "; ".join(notes)))
+        table.append((d, "wait" if d.queue_id in waiting else _shown(d), "; ".join(notes)))
     print(format_table(table, [(s.queue_id, action, s.reason) for action, s in recovery]))
     print(summary_line(plan.decisions))
     print(senders_line(result.routes))
@@ -377,6 +379,11 @@ def print_plan(result: RunResult, fmt: str) -> None:
 def senders_line(routes: Dict[Sender, str]) -> str:
     """The senders in the order they run, each with how its mail leaves."""
     return "senders: " + "; ".join(f"{s.id}:{s.name} ({route})" for s, route in routes.items())
+
+
+def _shown(decision: Decision) -> str:
+    """What the table calls the action: "hold", as the log and the README do (the JSON keeps the verdict "skip")."""
+    return "send" if decision.send else "hold"
 
 
 def _note(decision: Decision) -> str:
@@ -418,7 +425,7 @@ def summary_line(decisions: Sequence[Decision]) -> str:
     per_sender = ", ".join(f"{name} {count}" for name, count in sent.items())
     text = f"{len(decisions)} messages: {sum(sent.values())} to send"
     text += f" ({per_sender})" if per_sender else ""
-    text += f", {skipped} to skip"
+    text += f", {skipped} to hold"
     if errors:
         text += "; policy errors: " + ", ".join(f"{name} {count}" for name, count in errors.items())
     else:

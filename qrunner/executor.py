@@ -42,7 +42,7 @@ class Executor:
         """Every action of the plan, in the crash-safe order."""
         self.remove(plan.remove)
         self.hold(plan.hold)
-        self.keep(plan.keep)
+        self.keep(plan.keep, named=plan.named)
         self.release(plan.release)
         self.hand_back(plan.hand_back)
         self.send(plan.send, run_id)
@@ -68,6 +68,7 @@ class Executor:
         if not steps:
             return
         handed = self.backend.hand_back([s.queue_id for s in steps])
+        self.summary.moved += len(handed)
         for step in steps:
             if step.queue_id not in handed:
                 continue
@@ -81,7 +82,7 @@ class Executor:
     def hold(self, decisions: Sequence[Decision]) -> None:
         if not decisions:
             return
-        self.state.record_holding((d.key, d.senders, d.reason) for d in decisions)
+        self.state.record_holding((d.key, d.senders, d.reason, d.message.sender) for d in decisions)
         confirmed = self.backend.hold([d.queue_id for d in decisions])
         # An unconfirmed hold keeps its 'holding' record: the next run's reconcile
         # settles it from the queue, so a hold the MTA made but did not report can
@@ -96,11 +97,11 @@ class Executor:
                          "the next run settles its record", decision.queue_id)
         self.summary.held += len(confirmed)
 
-    def keep(self, decisions: Sequence[Decision]) -> None:
-        """Holds that stay: the latest run's senders and reason."""
+    def keep(self, decisions: Sequence[Decision], named: bool = False) -> None:
+        """Holds that stay: the latest run's senders and reason; said when the admin named them (flush)."""
         for decision in decisions:
-            log.debug("%s: action=keep sender=%s reason=%s", decision.queue_id, decision.senders,
-                      quote(decision.reason))
+            log.log(logging.INFO if named else logging.DEBUG, "%s: action=keep sender=%s reason=%s",
+                    decision.queue_id, decision.senders, quote(decision.reason))
         self.state.update_reason((d.key, d.senders, d.reason) for d in decisions)
 
     def release(self, steps: Sequence[Release]) -> None:
@@ -181,8 +182,8 @@ class Executor:
     def holding(self, requests: Sequence[SendRequest]) -> None:
         """Recorded before the hold; one of qrunner's holds keeps its state and age, with the new reason."""
         sends = [self._sending[r.message.queue_id] for r in requests]
-        self.state.record_holding((s.key, s.decision.senders, f"being handed to sender {s.decision.senders}")
-                                  for s in sends)
+        self.state.record_holding((s.key, s.decision.senders, f"being handed to sender {s.decision.senders}",
+                                   s.message.sender) for s in sends)
 
     def held(self, requests: Sequence[SendRequest], confirmed: Set[str]) -> None:
         self.state.mark_held(MessageKey.of(r.message) for r in requests if r.message.queue_id in confirmed)

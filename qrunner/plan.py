@@ -158,6 +158,7 @@ class Plan:
     left_alone: List[LeftAlone] = field(default_factory=list)
     decisions: List[Decision] = field(default_factory=list)
     listed: int = 0
+    named: bool = False  # the admin named the messages (flush ID...): what stays as it is is said too
 
     @property
     def policy_errors(self) -> int:
@@ -173,6 +174,7 @@ class Triage:
     remove: List[Remove] = field(default_factory=list)
     hand_back: List[HandBack] = field(default_factory=list)
     left_alone: List[LeftAlone] = field(default_factory=list)
+    named: bool = False
 
 
 def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None) -> Triage:
@@ -183,7 +185,7 @@ def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None) -
     and expired mail (never one of qrunner's own holds: those stay, warned
     about) goes back to the MTA's own rules.
     """
-    result = Triage()
+    result = Triage(named=only_ids is not None)
     named = None if only_ids is None else set(only_ids)
     seen: Set[str] = set()
     for item in listed:
@@ -248,7 +250,8 @@ def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[Me
     """
     decisions = sorted(decisions, key=lambda d: (d.message.arrival, d.queue_id))
     plan = Plan(remove=list(sorted_out.remove), hand_back=list(sorted_out.hand_back),
-                left_alone=list(sorted_out.left_alone), decisions=decisions, listed=len(decisions))
+                left_alone=list(sorted_out.left_alone), decisions=decisions, listed=len(decisions),
+                named=sorted_out.named)
     for decision in decisions:
         ours = decision.key in sorted_out.ours
         if not decision.send:
@@ -274,7 +277,7 @@ def release_plan(listed: Iterable[Listed], only_ids: Optional[Sequence[str]], to
     listed message, held by qrunner or not, so that the way out leaves no
     mail in qrunner's queue. Holds qrunner did not make are never released.
     """
-    plan = Plan()
+    plan = Plan(named=only_ids is not None)
     named = None if only_ids is None else set(only_ids)
     for item in listed:
         message = item.message

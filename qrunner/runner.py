@@ -57,7 +57,19 @@ class RunResult:
     @property
     def trouble(self) -> bool:
         """A policy error, a message that could not be acted on, or a named one qrunner may not touch."""
-        return bool(self.plan.policy_errors or self.summary.failed or self.plan.left_alone)
+        return bool(troubles(self.plan, self.summary))
+
+
+def troubles(plan: Plan, summary: RunSummary) -> List[str]:
+    """Why a run ends with exit 1, in words for ``status``; empty when it ends with 0."""
+    found = []
+    if plan.policy_errors:
+        found.append(f"{plan.policy_errors} with a policy error")
+    if summary.failed:
+        found.append(f"{summary.failed} not acted on")
+    if plan.left_alone:
+        found.append(f"{len(plan.left_alone)} named but left alone")
+    return found
 
 
 @dataclass
@@ -69,6 +81,12 @@ class Status:
     past_lifetime: List[MessageKey]
     routes: Dict[Sender, str]
     last_run: Optional[RunSummary]
+
+
+def _outcome(plan: Plan, summary: RunSummary) -> str:
+    """How a finished run is recorded: "ok", or the exit code and why."""
+    found = troubles(plan, summary)
+    return "exit 1: " + ", ".join(found) if found else "ok"
 
 
 class Runner:
@@ -188,7 +206,7 @@ class Runner:
         try:
             Executor(self.backend, state, summary).execute(plan, run_id)
             summary.errors = plan.policy_errors
-            summary.outcome = "ok"
+            summary.outcome = _outcome(plan, summary)
         except BaseException as exc:
             summary.outcome = f"failed: {exc}"
             raise
@@ -251,10 +269,11 @@ class Runner:
                 if to_default_queue and only_ids is None:
                     self._check_emptied(summary)
                 summary.finished = time.time()
-                summary.outcome = "ok"
+                summary.outcome = _outcome(plan, summary)
                 state.finish_run(run_id, summary)
                 state.prune(self.config.history_days)
-                log.info("release: released=%d seconds=%.2f", summary.released, summary.seconds)
+                log.info("release: released=%d%s seconds=%.2f", summary.released,
+                         f" moved={summary.moved}" if to_default_queue else "", summary.seconds)
                 return summary
             finally:
                 state.close()

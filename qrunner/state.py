@@ -112,6 +112,10 @@ INSERT OR IGNORE INTO copies SELECT instance, queue_id, original, original_arriv
 DROP TABLE routed;
 CREATE INDEX runs_by_start ON runs (instance, started);
 """),
+    (3, "status shows each hold's envelope sender; the release summary counts what it moved", """
+ALTER TABLE holds ADD COLUMN envelope_sender TEXT;
+ALTER TABLE runs ADD COLUMN moved INTEGER DEFAULT 0;
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -126,6 +130,7 @@ class Hold:
     held_at: float
     senders: str
     reason: str
+    envelope_sender: Optional[str] = None  # None: held by a release that did not record it
 
     @property
     def key(self) -> MessageKey:
@@ -220,6 +225,7 @@ class RunSummary:
     sent: int = 0
     held: int = 0
     released: int = 0
+    moved: int = 0  # handed back to the MTA's default queue
     errors: int = 0
     finished: Optional[float] = None
     failed: int = 0  # messages qrunner could not act on (not stored; counted in the exit code)
@@ -356,7 +362,7 @@ class State:
 
     def holds(self) -> Dict[MessageKey, Hold]:
         rows = self.db.execute(
-            "SELECT queue_id, arrival, state, held_at, senders, reason FROM holds WHERE instance = ? "
+            "SELECT queue_id, arrival, state, held_at, senders, reason, envelope_sender FROM holds WHERE instance = ? "
             "ORDER BY held_at, queue_id", (self.instance,))
         return {MessageKey(r[0], r[1]): Hold(*r) for r in rows}
 
@@ -372,16 +378,21 @@ class State:
 
     # -- holds -------------------------------------------------------------
 
-    def record_holding(self, holds: Iterable[Tuple[MessageKey, str, str]]) -> None:
-        """Before the MTA is asked to hold: (key, senders, reason) per message."""
+    def record_holding(self, holds: Iterable[Tuple[MessageKey, str, str, str]]) -> None:
+        """Before the MTA is asked to hold: (key, senders, reason, envelope sender) per message.
+
+        A message already on record (one of qrunner's holds being handed
+        over) keeps its state and since when it is held; only who and why change.
+        """
         now = time.time()
         with self.db:
             self.db.executemany(
-                "INSERT INTO holds (instance, queue_id, arrival, state, held_at, senders, reason) "
-                "VALUES (?, ?, ?, 'holding', ?, ?, ?) "
+                "INSERT INTO holds (instance, queue_id, arrival, state, held_at, senders, reason, envelope_sender) "
+                "VALUES (?, ?, ?, 'holding', ?, ?, ?, ?) "
                 "ON CONFLICT (instance, queue_id, arrival) DO UPDATE SET senders = excluded.senders, "
                 "reason = excluded.reason",
-                [(self.instance, key.queue_id, key.arrival, now, senders, reason) for key, senders, reason in holds])
+                [(self.instance, key.queue_id, key.arrival, now, senders, reason, sender)
+                 for key, senders, reason, sender in holds])
 
     def mark_held(self, keys: Iterable[MessageKey]) -> None:
         self._set_state(keys, "held")
@@ -451,9 +462,9 @@ class State:
     def finish_run(self, run_id: int, summary: RunSummary) -> None:
         with self.db:
             self.db.execute(
-                "UPDATE runs SET finished = ?, listed = ?, sent = ?, held = ?, released = ?, errors = ?, "
+                "UPDATE runs SET finished = ?, listed = ?, sent = ?, held = ?, released = ?, moved = ?, errors = ?, "
                 "outcome = ? WHERE id = ?",
-                (summary.finished, summary.listed, summary.sent, summary.held, summary.released,
+                (summary.finished, summary.listed, summary.sent, summary.held, summary.released, summary.moved,
                  summary.errors, summary.outcome, run_id))
 
     def record_dispatches(self, run_id: int, rows: Sequence[Tuple[int, MessageKey, int, str, str]]) -> None:
@@ -476,10 +487,10 @@ class State:
 
     def last_run(self) -> Optional[RunSummary]:
         row = self.db.execute(
-            "SELECT command, started, listed, sent, held, released, errors, finished, outcome FROM runs "
+            "SELECT command, started, listed, sent, held, released, moved, errors, finished, outcome FROM runs "
             "WHERE instance = ? AND finished IS NOT NULL ORDER BY id DESC LIMIT 1", (self.instance,)).fetchone()
         if row is None:
             return None
-        command, started, listed, sent, held, released, errors, finished, outcome = row
+        command, started, listed, sent, held, released, moved, errors, finished, outcome = row
         return RunSummary(command=command, started=started, listed=listed, sent=sent, held=held,
-                          released=released, errors=errors, finished=finished, outcome=outcome)
+                          released=released, moved=moved or 0, errors=errors, finished=finished, outcome=outcome)

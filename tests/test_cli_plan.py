@@ -184,13 +184,13 @@ def test_table_format_lists_sends_then_skips_with_a_summary(capsys, tmp_path, sc
     rows = lines[1:-1]
     assert [row.split()[0] for row in rows] == ["Q_HIGH", "Q_LOW", "Q_SKIP", "Q_ERR"]
     assert rows[0].split()[:4] == ["Q_HIGH", "send", "95", "default"]
-    assert rows[2].split()[:2] == ["Q_SKIP", "skip"] and rows[2].rstrip().endswith("held for test")
+    assert rows[2].split()[:2] == ["Q_SKIP", "hold"] and rows[2].rstrip().endswith("held for test")
     assert "broken on purpose" in rows[3]
     # aligned: every column starts at the same offset on every line
     for column in ("ACTION", "PRIO", "SENDER"):
         offset = lines[0].index(column)
         assert all(row[offset - 2:offset] == "  " and row[offset] != " " for row in rows)
-    assert lines[-1] == "4 messages: 2 to send (default 2), 2 to skip; policy errors: default 1"
+    assert lines[-1] == "4 messages: 2 to send (default 2), 2 to hold; policy errors: default 1"
 
 
 def test_table_summary_counts_per_sender(capsys, tmp_path):
@@ -201,7 +201,7 @@ def test_table_summary_counts_per_sender(capsys, tmp_path):
                                       "--sender", "0:a", "--sender", "1:b"])
     assert code == 0
     summary = out.splitlines()[-1]
-    assert summary.startswith("4 messages: 3 to send (") and summary.endswith("), 1 to skip; no policy errors")
+    assert summary.startswith("4 messages: 3 to send (") and summary.endswith("), 1 to hold; no policy errors")
     assert summary.split("(")[1].split(")")[0].split(", ") == ["a 1", "b 2"]  # in sender id order
 
 

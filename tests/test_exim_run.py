@@ -78,6 +78,18 @@ def test_release_all_to_default_queue_leaves_nothing_behind(tmp_path, exim, exim
     assert set(default) == {held, waiting, admins}
     assert not default[held]["frozen"] and not default[waiting]["frozen"]
     assert default[admins]["frozen"]  # moved, but the admin's freeze is the admin's
+    assert "release: released=1 moved=3 seconds=" in result.stderr  # what left the named queue is counted
+    assert "released=1 moved=3" in qr("status").stdout
+
+
+def test_a_bad_message_id_names_the_listing_of_qrunners_queue(tmp_path, exim, exim_sink):
+    qr = Qrunner(tmp_path, harness(exim, exim_sink), ALLOW_ALL)
+    result = qr("flush", "not-an-id")
+    assert result.code == 64
+    assert f"check it in qrunner's queue listing ('{exim.binary} -C {exim.config_path} -bp -qG{exim.queue_name}')" \
+        in result.stderr
+    listed = subprocess.run(exim.argv + ["-bp", f"-qG{exim.queue_name}"], capture_output=True, text=True)
+    assert listed.returncode == 0  # the hint is a command that works
 
 
 def test_to_default_queue_is_refused_for_postfix(tmp_path, postfix):

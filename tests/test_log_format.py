@@ -60,7 +60,7 @@ qrunner[PID]: run: listed=0 sent=0 held=0 released=0 errors=0 seconds=SECONDS
 == release --all --to-default-queue
 qrunner[PID]: M0000000B: action=release
 qrunner[PID]: M0000000B: action=move to=default-queue
-qrunner[PID]: release: released=1 seconds=SECONDS
+qrunner[PID]: release: released=1 moved=1 seconds=SECONDS
 """
 
 

@@ -71,7 +71,10 @@ def test_allowed_mail_is_delivered_and_skipped_mail_held_with_reason(tmp_path, m
     assert all(line.startswith(f"qrunner[{line[8:].split(']')[0]}]: ") for line in result.stderr.splitlines())
     status = qr("status")
     [row] = [line for line in status.stdout.splitlines() if line.startswith(hold_id)]
-    assert re.match(rf"{hold_id}\s+{time.strftime('%Y-%m-%d')} \d\d:\d\d:\d\d\s+default\s+subject says hold$", row)
+    assert status.stdout.splitlines()[1].split() == ["QUEUE", "ID", "HELD", "SINCE", "ENVELOPE", "FROM", "DECIDED",
+                                                     "BY", "REASON"]
+    assert re.match(rf"{hold_id}\s+{time.strftime('%Y-%m-%d')} \d\d:\d\d:\d\d\s+alice@qrunner-test.localdomain\s+"
+                    r"default\s+subject says hold$", row)
     assert re.search(rf"last run: {time.strftime('%Y-%m-%d')} \d\d:\d\d:\d\d \(run, ok\): listed=2 sent=1 held=1",
                      status.stdout)
 
@@ -120,11 +123,13 @@ def test_admin_hold_is_never_released_or_sent(tmp_path, mta):
     assert qr("run").code == 0
     assert qr("flush", "--all").code == 0
     released = qr("release", admins)
-    assert released.code == 0 and "not held by qrunner" in released.stderr
+    assert released.code == 1 and f"{admins}: not held by qrunner; left alone" in released.stderr
+    assert "(release, exit 1: 1 named but left alone)" in qr("status").stdout
     assert qr("release", "--all").code == 0
     flushed = qr("flush", admins, "--ignore-policy")
     assert "by someone else" in flushed.stderr
     assert flushed.code == 1  # a named message qrunner may not act on
+    assert "(flush, exit 1: 1 named but left alone)" in qr("status").stdout  # the real outcome, not "ok"
 
     assert mta.where(admins) == HELD
     time.sleep(0.5)
@@ -178,8 +183,11 @@ def test_flush_follows_policy_unless_ignored(tmp_path, mta):
 
     polite = qr("flush", first)
     assert polite.code == 0, polite.stderr
+    assert f'{first}: action=hold sender=default priority=50 reason="not now"' in polite.stderr
     assert mta.where(first) == HELD
     assert mta.where(second) == WAITING
+    again = qr("flush", first)  # a named message the policy still holds: said, with the reason
+    assert again.code == 0 and f'{first}: action=keep sender=default reason="not now"' in again.stderr
 
     forced = qr("flush", first, "--ignore-policy")
     assert forced.code == 0, forced.stderr

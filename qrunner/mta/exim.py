@@ -57,7 +57,6 @@ class EximBackend(Backend):
     transport of each routed message, and contrib/exim's router reads it.
     """
 
-    id_hint = "an Exim message id; check it in the queue listing ('exim -bp')"
 
     def __init__(self, settings: EximSettings, state_dir: str = ""):
         self.settings = settings
@@ -72,6 +71,8 @@ class EximBackend(Backend):
         self.queue = settings.queue
         self.has_named_queue = bool(self.queue)
         self.queue_args = [f"-qG{self.queue}"] if self.queue else []
+        listing = " ".join([self.binary] + self.config_args + ["-bp"] + self.queue_args)
+        self.id_hint = f"an Exim message id; check it in qrunner's queue listing ('{listing}')"
         self.spool_directory = settings.spool_directory or self._option("spool_directory")
         self.split = self._option("split_spool_directory", boolean=True) == "yes"
         self.instance = f"exim:{os.path.realpath(self.spool_directory)}:{self.queue}"
