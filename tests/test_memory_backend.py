@@ -140,16 +140,13 @@ def test_an_original_the_mta_would_not_remove_after_its_copy_is_removed_by_the_n
 def test_a_copy_is_known_by_its_route_even_when_qrunners_records_are_gone(tmp_path, mta):
     qr = Qrunner(tmp_path, mta, ALLOW_ALL)
     qr.config_path.write_text(qr.config_path.read_text() + TWO_SENDERS)
-    mta.sink.data_delay = 3600  # the isp relay is slow: the copy stays queued
-    mta.set(delivery_seconds=3600)
+    mta.set(routes_down=["isp"])  # the copy comes back deferred, and waits on its route
     original = mta.queue_message("for isp")
     first = qr("run")
     copy = first.stderr.split("new_queue_id=")[1].split()[0]
+    assert mta.where(copy) == WAITING
     for name in os.listdir(qr.state_dir):
         os.remove(os.path.join(qr.state_dir, name))  # the records are lost
-    with mta.queue.change() as queue:  # the copy is waiting again, as after a deferral on its route
-        [entry] = [m for m in queue["messages"] if m["id"] == copy]
-        entry["state"] = "waiting"
 
     again = qr("run")
     flushed = qr("flush", copy)
@@ -264,3 +261,16 @@ def test_a_memory_queue_that_is_not_there_or_not_configured(tmp_path):
     qr.config_path.write_text(qr.config_path.read_text().replace("[memory]\n", "[memory]\n#"))
     result = qr("plan")
     assert result.code == 78 and "needs [memory] directory" in result.stderr
+
+
+def test_without_the_gate_the_mta_delivers_by_itself_and_holds_still_work(tmp_path, mta):
+    """The model of an ungated MTA: what the policy holds stays, the rest leaves on the MTA's own schedule."""
+    qr = Qrunner(tmp_path, mta, 'function CheckFile(f, a, s, c, rp, r, h)\n'
+                                '  if h.subject == "hold" then a.SkipSend = 1; a.Reason = "r" end return a end\n')
+    held = mta.queue_message("hold")
+    assert qr("run").code == 0
+    mta.set(gated=False)
+    other = mta.queue_message("leaves by itself")
+
+    assert [m.queue_id for m in mta.sink.wait_for(1)] == [other]  # no qrunner run in between
+    assert mta.where(held) == HELD

@@ -57,6 +57,7 @@ DEFAULTS: Dict[str, Any] = {
     "fail": {},                # operation -> why: that command fails after the first message of its batch
     "vanish": {},              # message id -> operation: the message is delivered elsewhere just before it
     "stop_at": {},             # message id -> why: the MTA stops answering when asked to deliver it
+    "routes_down": [],         # senders whose relay is down: their copies come back deferred, on their route
 }
 
 
@@ -98,12 +99,22 @@ class MemoryQueue:
 
     @staticmethod
     def _finish_deliveries(queue: Dict[str, Any]) -> None:
-        """Deliveries whose time is up end now: delivered, or deferred with a retry time if the relay is down."""
+        """Deliveries whose time is up end now: delivered, or deferred with a retry time if their relay is down.
+
+        The MTA's own queue manager retries, by itself, every waiting copy on
+        its route (a sender's route is never gated) and, in an ungated queue,
+        every waiting message, once its retry time has come.
+        """
         now = time.time()
+        for entry in queue["messages"]:
+            retry_due = (entry.get("retry_at") or 0) <= now and entry["id"] not in queue["default_queue"]
+            if entry["state"] == QueueState.WAITING and retry_due and (entry.get("route") or not queue["gated"]):
+                entry.update(state=QueueState.ACTIVE, active_until=now)
         finished = [m for m in queue["messages"] if m["state"] == QueueState.ACTIVE
                     and m.get("active_until", now + 1) <= now]
         for entry in sorted(finished, key=lambda m: m["active_until"]):
-            if queue["relay"] == "down" and not entry.get("route"):
+            route = entry.get("route") or "default"
+            if (queue["relay"] == "down" and route == "default") or route in queue["routes_down"]:
                 entry.update(state=QueueState.WAITING, retry_at=now + RETRY_SECONDS, delay_reason="relay down")
                 continue
             queue["messages"].remove(entry)
