@@ -47,10 +47,10 @@ install:
 	ln -sf $(PREFIX)/bin/qrunner /usr/local/bin/qrunner
 	install -d -m 755 /etc/qrunner
 	[ -e /etc/qrunner/relayout.lua ] || install -m 644 relayout.lua /etc/qrunner/relayout.lua
-	[ -e /etc/qrunner/qrunner.toml ] || install -m 644 contrib/postfix/qrunner.toml /etc/qrunner/qrunner.toml
+	[ -e /etc/qrunner/qrunner.toml ] || install -m 644 contrib/qrunner.toml /etc/qrunner/qrunner.toml
 	install -d -m 755 /usr/local/share/doc/qrunner
 	install -m 644 README.md /usr/local/share/doc/qrunner/README.md
-	if [ -d /etc/systemd/system ]; then install -m 644 contrib/postfix/qrunner.service contrib/postfix/qrunner.timer /etc/systemd/system/; fi
+	if [ -d /etc/systemd/system ]; then install -m 644 contrib/systemd/qrunner.service contrib/systemd/qrunner.timer /etc/systemd/system/; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info
