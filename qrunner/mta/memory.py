@@ -190,6 +190,7 @@ class MemoryBackend(Backend):
     """qrunner's side of the memory queue: the same interface as Postfix's and Exim's back ends."""
 
     id_hint = "a memory queue id like M00000001"
+    ungate_hint = 'set "gated" to false in the memory queue (MemoryQueue.set(gated=False))'
 
     def __init__(self, directory: str):
         self.queue = MemoryQueue(directory)
