@@ -9,9 +9,9 @@ over the memory back end, the private Postfix and the private Exim, and
 reads the outcome from the MTA's own tools (``postqueue -j``, ``exim -bp``,
 the memory queue's file), never from qrunner's records.
 
-What ``make install`` ships for both MTAs is checked here too: one set of
-systemd units, one cron example, one example config that shows every
-setting with its default.
+The install round trip goes into a scratch tree under the test's own
+directory, points the installed qrunner at the private Postfix, and refuses
+to run on a host where qrunner is installed for real.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import fields
 
 import pytest
@@ -36,6 +38,10 @@ from qrunner.mta.exim import EximBackend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRIB = os.path.join(ROOT, "contrib")
+
+# Where a real `make install` puts qrunner: the round trip will not run beside it.
+REAL_INSTALL = ("/usr/local/bin/qrunner", "/opt/qrunner", "/etc/qrunner", "/etc/systemd/system/qrunner.service",
+                "/etc/systemd/system/qrunner.timer", "/usr/local/share/doc/qrunner", "/etc/cron.d/qrunner")
 
 # What `release --for-removal` must name for each MTA when it refuses: how the admin takes the gate out.
 UNGATE_WORDS = {"memory": ['"gated" to false'],
@@ -247,3 +253,134 @@ def test_the_example_config_is_mta_neutral_and_shows_every_setting_with_its_defa
     everything = tmp_path / "uncommented.toml"
     everything.write_text(uncommented(text))  # the senders uncommented too: still a valid configuration
     assert [s.name for s in load_config(str(everything)).senders] == ["isp", "backup"]
+
+
+# -- make install / make uninstall ------------------------------------------------------
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+echo "$@" >> "$(dirname "$0")/systemctl.calls"
+"""
+
+
+def scratch_tree(tmp_path):
+    """Where the round trip installs, laid out as a host is; the directories a host has already exist."""
+    root = tmp_path / "root"
+    paths = {"PREFIX": root / "opt/qrunner", "BINDIR": root / "usr/local/bin", "CONFDIR": root / "etc/qrunner",
+             "SYSTEMD_DIR": root / "etc/systemd/system", "DOCDIR": root / "usr/local/share/doc/qrunner",
+             "CRON_DIR": root / "etc/cron.d"}
+    for existing in ("BINDIR", "SYSTEMD_DIR", "CRON_DIR"):
+        paths[existing].mkdir(parents=True)
+    for existing in ("opt", "usr/local/share/doc", "var/lib"):
+        (root / existing).mkdir(parents=True)
+    systemctl = tmp_path / "bin" / "systemctl"
+    systemctl.parent.mkdir()
+    systemctl.write_text(FAKE_SYSTEMCTL)
+    systemctl.chmod(0o755)
+    paths["SYSTEMCTL"] = systemctl
+    return root, paths
+
+
+def make(target: str, paths, cwd, *extra: str) -> subprocess.CompletedProcess:
+    """``make -C <repository> TARGET`` from another directory, as an admin might run it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QRUNNER_") and k not in ("MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(["make", "--no-print-directory", "-C", ROOT, target]
+                          + [f"{name}={value}" for name, value in paths.items()] + list(extra),
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def everything_under(root) -> set:
+    found = set()
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            found.add(os.path.relpath(os.path.join(directory, name), root))
+    return found
+
+
+def refuse_beside_a_real_install() -> None:
+    real = [path for path in REAL_INSTALL if os.path.lexists(path)]
+    if real:
+        pytest.fail("qrunner is installed for real on this host (%s): the install round trip will not run "
+                    "beside it" % ", ".join(real), pytrace=False)
+
+
+def test_make_install_then_uninstall_leaves_only_what_it_says_it_left(tmp_path, postfix, smtp_sink):
+    refuse_beside_a_real_install()
+    root, paths = scratch_tree(tmp_path)
+    before = everything_under(root)
+    docdir, confdir, bindir = paths["DOCDIR"], paths["CONFDIR"], paths["BINDIR"]
+
+    installed = make("install", paths, tmp_path)
+
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    command = str(bindir / "qrunner")
+    assert os.readlink(command) == str(paths["PREFIX"] / "bin" / "qrunner")
+    with open(confdir / "qrunner.toml") as f, open(os.path.join(CONTRIB, "qrunner.toml")) as shipped:
+        assert f.read() == shipped.read()  # the MTA-neutral example, mta = "auto"
+    assert (confdir / "relayout.lua").exists()
+    service = unit(str(paths["SYSTEMD_DIR"] / "qrunner.service"))
+    assert service["Service"]["ExecStart"] == f"{command} run"
+    assert service["Unit"]["Documentation"] == f"file:{docdir}/README.md"
+    assert service["Service"]["SyslogIdentifier"] == "qrunner"
+    assert not (paths["SYSTEMD_DIR"] / "timers.target.wants").exists()  # installed disabled
+    assert not (tmp_path / "bin" / "systemctl.calls").exists()  # nothing enabled or started
+    assert os.listdir(paths["CRON_DIR"]) == []  # the cron example is a document, not a running job
+    with open(docdir / "contrib" / "cron" / "qrunner") as f:
+        assert f"root {command} -q run" in f.read()
+    shipped = {os.path.relpath(os.path.join(d, n), ROOT) for d, _, names in os.walk(CONTRIB) for n in names}
+    assert shipped | {"README.md"} == {p for p in everything_under(docdir) if os.path.isfile(docdir / p)}
+    if shutil.which("systemd-analyze"):
+        verify = subprocess.run(["systemd-analyze", "verify", str(paths["SYSTEMD_DIR"] / "qrunner.service"),
+                                 str(paths["SYSTEMD_DIR"] / "qrunner.timer")], capture_output=True, text=True)
+        assert verify.returncode == 0 and verify.stderr == "", verify.stderr
+
+    # The admin's edits: this host's Postfix (the private one; mta stays "auto"), a policy that holds everything.
+    state_dir = root / "var/lib/qrunner"
+    (confdir / "qrunner.toml").write_text(textwrap.dedent(f"""\
+        mta = "auto"
+        state_dir = "{state_dir}"
+        script = "{confdir / 'relayout.lua'}"
+        [postfix]
+        config_directory = "{postfix.config_directory}"
+        """))
+    (confdir / "relayout.lua").write_text(SKIP_ALL)
+    mta = PostfixHarness(postfix, smtp_sink)
+    ours = [mta.queue_message("held 1"), mta.queue_message("held 2")]
+    config = ["--config", str(confdir / "qrunner.toml")]
+    plan = subprocess.run([command] + config + ["plan"], capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0 and "2 messages: 0 to send" in plan.stdout, plan.stderr
+    run = subprocess.run([command] + config + ["run"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert [mta.where(i) for i in ours] == [HELD, HELD]  # postqueue -j
+    installed_tree = everything_under(root)
+
+    (paths["CRON_DIR"] / "qrunner").write_text(f"*/5 * * * * root {command} -q run\n")
+    cron = make("uninstall", paths, tmp_path)
+    assert cron.returncode != 0 and "still starts qrunner from cron" in cron.stderr
+    (paths["CRON_DIR"] / "qrunner").unlink()
+
+    gated = make("uninstall", paths, tmp_path)
+
+    assert gated.returncode != 0
+    assert "the MTA is still gated for qrunner (defer_transports = smtp)" in gated.stderr
+    assert "-X defer_transports" in gated.stderr and "nothing was released" in gated.stderr
+    assert [mta.where(i) for i in ours] == [HELD, HELD]
+    assert everything_under(root) == installed_tree  # nothing removed either
+    assert not (tmp_path / "bin" / "systemctl.calls").exists()
+
+    postfix.set(defer_transports="")  # the gate out: postconf -e, postfix reload
+    removed = make("uninstall", paths, tmp_path)
+
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert [mta.where(i) for i in ours] == [WAITING, WAITING]  # postqueue -j: released, none held
+    calls = (tmp_path / "bin" / "systemctl.calls").read_text().splitlines()
+    assert calls[0] in ("disable qrunner.timer", "disable --now qrunner.timer")
+    left = everything_under(root) - before
+    kept = {"etc/qrunner", "etc/qrunner/qrunner.toml", "etc/qrunner/relayout.lua", "var/lib/qrunner"}
+    assert {p for p in left if not p.startswith("var/lib/qrunner/")} == kept
+    assert f"{confdir}: your configuration and policy, as you edited them" in removed.stdout
+    assert f"its records stay in {state_dir}" in removed.stdout
+    assert not os.path.lexists(command) and not paths["PREFIX"].exists() and not docdir.exists()
+
+    again = make("uninstall", paths, tmp_path)
+    assert again.returncode == 0 and "qrunner is not installed here" in again.stdout
+    assert everything_under(root) - before == left
