@@ -28,7 +28,7 @@ from dataclasses import fields
 import pytest
 
 from memory_harness import MemoryHarness
-from mta_harness import HELD, WAITING, EximHarness, PostfixHarness
+from mta_harness import HELD, WAITING, PostfixHarness, harness_for
 from qrunner_e2e import SKIP_ALL, Qrunner
 from test_senders import contrib_routers
 
@@ -53,15 +53,12 @@ UNGATE_WORDS = {"memory": ['"gated" to false'],
 @pytest.fixture(params=["memory", "postfix", "exim"])
 def mta(request, tmp_path):
     """The memory back end (any machine), the private Postfix and the private Exim, each gated for qrunner."""
-    if request.param == "memory":
-        return MemoryHarness(str(tmp_path / "memory-queue"))
-    if request.param == "postfix":
-        return PostfixHarness(request.getfixturevalue("postfix"), request.getfixturevalue("smtp_sink"))
-    exim = request.getfixturevalue("exim")
-    # contrib's whole gate: the ACLs the instance has, and the routers (the fixture restores the config).
-    exim.extra_routers = contrib_routers(str(tmp_path / "state" / "exim-routes"))
-    exim.write_config()
-    return EximHarness(exim, request.getfixturevalue("exim_sink"))
+    harness = harness_for(request, tmp_path)
+    if harness.name == "exim":
+        # contrib's whole gate: the ACLs the instance has, and the routers (the fixture restores the config).
+        harness.instance.extra_routers = contrib_routers(str(tmp_path / "state" / "exim-routes"))
+        harness.instance.write_config()
+    return harness
 
 
 def remove_gate(mta) -> None:
