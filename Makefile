@@ -4,7 +4,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Where `make install` puts qrunner and `make uninstall` takes it away from. Override them to install into a
+# scratch tree (the tests do) or to package. Only where files go changes: qrunner itself reads
+# /etc/qrunner/qrunner.toml unless --config or QRUNNER_CONFIG names another file.
+# PREFIX: qrunner's own venv. BINDIR: the qrunner command (a link into the venv). CONFDIR: qrunner.toml and
+# relayout.lua, installed once and never overwritten. SYSTEMD_DIR: qrunner.service and qrunner.timer,
+# installed disabled. DOCDIR: README.md and contrib/ (the gate files, the example config, the cron example).
+# CRON_DIR: only looked at, by uninstall, for a cron line that still starts qrunner. SYSTEMCTL: how
+# uninstall stops and disables the timer (the tests give a stand-in).
 PREFIX ?= /opt/qrunner
+BINDIR ?= /usr/local/bin
+CONFDIR ?= /etc/qrunner
+SYSTEMD_DIR ?= /etc/systemd/system
+DOCDIR ?= /usr/local/share/doc/qrunner
+CRON_DIR ?= /etc/cron.d
+SYSTEMCTL ?= systemctl
 # As root the test setup installs Postfix, so skipping an MTA test is an error.
 REQUIRE_MTA := $(shell [ "$$(id -u)" = 0 ] && echo 1)
 
@@ -12,7 +26,7 @@ REQUIRE_MTA := $(shell [ "$$(id -u)" = 0 ] && echo 1)
 COVERED := runner plan executor
 COVER_UNDER := 90
 
-.PHONY: demo test coverage install-test-deps install clean
+.PHONY: demo test coverage install-test-deps install uninstall clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,17 +54,75 @@ install-test-deps:
 	bash tests/setup/install-postfix.sh
 	bash tests/setup/install-exim.sh
 
-## install: qrunner in its own venv under $(PREFIX), /usr/local/bin/qrunner, /etc/qrunner, systemd units
+# What install puts under DOCDIR, each file at its path in this repository: the README and all of contrib/.
+DOC_FILES := README.md $(shell find contrib -type f ! -name '*~' | LC_ALL=C sort)
+UNITS := qrunner.service qrunner.timer
+# Installed copies name the installed command and documentation (the same paths unless BINDIR/DOCDIR differ).
+PLACE = sed -e 's|/usr/local/bin/qrunner|$(BINDIR)/qrunner|g' -e 's|/usr/local/share/doc/qrunner|$(DOCDIR)|g'
+# The removal rule lives in qrunner itself (README "Undo it all"), so a package follows the same one.
+RELEASE_FOR_REMOVAL = $(PREFIX)/bin/qrunner $(if $(wildcard $(CONFDIR)/qrunner.toml),--config $(CONFDIR)/qrunner.toml) \
+	release --for-removal $(if $(filter yes,$(GATE_REMOVED)),--gate-removed)
+
+## install: qrunner in its own venv under $(PREFIX), $(BINDIR)/qrunner, $(CONFDIR) (an MTA-neutral example
+## config, relayout.lua), the systemd units (disabled), README and contrib/ under $(DOCDIR). Run it here, at the
+## top of the repository (or make -C DIR install).
 install:
+	@if [ -n "$$(ls -A $(PREFIX) 2>/dev/null)" ] && [ ! -e $(PREFIX)/pyvenv.cfg ]; then \
+	    echo "make install: $(PREFIX) holds files and is not a venv; choose another PREFIX." >&2; exit 1; fi
+	rm -rf build
 	$(PYTHON) -m venv $(PREFIX)
 	$(PREFIX)/bin/pip install --quiet .
-	ln -sf $(PREFIX)/bin/qrunner /usr/local/bin/qrunner
-	install -d -m 755 /etc/qrunner
-	[ -e /etc/qrunner/relayout.lua ] || install -m 644 relayout.lua /etc/qrunner/relayout.lua
-	[ -e /etc/qrunner/qrunner.toml ] || install -m 644 contrib/postfix/qrunner.toml /etc/qrunner/qrunner.toml
-	install -d -m 755 /usr/local/share/doc/qrunner
-	install -m 644 README.md /usr/local/share/doc/qrunner/README.md
-	if [ -d /etc/systemd/system ]; then install -m 644 contrib/postfix/qrunner.service contrib/postfix/qrunner.timer /etc/systemd/system/; fi
+	install -d -m 755 $(BINDIR) $(CONFDIR)
+	ln -sfn $(PREFIX)/bin/qrunner $(BINDIR)/qrunner
+	[ -e $(CONFDIR)/relayout.lua ] || install -m 644 relayout.lua $(CONFDIR)/relayout.lua
+	[ -e $(CONFDIR)/qrunner.toml ] || install -m 644 contrib/qrunner.toml $(CONFDIR)/qrunner.toml
+	@for file in $(DOC_FILES); do install -d -m 755 $(DOCDIR)/$$(dirname $$file) && \
+	    $(PLACE) $$file > $(DOCDIR)/$$file.new && chmod 644 $(DOCDIR)/$$file.new && \
+	    mv $(DOCDIR)/$$file.new $(DOCDIR)/$$file || exit 1; done; \
+	echo "make install: README.md and contrib/ (the gate files, the cron example) are in $(DOCDIR)"
+	@if [ -d $(SYSTEMD_DIR) ]; then for unit in $(UNITS); do \
+	    $(PLACE) contrib/systemd/$$unit > $(SYSTEMD_DIR)/$$unit.new && chmod 644 $(SYSTEMD_DIR)/$$unit.new && \
+	    mv $(SYSTEMD_DIR)/$$unit.new $(SYSTEMD_DIR)/$$unit || exit 1; done; \
+	    echo "make install: $(UNITS) are in $(SYSTEMD_DIR), disabled: put the gate in place, check it with" \
+	         "'qrunner run --dry-run', then: systemctl daemon-reload && systemctl enable --now qrunner.timer"; \
+	else echo "make install: no $(SYSTEMD_DIR), so no systemd units; the cron example is" \
+	          "$(DOCDIR)/contrib/cron/qrunner"; fi
+
+## uninstall: the way out, once the gate is removed (README "Undo it all"): release every qrunner hold
+## (refused while the MTA is still gated for qrunner; GATE_REMOVED=yes when qrunner cannot tell and you
+## checked), stop the timer, remove the command, the venv, the units and the examples. $(CONFDIR) and
+## qrunner's state directory stay.
+uninstall:
+ifeq ($(wildcard $(PREFIX)/bin/qrunner $(BINDIR)/qrunner $(addprefix $(SYSTEMD_DIR)/,$(UNITS)) $(DOCDIR)),)
+	@echo "make uninstall: qrunner is not installed here; $(CONFDIR) and its state directory, if there," \
+	      "are yours to keep or delete."
+else
+	@if [ ! -e $(PREFIX)/bin/qrunner ]; then \
+	    echo "make uninstall: there is no $(PREFIX)/bin/qrunner, so qrunner's holds cannot be released;" \
+	         "run make install first (it keeps $(CONFDIR) as it is), then make uninstall." >&2; exit 1; fi
+	@cron=$$(grep -ls '$(BINDIR)/qrunner' $(CRON_DIR)/* 2>/dev/null); if [ -n "$$cron" ]; then \
+	    echo "make uninstall: $$cron still starts qrunner from cron; remove it (or its qrunner line) first." \
+	         "Nothing was changed." >&2; exit 1; fi
+	$(RELEASE_FOR_REMOVAL)
+	@if [ -e $(SYSTEMD_DIR)/qrunner.timer ] && command -v $(SYSTEMCTL) >/dev/null; then \
+	    if [ -d /run/systemd/system ]; then echo "$(SYSTEMCTL) disable --now qrunner.timer"; \
+	        $(SYSTEMCTL) disable --now qrunner.timer || exit 1; \
+	    else echo "$(SYSTEMCTL) disable qrunner.timer"; $(SYSTEMCTL) disable qrunner.timer || exit 1; fi; fi
+	@echo "make uninstall: releasing again whatever a run started meanwhile may have held"
+	$(RELEASE_FOR_REMOVAL)
+	rm -f $(addprefix $(SYSTEMD_DIR)/,$(UNITS))
+	@if [ -d /run/systemd/system ] && command -v $(SYSTEMCTL) >/dev/null; then $(SYSTEMCTL) daemon-reload; fi
+	@if [ "$$(readlink $(BINDIR)/qrunner)" = $(PREFIX)/bin/qrunner ]; then echo "rm -f $(BINDIR)/qrunner"; \
+	    rm -f $(BINDIR)/qrunner; fi
+	@if [ -e $(PREFIX)/pyvenv.cfg ]; then echo "rm -rf $(PREFIX)"; rm -rf $(PREFIX); fi
+	@echo "rm -f $(DOCDIR)/{README.md,contrib/...}"; rm -f $(addprefix $(DOCDIR)/,$(DOC_FILES))
+	@if [ -d $(DOCDIR) ]; then find $(DOCDIR) -depth -type d -empty -delete; fi
+	@echo "make uninstall: qrunner is removed. Left in place, yours to keep or delete:"
+	@echo "  $(CONFDIR): your configuration and policy, as you edited them"
+	@echo "  qrunner's state directory, named in the 'ready for removal' line above: its records of holds and runs"
+	@if [ -d $(DOCDIR) ]; then echo "  $(DOCDIR): files this version did not install:"; \
+	    find $(DOCDIR) -type f | sed 's/^/    /'; fi
+endif
 
 clean:
-	rm -rf $(VENV) .pytest_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache *.egg-info build

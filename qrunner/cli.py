@@ -38,7 +38,9 @@ exit codes:
   75  another qrunner run holds the lock; try again later
   77  not run with the rights the MTA's commands need
   78  configuration error, or a policy script that does not load
-      (nothing was decided, nothing printed on stdout, nothing changed)
+      (nothing was decided, nothing printed on stdout, nothing changed);
+      release --for-removal: the MTA is still gated for qrunner, or qrunner
+      cannot tell and --gate-removed was not given (nothing released)
 """
 
 
@@ -148,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Exim: also move them to Exim's default queue, where its own queue runners deliver "
                               "them; with --all, every message in qrunner's named queue, held or not (the way out "
                               "when uninstalling)")
+    release.add_argument("--for-removal", action="store_true",
+                         help="the last step before qrunner is removed (make uninstall): refused (exit 78, nothing "
+                              "released) while the MTA is still gated for qrunner; otherwise every hold is released "
+                              "and, where the MTA has a named queue (Exim), every message in it moved to the "
+                              "default queue")
+    release.add_argument("--gate-removed", action="store_true",
+                         help="with --for-removal, when qrunner cannot tell whether the MTA is still gated: you "
+                              "checked that the gate is gone")
     release.set_defaults(func=cmd_release)
 
     status = commands.add_parser(
@@ -263,12 +273,29 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
+    if args.for_removal:
+        return _release_for_removal(args)
+    if args.gate_removed:
+        raise UsageError("--gate-removed goes with --for-removal.")
     with _runner(args, load_config(args.config)) as runner:
         ids = _queue_ids(args, runner.backend)
         if args.to_default_queue and not runner.backend.has_named_queue:
             raise UsageError("--to-default-queue is for Exim's named queue; this MTA has no such queue.")
         summary = runner.release(ids, to_default_queue=args.to_default_queue)
     return EX_OK if summary.outcome == "ok" else EX_POLICY_ERRORS
+
+
+def _release_for_removal(args: argparse.Namespace) -> int:
+    """``release --for-removal``: every hold, by the removal rule (Runner.release_for_removal); then say what stays."""
+    if args.queue_ids:
+        raise UsageError("--for-removal releases every hold; name no queue ids.")
+    with _runner(args, load_config(args.config)) as runner:
+        summary = runner.release_for_removal(gate_removed=args.gate_removed)
+        instance, state_dir = runner.backend.instance, runner.config.state_dir
+    if summary.failed:
+        return EX_POLICY_ERRORS
+    print(f"ready for removal: qrunner holds nothing in {instance} any more; its records stay in {state_dir}")
+    return EX_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 from qrunner.config import Config, Sender, fallback_sender
 from qrunner.decision import Decision, MessageKey
+from qrunner.exceptions import ConfigError
 from qrunner.executor import Executor
 from qrunner.message import Message
 from qrunner.mta.base import Backend
@@ -277,6 +278,28 @@ class Runner:
                 return summary
             finally:
                 state.close()
+
+    def release_for_removal(self, gate_removed: bool = False) -> RunSummary:
+        """The one rule before qrunner is removed (``make uninstall``, a package's prerm): nothing left behind.
+
+        Refused (78) while the MTA is still gated for qrunner: with nobody
+        left to send it, released mail would wait behind the gate, and new
+        mail pile up there, for good. When qrunner cannot tell, it refuses
+        too, unless the admin checked and says the gate is gone
+        (``gate_removed``). Then every qrunner hold is released and, where
+        the MTA has a named queue (Exim), every message in it goes to the
+        default queue, as ``release --all --to-default-queue`` does.
+        """
+        gate = self.backend.gate()
+        hint = self.backend.ungate_hint
+        if gate.gated:
+            raise ConfigError(f"the MTA is still gated for qrunner ({gate.why}): {hint}, then run this again; "
+                              "nothing was released.")
+        if gate.gated is None and not gate_removed:
+            raise ConfigError(f"qrunner cannot tell whether the MTA is still gated for it ({gate.why}): make sure "
+                              f"the gate is gone ({hint}), then run this again with --gate-removed; nothing was "
+                              "released.")
+        return self.release(None, to_default_queue=self.backend.has_named_queue)
 
     def _check_emptied(self, summary: RunSummary) -> None:
         """The way out must leave nothing in qrunner's queue: say what is still there."""

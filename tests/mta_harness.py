@@ -72,6 +72,20 @@ class Harness:
         self.wait_where(queue_id, None)
 
 
+def harness_for(request, tmp_path) -> Harness:
+    """The harness of a test parametrized over "memory", "postfix" and "exim" (``request.param``).
+
+    The memory back end runs on any machine; the real MTAs are the private
+    instances of the fixtures ``postfix`` and ``exim``, each with its sink.
+    """
+    if request.param == "memory":
+        from memory_harness import MemoryHarness  # it builds on this module
+        return MemoryHarness(str(tmp_path / "memory-queue"))
+    if request.param == "postfix":
+        return PostfixHarness(request.getfixturevalue("postfix"), request.getfixturevalue("smtp_sink"))
+    return EximHarness(request.getfixturevalue("exim"), request.getfixturevalue("exim_sink"))
+
+
 def _first_seen(ids: Iterable[str], observe: Callable[[], List[str]], what: str, timeout: float) -> List[str]:
     """``ids`` in the order ``observe()`` first lists them, once it lists them all."""
     wanted = set(ids)

@@ -18,8 +18,7 @@ import time
 
 import pytest
 
-from memory_harness import MemoryHarness
-from mta_harness import ACTIVE, HELD, WAITING, EximHarness, PostfixHarness
+from mta_harness import ACTIVE, HELD, WAITING, harness_for
 from qrunner_e2e import ALLOW_ALL, SKIP_ALL, Qrunner
 
 BY_SUBJECT = """
@@ -44,11 +43,7 @@ end
 @pytest.fixture(params=["memory", "postfix", "exim"])
 def mta(request, tmp_path):
     """Each test runs against the memory back end (any machine), the private Postfix and the private Exim."""
-    if request.param == "memory":
-        return MemoryHarness(str(tmp_path / "memory-queue"))
-    if request.param == "postfix":
-        return PostfixHarness(request.getfixturevalue("postfix"), request.getfixturevalue("smtp_sink"))
-    return EximHarness(request.getfixturevalue("exim"), request.getfixturevalue("exim_sink"))
+    return harness_for(request, tmp_path)
 
 
 def subjects(sink, count):

@@ -98,6 +98,7 @@ def test_holds_of_the_previous_release_survive_the_upgrade_with_their_reasons(tm
         mta.admin_hold(queue_id)  # the MTA shows them held, as 0.1 left them
     instance = f"memory:{os.path.realpath(mta.directory)}"
     holds = [(queue_id, mta.arrival(queue_id), "default", f"reason {n} from 0.1") for n, queue_id in enumerate(ids)]
+    mta.set(routes_down=["isp"])  # the copy's relay is down: it waits on its route
     copy = mta.queue.submit("alice@qrunner-test.localdomain", ["bob@example.net"], b"Subject: copy\n\nx\n",
                             route="isp")  # a copy 0.1 handed to sender isp, still queued on its route
     release_0_1_state(qr.state_dir, instance, holds, routed=[(copy, "M00000042", 1000, "isp", 1.0, 2.0)])

@@ -101,6 +101,8 @@ class Backend:
     instance = ""
     has_named_queue = False  # True: hand_back moves mail out of qrunner's own queue (Exim)
     id_hint = "a message id"  # how the CLI names a bad id: "a Postfix queue id (see 'postqueue -p')"
+    # How the admin takes the gate out, for the removal rule's refusal (``release --for-removal``).
+    ungate_hint = 'remove the gate (README: "Undo it all")'
 
     # -- facts ---------------------------------------------------------------
 

@@ -56,6 +56,9 @@ class EximBackend(Backend):
     A sender's route is chosen at delivery: the routes file names the
     transport of each routed message, and contrib/exim's router reads it.
     """
+    ungate_hint = ("remove contrib/exim's gate and router (Debian's split configuration: conf.d/main/05_qrunner_gate, "
+                   "conf.d/acl/35_qrunner_gate and conf.d/router/05_qrunner_route, then update-exim4.conf; any "
+                   "other: the exim-gate.conf lines in your configuration), then restart Exim")
 
 
     def __init__(self, settings: EximSettings, state_dir: str = ""):

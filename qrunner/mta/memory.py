@@ -101,14 +101,18 @@ class MemoryQueue:
     def _finish_deliveries(queue: Dict[str, Any]) -> None:
         """Deliveries whose time is up end now: delivered, or deferred with a retry time if their relay is down.
 
-        The MTA's own queue manager retries, by itself, every waiting copy on
-        its route (a sender's route is never gated) and, in an ungated queue,
-        every waiting message, once its retry time has come.
+        The MTA's own queue manager retries, by itself, once its retry time
+        has come: every waiting copy on its route (a sender's route is never
+        gated); with a named queue, what was handed back to the default
+        queue (the MTA's runners never process the named one); without one,
+        in an ungated queue, every waiting message.
         """
         now = time.time()
         for entry in queue["messages"]:
-            retry_due = (entry.get("retry_at") or 0) <= now and entry["id"] not in queue["default_queue"]
-            if entry["state"] == QueueState.WAITING and retry_due and (entry.get("route") or not queue["gated"]):
+            if entry["state"] != QueueState.WAITING or (entry.get("retry_at") or 0) > now:
+                continue
+            in_default = entry["id"] in queue["default_queue"]
+            if entry.get("route") or (in_default if queue["named_queue"] else not queue["gated"]):
                 entry.update(state=QueueState.ACTIVE, active_until=now)
         finished = [m for m in queue["messages"] if m["state"] == QueueState.ACTIVE
                     and m.get("active_until", now + 1) <= now]
@@ -201,6 +205,7 @@ class MemoryBackend(Backend):
     """qrunner's side of the memory queue: the same interface as Postfix's and Exim's back ends."""
 
     id_hint = "a memory queue id like M00000001"
+    ungate_hint = 'set "gated" to false in the memory queue (MemoryQueue.set(gated=False))'
 
     def __init__(self, directory: str):
         self.queue = MemoryQueue(directory)

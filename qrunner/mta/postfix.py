@@ -171,6 +171,13 @@ class PostfixBackend(Backend):
                                "contrib/postfix/main.cf.qrunner")
         return Gate(True, f"defer_transports = {self.defer_transports}")
 
+    @property
+    def ungate_hint(self) -> str:
+        """The two commands that end gate mode, for this instance (``-c``): Postfix reads main.cf only when told."""
+        instance = "".join(f" {arg}" for arg in self.config_args)
+        return (f"remove defer_transports (postconf{instance} -X defer_transports), then run "
+                f"postfix{instance} reload")
+
     def unfit(self, message: Message, ours: bool) -> Optional[str]:
         """Deferred mail, and qrunner's own holds; never active, incoming or an admin's hold."""
         if message.state == QueueState.WAITING or (message.held and ours):
