@@ -112,8 +112,12 @@ class Backend:
         """Raise when the MTA cannot be asked now: not running, a sender without a working route,
         and, when ``acting``, not the rights to change its queue."""
 
-    def gate(self) -> Gate:
-        """Is the MTA gated, so that qrunner alone starts the delivery of the mail it decides?"""
+    def gate(self, senders: Sequence[Sender] = ()) -> Gate:
+        """Is the MTA gated, so that qrunner alone starts the delivery of the mail it decides?
+
+        ``senders``: the run's senders, for an MTA whose gate includes the
+        routing of senders with a route (Exim's router).
+        """
         return Gate(None, "this back end cannot tell")
 
     def unfit(self, message: Message, ours: bool) -> Optional[str]:
