@@ -21,6 +21,7 @@ from qrunner.decision import Decision
 from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, QrunnerError, UsageError
 from qrunner.log import setup_logging
 from qrunner.mta import backend_for
+from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend
 from qrunner.plan import report_order
 from qrunner.policy import PolicySettings
@@ -152,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser(
         "status", help="qrunner's holds and the last run",
-        description="List qrunner's holds (queue id, since when, senders, reason) and the last run's summary.",
+        description="List qrunner's holds (queue id, since when, senders, reason), the senders, whether the MTA "
+                    "is gated for qrunner (gated: yes, no or unknown, with why) and the last run's summary.",
         epilog=EXIT_CODES, formatter_class=RAW)
     status.set_defaults(func=cmd_status)
     for command in (plan, check, run, flush, release, status):
@@ -286,6 +288,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             rows.append((hold.queue_id, since, hold.senders, hold.reason + note))
         print(_columns(rows))
     print(senders_line(status.routes))
+    print(gate_line(status.gate))
     run = status.last_run
     if run is None:
         print("last run: none recorded")
@@ -377,6 +380,13 @@ def print_plan(result: RunResult, fmt: str) -> None:
 def senders_line(routes: Dict[Sender, str]) -> str:
     """The senders in the order they run, each with how its mail leaves."""
     return "senders: " + "; ".join(f"{s.id}:{s.name} ({route})" for s, route in routes.items())
+
+
+def gate_line(gate: Gate) -> str:
+    """``gated: yes``, or no / unknown with why: the admin's first question when mail leaves unplanned."""
+    if gate.gated:
+        return "gated: yes"
+    return f"gated: {'no' if gate.gated is False else 'unknown'} ({gate.why})"
 
 
 def _note(decision: Decision) -> str:
