@@ -3,7 +3,8 @@
 The configuration is built as an admin builds it (update-exim4.conf from
 conf.d with contrib's files in place), in a private directory: see
 tests/exim_debian.py. What the tests expect comes from Exim itself
-(``exim -bP``, ``exim -bp -qGqrunner``, its mainlog) and the SMTP sink.
+(``exim -bP``, ``exim -bp -qGqrunner``, its mainlog) and the SMTP sink. The
+last two hold contrib/exim/README.md to the files it ships.
 """
 
 from __future__ import annotations
@@ -78,3 +79,28 @@ def test_debian_split_configuration_without_contribs_main_file_is_said(tmp_path,
         assert "contrib/exim/conf.d/" in line
     finally:
         exim.cleanup()
+
+
+CONTRIB_EXIM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "contrib", "exim")
+
+
+def test_contribs_readme_lists_every_file_an_admin_installs():
+    """The file table and the install lines must not drift from contrib/exim's files."""
+    with open(os.path.join(CONTRIB_EXIM, "README.md")) as f:
+        readme = f.read()
+    table = [line for line in readme.splitlines() if line.startswith("| `")]
+    shipped = [os.path.relpath(os.path.join(top, name), CONTRIB_EXIM)
+               for top, _dirs, names in os.walk(CONTRIB_EXIM) for name in names if name != "README.md"]
+    for path in shipped:
+        assert any(f"`{path}`" in row for row in table), f"{path} is not in contrib/exim/README.md's file table"
+    for name in CONTRIB_FILES:
+        assert f"contrib/exim/conf.d/{name} " in readme, f"no install line for conf.d/{name}"
+
+
+def test_contribs_gate_test_mail_cannot_reach_a_real_address():
+    with open(os.path.join(CONTRIB_EXIM, "README.md")) as f:
+        submissions = [line for line in f.read().splitlines() if "| exim " in line and " -- " in line]
+    assert submissions
+    for line in submissions:
+        recipient = line.split(" -- ", 1)[1].split()[0]
+        assert recipient.endswith(".invalid"), line
