@@ -21,6 +21,7 @@ from qrunner.decision import Decision
 from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, QrunnerError, UsageError
 from qrunner.log import setup_logging
 from qrunner.mta import backend_for
+from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend
 from qrunner.plan import report_order
 from qrunner.policy import PolicySettings
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser(
         "status", help="qrunner's holds and the last run",
-        description="List qrunner's holds (queue id, since when, senders, reason) and the last run's summary.",
+        description="List qrunner's holds (queue id, since when, senders, reason), the senders, whether the MTA "
+                    "is gated for qrunner (gated: yes, no or unknown, with why) and the last run's summary.",
         epilog=EXIT_CODES, formatter_class=RAW)
     status.set_defaults(func=cmd_status)
     for command in (plan, check, run, flush, release, status):
@@ -314,6 +316,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             rows.append((hold.queue_id, since, envelope, hold.senders, hold.reason + note))
         print(_columns(rows))
     print(senders_line(status.routes))
+    print(gate_line(status.gate))
     run = status.last_run
     if run is None:
         print("last run: none recorded")
@@ -411,6 +414,13 @@ def senders_line(routes: Dict[Sender, str]) -> str:
 def _shown(decision: Decision) -> str:
     """What the table calls the action: "hold", as the log and the README do (the JSON keeps the verdict "skip")."""
     return "send" if decision.send else "hold"
+
+
+def gate_line(gate: Gate) -> str:
+    """``gated: yes``, or no / unknown with why: the admin's first question when mail leaves unplanned."""
+    if gate.gated:
+        return "gated: yes"
+    return f"gated: {'no' if gate.gated is False else 'unknown'} ({gate.why})"
 
 
 def _note(decision: Decision) -> str:

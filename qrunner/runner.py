@@ -22,7 +22,7 @@ from qrunner.decision import Decision, MessageKey
 from qrunner.exceptions import ConfigError
 from qrunner.executor import Executor
 from qrunner.message import Message
-from qrunner.mta.base import Backend
+from qrunner.mta.base import Backend, Gate
 from qrunner.plan import OVERRIDDEN, Listed, Plan, make_plan, release_plan, triage
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.state import Hold, Records, RunLock, RunSummary, State, settle, settled
@@ -82,6 +82,7 @@ class Status:
     past_lifetime: List[MessageKey]
     routes: Dict[Sender, str]
     last_run: Optional[RunSummary]
+    gate: Gate = Gate(None, "not asked")
 
 
 def _outcome(plan: Plan, summary: RunSummary) -> str:
@@ -228,9 +229,14 @@ class Runner:
             log.warning("%s: %s", step.queue_id, step.reason)
 
     def _warn_gate(self) -> None:
-        gate = self.backend.gate()
+        """Said on every run, dry run and plan, under ``-q`` too: ungated mail leaves without the policy.
+
+        Handed to the log's handlers whatever the log level, so that ``-q``
+        (errors only) cannot hide it; the handlers decide where it shows.
+        """
+        gate = self.backend.gate(self.senders)
         if gate.gated is False:
-            log.warning("%s", gate.why)
+            log.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, "%s", (gate.why,), None))
 
     def _past_lifetime(self, arrivals: Sequence[MessageKey]) -> List[MessageKey]:
         """Holds so old that releasing them means a bounce on the MTA's first attempt."""
@@ -292,9 +298,9 @@ class Runner:
         """
         gate = self.backend.gate()
         hint = self.backend.ungate_hint
-        if gate.gated:
-            raise ConfigError(f"the MTA is still gated for qrunner ({gate.why}): {hint}, then run this again; "
-                              "nothing was released.")
+        if gate.gated or gate.leftover:
+            raise ConfigError(f"the MTA is still gated for qrunner ({gate.leftover or gate.why}): {hint}, then run "
+                              "this again; nothing was released.")
         if gate.gated is None and not gate_removed:
             raise ConfigError(f"qrunner cannot tell whether the MTA is still gated for it ({gate.why}): make sure "
                               f"the gate is gone ({hint}), then run this again with --gate-removed; nothing was "
@@ -310,14 +316,15 @@ class Runner:
                       len(left), " ".join(left[:20]))
 
     def status(self) -> Status:
-        """qrunner's holds (flagging those past the MTA's queue lifetime), the senders and the last run."""
+        """qrunner's holds (flagging those past the MTA's queue lifetime), the senders, the last run and the gate."""
         state = State(self.config.state_dir, self.backend.instance, readonly=True)
         try:
             holds = list(state.holds().values())
             last = state.last_run()
         finally:
             state.close()
-        return Status(self.backend.instance, holds, self._past_lifetime([h.key for h in holds]), self.routes(), last)
+        return Status(self.backend.instance, holds, self._past_lifetime([h.key for h in holds]), self.routes(), last,
+                      self.backend.gate(self.senders))
 
     def routes(self) -> Dict[Sender, str]:
         """Each sender, in the order they run, with how its mail leaves this MTA."""

@@ -139,7 +139,8 @@ def exim_missing_reason() -> Optional[str]:
 class EximInstance:
     """A private Exim under ``base_dir`` whose relay mail goes to ``relay_port``.
 
-    ``settings`` override or add main-section options (name -> value);
+    ``settings`` override or add main-section options (name -> value; a
+    value of None removes the option, as an admin deletes its line);
     ``extra_routers`` / ``extra_transports`` are configuration text put
     first in those sections (a test of per-sender routing can add a router
     ahead of the relay).
@@ -206,7 +207,7 @@ class EximInstance:
             "acl_smtp_data": "acl_check_data",
         }
         main.update(self.settings)
-        return main
+        return {name: value for name, value in main.items() if value is not None}  # None: the option removed
 
     def config_text(self) -> str:
         """The whole configuration file."""
@@ -300,7 +301,7 @@ begin retry
         os.replace(tmp, self.config_path)
         self._written = True
 
-    def set(self, **settings: str) -> None:
+    def set(self, **settings: Optional[str]) -> None:
         """Change main-section options and rewrite the configuration.
 
         No reload: every Exim process reads the file when it starts.

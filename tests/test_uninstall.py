@@ -28,13 +28,11 @@ from dataclasses import fields
 import pytest
 
 from memory_harness import MemoryHarness
-from mta_harness import HELD, WAITING, PostfixHarness, harness_for
+from mta_harness import HELD, WAITING, EximHarness, PostfixHarness, harness_for
 from qrunner_e2e import SKIP_ALL, Qrunner
 from test_senders import contrib_routers
 
 from qrunner.config import Config, EximSettings, MemorySettings, PostfixSettings, load_config, tomllib
-from qrunner.mta.base import Backend
-from qrunner.mta.exim import EximBackend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTRIB = os.path.join(ROOT, "contrib")
@@ -74,17 +72,6 @@ def remove_gate(mta) -> None:
         mta.instance.write_config()
 
 
-def gate_removed_flag(mta) -> list:
-    """The override for a gate qrunner cannot see: only while Exim's gate() is not implemented here.
-
-    Exim's gate detection comes from another branch (issue 10, point 2);
-    until it is merged, EximBackend.gate() answers "unknown" and the rule
-    needs the admin's --gate-removed. After the merge the flag is not passed
-    and the real detection decides.
-    """
-    return ["--gate-removed"] if mta.name == "exim" and EximBackend.gate is Backend.gate else []
-
-
 def held_by_qrunner_and_admin(tmp_path, mta):
     """Two qrunner holds, an admin's hold and one message that arrived after the run."""
     qr = Qrunner(tmp_path, mta, SKIP_ALL)
@@ -110,7 +97,7 @@ def test_removal_is_refused_while_gated_and_releases_every_hold_once_the_gate_is
     assert mta.snapshot() == before  # the MTA's own listing: not one message moved or released
 
     remove_gate(mta)
-    released = qr("release", "--for-removal", *gate_removed_flag(mta))
+    released = qr("release", "--for-removal")
 
     assert released.code == 0, released.stderr
     assert f"its records stay in {qr.state_dir}" in released.stdout
@@ -147,7 +134,7 @@ UNKNOWN_GATE = """
 import sys
 from qrunner.mta.base import Gate
 from qrunner.mta.memory import MemoryBackend
-MemoryBackend.gate = lambda self: Gate(None, "its configuration could not be read")
+MemoryBackend.gate = lambda self, senders=(): Gate(None, "its configuration could not be read")
 from qrunner.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -385,3 +372,17 @@ def test_make_install_then_uninstall_leaves_only_what_it_says_it_left(tmp_path, 
     again = make("uninstall", paths, tmp_path)
     assert again.returncode == 0 and "qrunner is not installed here" in again.stdout
     assert everything_under(root) - before == left
+
+
+def test_a_gate_half_taken_out_still_refuses_the_removal(tmp_path, exim, exim_sink):
+    """Exim with its SMTP gate removed but acl_not_smtp_start still queueing: local mail would be stranded."""
+    mta = EximHarness(exim, exim_sink)
+    qr, ours, admins, waiting = held_by_qrunner_and_admin(tmp_path, mta)
+    exim.settings.update(acl_smtp_predata="")
+    exim.write_config()
+
+    refused = qr("release", "--for-removal")
+
+    assert refused.code == 78, refused.stderr
+    assert "acl_not_smtp_start still put mail into the queue" in refused.stderr
+    assert exim.queue_ids().count(ours[0]) == 1 and exim.queue()[0]["frozen"]  # exim -bp: nothing released

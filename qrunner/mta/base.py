@@ -84,10 +84,16 @@ class HandOverJournal(Protocol):
 
 
 class Gate(NamedTuple):
-    """Whether the MTA waits for qrunner before it delivers gated mail: True, False or None (unknown, ``why``)."""
+    """Whether the MTA waits for qrunner before it delivers gated mail: True, False or None (unknown, ``why``).
+
+    ``leftover``: for a gate that is not whole, what of it still takes mail
+    out of the MTA's own hands (an Exim ACL that still puts mail into
+    qrunner's queue); qrunner must not be removed while there is any.
+    """
 
     gated: Optional[bool]
     why: str = ""
+    leftover: str = ""
 
 
 class Backend:
@@ -114,8 +120,12 @@ class Backend:
         """Raise when the MTA cannot be asked now: not running, a sender without a working route,
         and, when ``acting``, not the rights to change its queue."""
 
-    def gate(self) -> Gate:
-        """Is the MTA gated, so that qrunner alone starts the delivery of the mail it decides?"""
+    def gate(self, senders: Sequence[Sender] = ()) -> Gate:
+        """Is the MTA gated, so that qrunner alone starts the delivery of the mail it decides?
+
+        ``senders``: the run's senders, for an MTA whose gate includes the
+        routing of senders with a route (Exim's router).
+        """
         return Gate(None, "this back end cannot tell")
 
     def unfit(self, message: Message, ours: bool) -> Optional[str]:

@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from qrunner.config import EximSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message, QueueState
-from qrunner.mta.base import Backend, HandOverJournal, Outcome, Result, SendRequest
-from qrunner.mta import exim_spool
+from qrunner.mta.base import Backend, Gate, HandOverJournal, Outcome, Result, SendRequest
+from qrunner.mta import exim_gate, exim_spool
 
 log = logging.getLogger("qrunner.exim")
 
@@ -170,6 +170,25 @@ class EximBackend(Backend):
         if sender.default:
             return "default: the MTA's own routing"
         return f"exim: transport {sender.exim.transport}" if sender.exim else "no route"
+
+    def gate(self, senders: Sequence[Sender] = ()) -> Gate:
+        """Is contrib/exim's gate (and, for routed senders, its router) in Exim's configuration?
+
+        Two ``exim -bP`` calls, whatever the queue holds: the ACL options as
+        Exim uses them, then the configuration text for the ACLs and
+        routers they name (qrunner/mta/exim_gate.py says why two).
+        """
+        try:
+            options = self._exim(["-bP"] + list(exim_gate.OPTIONS), timeout=60)
+            text = self._exim(["-bP", "config"], timeout=60)
+        except subprocess.TimeoutExpired:
+            return Gate(None, "exim -bP did not answer within 60 seconds")
+        if options.returncode != 0:
+            return Gate(None, "Exim cannot show its configuration "
+                              f"({_last_line(options.stderr) or 'exim -bP printed nothing'})")
+        routed = [s.name for s in senders if not s.default and s.exim is not None]
+        return exim_gate.judge(exim_gate.read(options.stdout, text.stdout if text.returncode == 0 else ""),
+                               self.queue, self.routes_file, routed)
 
     # -- list --------------------------------------------------------------
 

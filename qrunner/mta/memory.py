@@ -231,7 +231,7 @@ class MemoryBackend(Backend):
         """Every sender has a route here (the model routes by sender name); the queue must exist."""
         self._look()
 
-    def gate(self) -> Gate:
+    def gate(self, senders: Sequence[Sender] = ()) -> Gate:
         gated = bool(self._settings["gated"])
         return Gate(gated, "the memory queue is gated" if gated else
                     "the memory queue is not gated: it would deliver waiting mail on its own schedule")

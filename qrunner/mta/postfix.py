@@ -164,7 +164,7 @@ class PostfixBackend(Backend):
                 filters[service[:-len("/inet")]] = value.strip()
         return filters
 
-    def gate(self) -> Gate:
+    def gate(self, senders: Sequence[Sender] = ()) -> Gate:
         if not self.defer_transports.strip():
             return Gate(False, "Postfix is not in gate mode (defer_transports is empty): it delivers deferred mail "
                                "on its own schedule, so qrunner's holds work but its order does not; see "
