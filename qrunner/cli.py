@@ -23,7 +23,7 @@ from qrunner.log import setup_logging
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend
-from qrunner.plan import report_order
+from qrunner.plan import Wait, report_order
 from qrunner.policy import PolicySettings
 from qrunner.runner import RunResult, Runner, decide_offline
 
@@ -374,7 +374,7 @@ def _clock(epoch: float, fmt: str = "%Y-%m-%dT%H:%M:%S") -> str:
 def print_plan(result: RunResult, fmt: str) -> None:
     """A live plan: like a snapshot's, plus releases, waits and the recovery a run would do first."""
     plan = result.plan
-    waiting = {w.queue_id: w.until for w in plan.wait}
+    waiting = {w.queue_id: w for w in plan.wait}
     released = {r.queue_id for r in plan.release}
     kept_held = {s.queue_id for s in plan.send if s.from_hold}
     ordered = report_order(plan.decisions)
@@ -383,7 +383,9 @@ def print_plan(result: RunResult, fmt: str) -> None:
         rows = []
         for d in ordered:
             row = _decision_json(d)
-            row["next_retry"] = _clock(waiting[d.queue_id]) if d.queue_id in waiting else None
+            wait = waiting.get(d.queue_id)
+            row["next_retry"] = _clock(wait.until) if wait else None
+            row["next_retry_reason"] = wait.reason if wait else None
             row["release"] = d.queue_id in released or d.queue_id in kept_held
             rows.append(row)
         print(json.dumps({"decisions": rows, "recovery": [{"queue_id": s.queue_id, "action": action,
@@ -393,7 +395,7 @@ def print_plan(result: RunResult, fmt: str) -> None:
     for d in ordered:
         notes = []
         if d.queue_id in waiting:
-            notes.append("waits for its retry time " + _clock(waiting[d.queue_id], "%H:%M:%S"))
+            notes.append(_wait_note(waiting[d.queue_id]))
         elif d.queue_id in released:
             notes.append("released from qrunner's hold, then sent")
         elif d.queue_id in kept_held:
@@ -404,6 +406,12 @@ def print_plan(result: RunResult, fmt: str) -> None:
     print(format_table(table, [(s.queue_id, action, s.reason) for action, s in recovery]))
     print(summary_line(plan.decisions))
     print(senders_line(result.routes))
+
+
+def _wait_note(wait: Wait) -> str:
+    """"waits for Exim's retry time 12:03:29 (host ...)": until when, and whose retry time holds it."""
+    note = f"waits for {wait.due.whose} {_clock(wait.until, '%H:%M:%S')}"
+    return f"{note} ({wait.due.detail})" if wait.due.detail else note
 
 
 def senders_line(routes: Dict[Sender, str]) -> str:

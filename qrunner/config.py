@@ -94,16 +94,23 @@ class PostfixSettings:
 
 @dataclass(frozen=True)
 class EximSettings:
-    """The ``[exim]`` table: which Exim, which named queue, and qrunner's own retry pacing.
+    """The ``[exim]`` table: which Exim, which named queue, and how qrunner paces its sends.
 
-    Gated mail sits in a named queue that Exim's queue runners never process,
-    so it has no retry schedule but qrunner's: a message qrunner dispatched
-    that is still queued afterwards waits ``backoff_min`` seconds, doubling
-    per attempt up to ``backoff_max``, before it is dispatched again; a
-    message older than ``max_queue_time`` is handed back to Exim's default
-    queue, where Exim's own retry rules time it out and bounce it as usual.
-    The defaults follow Exim's default retry rule (F,2h,15m; G,16h,1h,1.5;
-    F,4d,6h): start within minutes, settle at hours, give up after 4 days.
+    Gated mail sits in a named queue that Exim's queue runners never
+    process, so no delivery of it starts but qrunner's ``exim -Mc``. That
+    ``-Mc`` respects Exim's retry hints for hosts: after a relay outage it
+    does not try the relay again before the host's retry time (15 minutes
+    under Debian's rule), and ``plan`` shows such a message waiting for
+    Exim's retry time. It ignores the retry data of an address (a 4xx
+    reply to RCPT), which only queue runners respect; so qrunner adds its
+    own backoff: a message a dispatch left queued waits ``backoff_min``
+    seconds, doubling per attempt up to ``backoff_max``, and also for
+    Exim's retry time, whichever ends later. A message older than
+    ``max_queue_time`` is handed back
+    to Exim's default queue, where Exim's own retry rules time it out and
+    bounce it as usual. The defaults follow Exim's default retry rule
+    (F,2h,15m; G,16h,1h,1.5; F,4d,6h): start within minutes, settle at
+    hours, give up after 4 days.
     """
 
     binary: Optional[str] = None

@@ -47,8 +47,9 @@ class Executor:
         self.hand_back(plan.hand_back)
         self.send(plan.send, run_id)
         for wait in plan.wait:
-            log.info("%s: action=wait sender=%s priority=%d next_retry=%s", wait.queue_id, wait.decision.senders,
-                     wait.decision.priority, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wait.until)))
+            log.info("%s: action=wait sender=%s priority=%d next_retry=%s reason=%s", wait.queue_id,
+                     wait.decision.senders, wait.decision.priority,
+                     time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wait.until)), quote(wait.reason))
 
     # -- recovery ------------------------------------------------------------
 

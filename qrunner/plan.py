@@ -18,6 +18,7 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 from qrunner.config import Sender
 from qrunner.decision import Decision, MessageKey
 from qrunner.message import Message
+from qrunner.mta.base import Due
 
 OVERRIDDEN = "policy overridden by the admin"  # why a flush --ignore-policy sends
 
@@ -122,18 +123,26 @@ class Send:
 
 @dataclass(frozen=True)
 class Wait:
-    """An allowed message whose retry time has not come: the MTA's backoff is kept, a dead relay not hammered."""
+    """An allowed message whose retry time has not come: the MTA's backoff is kept, a dead relay not hammered.
+
+    ``due`` says until when and whose retry time it is (the MTA's own, or
+    qrunner's backoff), so the admin sees why a message that may go waits.
+    """
 
     decision: Decision
-    until: float
+    due: Due
 
     @property
     def queue_id(self) -> str:
         return self.decision.queue_id
 
     @property
+    def until(self) -> float:
+        return self.due.at
+
+    @property
     def reason(self) -> str:
-        return "waits for its retry time"
+        return self.due.describe()
 
 
 @dataclass
@@ -238,12 +247,12 @@ def report_order(decisions: Iterable[Decision]) -> List[Decision]:
     return dispatch_order(decisions) + held_in_arrival_order(decisions)
 
 
-def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[MessageKey, Optional[float]],
+def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[MessageKey, Optional[Due]],
               overridden: bool = False, from_hold: Set[MessageKey] = frozenset()) -> Plan:
     """The plan for the policy's ``decisions`` over ``sorted_out.candidates``.
 
-    ``due`` maps an allowed message to when the MTA would retry it by
-    itself, or None (or no entry) when it is due now. ``overridden`` (flush
+    ``due`` maps an allowed message to when (and by whose retry time) it is
+    next due, or None (or no entry) when it is due now. ``overridden`` (flush
     --ignore-policy) sends every allowed message now, whatever its retry time.
     ``from_hold``: qrunner's holds that the back end can send by their
     route as they are held; sent now, they are not released first.

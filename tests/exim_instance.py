@@ -69,6 +69,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 PREFIX = os.environ.get("QRUNNER_TEST_EXIM_PREFIX", "/opt/qrunner-test-exim")
 BINARY = os.path.join(PREFIX, "usr", "sbin", "exim4")
 EXIPICK = os.path.join(PREFIX, "usr", "sbin", "exipick")
+EXIM_DUMPDB = os.path.join(PREFIX, "usr", "sbin", "exim_dumpdb")
 EXIM_USER = "Debian-exim"
 QUEUE_NAME = "qrunner"
 REMOVED_HEADER = "X-Qrunner-Test-Remove"
@@ -459,12 +460,20 @@ begin retry
         return self._exim(self._qarg(queue_name) + ["-M", message_id], timeout=timeout)
 
     def delete_all(self) -> None:
-        """Remove every message from the default and the named queue.
+        """Remove every message from the default and the named queue, and Exim's hints.
 
         ``exim -Mrm`` each; a message still being delivered is waited for
         (up to 15 s), and whatever Exim would not remove is deleted from
-        the spool directly, so that the next test starts empty.
+        the spool directly, so that the next test starts empty. The hints
+        (``spool/db``: retry times, messages waiting for a host) go too:
+        one test's relay outage must not hold the next test's mail.
         """
+        self._delete_messages()
+        hints = os.path.join(self.spool_directory, "db")
+        for name in os.listdir(hints) if os.path.isdir(hints) else ():
+            os.remove(os.path.join(hints, name))
+
+    def _delete_messages(self) -> None:
         deadline = time.monotonic() + 15
         while True:
             left = False
@@ -565,6 +574,23 @@ begin retry
             if line.strip():
                 out[line.split()[0]] = dict(_EXIPICK_VAR.findall(line))
         return out
+
+    def retry_records(self) -> Dict[str, Tuple[str, float]]:
+        """Exim's retry hints as ``exim_dumpdb SPOOL retry`` prints them: key -> (error text, next try, epoch).
+
+        Each record is two lines: ``  KEY ERRNO MORE_ERRNO TEXT``, then the
+        first failure, last try and next try in local time
+        (``01-Dec-2026 12:03:29``), and ``*`` for a host past its cutoff.
+        """
+        r = subprocess.run([EXIM_DUMPDB, self.spool_directory, "retry"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=60, env=dict(os.environ, LC_ALL="C"))
+        lines = r.stdout.decode("utf-8", "replace").splitlines()
+        records = {}
+        for head, times in zip(lines[0::2], lines[1::2]):
+            key, _errno, _more, text = (head.strip().split(" ", 3) + [""])[:4]
+            next_try = " ".join(times.split()[4:6])
+            records[key] = (text, time.mktime(time.strptime(next_try, "%d-%b-%Y %H:%M:%S")))
+        return records
 
     def locked_ids(self, queue_name: Optional[str] = None) -> Set[str]:
         """Messages of one queue that an Exim process is working on (delivering, freezing).

@@ -1,4 +1,4 @@
-"""The Exim back end's choices that need no Exim to check: pacing, batching, discovery.
+"""The Exim back end's choices that need no Exim to check: pacing, batching, hints, discovery.
 
 Subprocess is mocked here to reach what a real Exim will not show on
 demand; the real Exim runs in test_run.py, test_exim_run.py and
@@ -30,8 +30,9 @@ def test_backoff_doubles_from_min_to_max(backend):
     now = time.time()
     message = Message("1xW85O-0001T2-2A", now - 10, 100, "a@b", ("c@d",))
     assert backend.due(message, None) is None  # never dispatched: due
-    waits = [backend.due(message, (count, now)) - now for count in range(1, 7)]
-    assert [round(w) for w in waits] == [300, 600, 1200, 2400, 3600, 3600]
+    waits = [backend.due(message, (count, now)) for count in range(1, 7)]
+    assert [round(w.at - now) for w in waits] == [300, 600, 1200, 2400, 3600, 3600]
+    assert waits[1].describe() == "qrunner's retry time (backoff after 2 deferred dispatches)"
     assert backend.due(message, (1, now - 301)) is None  # the wait is over
 
 
@@ -66,6 +67,33 @@ def test_dispatch_starts_batches_in_order_never_more_than_the_concurrency(backen
     assert [argv[argv.index("-Mc") + 1:] for argv in started] == [ids[0:10], ids[10:20], ids[20:25]]
     assert all(argv[:2] == ["/usr/sbin/exim4", "-qGqrunner"] for argv in started)
     assert set(outcomes.values()) == {Outcome(Result.DELIVERED)} and reported == ids
+
+
+RETRY_DUMP = """\
+  T:127.0.0.1:127.0.0.1:40879 111 65 Connection refused
+01-Dec-2026 11:48:56  01-Dec-2026 11:48:56  01-Dec-2026 12:03:56 
+  R:bob@example.net:<alice@qrunner-test.localdomain> -44 12865 H=127.0.0.1 [127.0.0.1]: SMTP error from remote
+01-Dec-2026 11:47:57  01-Dec-2026 11:47:57  01-Dec-2026 12:02:57 
+  T:mx.example:192.0.2.7:1xW85O-000003-2A -46 0 SMTP error from remote mail server after end of data
+01-Dec-2026 11:40:00  01-Dec-2026 11:40:00  01-Dec-2026 11:55:00 *
+"""
+WAIT_DUMP = "127.0.0.1 1xW85O-000001-2A 1xW85O-000002-2A \n127.0.0.1:0 1xW85O-000004-2A \nmx.example 1xW85O-000005-2A \n"
+
+
+def test_exims_hints_say_which_record_holds_a_message_back():
+    """Formats as exim_dumpdb -z prints them on 4.96 (retry: two lines a record; wait-<transport>: a line a host)."""
+    from qrunner.mta import exim_hints
+
+    records = exim_hints.parse_retry_dump(RETRY_DUMP)
+    assert [r.key for r in records] == ["T:127.0.0.1:127.0.0.1:40879", "T:mx.example:192.0.2.7:1xW85O-000003-2A"]
+    assert records[0].error == "Connection refused" and records[0].next_try == 1796126636.0  # 12:03:56 UTC
+    hints = exim_hints.RetryHints(records, exim_hints.parse_wait_dump(WAIT_DUMP))
+    before = records[1].next_try - 60
+    assert hints.holding("1xW85O-000004-2A", before).key == "T:127.0.0.1:127.0.0.1:40879"  # continued record
+    assert hints.holding("1xW85O-000003-2A", before).host == "mx.example:192.0.2.7"  # its own record at that host
+    assert hints.holding("1xW85O-000005-2A", before) is None  # its host has no record: -Mc tries it
+    assert hints.holding("1xW85O-000006-2A", before) is None  # Exim ties no host to it
+    assert hints.holding("1xW85O-000001-2A", records[0].next_try) is None  # the retry time has come
 
 
 def test_auto_finds_exim_when_postfix_is_missing(mocker, tmp_path):

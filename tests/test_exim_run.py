@@ -1,13 +1,15 @@
 """End to end against a real (private) Exim with qrunner's gate: the cases only Exim has.
 
 The cases both MTAs share are in test_run.py. Here: Exim missing, qrunner's
-own retry pacing for the named queue, the way out (release --all
---to-default-queue), handing too-old mail back to Exim's retry rules, and
-bounces that Exim generates into the named queue.
+own retry pacing for the named queue, waiting for Exim's retry time after a
+relay outage, the way out (release --all --to-default-queue), handing
+too-old mail back to Exim's retry rules, and bounces that Exim generates
+into the named queue.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -36,6 +38,7 @@ def test_exim_missing_exits_69(tmp_path, exim, exim_sink):
 
 
 def test_a_deferred_dispatch_waits_for_qrunners_backoff(tmp_path, exim, exim_sink):
+    """A 4xx to RCPT leaves Exim only an address record (R:), which -Mc ignores: qrunner's backoff paces it."""
     mta = harness(exim, exim_sink)
     qr = Qrunner(tmp_path, mta, ALLOW_ALL)
     exim_sink.defer_rcpt = {"bob@example.net"}
@@ -45,20 +48,51 @@ def test_a_deferred_dispatch_waits_for_qrunners_backoff(tmp_path, exim, exim_sin
     assert first.code == 0, first.stderr
     assert f"{queue_id}: action=send sender=default priority=50 result=deferred" in first.stderr
     assert mta.where(queue_id) == WAITING
+    assert [key[:2] for key in exim.retry_records()] == ["R:"]
 
     second = qr("run")
-    assert f"{queue_id}: action=wait" in second.stderr
+    assert (f'{queue_id}: action=wait sender=default priority=50 next_retry=' in second.stderr
+            and ' reason="qrunner\'s retry time (backoff after 1 deferred dispatch)"' in second.stderr)
     assert "action=send" not in second.stderr
     polite = qr("flush", queue_id)  # without --ignore-policy, the backoff holds for flush too
     assert f"{queue_id}: action=wait" in polite.stderr and "action=send" not in polite.stderr
     plan = qr("plan")
-    assert "waits for its retry time" in plan.stdout
+    assert "waits for qrunner's retry time" in plan.stdout
 
     exim_sink.defer_rcpt = set()
     forced = qr("flush", queue_id, "--ignore-policy")
     assert forced.code == 0, forced.stderr
     assert [m.header("Subject") for m in exim_sink.wait_for(1)] == [b"relay says later"]
     mta.wait_gone(queue_id)
+
+
+def test_after_a_relay_outage_a_run_waits_for_exims_retry_time(tmp_path, exim, exim_sink):
+    """-Mc respects Exim's host retry record, on top of qrunner's backoff: plan and the log say so."""
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, ALLOW_ALL)
+    queue_id = mta.queue_message("sent during the outage")
+    exim_sink.stop()  # the relay is down: connection refused
+    try:
+        first = qr("run")
+    finally:
+        exim_sink.start()
+    assert f"{queue_id}: action=send sender=default priority=50 result=deferred" in first.stderr
+    key = f"T:127.0.0.1:127.0.0.1:{exim_sink.port}"
+    error, next_try = exim.retry_records()[key]  # Exim's own record of the host, as exim_dumpdb shows it
+    assert next_try > time.time() + 600  # Debian's 15 minutes, longer than qrunner's 300 s backoff
+    exim_retry = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(next_try))
+
+    [planned] = json.loads(qr("plan", "--format", "json").stdout)["decisions"]
+    assert planned["next_retry"] == exim_retry
+    assert planned["next_retry_reason"] == f"Exim's retry time (retry record {key}: {error})"
+    table = qr("plan").stdout
+    assert f"waits for Exim's retry time {exim_retry[11:]} (retry record {key}: {error})" in table
+    second = qr("run")  # the relay is back, but -Mc would not try it before Exim's retry time
+    assert second.code == 0, second.stderr
+    assert (f'{queue_id}: action=wait sender=default priority=50 next_retry={exim_retry} '
+            f'reason="Exim\'s retry time (retry record {key}: {error})"') in second.stderr
+    assert "action=send" not in second.stderr and exim_sink.messages == []
+    assert mta.where(queue_id) == WAITING
 
 
 def test_release_all_to_default_queue_leaves_nothing_behind(tmp_path, exim, exim_sink):

@@ -37,15 +37,15 @@ qrunner[PID]: M00000003: action=hold sender=isp,backup priority=50 reason="isp: 
 qrunner[PID]: M00000001: action=route sender=isp priority=90 new_queue_id=M00000006
 qrunner[PID]: M00000005: action=vanished (no longer waiting: delivered, deleted or being delivered)
 qrunner[PID]: M00000002: action=send sender=backup priority=10
-qrunner[PID]: M00000004: action=wait sender=backup priority=50 next_retry=TIME
+qrunner[PID]: M00000004: action=wait sender=backup priority=50 next_retry=TIME reason="the MTA's retry time"
 qrunner[PID]: run: listed=5 sent=2 held=1 released=0 errors=0 seconds=SECONDS
 == run -v
 qrunner[PID]: M00000003: action=keep sender=isp,backup reason="isp: not for isp; backup: subject says hold"
-qrunner[PID]: M00000004: action=wait sender=backup priority=50 next_retry=TIME
+qrunner[PID]: M00000004: action=wait sender=backup priority=50 next_retry=TIME reason="the MTA's retry time"
 qrunner[PID]: run: listed=2 sent=0 held=0 released=0 errors=0 seconds=SECONDS
 == run, policy allows all
 qrunner[PID]: M00000003: action=route sender=isp priority=50 new_queue_id=M00000007
-qrunner[PID]: M00000004: action=wait sender=isp priority=50 next_retry=TIME
+qrunner[PID]: M00000004: action=wait sender=isp priority=50 next_retry=TIME reason="the MTA's retry time"
 qrunner[PID]: run: listed=2 sent=1 held=0 released=0 errors=0 seconds=SECONDS
 == flush --ignore-policy
 qrunner[PID]: flush --ignore-policy: the policy is overridden by the admin for M00000004

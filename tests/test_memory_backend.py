@@ -184,7 +184,7 @@ def test_mail_the_relay_deferred_waits_for_its_retry_time_unless_forced(tmp_path
     polite = qr("flush", queue_id)
     forced = qr("flush", queue_id, "--ignore-policy")
 
-    assert "waits for its retry time" in plan.stdout
+    assert "waits for the MTA's retry time" in plan.stdout
     assert f"{queue_id}: action=wait" in polite.stderr and "action=send" not in polite.stderr
     assert f"{queue_id}: action=send sender=default priority=50 policy=overridden" in forced.stderr
     assert len(mta.sink.wait_for(1)) == 1

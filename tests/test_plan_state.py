@@ -20,7 +20,7 @@ from qrunner.decision import Decision, MessageKey, Verdict
 from qrunner.exceptions import LockHeldError, UnavailableError
 from qrunner.message import Message, QueueState
 from qrunner.mta import postfix as postfix_mod
-from qrunner.mta.base import Outcome, Result, SendRequest
+from qrunner.mta.base import Due, Outcome, Result, SendRequest
 from qrunner.plan import (OVERRIDDEN, Listed, Triage, dispatch_order, make_plan, release_plan, report_order,
                           triage)
 from qrunner.state import RunLock, State, settle, settled
@@ -52,7 +52,8 @@ def test_make_plan_sorts_each_message_into_exactly_one_step():
     ours = {MessageKey("KEEP1", 1), MessageKey("REL1", 2), MessageKey("RELW1", 3)}
     items = [decision("KEEP1", 1, send=False), decision("REL1", 2, priority=10), decision("RELW1", 3),
              decision("NEW1", 4, send=False), decision("SEND1", 5, priority=90), decision("WAIT1", 6)]
-    plan = make_plan(items, Triage(ours=ours), {MessageKey("WAIT1", 6): 9999.0, MessageKey("RELW1", 3): 8888.0})
+    due = {MessageKey("WAIT1", 6): Due(9999.0), MessageKey("RELW1", 3): Due(8888.0)}
+    plan = make_plan(items, Triage(ours=ours), due)
     assert [d.queue_id for d in plan.keep] == ["KEEP1"]
     assert [d.queue_id for d in plan.hold] == ["NEW1"]
     assert [r.queue_id for r in plan.release] == ["REL1", "RELW1"]
@@ -62,7 +63,7 @@ def test_make_plan_sorts_each_message_into_exactly_one_step():
 
 
 def test_an_overridden_plan_sends_now_whatever_the_retry_time():
-    plan = make_plan([decision("WAIT1", 6)], Triage(), {MessageKey("WAIT1", 6): 9999.0}, overridden=True)
+    plan = make_plan([decision("WAIT1", 6)], Triage(), {MessageKey("WAIT1", 6): Due(9999.0)}, overridden=True)
     assert [(s.queue_id, s.overridden, s.reason) for s in plan.send] == [("WAIT1", True, OVERRIDDEN)]
     assert plan.wait == []
 

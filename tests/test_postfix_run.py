@@ -59,7 +59,7 @@ def test_mail_to_a_dead_relay_waits_for_its_retry_time(tmp_path, postfix, smtp_s
     run = qr("run")
     polite = qr("flush", queue_id)
 
-    assert "waits for its retry time" in plan.stdout
+    assert "waits for Postfix's retry time" in plan.stdout
     assert f"{queue_id}: action=wait" in run.stderr
     assert "action=send" not in run.stderr
     assert f"{queue_id}: action=wait" in polite.stderr and "action=send" not in polite.stderr

@@ -66,6 +66,22 @@ class SendRequest(NamedTuple):
     held: bool = False
 
 
+class Due(NamedTuple):
+    """When a message is next due for delivery, and whose retry time that is (``plan`` and the log say).
+
+    ``whose``: "Postfix's retry time", "Exim's retry time", "qrunner's
+    retry time"...; ``detail``: what set it, in the MTA's own terms (the
+    retry record, the host), so the admin can look it up there.
+    """
+
+    at: float
+    whose: str = "its retry time"
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"{self.whose} ({self.detail})" if self.detail else self.whose
+
+
 class HandOverJournal(Protocol):
     """The executor's record of a hand-over, called by a back end that copies messages into a route."""
 
@@ -152,12 +168,12 @@ class Backend:
         """
         return False
 
-    def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[float]:
-        """When the message is next due for delivery, or None when it is due now.
+    def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[Due]:
+        """When the message is next due for delivery and why, or None when it is due now.
 
         ``attempts`` is qrunner's record of its dispatches that left the
-        message queued (count, time of the last), for an MTA that keeps no
-        retry schedule of its own for gated mail.
+        message queued (count, time of the last), for an MTA whose own
+        retry schedule does not cover gated mail, or not all of it.
         """
         return None
 

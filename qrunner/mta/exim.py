@@ -4,16 +4,21 @@ Gate mode puts outbound relay mail into the named queue (default
 ``qrunner``) with an ACL ``queue =`` modifier (contrib/exim/). Listing reads
 the spool's ``-H`` files directly (one directory scan, no process per
 message); skip is freeze (``-Mf``), release is thaw (``-Mt``), send is
-``exim -qG<queue> -M ID...``. Exim's traps, measured (DESIGN.md section 5):
+``exim -qG<queue> -Mc ID...``. Exim's traps, measured (DESIGN.md section 5):
 without the right ``-qG`` Exim delivers nothing and still exits 0, and
 ``-M`` delivers even a frozen message; so every action is confirmed from
 the spool, and a message someone else froze is never named on a command
 line that would send it.
 
-Gated mail has no retry schedule but qrunner's: a message dispatched that is
-still queued afterwards waits (``backoff_min`` doubling to ``backoff_max``)
-before it is dispatched again, and a message older than ``max_queue_time`` is
-handed back to Exim's default queue, where Exim's retry rules time it out.
+Retry times: no queue runner ever starts a delivery from the named queue,
+but ``-Mc`` respects Exim's retry hints for hosts: a message whose relay
+failed is not tried there again before the host's retry time (Debian's
+rule: 15 minutes), and :meth:`EximBackend.due` reads those hints
+(``exim_hints.py``) so that the plan shows the wait instead of sending in
+vain. ``-Mc`` ignores an address's retry data (a 4xx to RCPT), so qrunner
+adds its own backoff (``backoff_min`` doubling to ``backoff_max``); the
+later of the two wins. A message older than ``max_queue_time`` is handed
+back to Exim's default queue, where Exim's retry rules time it out.
 """
 
 from __future__ import annotations
@@ -29,8 +34,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from qrunner.config import EximSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message, QueueState
-from qrunner.mta.base import Backend, Gate, HandOverJournal, Outcome, Result, SendRequest
-from qrunner.mta import exim_gate, exim_spool
+from qrunner.mta.base import Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest
+from qrunner.mta import exim_gate, exim_hints, exim_spool
 
 log = logging.getLogger("qrunner.exim")
 
@@ -48,6 +53,14 @@ def find_exim(binary: Optional[str]) -> Optional[str]:
         if found:
             return found
     return None
+
+
+def find_dumpdb(binary: str) -> Optional[str]:
+    """``exim_dumpdb``, the reader of Exim's hints: beside the Exim binary, else on PATH or in /usr/sbin."""
+    beside = os.path.join(os.path.dirname(binary), "exim_dumpdb")
+    if os.access(beside, os.X_OK):
+        return beside
+    return shutil.which("exim_dumpdb") or shutil.which("exim_dumpdb", path="/usr/sbin:/usr/local/sbin")
 
 
 class EximBackend(Backend):
@@ -79,6 +92,7 @@ class EximBackend(Backend):
         self.spool_directory = settings.spool_directory or self._option("spool_directory")
         self.split = self._option("split_spool_directory", boolean=True) == "yes"
         self.instance = f"exim:{os.path.realpath(self.spool_directory)}:{self.queue}"
+        self._hints: Optional[exim_hints.RetryHints] = None  # read once a run, when a due time is first asked
 
     # -- commands ----------------------------------------------------------
 
@@ -140,14 +154,38 @@ class EximBackend(Backend):
                     f"'exim {' '.join(self.queue_args)} -Mt {message.queue_id}' if you mean to)")
         return None
 
-    def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[float]:
+    def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[Due]:
+        """The later of qrunner's backoff and Exim's retry time for the message's hosts; None when both passed.
+
+        ``-Mc`` does not try a host before its retry time, so sending sooner
+        only logs another "retry time not reached"; qrunner's backoff paces
+        what Exim's host hints do not cover (an address's 4xx).
+        """
+        now = time.time()
+        waits = [d for d in (self._backoff(attempts, now), self._exim_retry(message, now)) if d is not None]
+        return max(waits, key=lambda d: d.at) if waits else None
+
+    def _backoff(self, attempts: Optional[Tuple[int, float]], now: float) -> Optional[Due]:
         """qrunner's own backoff for a message it dispatched that is still queued."""
         if attempts is None:
             return None
         count, last = attempts
         wait = min(self.settings.backoff_min * (2 ** max(count - 1, 0)), self.settings.backoff_max)
-        due = last + wait
-        return due if due > time.time() else None
+        dispatches = "dispatch" if count == 1 else "dispatches"
+        return Due(last + wait, "qrunner's retry time", f"backoff after {count} deferred {dispatches}") \
+            if last + wait > now else None
+
+    def _exim_retry(self, message: Message, now: float) -> Optional[Due]:
+        """Exim's retry time for every host the message waits for, from its hints (one read a run)."""
+        if self._hints is None:
+            dumpdb = find_dumpdb(self.binary)
+            if dumpdb is None:
+                log.debug("no exim_dumpdb beside %s: Exim's retry times are not shown", self.binary)
+            self._hints = exim_hints.read_hints(dumpdb, self.spool_directory, now)
+        record = self._hints.holding(message.queue_id, now)
+        if record is None:
+            return None
+        return Due(record.next_try, "Exim's retry time", f"retry record {record.key}: {record.error}")
 
     def expired(self, message: Message) -> Optional[str]:
         """Older than max_queue_time, not being delivered: Exim's own rules should decide its fate now.

@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 from qrunner.config import Sender
 from qrunner.exceptions import UnavailableError
 from qrunner.message import HeaderSource, Message, QueueState
-from qrunner.mta.base import (Backend, Gate, HandOverJournal, Outcome, Result, SendRequest, removed_now,
+from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, removed_now,
                               send_copying_routes)
 
 MESSAGE_ID = re.compile(r"M[0-9A-F]{8}\Z")
@@ -250,9 +250,9 @@ class MemoryBackend(Backend):
     def sends_from_hold(self, route: Optional[Sender]) -> bool:
         return route is not None
 
-    def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[float]:
+    def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[Due]:
         retry = self._listed.get(message.queue_id, {}).get("retry_at")
-        return retry if retry and retry > time.time() else None
+        return Due(retry, "the MTA's retry time") if retry and retry > time.time() else None
 
     def expired(self, message: Message) -> Optional[str]:
         limit = self._settings["max_queue_time"] if self._settings["named_queue"] else None

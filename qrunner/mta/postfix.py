@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from qrunner.config import PostfixSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message, QueueState
-from qrunner.mta.base import (Backend, Gate, HandOverJournal, Outcome, Result, SendRequest, removed_now,
+from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, removed_now,
                               send_copying_routes)
 from qrunner.mta.postfix_envelope import read_route, read_sender
 from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, hash_key, is_queue_id
@@ -212,7 +212,7 @@ class PostfixBackend(Backend):
         """A sender's route re-injects a copy of the held original; the default route needs it released."""
         return route is not None
 
-    def due(self, message: Message, attempts: Optional[Tuple[int, float]] = None) -> Optional[float]:
+    def due(self, message: Message, attempts: Optional[Tuple[int, float]] = None) -> Optional[Due]:
         """When Postfix would retry the message by itself, or None when it is due now.
 
         Due: its only delay reason is the gate's own (Postfix found it due
@@ -225,7 +225,7 @@ class PostfixBackend(Backend):
             mtime = os.stat(message.filename).st_mtime
         except OSError:
             return None
-        return mtime if mtime > time.time() else None
+        return Due(mtime, "Postfix's retry time") if mtime > time.time() else None
 
     def queue_lifetime(self) -> Optional[float]:
         """maximal_queue_lifetime: held mail older than this bounces on its first attempt after release."""
