@@ -1,4 +1,4 @@
-"""The Exim back end's choices that need no Exim to check: pacing, batching, hints, discovery.
+"""The Exim back end's choices that need no Exim to check: pacing, batching, forcing, hints, discovery.
 
 Subprocess is mocked here to reach what a real Exim will not show on
 demand; the real Exim runs in test_run.py, test_exim_run.py and
@@ -67,6 +67,21 @@ def test_dispatch_starts_batches_in_order_never_more_than_the_concurrency(backen
     assert [argv[argv.index("-Mc") + 1:] for argv in started] == [ids[0:10], ids[10:20], ids[20:25]]
     assert all(argv[:2] == ["/usr/sbin/exim4", "-qGqrunner"] for argv in started)
     assert set(outcomes.values()) == {Outcome(Result.DELIVERED)} and reported == ids
+
+
+def test_a_forced_send_is_a_queue_run_for_each_message_alone(backend, mocker):
+    mocker.patch.object(backend, "_frozen", return_value=False)
+    mocker.patch.object(backend, "write_routes")
+    mocker.patch.object(backend, "_outcome", return_value=Outcome(Result.DELIVERED))
+    argvs = []
+    mocker.patch.object(exim_mod.subprocess, "Popen",
+                        lambda argv, **kw: argvs.append(argv) or mocker.Mock(returncode=0, stderr=None,
+                                                                              poll=lambda: 0))
+    ids = ["1xW85O-000001-2A", "1xW85O-000002-2A"]
+    backend.send([SendRequest(Message(i, 0, 1, "a@b", ("c@d",)), None, forced=True) for i in ids],
+                 journal=mocker.Mock())
+    # -qf: past Exim's retry times, never a frozen message (-M would deliver it); the same id as start and stop
+    assert [argv[1:] for argv in argvs] == [["-qfGqrunner", i, i] for i in ids]
 
 
 RETRY_DUMP = """\

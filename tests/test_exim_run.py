@@ -2,9 +2,10 @@
 
 The cases both MTAs share are in test_run.py. Here: Exim missing, qrunner's
 own retry pacing for the named queue, waiting for Exim's retry time after a
-relay outage, the way out (release --all --to-default-queue), handing
-too-old mail back to Exim's retry rules, and bounces that Exim generates
-into the named queue.
+relay outage and the admin's forced flush past it (never past a freeze),
+the way out (release --all --to-default-queue), handing too-old mail back
+to Exim's retry rules, and bounces that Exim generates into the named
+queue.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 from mta_harness import HELD, WAITING, EximHarness
 from qrunner_e2e import ALLOW_ALL, SKIP_ALL, Qrunner
+
 
 
 def harness(exim, exim_sink):
@@ -66,8 +68,9 @@ def test_a_deferred_dispatch_waits_for_qrunners_backoff(tmp_path, exim, exim_sin
     mta.wait_gone(queue_id)
 
 
-def test_after_a_relay_outage_a_run_waits_for_exims_retry_time(tmp_path, exim, exim_sink):
-    """-Mc respects Exim's host retry record, on top of qrunner's backoff: plan and the log say so."""
+def test_after_a_relay_outage_a_run_waits_for_exims_retry_time_and_a_forced_flush_goes_past_it(tmp_path, exim,
+                                                                                             exim_sink):
+    """-Mc respects Exim's host retry record: plan and the log say so; flush --ignore-policy (-qf) delivers anyway."""
     mta = harness(exim, exim_sink)
     qr = Qrunner(tmp_path, mta, ALLOW_ALL)
     queue_id = mta.queue_message("sent during the outage")
@@ -93,6 +96,45 @@ def test_after_a_relay_outage_a_run_waits_for_exims_retry_time(tmp_path, exim, e
             f'reason="Exim\'s retry time (retry record {key}: {error})"') in second.stderr
     assert "action=send" not in second.stderr and exim_sink.messages == []
     assert mta.where(queue_id) == WAITING
+
+    forced = qr("flush", queue_id, "--ignore-policy")
+
+    assert forced.code == 0, forced.stderr
+    assert f"{queue_id}: action=send sender=default priority=50 policy=overridden result=delivered" in forced.stderr
+    assert [mta.exim_id(m) for m in exim_sink.wait_for(1)] == [queue_id]
+    assert re.search(rf"^\S+ \S+ {queue_id} => bob@example.net .*Q=qrunner", exim.log_text(), re.M)
+    assert queue_id not in exim.queue_ids()
+
+
+def test_a_forced_flush_never_delivers_a_message_the_admin_froze_after_qrunner_looked(tmp_path, exim, exim_sink,
+                                                                                     mocker, capsys):
+    """The admin freezes it in the last moment, after qrunner's own check: Exim's queue run (-qf) still skips it."""
+    from qrunner.cli import main
+    from qrunner.mta.exim import EximBackend
+
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, ALLOW_ALL)
+    queue_id = mta.queue_message("frozen at the last moment")
+    exim_sink.stop()
+    try:
+        assert qr("run").code == 0  # deferred: Exim now has a retry record for the relay
+    finally:
+        exim_sink.start()
+    start = EximBackend._start
+
+    def admin_freezes_first(backend, batch):
+        exim.freeze(batch.ids)  # exim -Mf, between qrunner's last look at the spool and Exim's start
+        return start(backend, batch)
+
+    mocker.patch.object(EximBackend, "_start", admin_freezes_first)
+
+    code = main(["--config", str(qr.config_path), "flush", queue_id, "--ignore-policy"])
+
+    assert code == 1
+    assert f"{queue_id}: action=send sender=default failed: frozen by someone else" in capsys.readouterr().err
+    assert exim.queue() and exim.queue()[0]["id"] == queue_id and exim.queue()[0]["frozen"]
+    assert exim_sink.messages == []
+    assert f"{queue_id} Message is frozen" in exim.log_text()
 
 
 def test_release_all_to_default_queue_leaves_nothing_behind(tmp_path, exim, exim_sink):

@@ -59,11 +59,15 @@ class SendRequest(NamedTuple):
 
     ``held``: the message is on qrunner's hold and stays there until it is
     copied into its route (only where :meth:`Backend.sends_from_hold` says so).
+    ``forced``: the admin's ``flush --ignore-policy``:
+    deliver it now, past the MTA's own retry times (never past someone's
+    hold or freeze).
     """
 
     message: Message
     route: Optional[Sender]
     held: bool = False
+    forced: bool = False
 
 
 class Due(NamedTuple):

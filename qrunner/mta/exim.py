@@ -17,19 +17,24 @@ rule: 15 minutes), and :meth:`EximBackend.due` reads those hints
 (``exim_hints.py``) so that the plan shows the wait instead of sending in
 vain. ``-Mc`` ignores an address's retry data (a 4xx to RCPT), so qrunner
 adds its own backoff (``backoff_min`` doubling to ``backoff_max``); the
-later of the two wins. A message older than ``max_queue_time`` is handed
-back to Exim's default queue, where Exim's retry rules time it out.
+later of the two wins. The admin's ``flush --ignore-policy`` is a forced
+queue run for each named message (``-qfG<queue> ID ID``), past the retry
+times and still never delivering frozen mail. A message older than
+``max_queue_time`` is handed back to Exim's default queue, where Exim's
+retry rules time it out.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
 import shutil
 import subprocess
 import time
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from qrunner.config import EximSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
@@ -39,7 +44,7 @@ from qrunner.mta import exim_gate, exim_hints, exim_spool
 
 log = logging.getLogger("qrunner.exim")
 
-BATCH = 10  # message ids per `exim -M` process
+BATCH = 10  # message ids per `exim -Mc` process
 ROUTES_FILE = "exim-routes"  # in state_dir: message id -> transport, read by contrib/exim's router
 COMMAND_BATCH = 200  # ids per -Mf / -Mt / -MG call
 
@@ -61,6 +66,20 @@ def find_dumpdb(binary: str) -> Optional[str]:
     if os.access(beside, os.X_OK):
         return beside
     return shutil.which("exim_dumpdb") or shutil.which("exim_dumpdb", path="/usr/sbin:/usr/local/sbin")
+
+
+@dataclass
+class _Batch:
+    """One Exim process: up to BATCH messages (``-Mc``), or one forced message (``-qf``)."""
+
+    requests: List[SendRequest]
+    forced: bool
+    proc: Optional[subprocess.Popen] = None
+    started: float = 0.0
+
+    @property
+    def ids(self) -> List[str]:
+        return [r.message.queue_id for r in self.requests]
 
 
 class EximBackend(Backend):
@@ -359,65 +378,82 @@ class EximBackend(Backend):
             path = parent
 
     def send(self, requests: Sequence[SendRequest], journal: HandOverJournal) -> Dict[str, Outcome]:
-        """``exim -qG<queue> -Mc ID...`` in the order given, at most ``dispatch_concurrency`` at once.
+        """Deliver in the order given, at most ``dispatch_concurrency`` Exim processes at once.
 
-        Batches are started in order, so a message is handed to Exim only
-        after every higher-priority message was. A message frozen (by anyone)
-        since the listing is not named. The outcome comes from the spool
-        afterwards: gone means delivered (or bounced by Exim), still there
-        means deferred.
+        ``exim -qG<queue> -Mc ID...``, up to 10 messages a process (Exim
+        delivers them one after another), batches started in order, so a
+        message is handed to Exim only after every higher-priority message
+        was. ``-Mc``, not ``-M``: Exim checks under its own lock that the
+        message is not frozen, so a message someone freezes after the check
+        here is never delivered by qrunner. A forced request (``flush
+        --ignore-policy``) is a queue run for that one message,
+        ``-qfG<queue> ID ID``: past Exim's retry times, and like ``-Mc`` it
+        skips frozen mail. Each outcome is read from the spool when its
+        process ends and reported at once: gone means delivered (or bounced
+        by Exim), still there means deferred.
         """
         outcomes: Dict[str, Outcome] = {}
+
+        def report(request: SendRequest, outcome: Outcome) -> None:
+            outcomes[request.message.queue_id] = outcome
+            journal.sent(request, outcome)
+
         self.write_routes({r.message.queue_id: r.route.exim.transport for r in requests if r.route is not None})
-        ready = []
-        for request in requests:
-            queue_id = request.message.queue_id
-            frozen = self._frozen(queue_id)
-            if frozen is None:
-                outcomes[queue_id] = Outcome(Result.VANISHED)
-            elif frozen:
-                outcomes[queue_id] = Outcome(Result.FAILED, "frozen since it was listed; not sent")
-            else:
-                ready.append(queue_id)
-        batches = [ready[i:i + BATCH] for i in range(0, len(ready), BATCH)]
-        started = time.time()
-        running: List[Tuple[subprocess.Popen, List[str]]] = []
-        problems: Dict[str, str] = {}
-        for batch in batches:
+        running: List[_Batch] = []
+        for batch in _batches(requests):
             while len(running) >= self.settings.dispatch_concurrency:
-                running = self._reap(running, problems)
-            # -Mc, not -M: Exim checks under its own lock that the message is not frozen, so
-            # a message someone freezes after this check is never delivered by qrunner.
-            proc = subprocess.Popen([self.binary] + self.config_args + self.queue_args + ["-Mc"] + batch,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            running.append((proc, batch))
+                running = self._reap(running, report)
+            batch.requests = [r for r in batch.requests if self._still_waiting(r, report)]
+            if batch.requests:
+                running.append(self._start(batch))
         while running:
-            running = self._reap(running, problems)
-        for queue_id in ready:
-            outcomes[queue_id] = self._outcome(queue_id, started, problems)
-        for request in requests:
-            journal.sent(request, outcomes[request.message.queue_id])
+            running = self._reap(running, report)
         return outcomes
 
-    def _reap(self, running, problems: Dict[str, str]):
-        """Wait for one -Mc process to end; remember what a failing one said."""
+    def _still_waiting(self, request: SendRequest, report: Callable[[SendRequest, Outcome], None]) -> bool:
+        """Not frozen (by anyone) and still queued just before its batch starts; else its outcome is reported."""
+        frozen = self._frozen(request.message.queue_id)
+        if frozen is None:
+            report(request, Outcome(Result.VANISHED))
+        elif frozen:
+            report(request, Outcome(Result.FAILED, "frozen since it was listed; not sent"))
+        return frozen is False
+
+    def _start(self, batch: _Batch) -> _Batch:
+        if batch.forced:
+            [queue_id] = batch.ids  # a start id and a stop id: the queue run starts that one message only
+            argv = [f"-qfG{self.queue}" if self.queue else "-qf", queue_id, queue_id]
+        else:
+            argv = self.queue_args + ["-Mc"] + batch.ids
+        batch.started = time.time()
+        batch.proc = subprocess.Popen([self.binary] + self.config_args + argv, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return batch
+
+    def _reap(self, running: List[_Batch], report: Callable[[SendRequest, Outcome], None]) -> List[_Batch]:
+        """Wait for at least one Exim process to end and report its messages; the batches still running."""
         while True:
-            still = []
-            for proc, batch in running:
-                if proc.poll() is None:
-                    still.append((proc, batch))
-                    continue
-                error = proc.stderr.read().decode("utf-8", "replace").strip() if proc.stderr else ""
-                if proc.stderr:
-                    proc.stderr.close()
-                if proc.returncode != 0:
-                    for queue_id in batch:
-                        problems[queue_id] = f"exim -Mc exited {proc.returncode}: {_last_line(error) or 'no message'}"
-            if len(still) < len(running):
-                return still
+            ended = [batch for batch in running if batch.proc.poll() is not None]
+            for batch in ended:
+                self._finished(batch, report)
+            if ended:
+                return [batch for batch in running if batch.proc.returncode is None]
             time.sleep(0.01)
 
-    def _outcome(self, queue_id: str, started: float, problems: Dict[str, str]) -> Outcome:
+    def _finished(self, batch: _Batch, report: Callable[[SendRequest, Outcome], None]) -> None:
+        """Each message's outcome, from the spool; what a failing process said, for all of its batch."""
+        proc = batch.proc
+        error = proc.stderr.read().decode("utf-8", "replace").strip() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+        problem = ""
+        if proc.returncode != 0:
+            problem = f"exim {'-qf' if batch.forced else '-Mc'} exited {proc.returncode}: " \
+                      f"{_last_line(error) or 'no message'}"
+        for request in batch.requests:
+            report(request, self._outcome(request.message.queue_id, batch.started, problem))
+
+    def _outcome(self, queue_id: str, started: float, problem: str) -> Outcome:
         paths = exim_spool.find_spool_paths(self.spool_directory, self.queue, queue_id, self.split)
         if paths is None:
             return Outcome(Result.DELIVERED)
@@ -425,10 +461,10 @@ class EximBackend(Backend):
             spool = exim_spool.read_header_file(paths.header, read_headers=False)
         except (OSError, ValueError):
             return Outcome(Result.DELIVERED)
-        if queue_id in problems:
-            return Outcome(Result.FAILED, problems[queue_id])
+        if problem:
+            return Outcome(Result.FAILED, problem)
         if spool.frozen:
-            if (spool.frozen_at or 0) >= int(started):
+            if (spool.frozen_at or 0) >= int(started) and _frozen_by_delivery(paths.msglog):
                 # Frozen by this delivery (a bounce that cannot be delivered, a delivery error):
                 # only Exim's own rules (ignore_bounce_errors_after, timeout_frozen_after) can end
                 # that, and they never act in a named queue.
@@ -437,6 +473,31 @@ class EximBackend(Backend):
                                               "default queue")
             return Outcome(Result.FAILED, "frozen by someone else since it was listed; not sent")
         return Outcome(Result.DEFERRED)
+
+
+def _batches(ready: Sequence[SendRequest]) -> List[_Batch]:
+    """Consecutive requests, up to BATCH a process; a forced request alone (a queue run for one id)."""
+    batches = []
+    for forced, group in itertools.groupby(ready, key=lambda r: r.forced):
+        group = list(group)
+        size = 1 if forced else BATCH
+        batches.extend(_Batch(group[i:i + size], forced) for i in range(0, len(group), size))
+    return batches
+
+
+def _frozen_by_delivery(msglog: str) -> bool:
+    """Did a delivery freeze it? Exim's delivery ends the message log with "*** Frozen (why)"; ``-Mf`` writes none.
+
+    Without a message log (``message_logs = false``) the freeze time alone
+    has to say, as before: a freeze during the dispatch counts as Exim's.
+    """
+    try:
+        with open(msglog, "rb") as log_file:
+            log_file.seek(max(0, os.path.getsize(msglog) - 4096))
+            lines = [line for line in log_file.read().splitlines() if line.strip()]
+    except OSError:
+        return True
+    return bool(lines) and lines[-1].startswith(b"*** Frozen")
 
 
 def _last_line(text: str) -> str:
