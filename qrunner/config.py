@@ -94,7 +94,7 @@ class PostfixSettings:
 
 @dataclass(frozen=True)
 class EximSettings:
-    """The ``[exim]`` table: which Exim, which named queue, and how qrunner paces its sends.
+    """The ``[exim]`` table: which Exim, which named queue, and how qrunner paces and orders its sends.
 
     Gated mail sits in a named queue that Exim's queue runners never
     process, so no delivery of it starts but qrunner's ``exim -Mc``. That
@@ -105,12 +105,20 @@ class EximSettings:
     reply to RCPT), which only queue runners respect; so qrunner adds its
     own backoff: a message a dispatch left queued waits ``backoff_min``
     seconds, doubling per attempt up to ``backoff_max``, and also for
-    Exim's retry time, whichever ends later. A message older than
-    ``max_queue_time`` is handed back
+    Exim's retry time, whichever ends later. ``flush --ignore-policy`` goes
+    past both (a forced queue run for the one message, which still skips
+    frozen mail). A message older than ``max_queue_time`` is handed back
     to Exim's default queue, where Exim's own retry rules time it out and
     bounce it as usual. The defaults follow Exim's default retry rule
     (F,2h,15m; G,16h,1h,1.5; F,4d,6h): start within minutes, settle at
     hours, give up after 4 days.
+
+    ``dispatch_concurrency``: Exim processes at once, each delivering up
+    to 10 messages of one priority level in turn. A lower level's batches
+    start only when every batch of the level above has ended, so the relay
+    sees the levels in order; ``overlap_priorities = true`` lets them start
+    as soon as a process is free (more throughput when levels are small,
+    no order between levels).
     """
 
     binary: Optional[str] = None
@@ -118,6 +126,7 @@ class EximSettings:
     spool_directory: Optional[str] = None
     queue: str = "qrunner"
     dispatch_concurrency: int = 2
+    overlap_priorities: bool = False
     backoff_min: int = 300
     backoff_max: int = 14400
     max_queue_time: int = 345600
@@ -295,6 +304,7 @@ _EXIM_KEYS = {
     "spool_directory": _text("a directory"),
     "queue": ("a string (a queue name, \"\" for the default queue)", lambda v: isinstance(v, str)),
     "dispatch_concurrency": ("a whole number from 1 up", lambda v: _whole(v) and v >= 1),
+    "overlap_priorities": ("true or false", lambda v: isinstance(v, bool)),
     "backoff_min": ("a whole number of seconds from 1 up", lambda v: _whole(v) and v >= 1),
     "backoff_max": ("a whole number of seconds from 1 up", lambda v: _whole(v) and v >= 1),
     "max_queue_time": ("a whole number of seconds from 1 up", lambda v: _whole(v) and v >= 1),

@@ -141,7 +141,7 @@ class Executor:
         self._sending = {s.queue_id: s for s in sends}
         completed = False
         try:
-            self.backend.send([SendRequest(s.message, s.route, s.from_hold, forced=s.overridden)
+            self.backend.send([SendRequest(s.message, s.route, s.from_hold, s.priority, forced=s.overridden)
                                for s in sends], self)
             completed = True
         finally:

@@ -174,6 +174,8 @@ def test_an_unknown_key_is_an_error_naming_it(capsys, tmp_path, probe, snapshot,
     ("[[sender]]\nid = 0\nname = 5\n", "name"),
     ("[postfix]\nconfig_directory = 5\n", "postfix.config_directory"),
     ("postfix = 'yes'\n", "postfix"),
+    ("[exim]\noverlap_priorities = 'yes'\n", "exim.overlap_priorities"),
+    ("[exim]\noverlap_priorities = 1\n", "exim.overlap_priorities"),
 ])
 def test_a_wrong_type_or_value_is_an_error_naming_the_key(capsys, tmp_path, probe, snapshot, text, key):
     config = write_config(tmp_path, text)

@@ -1,4 +1,4 @@
-"""The Exim back end's choices that need no Exim to check: pacing, batching, forcing, hints, discovery.
+"""The Exim back end's choices that need no Exim to check: pacing, batching by level, hints, discovery.
 
 Subprocess is mocked here to reach what a real Exim will not show on
 demand; the real Exim runs in test_run.py, test_exim_run.py and
@@ -64,9 +64,58 @@ def test_dispatch_starts_batches_in_order_never_more_than_the_concurrency(backen
     journal = mocker.Mock(sent=lambda request, outcome: reported.append(request.message.queue_id))
     outcomes = backend.send([SendRequest(m, None) for m in messages], journal=journal)
 
-    assert [argv[argv.index("-Mc") + 1:] for argv in started] == [ids[0:10], ids[10:20], ids[20:25]]
+    assert [argv[argv.index("-Mc") + 1:] for argv in started] == [ids[0:10], ids[10:20], ids[20:25]]  # one level
     assert all(argv[:2] == ["/usr/sbin/exim4", "-qGqrunner"] for argv in started)
     assert set(outcomes.values()) == {Outcome(Result.DELIVERED)} and reported == ids
+
+
+class SlowProcess:
+    """A fake Exim process that takes one poll per message to end; each start is noted with what ran then."""
+
+    def __init__(self, started, running, argv, **kwargs):
+        self.argv, self.polls, self.returncode, self.stderr = argv, 0, None, None
+        started.append((argv, [p.argv for p in running]))
+        running.append(self)
+        self.running = running
+
+    def poll(self):
+        self.polls += 1
+        if self.returncode is None and self.polls > len(self.argv):
+            self.returncode = 0
+            self.running.remove(self)
+        return self.returncode
+
+
+def _send_levels(backend, mocker, levels, forced=False):
+    """Send messages at the given priorities (in that order); each process's argv, with what ran beside it."""
+    mocker.patch.object(backend, "_frozen", return_value=False)
+    mocker.patch.object(backend, "write_routes")
+    mocker.patch.object(backend, "_outcome", return_value=Outcome(Result.DELIVERED))
+    mocker.patch.object(exim_mod.time, "sleep")
+    started, running = [], []
+    mocker.patch.object(exim_mod.subprocess, "Popen", lambda argv, **kw: SlowProcess(started, running, argv, **kw))
+    requests = [SendRequest(Message(f"1xW85O-{n:06d}-2A", 0, 1, "a@b", ("c@d",)), None, priority=priority,
+                            forced=forced) for n, priority in enumerate(levels)]
+    backend.send(requests, journal=mocker.Mock())
+    priority_of = {r.message.queue_id: r.priority for r in requests}
+    return [({priority_of[i] for i in argv if i in priority_of}, [{priority_of[i] for i in other if i in priority_of}
+                                                                   for other in beside]) for argv, beside in started]
+
+
+def test_a_batch_never_mixes_levels_and_no_lower_level_starts_while_a_higher_one_delivers(backend, mocker):
+    starts = _send_levels(backend, mocker, [90] * 12 + [50] * 12 + [10] * 3)
+
+    assert [levels for levels, _ in starts] == [{90}, {90}, {50}, {50}, {10}]
+    for levels, beside in starts:
+        assert all(other == levels for other in beside), "a lower level started beside a higher one"
+
+
+def test_overlap_priorities_lets_the_next_level_start_in_a_free_process(backend, mocker):
+    backend.settings = EximSettings(dispatch_concurrency=2, overlap_priorities=True)
+    starts = _send_levels(backend, mocker, [90] * 12 + [50] * 12)
+
+    assert [levels for levels, _ in starts] == [{90}, {90}, {50}, {50}]  # still one level a batch
+    assert any({90} in beside for levels, beside in starts if levels == {50})
 
 
 def test_a_forced_send_is_a_queue_run_for_each_message_alone(backend, mocker):

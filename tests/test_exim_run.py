@@ -3,9 +3,9 @@
 The cases both MTAs share are in test_run.py. Here: Exim missing, qrunner's
 own retry pacing for the named queue, waiting for Exim's retry time after a
 relay outage and the admin's forced flush past it (never past a freeze),
-the way out (release --all --to-default-queue), handing too-old mail back
-to Exim's retry rules, and bounces that Exim generates into the named
-queue.
+priority levels reaching the relay one after the other, the way out
+(release --all --to-default-queue), handing too-old mail back to Exim's
+retry rules, and bounces that Exim generates into the named queue.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ import time
 from mta_harness import HELD, WAITING, EximHarness
 from qrunner_e2e import ALLOW_ALL, SKIP_ALL, Qrunner
 
+PRIORITY_FROM_SUBJECT = ('function CheckFile(f, a, s, c, rp, r, h)\n'
+                         '  a.Priority = tonumber(h.subject:match("^p(%d+)")) or 50\n'
+                         '  return a\nend\n')
 
 
 def harness(exim, exim_sink):
@@ -135,6 +138,40 @@ def test_a_forced_flush_never_delivers_a_message_the_admin_froze_after_qrunner_l
     assert exim.queue() and exim.queue()[0]["id"] == queue_id and exim.queue()[0]["frozen"]
     assert exim_sink.messages == []
     assert f"{queue_id} Message is frozen" in exim.log_text()
+
+
+def test_priority_levels_reach_the_relay_in_order_one_level_after_the_other(tmp_path, exim, exim_sink):
+    """12 at p90 and 12 at p50, batches of 10, two Exim processes: no p50 batch starts while a p90 one delivers."""
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, PRIORITY_FROM_SUBJECT)
+    levels = {mta.queue_message(f"p{priority} #{n}"): priority
+              for n in range(12) for priority in (50, 90)}  # they arrive mixed
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    arrivals = [levels[mta.exim_id(m)] for m in exim_sink.wait_for(24)]
+    assert arrivals == [90] * 12 + [50] * 12, arrivals
+
+
+def test_with_overlap_priorities_levels_may_interleave_but_each_batch_keeps_its_order(tmp_path, exim, exim_sink):
+    """overlap_priorities = true: a p50 batch may start beside a p90 one; what still holds is asserted."""
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, PRIORITY_FROM_SUBJECT)
+    qr.config_path.write_text(qr.config_path.read_text() + "overlap_priorities = true\n")
+    levels = {mta.queue_message(f"p{priority} #{n}"): priority
+              for n in range(12) for priority in (50, 90)}
+    dispatch = sorted(levels, key=lambda i: (-levels[i], mta.arrival(i), i))  # DESIGN.md's dispatch order
+    batches = [dispatch[0:10], dispatch[10:12], dispatch[12:22], dispatch[22:24]]  # 10 a batch, one level each
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    arrived = [mta.exim_id(m) for m in exim_sink.wait_for(24)]
+    assert sorted(arrived) == sorted(levels)
+    for batch in batches:  # one Exim process delivers its batch one message after the other
+        assert [i for i in arrived if i in batch] == batch
+    assert levels[arrived[0]] == 90  # the first p50 batch waits for a free process: a p90 batch ended first
 
 
 def test_release_all_to_default_queue_leaves_nothing_behind(tmp_path, exim, exim_sink):

@@ -59,7 +59,8 @@ class SendRequest(NamedTuple):
 
     ``held``: the message is on qrunner's hold and stays there until it is
     copied into its route (only where :meth:`Backend.sends_from_hold` says so).
-    ``forced``: the admin's ``flush --ignore-policy``:
+    ``priority``: the level it is sent at, for a back end that keeps the
+    levels apart (Exim). ``forced``: the admin's ``flush --ignore-policy``:
     deliver it now, past the MTA's own retry times (never past someone's
     hold or freeze).
     """
@@ -67,6 +68,7 @@ class SendRequest(NamedTuple):
     message: Message
     route: Optional[Sender]
     held: bool = False
+    priority: int = 50
     forced: bool = False
 
 

@@ -22,6 +22,10 @@ queue run for each named message (``-qfG<queue> ID ID``), past the retry
 times and still never delivering frozen mail. A message older than
 ``max_queue_time`` is handed back to Exim's default queue, where Exim's
 retry rules time it out.
+
+Order: the batches of one priority level start only when every batch of
+the level above has ended (unless ``overlap_priorities``), and a batch
+never mixes levels, so the relay sees the levels in order.
 """
 
 from __future__ import annotations
@@ -70,9 +74,10 @@ def find_dumpdb(binary: str) -> Optional[str]:
 
 @dataclass
 class _Batch:
-    """One Exim process: up to BATCH messages (``-Mc``), or one forced message (``-qf``)."""
+    """One Exim process: up to BATCH messages of one level (``-Mc``), or one forced message (``-qf``)."""
 
     requests: List[SendRequest]
+    priority: int
     forced: bool
     proc: Optional[subprocess.Popen] = None
     started: float = 0.0
@@ -380,12 +385,14 @@ class EximBackend(Backend):
     def send(self, requests: Sequence[SendRequest], journal: HandOverJournal) -> Dict[str, Outcome]:
         """Deliver in the order given, at most ``dispatch_concurrency`` Exim processes at once.
 
-        ``exim -qG<queue> -Mc ID...``, up to 10 messages a process (Exim
-        delivers them one after another), batches started in order, so a
-        message is handed to Exim only after every higher-priority message
-        was. ``-Mc``, not ``-M``: Exim checks under its own lock that the
-        message is not frozen, so a message someone freezes after the check
-        here is never delivered by qrunner. A forced request (``flush
+        ``exim -qG<queue> -Mc ID...``, up to 10 messages of one priority
+        level a process (Exim delivers them one after another); a level's
+        batches start only when every batch of the level above has ended,
+        unless ``overlap_priorities``: otherwise a batch of the level below
+        would reach the relay while the level above is still delivering.
+        ``-Mc``, not ``-M``: Exim checks under its own lock that the message
+        is not frozen, so a message someone freezes after the check here is
+        never delivered by qrunner. A forced request (``flush
         --ignore-policy``) is a queue run for that one message,
         ``-qfG<queue> ID ID``: past Exim's retry times, and like ``-Mc`` it
         skips frozen mail. Each outcome is read from the spool when its
@@ -400,7 +407,12 @@ class EximBackend(Backend):
 
         self.write_routes({r.message.queue_id: r.route.exim.transport for r in requests if r.route is not None})
         running: List[_Batch] = []
+        level = None
         for batch in _batches(requests):
+            if batch.priority != level and not self.settings.overlap_priorities:
+                while running:  # the level above ends before this one starts
+                    running = self._reap(running, report)
+            level = batch.priority
             while len(running) >= self.settings.dispatch_concurrency:
                 running = self._reap(running, report)
             batch.requests = [r for r in batch.requests if self._still_waiting(r, report)]
@@ -476,12 +488,12 @@ class EximBackend(Backend):
 
 
 def _batches(ready: Sequence[SendRequest]) -> List[_Batch]:
-    """Consecutive requests, up to BATCH a process; a forced request alone (a queue run for one id)."""
+    """Consecutive requests of one level, up to BATCH a process; a forced request alone (a queue run for one id)."""
     batches = []
-    for forced, group in itertools.groupby(ready, key=lambda r: r.forced):
+    for (priority, forced), group in itertools.groupby(ready, key=lambda r: (r.priority, r.forced)):
         group = list(group)
         size = 1 if forced else BATCH
-        batches.extend(_Batch(group[i:i + size], forced) for i in range(0, len(group), size))
+        batches.extend(_Batch(group[i:i + size], priority, forced) for i in range(0, len(group), size))
     return batches
 
 
