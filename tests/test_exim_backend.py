@@ -141,7 +141,8 @@ RETRY_DUMP = """\
   T:mx.example:192.0.2.7:1xW85O-000003-2A -46 0 SMTP error from remote mail server after end of data
 01-Dec-2026 11:40:00  01-Dec-2026 11:40:00  01-Dec-2026 11:55:00 *
 """
-WAIT_DUMP = "127.0.0.1 1xW85O-000001-2A 1xW85O-000002-2A \n127.0.0.1:0 1xW85O-000004-2A \nmx.example 1xW85O-000005-2A \n"
+WAIT_DUMP = ("127.0.0.1 1xW85O-000001-2A 1xW85O-000002-2A \n127.0.0.1:0 1xW85O-000004-2A \n"
+             "mx.example 1xW85O-000005-2A \n")
 
 
 def test_exims_hints_say_which_record_holds_a_message_back():
