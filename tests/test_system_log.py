@@ -166,12 +166,14 @@ def test_journald_stores_each_line_once_with_facility_mail_and_its_priority(tmp_
     # Nothing twice: one entry per line and run.
     counts = Counter((e["_PID"], e["MESSAGE"]) for e in entries)
     assert max(counts.values()) == 1, counts.most_common(3)
-    # `journalctl -t qrunner --grep QUEUEID` (README) follows one message.
+    # The README's journalctl lines: one message's story (by identifier or by facility), the warnings.
     followed = [e["MESSAGE"] for e in journald.journal("-t", "qrunner", "--grep", held)]
     assert [m for m in followed if m.startswith(f"{held}: action=")] == [
         f'{held}: action=hold sender=default priority=50 reason="subject says hold"',
         f'{held}: action=keep sender=default reason="subject says hold"',
         f"{held}: action=release", f"{held}: action=send sender=default priority=50 policy=overridden"]
+    assert [e["MESSAGE"] for e in journald.journal("--facility=mail", "--grep", held)] == followed
+    assert {e["PRIORITY"] for e in journald.journal("-t", "qrunner", "-p", "warning")} == {"3", "4"}
 
 
 def test_plan_dry_run_check_and_status_write_nothing_to_the_system_log(tmp_path, log_namespace):
