@@ -81,6 +81,13 @@ def cron_mta(request, tmp_path):
     return EximHarness(request.getfixturevalue("exim"), request.getfixturevalue("exim_sink"))
 
 
+@pytest.fixture
+def memory(tmp_path):
+    """The memory back end, and qrunner configured with POLICY over it."""
+    mta = MemoryHarness(str(tmp_path / "queue"))
+    return mta, Qrunner(tmp_path, mta, POLICY)
+
+
 def qrunner_entries(namespace: LogNamespace, *match: str) -> list:
     return namespace.journal("SYSLOG_IDENTIFIER=qrunner", *match)
 
@@ -128,11 +135,10 @@ def test_a_quiet_cron_run_writes_every_action_and_warning_to_rsyslogs_mail_log(t
         assert held not in exigrep.stdout
 
 
-def test_journald_stores_each_line_once_with_facility_mail_and_its_priority(tmp_path, log_namespace):
+def test_journald_stores_each_line_once_with_facility_mail_and_its_priority(log_namespace, memory):
     journald = log_namespace("journald")
-    mta = MemoryHarness(str(tmp_path / "queue"))
+    mta, qr = memory
     mta.set(gated=False)
-    qr = Qrunner(tmp_path, mta, POLICY)
     held = mta.queue_message("please hold")
     sent = mta.queue_message("urgent")
     failed = mta.queue_message("boom")
@@ -176,10 +182,9 @@ def test_journald_stores_each_line_once_with_facility_mail_and_its_priority(tmp_
     assert {e["PRIORITY"] for e in journald.journal("-t", "qrunner", "-p", "warning")} == {"3", "4"}
 
 
-def test_plan_dry_run_check_and_status_write_nothing_to_the_system_log(tmp_path, log_namespace):
+def test_plan_dry_run_check_and_status_write_nothing_to_the_system_log(log_namespace, memory):
     journald = log_namespace("journald")
-    mta = MemoryHarness(str(tmp_path / "queue"))
-    qr = Qrunner(tmp_path, mta, POLICY)
+    mta, qr = memory
     held = mta.queue_message("please hold")
 
     looks = [journald.qrunner(qr, *args) for args in (["plan"], ["run", "--dry-run"], ["check"], ["status"])]
@@ -193,10 +198,9 @@ def test_plan_dry_run_check_and_status_write_nothing_to_the_system_log(tmp_path,
         e["MESSAGE"] for e in entries]
 
 
-def test_under_a_systemd_unit_stderr_is_the_journal_and_no_line_is_logged_twice(tmp_path, log_namespace):
+def test_under_a_systemd_unit_stderr_is_the_journal_and_no_line_is_logged_twice(tmp_path, log_namespace, memory):
     journald = log_namespace("journald")
-    mta = MemoryHarness(str(tmp_path / "queue"))
-    qr = Qrunner(tmp_path, mta, POLICY)
+    mta, qr = memory
     held = mta.queue_message("please hold")
     sent = mta.queue_message("go")
     unit = tmp_path / "unit_stderr.py"
@@ -220,10 +224,9 @@ def test_under_a_systemd_unit_stderr_is_the_journal_and_no_line_is_logged_twice(
         assert messages.count(line) == 1, (line, messages)
 
 
-def test_journald_forwards_the_lines_to_rsyslogs_mail_log_once(tmp_path, log_namespace):
+def test_journald_forwards_the_lines_to_rsyslogs_mail_log_once(log_namespace, memory):
     both = log_namespace("journald+rsyslog")
-    mta = MemoryHarness(str(tmp_path / "queue"))
-    qr = Qrunner(tmp_path, mta, POLICY)
+    mta, qr = memory
     held = mta.queue_message("please hold")
 
     run = both.qrunner(qr, "-q", "run")
@@ -237,10 +240,9 @@ def test_journald_forwards_the_lines_to_rsyslogs_mail_log_once(tmp_path, log_nam
     assert f"mail.info {line}" in both.file("all.log")
 
 
-def test_an_entry_too_big_for_one_datagram_reaches_the_journal_whole(tmp_path, log_namespace):
+def test_an_entry_too_big_for_one_datagram_reaches_the_journal_whole(log_namespace, memory):
     journald = log_namespace("journald")
-    mta = MemoryHarness(str(tmp_path / "queue"))
-    qr = Qrunner(tmp_path, mta, POLICY)
+    mta, qr = memory
     held = mta.queue_message("long reason")
 
     run = journald.qrunner(qr, "-q", "run")
@@ -251,10 +253,9 @@ def test_an_entry_too_big_for_one_datagram_reaches_the_journal_whole(tmp_path, l
     assert entry["MESSAGE"].endswith('x' * 400000 + '"') and entry["PRIORITY"] == "6"
 
 
-def test_no_system_log_is_not_an_error_and_a_dead_one_is_said_once(tmp_path, log_namespace):
+def test_no_system_log_is_not_an_error_and_a_dead_one_is_said_once(log_namespace, memory):
     bare = log_namespace("none")
-    mta = MemoryHarness(str(tmp_path / "queue"))
-    qr = Qrunner(tmp_path, mta, POLICY)
+    mta, qr = memory
     mta.queue_message("please hold")
     mta.queue_message("go")
 
