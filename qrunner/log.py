@@ -15,6 +15,10 @@ rule decides where they go:
   the lines, stderr gets none of them, so nothing is logged twice.
 - A dry run, ``plan``, ``check`` and ``status`` change nothing and write only
   to stderr.
+
+One warning is not quieted by ``-q`` on stderr either: a line logged with
+``extra=NOT_QUIETED`` (a missing gate: mail leaves without the policy, and
+cron must tell root on every run).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ SYSLOG_ADDRESS = "/dev/log"
 TEST_NO_SYSTEM_LOG = "QRUNNER_TEST_NO_SYSTEM_LOG"
 MAIL_FACILITY = 2  # LOG_MAIL >> 3, as syslog(3) numbers it
 
+NOT_QUIETED = {"not_quieted": True}  # extra= for a warning that -q must not hide on stderr
+
 _SEVERITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 _lost = False  # whether this process already said that the system log refused a line
 
@@ -55,12 +61,16 @@ def setup_logging(verbosity: int = 0, to_system_log: bool = False) -> logging.Lo
     if system is not None:
         system.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
         logger.addHandler(system)
+    stderr_level = {-1: logging.ERROR, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     if not (isinstance(system, JournalHandler) and stderr_is_journal()):
         stderr = logging.StreamHandler(sys.stderr)
-        stderr.setLevel({-1: logging.ERROR, 0: logging.INFO}.get(verbosity, logging.DEBUG))
+        stderr.addFilter(lambda record: record.levelno >= stderr_level or getattr(record, "not_quieted", False))
         stderr.setFormatter(logging.Formatter(f"{IDENTIFIER}[%(process)d]: %(message)s"))
         logger.addHandler(stderr)
-    logger.setLevel(min(handler.level for handler in logger.handlers))
+    levels = [stderr_level, logging.WARNING]  # WARNING: a NOT_QUIETED warning must reach the handlers under -q
+    if system is not None:
+        levels.append(system.level)
+    logger.setLevel(min(levels))
     return logger
 
 
