@@ -53,6 +53,7 @@ coverage: $(STAMP)
 install-test-deps:
 	bash tests/setup/install-postfix.sh
 	bash tests/setup/install-exim.sh
+	bash tests/setup/install-log-daemons.sh
 
 # What install puts under DOCDIR, each file at its path in this repository: the README and all of contrib/.
 DOC_FILES := README.md $(shell find contrib -type f ! -name '*~' | LC_ALL=C sort)

@@ -484,7 +484,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
         # A dry run and a look (plan, check, status) change nothing, so nothing of theirs reaches the mail log.
         acting = args.command in ("run", "flush", "release") and not getattr(args, "dry_run", False)
-        setup_logging(args.verbosity, use_syslog=acting)
+        setup_logging(args.verbosity, to_system_log=acting)
         return args.func(args)
     except QrunnerError as error:
         print(f"qrunner: {error.message}", file=sys.stderr)

@@ -21,6 +21,7 @@ from qrunner.config import Config, Sender, fallback_sender
 from qrunner.decision import Decision, MessageKey
 from qrunner.exceptions import ConfigError
 from qrunner.executor import Executor
+from qrunner.log import NOT_QUIETED
 from qrunner.message import Message
 from qrunner.mta.base import Backend, Gate
 from qrunner.plan import OVERRIDDEN, Listed, Plan, make_plan, release_plan, triage
@@ -229,14 +230,10 @@ class Runner:
             log.warning("%s: %s", step.queue_id, step.reason)
 
     def _warn_gate(self) -> None:
-        """Said on every run, dry run and plan, under ``-q`` too: ungated mail leaves without the policy.
-
-        Handed to the log's handlers whatever the log level, so that ``-q``
-        (errors only) cannot hide it; the handlers decide where it shows.
-        """
+        """Said on every run, dry run and plan, under ``-q`` too: ungated mail leaves without the policy."""
         gate = self.backend.gate(self.senders)
         if gate.gated is False:
-            log.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, "%s", (gate.why,), None))
+            log.warning("%s", gate.why, extra=NOT_QUIETED)
 
     def _past_lifetime(self, arrivals: Sequence[MessageKey]) -> List[MessageKey]:
         """Holds so old that releasing them means a bounce on the MTA's first attempt."""

@@ -6,6 +6,10 @@ import pytest
 
 pytest_plugins = ["postfix_fixtures", "exim_fixtures"]
 
+# Every qrunner the tests start would write its lines to this host's mail log; tests/test_system_log.py
+# turns it back on inside namespaces with loggers of their own.
+os.environ["QRUNNER_TEST_NO_SYSTEM_LOG"] = "1"
+
 
 REAL_MTA_FIXTURES = {"postfix_available", "exim_available"}
 

@@ -33,12 +33,14 @@ end
 
 @pytest.fixture
 def syslog(tmp_path, monkeypatch):
-    """A socket where qrunner's syslog lines land, as /dev/log would take them."""
+    """A socket where qrunner's system log lines land, as /dev/log would take them (no journal socket)."""
     address = str(tmp_path / "log.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(address)
     server.setblocking(False)
     monkeypatch.setattr(log_mod, "SYSLOG_ADDRESS", address)
+    monkeypatch.setattr(log_mod, "JOURNAL_SOCKET", str(tmp_path / "no-journal"))  # this host's journal stays out
+    monkeypatch.delenv(log_mod.TEST_NO_SYSTEM_LOG, raising=False)
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     lines = []
 
