@@ -19,7 +19,7 @@ from qrunner import __version__
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.decision import Decision
 from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, QrunnerError, UsageError
-from qrunner.log import setup_logging
+from qrunner.log import also_to_system_log, setup_logging
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend
@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $QRUNNER_CONFIG, else /etc/qrunner/qrunner.toml)")
     parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", default=0,
-                        help="log more")
-    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", help="log errors only")
+                        help="more on stderr (and debug lines in the system log)")
+    parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", help="only errors on stderr (the system log still gets every action and warning)")
     parser.add_argument("--version", action="version", version=f"qrunner {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_log_options(parser: argparse.ArgumentParser) -> None:
     """-v/-q after the command too (qrunner run -v); SUPPRESS keeps the global value when absent."""
     parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity",
-                        default=argparse.SUPPRESS, help="log more")
+                        default=argparse.SUPPRESS, help="more on stderr (and debug lines in the system log)")
     parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity",
-                        default=argparse.SUPPRESS, help="log errors only")
+                        default=argparse.SUPPRESS, help="only errors on stderr (the system log still gets every action and warning)")
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -488,6 +488,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except QrunnerError as error:
         print(f"qrunner: {error.message}", file=sys.stderr)
+        also_to_system_log(error.message)
         return error.exit_code
     except KeyboardInterrupt:
         print("qrunner: interrupted", file=sys.stderr)

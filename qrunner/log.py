@@ -74,6 +74,21 @@ def setup_logging(verbosity: int = 0, to_system_log: bool = False) -> logging.Lo
     return logger
 
 
+def also_to_system_log(message: str) -> None:
+    """The sentence a command ends with, into the system log too, where its actions are (never twice).
+
+    Under cron a failed run (69, 75, 78) would otherwise leave its trail
+    only in root's mail; the caller has printed it on stderr already.
+    """
+    logger = logging.getLogger(LOGGER)
+    record = logger.makeRecord(LOGGER, logging.ERROR, __file__, 0, message, (), None)
+    for handler in logger.handlers:
+        if isinstance(handler, JournalHandler) and stderr_is_journal():
+            continue  # stderr already is the journal
+        if isinstance(handler, (JournalHandler, SyslogHandler)):
+            handler.handle(record)
+
+
 def system_log() -> Optional[logging.Handler]:
     """The system log's handler: journald's native socket, else /dev/log, else None (there is none)."""
     if os.environ.get(TEST_NO_SYSTEM_LOG):

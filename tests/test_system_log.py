@@ -274,3 +274,19 @@ def test_no_system_log_is_not_an_error_and_a_dead_one_is_said_once(log_namespace
     assert dead.stderr == ("qrunner: warning: the system log /dev/log did not take qrunner's lines "
                            "(Connection refused); this run's actions are missing from the mail log.\n")
 
+
+
+def test_a_failed_cron_run_leaves_its_sentence_in_the_mail_log_once(log_namespace, memory):
+    """Exit 78 from cron: root's mail gets the sentence on stderr, and the mail log keeps the trail."""
+    rsyslog = log_namespace("rsyslog")
+    mta, qr = memory
+    mta.queue_message("x")
+    qr.set_script("function CheckFile(f, a)\n  if then\nend\n")
+
+    run = rsyslog.qrunner(qr, "-q", "run")
+
+    assert run.code == 78 and run.stderr.count("relayout.lua:2:") == 1, run.stderr
+    rsyslog.wait_until(lambda: "relayout.lua:2:" in rsyslog.file("mail.log"), "the error in mail.log")
+    assert rsyslog.file("mail.log").count("relayout.lua:2:") == 1
+    plan = rsyslog.qrunner(qr, "plan")  # a command that changes nothing leaves nothing there, even failing
+    assert plan.code == 78 and rsyslog.file("mail.log").count("relayout.lua:2:") == 1
