@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed
 # PREFIX: qrunner's own venv. BINDIR: the qrunner command (a link into the venv). CONFDIR: qrunner.toml and
 # relayout.lua, installed once and never overwritten. SYSTEMD_DIR: qrunner.service and qrunner.timer,
 # installed disabled. DOCDIR: README.md and contrib/ (the gate files, the example config, the cron example).
-# CRON_DIR: only looked at, by uninstall, for a cron line that still starts qrunner. SYSTEMCTL: how
+# CRON_DIR, CRONTAB: only looked at, by uninstall, for a cron line that still starts qrunner (root's own
+# crontab is the admin's to check: crontab -l). SYSTEMCTL: how
 # uninstall stops and disables the timer (the tests give a stand-in).
 PREFIX ?= /opt/qrunner
 BINDIR ?= /usr/local/bin
@@ -18,6 +19,7 @@ CONFDIR ?= /etc/qrunner
 SYSTEMD_DIR ?= /etc/systemd/system
 DOCDIR ?= /usr/local/share/doc/qrunner
 CRON_DIR ?= /etc/cron.d
+CRONTAB ?= /etc/crontab
 SYSTEMCTL ?= systemctl
 # As root the test setup installs Postfix, so skipping an MTA test is an error.
 REQUIRE_MTA := $(shell [ "$$(id -u)" = 0 ] && echo 1)
@@ -101,7 +103,7 @@ else
 	@if [ ! -e $(PREFIX)/bin/qrunner ]; then \
 	    echo "make uninstall: there is no $(PREFIX)/bin/qrunner, so qrunner's holds cannot be released;" \
 	         "run make install first (it keeps $(CONFDIR) as it is), then make uninstall." >&2; exit 1; fi
-	@cron=$$(grep -ls '$(BINDIR)/qrunner' $(CRON_DIR)/* 2>/dev/null); if [ -n "$$cron" ]; then \
+	@cron=$$(grep -lsE '^[^#]*qrunner' $(CRON_DIR)/* $(CRONTAB) 2>/dev/null); if [ -n "$$cron" ]; then \
 	    echo "make uninstall: $$cron still starts qrunner from cron; remove it (or its qrunner line) first." \
 	         "Nothing was changed." >&2; exit 1; fi
 	$(RELEASE_FOR_REMOVAL)

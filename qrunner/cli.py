@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from qrunner import __version__
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.decision import Decision
-from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, QrunnerError, UsageError
-from qrunner.log import also_to_system_log, setup_logging
+from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, LockHeldError, QrunnerError, UsageError
+from qrunner.log import report_failure, setup_logging
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend
@@ -480,15 +480,19 @@ def summary_line(decisions: Sequence[Decision]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         # A dry run and a look (plan, check, status) change nothing, so nothing of theirs reaches the mail log.
         acting = args.command in ("run", "flush", "release") and not getattr(args, "dry_run", False)
         setup_logging(args.verbosity, to_system_log=acting)
         return args.func(args)
+    except LockHeldError as error:
+        # Not a failure: the previous run is still at work. Under -q (cron) only the system log hears it.
+        report_failure(error.message, logging.WARNING, on_stderr=getattr(args, "verbosity", 0) >= 0)
+        return error.exit_code
     except QrunnerError as error:
-        print(f"qrunner: {error.message}", file=sys.stderr)
-        also_to_system_log(error.message)
+        report_failure(error.message)
         return error.exit_code
     except KeyboardInterrupt:
         print("qrunner: interrupted", file=sys.stderr)

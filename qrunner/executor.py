@@ -103,7 +103,7 @@ class Executor:
         for decision in decisions:
             log.log(logging.INFO if named else logging.DEBUG, "%s: action=keep sender=%s reason=%s",
                     decision.queue_id, decision.senders, quote(decision.reason))
-        self.state.update_reason((d.key, d.senders, d.reason) for d in decisions)
+        self.state.update_reason((d.key, d.senders, d.reason, d.message.sender) for d in decisions)
 
     def release(self, steps: Sequence[Release]) -> None:
         if not steps:
@@ -163,8 +163,8 @@ class Executor:
         elif outcome.result is Result.FAILED:
             self.summary.failed += 1
             if send.route is not None:
-                self.state.update_reason([(send.key, senders,
-                                           f"hand-over to sender {senders} failed: {outcome.detail}")])
+                self.state.update_reason([(send.key, senders, f"hand-over to sender {senders} failed: "
+                                           f"{outcome.detail}", send.message.sender)])
             log.error("%s: action=send sender=%s failed: %s", send.queue_id, senders, outcome.detail)
         elif outcome.result is Result.ROUTED:
             self.summary.sent += 1

@@ -74,19 +74,24 @@ def setup_logging(verbosity: int = 0, to_system_log: bool = False) -> logging.Lo
     return logger
 
 
-def also_to_system_log(message: str) -> None:
-    """The sentence a command ends with, into the system log too, where its actions are (never twice).
+def report_failure(message: str, level: int = logging.ERROR, on_stderr: bool = True) -> None:
+    """The sentence a command ends with: on stderr, and in the system log where its actions are, once.
 
-    Under cron a failed run (69, 75, 78) would otherwise leave its trail
-    only in root's mail; the caller has printed it on stderr already.
+    Under cron a failed run (69, 77, 78) would otherwise leave its trail
+    only in root's mail. Under the systemd unit stderr is the journal, so
+    the sentence goes through the native socket instead, with its real
+    priority (a line on the unit's stderr would be stored as info).
+    ``on_stderr`` False: the system log only (``-q`` and a run that found
+    the previous one still running: cron would mail root every 5 minutes).
     """
     logger = logging.getLogger(LOGGER)
-    record = logger.makeRecord(LOGGER, logging.ERROR, __file__, 0, message, (), None)
-    for handler in logger.handlers:
-        if isinstance(handler, JournalHandler) and stderr_is_journal():
-            continue  # stderr already is the journal
-        if isinstance(handler, (JournalHandler, SyslogHandler)):
-            handler.handle(record)
+    system = [h for h in logger.handlers if isinstance(h, (JournalHandler, SyslogHandler))]
+    journal_is_stderr = any(isinstance(h, JournalHandler) for h in system) and stderr_is_journal()
+    if on_stderr and not journal_is_stderr:
+        print(f"{IDENTIFIER}: {message}", file=sys.stderr)
+    record = logger.makeRecord(LOGGER, level, __file__, 0, message, (), None)
+    for handler in system:
+        handler.handle(record)
 
 
 def system_log() -> Optional[logging.Handler]:

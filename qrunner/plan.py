@@ -207,10 +207,8 @@ def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None) -
                 result.left_alone.append(LeftAlone(message, f"a copy qrunner handed to sender {item.copy}; the MTA "
                                                             "delivers it on that route"))
             continue
-        if item.handed is not None and item.ours:
-            copy_id, sender = item.handed
-            result.remove.append(Remove(message, f"already handed to sender {sender} as {copy_id} by an "
-                                                 "interrupted run"))
+        if _handed_over(item):
+            result.remove.append(_remove(item))
         elif item.expired is not None and not item.ours:
             result.hand_back.append(HandBack(message, item.expired))
         elif named is not None and message.queue_id not in named:
@@ -224,6 +222,16 @@ def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None) -
         if queue_id not in seen:
             result.left_alone.append(LeftAlone(Message(queue_id, 0.0, 0, "", ()), "not in the queue; nothing to do"))
     return result
+
+
+def _handed_over(item: Listed) -> bool:
+    """One of qrunner's holds whose copy a sender's route already accepted (a run stopped before it removed it)."""
+    return item.handed is not None and item.ours
+
+
+def _remove(item: Listed) -> Remove:
+    copy_id, sender = item.handed
+    return Remove(item.message, f"already handed to sender {sender} as {copy_id} by an interrupted run")
 
 
 def dispatch_key(decision: Decision):
@@ -285,18 +293,23 @@ def release_plan(listed: Iterable[Listed], only_ids: Optional[Sequence[str]], to
     scheduling too; with every hold (``only_ids`` None) it hands back every
     listed message, held by qrunner or not, so that the way out leaves no
     mail in qrunner's queue. Holds qrunner did not make are never released.
+    The original of a copy a sender's route already accepted is removed,
+    as a run would: released, the MTA would send it a second time.
     """
     plan = Plan(named=only_ids is not None)
     named = None if only_ids is None else set(only_ids)
     for item in listed:
         message = item.message
+        if _handed_over(item):
+            plan.remove.append(_remove(item))
+            continue
         chosen = named is None or message.queue_id in named
         if item.ours and chosen:
             plan.release.append(Release(message, "released by the admin", by_admin=True))
         if to_default_queue and (named is None or (item.ours and chosen)):
             plan.hand_back.append(HandBack(message, "moved to the MTA's default queue by the admin", by_admin=True))
     if named is not None:
-        released = {r.queue_id for r in plan.release}
+        acted = {r.queue_id for r in plan.release} | {r.queue_id for r in plan.remove}
         plan.left_alone = [LeftAlone(Message(q, 0.0, 0, "", ()), "not held by qrunner; left alone")
-                           for q in sorted(named - released)]
+                           for q in sorted(named - acted)]
     return plan

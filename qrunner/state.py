@@ -397,12 +397,17 @@ class State:
     def mark_held(self, keys: Iterable[MessageKey]) -> None:
         self._set_state(keys, "held")
 
-    def update_reason(self, holds: Iterable[Tuple[MessageKey, str, str]]) -> None:
-        """A message still held: the latest run's senders and reason."""
+    def update_reason(self, holds: Iterable[Tuple[MessageKey, str, str, str]]) -> None:
+        """A message still held: the latest run's senders and reason (key, senders, reason, envelope sender).
+
+        The envelope sender fills in what a hold recorded before qrunner kept it lacks.
+        """
         with self.db:
             self.db.executemany(
-                "UPDATE holds SET senders = ?, reason = ? WHERE instance = ? AND queue_id = ? AND arrival = ?",
-                [(senders, reason, self.instance, key.queue_id, key.arrival) for key, senders, reason in holds])
+                "UPDATE holds SET senders = ?, reason = ?, envelope_sender = coalesce(envelope_sender, ?) "
+                "WHERE instance = ? AND queue_id = ? AND arrival = ?",
+                [(senders, reason, sender, self.instance, key.queue_id, key.arrival)
+                 for key, senders, reason, sender in holds])
 
     def mark_releasing(self, keys: Iterable[MessageKey]) -> None:
         self._set_state(keys, "releasing")

@@ -274,3 +274,21 @@ def test_without_the_gate_the_mta_delivers_by_itself_and_holds_still_work(tmp_pa
 
     assert [m.queue_id for m in mta.sink.wait_for(1)] == [other]  # no qrunner run in between
     assert mta.where(held) == HELD
+
+
+@pytest.mark.parametrize("command", [["release", "--all"], ["release", "--for-removal"]])
+def test_the_way_out_never_sends_an_original_whose_copy_already_left(tmp_path, mta, command):
+    """An interrupted hand-over leaves the original held; releasing it would have the MTA send it again."""
+    qr = Qrunner(tmp_path, mta, ALLOW_ALL)
+    qr.config_path.write_text(qr.config_path.read_text() + TWO_SENDERS)
+    queue_id = mta.queue_message("crash after the copy")
+    assert qr.run_killed_at(f"{mta.backend_class}.remove").code < 0  # the copy was recorded, then the kill
+    mta.set(gated=False)
+
+    result = qr(*command)
+
+    assert result.code == 0, result.stderr
+    assert f"{queue_id}: action=delete" in result.stderr and f"{queue_id}: action=release" not in result.stderr
+    time.sleep(0.2)
+    assert [m.route for m in mta.sink.wait_for(1)] == ["isp"]  # the copy, and nothing by the MTA's own routing
+    assert queue_id not in mta.snapshot()

@@ -497,3 +497,20 @@ def test_postfix_a_route_that_is_not_the_listeners_is_a_config_error(tmp_path, p
         result = qr(*command)
         assert result.code == 78, result.stderr
         assert f"its listener 127.0.0.1:{listener_ports[0]} stamps content_filter=qr-sender-0:" in result.stderr
+
+
+def test_postfix_release_all_removes_an_original_whose_copy_already_left(tmp_path, pf, smtp_sink, relays,
+                                                                          listener_ports):
+    """The way out after an interrupted hand-over: the original goes (its copy left), it is not released."""
+    qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
+    queue_id = queue_message(pf, "copied, then the kill")
+    assert qr.run_killed_at("qrunner.mta.postfix:PostfixBackend.remove").code == -signal.SIGKILL
+    assert queue_state(pf)[queue_id][0] == "hold"
+
+    result = qr("release", "--all")
+
+    assert result.code == 0, result.stderr
+    assert f"{queue_id}: action=delete" in result.stderr and "action=release" not in result.stderr
+    assert queue_id not in queue_state(pf)  # postqueue -j: gone, not deferred for Postfix to send again
+    assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"copied, then the kill"]
+    assert smtp_sink.messages == []

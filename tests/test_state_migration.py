@@ -119,6 +119,7 @@ def test_holds_of_the_previous_release_survive_the_upgrade_with_their_reasons(tm
     run = qr("run")
 
     assert run.code == 0, run.stderr
+    assert "alice@qrunner-test.localdomain" in qr("status").stdout  # the run filled in the envelope sender
     assert "action=hold" not in run.stderr and "dropped" not in run.stderr  # still qrunner's holds
     assert copy not in run.stderr and "listed=2" in run.stderr  # the copy is never decided again
     status = qr("status").stdout

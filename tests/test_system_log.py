@@ -9,6 +9,8 @@ What the tests expect comes from the loggers themselves: rsyslog's files
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import subprocess
 import sys
@@ -290,3 +292,37 @@ def test_a_failed_cron_run_leaves_its_sentence_in_the_mail_log_once(log_namespac
     assert rsyslog.file("mail.log").count("relayout.lua:2:") == 1
     plan = rsyslog.qrunner(qr, "plan")  # a command that changes nothing leaves nothing there, even failing
     assert plan.code == 78 and rsyslog.file("mail.log").count("relayout.lua:2:") == 1
+
+
+def test_under_the_unit_a_failed_run_is_stored_once_as_an_error(tmp_path, log_namespace, memory):
+    """stderr is the journal there: the sentence goes by the native socket, at err, not as an info line."""
+    journald = log_namespace("journald")
+    mta, qr = memory
+    qr.set_script("function CheckFile(f, a)\n  if then\nend\n")
+    unit = tmp_path / "unit_stderr.py"
+    unit.write_text(UNIT_STDERR)
+
+    as_unit = journald.run([sys.executable, str(unit), "run"], env=system_log_env(qr))
+
+    assert as_unit.code == 78
+    journald.wait_until(lambda: qrunner_entries(journald), "the error in the journal")
+    [entry] = [e for e in qrunner_entries(journald) if "relayout.lua:2:" in e["MESSAGE"]]
+    assert (entry["PRIORITY"], entry["_TRANSPORT"], entry["SYSLOG_FACILITY"]) == ("3", "journal", "2")
+
+
+def test_a_quiet_cron_run_that_finds_the_previous_one_running_mails_root_nothing(log_namespace, memory):
+    rsyslog = log_namespace("rsyslog")
+    mta, qr = memory
+    os.makedirs(qr.state_dir, exist_ok=True)
+    with open(os.path.join(qr.state_dir, "qrunner.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the previous run, still at work
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        quiet = rsyslog.qrunner(qr, "-q", "run")
+        loud = rsyslog.qrunner(qr, "run")
+
+    assert (quiet.code, quiet.stderr) == (75, "")  # cron mails nothing
+    assert loud.code == 75 and f"PID {os.getpid()}" in loud.stderr  # by hand, it is said
+    rsyslog.wait_until(lambda: rsyslog.file("mail.log").count("holds the lock") == 2, "both in mail.log")
+    rows = [row.split(" ", 1)[0] for row in rsyslog.file("all.log").splitlines() if "holds the lock" in row]
+    assert rows == ["mail.warning", "mail.warning"]

@@ -192,7 +192,8 @@ def test_the_units_are_the_mta_neutral_oneshot_and_its_five_minute_timer():
     assert service["Unit"]["After"].split() == ["postfix.service", "exim4.service"]
     assert dict(service["Service"]) == {"Type": "oneshot", "ExecStart": "/usr/local/bin/qrunner run",
                                         "SuccessExitStatus": "75", "SyslogIdentifier": "qrunner",
-                                        "SyslogFacility": "mail", "Nice": "5"}
+                                        "SyslogFacility": "mail", "Nice": "5",
+                                        "LogRateLimitIntervalSec": "0"}  # the audit trail is never thinned
     assert dict(timer["Timer"]) == {"OnCalendar": "*:0/5", "Persistent": "true"}
     assert dict(timer["Install"]) == {"WantedBy": "timers.target"}
     assert not os.path.exists(os.path.join(CONTRIB, "systemd", "qrunner.service.d"))
@@ -255,7 +256,7 @@ def scratch_tree(tmp_path):
     root = tmp_path / "root"
     paths = {"PREFIX": root / "opt/qrunner", "BINDIR": root / "usr/local/bin", "CONFDIR": root / "etc/qrunner",
              "SYSTEMD_DIR": root / "etc/systemd/system", "DOCDIR": root / "usr/local/share/doc/qrunner",
-             "CRON_DIR": root / "etc/cron.d"}
+             "CRON_DIR": root / "etc/cron.d", "CRONTAB": tmp_path / "crontab"}
     for existing in ("BINDIR", "SYSTEMD_DIR", "CRON_DIR"):
         paths[existing].mkdir(parents=True)
     for existing in ("opt", "usr/local/share/doc", "var/lib"):
@@ -271,6 +272,7 @@ def scratch_tree(tmp_path):
 def make(target: str, paths, cwd, *extra: str) -> subprocess.CompletedProcess:
     """``make -C <repository> TARGET`` from another directory, as an admin might run it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QRUNNER_") and k not in ("MAKEFLAGS", "MFLAGS")}
+    env["QRUNNER_TEST_NO_SYSTEM_LOG"] = "1"  # the installed qrunner must not write to this host's mail log either
     return subprocess.run(["make", "--no-print-directory", "-C", ROOT, target]
                           + [f"{name}={value}" for name, value in paths.items()] + list(extra),
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -345,6 +347,10 @@ def test_make_install_then_uninstall_leaves_only_what_it_says_it_left(tmp_path, 
     cron = make("uninstall", paths, tmp_path)
     assert cron.returncode != 0 and "still starts qrunner from cron" in cron.stderr
     (paths["CRON_DIR"] / "qrunner").unlink()
+    paths["CRONTAB"].write_text(f"*/5 * * * * root {command} -q run\n")  # the system crontab counts too
+    in_crontab = make("uninstall", paths, tmp_path)
+    assert in_crontab.returncode != 0 and "crontab still starts qrunner" in in_crontab.stderr
+    paths["CRONTAB"].write_text("# */5 * * * * root qrunner -q run (commented out)\n")
 
     gated = make("uninstall", paths, tmp_path)
 
