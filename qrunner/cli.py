@@ -16,6 +16,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from qrunner import __version__
+from qrunner.cases import describe, load_cases, run_cases, summary
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.decision import Decision
 from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, LockHeldError, QrunnerError, UsageError
@@ -108,9 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="check that the policy script loads (and runs over a snapshot)",
         description="Load the policy script for every sender and report load errors with line numbers; "
-                    "with --queue-file, also run it over every message and list the policy errors.",
+                    "with --queue-file, also run it over every message and list the policy errors; with --cases, "
+                    "run it over the messages of a cases file and say where it does not do what each case expects.",
         epilog=EXIT_CODES, formatter_class=RAW)
     _add_policy_options(check, "a queue snapshot to run the script over (postqueue -j lines, '-' for stdin)")
+    check.add_argument("--cases", metavar="FILE",
+                       help="a TOML (or .json) file of messages, each with the action, priority, sender or reason "
+                            "the policy must give it (see examples/relayout-cases.toml); exit 1 when one differs")
     check.set_defaults(func=cmd_check)
 
     run = commands.add_parser(
@@ -331,6 +336,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     senders = _senders(args, config)
+    if args.cases:
+        if args.queue_file:
+            raise UsageError("give --cases or --queue-file, not both.")
+        return check_cases(args.cases, _policy_settings(config, args.now), senders, config.script)
     backend = SnapshotBackend(args.queue_file) if args.queue_file else None
     decisions = decide_offline(_policy_settings(config, args.now), senders, backend)
     if backend is None:
@@ -343,6 +352,16 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{decision.queue_id}: {error}")
     print(f"{config.script}: {len(decisions)} messages checked, {len(failed)} with policy errors")
     return EX_POLICY_ERRORS if failed else EX_OK
+
+
+def check_cases(path: str, settings: PolicySettings, senders: Sequence[Sender], script: str) -> int:
+    """Each case that changed behaviour, with what it expected and what the script did; then a summary."""
+    outcomes = run_cases(settings, senders, load_cases(path))
+    for outcome in outcomes:
+        if outcome.changes:
+            print(f"{outcome.case.title}: {'; '.join(outcome.changes)} (the script said: {describe(outcome.decision)})")
+    print(summary(script, outcomes))
+    return EX_POLICY_ERRORS if any(o.changes for o in outcomes) else EX_OK
 
 
 # -- output ----------------------------------------------------------------
