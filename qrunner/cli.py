@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import closing
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from qrunner import __version__
@@ -25,7 +26,7 @@ from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend
 from qrunner.plan import Wait, report_order
-from qrunner.policy import PolicySettings
+from qrunner.policy import PolicySettings, lua_implementation, lupa_version
 from qrunner.runner import RunResult, Runner, decide_offline
 
 EXIT_CODES = """\
@@ -54,6 +55,25 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message}; see '{self.prog} --help'.")
+
+
+class _Version(argparse.Action):
+    """``--version``: what a bug report needs, found now (the configuration's Lua and MTA), never a traceback."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"qrunner {__version__}")
+        try:
+            config = load_config(namespace.config)
+        except QrunnerError as error:
+            print(f"configuration: {error.message}")
+            parser.exit(0)
+        print(f"lupa {lupa_version()}, {lua_implementation(config.lua)} (lua = \"{config.lua}\")")
+        try:
+            with closing(backend_for(config)) as backend:
+                print(f"MTA: {backend.version()}")
+        except QrunnerError as error:
+            print(f"MTA: none usable: {error.message}")
+        parser.exit(0)
 
 
 def _now(text: str) -> int:
@@ -93,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_const", const=1, dest="verbosity", default=0,
                         help="more on stderr (and debug lines in the system log)")
     parser.add_argument("-q", "--quiet", action="store_const", const=-1, dest="verbosity", help="only errors on stderr (the system log still gets every action and warning)")
-    parser.add_argument("--version", action="version", version=f"qrunner {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="qrunner's version, lupa's and the configured Lua's, and the MTA qrunner finds")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
 
@@ -171,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="List qrunner's holds (queue id, since when, senders, reason), the senders, whether the MTA "
                     "is gated for qrunner (gated: yes, no or unknown, with why) and the last run's summary.",
         epilog=EXIT_CODES, formatter_class=RAW)
+    status.add_argument("--check", action="store_true",
+                        help="one line for monitoring (Nagios-style): exit 0 all well; 1 a warning (the MTA not "
+                             "gated, holds near the MTA's queue lifetime, the last run had policy errors or ended "
+                             "with exit 1); 2 no run completed within --max-age, or the last one failed")
+    status.add_argument("--max-age", metavar="SECONDS", type=float, default=1800,
+                        help="with --check: how long ago the last run may have completed (default 1800: the timer "
+                             "runs every 5 minutes)")
     status.set_defaults(func=cmd_status)
     for command in (plan, check, run, flush, release, status):
         _add_log_options(command)
@@ -306,6 +334,11 @@ def _release_for_removal(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.check:
+        with _runner(args, load_config(args.config)) as runner:
+            verdict = runner.check_health(args.max_age)
+        print(verdict.text)
+        return verdict.code
     with _runner(args, load_config(args.config)) as runner:
         status = runner.status()
     print(f"qrunner holds in {status.instance}: {len(status.holds)}")

@@ -20,6 +20,7 @@ The rules (VPOP3's API, made exact in DESIGN.md section 2):
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import mmap
@@ -67,6 +68,23 @@ class PolicySettings:
     memory_mb: int = 64
     on_script_error: str = "skip"
     now: Optional[int] = None  # epoch seconds the script's clock shows; None: the real clock
+
+
+def lupa_version() -> str:
+    import lupa
+
+    return getattr(lupa, "__version__", "?")
+
+
+def lua_implementation(lua: str) -> str:
+    """The Lua that ``lua`` (a configuration value) runs, as it names itself ("Lua 5.4", "LuaJIT 2.1...")."""
+    from qrunner.policy_worker import LUA_MODULES
+
+    try:
+        module = importlib.import_module(LUA_MODULES[lua])
+        return module.LuaRuntime().lua_implementation
+    except (ImportError, KeyError, AttributeError) as error:
+        return f"Lua {lua} not available ({error})"
 
 
 def _as_number(kind: str, value) -> Optional[float]:

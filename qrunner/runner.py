@@ -86,6 +86,41 @@ class Status:
     gate: Gate = Gate(None, "not asked")
 
 
+@dataclass
+class Health:
+    """``status --check``: a Nagios-style code (0 ok, 1 warning, 2 critical) and one line saying why."""
+
+    code: int
+    text: str
+
+
+NEAR_LIFETIME = 0.8  # a hold this far into the MTA's queue lifetime is "near its limit"
+
+
+def health(status: Status, queue_lifetime: Optional[float], max_age: float, now: float) -> Health:
+    """Is qrunner doing its job? Critical: no run completed within ``max_age`` seconds, or the last one failed;
+    warning: the MTA not gated (or qrunner cannot tell), holds near the queue lifetime, policy errors."""
+    run = status.last_run
+    if run is None:
+        return Health(2, "QRUNNER CRITICAL: no run has completed yet")
+    age = now - (run.finished or run.started)
+    if age > max_age:
+        return Health(2, f"QRUNNER CRITICAL: no run completed in the last {int(max_age)} s (the last {int(age)} s ago)")
+    if run.outcome.startswith("failed"):
+        return Health(2, f"QRUNNER CRITICAL: the last run ({run.command}) {run.outcome}")
+    warnings = []
+    if status.gate.gated is not True:
+        warnings.append(("not gated: " if status.gate.gated is False else "gate unknown: ") + status.gate.why)
+    near = [h for h in status.holds if queue_lifetime and now - h.arrival > NEAR_LIFETIME * queue_lifetime]
+    if near:
+        warnings.append(f"{len(near)} holds near the MTA's queue lifetime")
+    if run.errors or run.outcome.startswith("exit 1"):
+        warnings.append(f"the last run ({run.command}) ended {run.outcome}")
+    if warnings:
+        return Health(1, "QRUNNER WARNING: " + "; ".join(warnings))
+    return Health(0, f"QRUNNER OK: {len(status.holds)} holds; the last run {int(age)} s ago ({run.command}, ok)")
+
+
 def _outcome(plan: Plan, summary: RunSummary) -> str:
     """How a finished run is recorded: "ok", or the exit code and why."""
     found = troubles(plan, summary)
@@ -322,6 +357,10 @@ class Runner:
             state.close()
         return Status(self.backend.instance, holds, self._past_lifetime([h.key for h in holds]), self.routes(), last,
                       self.backend.gate(self.senders))
+
+    def check_health(self, max_age: float) -> Health:
+        """``status --check``: one line and a code for monitoring."""
+        return health(self.status(), self.backend.queue_lifetime(), max_age, time.time())
 
     def routes(self) -> Dict[Sender, str]:
         """Each sender, in the order they run, with how its mail leaves this MTA."""

@@ -191,6 +191,10 @@ class Backend:
         """Age (seconds since arrival) past which a released message is likely to bounce at once, if known."""
         return None
 
+    def version(self) -> str:
+        """The MTA's name and version, as its own tools say (``qrunner --version``)."""
+        return type(self).__name__
+
     def describe_route(self, sender: Sender) -> str:
         """How a sender's mail leaves this MTA, for ``status`` and ``plan``."""
         return "default: the MTA's own routing" if sender.default else "no route"

@@ -228,6 +228,10 @@ class EximBackend(Backend):
     def queue_lifetime(self) -> Optional[float]:
         return float(self.settings.max_queue_time)
 
+    def version(self) -> str:
+        first = (self._exim(["-bV"], timeout=60).stdout.strip().splitlines() or ["Exim (version unknown)"])[0]
+        return f"{first.replace('Exim version', 'Exim')} ({self.binary}, queue {self.queue or 'default'})"
+
     def describe_route(self, sender: Sender) -> str:
         if sender.default:
             return "default: the MTA's own routing"

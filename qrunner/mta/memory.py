@@ -263,6 +263,9 @@ class MemoryBackend(Backend):
     def queue_lifetime(self) -> Optional[float]:
         return self._settings["queue_lifetime"]
 
+    def version(self) -> str:
+        return f"the memory back end ({self.queue.directory})"
+
     def describe_route(self, sender: Sender) -> str:
         return "default: the MTA's own routing" if sender.default else f"memory: route {sender.name}"
 

@@ -231,6 +231,12 @@ class PostfixBackend(Backend):
         """maximal_queue_lifetime: held mail older than this bounces on its first attempt after release."""
         return postfix_time(self.maximal_queue_lifetime)
 
+    def version(self) -> str:
+        result = subprocess.run([self.postconf] + self.config_args + ["-h", "mail_version"], stdin=subprocess.DEVNULL,
+                                capture_output=True, text=True)
+        where = self.settings.config_directory or "the default instance"
+        return f"Postfix {result.stdout.strip() or '(version unknown)'} ({where}, queue {self.queue_directory})"
+
     def describe_route(self, sender: Sender) -> str:
         if sender.default:
             return "default: the MTA's own routing"
