@@ -64,9 +64,12 @@ class Qrunner:
     def set_script(self, text: str) -> None:
         self.script_path.write_text(text)
 
+    # A command the qrunner process is started under (e.g. setpriv with the unit's restrictions); [] for none.
+    wrapper: Sequence[str] = ()
+
     def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "qrunner"] + list(args), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=self._env())
+        return subprocess.Popen(list(self.wrapper) + [sys.executable, "-m", "qrunner"] + list(args),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self._env())
 
     def __call__(self, *args: str, timeout: float = 120) -> Result:
         proc = self.start(*args)
