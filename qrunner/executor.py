@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, Sequence, Set
+from typing import Dict, Optional, Sequence, Set
 
 from qrunner.decision import Decision, MessageKey
+from qrunner.message import Message
 from qrunner.mta.base import Backend, Outcome, Result, SendRequest
 from qrunner.plan import HandBack, Plan, Release, Remove, Send
 from qrunner.state import RunSummary, State
@@ -37,9 +38,25 @@ class Executor:
         self._not_released: Set[str] = set()
         self._sending: Dict[str, Send] = {}
         self._outcomes: Dict[str, Outcome] = {}
+        self.run_id: Optional[int] = None
+
+    def _say(self, level: int, message: Message, action: str, text: str, *args, **fields) -> None:
+        """One action line; in the journal also as fields (``journalctl -t qrunner QUEUE_ID=...``).
+
+        ``fields``: ``priority``, ``sender`` (qrunner's sender), ``reason``, ``new_id``.
+        """
+        journal = {"QUEUE_ID": message.queue_id, "ARRIVAL": str(int(message.arrival)), "ACTION": action,
+                   "ENVELOPE_SENDER": message.sender}
+        if self.run_id is not None:
+            journal["RUN_ID"] = str(self.run_id)
+        names = {"priority": "QRUNNER_PRIORITY", "sender": "QRUNNER_SENDER", "reason": "REASON",
+                 "new_id": "NEW_QUEUE_ID"}
+        journal.update({names[k]: str(v) for k, v in fields.items() if v is not None})
+        log.log(level, text, *args, extra={"journal": journal})
 
     def execute(self, plan: Plan, run_id: int) -> None:
         """Every action of the plan, in the crash-safe order."""
+        self.run_id = run_id
         self.remove(plan.remove)
         self.hold(plan.hold)
         self.keep(plan.keep, named=plan.named)
@@ -47,9 +64,11 @@ class Executor:
         self.hand_back(plan.hand_back)
         self.send(plan.send, run_id)
         for wait in plan.wait:
-            log.info("%s: action=wait sender=%s priority=%d next_retry=%s reason=%s", wait.queue_id,
-                     wait.decision.senders, wait.decision.priority,
-                     time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wait.until)), quote(wait.reason))
+            d = wait.decision
+            self._say(logging.INFO, d.message, "wait", "%s: action=wait sender=%s priority=%d next_retry=%s reason=%s",
+                      wait.queue_id, d.senders, d.priority,
+                      time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wait.until)), quote(wait.reason),
+                      priority=d.priority, sender=d.senders, reason=wait.reason)
 
     # -- recovery ------------------------------------------------------------
 
@@ -61,7 +80,8 @@ class Executor:
         self.state.forget(s.key for s in steps if s.queue_id in removed)
         for step in steps:
             if step.queue_id in removed:
-                log.info("%s: action=delete reason=%s", step.queue_id, quote(step.reason))
+                self._say(logging.INFO, step.message, "delete", "%s: action=delete reason=%s", step.queue_id,
+                          quote(step.reason), reason=step.reason)
 
     def hand_back(self, steps: Sequence[HandBack]) -> None:
         """To the MTA's own scheduling; never a hold of qrunner's that this run could not release."""
@@ -74,9 +94,11 @@ class Executor:
             if step.queue_id not in handed:
                 continue
             if step.by_admin:
-                log.info("%s: action=move to=default-queue", step.queue_id)
+                self._say(logging.INFO, step.message, "move", "%s: action=move to=default-queue", step.queue_id,
+                          reason=step.reason)
             else:
-                log.info("%s: action=handback reason=%s", step.queue_id, quote(step.reason))
+                self._say(logging.INFO, step.message, "handback", "%s: action=handback reason=%s", step.queue_id,
+                          quote(step.reason), reason=step.reason)
 
     # -- holds -----------------------------------------------------------------
 
@@ -91,18 +113,20 @@ class Executor:
         self.state.mark_held(d.key for d in decisions if d.queue_id in confirmed)
         for decision in decisions:
             if decision.queue_id in confirmed:
-                log.info("%s: action=hold sender=%s priority=%d reason=%s", decision.queue_id, decision.senders,
-                         decision.priority, quote(decision.reason))
+                self._say(logging.INFO, decision.message, "hold", "%s: action=hold sender=%s priority=%d reason=%s",
+                          decision.queue_id, decision.senders, decision.priority, quote(decision.reason),
+                          priority=decision.priority, sender=decision.senders, reason=decision.reason)
             else:
-                log.info("%s: action=vanished (not confirmed on hold: no longer in the queue?); "
-                         "the next run settles its record", decision.queue_id)
+                self._say(logging.INFO, decision.message, "vanished", "%s: action=vanished (not confirmed on hold: "
+                          "no longer in the queue?); the next run settles its record", decision.queue_id)
         self.summary.held += len(confirmed)
 
     def keep(self, decisions: Sequence[Decision], named: bool = False) -> None:
         """Holds that stay: the latest run's senders and reason; said when the admin named them (flush)."""
         for decision in decisions:
-            log.log(logging.INFO if named else logging.DEBUG, "%s: action=keep sender=%s reason=%s",
-                    decision.queue_id, decision.senders, quote(decision.reason))
+            self._say(logging.INFO if named else logging.DEBUG, decision.message, "keep",
+                      "%s: action=keep sender=%s reason=%s", decision.queue_id, decision.senders,
+                      quote(decision.reason), sender=decision.senders, reason=decision.reason)
         self.state.update_reason((d.key, d.senders, d.reason, d.message.sender) for d in decisions)
 
     def release(self, steps: Sequence[Release]) -> None:
@@ -115,13 +139,15 @@ class Executor:
         self.state.forget(s.key for s in steps if s.queue_id in confirmed)
         for step in steps:
             if step.queue_id in confirmed:
-                log.info("%s: action=release", step.queue_id)
+                self._say(logging.INFO, step.message, "release", "%s: action=release", step.queue_id,
+                          reason=step.reason)
             elif step.by_admin:
                 self.summary.failed += 1
-                log.error("%s: action=release failed (being delivered, or gone?); the next run settles its record",
-                          step.queue_id)
+                self._say(logging.ERROR, step.message, "release", "%s: action=release failed (being delivered, or "
+                          "gone?); the next run settles its record", step.queue_id)
             else:
-                log.info("%s: action=vanished (not released: no longer on hold)", step.queue_id)
+                self._say(logging.INFO, step.message, "vanished", "%s: action=vanished (not released: no longer on "
+                          "hold)", step.queue_id)
         self._not_released.update(s.queue_id for s in steps if s.queue_id not in confirmed)
         self.summary.released += len(confirmed)
 
@@ -159,25 +185,29 @@ class Executor:
         """The log line of one send; a failed hand-over leaves the original held with the failure as reason."""
         senders = send.decision.senders
         if outcome.result is Result.VANISHED:
-            log.info("%s: action=vanished (no longer waiting: delivered, deleted or being delivered)", send.queue_id)
+            self._say(logging.INFO, send.message, "vanished", "%s: action=vanished (no longer waiting: delivered, "
+                      "deleted or being delivered)", send.queue_id)
         elif outcome.result is Result.FAILED:
             self.summary.failed += 1
             if send.route is not None:
                 self.state.update_reason([(send.key, senders, f"hand-over to sender {senders} failed: "
                                            f"{outcome.detail}", send.message.sender)])
-            log.error("%s: action=send sender=%s failed: %s", send.queue_id, senders, outcome.detail)
+            self._say(logging.ERROR, send.message, "send", "%s: action=send sender=%s failed: %s", send.queue_id,
+                      senders, outcome.detail, priority=send.priority, sender=senders, reason=outcome.detail)
         elif outcome.result is Result.ROUTED:
             self.summary.sent += 1
             if outcome.original_removed:
                 self.state.forget([send.key])
-            log.info("%s: action=route sender=%s priority=%d new_queue_id=%s%s", send.queue_id, senders,
-                     send.priority, outcome.new_id,
-                     "" if outcome.original_removed else " (original not deleted yet: the next run deletes it)")
+            self._say(logging.INFO, send.message, "route", "%s: action=route sender=%s priority=%d new_queue_id=%s%s",
+                      send.queue_id, senders, send.priority, outcome.new_id,
+                      "" if outcome.original_removed else " (original not deleted yet: the next run deletes it)",
+                      priority=send.priority, sender=senders, new_id=outcome.new_id)
         else:
             self.summary.sent += 1
-            log.info("%s: action=send sender=%s priority=%d%s%s", send.queue_id, senders, send.priority,
-                     " policy=overridden" if send.overridden else "",
-                     "" if outcome.result is Result.SCHEDULED else f" result={outcome}")
+            self._say(logging.INFO, send.message, "send", "%s: action=send sender=%s priority=%d%s%s", send.queue_id,
+                      senders, send.priority, " policy=overridden" if send.overridden else "",
+                      "" if outcome.result is Result.SCHEDULED else f" result={outcome}",
+                      priority=send.priority, sender=senders, reason=send.reason)
 
     # -- the hand-over journal (see qrunner.mta.base.HandOverJournal) ------------
 

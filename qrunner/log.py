@@ -142,6 +142,8 @@ class JournalHandler(logging.Handler):
         fields = [("MESSAGE", self.format(record)), ("PRIORITY", str(_SEVERITY.get(record.levelno, 6))),
                   ("SYSLOG_FACILITY", str(MAIL_FACILITY)), ("SYSLOG_IDENTIFIER", IDENTIFIER),
                   ("SYSLOG_PID", str(record.process))]
+        # An action's own fields (executor.py): QUEUE_ID, ARRIVAL, ACTION, QRUNNER_PRIORITY, ...
+        fields.extend(getattr(record, "journal", {}).items())
         return b"".join(_field(name, value) for name, value in fields)
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -326,3 +326,33 @@ def test_a_quiet_cron_run_that_finds_the_previous_one_running_mails_root_nothing
     rsyslog.wait_until(lambda: rsyslog.file("mail.log").count("holds the lock") == 2, "both in mail.log")
     rows = [row.split(" ", 1)[0] for row in rsyslog.file("all.log").splitlines() if "holds the lock" in row]
     assert rows == ["mail.warning", "mail.warning"]
+
+
+def test_each_action_is_a_structured_journal_entry_a_message_can_be_followed_by(log_namespace, memory):
+    """journalctl -t qrunner QUEUE_ID=... finds one message's history, with qrunner's own fields (issue 11, point 2)."""
+    journald = log_namespace("journald")
+    mta, qr = memory
+    qr.config_path.write_text(qr.config_path.read_text() + '[[sender]]\nid = 0\nname = "isp"\n'
+                              '[[sender]]\nid = 1\nname = "backup"\ndefault = true\n')
+    qr.set_script('function CheckFile(f, a, s, c, rp, r, h)\n'
+                  '  if h.subject == "hold" then a.SkipSend = 1; a.Reason = "subject says hold" end\n'
+                  '  if senderid == 0 and h.subject ~= "isp" then a.SkipSend = 1; a.Reason = "not for isp" end\n'
+                  '  a.Priority = 70\n  return a\nend\n')
+    held = mta.queue_message("hold", sender="carol@example.org")
+    routed = mta.queue_message("isp")
+    assert journald.qrunner(qr, "-q", "run").code == 0
+    qr.set_script("function CheckFile(f, a) return a end\n")
+    assert journald.qrunner(qr, "-q", "release", held).code == 0
+
+    journald.wait_until(lambda: len(qrunner_entries(journald, f"QUEUE_ID={held}")) == 2, f"{held}'s two actions")
+    hold, release = qrunner_entries(journald, f"QUEUE_ID={held}")
+    assert hold["MESSAGE"] == f'{held}: action=hold sender=isp,backup priority=70 reason="isp: not for isp; ' \
+                              'backup: subject says hold"'
+    assert (hold["ACTION"], hold["QRUNNER_PRIORITY"], hold["QRUNNER_SENDER"], hold["ENVELOPE_SENDER"]) == \
+        ("hold", "70", "isp,backup", "carol@example.org")
+    assert hold["REASON"] == "isp: not for isp; backup: subject says hold" and hold["ARRIVAL"] == str(mta.arrival(held))
+    assert (hold["SYSLOG_IDENTIFIER"], hold["SYSLOG_FACILITY"], hold["PRIORITY"]) == ("qrunner", "2", "6")
+    assert release["ACTION"] == "release" and release["RUN_ID"] != hold["RUN_ID"]  # another run: the release command
+    [route] = qrunner_entries(journald, f"QUEUE_ID={routed}", "ACTION=route")
+    [copy] = [m.queue_id for m in mta.sink.wait_for(1)]
+    assert (route["NEW_QUEUE_ID"], route["QRUNNER_SENDER"], route["RUN_ID"]) == (copy, "isp", hold["RUN_ID"])
