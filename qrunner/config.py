@@ -156,6 +156,7 @@ class Config:
     script_memory_mb: int = 64
     lua: str = "5.4"
     history_days: float = 30.0
+    metrics_file: str = ""
     senders: Tuple[Sender, ...] = DEFAULT_SENDERS
     postfix: PostfixSettings = field(default_factory=PostfixSettings)
     exim: EximSettings = field(default_factory=EximSettings)
@@ -194,6 +195,7 @@ _TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
     "script_memory_mb": ("a whole number of megabytes", lambda v: isinstance(v, int) and not isinstance(v, bool), _positive),
     "lua": ("a string", lambda v: isinstance(v, str), _check_choice(LUA_VERSIONS)),
     "history_days": ("a number of days", _is_number, _positive),
+    "metrics_file": ("a string (a file path, \"\" for no metrics)", lambda v: isinstance(v, str), None),
 }
 
 

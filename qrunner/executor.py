@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, Optional, Sequence, Set
+from typing import Dict, Optional, Sequence, Set, Tuple
 
 from qrunner.decision import Decision, MessageKey
 from qrunner.message import Message
@@ -39,6 +39,10 @@ class Executor:
         self._sending: Dict[str, Send] = {}
         self._outcomes: Dict[str, Outcome] = {}
         self.run_id: Optional[int] = None
+        self.tally: Dict[Tuple[str, str], int] = {}  # (counter, sender) -> how many this run: the metrics' counters
+
+    def _count(self, counter: str, sender: str) -> None:
+        self.tally[(counter, sender)] = self.tally.get((counter, sender), 0) + 1
 
     def _say(self, level: int, message: Message, action: str, text: str, *args, **fields) -> None:
         """One action line; in the journal also as fields (``journalctl -t qrunner QUEUE_ID=...``).
@@ -113,6 +117,7 @@ class Executor:
         self.state.mark_held(d.key for d in decisions if d.queue_id in confirmed)
         for decision in decisions:
             if decision.queue_id in confirmed:
+                self._count("held", decision.senders)
                 self._say(logging.INFO, decision.message, "hold", "%s: action=hold sender=%s priority=%d reason=%s",
                           decision.queue_id, decision.senders, decision.priority, quote(decision.reason),
                           priority=decision.priority, sender=decision.senders, reason=decision.reason)
@@ -139,6 +144,7 @@ class Executor:
         self.state.forget(s.key for s in steps if s.queue_id in confirmed)
         for step in steps:
             if step.queue_id in confirmed:
+                self._count("released", "")
                 self._say(logging.INFO, step.message, "release", "%s: action=release", step.queue_id,
                           reason=step.reason)
             elif step.by_admin:
@@ -196,6 +202,8 @@ class Executor:
                       senders, outcome.detail, priority=send.priority, sender=senders, reason=outcome.detail)
         elif outcome.result is Result.ROUTED:
             self.summary.sent += 1
+            self._count("sent", senders)
+            self._count("routed", senders)
             if outcome.original_removed:
                 self.state.forget([send.key])
             self._say(logging.INFO, send.message, "route", "%s: action=route sender=%s priority=%d new_queue_id=%s%s",
@@ -204,6 +212,7 @@ class Executor:
                       priority=send.priority, sender=senders, new_id=outcome.new_id)
         else:
             self.summary.sent += 1
+            self._count("sent", senders)
             self._say(logging.INFO, send.message, "send", "%s: action=send sender=%s priority=%d%s%s", send.queue_id,
                       senders, send.priority, " policy=overridden" if send.overridden else "",
                       "" if outcome.result is Result.SCHEDULED else f" result={outcome}",

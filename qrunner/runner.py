@@ -22,7 +22,8 @@ from qrunner.decision import Decision, MessageKey
 from qrunner.exceptions import ConfigError
 from qrunner.executor import Executor
 from qrunner.log import NOT_QUIETED
-from qrunner.message import Message
+from qrunner import metrics
+from qrunner.message import Message, QueueState
 from qrunner.mta.base import Backend, Gate
 from qrunner.plan import OVERRIDDEN, Listed, Plan, make_plan, release_plan, triage
 from qrunner.policy import PolicyEngine, PolicySettings
@@ -135,6 +136,8 @@ class Runner:
         self.backend = backend
         self.policy = policy
         self.senders = senders
+        self._messages: Sequence[Message] = ()  # the last listing, for the metrics
+        self._gate = Gate(None, "not asked")
 
     def __enter__(self) -> "Runner":
         return self
@@ -171,14 +174,14 @@ class Runner:
     def _plan(self, state: State, only_ids: Optional[Sequence[str]], ignore_policy: bool, write: bool) -> Plan:
         """List, reconcile, decide, plan: everything up to the first action."""
         if ignore_policy:
-            messages = self.backend.list()
+            messages = self._messages = self.backend.list()
             sorted_out = triage(self._listed(messages, self._reconcile(state, messages, write)), only_ids)
             decisions = self._overridden(sorted_out.candidates)
             return make_plan(decisions, sorted_out, {}, overridden=True, from_hold=self._from_hold(decisions))
         with PolicyEngine(self.policy) as engine:
             if self.senders:
                 engine.prepare(self.senders[0])  # Lua starts while the MTA lists its queue
-            messages = self.backend.list()
+            messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
             sorted_out = triage(self._listed(messages, records), only_ids)
             decisions = engine.decide(sorted_out.candidates, self.senders)
@@ -241,21 +244,57 @@ class Runner:
     def _execute(self, state: State, plan: Plan, summary: RunSummary) -> None:
         summary.listed = plan.listed
         run_id = state.start_run(summary)
+        executor = Executor(self.backend, state, summary)
         try:
-            Executor(self.backend, state, summary).execute(plan, run_id)
+            executor.execute(plan, run_id)
             summary.errors = plan.policy_errors
-            summary.outcome = _outcome(plan, summary)
         except BaseException as exc:
-            summary.outcome = f"failed: {exc}"
+            self._finish(state, run_id, plan, summary, executor, exc)
             raise
+        self._finish(state, run_id, plan, summary, executor)
+        state.prune(self.config.history_days)
+
+    def _finish(self, state: State, run_id: int, plan: Plan, summary: RunSummary, executor: Executor,
+                error: Optional[BaseException] = None) -> None:
+        """Record how the command ended, add to the counters, write the metrics, say the summary line."""
+        summary.finished = time.time()
+        found = troubles(plan, summary)
+        if error is not None:
+            summary.outcome, summary.exit_code, summary.succeeded = f"failed: {error}", getattr(
+                error, "exit_code", 1), False
         else:
-            state.prune(self.config.history_days)
-        finally:
-            summary.finished = time.time()
-            state.finish_run(run_id, summary)
+            summary.outcome = _outcome(plan, summary)
+            summary.exit_code = 1 if found else 0
+            summary.succeeded = not (summary.failed or plan.left_alone)  # policy errors alone: the plan completed
+        state.finish_run(run_id, summary)
+        counts = dict(executor.tally)
+        counts.update({("policy_errors", sender): n for sender, n in metrics.policy_errors(plan.decisions).items()})
+        state.add_counts(counts)
+        self._write_metrics(state, plan)
+        if summary.command == "release":
+            log.info("release: released=%d%s seconds=%.2f", summary.released,
+                     f" moved={summary.moved}" if summary.moved else "", summary.seconds)
+        else:
             log.info("%s: listed=%d sent=%d held=%d released=%d errors=%d seconds=%.2f", summary.command,
                      summary.listed, summary.sent, summary.held, summary.released, summary.errors,
                      summary.seconds)
+
+    def _write_metrics(self, state: State, plan: Plan) -> None:
+        """The metrics file (``metrics_file``), from what this command saw; a write that fails is said, not fatal."""
+        if not self.config.metrics_file:
+            return
+        messages = self._messages
+        waiting = [m for m in messages if m.state == QueueState.WAITING]
+        snapshot = metrics.Snapshot(
+            queue=len(messages), listed=plan.listed, waiting=len(waiting),
+            oldest_waiting=min((m.arrival for m in waiting), default=None),
+            decisions=metrics.decisions_of(plan), holds=list(state.holds().values()), gated=self._gate.gated,
+            totals=state.totals(), last_runs=state.last_runs())
+        try:
+            metrics.write(self.config.metrics_file, snapshot)
+        except OSError as exc:
+            log.error("%s: cannot write the metrics file (%s); check metrics_file", self.config.metrics_file,
+                      exc.strerror or exc)
 
     # -- warnings ------------------------------------------------------------
 
@@ -266,7 +305,7 @@ class Runner:
 
     def _warn_gate(self) -> None:
         """Said on every run, dry run and plan, under ``-q`` too: ungated mail leaves without the policy."""
-        gate = self.backend.gate(self.senders)
+        gate = self._gate = self.backend.gate(self.senders)
         if gate.gated is False:
             log.warning("%s", gate.why, extra=NOT_QUIETED)
 
@@ -304,15 +343,17 @@ class Runner:
                 plan = release_plan(self._listed(messages, records), only_ids, to_default_queue)
                 self._warn_left_alone(plan)
                 run_id = state.start_run(summary)
-                Executor(self.backend, state, summary).execute(plan, run_id)
-                if to_default_queue and only_ids is None:
-                    self._check_emptied(summary)
-                summary.finished = time.time()
-                summary.outcome = _outcome(plan, summary)
-                state.finish_run(run_id, summary)
+                executor = Executor(self.backend, state, summary)
+                self._messages = messages
+                try:
+                    executor.execute(plan, run_id)
+                    if to_default_queue and only_ids is None:
+                        self._check_emptied(summary)
+                except BaseException as exc:
+                    self._finish(state, run_id, plan, summary, executor, exc)
+                    raise
+                self._finish(state, run_id, plan, summary, executor)
                 state.prune(self.config.history_days)
-                log.info("release: released=%d%s seconds=%.2f", summary.released,
-                         f" moved={summary.moved}" if to_default_queue else "", summary.seconds)
                 return summary
             finally:
                 state.close()

@@ -116,6 +116,17 @@ CREATE INDEX runs_by_start ON runs (instance, started);
 ALTER TABLE holds ADD COLUMN envelope_sender TEXT;
 ALTER TABLE runs ADD COLUMN moved INTEGER DEFAULT 0;
 """),
+    (4, "metrics: each run's exit code and whether it completed its plan; cumulative counters", """
+ALTER TABLE runs ADD COLUMN exit_code INTEGER;
+ALTER TABLE runs ADD COLUMN succeeded INTEGER;
+CREATE TABLE counters (
+    instance  TEXT NOT NULL,
+    name      TEXT NOT NULL,
+    sender    TEXT NOT NULL,
+    value     INTEGER NOT NULL,
+    PRIMARY KEY (instance, name, sender)
+);
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -215,6 +226,18 @@ def settled(records: Records, settlement: Settlement) -> Records:
     return Records(holds, [c for c in records.copies if c not in dropped], attempts)
 
 
+@dataclass(frozen=True)
+class LastRun:
+    """A command's last completed run, for the metrics: how long, how it ended, when it last succeeded."""
+
+    command: str
+    seconds: float
+    exit_code: int
+    finished: float
+    last_success: Optional[float]
+    errors: int
+
+
 @dataclass
 class RunSummary:
     """What one run did, for the summary log line and ``qrunner status``."""
@@ -230,6 +253,8 @@ class RunSummary:
     finished: Optional[float] = None
     failed: int = 0  # messages qrunner could not act on (not stored; counted in the exit code)
     outcome: str = ""
+    exit_code: int = 0
+    succeeded: bool = True  # completed its plan: exit 0, or 1 for policy errors only
 
     @property
     def seconds(self) -> float:
@@ -468,9 +493,9 @@ class State:
         with self.db:
             self.db.execute(
                 "UPDATE runs SET finished = ?, listed = ?, sent = ?, held = ?, released = ?, moved = ?, errors = ?, "
-                "outcome = ? WHERE id = ?",
+                "outcome = ?, exit_code = ?, succeeded = ? WHERE id = ?",
                 (summary.finished, summary.listed, summary.sent, summary.held, summary.released, summary.moved,
-                 summary.errors, summary.outcome, run_id))
+                 summary.errors, summary.outcome, summary.exit_code, int(summary.succeeded), run_id))
 
     def record_dispatches(self, run_id: int, rows: Sequence[Tuple[int, MessageKey, int, str, str]]) -> None:
         """The order a run scheduled messages: (seq, key, priority, sender, result)."""
@@ -489,6 +514,28 @@ class State:
             self.db.execute(f"DELETE FROM dispatches WHERE run_id IN ({old})", (self.instance, cutoff))
             return self.db.execute("DELETE FROM runs WHERE instance = ? AND started < ?",
                                    (self.instance, cutoff)).rowcount
+
+    def add_counts(self, counts: Mapping[Tuple[str, str], int]) -> None:
+        """Add to the cumulative counters ((name, sender) -> how many more), which outlive every run."""
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO counters (instance, name, sender, value) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (instance, name, sender) DO UPDATE SET value = value + excluded.value",
+                [(self.instance, name, sender, value) for (name, sender), value in counts.items() if value])
+
+    def totals(self) -> Dict[Tuple[str, str], int]:
+        rows = self.db.execute("SELECT name, sender, value FROM counters WHERE instance = ?", (self.instance,))
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    def last_runs(self) -> List[LastRun]:
+        """Each command's last completed run, with when that command last completed its plan."""
+        rows = self.db.execute(
+            "SELECT r.command, r.finished - r.started, coalesce(r.exit_code, 0), r.finished, r.errors, "
+            "(SELECT max(s.finished) FROM runs s WHERE s.instance = r.instance AND s.command = r.command "
+            " AND s.finished IS NOT NULL AND coalesce(s.succeeded, s.outcome = 'ok') = 1) "
+            "FROM runs r WHERE r.instance = ? AND r.id = (SELECT max(id) FROM runs l WHERE l.instance = r.instance "
+            "AND l.command = r.command AND l.finished IS NOT NULL) ORDER BY r.command", (self.instance,))
+        return [LastRun(r[0], r[1], r[2], r[3], r[5], r[4] or 0) for r in rows]
 
     def last_run(self) -> Optional[RunSummary]:
         row = self.db.execute(

@@ -15,12 +15,15 @@ REAL_MTA_FIXTURES = {"postfix_available", "exim_available"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark what needs a real MTA, and the shared end-to-end cases' memory runs (``-m memory``: the coverage gate)."""
+    """Mark what needs a real MTA, and the memory back end's end-to-end runs (``-m memory``: the coverage gate).
+
+    A memory run is a shared case parametrized with ``mta="memory"`` or a test using the ``memory`` fixture.
+    """
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if REAL_MTA_FIXTURES & set(item.fixturenames) or params.get("mta") in ("postfix", "exim"):
             item.add_marker(pytest.mark.real_mta)
-        elif params.get("mta") == "memory":
+        elif params.get("mta") == "memory" or "memory" in item.fixturenames:
             item.add_marker(pytest.mark.memory)
 
 

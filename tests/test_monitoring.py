@@ -18,7 +18,7 @@ from qrunner_e2e import ALLOW_ALL, SKIP_ALL, Qrunner
 
 
 @pytest.fixture
-def mta(tmp_path):
+def memory(tmp_path):
     return MemoryHarness(str(tmp_path / "queue"))
 
 
@@ -28,11 +28,11 @@ def check(qr, *extra):
     return result.code, result.stdout.strip()
 
 
-def test_status_check_says_ok_warning_or_critical_in_one_line(tmp_path, mta):
-    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+def test_status_check_says_ok_warning_or_critical_in_one_line(tmp_path, memory):
+    qr = Qrunner(tmp_path, memory, SKIP_ALL)
     assert check(qr) == (2, "QRUNNER CRITICAL: no run has completed yet")
 
-    mta.queue_message("held")
+    memory.queue_message("held")
     assert qr("run").code == 0
     code, line = check(qr)
     assert code == 0 and line.startswith("QRUNNER OK: 1 holds; the last run ") and line.endswith("(run, ok)")
@@ -40,39 +40,39 @@ def test_status_check_says_ok_warning_or_critical_in_one_line(tmp_path, mta):
     code, line = check(qr, "--max-age", "0")
     assert code == 2 and line.startswith("QRUNNER CRITICAL: no run completed in the last 0 s")
 
-    mta.set(gated=False)
+    memory.set(gated=False)
     code, line = check(qr)
     assert code == 1 and "not gated: the memory queue is not gated" in line
-    mta.set(gated=True, queue_lifetime=1)
+    memory.set(gated=True, queue_lifetime=1)
     time.sleep(1.1)
     assert check(qr) == (1, "QRUNNER WARNING: 1 holds near the MTA's queue lifetime")
 
 
-def test_status_check_is_critical_after_a_failed_run_and_warns_after_policy_errors(tmp_path, mta):
-    qr = Qrunner(tmp_path, mta, 'function CheckFile(f, a, s, c, rp) if rp == "x@y" then error("boom") end '
+def test_status_check_is_critical_after_a_failed_run_and_warns_after_policy_errors(tmp_path, memory):
+    qr = Qrunner(tmp_path, memory, 'function CheckFile(f, a, s, c, rp) if rp == "x@y" then error("boom") end '
                                 'a.SkipSend = 1 return a end\n')
-    mta.queue_message("one")
-    mta.queue_message("two")
-    mta.set(fail={"hold": "the MTA stopped"})
+    memory.queue_message("one")
+    memory.queue_message("two")
+    memory.set(fail={"hold": "the MTA stopped"})
     assert qr("run").code == 69
     code, line = check(qr)
     assert code == 2 and line.startswith("QRUNNER CRITICAL: the last run (run) failed: the memory queue's hold")
 
-    mta.set(fail={})
-    mta.queue_message("three", sender="x@y")
+    memory.set(fail={})
+    memory.queue_message("three", sender="x@y")
     assert qr("run").code == 1
     code, line = check(qr)
     assert code == 1 and "the last run (run) ended exit 1: 1 with a policy error" in line
 
 
-def test_version_names_lupa_the_configured_lua_and_the_mta(tmp_path, mta):
-    qr = Qrunner(tmp_path, mta, ALLOW_ALL, extra_config='lua = "5.1"')
+def test_version_names_lupa_the_configured_lua_and_the_mta(tmp_path, memory):
+    qr = Qrunner(tmp_path, memory, ALLOW_ALL, extra_config='lua = "5.1"')
     lines = qr("--version").stdout.splitlines()
     import lupa
 
     assert lines[0].startswith("qrunner ")
     assert lines[1] == f'lupa {lupa.__version__}, Lua 5.1 (lua = "5.1")'
-    assert lines[2] == f"MTA: the memory back end ({mta.directory})"
+    assert lines[2] == f"MTA: the memory back end ({memory.directory})"
 
 
 def test_version_says_which_postfix_as_postconf_does(tmp_path, postfix):
