@@ -11,16 +11,17 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from contextlib import closing
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from qrunner import __version__
+from qrunner import __version__, selection
 from qrunner.cases import describe, load_cases, run_cases, summary
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.decision import Decision
-from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, LockHeldError, QrunnerError, UsageError
+from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, LockHeldError, NothingSelected, QrunnerError, UsageError
 from qrunner.log import report_failure, setup_logging
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
@@ -33,7 +34,8 @@ EXIT_CODES = """\
 exit codes:
   0   every message decided (and acted on) without a policy error
   1   decided, but at least one message had a policy error, or (run, flush)
-      could not be acted on: a failed send, a named id qrunner may not touch
+      could not be acted on: a failed send, a named id qrunner may not touch;
+      (status, release, flush) the selectors matched no message
   64  bad usage (an unknown option, a malformed --now or --sender)
   65  malformed input (a snapshot line that is not postqueue -j JSON)
   66  the --queue-file snapshot does not exist
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_id_arguments(flush, "the messages to flush")
     flush.add_argument("--ignore-policy", action="store_true",
                        help="release and schedule the named messages now, without asking the policy")
+    _add_bulk_options(flush)
+    _add_selectors(flush, "the flush (among the waiting messages and qrunner's holds)")
     flush.set_defaults(func=cmd_flush)
 
     release = commands.add_parser(
@@ -185,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--gate-removed", action="store_true",
                          help="with --for-removal, when qrunner cannot tell whether the MTA is still gated: you "
                               "checked that the gate is gone")
+    _add_bulk_options(release)
+    _add_selectors(release, "the release (among qrunner's holds)")
     release.set_defaults(func=cmd_release)
 
     status = commands.add_parser(
@@ -199,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--max-age", metavar="SECONDS", type=float, default=1800,
                         help="with --check: how long ago the last run may have completed (default 1800: the timer "
                              "runs every 5 minutes)")
+    status.add_argument("--format", choices=("table", "json"), default="table",
+                        help="output format (default: table); json for scripts")
+    status.add_argument("--history", metavar="N", type=_positive, nargs="?", const=20,
+                        help="the last N commands that changed the queue (default 20), with who ran them, instead "
+                             "of the holds")
+    _add_selectors(status, "the list of holds")
     status.set_defaults(func=cmd_status)
     for command in (plan, check, run, flush, release, status):
         _add_log_options(command)
@@ -228,6 +240,65 @@ def _add_id_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--all", action="store_true", help="all of them")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
+def _add_selectors(parser: argparse.ArgumentParser, what: str) -> None:
+    """The selectors (qrunner.selection): each narrows the command to the messages it matches."""
+    group = parser.add_argument_group(
+        "selecting messages", f"narrow {what} to the messages that match; a selector given twice matches either "
+        "value, different selectors must all match; addresses and domains compare without case and may be "
+        "shell patterns (*@example.com); no match: exit 1, nothing done")
+    group.add_argument("--sender", dest="select_senders", metavar="ADDRESS", action="append", default=[],
+                       help="the envelope sender (<> for a bounce's empty sender)")
+    group.add_argument("--recipient", dest="select_recipients", metavar="ADDRESS", action="append", default=[],
+                       help="any recipient still to be delivered")
+    group.add_argument("--recipient-domain", dest="select_domains", metavar="DOMAIN", action="append", default=[],
+                       help="the domain of any recipient still to be delivered")
+    group.add_argument("--reason", dest="select_reason", metavar="TEXT",
+                       help="qrunner's reason for the hold contains TEXT (without case); selects qrunner's holds only")
+    group.add_argument("--reason-regex", dest="select_regex", metavar="REGEX", type=selection.parse_regex,
+                       help="qrunner's reason for the hold matches REGEX (Python re, anywhere, without case)")
+    group.add_argument("--older-than", dest="select_age", metavar="AGE", type=selection.parse_age,
+                       help="arrived longer ago than AGE (90, 90s, 30m, 2h, 3d, 1w)")
+    group.add_argument("--priority", dest="select_priority", metavar="N|LOW-HIGH", type=selection.parse_priority,
+                       help="the priority the policy gave when qrunner held it (90, 50-100); qrunner's holds only")
+
+
+def _add_bulk_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="list what would be touched; change nothing")
+    parser.add_argument("--limit", metavar="N", type=_positive,
+                        help="at most N messages, the oldest of the selection first")
+
+
+def _selector(args: argparse.Namespace) -> selection.Selector:
+    return selection.Selector(
+        senders=tuple(args.select_senders), recipients=tuple(args.select_recipients),
+        recipient_domains=tuple(args.select_domains), reason=args.select_reason, reason_regex=args.select_regex,
+        older_than=args.select_age, priority=args.select_priority)
+
+
+def _choice(args: argparse.Namespace, backend) -> selection.Choice:
+    """The named ids (checked against the MTA's syntax), --all, the selectors and --limit, as one choice."""
+    selector = _selector(args)
+    if args.all and args.queue_ids:
+        raise UsageError("name queue ids or give --all, not both.")
+    if not args.all and not args.queue_ids and selector.empty:
+        raise UsageError("name the queue ids to act on, give --all, or select messages (--sender, "
+                         "--recipient-domain, --reason, --older-than, --priority, ...).")
+    for queue_id in args.queue_ids:
+        if not backend.is_message_id(queue_id):
+            raise UsageError(f"{queue_id!r} is not {backend.id_hint}.")
+    return selection.Choice(tuple(args.queue_ids) if args.queue_ids else None, selector, args.limit)
+
+
 # -- settings --------------------------------------------------------------
 
 
@@ -254,19 +325,8 @@ def _runner(args: argparse.Namespace, config: Optional[Config] = None) -> Runner
     """The pipeline for this command; use it in ``with``, which closes the back end."""
     config = config or _config(args)
     return Runner(config, backend_for(config), _policy_settings(config, getattr(args, "now", None)),
-                  _senders(args, config) if hasattr(args, "senders") else config.senders)
-
-
-def _queue_ids(args: argparse.Namespace, backend) -> Optional[List[str]]:
-    """The ids named on the command line (None for --all), each checked against the MTA's syntax."""
-    if args.all and args.queue_ids:
-        raise UsageError("name queue ids or give --all, not both.")
-    if not args.all and not args.queue_ids:
-        raise UsageError("name the queue ids to act on, or give --all.")
-    for queue_id in args.queue_ids:
-        if not backend.is_message_id(queue_id):
-            raise UsageError(f"{queue_id!r} is not {backend.id_hint}.")
-    return None if args.all else list(args.queue_ids)
+                  _senders(args, config) if hasattr(args, "senders") else config.senders,
+                  command_line=getattr(args, "command_line", ""))
 
 
 def _exit_code(decisions: Sequence[Decision]) -> int:
@@ -299,11 +359,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_flush(args: argparse.Namespace) -> int:
     with _runner(args) as runner:
-        ids = _queue_ids(args, runner.backend)
-        if args.ignore_policy:
+        choice = _choice(args, runner.backend)
+        if args.ignore_policy and not args.dry_run:
+            named = "every message" if choice.ids is None else ", ".join(choice.ids)
+            if choice.narrowed:
+                named += f" of {choice.describe()}" if choice.ids is None else f" ({choice.describe()})"
             logging.getLogger("qrunner").warning("flush --ignore-policy: the policy is overridden by the admin for %s",
-                                                 "every message" if ids is None else ", ".join(ids))
-        result = runner.run(command="flush", only_ids=ids, ignore_policy=args.ignore_policy)
+                                                 named)
+        result = runner.run(command="flush", dry_run=args.dry_run, only_ids=choice.ids,
+                            ignore_policy=args.ignore_policy, choice=choice)
+    if args.dry_run:
+        print_plan(result, "table")
     return EX_POLICY_ERRORS if result.trouble else EX_OK
 
 
@@ -313,11 +379,29 @@ def cmd_release(args: argparse.Namespace) -> int:
     if args.gate_removed:
         raise UsageError("--gate-removed goes with --for-removal.")
     with _runner(args, load_config(args.config)) as runner:
-        ids = _queue_ids(args, runner.backend)
+        choice = _choice(args, runner.backend)
         if args.to_default_queue and not runner.backend.has_named_queue:
             raise UsageError("--to-default-queue is for Exim's named queue; this MTA has no such queue.")
-        summary = runner.release(ids, to_default_queue=args.to_default_queue)
-    return EX_OK if summary.outcome == "ok" else EX_POLICY_ERRORS
+        result = runner.release(choice.ids, to_default_queue=args.to_default_queue, choice=choice,
+                                dry_run=args.dry_run)
+    if args.dry_run:
+        print_release_plan(result)
+        return EX_POLICY_ERRORS if result.plan.left_alone else EX_OK
+    return EX_OK if result.summary.outcome == "ok" else EX_POLICY_ERRORS
+
+
+def print_release_plan(result: RunResult) -> None:
+    """``release --dry-run``: what the release would touch, one line each, then how many."""
+    plan = result.plan
+    rows = [("QUEUE ID", "WOULD", "WHY")]
+    rows += [(step.queue_id, "delete", step.reason) for step in plan.remove]
+    rows += [(step.queue_id, "release", step.reason) for step in plan.release]
+    rows += [(step.queue_id, "move to the default queue", step.reason) for step in plan.hand_back]
+    rows += [(step.queue_id, "leave alone", step.reason) for step in plan.left_alone]
+    if len(rows) > 1:
+        print(_columns(rows))
+    moved = f", move {len(plan.hand_back)} to the default queue" if plan.hand_back else ""
+    print(f"dry run: would release {len(plan.release)}{moved}; nothing was changed")
 
 
 def _release_for_removal(args: argparse.Namespace) -> int:
@@ -334,24 +418,29 @@ def _release_for_removal(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if args.check:
-        with _runner(args, load_config(args.config)) as runner:
-            verdict = runner.check_health(args.max_age)
-        print(verdict.text)
-        return verdict.code
     with _runner(args, load_config(args.config)) as runner:
-        status = runner.status()
+        if args.check:
+            verdict = runner.check_health(args.max_age)
+            print(verdict.text)
+            return verdict.code
+        if args.history:
+            history = runner.history(args.history)
+            print_history(history, args.format)
+            return EX_OK
+        status = runner.status(_selector(args))
+    if args.format == "json":
+        print(json.dumps(status_json(status), indent=2))
+        return EX_OK
     print(f"qrunner holds in {status.instance}: {len(status.holds)}")
     if status.holds:
-        rows = [("QUEUE ID", "HELD SINCE", "ENVELOPE FROM", "DECIDED BY", "REASON")]
+        rows = [("QUEUE ID", "HELD SINCE", "ENVELOPE FROM", "DECIDED BY", "PRIO", "REASON")]
         old = set(status.past_lifetime)
         for hold in status.holds:
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(hold.held_at))
             note = "" if hold.state == "held" else f" [{hold.state}, settled by the next run]"
             if hold.key in old:
                 note += " [older than the MTA's queue lifetime: bounces when released]"
-            envelope = "?" if hold.envelope_sender is None else hold.envelope_sender or "<>"
-            rows.append((hold.queue_id, since, envelope, hold.senders, hold.reason + note))
+            rows.append((hold.queue_id, _clock(hold.held_at, "%Y-%m-%d %H:%M:%S"), _envelope(hold.envelope_sender),
+                         hold.senders, "?" if hold.priority is None else str(hold.priority), hold.reason + note))
         print(_columns(rows))
     print(senders_line(status.routes))
     print(gate_line(status.gate))
@@ -359,11 +448,56 @@ def cmd_status(args: argparse.Namespace) -> int:
     if run is None:
         print("last run: none recorded")
     else:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started))
-        moved = f" moved={run.moved}" if run.moved else ""
-        print(f"last run: {when} ({run.command}, {run.outcome}): listed={run.listed} sent={run.sent} "
-              f"held={run.held} released={run.released}{moved} errors={run.errors} seconds={run.seconds:.2f}")
+        print(f"last run: {_clock(run.started, '%Y-%m-%d %H:%M:%S')} ({run.command}, {run.outcome}): "
+              f"{_counts(run)}")
     return EX_OK
+
+
+def _envelope(sender: Optional[str]) -> str:
+    return "?" if sender is None else sender or "<>"
+
+
+def _counts(run) -> str:
+    moved = f" moved={run.moved}" if run.moved else ""
+    return (f"listed={run.listed} sent={run.sent} held={run.held} released={run.released}{moved} "
+            f"errors={run.errors} seconds={run.seconds:.2f}")
+
+
+def _run_json(run) -> dict:
+    return {"run_id": run.run_id, "command": run.command, "command_line": run.command_line,
+            "invoked_by": run.invoked_by, "started": run.started, "finished": run.finished,
+            "outcome": run.outcome, "listed": run.listed, "sent": run.sent, "held": run.held,
+            "released": run.released, "moved": run.moved, "errors": run.errors}
+
+
+def status_json(status) -> dict:
+    """``status --format json``: the same facts as the table, for scripts (times as epoch seconds)."""
+    old = set(status.past_lifetime)
+    return {
+        "instance": status.instance,
+        "holds": [{"queue_id": h.queue_id, "arrival": h.arrival, "held_since": h.held_at, "state": h.state,
+                   "envelope_sender": h.envelope_sender, "senders": h.senders, "priority": h.priority,
+                   "reason": h.reason, "past_queue_lifetime": h.key in old} for h in status.holds],
+        "senders": [{"name": s.name, "id": s.id, "route": route} for s, route in status.routes.items()],
+        "gated": {"gated": status.gate.gated, "why": status.gate.why},
+        "last_run": None if status.last_run is None else _run_json(status.last_run),
+    }
+
+
+def print_history(history, fmt: str) -> None:
+    """``status --history``: one line per command, newest first: when, who, what, how it ended."""
+    if fmt == "json":
+        print(json.dumps([_run_json(run) for run in history], indent=2))
+        return
+    if not history:
+        print("history: no command recorded")
+        return
+    rows = [("STARTED", "BY", "COMMAND", "OUTCOME", "COUNTS")]
+    for run in history:
+        outcome = run.outcome or ("running, or cut short" if run.finished is None else "")
+        rows.append((_clock(run.started, "%Y-%m-%d %H:%M:%S"), run.invoked_by or "?",
+                     run.command_line or run.command, outcome, _counts(run) if run.finished else ""))
+    print(_columns(rows))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -535,10 +669,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = None
     try:
         args = parser.parse_args(argv)
+        args.command_line = shlex.join(["qrunner", *(sys.argv[1:] if argv is None else argv)])
         # A dry run and a look (plan, check, status) change nothing, so nothing of theirs reaches the mail log.
         acting = args.command in ("run", "flush", "release") and not getattr(args, "dry_run", False)
         setup_logging(args.verbosity, to_system_log=acting)
         return args.func(args)
+    except NothingSelected as error:
+        print(f"qrunner: {error.message}", file=sys.stderr)
+        return error.exit_code
     except LockHeldError as error:
         # Not a failure: the previous run is still at work. Under -q (cron) only the system log hears it.
         report_failure(error.message, logging.WARNING, on_stderr=getattr(args, "verbosity", 0) >= 0)

@@ -76,3 +76,9 @@ class ScriptLoadError(QrunnerError):
     """The policy script did not load: nothing was decided (exit 78)."""
 
     exit_code = EX_CONFIG
+
+
+class NothingSelected(QrunnerError):
+    """The admin's selectors matched no message (exit 1); nothing was done."""
+
+    exit_code = EX_POLICY_ERRORS

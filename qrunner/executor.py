@@ -109,7 +109,7 @@ class Executor:
     def hold(self, decisions: Sequence[Decision]) -> None:
         if not decisions:
             return
-        self.state.record_holding((d.key, d.senders, d.reason, d.message.sender) for d in decisions)
+        self.state.record_holding((d.key, d.senders, d.reason, d.message.sender, d.priority) for d in decisions)
         confirmed = self.backend.hold([d.queue_id for d in decisions])
         # An unconfirmed hold keeps its 'holding' record: the next run's reconcile
         # settles it from the queue, so a hold the MTA made but did not report can
@@ -132,7 +132,7 @@ class Executor:
             self._say(logging.INFO if named else logging.DEBUG, decision.message, "keep",
                       "%s: action=keep sender=%s reason=%s", decision.queue_id, decision.senders,
                       quote(decision.reason), sender=decision.senders, reason=decision.reason)
-        self.state.update_reason((d.key, d.senders, d.reason, d.message.sender) for d in decisions)
+        self.state.update_reason((d.key, d.senders, d.reason, d.message.sender, d.priority) for d in decisions)
 
     def release(self, steps: Sequence[Release]) -> None:
         if not steps:
@@ -197,7 +197,7 @@ class Executor:
             self.summary.failed += 1
             if send.route is not None:
                 self.state.update_reason([(send.key, senders, f"hand-over to sender {senders} failed: "
-                                           f"{outcome.detail}", send.message.sender)])
+                                           f"{outcome.detail}", send.message.sender, send.priority)])
             self._say(logging.ERROR, send.message, "send", "%s: action=send sender=%s failed: %s", send.queue_id,
                       senders, outcome.detail, priority=send.priority, sender=senders, reason=outcome.detail)
         elif outcome.result is Result.ROUTED:
@@ -224,7 +224,7 @@ class Executor:
         """Recorded before the hold; one of qrunner's holds keeps its state and age, with the new reason."""
         sends = [self._sending[r.message.queue_id] for r in requests]
         self.state.record_holding((s.key, s.decision.senders, f"being handed to sender {s.decision.senders}",
-                                   s.message.sender) for s in sends)
+                                   s.message.sender, s.priority) for s in sends)
 
     def held(self, requests: Sequence[SendRequest], confirmed: Set[str]) -> None:
         self.state.mark_held(MessageKey.of(r.message) for r in requests if r.message.queue_id in confirmed)

@@ -13,6 +13,8 @@ lock, write no record and act on nothing.
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -27,6 +29,7 @@ from qrunner.message import Message, QueueState
 from qrunner.mta.base import Backend, Gate
 from qrunner.plan import OVERRIDDEN, Listed, Plan, make_plan, release_plan, triage
 from qrunner.policy import PolicyEngine, PolicySettings
+from qrunner.selection import Choice, Selector
 from qrunner.state import Hold, Records, RunLock, RunSummary, State, settle, settled
 
 log = logging.getLogger("qrunner")
@@ -128,15 +131,33 @@ def _outcome(plan: Plan, summary: RunSummary) -> str:
     return "exit 1: " + ", ".join(found) if found else "ok"
 
 
-class Runner:
-    """Runs the pipeline against one MTA back end."""
+def invoker() -> str:
+    """Who runs this command, for the record: the user who ran sudo (``SUDO_USER``), else this process's user."""
+    sudo = os.environ.get("SUDO_USER")
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = f"uid {os.getuid()}"
+    return f"{sudo} (sudo as {user})" if sudo and sudo != user else user
 
-    def __init__(self, config: Config, backend: Backend, policy: PolicySettings, senders: Sequence[Sender]):
+
+class Runner:
+    """Runs the pipeline against one MTA back end.
+
+    ``command_line`` is what the admin typed (recorded with each run, for
+    ``status --history`` and ``explain``), ``invoked_by`` who typed it.
+    """
+
+    def __init__(self, config: Config, backend: Backend, policy: PolicySettings, senders: Sequence[Sender],
+                 command_line: str = "", invoked_by: Optional[str] = None):
         self.config = config
         self.backend = backend
         self.policy = policy
         self.senders = senders
+        self.command_line = command_line
+        self.invoked_by = invoker() if invoked_by is None else invoked_by
         self._messages: Sequence[Message] = ()  # the last listing, for the metrics
+        self._choice: Optional[Choice] = None
         self._gate = Gate(None, "not asked")
 
     def __enter__(self) -> "Runner":
@@ -147,12 +168,23 @@ class Runner:
 
     # -- the job -----------------------------------------------------------
 
+    def _summary(self, command: str) -> RunSummary:
+        return RunSummary(command=command, started=time.time(), invoked_by=self.invoked_by,
+                          command_line=self.command_line)
+
     def run(self, command: str = "run", dry_run: bool = False, only_ids: Optional[Sequence[str]] = None,
-            ignore_policy: bool = False) -> RunResult:
-        """A whole run (``run``, ``flush``) or a look at one (``--dry-run``, ``plan``)."""
+            ignore_policy: bool = False, choice: Optional[Choice] = None) -> RunResult:
+        """A whole run (``run``, ``flush``) or a look at one (``--dry-run``, ``plan``).
+
+        ``choice`` (a ``flush`` with selectors or a limit) narrows the named
+        messages, among those a run decides, to the ones it selects.
+        """
         self.backend.check(self.senders, acting=not dry_run)
         self._warn_gate()
-        summary = RunSummary(command=command, started=time.time())
+        summary = self._summary(command)
+        if choice is not None and not choice.narrowed:
+            only_ids, choice = choice.ids, None
+        self._choice = choice
         if dry_run:
             state = State(self.config.state_dir, self.backend.instance, readonly=True)
             try:
@@ -175,7 +207,9 @@ class Runner:
         """List, reconcile, decide, plan: everything up to the first action."""
         if ignore_policy:
             messages = self._messages = self.backend.list()
-            sorted_out = triage(self._listed(messages, self._reconcile(state, messages, write)), only_ids)
+            records = self._reconcile(state, messages, write)
+            only_ids = self._chosen(messages, records, only_ids)
+            sorted_out = triage(self._listed(messages, records), only_ids)
             decisions = self._overridden(sorted_out.candidates)
             return make_plan(decisions, sorted_out, {}, overridden=True, from_hold=self._from_hold(decisions))
         with PolicyEngine(self.policy) as engine:
@@ -183,10 +217,20 @@ class Runner:
                 engine.prepare(self.senders[0])  # Lua starts while the MTA lists its queue
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
+            only_ids = self._chosen(messages, records, only_ids)
             sorted_out = triage(self._listed(messages, records), only_ids)
             decisions = engine.decide(sorted_out.candidates, self.senders)
         due = {d.key: self.backend.due(d.message, records.attempts.get(d.key)) for d in decisions if d.send}
         return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions))
+
+    def _chosen(self, messages: Sequence[Message], records: Records, only_ids: Optional[Sequence[str]]
+                ) -> Optional[Sequence[str]]:
+        """A flush's selection: among the waiting messages and qrunner's holds, those the admin's choice picks."""
+        if self._choice is None:
+            return only_ids
+        pool = [(m, records.holds.get(MessageKey.of(m))) for m in messages
+                if m.state == QueueState.WAITING or (m.held and MessageKey.of(m) in records.holds)]
+        return self._choice.pick(pool, time.time(), "waiting messages and qrunner holds")
 
     def _from_hold(self, decisions: Sequence[Decision]) -> set:
         """Allowed holds the back end sends by their route as they are held, never released in between."""
@@ -325,38 +369,58 @@ class Runner:
 
     # -- release and status -----------------------------------------------------
 
-    def release(self, only_ids: Optional[Sequence[str]], to_default_queue: bool = False) -> RunSummary:
+    def release(self, only_ids: Optional[Sequence[str]], to_default_queue: bool = False,
+                choice: Optional[Choice] = None, dry_run: bool = False) -> RunResult:
         """Release qrunner's holds (all, or the named ones) without scheduling them.
 
         ``to_default_queue`` hands them back to the MTA's own scheduling too
         (Exim's default queue); with ``only_ids`` None (``--all``) every
         message still in qrunner's queue goes there, held or not: the way
-        out leaves no mail behind.
+        out leaves no mail behind. ``choice`` (selectors, a limit) narrows
+        the holds released, and then only those move. A dry run plans and
+        changes nothing.
         """
-        self.backend.check((), acting=True)  # the way out needs no sender's route
-        summary = RunSummary(command="release", started=time.time())
+        self.backend.check((), acting=not dry_run)  # the way out needs no sender's route
+        summary = self._summary("release")
+        if choice is not None and choice.narrowed:
+            self._choice = choice
+        if dry_run:
+            state = State(self.config.state_dir, self.backend.instance, readonly=True)
+            try:
+                plan = self._release_plan(state, only_ids, to_default_queue, write=False)
+            finally:
+                state.close()
+            return RunResult(plan, summary)
         with RunLock(self.config.state_dir):
             state = State(self.config.state_dir, self.backend.instance)
             try:
-                messages = self.backend.list()
-                records = self._reconcile(state, messages, write=True)
-                plan = release_plan(self._listed(messages, records), only_ids, to_default_queue)
-                self._warn_left_alone(plan)
+                plan = self._release_plan(state, only_ids, to_default_queue, write=True)
                 run_id = state.start_run(summary)
                 executor = Executor(self.backend, state, summary)
-                self._messages = messages
                 try:
                     executor.execute(plan, run_id)
-                    if to_default_queue and only_ids is None:
+                    if to_default_queue and not plan.named:
                         self._check_emptied(summary)
                 except BaseException as exc:
                     self._finish(state, run_id, plan, summary, executor, exc)
                     raise
                 self._finish(state, run_id, plan, summary, executor)
                 state.prune(self.config.history_days)
-                return summary
+                return RunResult(plan, summary)
             finally:
                 state.close()
+
+    def _release_plan(self, state: State, only_ids: Optional[Sequence[str]], to_default_queue: bool,
+                      write: bool) -> Plan:
+        messages = self._messages = self.backend.list()
+        records = self._reconcile(state, messages, write)
+        listed = self._listed(messages, records)
+        if self._choice is not None:
+            pool = [(item.message, records.holds.get(MessageKey.of(item.message))) for item in listed if item.ours]
+            only_ids = self._choice.pick(pool, time.time(), "qrunner holds")
+        plan = release_plan(listed, only_ids, to_default_queue)
+        self._warn_left_alone(plan)
+        return plan
 
     def release_for_removal(self, gate_removed: bool = False) -> RunSummary:
         """The one rule before qrunner is removed (``make uninstall``, a package's prerm): nothing left behind.
@@ -378,7 +442,7 @@ class Runner:
             raise ConfigError(f"qrunner cannot tell whether the MTA is still gated for it ({gate.why}): make sure "
                               f"the gate is gone ({hint}), then run this again with --gate-removed; nothing was "
                               "released.")
-        return self.release(None, to_default_queue=self.backend.has_named_queue)
+        return self.release(None, to_default_queue=self.backend.has_named_queue).summary
 
     def _check_emptied(self, summary: RunSummary) -> None:
         """The way out must leave nothing in qrunner's queue: say what is still there."""
@@ -388,16 +452,38 @@ class Runner:
             log.error("%d messages are still in qrunner's queue (being delivered?): %s; run the release again",
                       len(left), " ".join(left[:20]))
 
-    def status(self) -> Status:
-        """qrunner's holds (flagging those past the MTA's queue lifetime), the senders, the last run and the gate."""
+    def status(self, selector: Optional[Selector] = None) -> Status:
+        """qrunner's holds (flagging those past the MTA's queue lifetime), the senders, the last run and the gate.
+
+        With selectors, only the holds they match (no match: NothingSelected);
+        the queue is listed then, for each held message's recipients.
+        """
         state = State(self.config.state_dir, self.backend.instance, readonly=True)
         try:
             holds = list(state.holds().values())
             last = state.last_run()
         finally:
             state.close()
+        if selector is not None and not selector.empty:
+            holds = self._selected_holds(holds, selector)
         return Status(self.backend.instance, holds, self._past_lifetime([h.key for h in holds]), self.routes(), last,
                       self.backend.gate(self.senders))
+
+    def _selected_holds(self, holds: Sequence[Hold], selector: Selector) -> List[Hold]:
+        """The holds the selector matches, judged by the message as the MTA lists it (recipients included)."""
+        listed = {MessageKey.of(m): m for m in self.backend.list()}
+        pool = [(listed.get(h.key) or Message(h.queue_id, h.arrival, 0, h.envelope_sender or "", ()), h)
+                for h in holds]
+        chosen = set(Choice(selector=selector).pick(pool, time.time(), "qrunner holds"))
+        return [h for h in holds if h.queue_id in chosen]
+
+    def history(self, limit: int) -> List[RunSummary]:
+        """The last commands that changed the queue, newest first, with who ran them."""
+        state = State(self.config.state_dir, self.backend.instance, readonly=True)
+        try:
+            return state.history(limit)
+        finally:
+            state.close()
 
     def check_health(self, max_age: float) -> Health:
         """``status --check``: one line and a code for monitoring."""

@@ -26,6 +26,7 @@ that writes; history older than ``history_days`` is pruned by every such run.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import sqlite3
@@ -127,6 +128,11 @@ CREATE TABLE counters (
     PRIMARY KEY (instance, name, sender)
 );
 """),
+    (5, "selectors: the priority the policy gave a hold; who ran each command, and how", """
+ALTER TABLE holds ADD COLUMN priority INTEGER;
+ALTER TABLE runs ADD COLUMN invoked_by TEXT;
+ALTER TABLE runs ADD COLUMN command_line TEXT;
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -142,6 +148,7 @@ class Hold:
     senders: str
     reason: str
     envelope_sender: Optional[str] = None  # None: held by a release that did not record it
+    priority: Optional[int] = None  # the policy's priority when it held it; None: recorded before 0.5's schema
 
     @property
     def key(self) -> MessageKey:
@@ -219,8 +226,7 @@ def settled(records: Records, settlement: Settlement) -> Records:
     """The records as they are once ``settlement`` is applied (what a dry run plans with)."""
     holds = {k: h for k, h in records.holds.items() if k not in set(settlement.forget)}
     for key in settlement.mark_held:
-        hold = holds[key]
-        holds[key] = Hold(hold.queue_id, hold.arrival, "held", hold.held_at, hold.senders, hold.reason)
+        holds[key] = dataclasses.replace(holds[key], state="held")
     dropped = set(settlement.drop_copies)
     attempts = {k: v for k, v in records.attempts.items() if k not in set(settlement.drop_attempts)}
     return Records(holds, [c for c in records.copies if c not in dropped], attempts)
@@ -255,6 +261,9 @@ class RunSummary:
     outcome: str = ""
     exit_code: int = 0
     succeeded: bool = True  # completed its plan: exit 0, or 1 for policy errors only
+    invoked_by: str = ""  # who ran it: the user (under sudo, the user who ran sudo), see qrunner.runner.invoker
+    command_line: str = ""  # the arguments it was given, for status --history and explain
+    run_id: Optional[int] = None
 
     @property
     def seconds(self) -> float:
@@ -387,7 +396,8 @@ class State:
 
     def holds(self) -> Dict[MessageKey, Hold]:
         rows = self.db.execute(
-            "SELECT queue_id, arrival, state, held_at, senders, reason, envelope_sender FROM holds WHERE instance = ? "
+            "SELECT queue_id, arrival, state, held_at, senders, reason, envelope_sender, priority FROM holds "
+            "WHERE instance = ? "
             "ORDER BY held_at, queue_id", (self.instance,))
         return {MessageKey(r[0], r[1]): Hold(*r) for r in rows}
 
@@ -403,36 +413,38 @@ class State:
 
     # -- holds -------------------------------------------------------------
 
-    def record_holding(self, holds: Iterable[Tuple[MessageKey, str, str, str]]) -> None:
-        """Before the MTA is asked to hold: (key, senders, reason, envelope sender) per message.
+    def record_holding(self, holds: Iterable[Tuple[MessageKey, str, str, str, int]]) -> None:
+        """Before the MTA is asked to hold: (key, senders, reason, envelope sender, priority) per message.
 
         A message already on record (one of qrunner's holds being handed
-        over) keeps its state and since when it is held; only who and why change.
+        over) keeps its state and since when it is held; only who, why and
+        the priority change.
         """
         now = time.time()
         with self.db:
             self.db.executemany(
-                "INSERT INTO holds (instance, queue_id, arrival, state, held_at, senders, reason, envelope_sender) "
-                "VALUES (?, ?, ?, 'holding', ?, ?, ?, ?) "
+                "INSERT INTO holds (instance, queue_id, arrival, state, held_at, senders, reason, envelope_sender, "
+                "priority) VALUES (?, ?, ?, 'holding', ?, ?, ?, ?, ?) "
                 "ON CONFLICT (instance, queue_id, arrival) DO UPDATE SET senders = excluded.senders, "
-                "reason = excluded.reason",
-                [(self.instance, key.queue_id, key.arrival, now, senders, reason, sender)
-                 for key, senders, reason, sender in holds])
+                "reason = excluded.reason, priority = excluded.priority",
+                [(self.instance, key.queue_id, key.arrival, now, senders, reason, sender, priority)
+                 for key, senders, reason, sender, priority in holds])
 
     def mark_held(self, keys: Iterable[MessageKey]) -> None:
         self._set_state(keys, "held")
 
-    def update_reason(self, holds: Iterable[Tuple[MessageKey, str, str, str]]) -> None:
-        """A message still held: the latest run's senders and reason (key, senders, reason, envelope sender).
+    def update_reason(self, holds: Iterable[Tuple[MessageKey, str, str, str, int]]) -> None:
+        """A message still held: the latest run's senders, reason and priority (key, senders, reason, envelope
+        sender, priority).
 
         The envelope sender fills in what a hold recorded before qrunner kept it lacks.
         """
         with self.db:
             self.db.executemany(
-                "UPDATE holds SET senders = ?, reason = ?, envelope_sender = coalesce(envelope_sender, ?) "
-                "WHERE instance = ? AND queue_id = ? AND arrival = ?",
-                [(senders, reason, sender, self.instance, key.queue_id, key.arrival)
-                 for key, senders, reason, sender in holds])
+                "UPDATE holds SET senders = ?, reason = ?, envelope_sender = coalesce(envelope_sender, ?), "
+                "priority = ? WHERE instance = ? AND queue_id = ? AND arrival = ?",
+                [(senders, reason, sender, priority, self.instance, key.queue_id, key.arrival)
+                 for key, senders, reason, sender, priority in holds])
 
     def mark_releasing(self, keys: Iterable[MessageKey]) -> None:
         self._set_state(keys, "releasing")
@@ -485,8 +497,9 @@ class State:
 
     def start_run(self, summary: RunSummary) -> int:
         with self.db:
-            cursor = self.db.execute("INSERT INTO runs (instance, command, started) VALUES (?, ?, ?)",
-                                     (self.instance, summary.command, summary.started))
+            cursor = self.db.execute(
+                "INSERT INTO runs (instance, command, started, invoked_by, command_line) VALUES (?, ?, ?, ?, ?)",
+                (self.instance, summary.command, summary.started, summary.invoked_by, summary.command_line))
         return int(cursor.lastrowid)
 
     def finish_run(self, run_id: int, summary: RunSummary) -> None:
@@ -537,12 +550,34 @@ class State:
             "AND l.command = r.command AND l.finished IS NOT NULL) ORDER BY r.command", (self.instance,))
         return [LastRun(r[0], r[1], r[2], r[3], r[5], r[4] or 0) for r in rows]
 
+    _RUN_COLUMNS = ("command, started, listed, sent, held, released, moved, errors, finished, outcome, "
+                    "invoked_by, command_line, id")
+
+    @staticmethod
+    def _summary(row) -> RunSummary:
+        command, started, listed, sent, held, released, moved, errors, finished, outcome, who, line, run_id = row
+        return RunSummary(command=command, started=started, listed=listed, sent=sent, held=held,
+                          released=released, moved=moved or 0, errors=errors, finished=finished, outcome=outcome,
+                          invoked_by=who or "", command_line=line or "", run_id=run_id)
+
     def last_run(self) -> Optional[RunSummary]:
         row = self.db.execute(
-            "SELECT command, started, listed, sent, held, released, moved, errors, finished, outcome FROM runs "
-            "WHERE instance = ? AND finished IS NOT NULL ORDER BY id DESC LIMIT 1", (self.instance,)).fetchone()
-        if row is None:
-            return None
-        command, started, listed, sent, held, released, moved, errors, finished, outcome = row
-        return RunSummary(command=command, started=started, listed=listed, sent=sent, held=held,
-                          released=released, moved=moved or 0, errors=errors, finished=finished, outcome=outcome)
+            f"SELECT {self._RUN_COLUMNS} FROM runs WHERE instance = ? AND finished IS NOT NULL ORDER BY id DESC "
+            "LIMIT 1", (self.instance,)).fetchone()
+        return None if row is None else self._summary(row)
+
+    def history(self, limit: int) -> List[RunSummary]:
+        """The last ``limit`` commands that changed the queue (a run still going or cut short too), newest first."""
+        rows = self.db.execute(f"SELECT {self._RUN_COLUMNS} FROM runs WHERE instance = ? ORDER BY id DESC LIMIT ?",
+                               (self.instance, limit))
+        return [self._summary(row) for row in rows]
+
+    def runs(self, ids: Iterable[int]) -> Dict[int, RunSummary]:
+        """The runs with these ids that history still keeps (for a message's history)."""
+        wanted = sorted(set(ids))
+        if not wanted:
+            return {}
+        marks = ", ".join("?" * len(wanted))
+        rows = self.db.execute(f"SELECT {self._RUN_COLUMNS} FROM runs WHERE instance = ? AND id IN ({marks})",
+                               (self.instance, *wanted))
+        return {row[-1]: self._summary(row) for row in rows}

@@ -110,7 +110,7 @@ def test_release_plan_releases_only_qrunners_holds_and_empties_the_queue_on_the_
 
 def test_a_record_is_never_matched_to_a_reused_queue_id(tmp_path):
     state = State(str(tmp_path), "postfix:/q")
-    state.record_holding([(MessageKey("ABC123", 1000), "a", "why", "s@x")])
+    state.record_holding([(MessageKey("ABC123", 1000), "a", "why", "s@x", 50)])
     state.mark_held([MessageKey("ABC123", 1000)])
     # Postfix reused the short id for a later message; the old one is gone.
     settlement = settle(state.load(), {MessageKey("ABC123", 2000): QueueState.HELD})
@@ -121,7 +121,7 @@ def test_a_record_is_never_matched_to_a_reused_queue_id(tmp_path):
 
 def test_records_of_two_instances_never_mix(tmp_path):
     one, two = State(str(tmp_path), "postfix:/q1"), State(str(tmp_path), "postfix:/q2")
-    one.record_holding([(MessageKey("ABC123", 1000), "a", "why", "s@x")])
+    one.record_holding([(MessageKey("ABC123", 1000), "a", "why", "s@x", 50)])
     assert two.holds() == {}
     two.apply(settle(two.load(), {}))
     assert list(one.holds()) == [MessageKey("ABC123", 1000)]
@@ -138,7 +138,7 @@ def test_records_of_two_instances_never_mix(tmp_path):
 def test_reconcile_settles_every_interrupted_step(tmp_path, interrupted, where, kept):
     key = MessageKey("ABC123", 1000)
     state = State(str(tmp_path), "postfix:/q")
-    state.record_holding([(key, "a", "why", "s@x")])
+    state.record_holding([(key, "a", "why", "s@x", 50)])
     if interrupted == "held":
         state.mark_held([key])
     if interrupted == "releasing":

@@ -67,9 +67,9 @@ def test_allowed_mail_is_delivered_and_skipped_mail_held_with_reason(tmp_path, m
     status = qr("status")
     [row] = [line for line in status.stdout.splitlines() if line.startswith(hold_id)]
     assert status.stdout.splitlines()[1].split() == ["QUEUE", "ID", "HELD", "SINCE", "ENVELOPE", "FROM", "DECIDED",
-                                                     "BY", "REASON"]
+                                                     "BY", "PRIO", "REASON"]
     assert re.match(rf"{hold_id}\s+{time.strftime('%Y-%m-%d')} \d\d:\d\d:\d\d\s+alice@qrunner-test.localdomain\s+"
-                    r"default\s+subject says hold$", row)
+                    r"default\s+50\s+subject says hold$", row)
     assert re.search(rf"last run: {time.strftime('%Y-%m-%d')} \d\d:\d\d:\d\d \(run, ok\): listed=2 sent=1 held=1",
                      status.stdout)
 

@@ -113,7 +113,7 @@ def test_holds_of_the_previous_release_survive_the_upgrade_with_their_reasons(tm
     upgraded = qr("status").stdout  # ... and read from disk as it is now
     for queue_id, _, _, reason in holds:
         [row] = [line for line in upgraded.splitlines() if line.startswith(queue_id)]
-        assert row.split()[3:] == ["?", "default"] + reason.split()  # "?": 0.1 kept no envelope sender
+        assert row.split()[3:] == ["?", "default", "?"] + reason.split()  # "?": 0.1 kept no envelope sender, no priority
         assert row.split()[1] == time.strftime("%Y-%m-%d", time.localtime(time.time() - 600))
 
     run = qr("run")
