@@ -28,6 +28,7 @@ from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend
 from qrunner.plan import Wait, report_order
 from qrunner.policy import PolicySettings, lua_implementation, lupa_version
+from qrunner.progress import Progress, wanted as wanted_progress
 from qrunner.runner import RunResult, Runner, decide_offline
 
 EXIT_CODES = """\
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_id_arguments(flush, "the messages to flush")
     flush.add_argument("--ignore-policy", action="store_true",
                        help="release and schedule the named messages now, without asking the policy")
-    _add_bulk_options(flush)
+    _add_bulk_options(flush, "hand the MTA at most N messages per second (also N/m, N/h), so a big flush does "
+                             "not swamp the relay")
     _add_selectors(flush, "the flush (among the waiting messages and qrunner's holds)")
     flush.set_defaults(func=cmd_flush)
 
@@ -189,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     release.add_argument("--gate-removed", action="store_true",
                          help="with --for-removal, when qrunner cannot tell whether the MTA is still gated: you "
                               "checked that the gate is gone")
-    _add_bulk_options(release)
+    _add_bulk_options(release, "with --to-default-queue: move at most N messages per second (also N/m, N/h) "
+                               "to the MTA's own queue runners")
     _add_selectors(release, "the release (among qrunner's holds)")
     release.set_defaults(func=cmd_release)
 
@@ -272,10 +275,11 @@ def _add_selectors(parser: argparse.ArgumentParser, what: str) -> None:
                        help="the priority the policy gave when qrunner held it (90, 50-100); qrunner's holds only")
 
 
-def _add_bulk_options(parser: argparse.ArgumentParser) -> None:
+def _add_bulk_options(parser: argparse.ArgumentParser, rate_help: str) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list what would be touched; change nothing")
     parser.add_argument("--limit", metavar="N", type=_positive,
                         help="at most N messages, the oldest of the selection first")
+    parser.add_argument("--rate", metavar="N/s", type=selection.parse_rate, help=rate_help)
 
 
 def _selector(args: argparse.Namespace) -> selection.Selector:
@@ -326,7 +330,12 @@ def _runner(args: argparse.Namespace, config: Optional[Config] = None) -> Runner
     config = config or _config(args)
     return Runner(config, backend_for(config), _policy_settings(config, getattr(args, "now", None)),
                   _senders(args, config) if hasattr(args, "senders") else config.senders,
-                  command_line=getattr(args, "command_line", ""))
+                  command_line=getattr(args, "command_line", ""), progress=_progress(args),
+                  rate=getattr(args, "rate", None))
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    return Progress(wanted_progress(args.verbosity))
 
 
 def _exit_code(decisions: Sequence[Decision]) -> int:
@@ -340,7 +349,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.queue_file:
         config = _config(args)
         decisions = decide_offline(_policy_settings(config, args.now), _senders(args, config),
-                                   SnapshotBackend(args.queue_file))
+                                   SnapshotBackend(args.queue_file), _progress(args))
         print_decisions(report_order(decisions), args.format)
         return _exit_code(decisions)
     with _runner(args) as runner:
@@ -382,6 +391,9 @@ def cmd_release(args: argparse.Namespace) -> int:
         choice = _choice(args, runner.backend)
         if args.to_default_queue and not runner.backend.has_named_queue:
             raise UsageError("--to-default-queue is for Exim's named queue; this MTA has no such queue.")
+        if args.rate and not args.to_default_queue:
+            raise UsageError("--rate paces delivery, and a plain release delivers nothing (in gate mode released "
+                             "mail waits for qrunner's next run): use it with --to-default-queue, or on flush.")
         result = runner.release(choice.ids, to_default_queue=args.to_default_queue, choice=choice,
                                 dry_run=args.dry_run)
     if args.dry_run:

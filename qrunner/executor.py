@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 
 from qrunner.decision import Decision, MessageKey
 from qrunner.message import Message
 from qrunner.mta.base import Backend, Outcome, Result, SendRequest
 from qrunner.plan import HandBack, Plan, Release, Remove, Send
+from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick
 from qrunner.state import RunSummary, State
 
 log = logging.getLogger("qrunner")
+
+CHUNK = 1000  # messages per postsuper/exim call in a long hold, release or move: progress shows, argv stays short
 
 
 def quote(text: str) -> str:
@@ -28,18 +31,44 @@ def quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ").replace("\r", " ") + '"'
 
 
+def _no_tick(count: int = 1) -> None:
+    pass
+
+
 class Executor:
     """Carries out one plan against one back end, recording each step in ``state``."""
 
-    def __init__(self, backend: Backend, state: State, summary: RunSummary):
+    def __init__(self, backend: Backend, state: State, summary: RunSummary, progress: Progress = NO_PROGRESS,
+                 rate: Optional[float] = None):
         self.backend = backend
         self.state = state
         self.summary = summary
+        self.progress = progress
+        self.rate = rate  # messages per second handed to the MTA's delivery (flush, release --to-default-queue)
+        self._tick: Tick = _no_tick
         self._not_released: Set[str] = set()
         self._sending: Dict[str, Send] = {}
         self._outcomes: Dict[str, Outcome] = {}
         self.run_id: Optional[int] = None
         self.tally: Dict[Tuple[str, str], int] = {}  # (counter, sender) -> how many this run: the metrics' counters
+
+    def _in_chunks(self, what: str, items: Sequence, act: Callable[[Sequence], None], paced: bool = False) -> None:
+        """``act`` on ``items`` a chunk at a time, so a long stage shows progress and a paced one keeps its rate.
+
+        Each chunk is recorded, acted on and confirmed before the next (the
+        crash-safe order holds per chunk). Paced (``rate``), a chunk is as
+        many messages as one second allows and starts no earlier than the
+        rate lets it.
+        """
+        size = max(1, int(self.rate)) if paced and self.rate else CHUNK
+        started = time.monotonic()
+        with self.progress.bar(what, len(items)) as tick:
+            for done in range(0, len(items), size):
+                if paced and self.rate and done:
+                    time.sleep(max(0.0, started + done / self.rate - time.monotonic()))
+                chunk = items[done:done + size]
+                act(chunk)
+                tick(len(chunk))
 
     def _count(self, counter: str, sender: str) -> None:
         self.tally[(counter, sender)] = self.tally.get((counter, sender), 0) + 1
@@ -90,8 +119,9 @@ class Executor:
     def hand_back(self, steps: Sequence[HandBack]) -> None:
         """To the MTA's own scheduling; never a hold of qrunner's that this run could not release."""
         steps = [s for s in steps if s.queue_id not in self._not_released]
-        if not steps:
-            return
+        self._in_chunks("moving", steps, self._hand_back, paced=True)
+
+    def _hand_back(self, steps: Sequence[HandBack]) -> None:
         handed = self.backend.hand_back([s.queue_id for s in steps])
         self.summary.moved += len(handed)
         for step in steps:
@@ -107,8 +137,9 @@ class Executor:
     # -- holds -----------------------------------------------------------------
 
     def hold(self, decisions: Sequence[Decision]) -> None:
-        if not decisions:
-            return
+        self._in_chunks("holding", decisions, self._hold)
+
+    def _hold(self, decisions: Sequence[Decision]) -> None:
         self.state.record_holding((d.key, d.senders, d.reason, d.message.sender, d.priority) for d in decisions)
         confirmed = self.backend.hold([d.queue_id for d in decisions])
         # An unconfirmed hold keeps its 'holding' record: the next run's reconcile
@@ -135,8 +166,9 @@ class Executor:
         self.state.update_reason((d.key, d.senders, d.reason, d.message.sender, d.priority) for d in decisions)
 
     def release(self, steps: Sequence[Release]) -> None:
-        if not steps:
-            return
+        self._in_chunks("releasing", steps, self._release)
+
+    def _release(self, steps: Sequence[Release]) -> None:
         self.state.mark_releasing(s.key for s in steps)
         confirmed = self.backend.release([s.queue_id for s in steps])
         # An unconfirmed release keeps its 'releasing' record: the next run's reconcile
@@ -173,10 +205,14 @@ class Executor:
         self._sending = {s.queue_id: s for s in sends}
         completed = False
         try:
-            self.backend.send([SendRequest(s.message, s.route, s.from_hold, s.priority, forced=s.overridden)
-                               for s in sends], self)
+            if self.rate:
+                self._in_chunks("sending", sends, self._dispatch, paced=True)
+            else:
+                with self.progress.bar("sending", len(sends)) as self._tick:
+                    self._dispatch(sends)
             completed = True
         finally:
+            self._tick = _no_tick
             if completed:
                 for send in sends:
                     if send.queue_id not in self._outcomes:
@@ -186,6 +222,10 @@ class Executor:
             self.state.record_dispatches(run_id, rows)
             self.state.note_attempts(s.key for s in sends if s.queue_id in self._outcomes
                                      and self._outcomes[s.queue_id].result is Result.DEFERRED)
+
+    def _dispatch(self, sends: Sequence[Send]) -> None:
+        self.backend.send([SendRequest(s.message, s.route, s.from_hold, s.priority, forced=s.overridden)
+                           for s in sends], self)
 
     def _report(self, send: Send, outcome: Outcome) -> None:
         """The log line of one send; a failed hand-over leaves the original held with the failure as reason."""
@@ -237,4 +277,5 @@ class Executor:
         send = self._sending[request.message.queue_id]
         self._outcomes[send.queue_id] = outcome
         self._report(send, outcome)
+        self._tick(1)
 

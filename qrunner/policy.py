@@ -38,6 +38,7 @@ from qrunner.decision import Decision, Verdict
 from qrunner.exceptions import ScriptLoadError
 from qrunner.message import Message, arrival_order
 from qrunner.policy_worker import LOADING, PROGRESS
+from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick
 
 log = logging.getLogger("qrunner.policy")
 
@@ -243,11 +244,13 @@ class PolicyEngine:
     decided, so the caller changes nothing in the queue.
     """
 
-    def __init__(self, settings: PolicySettings):
+    def __init__(self, settings: PolicySettings, progress: Progress = NO_PROGRESS):
         self.settings = settings
+        self.progress = progress
         self._script_text = self._read_script(settings.script)
         self._worker: Optional[_Worker] = None
         self._extras_used: Set[str] = set()
+        self._tick: Tick = lambda count: None
 
     @staticmethod
     def _read_script(path: str) -> bytes:
@@ -278,7 +281,8 @@ class PolicyEngine:
         verdicts: List[List[Verdict]] = [[] for _ in ordered]
         remaining = list(range(len(ordered)))
         for sender in senders:
-            answers = self.run_pass(sender, [ordered[i] for i in remaining])
+            with self.progress.bar(f"policy, sender {sender.name}", len(remaining)) as self._tick:
+                answers = self.run_pass(sender, [ordered[i] for i in remaining])
             for i, verdict in zip(remaining, answers):
                 verdicts[i].append(verdict)
             remaining = [i for i, verdict in zip(remaining, answers) if verdict.skip]
@@ -428,6 +432,7 @@ class PolicyEngine:
                     for local, outcome, values in reply[1]:
                         i = pending[local]
                         results[i] = self._verdict(sender, messages[i], outcome, values)
+                    self._tick(len(reply[1]))
                 elif kind == "print":
                     self._log_print(sender, messages[pending[reply[2]]] if reply[2] is not None else None, reply[1])
                 elif kind == "done":

@@ -29,14 +29,15 @@ from qrunner.message import Message, QueueState
 from qrunner.mta.base import Backend, Gate
 from qrunner.plan import OVERRIDDEN, Listed, Plan, make_plan, release_plan, triage
 from qrunner.policy import PolicyEngine, PolicySettings
+from qrunner.progress import NONE as NO_PROGRESS, Progress
 from qrunner.selection import Choice, Selector
 from qrunner.state import Hold, Records, RunLock, RunSummary, State, settle, settled
 
 log = logging.getLogger("qrunner")
 
 
-def decide_offline(policy: PolicySettings, senders: Sequence[Sender], backend: Optional[Backend] = None
-                   ) -> List[Decision]:
+def decide_offline(policy: PolicySettings, senders: Sequence[Sender], backend: Optional[Backend] = None,
+                   progress: Progress = NO_PROGRESS) -> List[Decision]:
     """``plan --queue-file`` and ``check``: the list and decide stages only; nothing acts, no lock.
 
     Every sender's script is loaded, even for a sender no message reaches,
@@ -44,7 +45,7 @@ def decide_offline(policy: PolicySettings, senders: Sequence[Sender], backend: O
     Without a back end (``check`` with no snapshot) nothing is decided.
     """
     messages = backend.list() if backend is not None else None
-    with PolicyEngine(policy) as engine:
+    with PolicyEngine(policy, progress) as engine:
         if messages is not None:
             return engine.decide(messages, senders)  # each sender's pass loads its script first
         for sender in senders:
@@ -146,11 +147,16 @@ class Runner:
 
     ``command_line`` is what the admin typed (recorded with each run, for
     ``status --history`` and ``explain``), ``invoked_by`` who typed it.
+    ``progress`` draws the bars of a long command at a terminal; ``rate``
+    paces what a command hands to the MTA's delivery.
     """
 
     def __init__(self, config: Config, backend: Backend, policy: PolicySettings, senders: Sequence[Sender],
-                 command_line: str = "", invoked_by: Optional[str] = None):
+                 command_line: str = "", invoked_by: Optional[str] = None, progress: Progress = NO_PROGRESS,
+                 rate: Optional[float] = None):
         self.config = config
+        self.progress = progress
+        self.rate = rate  # flush --rate, release --to-default-queue --rate: messages per second
         self.backend = backend
         self.policy = policy
         self.senders = senders
@@ -212,7 +218,7 @@ class Runner:
             sorted_out = triage(self._listed(messages, records), only_ids)
             decisions = self._overridden(sorted_out.candidates)
             return make_plan(decisions, sorted_out, {}, overridden=True, from_hold=self._from_hold(decisions))
-        with PolicyEngine(self.policy) as engine:
+        with PolicyEngine(self.policy, self.progress) as engine:
             if self.senders:
                 engine.prepare(self.senders[0])  # Lua starts while the MTA lists its queue
             messages = self._messages = self.backend.list()
@@ -288,7 +294,7 @@ class Runner:
     def _execute(self, state: State, plan: Plan, summary: RunSummary) -> None:
         summary.listed = plan.listed
         run_id = state.start_run(summary)
-        executor = Executor(self.backend, state, summary)
+        executor = Executor(self.backend, state, summary, self.progress, self.rate)
         try:
             executor.execute(plan, run_id)
             summary.errors = plan.policy_errors
@@ -396,7 +402,7 @@ class Runner:
             try:
                 plan = self._release_plan(state, only_ids, to_default_queue, write=True)
                 run_id = state.start_run(summary)
-                executor = Executor(self.backend, state, summary)
+                executor = Executor(self.backend, state, summary, self.progress, self.rate)
                 try:
                     executor.execute(plan, run_id)
                     if to_default_queue and not plan.named:

@@ -56,6 +56,18 @@ def parse_age(text: str) -> Age:
     return age
 
 
+RATE_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_rate(text: str) -> float:
+    """``10``, ``10/s``, ``600/m``, ``0.5/s``: messages per second."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*([smh]))?\s*", text)
+    rate = float(match.group(1)) / RATE_UNITS[match.group(2) or "s"] if match else 0.0
+    if rate <= 0:
+        raise UsageError(f"--rate {text!r} is not a rate; write messages per second, minute or hour: 10/s, 600/m.")
+    return rate
+
+
 def parse_priority(text: str) -> Tuple[int, int]:
     """``90`` or ``50-100``: an inclusive range within 1-100."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)

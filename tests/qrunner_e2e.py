@@ -14,7 +14,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from email.message import EmailMessage
-from typing import Sequence
+from typing import List, Sequence
 
 ALLOW_ALL = "function CheckFile(f, a) return a end\n"
 SKIP_ALL = 'function CheckFile(f, a) a.SkipSend = true; a.Reason = "not now" return a end\n'
@@ -67,9 +67,13 @@ class Qrunner:
     # A command the qrunner process is started under (e.g. setpriv with the unit's restrictions); [] for none.
     wrapper: Sequence[str] = ()
 
+    def start_command(self) -> List[str]:
+        """The argv that starts qrunner, before its own arguments."""
+        return list(self.wrapper) + [sys.executable, "-m", "qrunner"]
+
     def start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(list(self.wrapper) + [sys.executable, "-m", "qrunner"] + list(args),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self._env())
+        return subprocess.Popen(self.start_command() + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=self._env())
 
     def __call__(self, *args: str, timeout: float = 120) -> Result:
         proc = self.start(*args)
