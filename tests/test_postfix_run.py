@@ -106,7 +106,7 @@ def test_bounce_has_an_empty_return_path(tmp_path, postfix, smtp_sink):
     assert f'{bounce}: action=hold sender=default priority=50 reason="bounce"' in result.stderr
     assert subjects(smtp_sink, 1) == ["normal"]
     [row] = [line for line in qr("status").stdout.splitlines() if line.startswith(bounce)]
-    assert row.split()[3:6] == ["<>", "default", "bounce"]  # the null sender, as the log writes it
+    assert row.split()[3:7] == ["<>", "default", "50", "bounce"]  # the null sender, as the log writes it
 
 
 @pytest.mark.parametrize("command", [["run"], ["flush", "--all"], ["release", "--all"]])
