@@ -25,7 +25,7 @@ from qrunner.log import report_failure, setup_logging
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend
-from qrunner.plan import Wait, report_order
+from qrunner.plan import Expire, Wait, report_order
 from qrunner.policy import PolicySettings, lua_implementation, lupa_version
 from qrunner.runner import RunResult, Runner, decide_offline
 
@@ -431,6 +431,7 @@ def print_plan(result: RunResult, fmt: str) -> None:
     kept_held = {s.queue_id for s in plan.send if s.from_hold}
     ordered = report_order(plan.decisions)
     recovery = [("delete", s) for s in plan.remove] + [("handback", s) for s in plan.hand_back]
+    recovery += [("expire", _expire_note(s, waiting.get(s.queue_id), s.queue_id in released)) for s in plan.expire]
     if fmt == "json":
         rows = []
         for d in ordered:
@@ -458,6 +459,16 @@ def print_plan(result: RunResult, fmt: str) -> None:
     print(format_table(table, [(s.queue_id, action, s.reason) for action, s in recovery]))
     print(summary_line(plan.decisions))
     print(senders_line(result.routes))
+
+
+def _expire_note(step: Expire, wait: Optional[Wait], released: bool) -> Expire:
+    """An expire step as the plan shows it: its reason, and whether it is released first or waits for a retry time."""
+    notes = [step.reason]
+    if released:
+        notes.append("released from qrunner's hold first")
+    if wait is not None:
+        notes.append(_wait_note(wait))
+    return Expire(step.message, "; ".join(notes), step.bounce)
 
 
 def _wait_note(wait: Wait) -> str:

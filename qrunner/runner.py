@@ -25,7 +25,7 @@ from qrunner.log import NOT_QUIETED
 from qrunner import metrics
 from qrunner.message import Message, QueueState
 from qrunner.mta.base import Backend, Gate
-from qrunner.plan import OVERRIDDEN, Listed, Plan, make_plan, release_plan, triage
+from qrunner.plan import OVERRIDDEN, HoldAge, Listed, Plan, make_plan, release_plan, triage
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.state import Hold, Records, RunLock, RunSummary, State, settle, settled
 
@@ -151,6 +151,7 @@ class Runner:
             ignore_policy: bool = False) -> RunResult:
         """A whole run (``run``, ``flush``) or a look at one (``--dry-run``, ``plan``)."""
         self.backend.check(self.senders, acting=not dry_run)
+        self._check_hold_expiry()
         self._warn_gate()
         summary = RunSummary(command=command, started=time.time())
         if dry_run:
@@ -183,10 +184,26 @@ class Runner:
                 engine.prepare(self.senders[0])  # Lua starts while the MTA lists its queue
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
-            sorted_out = triage(self._listed(messages, records), only_ids)
+            sorted_out = triage(self._listed(messages, records), only_ids, self._hold_age())
             decisions = engine.decide(sorted_out.candidates, self.senders)
         due = {d.key: self.backend.due(d.message, records.attempts.get(d.key)) for d in decisions if d.send}
+        due.update({e.key: self.backend.due(e.message, records.attempts.get(e.key))
+                    for e in sorted_out.expire if not e.bounce})
         return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions))
+
+    def _hold_age(self) -> Optional[HoldAge]:
+        """``max_hold_age`` for triage, by the real clock; None when it is off (0)."""
+        if not self.config.max_hold_age:
+            return None
+        return HoldAge(self.config.max_hold_age, time.time(), bounce=self.config.on_hold_expiry == "bounce")
+
+    def _check_hold_expiry(self) -> None:
+        """``on_hold_expiry = "bounce"`` needs an MTA that can return mail to its sender: else 78, before anything."""
+        if self.config.on_hold_expiry == "bounce" and self.backend.cannot_return:
+            raise ConfigError(f"{self.config.path or 'the configuration'}: on_hold_expiry = \"bounce\" returns mail "
+                              f"past max_hold_age to its sender, but {self.backend.cannot_return}; set "
+                              "on_hold_expiry = \"send\" (or remove the line) to send such mail by the MTA's own "
+                              "routing.")
 
     def _from_hold(self, decisions: Sequence[Decision]) -> set:
         """Allowed holds the back end sends by their route as they are held, never released in between."""
@@ -275,9 +292,9 @@ class Runner:
             log.info("release: released=%d%s seconds=%.2f", summary.released,
                      f" moved={summary.moved}" if summary.moved else "", summary.seconds)
         else:
-            log.info("%s: listed=%d sent=%d held=%d released=%d errors=%d seconds=%.2f", summary.command,
+            log.info("%s: listed=%d sent=%d held=%d released=%d errors=%d%s seconds=%.2f", summary.command,
                      summary.listed, summary.sent, summary.held, summary.released, summary.errors,
-                     summary.seconds)
+                     f" expired={summary.expired}" if summary.expired else "", summary.seconds)
 
     def _write_metrics(self, state: State, plan: Plan) -> None:
         """The metrics file (``metrics_file``), from what this command saw; a write that fails is said, not fatal."""
