@@ -15,14 +15,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from memory_harness import MemoryHarness
-from mta_harness import HELD, WAITING
+from mta_harness import HELD, WAITING, EximHarness, PostfixHarness
 from qrunner_e2e import ALLOW_ALL, Qrunner, make_message
+
+from qrunner.config import PostfixSettings
+from qrunner.mta import postfix as postfix_mod
 
 # Holds everything, and says so on stderr each time it is asked: the test sees whether the policy was asked.
 ASKED = ('function CheckFile(f, a, s, c, rp, r, h)\n'
@@ -247,3 +251,123 @@ def test_bad_hold_age_settings_are_one_sentence_and_exit_78(tmp_path, memory, se
     result = qr("run")
 
     assert result.code == 78 and problem in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+# -- the real MTAs -----------------------------------------------------------------------
+
+
+def test_postfix_sends_a_hold_past_max_hold_age(tmp_path, postfix, smtp_sink):
+    mta = PostfixHarness(postfix, smtp_sink)
+    qr = Qrunner(tmp_path, mta, ASKED)
+    queue_id = mta.queue_message("held, then too old")
+    assert qr("run").code == 0 and mta.where(queue_id) == HELD
+    time.sleep(2)
+    configure(qr, max_hold_age=1)
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert "asked about" not in result.stderr
+    assert f"{queue_id}: action=release" in result.stderr
+    assert f"{queue_id}: action=expire to=default-route priority=50" in result.stderr
+    [delivered] = smtp_sink.wait_for(1)
+    assert delivered.header("Subject") == b"held, then too old"
+    mta.wait_gone(queue_id)  # postqueue -j no longer lists it
+
+
+def deferred_except(postfix, queue_id: str, timeout: float = 20.0) -> list:
+    """The messages of Postfix's deferred queue other than ``queue_id``, once there is one (postqueue -j)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [m for m in postfix.queue() if m["queue_id"] != queue_id and m["queue_name"] == "deferred"]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_postfix_returns_a_hold_past_max_hold_age_to_its_sender(tmp_path, postfix, smtp_sink):
+    """Forced expiration (postsuper -f, Postfix 3.5+): Postfix's bounce goes to the sender, through the gate."""
+    mta = PostfixHarness(postfix, smtp_sink)
+    qr = Qrunner(tmp_path, mta, ASKED)
+    queue_id = mta.queue_message("held, then returned", sender="carol@example.org")
+    assert qr("run").code == 0 and mta.where(queue_id) == HELD
+    time.sleep(2)
+    configure(qr, max_hold_age=1, on_hold_expiry="bounce")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert f"{queue_id}: action=expire to=return-path" in result.stderr
+    mta.wait_gone(queue_id)
+    assert f"{queue_id}: from=<carol@example.org>, status=force-expired, returned to sender" in postfix.log_text()
+    [bounce] = deferred_except(postfix, queue_id)  # postqueue -j: Postfix's own bounce, deferred by the gate
+    assert bounce["sender"] == "MAILER-DAEMON" and [r["address"] for r in bounce["recipients"]] == ["carol@example.org"]
+    qr.set_script(ALLOW_ALL)
+    assert qr("run").code == 0  # the bounce waits behind the gate like any relay mail: the next run sends it
+    [returned] = smtp_sink.wait_for(1)
+    assert (returned.mail_from, returned.rcpt_tos) == ("<>", ["carol@example.org"])
+    assert b"held, then returned" in returned.data
+
+
+@pytest.mark.parametrize("version, can", [("3.4.14", False), ("3.5.0", True), ("3.7.11", True), ("", False)])
+def test_postfix_can_return_mail_to_its_sender_from_3_5_on(mocker, version, can):
+    """``postconf -h mail_version`` decides: forced expiration (postsuper -f) came with Postfix 3.5.
+
+    postconf is mocked: there is no older Postfix to run here (the real one is tested above).
+    """
+    names = "\n".join(["/var/spool/postfix", "/usr/sbin", "deferred, defer", "1", "smtp", "5d", "MAILER-DAEMON"])
+    mocker.patch.object(postfix_mod, "find_postconf", return_value="/usr/sbin/postconf")
+    mocker.patch.object(postfix_mod.subprocess, "run", side_effect=[
+        subprocess.CompletedProcess([], 0, names + "\n", ""), subprocess.CompletedProcess([], 0, version + "\n", "")])
+    backend = postfix_mod.PostfixBackend(PostfixSettings())
+
+    if can:
+        assert backend.cannot_return is None
+    else:
+        assert backend.cannot_return == (f"Postfix {version or '(version unknown)'} has no command for it (forced "
+                                         "expiration, postsuper -f, came with Postfix 3.5)")
+
+
+def test_exim_sends_a_freeze_past_max_hold_age(tmp_path, exim, exim_sink):
+    mta = EximHarness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, ASKED)
+    queue_id = mta.queue_message("frozen, then too old")
+    assert qr("run").code == 0 and mta.where(queue_id) == HELD
+    time.sleep(2)
+    configure(qr, max_hold_age=1)
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert "asked about" not in result.stderr
+    assert f"{queue_id}: action=release" in result.stderr
+    assert f"{queue_id}: action=expire to=default-route priority=50 result=delivered" in result.stderr
+    [delivered] = exim_sink.wait_for(1)
+    assert delivered.header("Subject") == b"frozen, then too old"
+    assert queue_id not in exim.queue_ids()  # exim -bp
+
+
+def test_exim_returns_a_freeze_past_max_hold_age_to_its_sender(tmp_path, exim, exim_sink):
+    """exim -Mg: Exim gives up on the frozen message and queues its bounce, which the next run delivers."""
+    mta = EximHarness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, ASKED)
+    queue_id = mta.queue_message("frozen, then returned")
+    assert qr("run").code == 0 and mta.where(queue_id) == HELD
+    time.sleep(2)
+    configure(qr, max_hold_age=1, on_hold_expiry="bounce")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert f"{queue_id}: action=expire to=return-path" in result.stderr
+    assert f"{queue_id} cancelled by root" in exim.log_text()
+    [bounce] = re.findall(rf"^\S+ \S+ (\S+) <= <> R={queue_id} .* Q=qrunner for alice@qrunner-test.localdomain$",
+                          exim.log_text(), re.M)
+    assert [(m["id"], m["sender"], m["recipients"]) for m in exim.queue()] == \
+        [(bounce, "", ["alice@qrunner-test.localdomain"])]  # exim -bp: only the bounce is left, in the named queue
+    qr.set_script(ALLOW_ALL)
+    assert qr("run").code == 0
+    assert bounce not in exim.queue_ids()
+    mailbox = exim.mailbox_text()
+    assert "Return-path: <>" in mailbox and "frozen, then returned" in mailbox
+    assert exim_sink.messages == []  # nothing was delivered to the relay
