@@ -194,8 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=RAW)
     status.add_argument("--check", action="store_true",
                         help="one line for monitoring (Nagios-style): exit 0 all well; 1 a warning (the MTA not "
-                             "gated, holds near the MTA's queue lifetime, the last run had policy errors or ended "
-                             "with exit 1); 2 no run completed within --max-age, or the last one failed")
+                             "gated, holds near the MTA's queue lifetime or max_hold_age, the last run had policy "
+                             "errors or ended with exit 1); 2 no run completed within --max-age, or the last one "
+                             "failed")
     status.add_argument("--max-age", metavar="SECONDS", type=float, default=1800,
                         help="with --check: how long ago the last run may have completed (default 1800: the timer "
                              "runs every 5 minutes)")
@@ -344,12 +345,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"qrunner holds in {status.instance}: {len(status.holds)}")
     if status.holds:
         rows = [("QUEUE ID", "HELD SINCE", "ENVELOPE FROM", "DECIDED BY", "REASON")]
-        old = set(status.past_lifetime)
         for hold in status.holds:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(hold.held_at))
             note = "" if hold.state == "held" else f" [{hold.state}, settled by the next run]"
-            if hold.key in old:
-                note += " [older than the MTA's queue lifetime: bounces when released]"
+            note += "".join(f" [{text}]" for text in status.notes.get(hold.key, ()))
             envelope = "?" if hold.envelope_sender is None else hold.envelope_sender or "<>"
             rows.append((hold.queue_id, since, envelope, hold.senders, hold.reason + note))
         print(_columns(rows))

@@ -77,7 +77,7 @@ def troubles(plan: Plan, summary: RunSummary) -> List[str]:
 
 @dataclass
 class Status:
-    """What ``qrunner status`` shows."""
+    """What ``qrunner status`` shows; ``notes``: per hold, the limits it is near or past (:class:`HoldLimits`)."""
 
     instance: str
     holds: List[Hold]
@@ -85,6 +85,7 @@ class Status:
     routes: Dict[Sender, str]
     last_run: Optional[RunSummary]
     gate: Gate = Gate(None, "not asked")
+    notes: Dict[MessageKey, List[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,12 +96,58 @@ class Health:
     text: str
 
 
-NEAR_LIFETIME = 0.8  # a hold this far into the MTA's queue lifetime is "near its limit"
+NEAR_LIFETIME = 0.8  # a hold this far into the MTA's queue lifetime (or max_hold_age) is "near its limit"
 
 
-def health(status: Status, queue_lifetime: Optional[float], max_age: float, now: float) -> Health:
+@dataclass(frozen=True)
+class HoldLimits:
+    """The two ages a hold runs into: ``max_hold_age`` (qrunner's; 0: off) and the MTA's queue lifetime.
+
+    Past the first, the next run sends the message (or returns it to its
+    sender) without asking the policy; past the second, a released message
+    bounces at the MTA's first attempt. A hold is *near* a limit from
+    :data:`NEAR_LIFETIME` of it on, so ``status`` and ``status --check``
+    say so while there is time to act.
+    """
+
+    max_hold_age: float = 0.0
+    queue_lifetime: Optional[float] = None
+    bounce: bool = False
+
+    def near_hold_age(self, arrival: float, now: float) -> bool:
+        return bool(self.max_hold_age) and now - arrival > NEAR_LIFETIME * self.max_hold_age
+
+    def near_lifetime(self, arrival: float, now: float) -> bool:
+        return bool(self.queue_lifetime) and now - arrival > NEAR_LIFETIME * self.queue_lifetime
+
+    def notes(self, hold: Hold, now: float) -> List[str]:
+        """What ``status`` marks a hold with, in words."""
+        notes = []
+        age = now - hold.arrival
+        if self.max_hold_age and age > self.max_hold_age:
+            returned = self.bounce and hold.envelope_sender != ""
+            notes.append("past max_hold_age: the next run " + ("returns it to its sender" if returned else
+                                                               "sends it by the MTA's own routing"))
+        elif self.near_hold_age(hold.arrival, now):
+            notes.append(f"near max_hold_age: the policy is no longer asked from "
+                         f"{_clock(hold.arrival + self.max_hold_age)}")
+        if self.queue_lifetime and age > self.queue_lifetime:
+            notes.append("older than the MTA's queue lifetime: bounces when released")
+        elif self.near_lifetime(hold.arrival, now):
+            notes.append(f"near the MTA's queue lifetime: bounces if released after "
+                         f"{_clock(hold.arrival + self.queue_lifetime)}")
+        return notes
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def health(status: Status, queue_lifetime: Optional[float], max_age: float, now: float,
+           max_hold_age: float = 0.0) -> Health:
     """Is qrunner doing its job? Critical: no run completed within ``max_age`` seconds, or the last one failed;
-    warning: the MTA not gated (or qrunner cannot tell), holds near the queue lifetime, policy errors."""
+    warning: the MTA not gated (or qrunner cannot tell), holds near the queue lifetime or max_hold_age,
+    policy errors."""
     run = status.last_run
     if run is None:
         return Health(2, "QRUNNER CRITICAL: no run has completed yet")
@@ -112,9 +159,13 @@ def health(status: Status, queue_lifetime: Optional[float], max_age: float, now:
     warnings = []
     if status.gate.gated is not True:
         warnings.append(("not gated: " if status.gate.gated is False else "gate unknown: ") + status.gate.why)
-    near = [h for h in status.holds if queue_lifetime and now - h.arrival > NEAR_LIFETIME * queue_lifetime]
+    limits = HoldLimits(max_hold_age, queue_lifetime)
+    near = [h for h in status.holds if limits.near_lifetime(h.arrival, now)]
     if near:
         warnings.append(f"{len(near)} holds near the MTA's queue lifetime")
+    expiring = [h for h in status.holds if limits.near_hold_age(h.arrival, now)]
+    if expiring:
+        warnings.append(f"{len(expiring)} holds near max_hold_age")
     if run.errors or run.outcome.startswith("exit 1"):
         warnings.append(f"the last run ({run.command}) ended {run.outcome}")
     if warnings:
@@ -413,12 +464,15 @@ class Runner:
             last = state.last_run()
         finally:
             state.close()
+        now = time.time()
+        limits = HoldLimits(self.config.max_hold_age, self.backend.queue_lifetime(),
+                            bounce=self.config.on_hold_expiry == "bounce")
         return Status(self.backend.instance, holds, self._past_lifetime([h.key for h in holds]), self.routes(), last,
-                      self.backend.gate(self.senders))
+                      self.backend.gate(self.senders), {h.key: limits.notes(h, now) for h in holds})
 
     def check_health(self, max_age: float) -> Health:
         """``status --check``: one line and a code for monitoring."""
-        return health(self.status(), self.backend.queue_lifetime(), max_age, time.time())
+        return health(self.status(), self.backend.queue_lifetime(), max_age, time.time(), self.config.max_hold_age)
 
     def routes(self) -> Dict[Sender, str]:
         """Each sender, in the order they run, with how its mail leaves this MTA."""

@@ -78,6 +78,10 @@ def test_a_hold_past_max_hold_age_is_released_and_sent_without_asking_the_policy
     first = qr("run")
     assert first.code == 0, first.stderr
     assert "asked about old news" in first.stderr and memory.where(queue_id) == HELD
+    assert re.search(rf"^{queue_id} .*\[near max_hold_age: the policy is no longer asked from "
+                     rf"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(memory.arrival(queue_id) + 2000))}\]$",
+                     qr("status").stdout, re.M)
+    assert qr("status", "--check").stdout == "QRUNNER WARNING: 1 holds near max_hold_age\n"
 
     configure(qr, max_hold_age=1200)
     second = qr("run")
@@ -189,6 +193,7 @@ def test_on_hold_expiry_bounce_returns_the_message_to_its_sender(tmp_path, memor
     assert qr("run").code == 0 and memory.where(held) == HELD
     bounce = submit_aged(memory, "a bounce", 1800, sender="")
     configure(qr, max_hold_age=600, on_hold_expiry="bounce")
+    assert "[past max_hold_age: the next run returns it to its sender]" in qr("status").stdout
 
     result = qr("run")
 
@@ -251,6 +256,23 @@ def test_bad_hold_age_settings_are_one_sentence_and_exit_78(tmp_path, memory, se
     result = qr("run")
 
     assert result.code == 78 and problem in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_status_marks_holds_near_the_mtas_queue_lifetime_and_check_warns_for_both(tmp_path, memory):
+    qr = Qrunner(tmp_path, memory, ASKED)
+    configure(qr, max_hold_age=4000)
+    memory.set(queue_lifetime=4000)
+    queue_id = submit_aged(memory, "getting old", 3600)
+    assert qr("run").code == 0
+
+    status = qr("status").stdout
+    check = qr("status", "--check")
+
+    until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(memory.arrival(queue_id) + 4000))
+    assert re.search(rf"^{queue_id} .*not now \[near max_hold_age: the policy is no longer asked from {until}\] "
+                     rf"\[near the MTA's queue lifetime: bounces if released after {until}\]$", status, re.M), status
+    assert (check.code, check.stdout) == (1, "QRUNNER WARNING: 1 holds near the MTA's queue lifetime; "
+                                             "1 holds near max_hold_age\n")
 
 
 # -- the real MTAs -----------------------------------------------------------------------
