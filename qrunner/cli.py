@@ -26,7 +26,7 @@ from qrunner.log import report_failure, setup_logging
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend
-from qrunner.plan import Wait, report_order
+from qrunner.plan import Expire, Wait, report_order
 from qrunner.policy import PolicySettings, lua_implementation, lupa_version
 from qrunner.progress import Progress, wanted as wanted_progress
 from qrunner.runner import RunResult, Runner, decide_offline
@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=RAW)
     status.add_argument("--check", action="store_true",
                         help="one line for monitoring (Nagios-style): exit 0 all well; 1 a warning (the MTA not "
-                             "gated, holds near the MTA's queue lifetime, the last run had policy errors or ended "
-                             "with exit 1); 2 no run completed within --max-age, or the last one failed")
+                             "gated, holds near the MTA's queue lifetime or max_hold_age, the last run had policy "
+                             "errors or ended with exit 1); 2 no run completed within --max-age, or the last one "
+                             "failed")
     status.add_argument("--max-age", metavar="SECONDS", type=float, default=1800,
                         help="with --check: how long ago the last run may have completed (default 1800: the timer "
                              "runs every 5 minutes)")
@@ -446,11 +447,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"qrunner holds in {status.instance}: {len(status.holds)}")
     if status.holds:
         rows = [("QUEUE ID", "HELD SINCE", "ENVELOPE FROM", "DECIDED BY", "PRIO", "REASON")]
-        old = set(status.past_lifetime)
         for hold in status.holds:
             note = "" if hold.state == "held" else f" [{hold.state}, settled by the next run]"
-            if hold.key in old:
-                note += " [older than the MTA's queue lifetime: bounces when released]"
+            note += "".join(f" [{text}]" for text in status.notes.get(hold.key, ()))
             rows.append((hold.queue_id, _clock(hold.held_at, "%Y-%m-%d %H:%M:%S"), _envelope(hold.envelope_sender),
                          hold.senders, "?" if hold.priority is None else str(hold.priority), hold.reason + note))
         print(_columns(rows))
@@ -489,7 +488,8 @@ def status_json(status) -> dict:
         "instance": status.instance,
         "holds": [{"queue_id": h.queue_id, "arrival": h.arrival, "held_since": h.held_at, "state": h.state,
                    "envelope_sender": h.envelope_sender, "senders": h.senders, "priority": h.priority,
-                   "reason": h.reason, "past_queue_lifetime": h.key in old} for h in status.holds],
+                   "reason": h.reason, "past_queue_lifetime": h.key in old,
+                   "notes": list(status.notes.get(h.key, ()))} for h in status.holds],
         "senders": [{"name": s.name, "id": s.id, "route": route} for s, route in status.routes.items()],
         "gated": {"gated": status.gate.gated, "why": status.gate.why},
         "last_run": None if status.last_run is None else _run_json(status.last_run),
@@ -577,6 +577,7 @@ def print_plan(result: RunResult, fmt: str) -> None:
     kept_held = {s.queue_id for s in plan.send if s.from_hold}
     ordered = report_order(plan.decisions)
     recovery = [("delete", s) for s in plan.remove] + [("handback", s) for s in plan.hand_back]
+    recovery += [("expire", _expire_note(s, waiting.get(s.queue_id), s.queue_id in released)) for s in plan.expire]
     if fmt == "json":
         rows = []
         for d in ordered:
@@ -604,6 +605,16 @@ def print_plan(result: RunResult, fmt: str) -> None:
     print(format_table(table, [(s.queue_id, action, s.reason) for action, s in recovery]))
     print(summary_line(plan.decisions))
     print(senders_line(result.routes))
+
+
+def _expire_note(step: Expire, wait: Optional[Wait], released: bool) -> Expire:
+    """An expire step as the plan shows it: its reason, and whether it is released first or waits for a retry time."""
+    notes = [step.reason]
+    if released:
+        notes.append("released from qrunner's hold first")
+    if wait is not None:
+        notes.append(_wait_note(wait))
+    return Expire(step.message, "; ".join(notes), step.bounce)
 
 
 def _wait_note(wait: Wait) -> str:

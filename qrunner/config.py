@@ -29,6 +29,7 @@ DEFAULT_STATE_DIR = "/var/lib/qrunner"
 LUA_VERSIONS = ("5.1", "5.2", "5.3", "5.4", "5.5", "luajit")
 MTAS = ("auto", "postfix", "exim", "memory")
 ON_SCRIPT_ERROR = ("skip", "send")
+ON_HOLD_EXPIRY = ("send", "bounce")
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,8 @@ class Config:
     lua: str = "5.4"
     history_days: float = 30.0
     metrics_file: str = ""
+    max_hold_age: float = 0.0  # seconds since arrival; 0: off (see plan.HoldAge)
+    on_hold_expiry: str = "send"
     senders: Tuple[Sender, ...] = DEFAULT_SENDERS
     postfix: PostfixSettings = field(default_factory=PostfixSettings)
     exim: EximSettings = field(default_factory=EximSettings)
@@ -185,6 +188,10 @@ def _positive(value: Any) -> Optional[str]:
     return None if value > 0 else "must be greater than 0"
 
 
+def _not_negative(value: Any) -> Optional[str]:
+    return None if value >= 0 else "must be 0 (off) or more"
+
+
 _TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
     # key: (type description, type test, extra check)
     "mta": ("a string", lambda v: isinstance(v, str), _check_choice(MTAS)),
@@ -196,6 +203,8 @@ _TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
     "lua": ("a string", lambda v: isinstance(v, str), _check_choice(LUA_VERSIONS)),
     "history_days": ("a number of days", _is_number, _positive),
     "metrics_file": ("a string (a file path, \"\" for no metrics)", lambda v: isinstance(v, str), None),
+    "max_hold_age": ("a number of seconds since arrival (0: off)", _is_number, _not_negative),
+    "on_hold_expiry": ("a string", lambda v: isinstance(v, str), _check_choice(ON_HOLD_EXPIRY)),
 }
 
 
@@ -373,7 +382,7 @@ def parse_config(data: Dict[str, Any], path: str) -> Config:
         problem = extra(value) if extra else None
         if problem:
             raise _fail(path, key, f"{problem} (it is {value!r})")
-        values[key] = float(value) if key in ("script_timeout", "history_days") else value
+        values[key] = float(value) if key in ("script_timeout", "history_days", "max_hold_age") else value
     config = Config(path=path, **values)
     if config.mta == "memory" and not config.memory.directory:
         raise ConfigError(f'{path}: mta = "memory" needs [memory] directory, the directory that holds its queue; '

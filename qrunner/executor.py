@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 from qrunner.decision import Decision, MessageKey
 from qrunner.message import Message
 from qrunner.mta.base import Backend, Outcome, Result, SendRequest
-from qrunner.plan import HandBack, Plan, Release, Remove, Send
+from qrunner.plan import Expire, HandBack, Plan, Release, Remove, Send
 from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick
 from qrunner.state import RunSummary, State
 
@@ -95,6 +95,7 @@ class Executor:
         self.keep(plan.keep, named=plan.named)
         self.release(plan.release)
         self.hand_back(plan.hand_back)
+        self.return_to_sender([step for step in plan.expire if step.bounce])
         self.send(plan.send, run_id)
         for wait in plan.wait:
             d = wait.decision
@@ -133,6 +134,30 @@ class Executor:
             else:
                 self._say(logging.INFO, step.message, "handback", "%s: action=handback reason=%s", step.queue_id,
                           quote(step.reason), reason=step.reason)
+
+    def return_to_sender(self, steps: Sequence[Expire]) -> None:
+        """Past max_hold_age with ``on_hold_expiry = "bounce"``: the MTA gives up on each and bounces it.
+
+        A hold of qrunner's is marked ``releasing`` first, so that a crash
+        leaves a record the next run settles from the queue (still held:
+        qrunner's again; gone: forgotten); each one the MTA confirmed gone
+        is forgotten. One the MTA did not give up on (being delivered, or no
+        longer there) is tried again by the next run, if still queued.
+        """
+        if not steps:
+            return
+        self.state.mark_releasing(s.key for s in steps)
+        returned = self.backend.give_up([s.queue_id for s in steps])
+        self.state.forget(s.key for s in steps if s.queue_id in returned)
+        for step in steps:
+            if step.queue_id in returned:
+                self.summary.expired += 1
+                self._count("expired", "")
+                self._say(logging.WARNING, step.message, "expire", "%s: action=expire to=return-path reason=%s",
+                          step.queue_id, quote(step.reason), reason=step.reason)
+            else:
+                self._say(logging.INFO, step.message, "vanished", "%s: action=vanished (not returned to its sender: "
+                          "no longer in the queue, or being delivered)", step.queue_id)
 
     # -- holds -----------------------------------------------------------------
 
@@ -238,8 +263,12 @@ class Executor:
             if send.route is not None:
                 self.state.update_reason([(send.key, senders, f"hand-over to sender {senders} failed: "
                                            f"{outcome.detail}", send.message.sender, send.priority)])
-            self._say(logging.ERROR, send.message, "send", "%s: action=send sender=%s failed: %s", send.queue_id,
-                      senders, outcome.detail, priority=send.priority, sender=senders, reason=outcome.detail)
+            if send.expired:
+                self._say(logging.ERROR, send.message, "expire", "%s: action=expire to=default-route failed: %s",
+                          send.queue_id, outcome.detail, priority=send.priority, reason=outcome.detail)
+            else:
+                self._say(logging.ERROR, send.message, "send", "%s: action=send sender=%s failed: %s", send.queue_id,
+                          senders, outcome.detail, priority=send.priority, sender=senders, reason=outcome.detail)
         elif outcome.result is Result.ROUTED:
             self.summary.sent += 1
             self._count("sent", senders)
@@ -250,6 +279,13 @@ class Executor:
                       send.queue_id, senders, send.priority, outcome.new_id,
                       "" if outcome.original_removed else " (original not deleted yet: the next run deletes it)",
                       priority=send.priority, sender=senders, new_id=outcome.new_id)
+        elif send.expired:
+            self.summary.expired += 1
+            self._count("expired", "")
+            self._say(logging.WARNING, send.message, "expire", "%s: action=expire to=default-route priority=%d%s "
+                      "reason=%s", send.queue_id, send.priority,
+                      "" if outcome.result is Result.SCHEDULED else f" result={outcome}", quote(send.reason),
+                      priority=send.priority, reason=send.reason)
         else:
             self.summary.sent += 1
             self._count("sent", senders)

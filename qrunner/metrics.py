@@ -34,6 +34,8 @@ COUNTERS = {
     "released": "Holds qrunner released (by the policy, a flush or the release command).",
     "routed": "Messages handed to a sender's route as a copy (Postfix re-injection).",
     "policy_errors": "Policy errors (a runtime error, a timeout or a bad value in CheckFile), per sender.",
+    "expired": "Messages past max_hold_age that qrunner sent by the MTA's own routing or returned to their sender "
+               "without asking the policy (a message sent again after the relay deferred it counts again).",
 }
 
 

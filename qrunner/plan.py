@@ -5,7 +5,8 @@ few facts about each message (:class:`Listed`); :func:`triage` sorts them
 into what recovery finishes (originals of copies already accepted, mail too
 old to keep), what the policy decides, and what qrunner leaves alone; the
 policy decides; :func:`make_plan` turns the decisions into holds, releases,
-sends in dispatch order and waits. ``qrunner plan`` and dry runs print the
+sends in dispatch order and waits. Mail past ``max_hold_age`` never reaches
+the policy: triage makes it an :class:`Expire` step (:class:`HoldAge`). ``qrunner plan`` and dry runs print the
 :class:`Plan`; the executor carries it out. Every ordering rule is tested
 here without an MTA.
 """
@@ -21,6 +22,18 @@ from qrunner.message import Message
 from qrunner.mta.base import Due
 
 OVERRIDDEN = "policy overridden by the admin"  # why a flush --ignore-policy sends
+EXPIRED_PRIORITY = 50  # an expired message is sent at the Actions table's default: no policy gave it one
+
+
+def duration(seconds: float) -> str:
+    """A length of time as an admin writes it: "4 days", "6 h", "30 min", "90 s"."""
+    if seconds == int(seconds):
+        whole = int(seconds)
+        for unit, size in (("day", 86400), ("h", 3600), ("min", 60)):
+            if whole >= size and whole % size == 0:
+                count = whole // size
+                return f"{count} {unit}s" if unit == "day" and count != 1 else f"{count} {unit}"
+    return f"{seconds:g} s"
 
 
 @dataclass(frozen=True)
@@ -84,16 +97,56 @@ class LeftAlone(Step):
 
 
 @dataclass(frozen=True)
+class Expire(Step):
+    """Past ``max_hold_age``: the policy is not asked; sent by the MTA's own routing, or (``bounce``) returned
+    to its sender."""
+
+    bounce: bool = False
+
+
+@dataclass(frozen=True)
+class HoldAge:
+    """``max_hold_age`` and ``on_hold_expiry``, with the clock triage reads them by.
+
+    A policy that skips a message means "not now", not "never": past
+    ``limit`` seconds since arrival the message goes by the MTA's own
+    routing (``bounce``: back to its sender) before the MTA's queue lifetime
+    would bounce it at its first attempt anyway. ``now`` is the real clock
+    (``--now`` moves only the script's). A bounce (null sender) is never
+    returned: there is no one to return it to, so it is sent.
+    """
+
+    limit: float
+    now: float
+    bounce: bool = False
+
+    def expiry(self, message: Message) -> Optional[Expire]:
+        """The expire step for ``message``, or None while it is younger than the limit."""
+        if self.now - message.arrival <= self.limit:
+            return None
+        past = f"past max_hold_age ({duration(self.limit)} since arrival)"
+        if self.bounce and message.sender:
+            return Expire(message, f"{past}: returned to its sender", bounce=True)
+        if self.bounce:
+            return Expire(message, f"{past}: a bounce has no sender to return it to, so it goes by the MTA's "
+                                   "own routing")
+        return Expire(message, f"{past}: sent by the MTA's own routing without asking the policy")
+
+
+@dataclass(frozen=True)
 class Send:
     """Ask the MTA to deliver a message now, by its sender's route (None: the MTA's own routing).
 
     ``from_hold``: one of qrunner's holds, sent by its route as it is held
     (the back end copies it from the hold), so it is never released first.
+    ``expired``: past ``max_hold_age``, sent without asking the policy (the
+    decision's reason says so).
     """
 
     decision: Decision
     overridden: bool = False
     from_hold: bool = False
+    expired: bool = False
 
     @property
     def message(self) -> Message:
@@ -118,6 +171,8 @@ class Send:
 
     @property
     def reason(self) -> str:
+        if self.expired:
+            return self.decision.reason
         return OVERRIDDEN if self.overridden else f"allowed by sender {self.decision.senders}"
 
 
@@ -151,10 +206,14 @@ class Plan:
 
     ``remove`` (recovery) first; then ``hold`` (new holds) and ``keep``
     (holds that stay, their reason refreshed); ``release`` (qrunner's holds
-    the policy now allows, or the admin releases); ``hand_back``; ``send``
-    in dispatch order; ``wait`` is only reported. ``left_alone`` are named
-    messages qrunner may not touch; ``decisions`` every policy decision, for
-    the report; ``listed`` how many messages the policy was asked about.
+    the policy now allows, or the admin releases, or past ``max_hold_age``);
+    ``hand_back``; the ``expire`` steps that return mail to its sender;
+    ``send`` in dispatch order (expired mail among it); ``wait`` is only
+    reported. ``expire`` lists every message past ``max_hold_age``, for the
+    report (those sent are also in ``send`` or ``wait``). ``left_alone`` are
+    named messages qrunner may not touch; ``decisions`` every policy
+    decision, for the report; ``listed`` how many messages the policy was
+    asked about.
     """
 
     remove: List[Remove] = field(default_factory=list)
@@ -162,6 +221,7 @@ class Plan:
     keep: List[Decision] = field(default_factory=list)
     release: List[Release] = field(default_factory=list)
     hand_back: List[HandBack] = field(default_factory=list)
+    expire: List[Expire] = field(default_factory=list)
     send: List[Send] = field(default_factory=list)
     wait: List[Wait] = field(default_factory=list)
     left_alone: List[LeftAlone] = field(default_factory=list)
@@ -176,23 +236,28 @@ class Plan:
 
 @dataclass
 class Triage:
-    """The listing sorted before the policy runs: recovery, the policy's share, and what is left alone."""
+    """The listing sorted before the policy runs: recovery, expiry, the policy's share, and what is left alone."""
 
     candidates: List[Message] = field(default_factory=list)
     ours: Set[MessageKey] = field(default_factory=set)
     remove: List[Remove] = field(default_factory=list)
     hand_back: List[HandBack] = field(default_factory=list)
+    expire: List[Expire] = field(default_factory=list)
     left_alone: List[LeftAlone] = field(default_factory=list)
     named: bool = False
 
 
-def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None) -> Triage:
+def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None,
+           hold_age: Optional[HoldAge] = None) -> Triage:
     """Sort the listing; ``only_ids`` (a flush of named messages) narrows what the policy sees.
 
     Recovery happens whatever the admin named: a copy is never decided, the
     original of an accepted copy is removed rather than handed over twice,
     and expired mail (never one of qrunner's own holds: those stay, warned
-    about) goes back to the MTA's own rules.
+    about) goes back to the MTA's own rules. ``hold_age``: a message the
+    policy would decide that is past ``max_hold_age`` is an expire step
+    instead, never a candidate; what qrunner may not touch (an admin's hold,
+    a message being delivered) never expires.
     """
     result = Triage(named=only_ids is not None)
     named = None if only_ids is None else set(only_ids)
@@ -217,7 +282,11 @@ def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None) -
             if named is not None:
                 result.left_alone.append(LeftAlone(message, item.unfit))
         else:
-            result.candidates.append(message)
+            expire = hold_age.expiry(message) if hold_age is not None else None
+            if expire is not None:
+                result.expire.append(expire)
+            else:
+                result.candidates.append(message)
     for queue_id in [] if only_ids is None else only_ids:
         if queue_id not in seen:
             result.left_alone.append(LeftAlone(Message(queue_id, 0.0, 0, "", ()), "not in the queue; nothing to do"))
@@ -259,16 +328,20 @@ def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[Me
               overridden: bool = False, from_hold: Set[MessageKey] = frozenset()) -> Plan:
     """The plan for the policy's ``decisions`` over ``sorted_out.candidates``.
 
-    ``due`` maps an allowed message to when (and by whose retry time) it is
-    next due, or None (or no entry) when it is due now. ``overridden`` (flush
-    --ignore-policy) sends every allowed message now, whatever its retry time.
-    ``from_hold``: qrunner's holds that the back end can send by their
-    route as they are held; sent now, they are not released first.
+    ``due`` maps an allowed message (or one past ``max_hold_age`` that is
+    sent) to when (and by whose retry time) it is next due, or None (or no
+    entry) when it is due now. ``overridden`` (flush --ignore-policy) sends
+    every allowed message now, whatever its retry time. ``from_hold``:
+    qrunner's holds that the back end can send by their route as they are
+    held; sent now, they are not released first.
     """
     decisions = sorted(decisions, key=lambda d: (d.message.arrival, d.queue_id))
     plan = Plan(remove=list(sorted_out.remove), hand_back=list(sorted_out.hand_back),
-                left_alone=list(sorted_out.left_alone), decisions=decisions, listed=len(decisions),
-                named=sorted_out.named)
+                expire=list(sorted_out.expire), left_alone=list(sorted_out.left_alone), decisions=decisions,
+                listed=len(decisions), named=sorted_out.named)
+    for step in sorted_out.expire:
+        if not step.bounce:
+            _plan_expired_send(plan, step, step.key in sorted_out.ours, due.get(step.key))
     for decision in decisions:
         ours = decision.key in sorted_out.ours
         if not decision.send:
@@ -284,6 +357,22 @@ def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[Me
             plan.wait.append(Wait(decision, retry))
     plan.send.sort(key=lambda s: dispatch_key(s.decision))
     return plan
+
+
+def _plan_expired_send(plan: Plan, step: Expire, ours: bool, retry: Optional[Due]) -> None:
+    """Past max_hold_age, sent by the MTA's own routing: released first if qrunner holds it; its retry time kept.
+
+    The retry time still counts: sending to a relay that is down would only
+    defer it again, and the MTA's backoff keeps a dead relay from being
+    hammered every run.
+    """
+    decision = Decision(step.message, True, EXPIRED_PRIORITY, None, step.reason)
+    if ours:
+        plan.release.append(Release(step.message, "released: past max_hold_age"))
+    if retry is None:
+        plan.send.append(Send(decision, expired=True))
+    else:
+        plan.wait.append(Wait(decision, retry))
 
 
 def release_plan(listed: Iterable[Listed], only_ids: Optional[Sequence[str]], to_default_queue: bool) -> Plan:

@@ -27,7 +27,7 @@ from qrunner.log import NOT_QUIETED
 from qrunner import metrics
 from qrunner.message import Message, QueueState
 from qrunner.mta.base import Backend, Gate
-from qrunner.plan import OVERRIDDEN, Listed, Plan, make_plan, release_plan, triage
+from qrunner.plan import OVERRIDDEN, HoldAge, Listed, Plan, make_plan, release_plan, triage
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.progress import NONE as NO_PROGRESS, Progress
 from qrunner.selection import Choice, Selector
@@ -81,7 +81,7 @@ def troubles(plan: Plan, summary: RunSummary) -> List[str]:
 
 @dataclass
 class Status:
-    """What ``qrunner status`` shows."""
+    """What ``qrunner status`` shows; ``notes``: per hold, the limits it is near or past (:class:`HoldLimits`)."""
 
     instance: str
     holds: List[Hold]
@@ -89,6 +89,7 @@ class Status:
     routes: Dict[Sender, str]
     last_run: Optional[RunSummary]
     gate: Gate = Gate(None, "not asked")
+    notes: Dict[MessageKey, List[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,12 +100,58 @@ class Health:
     text: str
 
 
-NEAR_LIFETIME = 0.8  # a hold this far into the MTA's queue lifetime is "near its limit"
+NEAR_LIFETIME = 0.8  # a hold this far into the MTA's queue lifetime (or max_hold_age) is "near its limit"
 
 
-def health(status: Status, queue_lifetime: Optional[float], max_age: float, now: float) -> Health:
+@dataclass(frozen=True)
+class HoldLimits:
+    """The two ages a hold runs into: ``max_hold_age`` (qrunner's; 0: off) and the MTA's queue lifetime.
+
+    Past the first, the next run sends the message (or returns it to its
+    sender) without asking the policy; past the second, a released message
+    bounces at the MTA's first attempt. A hold is *near* a limit from
+    :data:`NEAR_LIFETIME` of it on, so ``status`` and ``status --check``
+    say so while there is time to act.
+    """
+
+    max_hold_age: float = 0.0
+    queue_lifetime: Optional[float] = None
+    bounce: bool = False
+
+    def near_hold_age(self, arrival: float, now: float) -> bool:
+        return bool(self.max_hold_age) and now - arrival > NEAR_LIFETIME * self.max_hold_age
+
+    def near_lifetime(self, arrival: float, now: float) -> bool:
+        return bool(self.queue_lifetime) and now - arrival > NEAR_LIFETIME * self.queue_lifetime
+
+    def notes(self, hold: Hold, now: float) -> List[str]:
+        """What ``status`` marks a hold with, in words."""
+        notes = []
+        age = now - hold.arrival
+        if self.max_hold_age and age > self.max_hold_age:
+            returned = self.bounce and hold.envelope_sender != ""
+            notes.append("past max_hold_age: the next run " + ("returns it to its sender" if returned else
+                                                               "sends it by the MTA's own routing"))
+        elif self.near_hold_age(hold.arrival, now):
+            notes.append(f"near max_hold_age: the policy is no longer asked from "
+                         f"{_clock(hold.arrival + self.max_hold_age)}")
+        if self.queue_lifetime and age > self.queue_lifetime:
+            notes.append("older than the MTA's queue lifetime: bounces when released")
+        elif self.near_lifetime(hold.arrival, now):
+            notes.append(f"near the MTA's queue lifetime: bounces if released after "
+                         f"{_clock(hold.arrival + self.queue_lifetime)}")
+        return notes
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def health(status: Status, queue_lifetime: Optional[float], max_age: float, now: float,
+           max_hold_age: float = 0.0) -> Health:
     """Is qrunner doing its job? Critical: no run completed within ``max_age`` seconds, or the last one failed;
-    warning: the MTA not gated (or qrunner cannot tell), holds near the queue lifetime, policy errors."""
+    warning: the MTA not gated (or qrunner cannot tell), holds near the queue lifetime or max_hold_age,
+    policy errors."""
     run = status.last_run
     if run is None:
         return Health(2, "QRUNNER CRITICAL: no run has completed yet")
@@ -116,9 +163,13 @@ def health(status: Status, queue_lifetime: Optional[float], max_age: float, now:
     warnings = []
     if status.gate.gated is not True:
         warnings.append(("not gated: " if status.gate.gated is False else "gate unknown: ") + status.gate.why)
-    near = [h for h in status.holds if queue_lifetime and now - h.arrival > NEAR_LIFETIME * queue_lifetime]
+    limits = HoldLimits(max_hold_age, queue_lifetime)
+    near = [h for h in status.holds if limits.near_lifetime(h.arrival, now)]
     if near:
         warnings.append(f"{len(near)} holds near the MTA's queue lifetime")
+    expiring = [h for h in status.holds if limits.near_hold_age(h.arrival, now)]
+    if expiring:
+        warnings.append(f"{len(expiring)} holds near max_hold_age")
     if run.errors or run.outcome.startswith("exit 1"):
         warnings.append(f"the last run ({run.command}) ended {run.outcome}")
     if warnings:
@@ -186,6 +237,7 @@ class Runner:
         messages, among those a run decides, to the ones it selects.
         """
         self.backend.check(self.senders, acting=not dry_run)
+        self._check_hold_expiry()
         self._warn_gate()
         summary = self._summary(command)
         if choice is not None and not choice.narrowed:
@@ -224,9 +276,11 @@ class Runner:
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
             only_ids = self._chosen(messages, records, only_ids)
-            sorted_out = triage(self._listed(messages, records), only_ids)
+            sorted_out = triage(self._listed(messages, records), only_ids, self._hold_age())
             decisions = engine.decide(sorted_out.candidates, self.senders)
         due = {d.key: self.backend.due(d.message, records.attempts.get(d.key)) for d in decisions if d.send}
+        due.update({e.key: self.backend.due(e.message, records.attempts.get(e.key))
+                    for e in sorted_out.expire if not e.bounce})
         return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions))
 
     def _chosen(self, messages: Sequence[Message], records: Records, only_ids: Optional[Sequence[str]]
@@ -237,6 +291,20 @@ class Runner:
         pool = [(m, records.holds.get(MessageKey.of(m))) for m in messages
                 if m.state == QueueState.WAITING or (m.held and MessageKey.of(m) in records.holds)]
         return self._choice.pick(pool, time.time(), "waiting messages and qrunner holds")
+
+    def _hold_age(self) -> Optional[HoldAge]:
+        """``max_hold_age`` for triage, by the real clock; None when it is off (0)."""
+        if not self.config.max_hold_age:
+            return None
+        return HoldAge(self.config.max_hold_age, time.time(), bounce=self.config.on_hold_expiry == "bounce")
+
+    def _check_hold_expiry(self) -> None:
+        """``on_hold_expiry = "bounce"`` needs an MTA that can return mail to its sender: else 78, before anything."""
+        if self.config.on_hold_expiry == "bounce" and self.backend.cannot_return:
+            raise ConfigError(f"{self.config.path or 'the configuration'}: on_hold_expiry = \"bounce\" returns mail "
+                              f"past max_hold_age to its sender, but {self.backend.cannot_return}; set "
+                              "on_hold_expiry = \"send\" (or remove the line) to send such mail by the MTA's own "
+                              "routing.")
 
     def _from_hold(self, decisions: Sequence[Decision]) -> set:
         """Allowed holds the back end sends by their route as they are held, never released in between."""
@@ -325,9 +393,9 @@ class Runner:
             log.info("release: released=%d%s seconds=%.2f", summary.released,
                      f" moved={summary.moved}" if summary.moved else "", summary.seconds)
         else:
-            log.info("%s: listed=%d sent=%d held=%d released=%d errors=%d seconds=%.2f", summary.command,
+            log.info("%s: listed=%d sent=%d held=%d released=%d errors=%d%s seconds=%.2f", summary.command,
                      summary.listed, summary.sent, summary.held, summary.released, summary.errors,
-                     summary.seconds)
+                     f" expired={summary.expired}" if summary.expired else "", summary.seconds)
 
     def _write_metrics(self, state: State, plan: Plan) -> None:
         """The metrics file (``metrics_file``), from what this command saw; a write that fails is said, not fatal."""
@@ -472,8 +540,11 @@ class Runner:
             state.close()
         if selector is not None and not selector.empty:
             holds = self._selected_holds(holds, selector)
+        now = time.time()
+        limits = HoldLimits(self.config.max_hold_age, self.backend.queue_lifetime(),
+                            bounce=self.config.on_hold_expiry == "bounce")
         return Status(self.backend.instance, holds, self._past_lifetime([h.key for h in holds]), self.routes(), last,
-                      self.backend.gate(self.senders))
+                      self.backend.gate(self.senders), {h.key: limits.notes(h, now) for h in holds})
 
     def _selected_holds(self, holds: Sequence[Hold], selector: Selector) -> List[Hold]:
         """The holds the selector matches, judged by the message as the MTA lists it (recipients included)."""
@@ -493,7 +564,7 @@ class Runner:
 
     def check_health(self, max_age: float) -> Health:
         """``status --check``: one line and a code for monitoring."""
-        return health(self.status(), self.backend.queue_lifetime(), max_age, time.time())
+        return health(self.status(), self.backend.queue_lifetime(), max_age, time.time(), self.config.max_hold_age)
 
     def routes(self) -> Dict[Sender, str]:
         """Each sender, in the order they run, with how its mail leaves this MTA."""

@@ -255,6 +255,7 @@ class RunSummary:
     held: int = 0
     released: int = 0
     moved: int = 0  # handed back to the MTA's default queue
+    expired: int = 0  # past max_hold_age: sent or returned to the sender without the policy (not stored)
     errors: int = 0
     finished: Optional[float] = None
     failed: int = 0  # messages qrunner could not act on (not stored; counted in the exit code)

@@ -2,7 +2,7 @@
 
 One scenario over the memory back end walks through every action the
 executor logs (hold, keep, release, send, route, wait, vanished, delete,
-handback, the release command's lines and the summaries); the log, with
+handback, expire both ways, the release command's lines and the summaries); the log, with
 its PIDs, times and durations made neutral, must be exactly the golden text.
 A change here is a change admins' scripts see: make it on purpose.
 """
@@ -15,7 +15,7 @@ import time
 import pytest
 
 from memory_harness import MemoryHarness
-from qrunner_e2e import Qrunner
+from qrunner_e2e import Qrunner, make_message
 
 pytestmark = pytest.mark.memory
 
@@ -61,6 +61,13 @@ qrunner[PID]: run: listed=0 sent=0 held=0 released=0 errors=0 seconds=SECONDS
 qrunner[PID]: M0000000B: action=release
 qrunner[PID]: M0000000B: action=move to=default-queue
 qrunner[PID]: release: released=1 moved=1 seconds=SECONDS
+== run with max_hold_age passed (hold, then too old)
+qrunner[PID]: M0000000C: action=release
+qrunner[PID]: M0000000C: action=expire to=default-route priority=50 reason="past max_hold_age (10 min since arrival): sent by the MTA's own routing without asking the policy"
+qrunner[PID]: run: listed=0 sent=0 held=0 released=1 errors=0 expired=1 seconds=SECONDS
+== run with max_hold_age passed (hold, then returned)
+qrunner[PID]: M0000000D: action=expire to=return-path reason="past max_hold_age (10 min since arrival): returned to its sender"
+qrunner[PID]: run: listed=0 sent=0 held=0 released=0 errors=0 expired=1 seconds=SECONDS
 """
 
 
@@ -111,5 +118,15 @@ def test_every_action_line_keeps_its_format(tmp_path):
     mta.queue_message("held on the way out")
     assert qr("run", "-q").code == 0
     step("release --all --to-default-queue", "release", "--all", "--to-default-queue")
+
+    qr.set_script(POLICY)
+    for subject in ("hold, then too old", "hold, then returned"):
+        mta.queue.submit("alice@example.org", ["bob@example.net"], make_message(subject), arrival=time.time() - 1800)
+        assert qr("run", "-q").code == 0
+        qr.config_path.write_text("max_hold_age = 600\n" + qr.config_path.read_text())
+        if subject.endswith("returned"):
+            qr.config_path.write_text('on_hold_expiry = "bounce"\n' + qr.config_path.read_text())
+        step(f"run with max_hold_age passed ({subject})", "run")
+        qr.config_path.write_text(qr.config_path.read_text().replace("max_hold_age = 600\n", ""))
 
     assert "".join(transcript) == GOLDEN

@@ -21,8 +21,8 @@ from qrunner.exceptions import LockHeldError, UnavailableError
 from qrunner.message import Message, QueueState
 from qrunner.mta import postfix as postfix_mod
 from qrunner.mta.base import Due, Outcome, Result, SendRequest
-from qrunner.plan import (OVERRIDDEN, Listed, Triage, dispatch_order, make_plan, release_plan, report_order,
-                          triage)
+from qrunner.plan import (OVERRIDDEN, HoldAge, Listed, Triage, dispatch_order, duration, make_plan, release_plan,
+                          report_order, triage)
 from qrunner.state import RunLock, State, settle, settled
 
 A, B = Sender(0, "a"), Sender(1, "b")
@@ -94,6 +94,38 @@ def test_triage_recovery_before_the_policy_and_whatever_the_admin_named():
     assert [(s.queue_id, s.reason) for s in named.left_alone] == [
         ("COPY1", "a copy qrunner handed to sender isp; the MTA delivers it on that route"),
         ("BUSY1", "being delivered"), ("GONE1", "not in the queue; nothing to do")]
+
+
+def test_triage_expires_only_what_the_policy_would_decide_and_the_plan_sends_it_by_the_default_route():
+    """Past max_hold_age: an expire step, never a candidate; an admin's hold or a copy never expires."""
+    items = [listed("YOUNG1", arrival=950), listed("OLD1", arrival=100),
+             listed("OURS1", arrival=100, state=QueueState.HELD, ours=True),
+             listed("ADMIN1", arrival=100, state=QueueState.HELD, unfit="on hold by someone else"),
+             listed("COPY1", arrival=100, copy="isp"), listed("DUE1", arrival=100), listed("EDGE1", arrival=400)]
+    sorted_out = triage(items, hold_age=HoldAge(600, now=1000))
+    assert [m.queue_id for m in sorted_out.candidates] == ["YOUNG1", "EDGE1"]  # 600 s old is not past 600
+    assert [(s.queue_id, s.bounce) for s in sorted_out.expire] == [("OLD1", False), ("OURS1", False),
+                                                                   ("DUE1", False)]
+    assert sorted_out.expire[0].reason == ("past max_hold_age (10 min since arrival): sent by the MTA's own "
+                                           "routing without asking the policy")
+
+    plan = make_plan([], sorted_out, {MessageKey("DUE1", 100): Due(2000.0)})
+    assert [(s.queue_id, s.route, s.priority, s.expired) for s in plan.send] == [
+        ("OLD1", None, 50, True), ("OURS1", None, 50, True)]
+    assert [r.queue_id for r in plan.release] == ["OURS1"] and [w.queue_id for w in plan.wait] == ["DUE1"]
+    assert plan.listed == 0 and plan.decisions == []  # the policy was asked about none of them
+
+    bounced = triage([listed("OLD1", arrival=100), Listed(Message("NULL1", 100, 1, "", ("c@d",)))],
+                     hold_age=HoldAge(600, now=1000, bounce=True))
+    assert [(s.queue_id, s.bounce) for s in bounced.expire] == [("OLD1", True), ("NULL1", False)]  # a bounce is sent
+    assert make_plan([], bounced, {}).send[0].queue_id == "NULL1"
+    named = triage(items, only_ids=["OLD1"], hold_age=HoldAge(600, now=1000))
+    assert [s.queue_id for s in named.expire] == ["OLD1"] and named.candidates == []
+
+
+def test_durations_read_as_an_admin_writes_them():
+    assert [duration(s) for s in (259200, 86400, 7200, 1200, 1000, 2, 1.5)] == [
+        "3 days", "1 day", "2 h", "20 min", "1000 s", "2 s", "1.5 s"]
 
 
 def test_release_plan_releases_only_qrunners_holds_and_empties_the_queue_on_the_way_out():

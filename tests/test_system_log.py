@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
@@ -23,7 +24,7 @@ from log_daemons import LogNamespace, log_daemon_missing_reason, system_log_env,
 from memory_harness import MemoryHarness
 from mta_available import skip_or_fail
 from mta_harness import EximHarness, PostfixHarness, harness_for
-from qrunner_e2e import Qrunner
+from qrunner_e2e import Qrunner, make_message
 
 POLICY = """
 function CheckFile(f, a, size, created, from, rcpts, headers)
@@ -356,3 +357,23 @@ def test_each_action_is_a_structured_journal_entry_a_message_can_be_followed_by(
     [route] = qrunner_entries(journald, f"QUEUE_ID={routed}", "ACTION=route")
     [copy] = [m.queue_id for m in mta.sink.wait_for(1)]
     assert (route["NEW_QUEUE_ID"], route["QRUNNER_SENDER"], route["RUN_ID"]) == (copy, "isp", hold["RUN_ID"])
+
+
+def test_a_message_sent_past_max_hold_age_is_a_warning_in_the_journal(log_namespace, memory):
+    """action=expire is a warning (issue 11, point 8): journalctl -p warning finds it, with qrunner's fields."""
+    journald = log_namespace("journald")
+    mta, qr = memory
+    qr.config_path.write_text("max_hold_age = 600\n" + qr.config_path.read_text())
+    old = mta.queue.submit("carol@example.org", ["bob@example.net"], make_message("please hold"),
+                           arrival=time.time() - 3600)
+    young = mta.queue_message("please hold")
+    assert journald.qrunner(qr, "-q", "run").code == 0
+
+    journald.wait_until(lambda: qrunner_entries(journald, "ACTION=hold"), "the young message's hold")
+    [entry] = qrunner_entries(journald, f"QUEUE_ID={old}")
+    assert (entry["ACTION"], entry["PRIORITY"], entry["QRUNNER_PRIORITY"], entry["ENVELOPE_SENDER"]) == \
+        ("expire", "4", "50", "carol@example.org")
+    assert entry["REASON"] == "past max_hold_age (10 min since arrival): sent by the MTA's own routing without " \
+                              "asking the policy"
+    assert [e["QUEUE_ID"] for e in journald.journal("-t", "qrunner", "-p", "warning")] == [old]
+    assert [e["QUEUE_ID"] for e in qrunner_entries(journald, "ACTION=hold")] == [young]

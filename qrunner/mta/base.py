@@ -131,6 +131,9 @@ class Backend:
     id_hint = "a message id"  # how the CLI names a bad id: "a Postfix queue id (see 'postqueue -p')"
     # How the admin takes the gate out, for the removal rule's refusal (``release --for-removal``).
     ungate_hint = 'remove the gate (README: "Undo it all")'
+    # Why this MTA cannot return a message to its sender (``on_hold_expiry = "bounce"``), or None where
+    # :meth:`give_up` can; the configuration error names it.
+    cannot_return: Optional[str] = "this MTA has no command that returns a message to its sender"
 
     # -- facts ---------------------------------------------------------------
 
@@ -221,6 +224,16 @@ class Backend:
 
     def hand_back(self, queue_ids: Sequence[str]) -> Set[str]:
         """Give messages back to the MTA's own scheduling (Exim: its default queue); nothing elsewhere."""
+        return set()
+
+    def give_up(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Have the MTA return each message to its sender (its own bounce) instead of delivering it.
+
+        For mail past ``max_hold_age`` with ``on_hold_expiry = "bounce"``;
+        qrunner's holds among them too, without a release first. The ids
+        the MTA took the request for; a message being delivered is left as
+        it is. Only where :attr:`cannot_return` is None.
+        """
         return set()
 
     def close(self) -> None:

@@ -331,6 +331,24 @@ class EximBackend(Backend):
         self._each_batch("-MG", ids, extra=[""])
         return {q for q in ids if self._frozen(q) is None}
 
+    cannot_return = None  # exim -Mg
+
+    def give_up(self, queue_ids: Sequence[str]) -> Set[str]:
+        """``exim -qG<queue> -Mg ID...``: Exim gives up on each and returns it to its sender.
+
+        Frozen ones too (qrunner's holds need no thaw first); a message being
+        delivered is left as it is. Exim says nothing and exits 0 whatever
+        happened, so the spool tells: a message there before and gone after
+        was given up on. Exim logs "cancelled by root" and queues the bounce
+        (``<= <> R=ID``); from a named queue the bounce lands there too, for
+        the next run to send.
+        """
+        ids = [q for q in queue_ids if exim_spool.is_message_id(q) and self._frozen(q) is not None]
+        if not ids:
+            return set()
+        self._each_batch("-Mg", ids)
+        return {q for q in ids if self._frozen(q) is None}
+
     def write_routes(self, routes: Dict[str, str]) -> None:
         """The router's lookup file, message id -> transport, replaced atomically.
 

@@ -7,7 +7,10 @@ the default route or by a sender's route (as Postfix does it: a copy under
 a new id, stamped with its route, the original removed), come back deferred
 with a retry time when the relay is down, vanish between the listing and
 an action, and a command can fail half-way through a batch, like
-``postsuper`` on a stopped Postfix. With ``named_queue`` it also has
+``postsuper`` on a stopped Postfix. Asked to give up on a message, it
+returns it to its sender as the real MTAs do: the original goes, a bounce
+from the null sender to the original's sender is queued (behind the gate,
+as Exim puts its bounces into the named queue). With ``named_queue`` it also has
 Exim's shape: qrunner's own queue, ``max_queue_time``, and handing mail
 back to the default queue. ``stop_at`` makes the MTA stop answering in the
 middle of a run, as a Postfix whose flush service and ``postqueue`` went away.
@@ -58,6 +61,7 @@ DEFAULTS: Dict[str, Any] = {
     "vanish": {},              # message id -> operation: the message is delivered elsewhere just before it
     "stop_at": {},             # message id -> why: the MTA stops answering when asked to deliver it
     "routes_down": [],         # senders whose relay is down: their copies come back deferred, on their route
+    "returns_to_sender": True,  # False: like Postfix before 3.5, no way to return a message to its sender
 }
 
 
@@ -217,7 +221,8 @@ class MemoryBackend(Backend):
     def _look(self) -> List[Dict[str, Any]]:
         """One locked read of the queue: its messages, and the settings the facts below answer from."""
         with self.queue.change() as queue:
-            self._settings = {k: queue[k] for k in ("gated", "named_queue", "max_queue_time", "queue_lifetime")}
+            self._settings = {k: queue[k] for k in ("gated", "named_queue", "max_queue_time", "queue_lifetime",
+                                                    "returns_to_sender")}
             entries = [m for m in queue["messages"] if m["id"] not in queue["default_queue"]]
         self.has_named_queue = bool(self._settings["named_queue"])
         return entries
@@ -262,6 +267,12 @@ class MemoryBackend(Backend):
 
     def queue_lifetime(self) -> Optional[float]:
         return self._settings["queue_lifetime"]
+
+    @property
+    def cannot_return(self) -> Optional[str]:  # type: ignore[override]
+        if self._settings["returns_to_sender"]:
+            return None
+        return "this memory queue is set to have no way to return a message to its sender (returns_to_sender)"
 
     def version(self) -> str:
         return f"the memory back end ({self.queue.directory})"
@@ -320,6 +331,32 @@ class MemoryBackend(Backend):
         if failed and queue_ids:
             raise UnavailableError(f"the memory queue's {operation} failed ({failed}); {len(confirmed)} of "
                                    f"{len(queue_ids)} messages were changed before it stopped.")
+        return confirmed
+
+    def give_up(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Each waiting or held message back to its sender, in one operation: its bounce queued, the original gone.
+
+        A message being delivered is left as it is (Exim's ``-Mg`` does the
+        same); a failing command stops after the first, as the others do.
+        """
+        confirmed: Set[str] = set()
+        with self.queue.change() as queue:
+            for number, queue_id in enumerate(queue_ids):
+                if number >= 1 and "give_up" in queue["fail"]:
+                    break
+                self._vanish(queue, queue_id, "give_up")
+                entry = next((m for m in queue["messages"] if m["id"] == queue_id), None)
+                if entry is None or queue_id in queue["default_queue"] or entry["state"] == QueueState.ACTIVE:
+                    continue
+                queue["messages"].remove(entry)
+                text = (f"From: MAILER-DAEMON\nTo: {entry['sender']}\nSubject: Undelivered Mail Returned to Sender\n"
+                        f"\nYour message {queue_id} was returned to you: the MTA gave up on it.\n")
+                self.queue._add(queue, "", [entry["sender"]], text.encode(), "", None)
+                confirmed.add(queue_id)
+            failed = queue["fail"].get("give_up")
+        if failed and queue_ids:
+            raise UnavailableError(f"the memory queue's give_up failed ({failed}); {len(confirmed)} of "
+                                   f"{len(queue_ids)} messages were returned before it stopped.")
         return confirmed
 
     @staticmethod

@@ -34,6 +34,7 @@ log = logging.getLogger("qrunner.postfix")
 GATE_REASON = "deferred transport"  # what Postfix writes for a due message whose transport is gated
 POSTCONF_NAMES = ("queue_directory", "command_directory", "hash_queue_names", "hash_queue_depth",
                   "defer_transports", "maximal_queue_lifetime", "empty_address_recipient")
+FORCED_EXPIRY = (3, 5)  # postsuper -e/-f: the first Postfix that can return a message to its sender on request
 FLUSH_TIMEOUT = 10.0
 
 
@@ -76,6 +77,7 @@ class PostfixBackend(Backend):
         self.defer_transports = values["defer_transports"]
         self.maximal_queue_lifetime = values["maximal_queue_lifetime"]
         self.empty_address_recipient = values["empty_address_recipient"]
+        self._mail_version: Optional[str] = None  # asked only when needed (--version, on_hold_expiry)
         self.instance = f"postfix:{os.path.realpath(self.queue_directory)}"
 
     # -- commands ----------------------------------------------------------
@@ -231,11 +233,26 @@ class PostfixBackend(Backend):
         """maximal_queue_lifetime: held mail older than this bounces on its first attempt after release."""
         return postfix_time(self.maximal_queue_lifetime)
 
+    @property
+    def mail_version(self) -> str:
+        """Postfix's version as ``postconf -h mail_version`` says ("" when it says nothing)."""
+        if self._mail_version is None:
+            result = subprocess.run([self.postconf] + self.config_args + ["-h", "mail_version"],
+                                    stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            self._mail_version = result.stdout.strip()
+        return self._mail_version
+
     def version(self) -> str:
-        result = subprocess.run([self.postconf] + self.config_args + ["-h", "mail_version"], stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True)
         where = self.settings.config_directory or "the default instance"
-        return f"Postfix {result.stdout.strip() or '(version unknown)'} ({where}, queue {self.queue_directory})"
+        return f"Postfix {self.mail_version or '(version unknown)'} ({where}, queue {self.queue_directory})"
+
+    @property
+    def cannot_return(self) -> Optional[str]:  # type: ignore[override]
+        """None from Postfix 3.5 on (forced expiration, ``postsuper -f``); an older Postfix has no way."""
+        if _version_tuple(self.mail_version) >= FORCED_EXPIRY:
+            return None
+        return (f"Postfix {self.mail_version or '(version unknown)'} has no command for it (forced expiration, "
+                "postsuper -f, came with Postfix 3.5)")
 
     def describe_route(self, sender: Sender) -> str:
         if sender.default:
@@ -330,6 +347,24 @@ class PostfixBackend(Backend):
         """Delete originals whose copy a listener accepted, in one ``postsuper -d -``."""
         return self._postsuper("-d", queue_ids, "removed")
 
+    def give_up(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Forced expiration, then a delivery request: Postfix returns each message to its sender now.
+
+        ``postsuper -f -`` (Postfix 3.5+) marks each message expired and
+        releases it if held; the queue manager returns an expired message to
+        its sender at its next delivery attempt ("status=force-expired,
+        returned to sender"), gate or not, and the flush request makes that
+        attempt now (without it, the message's retry time would). The ids
+        postsuper confirmed; a crash between the two steps leaves a message
+        that still bounces at its retry time, or at the next run's request.
+        """
+        expired = self._postsuper("-f", queue_ids, "expired")
+        for queue_id in queue_ids:
+            if queue_id in expired and not self.schedule(queue_id):
+                log.warning("%s: expired, but the flush service refused the delivery request; Postfix returns it "
+                            "to its sender at its retry time", queue_id)
+        return expired
+
     def _postsuper(self, flag: str, queue_ids: Sequence[str], done: str) -> Set[str]:
         ids = [q for q in queue_ids if is_queue_id(q)]
         if not ids:
@@ -392,6 +427,12 @@ def same_route(stamped: str, configured: str) -> bool:
     transport, _, nexthop = stamped.strip().partition(":")
     want_transport, _, want_nexthop = configured.partition(":")
     return transport == want_transport and nexthop.lower() == want_nexthop.lower()
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    """ "3.7.11" -> (3, 7, 11); what is not a version, (0,)."""
+    parts = re.match(r"(\d+)(?:\.(\d+))?", version or "")
+    return tuple(int(p) for p in parts.groups() if p is not None) if parts else (0,)
 
 
 def postfix_time(value: str) -> Optional[float]:
