@@ -7,7 +7,8 @@ policy's share, left alone); the policy decides; :func:`qrunner.plan.make_plan`
 turns the decisions into a :class:`~qrunner.plan.Plan`; the executor
 carries the plan out (``qrunner/executor.py``); the run's summary is
 recorded. ``plan`` and ``run --dry-run`` stop after the plan: they take no
-lock, write no record and act on nothing.
+lock, write no record and act on nothing; so does ``explain`` (the same plan,
+reported for one message, with its history).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from qrunner.log import NOT_QUIETED
 from qrunner import metrics
 from qrunner.message import Message, QueueState
 from qrunner.mta.base import Backend, Gate
-from qrunner.plan import OVERRIDDEN, Listed, Plan, make_plan, release_plan, triage
+from qrunner.plan import (OVERRIDDEN, Listed, Plan, Planned, explain_unplanned, make_plan, release_plan, steps_for,
+                          triage)
 from qrunner.policy import PolicyEngine, PolicySettings
-from qrunner.state import Hold, Records, RunLock, RunSummary, State, settle, settled
+from qrunner.state import HistoryEntry, Hold, Records, RunLock, RunSummary, State, settle, settled
 
 log = logging.getLogger("qrunner")
 
@@ -88,6 +90,45 @@ class Status:
 
 
 @dataclass
+class Explanation:
+    """What ``qrunner explain`` reports about one message.
+
+    ``message`` is None when the id is not in the queue (then only the
+    ``history`` of every message that had the id is known). ``decision``
+    is the policy's, None when the policy was not asked about it (a copy,
+    a message being delivered, someone else's hold: ``steps`` say why).
+    ``steps`` come from the very plan a dry run builds. ``hold`` is
+    qrunner's record of its hold, if any. ``header_lines`` are what the
+    script gets as ``HeaderLines`` when it touches the headers (read
+    again for the report), ``header_problem`` why they could not be read.
+    """
+
+    queue_id: str
+    message: Optional[Message]
+    senders: Sequence[Sender] = ()
+    decision: Optional[Decision] = None
+    steps: List[Planned] = field(default_factory=list)
+    hold: Optional[Hold] = None
+    history: List[HistoryEntry] = field(default_factory=list)
+    header_lines: List[bytes] = field(default_factory=list)
+    header_problem: Optional[str] = None
+
+
+def history_of(entries: Sequence[HistoryEntry], message: Optional[Message]) -> List[HistoryEntry]:
+    """The entries that concern this message, not an earlier one that had its id (Postfix reuses short ids).
+
+    Its own actions match its key; a route that made it (this message
+    being the copy) is one recorded since it arrived. Without a live
+    message every entry is shown, each with its arrival.
+    """
+    if message is None:
+        return list(entries)
+    key = MessageKey.of(message)
+    return [e for e in entries if e.event.key == key or (e.event.new_queue_id == message.queue_id
+                                                          and e.at >= key.arrival)]
+
+
+@dataclass
 class Health:
     """``status --check``: a Nagios-style code (0 ok, 1 warning, 2 critical) and one line saying why."""
 
@@ -137,6 +178,7 @@ class Runner:
         self.policy = policy
         self.senders = senders
         self._messages: Sequence[Message] = ()  # the last listing, for the metrics
+        self._listing: List[Listed] = []  # the last listing with the facts the plan had, for explain
         self._gate = Gate(None, "not asked")
 
     def __enter__(self) -> "Runner":
@@ -175,7 +217,8 @@ class Runner:
         """List, reconcile, decide, plan: everything up to the first action."""
         if ignore_policy:
             messages = self._messages = self.backend.list()
-            sorted_out = triage(self._listed(messages, self._reconcile(state, messages, write)), only_ids)
+            self._listing = self._listed(messages, self._reconcile(state, messages, write))
+            sorted_out = triage(self._listing, only_ids)
             decisions = self._overridden(sorted_out.candidates)
             return make_plan(decisions, sorted_out, {}, overridden=True, from_hold=self._from_hold(decisions))
         with PolicyEngine(self.policy) as engine:
@@ -183,7 +226,8 @@ class Runner:
                 engine.prepare(self.senders[0])  # Lua starts while the MTA lists its queue
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
-            sorted_out = triage(self._listed(messages, records), only_ids)
+            self._listing = self._listed(messages, records)
+            sorted_out = triage(self._listing, only_ids)
             decisions = engine.decide(sorted_out.candidates, self.senders)
         due = {d.key: self.backend.due(d.message, records.attempts.get(d.key)) for d in decisions if d.send}
         return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions))
@@ -322,6 +366,35 @@ class Runner:
             log.warning("%s: held by qrunner for longer than the MTA's queue lifetime (%d days since arrival): "
                         "it will bounce on its first delivery attempt after release", key.queue_id,
                         (now - key.arrival) // 86400)
+
+    # -- a look at one message: explain -------------------------------------
+
+    def explain(self, queue_id: str) -> Explanation:
+        """One message: what the policy got and said, what a run would do with it and why, what qrunner did.
+
+        The whole queue is decided, as a dry run does, since a script's
+        globals carry over from call to call within a pass: this message's
+        verdicts are the ones a run would get. Nothing changes; the state
+        database is opened read-only.
+        """
+        self.backend.check(self.senders, acting=False)
+        self._warn_gate()
+        state = State(self.config.state_dir, self.backend.instance, readonly=True)
+        try:
+            plan = self._plan(state, None, False, write=False)
+            item = next((i for i in self._listing if i.message.queue_id == queue_id), None)
+            if item is None:
+                return Explanation(queue_id, None, self.senders, history=state.history(queue_id))
+            key = MessageKey.of(item.message)
+            hold = state.hold(key)
+            history = history_of(state.history(queue_id), item.message)
+        finally:
+            state.close()
+        decision = next((d for d in plan.decisions if d.key == key), None)
+        steps = steps_for(plan, key) or explain_unplanned(item)
+        source = item.message.headers
+        lines = source.read()
+        return Explanation(queue_id, item.message, self.senders, decision, steps, hold, history, lines, source.problem)
 
     # -- release and status -----------------------------------------------------
 
