@@ -25,7 +25,7 @@ from qrunner.executor import quote
 from qrunner.log import report_failure, setup_logging
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
-from qrunner.mta.snapshot import SnapshotBackend
+from qrunner.mta.snapshot import SnapshotBackend, write_snapshot, write_snapshot_file
 from qrunner.plan import Planned, Wait, report_order
 from qrunner.policy import PolicySettings, lua_implementation, lupa_version
 from qrunner.runner import Explanation, RunResult, Runner, decide_offline
@@ -41,6 +41,7 @@ exit codes:
   65  malformed input (a snapshot line that is not postqueue -j JSON)
   66  the --queue-file snapshot does not exist
   69  the MTA is not installed or not running
+  73  snapshot -o: the file cannot be created or written
   75  another qrunner run holds the lock; try again later
   77  not run with the rights the MTA's commands need
   78  configuration error, or a policy script that does not load
@@ -218,7 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
     explain.set_defaults(func=cmd_explain)
 
-    for command in (plan, check, run, flush, release, status, explain):
+    snapshot = commands.add_parser(
+        "snapshot", help="write the live queue's candidates as a snapshot for plan --queue-file",
+        description="Write the messages a run would ask the policy about now (the waiting mail and qrunner's own "
+                    "holds), with their headers and queue file names, as the JSON lines 'plan --queue-file' and "
+                    "'check --queue-file' read: test a policy change offline against today's queue, and keep the "
+                    "file as a regression case. The file holds users' headers: it is created mode 0600. "
+                    "Changes nothing.",
+        epilog=EXIT_CODES, formatter_class=RAW)
+    snapshot.add_argument("-o", "--output", metavar="FILE",
+                          help="the file to write (replaced whole; default: standard output)")
+    snapshot.set_defaults(func=cmd_snapshot, script=None, on_script_error=None, lua=None, senders=None,
+                          queue_file=None)
+    for command in (plan, check, run, flush, release, status, explain, snapshot):
         _add_log_options(command)
     return parser
 
@@ -395,6 +408,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
                        + ("what qrunner recorded of it is above." if explanation.history else
                           "qrunner has no record of it either."))
         return EX_POLICY_ERRORS
+    return EX_OK
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    with _runner(args) as runner:
+        candidates = runner.candidates()
+    if args.output:
+        count = write_snapshot_file(args.output, candidates)
+        logging.getLogger("qrunner").info("snapshot: %d messages written to %s", count, args.output)
+    else:
+        write_snapshot(candidates, sys.stdout)
+        sys.stdout.flush()
     return EX_OK
 
 

@@ -7,8 +7,9 @@ policy's share, left alone); the policy decides; :func:`qrunner.plan.make_plan`
 turns the decisions into a :class:`~qrunner.plan.Plan`; the executor
 carries the plan out (``qrunner/executor.py``); the run's summary is
 recorded. ``plan`` and ``run --dry-run`` stop after the plan: they take no
-lock, write no record and act on nothing; so does ``explain`` (the same plan,
-reported for one message, with its history).
+lock, write no record and act on nothing; so do ``explain`` (the same plan,
+reported for one message, with its history) and ``snapshot`` (the messages
+the policy would be asked about).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from qrunner.exceptions import ConfigError
 from qrunner.executor import Executor
 from qrunner.log import NOT_QUIETED
 from qrunner import metrics
-from qrunner.message import Message, QueueState
+from qrunner.message import Message, QueueState, arrival_order
 from qrunner.mta.base import Backend, Gate
 from qrunner.plan import (OVERRIDDEN, Listed, Plan, Planned, explain_unplanned, make_plan, release_plan, steps_for,
                           triage)
@@ -367,7 +368,7 @@ class Runner:
                         "it will bounce on its first delivery attempt after release", key.queue_id,
                         (now - key.arrival) // 86400)
 
-    # -- a look at one message: explain -------------------------------------
+    # -- looks at the queue: explain, snapshot -------------------------------------
 
     def explain(self, queue_id: str) -> Explanation:
         """One message: what the policy got and said, what a run would do with it and why, what qrunner did.
@@ -395,6 +396,24 @@ class Runner:
         source = item.message.headers
         lines = source.read()
         return Explanation(queue_id, item.message, self.senders, decision, steps, hold, history, lines, source.problem)
+
+    def candidates(self) -> List[Message]:
+        """The messages a run would ask the policy about now, oldest first (``snapshot``); nothing changes.
+
+        Listed and settled against the records as a dry run does: the
+        deferred mail and qrunner's own holds, not copies on a sender's
+        route, mail being delivered, someone else's holds, nor what recovery
+        deletes or hands back.
+        """
+        self.backend.check(self.senders, acting=False)
+        self._warn_gate()
+        state = State(self.config.state_dir, self.backend.instance, readonly=True)
+        try:
+            messages = self.backend.list()
+            records = self._reconcile(state, messages, write=False)
+            return arrival_order(triage(self._listed(messages, records)).candidates)
+        finally:
+            state.close()
 
     # -- release and status -----------------------------------------------------
 
