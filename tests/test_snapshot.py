@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -147,3 +150,14 @@ def test_a_snapshot_that_cannot_be_written_is_one_sentence_and_exit_73(memory, t
         "qrunner: /dev/null: is not a regular file; name a file with -o, or leave -o out to write the snapshot to "
         "standard output.\n")
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_the_readmes_command_table_names_every_command_and_only_those():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shown = subprocess.run([sys.executable, "-m", "qrunner", "--help"], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=root), check=True).stdout
+    commands = {word for word in re.findall(r"^    (\w+)", shown, re.M)}
+    with open(os.path.join(root, "README.md")) as f:
+        table = f.read().split("## Commands", 1)[1].split("\n\n", 2)[1]
+    documented = set(re.findall(r"^\| `qrunner (\w+)", table, re.M))
+    assert commands == documented == {"plan", "check", "run", "flush", "release", "status", "explain", "snapshot"}
