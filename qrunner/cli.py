@@ -22,14 +22,16 @@ from qrunner.cases import describe, load_cases, run_cases, summary
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.decision import Decision
 from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, LockHeldError, NothingSelected, QrunnerError, UsageError
+from qrunner.executor import quote
 from qrunner.log import report_failure, setup_logging
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
-from qrunner.mta.snapshot import SnapshotBackend
-from qrunner.plan import Expire, Wait, report_order
+from qrunner.mta.snapshot import SnapshotBackend, write_snapshot, write_snapshot_file
+from qrunner.plan import Expire, Planned, Wait, report_order
 from qrunner.policy import PolicySettings, lua_implementation, lupa_version
 from qrunner.progress import Progress, wanted as wanted_progress
-from qrunner.runner import RunResult, Runner, decide_offline
+from qrunner.runner import Explanation, RunResult, Runner, decide_offline
+from qrunner.state import HistoryEntry
 
 EXIT_CODES = """\
 exit codes:
@@ -37,10 +39,12 @@ exit codes:
   1   decided, but at least one message had a policy error, or (run, flush)
       could not be acted on: a failed send, a named id qrunner may not touch;
       (status, release, flush) the selectors matched no message
+      explain: the id is not in the queue (its history, if any, is shown)
   64  bad usage (an unknown option, a malformed --now or --sender)
   65  malformed input (a snapshot line that is not postqueue -j JSON)
   66  the --queue-file snapshot does not exist
   69  the MTA is not installed or not running
+  73  snapshot -o: the file cannot be created or written
   75  another qrunner run holds the lock; try again later
   77  not run with the rights the MTA's commands need
   78  configuration error, or a policy script that does not load
@@ -216,7 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
                              "of the holds")
     _add_selectors(status, "the list of holds")
     status.set_defaults(func=cmd_status)
-    for command in (plan, check, run, flush, release, status):
+
+    explain = commands.add_parser(
+        "explain", help="why one message is where it is: what the policy got and said, what a run would do, "
+                        "what qrunner did",
+        description="For one message in the live queue: the arguments CheckFile gets for it, each sender's answer "
+                    "(or policy error), the action a run would take now and why (from the plan a dry run builds: "
+                    "the whole queue is decided, since the script's globals carry over between calls), qrunner's "
+                    "hold record and its history (held, released, sent, routed: when, by which run or command). "
+                    "Changes nothing and logs nothing. An id not in the queue: its history, if any, and exit 1.",
+        epilog=EXIT_CODES, formatter_class=RAW)
+    explain.add_argument("queue_id", metavar="QUEUE_ID", help="the message to explain")
+    _add_run_options(explain)
+    explain.add_argument("--format", choices=("text", "json"), default="text", help="output format (default: text)")
+    explain.set_defaults(func=cmd_explain)
+
+    snapshot = commands.add_parser(
+        "snapshot", help="write the live queue's candidates as a snapshot for plan --queue-file",
+        description="Write the messages a run would ask the policy about now (the waiting mail and qrunner's own "
+                    "holds), with their headers and queue file names, as the JSON lines 'plan --queue-file' and "
+                    "'check --queue-file' read: test a policy change offline against today's queue, and keep the "
+                    "file as a regression case. The file holds users' headers: it is created mode 0600. "
+                    "Changes nothing.",
+        epilog=EXIT_CODES, formatter_class=RAW)
+    snapshot.add_argument("-o", "--output", metavar="FILE",
+                          help="the file to write (replaced whole; default: standard output)")
+    snapshot.set_defaults(func=cmd_snapshot, script=None, on_script_error=None, lua=None, senders=None,
+                          queue_file=None)
+    for command in (plan, check, run, flush, release, status, explain, snapshot):
         _add_log_options(command)
     return parser
 
@@ -437,7 +468,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(verdict.text)
             return verdict.code
         if args.history:
-            history = runner.history(args.history)
+            history = runner.recent_runs(args.history)
             print_history(history, args.format)
             return EX_OK
         status = runner.status(_selector(args))
@@ -510,6 +541,32 @@ def print_history(history, fmt: str) -> None:
         rows.append((_clock(run.started, "%Y-%m-%d %H:%M:%S"), run.invoked_by or "?",
                      run.command_line or run.command, outcome, _counts(run) if run.finished else ""))
     print(_columns(rows))
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    with _runner(args) as runner:
+        if not runner.backend.is_message_id(args.queue_id):
+            raise UsageError(f"{args.queue_id!r} is not {runner.backend.id_hint}.")
+        explanation = runner.explain(args.queue_id)
+    print_explanation(explanation, args.format)
+    if explanation.message is None:
+        report_failure(f"{args.queue_id}: not in the queue (delivered, deleted, or never there); "
+                       + ("what qrunner recorded of it is above." if explanation.history else
+                          "qrunner has no record of it either."))
+        return EX_POLICY_ERRORS
+    return EX_OK
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    with _runner(args) as runner:
+        candidates = runner.candidates()
+    if args.output:
+        count = write_snapshot_file(args.output, candidates)
+        logging.getLogger("qrunner").info("snapshot: %d messages written to %s", count, args.output)
+    else:
+        write_snapshot(candidates, sys.stdout)
+        sys.stdout.flush()
+    return EX_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -685,6 +742,140 @@ def summary_line(decisions: Sequence[Decision]) -> str:
     else:
         text += "; no policy errors"
     return text
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def checkfile_arguments(e: Explanation) -> dict:
+    """CheckFile's arguments for the message, named as the VPOP3 API names them (Actions aside)."""
+    m = e.message
+    return {"Filename": m.filename, "Size": m.size, "CreationTime": m.creation_time(), "ReturnPath": m.sender,
+            "Recipients": list(m.recipients), "HeaderLines": [_text(line) for line in e.header_lines]}
+
+
+def sender_answers(e: Explanation) -> List[dict]:
+    """Each configured sender in the order they run, with what its pass returned for the message, if asked."""
+    verdicts = {v.sender: v for v in (e.decision.verdicts if e.decision else ())}
+    answers = []
+    for sender in e.senders:
+        v = verdicts.get(sender)
+        answers.append({"sender_id": sender.id, "sender_name": sender.name, "asked": v is not None,
+                        "action": None if v is None else "skip" if v.skip else "send",
+                        "priority": None if v is None else v.priority, "reason": None if v is None else v.reason,
+                        "error": None if v is None else v.error})
+    return answers
+
+
+def _step_json(step: Planned) -> dict:
+    return {"action": step.action, "reason": step.reason, "priority": step.priority, "sender": step.sender,
+            "position": step.position, "of": step.of, "until": _clock(step.until) if step.until else None}
+
+
+def _history_json(entry: HistoryEntry) -> dict:
+    event = entry.event
+    return {"at": _clock(entry.at), "run_id": entry.run_id, "command": entry.command,
+            "invoked_by": entry.invoked_by, "queue_id": event.key.queue_id,
+            "arrival": event.key.arrival, "action": event.action, "sender": event.sender or None,
+            "priority": event.priority, "reason": event.reason or None, "new_queue_id": event.new_queue_id or None}
+
+
+def explanation_json(e: Explanation) -> dict:
+    if e.message is None:
+        return {"queue_id": e.queue_id, "in_queue": False, "history": [_history_json(h) for h in e.history]}
+    m = e.message
+    hold = e.hold
+    return {
+        "queue_id": e.queue_id, "in_queue": True, "arrival": _clock(m.arrival), "queue_name": m.queue_name,
+        "state": m.state, "checkfile": checkfile_arguments(e), "header_problem": e.header_problem,
+        "senders": sender_answers(e), "decision": _decision_json(e.decision) if e.decision else None,
+        "steps": [_step_json(s) for s in e.steps],
+        "hold": None if hold is None else {"held_since": _clock(hold.held_at), "state": hold.state,
+                                           "senders": hold.senders, "reason": hold.reason},
+        "history": [_history_json(h) for h in e.history],
+    }
+
+
+def print_explanation(e: Explanation, fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(explanation_json(e)))
+        return
+    if e.message is not None:
+        print("\n".join(explanation_lines(e)))
+    if e.history or e.message is not None:
+        print("history:" if e.history else "history: none recorded")
+        if e.history:
+            print(_columns([_history_row(h, e.queue_id, e.message is not None) for h in e.history]))
+
+
+def explanation_lines(e: Explanation) -> List[str]:
+    """The text report, section by section: the message, CheckFile's arguments, the senders, the plan, the hold."""
+    m = e.message
+    where = m.state if m.queue_name in ("", m.state) else f"{m.queue_name}: {m.state}"
+    lines = [f"{m.queue_id}: in the queue ({where}), arrived {_clock(m.arrival, '%Y-%m-%d %H:%M:%S')}"]
+    args = checkfile_arguments(e)
+    called = e.decision is not None
+    lines.append("CheckFile's arguments:" if called else "CheckFile's arguments (the policy is not asked about it):")
+    headers = args.pop("HeaderLines")
+    rows = [(f"  {name}", ", ".join(value) if isinstance(value, list) else str(value) or '""')
+            for name, value in args.items()]
+    rows.append(("  HeaderLines", f"{len(headers)} fields" + (f" ({e.header_problem})" if e.header_problem else "")))
+    lines.append(_columns(rows))
+    lines.extend("    " + line.replace("\n", "\n    ") for line in headers)
+    if called:
+        lines.append("senders (in the order they run):")
+        rows = [(f"  {a['sender_id']}:{a['sender_name']}", _answer(a, e)) for a in sender_answers(e)]
+        lines.append(_columns(rows))
+    lines.append("a run now would:")
+    lines.extend(f"  {_step_text(step)}" for step in e.steps)
+    hold = e.hold
+    if hold is None:
+        lines.append("qrunner's hold: none")
+    else:
+        state = "" if hold.state == "held" else f" [{hold.state}, settled by the next run]"
+        lines.append(f"qrunner's hold: since {_clock(hold.held_at, '%Y-%m-%d %H:%M:%S')}, by {hold.senders}: "
+                     f"{hold.reason}{state}")
+    return lines
+
+
+def _answer(answer: dict, e: Explanation) -> str:
+    if not answer["asked"]:
+        return f"not asked: sender {e.decision.senders} sends it" if e.decision.send else "not asked"
+    text = f"{answer['action']}, priority {answer['priority']}"
+    if answer["error"]:
+        return f"policy error: {answer['error']} (so: {text})"
+    return f"{text}: {answer['reason']}" if answer["reason"] else text
+
+
+def _step_text(step: Planned) -> str:
+    """One planned step in words: "send, priority 80, by sender backup (3 of 12 in dispatch order): ..."."""
+    if step.action == "send":
+        return (f"send, priority {step.priority}, by sender {step.sender} ({step.position} of {step.of} in dispatch "
+                f"order): {step.reason}")
+    if step.action == "wait":
+        return f"wait until {_clock(step.until, '%Y-%m-%d %H:%M:%S')} (priority {step.priority}, sender " \
+               f"{step.sender}): {step.reason}"
+    return f"{step.action}: {step.reason}"
+
+
+def _history_row(entry: HistoryEntry, queue_id: str, live: bool) -> Tuple[str, ...]:
+    """When, which run (and its command), the action, and the log line's fields.
+
+    The message the entry is about is named when it may not be the one
+    explained: an id no longer in the queue (each earlier message that had
+    it), or the original whose route made this copy.
+    """
+    event = entry.event
+    by = f", by {entry.invoked_by}" if entry.invoked_by else ""
+    run = f"run {entry.run_id} ({entry.command or 'record pruned'}{by})"
+    fields = [f"sender={event.sender}" if event.sender else "",
+              f"priority={event.priority}" if event.priority is not None else "",
+              f"new_queue_id={event.new_queue_id}" if event.new_queue_id else "",
+              f"reason={quote(event.reason)}" if event.reason else ""]
+    if not live or event.key.queue_id != queue_id:
+        fields.insert(0, f"{event.key.queue_id} (arrived {_clock(event.key.arrival, '%Y-%m-%d %H:%M:%S')})")
+    return (f"  {_clock(entry.at, '%Y-%m-%d %H:%M:%S')}", run, event.action, " ".join(f for f in fields if f))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

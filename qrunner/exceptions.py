@@ -15,6 +15,7 @@ EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
+EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -52,6 +53,12 @@ class UnavailableError(QrunnerError):
     """The MTA is not installed or not running (exit 69)."""
 
     exit_code = EX_UNAVAILABLE
+
+
+class CantCreateError(QrunnerError):
+    """An output file named on the command line cannot be created or written (exit 73)."""
+
+    exit_code = EX_CANTCREAT
 
 
 class LockHeldError(QrunnerError):

@@ -6,20 +6,22 @@ MTA is asked, confirmed from the MTA's answer, then marked done, so that
 the next run's reconcile can settle whatever a crash left half-way. Each
 action writes one log line in Postfix's style (``ID: action=hold ...``);
 admins grep these, so their format is fixed (tests/test_log_format.py).
+Each action is also kept in the state database's history, written once per
+step of the plan (not once per message), which ``qrunner explain`` shows.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from qrunner.decision import Decision, MessageKey
 from qrunner.message import Message
 from qrunner.mta.base import Backend, Outcome, Result, SendRequest
 from qrunner.plan import Expire, HandBack, Plan, Release, Remove, Send
 from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick
-from qrunner.state import RunSummary, State
+from qrunner.state import Event, RunSummary, State
 
 log = logging.getLogger("qrunner")
 
@@ -51,6 +53,7 @@ class Executor:
         self._outcomes: Dict[str, Outcome] = {}
         self.run_id: Optional[int] = None
         self.tally: Dict[Tuple[str, str], int] = {}  # (counter, sender) -> how many this run: the metrics' counters
+        self._events: List[Event] = []  # this step's actions, for the history (written by _write_history)
 
     def _in_chunks(self, what: str, items: Sequence, act: Callable[[Sequence], None], paced: bool = False) -> None:
         """``act`` on ``items`` a chunk at a time, so a long stage shows progress and a paced one keeps its rate.
@@ -73,11 +76,21 @@ class Executor:
     def _count(self, counter: str, sender: str) -> None:
         self.tally[(counter, sender)] = self.tally.get((counter, sender), 0) + 1
 
-    def _say(self, level: int, message: Message, action: str, text: str, *args, **fields) -> None:
+    def _say(self, level: int, message: Message, action: str, text: str, *args,
+             recorded: Union[bool, Event] = True, **fields) -> None:
         """One action line; in the journal also as fields (``journalctl -t qrunner QUEUE_ID=...``).
 
         ``fields``: ``priority``, ``sender`` (qrunner's sender), ``reason``, ``new_id``.
+        ``recorded``: the line's action goes into the message's history as
+        these fields say (True), as another :class:`Event` says (a failure
+        named as such), or not at all (False: a wait or a kept hold, said
+        again every run, would only bury what happened).
         """
+        if recorded is True:
+            recorded = Event(MessageKey.of(message), action, fields.get("sender") or "", fields.get("priority"),
+                             fields.get("reason") or "", fields.get("new_id") or "")
+        if recorded:
+            self._events.append(recorded)
         journal = {"QUEUE_ID": message.queue_id, "ARRIVAL": str(int(message.arrival)), "ACTION": action,
                    "ENVELOPE_SENDER": message.sender}
         if self.run_id is not None:
@@ -88,21 +101,30 @@ class Executor:
         log.log(level, text, *args, extra={"journal": journal})
 
     def execute(self, plan: Plan, run_id: int) -> None:
-        """Every action of the plan, in the crash-safe order."""
+        """Every action of the plan, in the crash-safe order; each step's history written as it ends."""
         self.run_id = run_id
-        self.remove(plan.remove)
-        self.hold(plan.hold)
-        self.keep(plan.keep, named=plan.named)
-        self.release(plan.release)
-        self.hand_back(plan.hand_back)
-        self.return_to_sender([step for step in plan.expire if step.bounce])
-        self.send(plan.send, run_id)
+        steps = (lambda: self.remove(plan.remove), lambda: self.hold(plan.hold),
+                 lambda: self.keep(plan.keep, named=plan.named), lambda: self.release(plan.release),
+                 lambda: self.hand_back(plan.hand_back),
+                 lambda: self.return_to_sender([step for step in plan.expire if step.bounce]),
+                 lambda: self.send(plan.send, run_id))
+        try:
+            for step in steps:
+                step()
+                self._write_history()
+        finally:
+            self._write_history()  # what a failing step did before it failed
         for wait in plan.wait:
             d = wait.decision
             self._say(logging.INFO, d.message, "wait", "%s: action=wait sender=%s priority=%d next_retry=%s reason=%s",
                       wait.queue_id, d.senders, d.priority,
                       time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wait.until)), quote(wait.reason),
-                      priority=d.priority, sender=d.senders, reason=wait.reason)
+                      priority=d.priority, sender=d.senders, reason=wait.reason, recorded=False)
+
+    def _write_history(self) -> None:
+        events, self._events = self._events, []
+        if events and self.run_id is not None:
+            self.state.record_history(self.run_id, events)
 
     # -- recovery ------------------------------------------------------------
 
@@ -179,7 +201,9 @@ class Executor:
                           priority=decision.priority, sender=decision.senders, reason=decision.reason)
             else:
                 self._say(logging.INFO, decision.message, "vanished", "%s: action=vanished (not confirmed on hold: "
-                          "no longer in the queue?); the next run settles its record", decision.queue_id)
+                          "no longer in the queue?); the next run settles its record", decision.queue_id,
+                          recorded=Event(decision.key, "vanished", decision.senders, decision.priority,
+                                         "not confirmed on hold: no longer in the queue?"))
         self.summary.held += len(confirmed)
 
     def keep(self, decisions: Sequence[Decision], named: bool = False) -> None:
@@ -187,7 +211,7 @@ class Executor:
         for decision in decisions:
             self._say(logging.INFO if named else logging.DEBUG, decision.message, "keep",
                       "%s: action=keep sender=%s reason=%s", decision.queue_id, decision.senders,
-                      quote(decision.reason), sender=decision.senders, reason=decision.reason)
+                      quote(decision.reason), sender=decision.senders, reason=decision.reason, recorded=False)
         self.state.update_reason((d.key, d.senders, d.reason, d.message.sender, d.priority) for d in decisions)
 
     def release(self, steps: Sequence[Release]) -> None:
@@ -207,10 +231,12 @@ class Executor:
             elif step.by_admin:
                 self.summary.failed += 1
                 self._say(logging.ERROR, step.message, "release", "%s: action=release failed (being delivered, or "
-                          "gone?); the next run settles its record", step.queue_id)
+                          "gone?); the next run settles its record", step.queue_id,
+                          recorded=Event(step.key, "release failed", reason="being delivered, or gone?"))
             else:
                 self._say(logging.INFO, step.message, "vanished", "%s: action=vanished (not released: no longer on "
-                          "hold)", step.queue_id)
+                          "hold)", step.queue_id, recorded=Event(step.key, "vanished", reason="not released: no longer "
+                                                                 "on hold"))
         self._not_released.update(s.queue_id for s in steps if s.queue_id not in confirmed)
         self.summary.released += len(confirmed)
 
@@ -257,7 +283,9 @@ class Executor:
         senders = send.decision.senders
         if outcome.result is Result.VANISHED:
             self._say(logging.INFO, send.message, "vanished", "%s: action=vanished (no longer waiting: delivered, "
-                      "deleted or being delivered)", send.queue_id)
+                      "deleted or being delivered)", send.queue_id,
+                      recorded=Event(send.key, "vanished", senders, send.priority,
+                                     "no longer waiting: delivered, deleted or being delivered"))
         elif outcome.result is Result.FAILED:
             self.summary.failed += 1
             if send.route is not None:
@@ -265,10 +293,12 @@ class Executor:
                                            f"{outcome.detail}", send.message.sender, send.priority)])
             if send.expired:
                 self._say(logging.ERROR, send.message, "expire", "%s: action=expire to=default-route failed: %s",
-                          send.queue_id, outcome.detail, priority=send.priority, reason=outcome.detail)
+                          send.queue_id, outcome.detail, priority=send.priority, reason=outcome.detail,
+                          recorded=Event(send.key, "expire failed", "", send.priority, outcome.detail))
             else:
                 self._say(logging.ERROR, send.message, "send", "%s: action=send sender=%s failed: %s", send.queue_id,
-                          senders, outcome.detail, priority=send.priority, sender=senders, reason=outcome.detail)
+                          senders, outcome.detail, priority=send.priority, sender=senders, reason=outcome.detail,
+                          recorded=Event(send.key, "send failed", senders, send.priority, outcome.detail))
         elif outcome.result is Result.ROUTED:
             self.summary.sent += 1
             self._count("sent", senders)

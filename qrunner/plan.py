@@ -402,3 +402,51 @@ def release_plan(listed: Iterable[Listed], only_ids: Optional[Sequence[str]], to
         plan.left_alone = [LeftAlone(Message(q, 0.0, 0, "", ()), "not held by qrunner; left alone")
                            for q in sorted(named - acted)]
     return plan
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One step a plan takes for one message, in the admin's words: what ``explain`` reports.
+
+    ``action`` is the word the plan table and the log use (delete, hold,
+    keep, release, handback, move, send, wait, left alone); ``position`` a
+    send's place in dispatch order (1 first) of ``of`` sends; ``until`` when
+    a waiting message is due.
+    """
+
+    action: str
+    reason: str
+    priority: Optional[int] = None
+    sender: Optional[str] = None
+    position: Optional[int] = None
+    of: Optional[int] = None
+    until: Optional[float] = None
+
+
+def steps_for(plan: Plan, key: MessageKey) -> List[Planned]:
+    """Every step ``plan`` takes for the message ``key``, in the order the executor takes them.
+
+    Empty when the plan does nothing with it (a message the policy was
+    not asked about); :func:`explain_unplanned` then says why.
+    """
+    found: List[Planned] = []
+    found += [Planned("delete", s.reason) for s in plan.remove if s.key == key]
+    for action, decisions in (("hold", plan.hold), ("keep", plan.keep)):
+        found += [Planned(action, d.reason, d.priority, d.senders) for d in decisions if d.key == key]
+    found += [Planned("release", s.reason) for s in plan.release if s.key == key]
+    found += [Planned("move" if s.by_admin else "handback", s.reason) for s in plan.hand_back if s.key == key]
+    for position, send in enumerate(plan.send, 1):
+        if send.key == key:
+            found.append(Planned("send", send.reason, send.priority, send.decision.senders, position, len(plan.send)))
+    for wait in plan.wait:
+        if MessageKey.of(wait.decision.message) == key:
+            found.append(Planned("wait", wait.reason, wait.decision.priority, wait.decision.senders,
+                                 until=wait.until))
+    found += [Planned("left alone", s.reason) for s in plan.left_alone if s.key == key]
+    return found
+
+
+def explain_unplanned(item: Listed) -> List[Planned]:
+    """Why a run takes no step for this message: triage's own rule for it, as if the admin had named it."""
+    sorted_out = triage([item], [item.message.queue_id])
+    return [Planned("left alone", s.reason) for s in sorted_out.left_alone]

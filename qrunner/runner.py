@@ -7,7 +7,9 @@ policy's share, left alone); the policy decides; :func:`qrunner.plan.make_plan`
 turns the decisions into a :class:`~qrunner.plan.Plan`; the executor
 carries the plan out (``qrunner/executor.py``); the run's summary is
 recorded. ``plan`` and ``run --dry-run`` stop after the plan: they take no
-lock, write no record and act on nothing.
+lock, write no record and act on nothing; so do ``explain`` (the same plan,
+reported for one message, with its history) and ``snapshot`` (the messages
+the policy would be asked about).
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from qrunner.exceptions import ConfigError
 from qrunner.executor import Executor
 from qrunner.log import NOT_QUIETED
 from qrunner import metrics
-from qrunner.message import Message, QueueState
+from qrunner.message import Message, QueueState, arrival_order
 from qrunner.mta.base import Backend, Gate
-from qrunner.plan import OVERRIDDEN, HoldAge, Listed, Plan, make_plan, release_plan, triage
+from qrunner.plan import (OVERRIDDEN, HoldAge, Listed, Plan, Planned, explain_unplanned, make_plan, release_plan,
+                          steps_for, triage)
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.progress import NONE as NO_PROGRESS, Progress
 from qrunner.selection import Choice, Selector
-from qrunner.state import Hold, Records, RunLock, RunSummary, State, settle, settled
+from qrunner.state import HistoryEntry, Hold, Records, RunLock, RunSummary, State, settle, settled
 
 log = logging.getLogger("qrunner")
 
@@ -90,6 +93,45 @@ class Status:
     last_run: Optional[RunSummary]
     gate: Gate = Gate(None, "not asked")
     notes: Dict[MessageKey, List[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Explanation:
+    """What ``qrunner explain`` reports about one message.
+
+    ``message`` is None when the id is not in the queue (then only the
+    ``history`` of every message that had the id is known). ``decision``
+    is the policy's, None when the policy was not asked about it (a copy,
+    a message being delivered, someone else's hold: ``steps`` say why).
+    ``steps`` come from the very plan a dry run builds. ``hold`` is
+    qrunner's record of its hold, if any. ``header_lines`` are what the
+    script gets as ``HeaderLines`` when it touches the headers (read
+    again for the report), ``header_problem`` why they could not be read.
+    """
+
+    queue_id: str
+    message: Optional[Message]
+    senders: Sequence[Sender] = ()
+    decision: Optional[Decision] = None
+    steps: List[Planned] = field(default_factory=list)
+    hold: Optional[Hold] = None
+    history: List[HistoryEntry] = field(default_factory=list)
+    header_lines: List[bytes] = field(default_factory=list)
+    header_problem: Optional[str] = None
+
+
+def history_of(entries: Sequence[HistoryEntry], message: Optional[Message]) -> List[HistoryEntry]:
+    """The entries that concern this message, not an earlier one that had its id (Postfix reuses short ids).
+
+    Its own actions match its key; a route that made it (this message
+    being the copy) is one recorded since it arrived. Without a live
+    message every entry is shown, each with its arrival.
+    """
+    if message is None:
+        return list(entries)
+    key = MessageKey.of(message)
+    return [e for e in entries if e.event.key == key or (e.event.new_queue_id == message.queue_id
+                                                          and e.at >= key.arrival)]
 
 
 @dataclass
@@ -215,6 +257,7 @@ class Runner:
         self.invoked_by = invoker() if invoked_by is None else invoked_by
         self._messages: Sequence[Message] = ()  # the last listing, for the metrics
         self._choice: Optional[Choice] = None
+        self._listing: List[Listed] = []  # the last listing with the facts the plan had, for explain
         self._gate = Gate(None, "not asked")
 
     def __enter__(self) -> "Runner":
@@ -267,7 +310,8 @@ class Runner:
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
             only_ids = self._chosen(messages, records, only_ids)
-            sorted_out = triage(self._listed(messages, records), only_ids)
+            self._listing = self._listed(messages, records)
+            sorted_out = triage(self._listing, only_ids)
             decisions = self._overridden(sorted_out.candidates)
             return make_plan(decisions, sorted_out, {}, overridden=True, from_hold=self._from_hold(decisions))
         with PolicyEngine(self.policy, self.progress) as engine:
@@ -276,7 +320,8 @@ class Runner:
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
             only_ids = self._chosen(messages, records, only_ids)
-            sorted_out = triage(self._listed(messages, records), only_ids, self._hold_age())
+            self._listing = self._listed(messages, records)
+            sorted_out = triage(self._listing, only_ids, self._hold_age())
             decisions = engine.decide(sorted_out.candidates, self.senders)
         due = {d.key: self.backend.due(d.message, records.attempts.get(d.key)) for d in decisions if d.send}
         due.update({e.key: self.backend.due(e.message, records.attempts.get(e.key))
@@ -441,6 +486,53 @@ class Runner:
                         "it will bounce on its first delivery attempt after release", key.queue_id,
                         (now - key.arrival) // 86400)
 
+    # -- looks at the queue: explain, snapshot -------------------------------------
+
+    def explain(self, queue_id: str) -> Explanation:
+        """One message: what the policy got and said, what a run would do with it and why, what qrunner did.
+
+        The whole queue is decided, as a dry run does, since a script's
+        globals carry over from call to call within a pass: this message's
+        verdicts are the ones a run would get. Nothing changes; the state
+        database is opened read-only.
+        """
+        self.backend.check(self.senders, acting=False)
+        self._warn_gate()
+        state = State(self.config.state_dir, self.backend.instance, readonly=True)
+        try:
+            plan = self._plan(state, None, False, write=False)
+            item = next((i for i in self._listing if i.message.queue_id == queue_id), None)
+            if item is None:
+                return Explanation(queue_id, None, self.senders, history=state.history(queue_id))
+            key = MessageKey.of(item.message)
+            hold = state.hold(key)
+            history = history_of(state.history(queue_id), item.message)
+        finally:
+            state.close()
+        decision = next((d for d in plan.decisions if d.key == key), None)
+        steps = steps_for(plan, key) or explain_unplanned(item)
+        source = item.message.headers
+        lines = source.read()
+        return Explanation(queue_id, item.message, self.senders, decision, steps, hold, history, lines, source.problem)
+
+    def candidates(self) -> List[Message]:
+        """The messages a run would ask the policy about now, oldest first (``snapshot``); nothing changes.
+
+        Listed and settled against the records as a dry run does: the
+        deferred mail and qrunner's own holds, not copies on a sender's
+        route, mail being delivered, someone else's holds, nor what recovery
+        deletes or hands back.
+        """
+        self.backend.check(self.senders, acting=False)
+        self._warn_gate()
+        state = State(self.config.state_dir, self.backend.instance, readonly=True)
+        try:
+            messages = self.backend.list()
+            records = self._reconcile(state, messages, write=False)
+            return arrival_order(triage(self._listed(messages, records)).candidates)
+        finally:
+            state.close()
+
     # -- release and status -----------------------------------------------------
 
     def release(self, only_ids: Optional[Sequence[str]], to_default_queue: bool = False,
@@ -554,11 +646,11 @@ class Runner:
         chosen = set(Choice(selector=selector).pick(pool, time.time(), "qrunner holds"))
         return [h for h in holds if h.queue_id in chosen]
 
-    def history(self, limit: int) -> List[RunSummary]:
+    def recent_runs(self, limit: int) -> List[RunSummary]:
         """The last commands that changed the queue, newest first, with who ran them."""
         state = State(self.config.state_dir, self.backend.instance, readonly=True)
         try:
-            return state.history(limit)
+            return state.recent_runs(limit)
         finally:
             state.close()
 

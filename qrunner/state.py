@@ -133,6 +133,22 @@ ALTER TABLE holds ADD COLUMN priority INTEGER;
 ALTER TABLE runs ADD COLUMN invoked_by TEXT;
 ALTER TABLE runs ADD COLUMN command_line TEXT;
 """),
+    (6, "explain shows a message's history: each action a command took on it, with the run that took it", """
+CREATE TABLE history (
+    instance  TEXT NOT NULL,
+    queue_id  TEXT NOT NULL,
+    arrival   INTEGER NOT NULL,
+    at        REAL NOT NULL,
+    run_id    INTEGER NOT NULL,
+    action    TEXT NOT NULL,
+    sender    TEXT NOT NULL DEFAULT '',
+    priority  INTEGER,
+    reason    TEXT NOT NULL DEFAULT '',
+    new_queue_id TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX history_by_message ON history (instance, queue_id);
+CREATE INDEX history_by_copy ON history (instance, new_queue_id) WHERE new_queue_id != '';
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -153,6 +169,40 @@ class Hold:
     @property
     def key(self) -> MessageKey:
         return MessageKey(self.queue_id, self.arrival)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One action a command took on one message, as the executor logged it: what ``explain`` shows later.
+
+    ``action`` is the log's ``action=`` word (hold, release, send, route,
+    delete, handback, move, vanished); ``reason`` what the line said why
+    (or how a send failed); ``new_queue_id`` the copy's id of a route.
+    """
+
+    key: MessageKey
+    action: str
+    sender: str = ""
+    priority: Optional[int] = None
+    reason: str = ""
+    new_queue_id: str = ""
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """A recorded :class:`Event` with when and by which run it happened.
+
+    ``run_id`` and ``command`` name the run (``run``, ``flush``,
+    ``release``) that acted, so whatever the runs table learns about a
+    command (who ran it) belongs to each of its entries too; ``command`` is
+    None when that run's record was pruned.
+    """
+
+    at: float
+    run_id: int
+    command: Optional[str]
+    event: Event
+    invoked_by: Optional[str] = None  # who ran that command (None: not recorded, or its run pruned)
 
 
 @dataclass(frozen=True)
@@ -521,13 +571,55 @@ class State:
                  for seq, key, priority, sender, result in rows])
 
     def prune(self, history_days: float) -> int:
-        """Forget runs (and their dispatch order) older than ``history_days``; how many runs went."""
+        """Forget runs (and their dispatch order) and message history older than ``history_days``.
+
+        The history of a message qrunner still holds is kept however old,
+        and so is the record of each run it names: "held when, why, by
+        which run" must not vanish while the hold lasts. Returns how many
+        runs went.
+        """
         cutoff = time.time() - history_days * 86400
         with self.db:
             old = "SELECT id FROM runs WHERE instance = ? AND started < ?"
             self.db.execute(f"DELETE FROM dispatches WHERE run_id IN ({old})", (self.instance, cutoff))
-            return self.db.execute("DELETE FROM runs WHERE instance = ? AND started < ?",
-                                   (self.instance, cutoff)).rowcount
+            self.db.execute(
+                "DELETE FROM history WHERE instance = ? AND at < ? AND NOT EXISTS (SELECT 1 FROM holds h WHERE "
+                "h.instance = history.instance AND h.queue_id = history.queue_id AND h.arrival = history.arrival)",
+                (self.instance, cutoff))
+            return self.db.execute("DELETE FROM runs WHERE instance = ? AND started < ? AND id NOT IN "
+                                   "(SELECT run_id FROM history WHERE instance = ?)",
+                                   (self.instance, cutoff, self.instance)).rowcount
+
+    # -- history (what explain shows) ------------------------------------------
+
+    def record_history(self, run_id: int, events: Sequence[Event]) -> None:
+        """The actions of one step of a run, in one transaction (not one per message)."""
+        if not events:
+            return
+        now = time.time()
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO history (instance, queue_id, arrival, at, run_id, action, sender, priority, reason, "
+                "new_queue_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(self.instance, e.key.queue_id, e.key.arrival, now, run_id, e.action, e.sender, e.priority,
+                  e.reason, e.new_queue_id) for e in events])
+
+    def history(self, queue_id: str) -> List[HistoryEntry]:
+        """Everything recorded about ``queue_id``, oldest first: its own actions under any arrival (Postfix
+        reuses ids: the caller tells them apart by ``event.key``), and routes that made a copy under this id."""
+        rows = self.db.execute(
+            "SELECT h.at, h.run_id, r.command, r.invoked_by, h.queue_id, h.arrival, h.action, h.sender, h.priority, "
+            "h.reason, h.new_queue_id FROM history h LEFT JOIN runs r ON r.id = h.run_id "
+            "WHERE h.instance = ? AND (h.queue_id = ? OR h.new_queue_id = ?) ORDER BY h.at, h.rowid",
+            (self.instance, queue_id, queue_id))
+        return [HistoryEntry(r[0], r[1], r[2], Event(MessageKey(r[4], r[5]), *r[6:]), r[3]) for r in rows]
+
+    def hold(self, key: MessageKey) -> Optional[Hold]:
+        """qrunner's hold record of one message, if it has one."""
+        row = self.db.execute(
+            "SELECT queue_id, arrival, state, held_at, senders, reason, envelope_sender FROM holds WHERE instance = ? "
+            "AND queue_id = ? AND arrival = ?", (self.instance, key.queue_id, key.arrival)).fetchone()
+        return Hold(*row) if row else None
 
     def add_counts(self, counts: Mapping[Tuple[str, str], int]) -> None:
         """Add to the cumulative counters ((name, sender) -> how many more), which outlive every run."""
@@ -567,7 +659,7 @@ class State:
             "LIMIT 1", (self.instance,)).fetchone()
         return None if row is None else self._summary(row)
 
-    def history(self, limit: int) -> List[RunSummary]:
+    def recent_runs(self, limit: int) -> List[RunSummary]:
         """The last ``limit`` commands that changed the queue (a run still going or cut short too), newest first."""
         rows = self.db.execute(f"SELECT {self._RUN_COLUMNS} FROM runs WHERE instance = ? ORDER BY id DESC LIMIT ?",
                                (self.instance, limit))

@@ -14,15 +14,24 @@ The policy gets what a live run gives for the same message: a bare
 What a snapshot cannot know it gives as a live run gives the unknown:
 headers absent from the line are none, and Filename is "" without a
 ``filename``.
+
+``qrunner snapshot`` writes such lines (:func:`snapshot_line`) from the live
+queue, with every message's headers and filename, so that planning the file
+offline gives the policy exactly what the live run gives it; the file holds
+users' headers, so it is created 0600 (:func:`write_snapshot_file`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import stat
 import sys
-from typing import IO, Any, Dict, List
+import tempfile
+from typing import IO, Any, Dict, Iterable, List
 
-from qrunner.exceptions import DataError, NoInputError
+from qrunner.exceptions import CantCreateError, DataError, NoInputError
 from qrunner.message import NO_HEADERS, InlineHeaders, Message
 from qrunner.mta.base import Backend
 from qrunner.mta.postfix_queuefile import arrival_microseconds, is_queue_id
@@ -91,6 +100,89 @@ def message_from_record(record: Dict[str, Any]) -> Message:
         headers=InlineHeaders(_encode(h) for h in headers) if headers is not None else NO_HEADERS,
         delay_reasons=tuple(r["delay_reason"] for r in recipients if isinstance(r.get("delay_reason"), str)),
     )
+
+
+def snapshot_record(message: Message) -> Dict[str, Any]:
+    """One message as a snapshot line's object, read back by :func:`message_from_record` as the same message.
+
+    ``postqueue -j``'s keys, plus ``headers`` (as ``HeaderLines`` holds
+    them; bytes that are not UTF-8 survive as JSON's ``\\udcXX`` escapes)
+    and ``filename``. The arrival keeps its fraction, so messages of one
+    second keep their order; the null sender is written as "".
+    """
+    lines = message.headers.read()
+    if message.headers.problem:
+        logging.getLogger("qrunner").warning("%s: %s; its snapshot line has the headers that could be read",
+                                             message.queue_id, message.headers.problem)
+    reasons = message.delay_reasons if len(message.delay_reasons) == len(message.recipients) else None
+    recipients = [dict(address=address, **({"delay_reason": reasons[i]} if reasons else {}))
+                  for i, address in enumerate(message.recipients)]
+    arrival = message.arrival
+    return {
+        "queue_name": message.queue_name,
+        "queue_id": message.queue_id,
+        "arrival_time": int(arrival) if float(arrival).is_integer() else arrival,
+        "message_size": message.size,
+        "sender": message.sender,
+        "recipients": recipients,
+        "headers": [line.decode("utf-8", "surrogateescape") for line in lines],
+        "filename": message.filename,
+    }
+
+
+def snapshot_line(message: Message) -> str:
+    """:func:`snapshot_record` as one line of JSON (ASCII, so the file reads the same in any locale)."""
+    return json.dumps(snapshot_record(message)) + "\n"
+
+
+def write_snapshot(messages: Iterable[Message], stream: IO[str]) -> int:
+    """Every message as a snapshot line on ``stream``; how many were written."""
+    count = 0
+    for message in messages:
+        stream.write(snapshot_line(message))
+        count += 1
+    return count
+
+
+def write_snapshot_file(path: str, messages: Iterable[Message]) -> int:
+    """Write a snapshot to ``path``: mode 0600 from the moment it exists, whole or not at all.
+
+    The lines go to a new file beside ``path`` (``mkstemp`` creates it
+    0600, whatever the umask), which then replaces ``path``: a reader never
+    sees half a snapshot, and an older file with a looser mode is replaced,
+    not rewritten in place. A ``path`` that is there but not a regular file
+    (a device, a directory) is refused rather than replaced.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise CantCreateError(f"{path}: cannot write the snapshot ({exc.strerror}); name another file with -o.")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise CantCreateError(f"{path}: is not a regular file; name a file with -o, or leave -o out to write "
+                              "the snapshot to standard output.")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".qrunner-snapshot-", dir=directory)
+    except OSError as exc:
+        raise CantCreateError(f"{path}: cannot create the snapshot file ({exc.strerror}); name a file in a "
+                              "directory qrunner may write.")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as stream:
+            count = write_snapshot(messages, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException as exc:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise CantCreateError(f"{path}: cannot write the snapshot ({exc.strerror}); nothing was written.")
+        raise
+    return count
 
 
 def parse_snapshot(stream: IO[bytes], name: str) -> List[Message]:
