@@ -559,14 +559,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     with _runner(args) as runner:
-        candidates = runner.candidates()
-    if args.output:
-        count = write_snapshot_file(args.output, candidates)
-        logging.getLogger("qrunner").info("snapshot: %d messages written to %s", count, args.output)
-    else:
-        write_snapshot(candidates, sys.stdout)
-        sys.stdout.flush()
+        candidates = list(runner.candidates())
+    with _progress(args).bar("snapshot", len(candidates)) as tick:
+        lines = _ticking(candidates, tick)  # each line reads its message's headers: the slow part
+        if args.output:
+            count = write_snapshot_file(args.output, lines)
+            logging.getLogger("qrunner").info("snapshot: %d messages written to %s", count, args.output)
+        else:
+            write_snapshot(lines, sys.stdout)
+            sys.stdout.flush()
     return EX_OK
+
+
+def _ticking(items, tick):
+    for item in items:
+        yield item
+        tick(1)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
