@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from qrunner.config import Config, Sender, fallback_sender
+from qrunner.config import NO_PACING, Config, Pacing, Sender, fallback_sender
 from qrunner.decision import Decision, MessageKey
 from qrunner.exceptions import ConfigError
 from qrunner.executor import Executor
@@ -25,7 +25,7 @@ from qrunner.log import NOT_QUIETED
 from qrunner import metrics
 from qrunner.message import Message, QueueState
 from qrunner.mta.base import Backend, Gate
-from qrunner.plan import OVERRIDDEN, Listed, Plan, make_plan, release_plan, triage
+from qrunner.plan import OVERRIDDEN, Listed, Plan, Wait, make_plan, release_plan, triage
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.state import Hold, Records, RunLock, RunSummary, State, settle, settled
 
@@ -149,14 +149,20 @@ class Runner:
 
     def run(self, command: str = "run", dry_run: bool = False, only_ids: Optional[Sequence[str]] = None,
             ignore_policy: bool = False) -> RunResult:
-        """A whole run (``run``, ``flush``) or a look at one (``--dry-run``, ``plan``)."""
+        """A whole run (``run``, ``flush``) or a look at one (``--dry-run``, ``plan``).
+
+        Pacing (README "Pacing") governs ``run`` only: a ``flush`` is the
+        admin asking for the named mail now.
+        """
+        started = time.monotonic()
         self.backend.check(self.senders, acting=not dry_run)
         self._warn_gate()
         summary = RunSummary(command=command, started=time.time())
+        pacing = self.config.pacing if command == "run" else NO_PACING
         if dry_run:
             state = State(self.config.state_dir, self.backend.instance, readonly=True)
             try:
-                plan = self._plan(state, only_ids, ignore_policy, write=False)
+                plan = self._plan(state, only_ids, ignore_policy, write=False, pacing=pacing)
             finally:
                 state.close()
             self._warn_left_alone(plan)
@@ -164,14 +170,15 @@ class Runner:
         with RunLock(self.config.state_dir):
             state = State(self.config.state_dir, self.backend.instance)
             try:
-                plan = self._plan(state, only_ids, ignore_policy, write=True)
+                plan = self._plan(state, only_ids, ignore_policy, write=True, pacing=pacing)
                 self._warn_left_alone(plan)
-                self._execute(state, plan, summary)
+                self._execute(state, plan, summary, pacing, started)
             finally:
                 state.close()
         return RunResult(plan, summary, self.routes())
 
-    def _plan(self, state: State, only_ids: Optional[Sequence[str]], ignore_policy: bool, write: bool) -> Plan:
+    def _plan(self, state: State, only_ids: Optional[Sequence[str]], ignore_policy: bool, write: bool,
+              pacing: Pacing = NO_PACING) -> Plan:
         """List, reconcile, decide, plan: everything up to the first action."""
         if ignore_policy:
             messages = self._messages = self.backend.list()
@@ -186,7 +193,7 @@ class Runner:
             sorted_out = triage(self._listed(messages, records), only_ids)
             decisions = engine.decide(sorted_out.candidates, self.senders)
         due = {d.key: self.backend.due(d.message, records.attempts.get(d.key)) for d in decisions if d.send}
-        return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions))
+        return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions), pacing=pacing)
 
     def _from_hold(self, decisions: Sequence[Decision]) -> set:
         """Allowed holds the back end sends by their route as they are held, never released in between."""
@@ -241,10 +248,10 @@ class Runner:
         sender = fallback_sender(self.senders)
         return [Decision(m, True, 50, sender, OVERRIDDEN) for m in candidates]
 
-    def _execute(self, state: State, plan: Plan, summary: RunSummary) -> None:
+    def _execute(self, state: State, plan: Plan, summary: RunSummary, pacing: Pacing, started: float) -> None:
         summary.listed = plan.listed
         run_id = state.start_run(summary)
-        executor = Executor(self.backend, state, summary)
+        executor = Executor(self.backend, state, summary, pacing, started)
         try:
             executor.execute(plan, run_id)
             summary.errors = plan.policy_errors
@@ -270,7 +277,7 @@ class Runner:
         counts = dict(executor.tally)
         counts.update({("policy_errors", sender): n for sender, n in metrics.policy_errors(plan.decisions).items()})
         state.add_counts(counts)
-        self._write_metrics(state, plan)
+        self._write_metrics(state, plan, executor.paced)
         if summary.command == "release":
             log.info("release: released=%d%s seconds=%.2f", summary.released,
                      f" moved={summary.moved}" if summary.moved else "", summary.seconds)
@@ -279,7 +286,7 @@ class Runner:
                      summary.listed, summary.sent, summary.held, summary.released, summary.errors,
                      summary.seconds)
 
-    def _write_metrics(self, state: State, plan: Plan) -> None:
+    def _write_metrics(self, state: State, plan: Plan, paced: Sequence[Wait] = ()) -> None:
         """The metrics file (``metrics_file``), from what this command saw; a write that fails is said, not fatal."""
         if not self.config.metrics_file:
             return
@@ -288,7 +295,7 @@ class Runner:
         snapshot = metrics.Snapshot(
             queue=len(messages), listed=plan.listed, waiting=len(waiting),
             oldest_waiting=min((m.arrival for m in waiting), default=None),
-            decisions=metrics.decisions_of(plan), holds=list(state.holds().values()), gated=self._gate.gated,
+            decisions=metrics.decisions_of(plan, paced), holds=list(state.holds().values()), gated=self._gate.gated,
             totals=state.totals(), last_runs=state.last_runs())
         try:
             metrics.write(self.config.metrics_file, snapshot)
