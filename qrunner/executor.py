@@ -297,8 +297,8 @@ class Executor:
             else:
                 self._room = self.pacing.max_active - active
                 if self._room <= 0:
-                    return (f"max_active ({self.pacing.max_active}): the MTA is delivering {active} messages; left "
-                            "for the next run")
+                    return (f"max_active ({self.pacing.max_active}) reached: the MTA is delivering {active} "
+                            f"message{'' if active == 1 else 's'}; left for the next run")
         return None
 
     def _send_step(self, chunk: List[Send], releases: Dict[MessageKey, Release], handed: List[Send]) -> None:

@@ -151,14 +151,14 @@ class Runner:
             ignore_policy: bool = False) -> RunResult:
         """A whole run (``run``, ``flush``) or a look at one (``--dry-run``, ``plan``).
 
-        Pacing (README "Pacing") governs ``run`` only: a ``flush`` is the
-        admin asking for the named mail now.
+        Pacing (README "Pacing") governs ``run`` (and ``plan``, its preview)
+        only: a ``flush`` is the admin asking for the named mail now.
         """
         started = time.monotonic()
         self.backend.check(self.senders, acting=not dry_run)
         self._warn_gate()
         summary = RunSummary(command=command, started=time.time())
-        pacing = self.config.pacing if command == "run" else NO_PACING
+        pacing = self.config.pacing if command in ("run", "plan") else NO_PACING
         if dry_run:
             state = State(self.config.state_dir, self.backend.instance, readonly=True)
             try:
