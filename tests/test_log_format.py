@@ -1,9 +1,10 @@
 """The ``action=`` log lines are an interface: admins grep them. This golden test pins their format.
 
 One scenario over the memory back end walks through every action the
-executor logs (hold, keep, release, send, route, wait, vanished, delete,
-handback, the release command's lines and the summaries); the log, with
-its PIDs, times and durations made neutral, must be exactly the golden text.
+executor logs (hold, keep, release, send, route, wait for a retry time and
+for a pacing limit, vanished, delete, handback, the release command's lines
+and the summaries); the log, with its PIDs, times and durations made
+neutral, must be exactly the golden text.
 A change here is a change admins' scripts see: make it on purpose.
 """
 
@@ -61,6 +62,13 @@ qrunner[PID]: run: listed=0 sent=0 held=0 released=0 errors=0 seconds=SECONDS
 qrunner[PID]: M0000000B: action=release
 qrunner[PID]: M0000000B: action=move to=default-queue
 qrunner[PID]: release: released=1 moved=1 seconds=SECONDS
+== run with max_per_run = 1
+qrunner[PID]: M0000000C: action=route sender=isp priority=50 new_queue_id=M0000000E
+qrunner[PID]: M0000000D: action=wait sender=isp priority=50 reason="max_per_run (1) reached: left for the next run"
+qrunner[PID]: run: listed=2 sent=1 held=0 released=0 errors=0 seconds=SECONDS
+== run with max_active = 1 while the MTA delivers one
+qrunner[PID]: M0000000D: action=wait sender=isp priority=50 reason="max_active (1) reached: the MTA is delivering 1 message; left for the next run"
+qrunner[PID]: run: listed=1 sent=0 held=0 released=0 errors=0 seconds=SECONDS
 """
 
 
@@ -111,5 +119,15 @@ def test_every_action_line_keeps_its_format(tmp_path):
     mta.queue_message("held on the way out")
     assert qr("run", "-q").code == 0
     step("release --all --to-default-queue", "release", "--all", "--to-default-queue")
+
+    qr.set_script(RELEASE_ALL)
+    settings = qr.config_path.read_text()
+    qr.config_path.write_text("max_per_run = 1\n" + settings)
+    mta.queue_message("paced")
+    mta.queue_message("paced too")
+    step("run with max_per_run = 1", "run")
+    qr.config_path.write_text("max_active = 1\n" + settings)
+    mta.queue.start_delivery(mta.queue_message("being delivered"), 60)
+    step("run with max_active = 1 while the MTA delivers one", "run")
 
     assert "".join(transcript) == GOLDEN

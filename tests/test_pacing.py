@@ -16,6 +16,7 @@ import json
 import re
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from memory_harness import MemoryHarness
 from mta_harness import ACTIVE, HELD, WAITING, harness_for
@@ -370,6 +371,50 @@ def test_strict_priority_waits_for_a_routed_copy_by_its_new_id(tmp_path, memory)
     assert where(memory, [copy, low]) == {copy: ACTIVE, low: WAITING}
     assert f"had not left the MTA's delivery after strict_priority_wait (0.5 s): the lower priorities wait for the " \
            f"next run ({copy})" in result.stderr
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def test_paced_messages_are_counted_and_shown_waiting_in_the_metrics(tmp_path, memory):
+    metrics_file = tmp_path / "qrunner.prom"
+    qr = pacing(Qrunner(tmp_path, memory, BY_SUBJECT), f'max_per_run = 1\nmetrics_file = "{metrics_file}"')
+    [memory.queue_message(f"p{p}") for p in (10, 20, 30)]
+
+    assert qr("run").code == 0
+    first = read_metrics(metrics_file)
+    assert qr("run").code == 0
+    second = read_metrics(metrics_file)
+
+    assert first[("qrunner_paced_total", frozenset({"sender": "default"}.items()))] == 2
+    assert first[("qrunner_sent_total", frozenset({"sender": "default"}.items()))] == 1
+    assert first[("qrunner_decisions", frozenset({"action": "wait", "sender": "default",
+                                                  "priority_band": "1-25"}.items()))] == 2
+    assert second[("qrunner_paced_total", frozenset({"sender": "default"}.items()))] == 3  # 2 + the one left now
+    assert len(memory.sink.wait_for(2)) == 2
+
+
+def test_what_max_active_stops_while_handing_over_is_waiting_in_the_metrics(tmp_path, memory):
+    metrics_file = tmp_path / "qrunner.prom"
+    qr = pacing(Qrunner(tmp_path, memory, BY_SUBJECT), f'max_active = 1\nmetrics_file = "{metrics_file}"')
+    memory.set(delivery_seconds=60)
+    [memory.queue_message(f"p{p}") for p in (60, 70)]
+
+    assert qr("run").code == 0
+
+    metrics = read_metrics(metrics_file)
+    assert metrics[("qrunner_decisions", frozenset({"action": "send", "sender": "default",
+                                                    "priority_band": "51-75"}.items()))] == 1
+    assert metrics[("qrunner_decisions", frozenset({"action": "wait", "sender": "default",
+                                                    "priority_band": "51-75"}.items()))] == 1
+    assert metrics[("qrunner_paced_total", frozenset({"sender": "default"}.items()))] == 1
+
+
+def read_metrics(path) -> dict:
+    """(name, labels) -> value, as Prometheus would scrape them (prometheus_client's parser)."""
+    with open(path) as f:
+        return {(sample.name, frozenset(sample.labels.items())): sample.value
+                for family in text_string_to_metric_families(f.read()) for sample in family.samples}
 
 
 # -- the settings ------------------------------------------------------------------------
