@@ -648,8 +648,9 @@ def print_plan(result: RunResult, fmt: str) -> None:
         for d in ordered:
             row = _decision_json(d)
             wait = waiting.get(d.queue_id)
-            row["next_retry"] = _clock(wait.until) if wait else None
-            row["next_retry_reason"] = wait.reason if wait else None
+            row["next_retry"] = _clock(wait.until) if wait and wait.until is not None else None
+            row["next_retry_reason"] = wait.reason if wait and not wait.paced else None
+            row["paced"] = wait.paced if wait and wait.paced else None
             row["release"] = d.queue_id in released or d.queue_id in kept_held
             rows.append(row)
         print(json.dumps({"decisions": rows, "recovery": [{"queue_id": s.queue_id, "action": action,
@@ -683,7 +684,9 @@ def _expire_note(step: Expire, wait: Optional[Wait], released: bool) -> Expire:
 
 
 def _wait_note(wait: Wait) -> str:
-    """"waits for Exim's retry time 12:03:29 (host ...)": until when, and whose retry time holds it."""
+    """"waits for Exim's retry time 12:03:29 (host ...)": until when, and whose retry time holds it; or which limit."""
+    if wait.paced:
+        return f"waits for the next run: {wait.paced}"
     note = f"waits for {wait.due.whose} {_clock(wait.until, '%H:%M:%S')}"
     return f"{note} ({wait.due.detail})" if wait.due.detail else note
 

@@ -77,6 +77,7 @@ class Sender:
     default: bool = field(default=False, compare=False)
     postfix: Optional[PostfixRoute] = field(default=None, compare=False)
     exim: Optional[EximRoute] = field(default=None, compare=False)
+    max_per_run: int = field(default=0, compare=False)  # at most this many of its messages a run (0: no limit)
 
     def __str__(self) -> str:
         return self.name
@@ -146,6 +147,37 @@ class MemorySettings:
 
 
 @dataclass(frozen=True)
+class Pacing:
+    """How fast, and in what strict order, a ``run`` hands mail to the MTA (README "Pacing").
+
+    ``max_per_run``: messages a run hands over at most (0: no limit), and
+    ``sender_max_per_run`` the same per sender (name -> limit), both counted
+    in dispatch order, so that what waits is always the lowest priority.
+    ``max_active``: the run hands over only while the MTA delivers fewer
+    messages than this (0: no limit). ``max_run_seconds``: the run stops
+    handing over once it has spent this long (0: no limit). ``strict_priority``:
+    one priority level at a time, each waited for (at most
+    ``strict_priority_wait`` seconds) until it has left the MTA's delivery.
+    Whatever a limit stops waits, where it is, for the next run.
+    """
+
+    max_per_run: int = 0
+    sender_max_per_run: Tuple[Tuple[str, int], ...] = ()
+    max_active: int = 0
+    max_run_seconds: float = 0.0
+    strict_priority: bool = False
+    strict_priority_wait: float = 180.0
+
+    @property
+    def paces_hand_over(self) -> bool:
+        """Does any limit act while the run hands over (so that it hands over in steps and looks between)?"""
+        return bool(self.max_active or self.max_run_seconds or self.strict_priority)
+
+
+NO_PACING = Pacing()
+
+
+@dataclass(frozen=True)
 class Config:
     """Every setting, with the defaults a fresh install runs with."""
 
@@ -160,11 +192,22 @@ class Config:
     metrics_file: str = ""
     max_hold_age: float = 0.0  # seconds since arrival; 0: off (see plan.HoldAge)
     on_hold_expiry: str = "send"
+    max_per_run: int = 0
+    max_active: int = 0
+    max_run_seconds: float = 0.0
+    strict_priority: bool = False
+    strict_priority_wait: float = 180.0
     senders: Tuple[Sender, ...] = DEFAULT_SENDERS
     postfix: PostfixSettings = field(default_factory=PostfixSettings)
     exim: EximSettings = field(default_factory=EximSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
     path: Optional[str] = None
+
+    @property
+    def pacing(self) -> Pacing:
+        """The pacing settings of a ``run`` (the top-level ones and each sender's ``max_per_run``)."""
+        return Pacing(self.max_per_run, tuple((s.name, s.max_per_run) for s in self.senders if s.max_per_run),
+                      self.max_active, self.max_run_seconds, self.strict_priority, self.strict_priority_wait)
 
     def with_overrides(self, **changes: Any) -> "Config":
         """A copy with command-line values (those not None) taking precedence."""
@@ -189,7 +232,11 @@ def _positive(value: Any) -> Optional[str]:
 
 
 def _not_negative(value: Any) -> Optional[str]:
-    return None if value >= 0 else "must be 0 (off) or more"
+    return None if value >= 0 else "must be 0 (off: no limit) or more"
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
@@ -205,7 +252,13 @@ _TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
     "metrics_file": ("a string (a file path, \"\" for no metrics)", lambda v: isinstance(v, str), None),
     "max_hold_age": ("a number of seconds since arrival (0: off)", _is_number, _not_negative),
     "on_hold_expiry": ("a string", lambda v: isinstance(v, str), _check_choice(ON_HOLD_EXPIRY)),
+    "max_per_run": ("a whole number of messages (0: no limit)", _whole_number, _not_negative),
+    "max_active": ("a whole number of messages (0: no limit)", _whole_number, _not_negative),
+    "max_run_seconds": ("a number of seconds (0: no limit)", _is_number, _not_negative),
+    "strict_priority": ("true or false", lambda v: isinstance(v, bool), None),
+    "strict_priority_wait": ("a number of seconds", _is_number, _positive),
 }
+_FLOATS = ("script_timeout", "history_days", "max_hold_age", "max_run_seconds", "strict_priority_wait")
 
 
 
@@ -213,7 +266,7 @@ def _fail(path: str, key: str, problem: str) -> ConfigError:
     return ConfigError(f"{path}: setting '{key}' {problem}; fix it or remove the line to use the default.")
 
 
-_SENDER_KEYS = ("id", "name", "default", "postfix", "exim")
+_SENDER_KEYS = ("id", "name", "default", "max_per_run", "postfix", "exim")
 _LISTENER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
 _ROUTE_WORD = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
@@ -265,9 +318,12 @@ def _parse_senders(path: str, raw: Any) -> Tuple[Sender, ...]:
         default = table.get("default", False)
         if not isinstance(default, bool):
             raise _fail(path, f"{where}.default", "must be true or false")
+        limit = table.get("max_per_run", 0)
+        if not _whole_number(limit) or limit < 0:
+            raise _fail(path, f"{where}.max_per_run", "must be a whole number of messages, 0 (no limit) or more")
         postfix = _parse_postfix_route(path, where, table["postfix"]) if "postfix" in table else None
         exim = _parse_exim_route(path, where, table["exim"]) if "exim" in table else None
-        senders.append(Sender(sender_id, name, default, postfix, exim))
+        senders.append(Sender(sender_id, name, default, postfix, exim, limit))
     return check_senders(senders, path)
 
 
@@ -283,7 +339,7 @@ def check_senders(senders: Sequence[Sender], where: str) -> Tuple[Sender, ...]:
         raise ConfigError(f"{where}: senders {', '.join(defaults)} are all default = true; at most one sender "
                           "may use the MTA's own routing.")
     if not defaults and len(senders) == 1 and senders[0].postfix is None and senders[0].exim is None:
-        senders[0] = Sender(senders[0].id, senders[0].name, True)
+        senders[0] = replace(senders[0], default=True)
     if not senders:
         raise ConfigError(f"{where}: no senders are configured; add a [[sender]] table or leave them all out for one sender 0:default.")
     for attr in ("id", "name"):
@@ -382,7 +438,7 @@ def parse_config(data: Dict[str, Any], path: str) -> Config:
         problem = extra(value) if extra else None
         if problem:
             raise _fail(path, key, f"{problem} (it is {value!r})")
-        values[key] = float(value) if key in ("script_timeout", "history_days", "max_hold_age") else value
+        values[key] = float(value) if key in _FLOATS else value
     config = Config(path=path, **values)
     if config.mta == "memory" and not config.memory.directory:
         raise ConfigError(f'{path}: mta = "memory" needs [memory] directory, the directory that holds its queue; '

@@ -8,18 +8,26 @@ action writes one log line in Postfix's style (``ID: action=hold ...``);
 admins grep these, so their format is fixed (tests/test_log_format.py).
 Each action is also kept in the state database's history, written once per
 step of the plan (not once per message), which ``qrunner explain`` shows.
+
+Pacing that depends on the moment (``max_active``, ``max_run_seconds``,
+strict priority) acts here, while the run hands over: the sends go to the
+back end in steps, the limits are looked at between steps (the back end
+says how much it is delivering, and whether a level has left), and what a
+limit stops waits where it is for the next run, with its reason.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
+from qrunner.config import NO_PACING, Pacing
 from qrunner.decision import Decision, MessageKey
 from qrunner.message import Message
 from qrunner.mta.base import Backend, Outcome, Result, SendRequest
-from qrunner.plan import Expire, HandBack, Plan, Release, Remove, Send
+from qrunner.plan import Expire, HandBack, Plan, Release, Remove, Send, Wait
 from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick
 from qrunner.state import Event, RunSummary, State
 
@@ -37,20 +45,40 @@ def _no_tick(count: int = 1) -> None:
     pass
 
 
-class Executor:
-    """Carries out one plan against one back end, recording each step in ``state``."""
+def seconds(value: float) -> str:
+    """A number of seconds as the admin wrote it: 300, 2.5."""
+    return f"{value:g}"
 
-    def __init__(self, backend: Backend, state: State, summary: RunSummary, progress: Progress = NO_PROGRESS,
-                 rate: Optional[float] = None):
+
+class Executor:
+    """Carries out one plan against one back end, recording each step in ``state``.
+
+    ``pacing``: the limits that act while the run hands over; ``started``:
+    when the run began (``time.monotonic()``), which ``max_run_seconds``
+    counts from, so that deciding counts too. ``progress`` draws the bars of
+    long steps; ``rate`` (``--rate``) paces the sends and moves.
+    """
+
+    def __init__(self, backend: Backend, state: State, summary: RunSummary, pacing: Pacing = NO_PACING,
+                 started: Optional[float] = None, progress: Progress = NO_PROGRESS, rate: Optional[float] = None):
         self.backend = backend
         self.state = state
         self.summary = summary
+        self.pacing = pacing
         self.progress = progress
         self.rate = rate  # messages per second handed to the MTA's delivery (flush, release --to-default-queue)
         self._tick: Tick = _no_tick
+        self._rate_from: Optional[float] = None  # when the first paced step of --rate started
+        started = time.monotonic() if started is None else started
+        self.deadline = started + pacing.max_run_seconds if pacing.max_run_seconds else None
         self._not_released: Set[str] = set()
         self._sending: Dict[str, Send] = {}
         self._outcomes: Dict[str, Outcome] = {}
+        self._room: Optional[int] = 0  # max_active: how many more the MTA may take before it is asked again
+        self._handed_any = False   # a run always hands over its first step, however long deciding took
+        self._warned_slow = False
+        self.paced: List[Wait] = []  # what a limit left for the next run while handing over
+        self._seq = 0              # the run's dispatch records, in order
         self.run_id: Optional[int] = None
         self.tally: Dict[Tuple[str, str], int] = {}  # (counter, sender) -> how many this run: the metrics' counters
         self._events: List[Event] = []  # this step's actions, for the history (written by _write_history)
@@ -101,25 +129,56 @@ class Executor:
         log.log(level, text, *args, extra={"journal": journal})
 
     def execute(self, plan: Plan, run_id: int) -> None:
-        """Every action of the plan, in the crash-safe order; each step's history written as it ends."""
+        """Every action of the plan, in the crash-safe order; each step's history written as it ends.
+
+        A hold the policy now allows and this run sends is released just
+        before its send (in the same step), so that one a pacing limit
+        leaves for the next run stays on hold.
+        """
         self.run_id = run_id
+        sending = {s.key for s in plan.send}
         steps = (lambda: self.remove(plan.remove), lambda: self.hold(plan.hold),
-                 lambda: self.keep(plan.keep, named=plan.named), lambda: self.release(plan.release),
+                 lambda: self.keep(plan.keep, named=plan.named),
+                 lambda: self.release([r for r in plan.release if r.key not in sending]),
                  lambda: self.hand_back(plan.hand_back),
                  lambda: self.return_to_sender([step for step in plan.expire if step.bounce]),
-                 lambda: self.send(plan.send, run_id))
+                 lambda: self.send(plan.send, run_id, [r for r in plan.release if r.key in sending]))
         try:
             for step in steps:
                 step()
                 self._write_history()
         finally:
             self._write_history()  # what a failing step did before it failed
-        for wait in plan.wait:
+        self.wait(self.paced + plan.wait)
+
+    def wait(self, waits: Sequence[Wait]) -> None:
+        """The allowed messages not sent this run, each with its reason; a paced one is recorded.
+
+        A paced hold of qrunner's stays held, its record saying why; a paced
+        waiting message gets a line in the run's dispatch record. Both are
+        the next run's to send.
+        """
+        rows = []
+        for wait in waits:
             d = wait.decision
+            if wait.paced:
+                self._count("paced", d.senders)
+                self._say(logging.INFO, d.message, "wait", "%s: action=wait sender=%s priority=%d reason=%s",
+                          wait.queue_id, d.senders, d.priority, quote(wait.reason),
+                          priority=d.priority, sender=d.senders, reason=wait.reason, recorded=False)
+                self._seq += 1
+                rows.append((self._seq, wait.key, d.priority, d.senders, f"not sent: {wait.paced}"))
+                continue
             self._say(logging.INFO, d.message, "wait", "%s: action=wait sender=%s priority=%d next_retry=%s reason=%s",
                       wait.queue_id, d.senders, d.priority,
                       time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(wait.until)), quote(wait.reason),
                       priority=d.priority, sender=d.senders, reason=wait.reason, recorded=False)
+        held = [w for w in waits if w.paced and w.message.held]
+        if held:
+            self.state.update_reason((w.key, w.decision.senders, f"allowed by sender {w.decision.senders}; "
+                                      f"{w.paced}", w.message.sender, w.decision.priority) for w in held)
+        if rows and self.run_id is not None:
+            self.state.record_dispatches(self.run_id, rows)
 
     def _write_history(self) -> None:
         events, self._events = self._events, []
@@ -242,41 +301,168 @@ class Executor:
 
     # -- sends -----------------------------------------------------------------
 
-    def send(self, sends: Sequence[Send], run_id: int) -> None:
-        """Every send in dispatch order, each by its route; then the run's dispatch record.
+    def send(self, sends: Sequence[Send], run_id: int, releases: Sequence[Release] = ()) -> None:
+        """Every send in dispatch order, each by its route, paced; then the run's dispatch record.
 
-        Each outcome is logged and recorded as the back end reports it
-        (:meth:`sent`), so a failure later in the batch cannot take the
-        record of what already left with it: the dispatch record is written
-        even then.
+        ``releases``: the holds among ``sends`` to release first, each just
+        before its step. Each outcome is logged and recorded as the back end
+        reports it (:meth:`sent`), so a failure later in the batch cannot
+        take the record of what already left with it: the dispatch record is
+        written even then. What a pacing limit stops is in :attr:`paced`.
         """
-        sends = [s for s in sends if s.queue_id not in self._not_released]
         if not sends:
             return
         self._sending = {s.queue_id: s for s in sends}
+        handed: List[Send] = []
         completed = False
         try:
-            if self.rate:
-                self._in_chunks("sending", sends, self._dispatch, paced=True)
-            else:
-                with self.progress.bar("sending", len(sends)) as self._tick:
-                    self._dispatch(sends)
+            with self.progress.bar("sending", len(sends)) as self._tick:
+                self.paced = self._hand_over(list(sends), {r.key: r for r in releases}, handed)
             completed = True
         finally:
             self._tick = _no_tick
             if completed:
-                for send in sends:
+                for send in handed:
                     if send.queue_id not in self._outcomes:
                         self.sent(SendRequest(send.message, send.route), Outcome(Result.FAILED, "not dispatched"))
             rows = [(seq, s.key, s.priority, s.decision.senders, str(self._outcomes[s.queue_id]))
-                    for seq, s in enumerate(sends, 1) if s.queue_id in self._outcomes]
+                    for seq, s in enumerate(handed, 1) if s.queue_id in self._outcomes]
+            self._seq = len(handed)
             self.state.record_dispatches(run_id, rows)
-            self.state.note_attempts(s.key for s in sends if s.queue_id in self._outcomes
+            self.state.note_attempts(s.key for s in handed if s.queue_id in self._outcomes
                                      and self._outcomes[s.queue_id].result is Result.DEFERRED)
 
-    def _dispatch(self, sends: Sequence[Send]) -> None:
+    # -- pacing while handing over ------------------------------------------------
+
+    def _hand_over(self, sends: List[Send], releases: Dict[MessageKey, Release], handed: List[Send]) -> List[Wait]:
+        """Hand the sends over, level by level under strict priority; the waits for what a limit stopped."""
+        levels = [list(group) for _, group in itertools.groupby(sends, key=lambda s: s.priority)] \
+            if self.pacing.strict_priority else [sends]
+        for number, level in enumerate(levels):
+            later = [s for rest in levels[number + 1:] for s in rest]
+            stopped = self._hand_over_level(level, releases, handed)
+            if stopped is not None:
+                index, reason = stopped
+                return [Wait(s.decision, paced=reason) for s in level[index:] + later]
+            reason = self._wait_for_level(level) if later else None
+            if reason is not None:
+                return [Wait(s.decision, paced=reason) for s in later]
+        return []
+
+    def _hand_over_level(self, level: List[Send], releases: Dict[MessageKey, Release],
+                         handed: List[Send]) -> Optional[Tuple[int, str]]:
+        """One level (or, without strict priority, every send) in steps; (where, why) a limit stopped it."""
+        paced = self.pacing.max_active or self.pacing.max_run_seconds
+        done = 0
+        while done < len(level):
+            reason = self._limit_reached()
+            if reason is not None:
+                return done, reason
+            step = self.backend.hand_over_batch if paced else len(level)
+            if self.pacing.max_active and self._room is not None:
+                step = min(step, self._room)
+            if self.rate:
+                step = min(step, max(1, int(self.rate)))
+                self._keep_rate(len(handed))
+            chunk = level[done:done + step]
+            done += len(chunk)
+            self._send_step(chunk, releases, handed)
+        return None
+
+    def _keep_rate(self, handed: int) -> None:
+        """``--rate``: the next step starts no earlier than the rate allows for the ``handed`` before it."""
+        now = time.monotonic()
+        if self._rate_from is None:
+            self._rate_from = now
+        else:
+            time.sleep(max(0.0, self._rate_from + handed / self.rate - now))
+
+    def _limit_reached(self) -> Optional[str]:
+        """Why the run may hand over nothing more now, or None; ``max_active`` asks the MTA when the room is used up."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            if self._handed_any:
+                return f"max_run_seconds ({seconds(self.pacing.max_run_seconds)}) reached: left for the next run"
+            if not self._warned_slow:
+                self._warned_slow = True
+                log.warning("deciding took longer than max_run_seconds (%s): this run hands over its first step "
+                            "only; raise max_run_seconds or make the policy faster",
+                            seconds(self.pacing.max_run_seconds))
+        if self.pacing.max_active and self._room is not None and self._room <= 0:
+            active = self.backend.delivering()
+            if active is None:
+                log.warning("max_active is set, but this MTA cannot say how much it is delivering; not applied")
+                self._room = None
+            else:
+                self._room = self.pacing.max_active - active
+                if self._room <= 0:
+                    return (f"max_active ({self.pacing.max_active}) reached: the MTA is delivering {active} "
+                            f"message{'' if active == 1 else 's'}; left for the next run")
+        return None
+
+    def _send_step(self, chunk: List[Send], releases: Dict[MessageKey, Release], handed: List[Send]) -> None:
+        """Release the step's holds, then hand its messages to the back end (one ``send`` call)."""
+        self.release([releases[s.key] for s in chunk if s.key in releases])
+        chunk = [s for s in chunk if s.queue_id not in self._not_released]
+        if not chunk:
+            return
+        handed.extend(chunk)
+        self._handed_any = True
+        if self.pacing.max_active and self._room is not None:
+            self._room -= len(chunk)
         self.backend.send([SendRequest(s.message, s.route, s.from_hold, s.priority, forced=s.overridden)
-                           for s in sends], self)
+                           for s in chunk], self)
+
+    def _wait_for_level(self, level: List[Send]) -> Optional[str]:
+        """Strict priority: wait until the level's messages have left the MTA's delivery; why not, or None.
+
+        Watched are the messages the MTA took to deliver on its own
+        (scheduled, or a routed copy by its new id); an attempt that is
+        known to have ended (Exim's ``-Mc`` returned) has left already. The
+        wait ends at ``strict_priority_wait``, or at the run's deadline.
+        """
+        watch = [self._watched_id(s) for s in level]
+        watch = [queue_id for queue_id in watch if queue_id]
+        if not watch:
+            return None
+        now = time.monotonic()
+        until = now + self.pacing.strict_priority_wait
+        if self.deadline is not None:
+            until = min(until, self.deadline)
+        pause = 0.05
+        while True:
+            left = self.backend.still_delivering(watch)
+            if left is None:
+                log.warning("strict_priority is set, but this MTA cannot say whether a level has left its delivery; "
+                            "not waited for")
+                return None
+            if not left:
+                return None
+            watch = sorted(left)
+            now = time.monotonic()
+            if now >= until:
+                break
+            time.sleep(min(pause, until - now))
+            pause = min(pause * 2, 1.0)
+        priority = level[0].priority
+        if self.deadline is not None and now >= self.deadline:
+            return (f"max_run_seconds ({seconds(self.pacing.max_run_seconds)}) reached while priority {priority} "
+                    "was still being delivered: left for the next run")
+        log.warning("strict_priority: %d messages of priority %d had not left the MTA's delivery after "
+                    "strict_priority_wait (%s s): the lower priorities wait for the next run (%s)", len(watch),
+                    priority, seconds(self.pacing.strict_priority_wait), " ".join(watch[:10]))
+        return (f"strict_priority: priority {priority} had not left the MTA's delivery after strict_priority_wait "
+                f"({seconds(self.pacing.strict_priority_wait)} s): left for the next run")
+
+    def _watched_id(self, send: Send) -> str:
+        """The id to watch until it leaves the MTA's delivery: "" when it has left or was never taken."""
+        outcome = self._outcomes.get(send.queue_id)
+        if outcome is None:
+            return ""
+        if outcome.result is Result.SCHEDULED:
+            return send.queue_id
+        if outcome.result is Result.ROUTED:
+            return outcome.new_id
+        return ""
 
     def _report(self, send: Send, outcome: Outcome) -> None:
         """The log line of one send; a failed hand-over leaves the original held with the failure as reason."""

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from qrunner.decision import Decision
-from qrunner.plan import Plan
+from qrunner.plan import Plan, Wait
 from qrunner.state import Hold, LastRun
 
 BANDS = ((1, 25), (26, 50), (51, 75), (76, 100))
@@ -36,6 +36,8 @@ COUNTERS = {
     "policy_errors": "Policy errors (a runtime error, a timeout or a bad value in CheckFile), per sender.",
     "expired": "Messages past max_hold_age that qrunner sent by the MTA's own routing or returned to their sender "
                "without asking the policy (a message sent again after the relay deferred it counts again).",
+    "paced": "Allowed messages a pacing limit left for the next run (max_per_run, max_active, max_run_seconds, "
+             "strict_priority), counted each run they wait.",
 }
 
 
@@ -73,9 +75,12 @@ class Snapshot:
     last_runs: List[LastRun] = field(default_factory=list)
 
 
-def decisions_of(plan: Plan) -> List[Tuple[str, str, int]]:
-    """The last run's plan as (action, sender, priority): send, hold (new or kept) and wait."""
-    waiting = {w.queue_id for w in plan.wait}
+def decisions_of(plan: Plan, paced: Iterable[Wait] = ()) -> List[Tuple[str, str, int]]:
+    """The last run's plan as (action, sender, priority): send, hold (new or kept) and wait.
+
+    ``paced``: what a pacing limit stopped while the run handed over; it waited, it was not sent.
+    """
+    waiting = {w.queue_id for w in plan.wait} | {w.queue_id for w in paced}
     return [("wait" if d.queue_id in waiting else "send" if d.send else "hold", d.senders, d.priority)
             for d in plan.decisions]
 

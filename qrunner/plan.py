@@ -14,9 +14,9 @@ here without an MTA.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
-from qrunner.config import Sender
+from qrunner.config import NO_PACING, Pacing, Sender
 from qrunner.decision import Decision, MessageKey
 from qrunner.message import Message
 from qrunner.mta.base import Due
@@ -178,26 +178,37 @@ class Send:
 
 @dataclass(frozen=True)
 class Wait:
-    """An allowed message whose retry time has not come: the MTA's backoff is kept, a dead relay not hammered.
+    """An allowed message that is not sent this run, and why; it stays where it is (waiting, or on qrunner's hold).
 
-    ``due`` says until when and whose retry time it is (the MTA's own, or
-    qrunner's backoff), so the admin sees why a message that may go waits.
+    Either its retry time has not come (``due``: until when, and whose retry
+    time it is, the MTA's own or qrunner's backoff), so the MTA's backoff
+    is kept and a dead relay not hammered; or a pacing limit left it for
+    the next run (``paced``: which limit, in the admin's words).
     """
 
     decision: Decision
-    due: Due
+    due: Optional[Due] = None
+    paced: str = ""
 
     @property
     def queue_id(self) -> str:
         return self.decision.queue_id
 
     @property
-    def until(self) -> float:
-        return self.due.at
+    def key(self) -> MessageKey:
+        return self.decision.key
+
+    @property
+    def message(self) -> Message:
+        return self.decision.message
+
+    @property
+    def until(self) -> Optional[float]:
+        return self.due.at if self.due is not None else None
 
     @property
     def reason(self) -> str:
-        return self.due.describe()
+        return self.paced or (self.due.describe() if self.due is not None else "")
 
 
 @dataclass
@@ -325,7 +336,8 @@ def report_order(decisions: Iterable[Decision]) -> List[Decision]:
 
 
 def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[MessageKey, Optional[Due]],
-              overridden: bool = False, from_hold: Set[MessageKey] = frozenset()) -> Plan:
+              overridden: bool = False, from_hold: Set[MessageKey] = frozenset(),
+              pacing: Pacing = NO_PACING) -> Plan:
     """The plan for the policy's ``decisions`` over ``sorted_out.candidates``.
 
     ``due`` maps an allowed message (or one past ``max_hold_age`` that is
@@ -333,7 +345,12 @@ def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[Me
     entry) when it is due now. ``overridden`` (flush --ignore-policy) sends
     every allowed message now, whatever its retry time. ``from_hold``:
     qrunner's holds that the back end can send by their route as they are
-    held; sent now, they are not released first.
+    held; sent now, they are not released first. ``pacing``: the
+    ``max_per_run`` limits (the run's, each sender's); what they leave for
+    the next run waits where it is (a hold of qrunner's is not released for
+    it). Mail past ``max_hold_age`` is not paced: it is sent regardless. The
+    limits that act while the run hands over (``max_active``,
+    ``max_run_seconds``, strict priority) are the executor's.
     """
     decisions = sorted(decisions, key=lambda d: (d.message.arrival, d.queue_id))
     plan = Plan(remove=list(sorted_out.remove), hand_back=list(sorted_out.hand_back),
@@ -342,20 +359,29 @@ def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[Me
     for step in sorted_out.expire:
         if not step.bounce:
             _plan_expired_send(plan, step, step.key in sorted_out.ours, due.get(step.key))
+    due_now = []
     for decision in decisions:
         ours = decision.key in sorted_out.ours
         if not decision.send:
             (plan.keep if ours else plan.hold).append(decision)
             continue
         retry = None if overridden else due.get(decision.key)
-        kept = ours and retry is None and decision.key in from_hold
+        if retry is None:
+            due_now.append(decision)
+            continue
+        if ours:
+            plan.release.append(Release(decision.message, "released: the policy allows it now"))
+        plan.wait.append(Wait(decision, retry))
+    sends, paced = per_run_limits(sorted(due_now, key=dispatch_key), pacing)
+    for decision in sends:
+        ours = decision.key in sorted_out.ours
+        kept = ours and decision.key in from_hold
         if ours and not kept:
             plan.release.append(Release(decision.message, "released: the policy allows it now"))
-        if retry is None:
-            plan.send.append(Send(decision, overridden, from_hold=kept))
-        else:
-            plan.wait.append(Wait(decision, retry))
+        plan.send.append(Send(decision, overridden, from_hold=kept))
     plan.send.sort(key=lambda s: dispatch_key(s.decision))
+    plan.release.sort(key=lambda r: (r.message.arrival, r.queue_id))
+    plan.wait.extend(paced)
     return plan
 
 
@@ -373,6 +399,31 @@ def _plan_expired_send(plan: Plan, step: Expire, ours: bool, retry: Optional[Due
         plan.send.append(Send(decision, expired=True))
     else:
         plan.wait.append(Wait(decision, retry))
+
+
+def per_run_limits(ordered: Sequence[Decision], pacing: Pacing) -> Tuple[List[Decision], List[Wait]]:
+    """Split messages due now, in dispatch order, into what this run sends and what ``max_per_run`` leaves.
+
+    Each sender's limit first, then the run's over what is left: so what
+    waits is always the lowest of each sender's priorities, and a sender
+    at its limit leaves room for the others.
+    """
+    per_sender = dict(pacing.sender_max_per_run)
+    counted: Dict[str, int] = {}
+    sends: List[Decision] = []
+    paced: List[Wait] = []
+    for decision in ordered:
+        name = decision.sender.name if decision.sender is not None else ""
+        limit = per_sender.get(name, 0)
+        if limit and counted.get(name, 0) >= limit:
+            paced.append(Wait(decision, paced=f"sender {name}'s max_per_run ({limit}) reached: left for the "
+                                              "next run"))
+        elif pacing.max_per_run and len(sends) >= pacing.max_per_run:
+            paced.append(Wait(decision, paced=f"max_per_run ({pacing.max_per_run}) reached: left for the next run"))
+        else:
+            counted[name] = counted.get(name, 0) + 1
+            sends.append(decision)
+    return sends, paced
 
 
 def release_plan(listed: Iterable[Listed], only_ids: Optional[Sequence[str]], to_default_queue: bool) -> Plan:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from qrunner.config import Config, Sender, fallback_sender
+from qrunner.config import NO_PACING, Config, Pacing, Sender, fallback_sender
 from qrunner.decision import Decision, MessageKey
 from qrunner.exceptions import ConfigError
 from qrunner.executor import Executor
@@ -29,7 +29,7 @@ from qrunner.log import NOT_QUIETED
 from qrunner import metrics
 from qrunner.message import Message, QueueState, arrival_order
 from qrunner.mta.base import Backend, Gate
-from qrunner.plan import (OVERRIDDEN, HoldAge, Listed, Plan, Planned, explain_unplanned, make_plan, release_plan,
+from qrunner.plan import (OVERRIDDEN, HoldAge, Listed, Plan, Planned, Wait, explain_unplanned, make_plan, release_plan,
                           steps_for, triage)
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.progress import NONE as NO_PROGRESS, Progress
@@ -277,8 +277,11 @@ class Runner:
         """A whole run (``run``, ``flush``) or a look at one (``--dry-run``, ``plan``).
 
         ``choice`` (a ``flush`` with selectors or a limit) narrows the named
-        messages, among those a run decides, to the ones it selects.
+        messages, among those a run decides, to the ones it selects. Pacing
+        (README "Pacing") governs ``run`` (and ``plan``, its preview) only: a
+        ``flush`` is the admin asking for the named mail now (``--rate``).
         """
+        started = time.monotonic()
         self.backend.check(self.senders, acting=not dry_run)
         self._check_hold_expiry()
         self._warn_gate()
@@ -286,10 +289,11 @@ class Runner:
         if choice is not None and not choice.narrowed:
             only_ids, choice = choice.ids, None
         self._choice = choice
+        pacing = self.config.pacing if command in ("run", "plan") else NO_PACING
         if dry_run:
             state = State(self.config.state_dir, self.backend.instance, readonly=True)
             try:
-                plan = self._plan(state, only_ids, ignore_policy, write=False)
+                plan = self._plan(state, only_ids, ignore_policy, write=False, pacing=pacing)
             finally:
                 state.close()
             self._warn_left_alone(plan)
@@ -297,14 +301,15 @@ class Runner:
         with RunLock(self.config.state_dir):
             state = State(self.config.state_dir, self.backend.instance)
             try:
-                plan = self._plan(state, only_ids, ignore_policy, write=True)
+                plan = self._plan(state, only_ids, ignore_policy, write=True, pacing=pacing)
                 self._warn_left_alone(plan)
-                self._execute(state, plan, summary)
+                self._execute(state, plan, summary, pacing, started)
             finally:
                 state.close()
         return RunResult(plan, summary, self.routes())
 
-    def _plan(self, state: State, only_ids: Optional[Sequence[str]], ignore_policy: bool, write: bool) -> Plan:
+    def _plan(self, state: State, only_ids: Optional[Sequence[str]], ignore_policy: bool, write: bool,
+              pacing: Pacing = NO_PACING) -> Plan:
         """List, reconcile, decide, plan: everything up to the first action."""
         if ignore_policy:
             messages = self._messages = self.backend.list()
@@ -326,7 +331,7 @@ class Runner:
         due = {d.key: self.backend.due(d.message, records.attempts.get(d.key)) for d in decisions if d.send}
         due.update({e.key: self.backend.due(e.message, records.attempts.get(e.key))
                     for e in sorted_out.expire if not e.bounce})
-        return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions))
+        return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions), pacing=pacing)
 
     def _chosen(self, messages: Sequence[Message], records: Records, only_ids: Optional[Sequence[str]]
                 ) -> Optional[Sequence[str]]:
@@ -404,10 +409,10 @@ class Runner:
         sender = fallback_sender(self.senders)
         return [Decision(m, True, 50, sender, OVERRIDDEN) for m in candidates]
 
-    def _execute(self, state: State, plan: Plan, summary: RunSummary) -> None:
+    def _execute(self, state: State, plan: Plan, summary: RunSummary, pacing: Pacing, started: float) -> None:
         summary.listed = plan.listed
         run_id = state.start_run(summary)
-        executor = Executor(self.backend, state, summary, self.progress, self.rate)
+        executor = Executor(self.backend, state, summary, pacing, started, progress=self.progress, rate=self.rate)
         try:
             executor.execute(plan, run_id)
             summary.errors = plan.policy_errors
@@ -433,7 +438,7 @@ class Runner:
         counts = dict(executor.tally)
         counts.update({("policy_errors", sender): n for sender, n in metrics.policy_errors(plan.decisions).items()})
         state.add_counts(counts)
-        self._write_metrics(state, plan)
+        self._write_metrics(state, plan, executor.paced)
         if summary.command == "release":
             log.info("release: released=%d%s seconds=%.2f", summary.released,
                      f" moved={summary.moved}" if summary.moved else "", summary.seconds)
@@ -442,7 +447,7 @@ class Runner:
                      summary.listed, summary.sent, summary.held, summary.released, summary.errors,
                      f" expired={summary.expired}" if summary.expired else "", summary.seconds)
 
-    def _write_metrics(self, state: State, plan: Plan) -> None:
+    def _write_metrics(self, state: State, plan: Plan, paced: Sequence[Wait] = ()) -> None:
         """The metrics file (``metrics_file``), from what this command saw; a write that fails is said, not fatal."""
         if not self.config.metrics_file:
             return
@@ -451,7 +456,7 @@ class Runner:
         snapshot = metrics.Snapshot(
             queue=len(messages), listed=plan.listed, waiting=len(waiting),
             oldest_waiting=min((m.arrival for m in waiting), default=None),
-            decisions=metrics.decisions_of(plan), holds=list(state.holds().values()), gated=self._gate.gated,
+            decisions=metrics.decisions_of(plan, paced), holds=list(state.holds().values()), gated=self._gate.gated,
             totals=state.totals(), last_runs=state.last_runs())
         try:
             metrics.write(self.config.metrics_file, snapshot)
@@ -500,7 +505,7 @@ class Runner:
         self._warn_gate()
         state = State(self.config.state_dir, self.backend.instance, readonly=True)
         try:
-            plan = self._plan(state, None, False, write=False)
+            plan = self._plan(state, None, False, write=False, pacing=self.config.pacing)
             item = next((i for i in self._listing if i.message.queue_id == queue_id), None)
             if item is None:
                 return Explanation(queue_id, None, self.senders, history=state.history(queue_id))
@@ -562,7 +567,7 @@ class Runner:
             try:
                 plan = self._release_plan(state, only_ids, to_default_queue, write=True)
                 run_id = state.start_run(summary)
-                executor = Executor(self.backend, state, summary, self.progress, self.rate)
+                executor = Executor(self.backend, state, summary, progress=self.progress, rate=self.rate)
                 try:
                     executor.execute(plan, run_id)
                     if to_default_queue and not plan.named:

@@ -245,7 +245,7 @@ def test_bounce_where_the_mta_cannot_return_mail_is_a_configuration_error(tmp_pa
 
 
 @pytest.mark.parametrize("setting, problem", [
-    ("max_hold_age = -1", "setting 'max_hold_age' must be 0 (off) or more (it is -1)"),
+    ("max_hold_age = -1", "setting 'max_hold_age' must be 0 (off: no limit) or more (it is -1)"),
     ('max_hold_age = "3d"', "setting 'max_hold_age' must be a number of seconds since arrival (0: off), not '3d'"),
     ('on_hold_expiry = "later"', 'setting \'on_hold_expiry\' must be one of "send", "bounce"'),
 ])

@@ -1,9 +1,10 @@
 """The ``action=`` log lines are an interface: admins grep them. This golden test pins their format.
 
 One scenario over the memory back end walks through every action the
-executor logs (hold, keep, release, send, route, wait, vanished, delete,
-handback, expire both ways, the release command's lines and the summaries); the log, with
-its PIDs, times and durations made neutral, must be exactly the golden text.
+executor logs (hold, keep, release, send, route, wait for a retry time and
+for a pacing limit, vanished, delete, handback, expire both ways, the release
+command's lines and the summaries); the log, with its PIDs, times and
+durations made neutral, must be exactly the golden text.
 A change here is a change admins' scripts see: make it on purpose.
 """
 
@@ -68,6 +69,15 @@ qrunner[PID]: run: listed=0 sent=0 held=0 released=1 errors=0 expired=1 seconds=
 == run with max_hold_age passed (hold, then returned)
 qrunner[PID]: M0000000D: action=expire to=return-path reason="past max_hold_age (10 min since arrival): returned to its sender"
 qrunner[PID]: run: listed=0 sent=0 held=0 released=0 errors=0 expired=1 seconds=SECONDS
+== run with max_per_run = 1
+qrunner[PID]: M0000000E: action=route sender=isp priority=50 new_queue_id=M00000011
+qrunner[PID]: M0000000F: action=wait sender=isp priority=50 reason="max_per_run (1) reached: left for the next run"
+qrunner[PID]: M00000010: action=wait sender=isp priority=50 reason="max_per_run (1) reached: left for the next run"
+qrunner[PID]: run: listed=3 sent=1 held=0 released=0 errors=0 seconds=SECONDS
+== run with max_active = 1 while the MTA delivers one
+qrunner[PID]: M0000000F: action=wait sender=isp priority=50 reason="max_active (1) reached: the MTA is delivering 1 message; left for the next run"
+qrunner[PID]: M00000010: action=wait sender=isp priority=50 reason="max_active (1) reached: the MTA is delivering 1 message; left for the next run"
+qrunner[PID]: run: listed=2 sent=0 held=0 released=0 errors=0 seconds=SECONDS
 """
 
 
@@ -128,5 +138,15 @@ def test_every_action_line_keeps_its_format(tmp_path):
             qr.config_path.write_text('on_hold_expiry = "bounce"\n' + qr.config_path.read_text())
         step(f"run with max_hold_age passed ({subject})", "run")
         qr.config_path.write_text(qr.config_path.read_text().replace("max_hold_age = 600\n", ""))
+
+    qr.set_script(RELEASE_ALL)
+    settings = qr.config_path.read_text()
+    qr.config_path.write_text("max_per_run = 1\n" + settings)
+    mta.queue_message("paced")
+    mta.queue_message("paced too")
+    step("run with max_per_run = 1", "run")
+    qr.config_path.write_text("max_active = 1\n" + settings)
+    mta.queue.start_delivery(mta.queue_message("being delivered"), 60)
+    step("run with max_active = 1 while the MTA delivers one", "run")
 
     assert "".join(transcript) == GOLDEN

@@ -202,6 +202,31 @@ class Backend:
         """How a sender's mail leaves this MTA, for ``status`` and ``plan``."""
         return "default: the MTA's own routing" if sender.default else "no route"
 
+    # -- what is in delivery now (pacing: max_active, strict_priority) ---------------
+
+    # How many messages one ``send`` call takes when a run paces its hand-over, looking at
+    # its limits between calls: small enough to stop soon, big enough to keep the MTA's
+    # own parallelism (Exim: every dispatch process busy).
+    hand_over_batch = 50
+
+    def delivering(self) -> Optional[int]:
+        """How many messages the MTA is delivering right now (its active queue); None when it cannot tell.
+
+        ``max_active`` is compared with this before each hand-over step, so
+        it counts every delivery, qrunner's or not.
+        """
+        return None
+
+    def still_delivering(self, queue_ids: Sequence[str]) -> Optional[Set[str]]:
+        """Which of these messages have not left the MTA's delivery yet; None when it cannot tell.
+
+        A message has left when its delivery attempt ended: delivered,
+        deferred by the relay, or bounced. ``queue_ids`` are the ids as
+        handed over (a routed copy's new id). Strict priority waits for a
+        level's messages to leave before it hands over the next level.
+        """
+        return None
+
     # -- actions ---------------------------------------------------------------
 
     def list(self) -> List[Message]:

@@ -291,6 +291,40 @@ class EximBackend(Backend):
             ))
         return messages
 
+    # -- in delivery -----------------------------------------------------------
+
+    @property
+    def hand_over_batch(self) -> int:
+        """One round of dispatch: every process busy with a full batch."""
+        return BATCH * self.settings.dispatch_concurrency
+
+    def delivering(self) -> int:
+        """Messages an Exim process is delivering now, in qrunner's queue and Exim's default queue.
+
+        Exim holds a lock on a message's ``-D`` file while it delivers it
+        (what the listing reads as active); Exim's own queue runners work
+        on the default queue, so theirs count too.
+        """
+        queues = [self.queue, ""] if self.queue else [""]
+        return sum(1 for queue in queues
+                   for _message_id, header in exim_spool.list_spool(self.spool_directory, queue, self.split)
+                   if exim_spool.is_locked(header[:-2] + "-D"))
+
+    def still_delivering(self, queue_ids: Sequence[str]) -> Set[str]:
+        """The ids an Exim process still holds the lock of; gone or unlocked means the attempt has ended.
+
+        ``send`` returns when its ``-Mc`` processes have ended, so this is
+        empty then unless a delivery of the message was started meanwhile
+        outside qrunner, which strict priority waits for too.
+        """
+        left = set()
+        for queue_id in queue_ids:
+            paths = exim_spool.find_spool_paths(self.spool_directory, self.queue, queue_id, self.split) \
+                if exim_spool.is_message_id(queue_id) else None
+            if paths is not None and exim_spool.is_locked(paths.data):
+                left.add(queue_id)
+        return left
+
     # -- act ---------------------------------------------------------------
 
     def _frozen(self, message_id: str) -> Optional[bool]:

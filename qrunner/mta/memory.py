@@ -2,7 +2,8 @@
 
 Not a mock: it holds real messages and answers every request of the
 back-end interface as an MTA does, with the same traps. Messages wait,
-are held, are being delivered for a while (``delivery_seconds``), leave by
+are held, are being delivered for a while (``delivery_seconds``, or
+``slow`` for one message), leave by
 the default route or by a sender's route (as Postfix does it: a copy under
 a new id, stamped with its route, the original removed), come back deferred
 with a retry time when the relay is down, vanish between the listing and
@@ -53,6 +54,7 @@ DEFAULTS: Dict[str, Any] = {
     "default_queue": [],       # ids handed back (named_queue only): the MTA's own runners have them now
     "relay": "up",             # "down": every delivery attempt ends deferred
     "delivery_seconds": 0.0,   # how long a delivery keeps a message active
+    "slow": {},                # message id -> seconds its delivery takes instead (a big message, a slow relay)
     "gated": True,
     "named_queue": False,
     "max_queue_time": None,
@@ -277,6 +279,18 @@ class MemoryBackend(Backend):
     def version(self) -> str:
         return f"the memory back end ({self.queue.directory})"
 
+    hand_over_batch = 1  # a model: one message a step, so that every pacing limit acts exactly
+
+    def delivering(self) -> int:
+        """Messages being delivered now, in every queue of the model (deliveries whose time is up have ended)."""
+        with self.queue.change() as queue:
+            return sum(1 for m in queue["messages"] if m["state"] == QueueState.ACTIVE)
+
+    def still_delivering(self, queue_ids: Sequence[str]) -> Set[str]:
+        wanted = set(queue_ids)
+        with self.queue.change() as queue:
+            return {m["id"] for m in queue["messages"] if m["id"] in wanted and m["state"] == QueueState.ACTIVE}
+
     def describe_route(self, sender: Sender) -> str:
         return "default: the MTA's own routing" if sender.default else f"memory: route {sender.name}"
 
@@ -381,7 +395,7 @@ class MemoryBackend(Backend):
                 return Outcome(Result.VANISHED)
             if "send" in queue["fail"]:
                 return Outcome(Result.FAILED, queue["fail"]["send"])
-            entry.update(state=QueueState.ACTIVE, active_until=time.time() + queue["delivery_seconds"])
+            entry.update(state=QueueState.ACTIVE, active_until=time.time() + _delivery_seconds(queue, queue_id))
         return Outcome(Result.SCHEDULED)
 
     def _hand_over(self, request: SendRequest, journal: HandOverJournal) -> Outcome:
@@ -396,6 +410,11 @@ class MemoryBackend(Backend):
                 content = f.read()
             new_id = self.queue._add(queue, original["sender"], original["recipients"], content,
                                      request.route.name, None, state=QueueState.ACTIVE)
-            MemoryQueue._entry(queue, new_id)["active_until"] = time.time() + queue["delivery_seconds"]
+            MemoryQueue._entry(queue, new_id)["active_until"] = time.time() + _delivery_seconds(queue, queue_id)
         journal.copied(request, new_id)
         return Outcome(Result.ROUTED, new_id=new_id, original_removed=removed_now(self, queue_id))
+
+
+def _delivery_seconds(queue: Dict[str, Any], queue_id: str) -> float:
+    """How long delivering this message takes (a routed copy: as long as its original would)."""
+    return float(queue["slow"].get(queue_id, queue["delivery_seconds"]))

@@ -261,6 +261,48 @@ class PostfixBackend(Backend):
             return "no route"
         return f"postfix: via {sender.postfix.listener} to {sender.postfix.content_filter}"
 
+    # -- in delivery -----------------------------------------------------------
+
+    IN_DELIVERY = ("incoming", "active")  # the queue manager's: scheduled mail passes incoming/ on its way
+
+    def delivering(self) -> int:
+        """Messages in Postfix's incoming and active queues, counted in their directories as qshape does.
+
+        A message qrunner schedules is in incoming/ when the flush service
+        replies and in active/ while the queue manager delivers it; it
+        leaves both when the attempt ends (removed, or back in deferred/).
+        Counting files costs no process and no queue listing.
+        """
+        return sum(self._count_files(os.path.join(self.queue_directory, name), self._depth(name))
+                   for name in self.IN_DELIVERY)
+
+    def _depth(self, queue_name: str) -> int:
+        return self.paths.depth if queue_name.lower() in self.paths.hashed else 0
+
+    @staticmethod
+    def _count_files(directory: str, depth: int) -> int:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return 0
+        if depth == 0:
+            return sum(1 for e in entries if is_queue_id(e.name))
+        return sum(PostfixBackend._count_files(e.path, depth - 1) for e in entries if e.is_dir(follow_symlinks=False))
+
+    def still_delivering(self, queue_ids: Sequence[str]) -> Set[str]:
+        """The ids whose queue file is still in incoming/ or active/.
+
+        incoming/ is looked at first: a file moves from there to active/
+        (a rename), so a message on its way between them is still seen.
+        """
+        left = set()
+        for queue_id in queue_ids:
+            if not is_queue_id(queue_id):
+                continue
+            if any(os.path.exists(self.paths.path(name, queue_id)) for name in self.IN_DELIVERY):
+                left.add(queue_id)
+        return left
+
     # -- list --------------------------------------------------------------
 
     def list(self) -> List[Message]:
