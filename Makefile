@@ -48,7 +48,7 @@ test: $(STAMP) install-test-deps coverage
 ## coverage: the memory back end's cases alone cover each of qrunner/{runner,plan,executor}.py to 90% (subprocesses included)
 coverage: $(STAMP)
 	rm -f .coverage .coverage.*
-	$(BIN)/python -m pytest -q -m memory $(COVERED:%=--cov=qrunner.%) --cov-report=term --cov-fail-under=$(COVER_UNDER)
+	QRUNNER_REQUIRE_MTA=$${QRUNNER_REQUIRE_MTA:-$(REQUIRE_MTA)} $(BIN)/python -m pytest -q -m memory $(COVERED:%=--cov=qrunner.%) --cov-report=term --cov-fail-under=$(COVER_UNDER)
 	for module in $(COVERED); do \
 	    $(BIN)/python -m coverage report --include="*/qrunner/$$module.py" --fail-under=$(COVER_UNDER) || exit 1; done
 

@@ -450,8 +450,11 @@ def print_release_plan(result: RunResult) -> None:
 
 def _release_for_removal(args: argparse.Namespace) -> int:
     """``release --for-removal``: every hold, by the removal rule (Runner.release_for_removal); then say what stays."""
-    if args.queue_ids:
-        raise UsageError("--for-removal releases every hold; name no queue ids.")
+    if args.queue_ids or args.all or not _selector(args).empty or args.limit or args.rate or args.dry_run \
+            or args.to_default_queue:
+        raise UsageError("--for-removal releases every hold by the removal rule and takes no ids, --all, selectors, "
+                         "--limit, --rate, --dry-run or --to-default-queue; to see what it would release, run "
+                         "'qrunner status'.")
     with _runner(args, load_config(args.config)) as runner:
         summary = runner.release_for_removal(gate_removed=args.gate_removed)
         instance, state_dir = runner.backend.instance, runner.config.state_dir

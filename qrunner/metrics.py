@@ -15,12 +15,14 @@ run" alert; ``qrunner_last_run_policy_errors`` counts them apart.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from prometheus_client import CollectorRegistry, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 from qrunner.decision import Decision
 from qrunner.plan import Plan, Wait
@@ -73,6 +75,32 @@ class Snapshot:
     gated: Optional[bool] = None
     totals: Dict[Tuple[str, str], int] = field(default_factory=dict)     # (counter, sender) -> value
     last_runs: List[LastRun] = field(default_factory=list)
+    # After a flush or release: the last run's plan, carried over from the file (see last_run_plan)
+    carried: Optional[Tuple[float, Dict[Tuple[str, str, str], float]]] = None
+
+
+def last_run_plan(path: str) -> Tuple[float, Dict[Tuple[str, str, str], float]]:
+    """``qrunner_listed_messages`` and ``qrunner_decisions`` as the file has them: the last ``run``'s plan.
+
+    A flush or a release decides for a few messages at most (or for none), so
+    the gauges of the run's plan stay what the last run saw; a file that is
+    missing or unreadable carries nothing over.
+    """
+    listed, counts = 0.0, {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            families = list(text_string_to_metric_families(handle.read()))
+    except (OSError, ValueError):
+        return listed, counts
+    for family in families:
+        for sample in family.samples:
+            if sample.name == "qrunner_listed_messages":
+                listed = sample.value
+            elif sample.name == "qrunner_decisions":
+                labels = sample.labels
+                counts[(labels.get("action", ""), labels.get("sender", ""), labels.get("priority_band", ""))] = \
+                    sample.value
+    return listed, counts
 
 
 def decisions_of(plan: Plan, paced: Iterable[Wait] = ()) -> List[Tuple[str, str, int]]:
@@ -105,7 +133,8 @@ class _Collector:
     def collect(self):
         s = self.snapshot
         yield _gauge("qrunner_queue_messages", "Messages the MTA showed qrunner's last command.", s.queue)
-        yield _gauge("qrunner_listed_messages", "Messages the policy was asked about by the last command.", s.listed)
+        yield _gauge("qrunner_listed_messages", "Messages the policy was asked about by the last run.",
+                     s.carried[0] if s.carried else s.listed)
         yield _gauge("qrunner_waiting_messages", "Messages waiting for delivery (not held), as last listed.",
                      s.waiting)
         yield self._decisions()
@@ -123,8 +152,10 @@ class _Collector:
     def _decisions(self):
         family = GaugeMetricFamily("qrunner_decisions", "The last run's plan per action (send, hold, wait), "
                                    "sender and priority band.", labels=["action", "sender", "priority_band"])
-        counts: Dict[Tuple[str, str, str], int] = {}
-        for action, sender, priority in self.snapshot.decisions:
+        counts: Dict[Tuple[str, str, str], float] = {}
+        if self.snapshot.carried is not None:
+            counts = dict(self.snapshot.carried[1])
+        for action, sender, priority in ([] if self.snapshot.carried is not None else self.snapshot.decisions):
             key = (action, sender, band(priority))
             counts[key] = counts.get(key, 0) + 1
         for key in sorted(counts):
@@ -177,4 +208,10 @@ def write(path: str, snapshot: Snapshot) -> None:
     """The metrics file, replaced atomically (write_to_textfile writes aside and renames), mode 0644."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(snapshot, time.time()))
-    write_to_textfile(path, registry)
+    # write_to_textfile creates its file under the process umask; the unit's UMask=0077 would make it
+    # root's alone, and node_exporter (its own user) could not read it. Nothing else runs meanwhile.
+    umask = os.umask(0o022)
+    try:
+        write_to_textfile(path, registry)
+    finally:
+        os.umask(umask)

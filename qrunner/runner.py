@@ -438,7 +438,7 @@ class Runner:
         counts = dict(executor.tally)
         counts.update({("policy_errors", sender): n for sender, n in metrics.policy_errors(plan.decisions).items()})
         state.add_counts(counts)
-        self._write_metrics(state, plan, executor.paced)
+        self._write_metrics(state, plan, executor.paced, carry=summary.command != "run")
         if summary.command == "release":
             log.info("release: released=%d%s seconds=%.2f", summary.released,
                      f" moved={summary.moved}" if summary.moved else "", summary.seconds)
@@ -447,8 +447,11 @@ class Runner:
                      summary.listed, summary.sent, summary.held, summary.released, summary.errors,
                      f" expired={summary.expired}" if summary.expired else "", summary.seconds)
 
-    def _write_metrics(self, state: State, plan: Plan, paced: Sequence[Wait] = ()) -> None:
-        """The metrics file (``metrics_file``), from what this command saw; a write that fails is said, not fatal."""
+    def _write_metrics(self, state: State, plan: Plan, paced: Sequence[Wait] = (), carry: bool = False) -> None:
+        """The metrics file (``metrics_file``), from what this command saw; a write that fails is said, not fatal.
+
+        ``carry`` (a flush, a release): the run's plan gauges stay as the last run left them in the file.
+        """
         if not self.config.metrics_file:
             return
         messages = self._messages
@@ -457,7 +460,8 @@ class Runner:
             queue=len(messages), listed=plan.listed, waiting=len(waiting),
             oldest_waiting=min((m.arrival for m in waiting), default=None),
             decisions=metrics.decisions_of(plan, paced), holds=list(state.holds().values()), gated=self._gate.gated,
-            totals=state.totals(), last_runs=state.last_runs())
+            totals=state.totals(), last_runs=state.last_runs(),
+            carried=metrics.last_run_plan(self.config.metrics_file) if carry else None)
         try:
             metrics.write(self.config.metrics_file, snapshot)
         except OSError as exc:
@@ -552,6 +556,7 @@ class Runner:
         changes nothing.
         """
         self.backend.check((), acting=not dry_run)  # the way out needs no sender's route
+        self._gate = self.backend.gate(self.senders)  # for the metrics' qrunner_gated
         summary = self._summary("release")
         if choice is not None and choice.narrowed:
             self._choice = choice
@@ -660,8 +665,18 @@ class Runner:
             state.close()
 
     def check_health(self, max_age: float) -> Health:
-        """``status --check``: one line and a code for monitoring."""
-        return health(self.status(), self.backend.queue_lifetime(), max_age, time.time(), self.config.max_hold_age)
+        """``status --check``: one line and a code for monitoring, judged by the last ``run`` (the timer's job).
+
+        An admin's ``release`` or ``flush`` in between must not hide a
+        failed or stopped timer, nor warn about itself until the next run.
+        """
+        status = self.status()
+        state = State(self.config.state_dir, self.backend.instance, readonly=True)
+        try:
+            status.last_run = state.last_run("run")
+        finally:
+            state.close()
+        return health(status, self.backend.queue_lifetime(), max_age, time.time(), self.config.max_hold_age)
 
     def routes(self) -> Dict[Sender, str]:
         """Each sender, in the order they run, with how its mail leaves this MTA."""

@@ -653,10 +653,12 @@ class State:
                           released=released, moved=moved or 0, errors=errors, finished=finished, outcome=outcome,
                           invoked_by=who or "", command_line=line or "", run_id=run_id)
 
-    def last_run(self) -> Optional[RunSummary]:
+    def last_run(self, command: Optional[str] = None) -> Optional[RunSummary]:
+        """The last completed command (of ``command``'s kind, if given)."""
+        kind = "" if command is None else "AND command = ? "
         row = self.db.execute(
-            f"SELECT {self._RUN_COLUMNS} FROM runs WHERE instance = ? AND finished IS NOT NULL ORDER BY id DESC "
-            "LIMIT 1", (self.instance,)).fetchone()
+            f"SELECT {self._RUN_COLUMNS} FROM runs WHERE instance = ? AND finished IS NOT NULL {kind}ORDER BY id DESC "
+            "LIMIT 1", (self.instance,) + (() if command is None else (command,))).fetchone()
         return None if row is None else self._summary(row)
 
     def recent_runs(self, limit: int) -> List[RunSummary]:

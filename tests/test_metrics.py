@@ -72,7 +72,11 @@ def test_metrics_describe_the_run_and_count_across_runs(tmp_path, memory):
 
     assert qr("run", "--dry-run").code == 0
     assert not metrics_file.exists()  # a dry run writes no metrics
-    assert qr("run").code == 0
+    umask = os.umask(0o077)  # the unit's UMask=0077
+    try:
+        assert qr("run").code == 0
+    finally:
+        os.umask(umask)
 
     m = read_metrics(metrics_file)
     assert value(m, "qrunner_queue_messages") == listed_by_the_mta == 3
@@ -89,7 +93,7 @@ def test_metrics_describe_the_run_and_count_across_runs(tmp_path, memory):
     assert value(m, "qrunner_last_run_exit_code", command="run") == 0
     first_success = value(m, "qrunner_last_success_timestamp_seconds", command="run")
     assert value(m, "qrunner_oldest_hold_age_seconds") > 0
-    assert oct(os.stat(metrics_file).st_mode & 0o777) == "0o644"  # node_exporter reads it as another user
+    assert oct(os.stat(metrics_file).st_mode & 0o777) == "0o644"  # node_exporter reads it as another user, umask or not
 
     mta.queue_message("boom")
     assert qr("run").code == 1  # a policy error: the run still completed its plan
@@ -104,6 +108,9 @@ def test_metrics_describe_the_run_and_count_across_runs(tmp_path, memory):
     assert qr("release", held).code == 0
     m = read_metrics(metrics_file)
     assert value(m, "qrunner_released_total", sender="") == 1
+    assert value(m, "qrunner_gated") == 1  # a release asks the gate too
+    assert value(m, "qrunner_listed_messages") == 2  # the plan's gauges stay as the last run saw them:
+    assert value(m, "qrunner_decisions", action="hold", sender="isp,backup", priority_band="26-50") == 2  # 2 holds
     assert value(m, "qrunner_sent_total", sender="isp") == 1  # the counters survived the commands between
     assert {labels for name, labels in m if name == "qrunner_last_run_exit_code"} == {
         frozenset({("command", "run")}), frozenset({("command", "release")})}  # one command's file tells of all

@@ -57,8 +57,11 @@ def test_status_check_is_critical_after_a_failed_run_and_warns_after_policy_erro
     assert qr("run").code == 69
     code, line = check(qr)
     assert code == 2 and line.startswith("QRUNNER CRITICAL: the last run (run) failed: the memory queue's hold")
-
     memory.set(fail={})
+    assert qr("release", "--all").code == 0  # an admin's command in between hides no failed timer
+    code, line = check(qr)
+    assert code == 2 and line.startswith("QRUNNER CRITICAL: the last run (run) failed"), line
+
     memory.queue_message("three", sender="x@y")
     assert qr("run").code == 1
     code, line = check(qr)

@@ -169,10 +169,13 @@ def test_the_removal_rule_takes_no_queue_ids_and_the_override_no_other_release(t
 
     named = qr("release", "--for-removal", ours[0])
     alone = qr("release", "--all", "--gate-removed")
+    looks = [qr("release", "--for-removal", *extra) for extra in (("--dry-run",), ("--sender", "x@example.com"),
+                                                                  ("--limit", "1"), ("--all",))]
 
-    assert named.code == 64 and "name no queue ids" in named.stderr
+    assert named.code == 64 and "takes no ids" in named.stderr
     assert alone.code == 64 and "--gate-removed goes with --for-removal" in alone.stderr
-    assert [mta.where(i) for i in ours] == [HELD, HELD]
+    assert all(r.code == 64 and "takes no ids, --all, selectors" in r.stderr for r in looks), looks
+    assert [mta.where(i) for i in ours] == [HELD, HELD]  # a --dry-run (or a selection) never releases for removal
 
 
 # -- what make install ships -------------------------------------------------------
