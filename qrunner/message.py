@@ -16,9 +16,15 @@ files (and run its command when a file is gone) live in
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
+
+# A frozen dataclass with __slots__ where Python has them (3.10+): a big
+# queue holds one of these per message (and a decision per message), and a
+# slotted instance is a quarter of the size of one with a __dict__.
+frozen_record = dataclass(frozen=True, slots=True) if sys.version_info >= (3, 10) else dataclass(frozen=True)
 
 
 class HeaderSource:
@@ -85,7 +91,7 @@ class QueueState:
     ARRIVING = "arriving"  # not yet with the queue manager (Postfix incoming, maildrop)
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Message:
     """One queued message as every stage of the pipeline sees it.
 

@@ -17,13 +17,13 @@ from typing import Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from qrunner.config import Sender
 from qrunner.decision import Decision, MessageKey
-from qrunner.message import Message
+from qrunner.message import Message, frozen_record
 from qrunner.mta.base import Due
 
 OVERRIDDEN = "policy overridden by the admin"  # why a flush --ignore-policy sends
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Listed:
     """One listed message and what the runner learned about it before the policy runs.
 
@@ -83,7 +83,7 @@ class LeftAlone(Step):
     """A message the admin named that qrunner may not act on."""
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Send:
     """Ask the MTA to deliver a message now, by its sender's route (None: the MTA's own routing).
 
@@ -121,7 +121,7 @@ class Send:
         return OVERRIDDEN if self.overridden else f"allowed by sender {self.decision.senders}"
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Wait:
     """An allowed message whose retry time has not come: the MTA's backoff is kept, a dead relay not hammered.
 
