@@ -16,6 +16,7 @@ files (and run its command when a file is gone) live in
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -130,17 +131,13 @@ def arrival_order(messages: Iterable[Message]) -> List[Message]:
     return sorted(messages, key=lambda m: (m.arrival, m.queue_id))
 
 
-def _split_field(field_bytes: bytes) -> Optional[Tuple[bytes, bytes]]:
-    name, colon, rest = field_bytes.partition(b":")
-    name = name.rstrip(b" \t")
-    if not colon or not name or b"\n" in name or b" " in name or b"\t" in name:
-        return None
-    value = rest.replace(b"\r\n", b"\n").replace(b"\n", b"")
-    return name, value.strip(b" \t\r")
+# A field's name: up to its first colon, blanks before the colon allowed, no
+# blank or line break in it, not empty.
+_FIELD_NAME = re.compile(rb"([^:\n \t]+)[ \t]*:")
 
 
-def header_data(lines: Sequence[bytes]) -> List[Tuple[bytes, bytes]]:
-    """``HeaderData`` as (name as written, unfolded value) pairs.
+def header_data_columns(lines: Sequence[bytes]) -> Tuple[List[bytes], List[bytes]]:
+    """``HeaderData`` as two lists, the names as written and their unfolded values.
 
     The first occurrence of a name wins, names compared without case. Values
     are unfolded (line breaks removed, the whitespace after them kept), with
@@ -149,14 +146,26 @@ def header_data(lines: Sequence[bytes]) -> List[Tuple[bytes, bytes]]:
     entry here.
     """
     seen = set()
-    pairs = []
+    names: List[bytes] = []
+    values: List[bytes] = []
+    match = _FIELD_NAME.match
     for raw in lines:
-        split = _split_field(raw)
-        if split is None:
+        found = match(raw)
+        if found is None:
             continue
-        key = split[0].lower()
+        name = found.group(1)
+        key = name.lower()
         if key in seen:
             continue
         seen.add(key)
-        pairs.append(split)
-    return pairs
+        names.append(name)
+        value = raw[found.end():]
+        if b"\n" in value:
+            value = value.replace(b"\r\n", b"\n").replace(b"\n", b"")
+        values.append(value.strip(b" \t\r"))
+    return names, values
+
+
+def header_data(lines: Sequence[bytes]) -> List[Tuple[bytes, bytes]]:
+    """``HeaderData`` as (name as written, unfolded value) pairs (see :func:`header_data_columns`)."""
+    return list(zip(*header_data_columns(lines)))

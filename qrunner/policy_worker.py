@@ -132,16 +132,16 @@ class LuaState:
         self.conn.send(("print", _text(text), self.current_index))
 
     def _fetch_headers(self):
-        from qrunner.message import header_data
+        from qrunner.message import header_data_columns
 
         source = self.current_headers
         lines = source.read() if source is not None else []
-        pairs = header_data(lines)
+        names, values = header_data_columns(lines)
         problem = getattr(source, "problem", None)
         if problem:
             self.conn.send(("print", f"headers not available: {problem}", self.current_index))
-        return (self.table_from(lines), self.table_from([n for n, _ in pairs]),
-                self.table_from([v for _, v in pairs]))
+        table_from = self.table_from
+        return table_from(lines), table_from(names), table_from(values)
 
 
 def _load(conn: Connection, settings: Dict[str, Any], progress) -> Optional[LuaState]:
