@@ -43,6 +43,21 @@ class HeaderSource:
     def read(self) -> List[bytes]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def pack(self) -> Optional[Tuple[tuple, object]]:
+        """A cheaper form to send to the policy worker: ``(kind, arg)``, or None to send the source itself.
+
+        ``kind`` is a hashable, picklable tuple whose first item is the
+        source's class; a whole listing shares it, so it crosses to the
+        worker once per batch, and ``arg`` (plain data) once per message.
+        The worker rebuilds the source with ``kind[0].unpack(kind, arg)``
+        only when the script first touches the headers.
+        """
+        return None
+
+    @classmethod
+    def unpack(cls, kind: tuple, arg: object) -> "HeaderSource":  # pragma: no cover - interface
+        raise NotImplementedError
+
 
 class NoHeaders(HeaderSource):
     """A message whose headers are not known (a snapshot without them)."""
