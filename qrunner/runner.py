@@ -26,7 +26,7 @@ from qrunner.executor import Executor
 from qrunner.log import NOT_QUIETED
 from qrunner import metrics
 from qrunner.message import Message, QueueState
-from qrunner.mta.base import Backend, Gate
+from qrunner.mta.base import Backend, Due, Gate
 from qrunner.plan import OVERRIDDEN, Listed, Plan, make_plan, release_plan, triage
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.progress import NONE as NO_PROGRESS, Progress
@@ -226,8 +226,20 @@ class Runner:
             only_ids = self._chosen(messages, records, only_ids)
             sorted_out = triage(self._listed(messages, records), only_ids)
             decisions = engine.decide(sorted_out.candidates, self.senders)
-        due = {d.key: self.backend.due(d.message, records.attempts.get(d.key)) for d in decisions if d.send}
-        return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions))
+        return make_plan(decisions, sorted_out, self._due(decisions, records), from_hold=self._from_hold(decisions))
+
+    def _due(self, decisions: Sequence[Decision], records: Records) -> Dict[MessageKey, Due]:
+        """The allowed messages whose retry time has not come, with when; those due now have no entry."""
+        due_at = self.backend.due
+        attempts = records.attempts
+        waits = {}
+        for decision in decisions:
+            if decision.send:
+                key = decision.key
+                wait = due_at(decision.message, attempts.get(key) if attempts else None)
+                if wait is not None:
+                    waits[key] = wait
+        return waits
 
     def _chosen(self, messages: Sequence[Message], records: Records, only_ids: Optional[Sequence[str]]
                 ) -> Optional[Sequence[str]]:
