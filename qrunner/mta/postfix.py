@@ -27,7 +27,6 @@ from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Resu
                               send_copying_routes)
 from qrunner.mta.postfix_envelope import read_route, read_sender
 from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, hash_key, is_queue_id
-from qrunner.mta.postfix_reinject import ReinjectError, reinject
 
 log = logging.getLogger("qrunner.postfix")
 
@@ -380,6 +379,8 @@ class PostfixBackend(Backend):
 
     def _hand_over(self, request: SendRequest, journal: HandOverJournal) -> Outcome:
         """Re-inject the held original into its sender's listener, record the copy, remove the original."""
+        from qrunner.mta.postfix_reinject import ReinjectError, reinject  # smtplib and email: only when routing
+
         queue_id = request.message.queue_id
         try:
             new_id = reinject(self.paths.path("hold", queue_id), request.route.postfix.address)
