@@ -308,7 +308,7 @@ class PostfixBackend(Backend):
         for r in record.get("recipients", ()):
             if type(r) is dict:
                 address = r.get("address", "")
-                addresses.append(address if type(address) is str else str(address))
+                addresses.append(text(address if type(address) is str else str(address)))
                 if "delay_reason" in r:
                     reasons.append(text(str(r["delay_reason"])))
         try:
