@@ -8,11 +8,10 @@ command, so the pure plan can import it without importing either.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Tuple
 
 from qrunner.config import Sender
-from qrunner.message import Message
+from qrunner.message import Message, frozen_record
 
 
 class MessageKey(NamedTuple):
@@ -30,7 +29,7 @@ class MessageKey(NamedTuple):
         return cls(message.queue_id, int(message.arrival))
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Verdict:
     """One sender's answer for one message."""
 
@@ -41,7 +40,7 @@ class Verdict:
     error: Optional[str] = None
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Decision:
     """What happens to one message after every sender has had its say.
 

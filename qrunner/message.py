@@ -16,9 +16,16 @@ files (and run its command when a file is gone) live in
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
+
+# A frozen dataclass with __slots__ where Python has them (3.10+): a big
+# queue holds one of these per message (and a decision per message), and a
+# slotted instance is a quarter of the size of one with a __dict__.
+frozen_record = dataclass(frozen=True, slots=True) if sys.version_info >= (3, 10) else dataclass(frozen=True)
 
 
 class HeaderSource:
@@ -34,6 +41,21 @@ class HeaderSource:
     problem: Optional[str] = None
 
     def read(self) -> List[bytes]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def pack(self) -> Optional[Tuple[tuple, object]]:
+        """A cheaper form to send to the policy worker: ``(kind, arg)``, or None to send the source itself.
+
+        ``kind`` is a hashable, picklable tuple whose first item is the
+        source's class; a whole listing shares it, so it crosses to the
+        worker once per batch, and ``arg`` (plain data) once per message.
+        The worker rebuilds the source with ``kind[0].unpack(kind, arg)``
+        only when the script first touches the headers.
+        """
+        return None
+
+    @classmethod
+    def unpack(cls, kind: tuple, arg: object) -> "HeaderSource":  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -85,7 +107,7 @@ class QueueState:
     ARRIVING = "arriving"  # not yet with the queue manager (Postfix incoming, maildrop)
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Message:
     """One queued message as every stage of the pipeline sees it.
 
@@ -124,17 +146,13 @@ def arrival_order(messages: Iterable[Message]) -> List[Message]:
     return sorted(messages, key=lambda m: (m.arrival, m.queue_id))
 
 
-def _split_field(field_bytes: bytes) -> Optional[Tuple[bytes, bytes]]:
-    name, colon, rest = field_bytes.partition(b":")
-    name = name.rstrip(b" \t")
-    if not colon or not name or b"\n" in name or b" " in name or b"\t" in name:
-        return None
-    value = rest.replace(b"\r\n", b"\n").replace(b"\n", b"")
-    return name, value.strip(b" \t\r")
+# A field's name: up to its first colon, blanks before the colon allowed, no
+# blank or line break in it, not empty.
+_FIELD_NAME = re.compile(rb"([^:\n \t]+)[ \t]*:")
 
 
-def header_data(lines: Sequence[bytes]) -> List[Tuple[bytes, bytes]]:
-    """``HeaderData`` as (name as written, unfolded value) pairs.
+def header_data_columns(lines: Sequence[bytes]) -> Tuple[List[bytes], List[bytes]]:
+    """``HeaderData`` as two lists, the names as written and their unfolded values.
 
     The first occurrence of a name wins, names compared without case. Values
     are unfolded (line breaks removed, the whitespace after them kept), with
@@ -143,14 +161,26 @@ def header_data(lines: Sequence[bytes]) -> List[Tuple[bytes, bytes]]:
     entry here.
     """
     seen = set()
-    pairs = []
+    names: List[bytes] = []
+    values: List[bytes] = []
+    match = _FIELD_NAME.match
     for raw in lines:
-        split = _split_field(raw)
-        if split is None:
+        found = match(raw)
+        if found is None:
             continue
-        key = split[0].lower()
+        name = found.group(1)
+        key = name.lower()
         if key in seen:
             continue
         seen.add(key)
-        pairs.append(split)
-    return pairs
+        names.append(name)
+        value = raw[found.end():]
+        if b"\n" in value:
+            value = value.replace(b"\r\n", b"\n").replace(b"\n", b"")
+        values.append(value.strip(b" \t\r"))
+    return names, values
+
+
+def header_data(lines: Sequence[bytes]) -> List[Tuple[bytes, bytes]]:
+    """``HeaderData`` as (name as written, unfolded value) pairs (see :func:`header_data_columns`)."""
+    return list(zip(*header_data_columns(lines)))

@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from qrunner.config import NO_PACING, Pacing, Sender
 from qrunner.decision import Decision, MessageKey
-from qrunner.message import Message
+from qrunner.message import Message, frozen_record
 from qrunner.mta.base import Due
 
 OVERRIDDEN = "policy overridden by the admin"  # why a flush --ignore-policy sends
@@ -36,7 +36,7 @@ def duration(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Listed:
     """One listed message and what the runner learned about it before the policy runs.
 
@@ -133,7 +133,7 @@ class HoldAge:
         return Expire(message, f"{past}: sent by the MTA's own routing without asking the policy")
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Send:
     """Ask the MTA to deliver a message now, by its sender's route (None: the MTA's own routing).
 
@@ -176,7 +176,7 @@ class Send:
         return OVERRIDDEN if self.overridden else f"allowed by sender {self.decision.senders}"
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Wait:
     """An allowed message that is not sent this run, and why; it stays where it is (waiting, or on qrunner's hold).
 

@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import Pipe
@@ -156,21 +157,90 @@ def policy_error(sender: Sender, error: str, on_error: str) -> Verdict:
 
 def combine(message: Message, verdicts: Sequence[Verdict], several: bool) -> Decision:
     """One message's decision from its senders' verdicts, in sender order."""
+    if type(verdicts) is not tuple:
+        verdicts = tuple(verdicts)
     for verdict in verdicts:
         if not verdict.skip:
-            return Decision(message, True, verdict.priority, verdict.sender, "", tuple(verdicts), several)
+            return Decision(message, True, verdict.priority, verdict.sender, "", verdicts, several)
     reasons = [f"{v.sender.name}: {v.reason}" if several else v.reason for v in verdicts]
     priority = verdicts[-1].priority if verdicts else DEFAULT_PRIORITY
-    return Decision(message, False, priority, None, "; ".join(reasons), tuple(verdicts), several)
+    return Decision(message, False, priority, None, "; ".join(reasons), verdicts, several)
 
 
 def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _payload(message: Message) -> tuple:
-    return (_encode(message.filename), message.size, message.creation_time().encode(),
-            _encode(message.sender), tuple(_encode(r) for r in message.recipients), message.headers)
+CHUNK = 1000  # messages per "decide" request: the worker runs one while the parent prepares the next
+
+
+class _Payloads:
+    """The CheckFile arguments of a chunk of messages, as the worker takes them.
+
+    Header sources that can be packed (:meth:`HeaderSource.pack`) travel as
+    ``(kind index, arg)``, each kind once per chunk; a message's arrival
+    time is formatted once per second it shares with others.
+    """
+
+    def __init__(self) -> None:
+        self._times: Dict[int, bytes] = {}
+
+    def chunk(self, messages: Sequence[Message]) -> Tuple[List[tuple], List[tuple]]:
+        kinds: List[tuple] = []
+        kind_index: Dict[tuple, int] = {}
+        times = self._times
+        payloads = []
+        for message in messages:
+            second = int(message.arrival)
+            created = times.get(second)
+            if created is None:
+                if len(times) > 4096:
+                    times.clear()
+                created = times[second] = message.creation_time().encode()
+            headers = message.headers
+            packed = headers.pack()
+            if packed is not None:
+                kind, arg = packed
+                index = kind_index.get(kind)
+                if index is None:
+                    index = kind_index[kind] = len(kinds)
+                    kinds.append(kind)
+                headers = (index, arg)
+            payloads.append((message.filename.encode("utf-8", "surrogateescape"), message.size, created,
+                             message.sender.encode("utf-8", "surrogateescape"),
+                             tuple([r.encode("utf-8", "surrogateescape") for r in message.recipients]), headers))
+        return payloads, kinds
+
+
+class _Feeder(threading.Thread):
+    """Sends one pass's messages to the worker in chunks, from its own thread.
+
+    A thread, so that the parent's watchdog never waits on a send: while
+    the worker runs a chunk it reads nothing, and a chunk sent ahead can
+    fill the connection. When the worker is killed, the send fails and the
+    feeder ends; :meth:`_Worker.close` waits for it before it closes the
+    connection, so that no stale chunk ever reaches another worker.
+    """
+
+    def __init__(self, conn, messages: Sequence[Message], pending: Sequence[int]):
+        super().__init__(name="qrunner-policy-feeder", daemon=True)
+        self.conn = conn
+        self.messages = messages
+        self.pending = pending
+        self.chunks = (len(pending) + CHUNK - 1) // CHUNK
+        self.stop = False
+
+    def run(self) -> None:
+        payloads = _Payloads()
+        messages, pending = self.messages, self.pending
+        try:
+            for base in range(0, len(pending), CHUNK):
+                if self.stop:
+                    return
+                chunk, kinds = payloads.chunk([messages[i] for i in pending[base:base + CHUNK]])
+                self.conn.send(("decide", chunk, base, kinds))
+        except (OSError, ValueError, EOFError):
+            pass  # the worker is gone (killed by the watchdog, or died): the pass goes on in a fresh one
 
 
 class _Worker:
@@ -194,6 +264,7 @@ class _Worker:
         self.conn = parent_end
         self.sender: Optional[Sender] = None
         self.loading: Optional[Sender] = None  # a load request sent and not yet answered
+        self.feeder: Optional[_Feeder] = None  # the thread sending the current pass, if any
 
     def progress(self) -> Tuple[int, float]:
         return PROGRESS.unpack_from(self.progress_map, 0)
@@ -204,8 +275,22 @@ class _Worker:
         self.proc.wait()
         self.close()
 
+    def _end_feeder(self) -> None:
+        """The feeder is done before the connection closes (its fd must never reach another worker)."""
+        feeder = self.feeder
+        if feeder is None:
+            return
+        feeder.stop = True
+        if feeder.is_alive():
+            if self.proc.poll() is None:
+                self.proc.kill()  # a chunk half-sent cannot be followed by "quit"
+                self.proc.wait()
+            feeder.join()
+        self.feeder = None
+
     def close(self) -> None:
         try:
+            self._end_feeder()
             if self.proc.poll() is None:
                 try:
                     self.conn.send(("quit",))
@@ -251,6 +336,7 @@ class PolicyEngine:
         self._worker: Optional[_Worker] = None
         self._extras_used: Set[str] = set()
         self._tick: Tick = lambda count: None
+        self._singles: Dict[int, Tuple[Verdict]] = {}  # id of a verdict shared by messages -> its 1-tuple
 
     @staticmethod
     def _read_script(path: str) -> bytes:
@@ -278,16 +364,23 @@ class PolicyEngine:
     def decide(self, messages: Sequence[Message], senders: Sequence[Sender]) -> List[Decision]:
         """Every message's decision, in arrival order (oldest first)."""
         ordered = arrival_order(messages)
-        verdicts: List[List[Verdict]] = [[] for _ in ordered]
-        remaining = list(range(len(ordered)))
+        verdicts: List[Tuple[Verdict, ...]] = [()] * len(ordered)
+        singles = self._singles  # the messages that share a verdict share its 1-tuple too
+        remaining: Sequence[int] = range(len(ordered))
         for sender in senders:
             with self.progress.bar(f"policy, sender {sender.name}", len(remaining)) as self._tick:
                 answers = self.run_pass(sender, [ordered[i] for i in remaining])
             for i, verdict in zip(remaining, answers):
-                verdicts[i].append(verdict)
+                earlier = verdicts[i]
+                if earlier:
+                    verdicts[i] = earlier + (verdict,)
+                    continue
+                verdicts[i] = singles.get(id(verdict)) or (verdict,)
             remaining = [i for i, verdict in zip(remaining, answers) if verdict.skip]
+        singles.clear()
         self._log_extras()
-        return [combine(m, v, len(senders) > 1) for m, v in zip(ordered, verdicts)]
+        several = len(senders) > 1
+        return [combine(m, v, several) for m, v in zip(ordered, verdicts)]
 
     def load(self, sender: Sender) -> None:
         """Load the script for ``sender`` (top level, then ``Start()``)."""
@@ -296,16 +389,16 @@ class PolicyEngine:
     def run_pass(self, sender: Sender, messages: Sequence[Message]) -> List[Verdict]:
         """One sender's verdicts on ``messages``, in the order given."""
         results: List[Optional[Verdict]] = [None] * len(messages)
-        payloads = [_payload(m) for m in messages]
         self._loaded_worker(sender)
+        pending = list(range(len(messages)))
         while True:
-            pending = [i for i, r in enumerate(results) if r is None]
             if not pending:
                 return results  # type: ignore[return-value]
             worker = self._loaded_worker(sender)
-            worker.conn.send(("decide", [payloads[i] for i in pending]))
+            feeder = worker.feeder = _Feeder(worker.conn, messages, pending)
+            feeder.start()
             try:
-                self._collect(worker, sender, messages, pending, results)
+                self._collect(worker, sender, messages, pending, results, feeder.chunks)
             except _Stuck as stuck:
                 self._worker = None
                 if stuck.index is None:
@@ -314,6 +407,9 @@ class PolicyEngine:
                 results[pending[stuck.index]] = policy_error(sender, stuck.why, self.settings.on_script_error)
                 log.error("%s: sender %s: %s; the Lua state was abandoned and the rest of this pass runs in a "
                           "fresh state (top level and Start() run again)", message.queue_id, sender.name, stuck.why)
+            if worker.feeder is feeder:
+                worker._end_feeder()
+            pending = [i for i in pending if results[i] is None]
 
     # -- the worker --------------------------------------------------------
 
@@ -410,9 +506,10 @@ class PolicyEngine:
         return f"{text} [sender {sender.id}:{sender.name}]" if sender.id or sender.name != "default" else text
 
     def _collect(self, worker: _Worker, sender: Sender, messages: Sequence[Message],
-                 pending: List[int], results: List[Optional[Verdict]]) -> None:
+                 pending: List[int], results: List[Optional[Verdict]], chunks: int) -> None:
         limit = self.settings.timeout + WATCHDOG_GRACE
         idle_since = time.monotonic()
+        verdict = self._verdicts(sender)
         while True:
             index, started = worker.progress()
             now = time.monotonic()
@@ -431,13 +528,15 @@ class PolicyEngine:
                 if kind == "results":
                     for local, outcome, values in reply[1]:
                         i = pending[local]
-                        results[i] = self._verdict(sender, messages[i], outcome, values)
+                        results[i] = verdict(messages[i], outcome, values)
                     self._tick(len(reply[1]))
                 elif kind == "print":
                     self._log_print(sender, messages[pending[reply[2]]] if reply[2] is not None else None, reply[1])
                 elif kind == "done":
                     self._note_extras(reply[1])
-                    return
+                    chunks -= 1
+                    if chunks <= 0:
+                        return
                 elif kind == "abandon":
                     worker.kill()
                     self._worker = None
@@ -451,6 +550,31 @@ class PolicyEngine:
                 if index >= 0:
                     raise _Stuck(index, f"CheckFile did not return within {self.settings.timeout:g} s")
                 raise _Stuck(None, "the Lua worker stopped answering")
+
+    def _verdicts(self, sender: Sender):
+        """``_verdict`` for one pass, sharing one Verdict among the messages whose call returned the same values.
+
+        Only a plain result is shared: one that needed a warning (a clamped
+        Priority) or is an error is read afresh for each message, so that
+        each still logs with its own queue id.
+        """
+        shared: Dict[tuple, Verdict] = {}
+        singles = self._singles
+        on_error = self.settings.on_script_error
+        fresh = self._verdict
+
+        def verdict(message: Message, outcome: str, values) -> Verdict:
+            if outcome == "ok":
+                found = shared.get(values)
+                if found is not None:
+                    return found
+                if (values[2] == "nil" or values[2] == "number" and 1 <= values[3] <= 100) and len(shared) < 1024:
+                    found = shared[values] = verdict_from_result(sender, values, "", on_error)
+                    singles[id(found)] = (found,)  # keeps it alive, so its id stays its own
+                    return found
+            return fresh(sender, message, outcome, values)
+
+        return verdict
 
     def _verdict(self, sender: Sender, message: Message, outcome: str, values) -> Verdict:
         where = f"{message.queue_id}: sender {sender.name}"

@@ -13,11 +13,20 @@ overruns is killed too (a load failure).
 
 The protocol over the connection (pickled tuples):
   parent -> ("load", settings)        worker -> ("loaded", uses) | ("load_error", text)
-  parent -> ("decide", [message...])  worker -> ("results", [result...])*, ("done",)
+  parent -> ("decide", [message...], base, kinds)
+                                      worker -> ("results", [result...])*, ("done", uses)
   worker -> ("print", text)           at any time, for the parent's log
   worker -> ("abandon", reason)       the state is unusable; the worker exits
 Results are sent in small batches (every few milliseconds), not one message
 per round trip, so that a 10,000-message queue costs no more than it must.
+The parent sends a pass as several "decide" requests (chunks), so that the
+worker runs the first while the parent prepares the next and neither holds
+a whole big queue's payloads at once; ``base`` is the chunk's first index in
+the pass, and every index the worker reports (progress, results, prints)
+counts from the start of the pass. A message's header source travels as a
+source object or, for the common kinds, packed (:meth:`HeaderSource.pack`):
+``(k, arg)`` with ``kinds[k]`` sent once per chunk; it is unpacked only when
+the script first touches the headers.
 """
 
 from __future__ import annotations
@@ -28,7 +37,9 @@ import struct
 import sys
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
+
+from qrunner.message import header_data_columns
 
 PROGRESS = struct.Struct("=qd")  # index of the call under way (-1: none), its monotonic start
 LOADING = -2  # the PROGRESS index while the script's top level and Start() run
@@ -107,6 +118,7 @@ class LuaState:
         self.conn = conn
         self.settings = settings
         self.current_headers = None
+        self.current_kinds: Sequence[tuple] = ()
         self.current_index: Optional[int] = None
         kwargs: Dict[str, Any] = {"encoding": None, "unpack_returned_tuples": True, "register_eval": False,
                                   "register_builtins": False}
@@ -132,16 +144,17 @@ class LuaState:
         self.conn.send(("print", _text(text), self.current_index))
 
     def _fetch_headers(self):
-        from qrunner.message import header_data
-
         source = self.current_headers
+        if type(source) is tuple:  # packed: rebuilt only now that the script asks
+            kind = self.current_kinds[source[0]]
+            source = self.current_headers = kind[0].unpack(kind, source[1])
         lines = source.read() if source is not None else []
-        pairs = header_data(lines)
+        names, values = header_data_columns(lines)
         problem = getattr(source, "problem", None)
         if problem:
             self.conn.send(("print", f"headers not available: {problem}", self.current_index))
-        return (self.table_from(lines), self.table_from([n for n, _ in pairs]),
-                self.table_from([v for _, v in pairs]))
+        table_from = self.table_from
+        return table_from(lines), table_from(names), table_from(values)
 
 
 def _load(conn: Connection, settings: Dict[str, Any], progress) -> Optional[LuaState]:
@@ -171,37 +184,49 @@ def _load(conn: Connection, settings: Dict[str, Any], progress) -> Optional[LuaS
     return state
 
 
-def _decide(conn: Connection, state: LuaState, messages: List[tuple], progress) -> bool:
-    """Run CheckFile over a batch; False when the state had to be abandoned."""
+def _decide(conn: Connection, state: LuaState, messages: List[tuple], progress, base: int = 0,
+            kinds: Sequence[tuple] = ()) -> bool:
+    """Run CheckFile over a chunk (indices from ``base``); False when the state had to be abandoned."""
     writer = _Writer(conn)
     call = state.call
     table_from = state.table_from
-    for index, (filename, size, ctime, returnpath, recipients, headers) in enumerate(messages):
+    pack_into = PROGRESS.pack_into
+    monotonic = time.monotonic
+    add = writer.add
+    state.current_kinds = kinds
+    for index, (filename, size, ctime, returnpath, recipients, headers) in enumerate(messages, base):
         state.current_headers = headers
         state.current_index = index
-        PROGRESS.pack_into(progress, 0, index, time.monotonic())
+        pack_into(progress, 0, index, monotonic())
         try:
             outcome = call(filename, size, ctime, returnpath, table_from(recipients))
         except MemoryError:
             outcome = (b"memory",)
-        PROGRESS.pack_into(progress, 0, -1, 0.0)
+        pack_into(progress, 0, -1, 0.0)
         if not isinstance(outcome, tuple):
             outcome = (outcome,)
-        kind = _text(outcome[0])
+        kind = outcome[0]
+        if kind == b"ok":
+            _, skip_kind, skip, prio_kind, prio, reason_kind, reason = outcome
+            add((index, "ok", (_KINDS.get(skip_kind) or _text(skip_kind), skip, _KINDS.get(prio_kind) or _text(prio_kind),
+                               prio, _KINDS.get(reason_kind) or _text(reason_kind), reason)))
+            continue
+        kind = _text(kind)
         if kind == "memory":
             writer.add((index, "memory", None))
             writer.flush()
             conn.send(("abandon", "memory"))
             return False
-        if kind == "ok":
-            skip_kind, skip, prio_kind, prio, reason_kind, reason = outcome[1:]
-            writer.add((index, kind, (_text(skip_kind), skip, _text(prio_kind), prio, _text(reason_kind), reason)))
-        else:
-            writer.add((index, kind, outcome[1:]))
+        writer.add((index, kind, outcome[1:]))
     writer.flush()
     state.current_index = None
+    state.current_headers = None
     conn.send(("done", _text(state.used_globals())))
     return True
+
+
+# Lua's type names as the parent reads them, decoded once.
+_KINDS = {k.encode(): k for k in ("nil", "boolean", "number", "string", "table", "function", "userdata", "thread")}
 
 
 def main(argv: List[str]) -> int:
@@ -219,7 +244,7 @@ def main(argv: List[str]) -> int:
         if request[0] == "load":
             state = _load(conn, request[1], progress)
         elif request[0] == "decide" and state is not None:
-            if not _decide(conn, state, request[1], progress):
+            if not _decide(conn, state, request[1], progress, *request[2:]):
                 return 0
         elif request[0] == "quit":
             return 0

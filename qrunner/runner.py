@@ -28,7 +28,7 @@ from qrunner.executor import Executor
 from qrunner.log import NOT_QUIETED
 from qrunner import metrics
 from qrunner.message import Message, QueueState, arrival_order
-from qrunner.mta.base import Backend, Gate
+from qrunner.mta.base import Backend, Due, Gate
 from qrunner.plan import (OVERRIDDEN, HoldAge, Listed, Plan, Planned, Wait, explain_unplanned, make_plan, release_plan,
                           steps_for, triage)
 from qrunner.policy import PolicyEngine, PolicySettings
@@ -328,10 +328,25 @@ class Runner:
             self._listing = self._listed(messages, records)
             sorted_out = triage(self._listing, only_ids, self._hold_age())
             decisions = engine.decide(sorted_out.candidates, self.senders)
-        due = {d.key: self.backend.due(d.message, records.attempts.get(d.key)) for d in decisions if d.send}
-        due.update({e.key: self.backend.due(e.message, records.attempts.get(e.key))
-                    for e in sorted_out.expire if not e.bounce})
+        due = self._due(decisions, records)
+        for step in sorted_out.expire:
+            wait = None if step.bounce else self.backend.due(step.message, records.attempts.get(step.key))
+            if wait is not None:
+                due[step.key] = wait
         return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions), pacing=pacing)
+
+    def _due(self, decisions: Sequence[Decision], records: Records) -> Dict[MessageKey, Due]:
+        """The allowed messages whose retry time has not come, with when; those due now have no entry."""
+        due_at = self.backend.due
+        attempts = records.attempts
+        waits = {}
+        for decision in decisions:
+            if decision.send:
+                key = decision.key
+                wait = due_at(decision.message, attempts.get(key) if attempts else None)
+                if wait is not None:
+                    waits[key] = wait
+        return waits
 
     def _chosen(self, messages: Sequence[Message], records: Records, only_ids: Optional[Sequence[str]]
                 ) -> Optional[Sequence[str]]:

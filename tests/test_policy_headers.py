@@ -71,6 +71,40 @@ def test_headerdata_pairs_yields_names_as_written(tmp_path, lua):
     ])
 
 
+# Fields at the edges of the rules: blanks before the colon, names that are
+# no names, empty and blank values, CR and LF in odd places, 8-bit names
+# (compared in ASCII only), and long blank runs (the Lua side must stay
+# linear: no hook stops a backtracking pattern inside C).
+EDGE_FIELDS = [
+    b"Name \t: spaced before the colon", b" Leading: space in the name", b"No colon here", b": no name",
+    b"A\tB: tab in the name", b"Empty:", b"Blank: \t\r ", b"Crlf: one\r\n\ttwo\r\n three \t\r",
+    b"Lone-Cr: a\rb\r", b"Cr-Cr-Lf: a\r\r\nb", b"Dup: first", b"DUP: second", b"dup: third",
+    b"\xc4rger: eight-bit name", b"\xe4rger: another eight-bit name", b"Colons: a: b: c",
+    b"Spaces: " + b" " * 100000 + b"x" + b" " * 100000, b"X-Trailing-Lf: value\n",
+]
+
+
+# What HeaderData holds for EDGE_FIELDS, by the rules the README gives: the
+# first of each name wins (compared without case, ASCII only), values
+# unfolded (CR LF and LF removed, a lone CR kept) and stripped of blanks.
+EDGE_EXPECTED = {
+    b"Name": b"spaced before the colon", b"Empty": b"", b"Blank": b"", b"Crlf": b"one\ttwo three",
+    b"Lone-Cr": b"a\rb", b"Cr-Cr-Lf": b"a\rb", b"Dup": b"first", b"\xc4rger": b"eight-bit name",
+    b"\xe4rger": b"another eight-bit name", b"Colons": b"a: b: c", b"Spaces": b"x", b"X-Trailing-Lf": b"value",
+}
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_headerdata_follows_the_rules_on_edge_fields(tmp_path, lua):
+    reason = run(tmp_path, """
+      local shown = {}
+      for k, v in pairs(HeaderData) do shown[#shown + 1] = k .. "=[" .. HeaderData[k] .. "]" end
+      a.Reason = table.concat(shown, "|")""", headers=EDGE_FIELDS, lua=lua)
+    expected = [n.decode("utf-8", "replace") + "=[" + v.decode("utf-8", "replace") + "]"
+                for n, v in EDGE_EXPECTED.items()]
+    assert sorted(reason.split("|")) == sorted(expected)
+
+
 @pytest.mark.parametrize("lua", LUA_VERSIONS)
 def test_headerlines_are_the_raw_fields_in_order(tmp_path, lua):
     reason = run(tmp_path, """

@@ -266,8 +266,12 @@ class EximBackend(Backend):
         """The named queue's messages, from the -H files; locked (being delivered) ones marked."""
         messages = []
         mvh = tuple([self.binary] + self.config_args + self.queue_args)
+        texts: Dict[str, str] = {}  # one str for each sender and recipient the listing repeats
+        shared = texts.setdefault
         for message_id, header_path in exim_spool.list_spool(self.spool_directory, self.queue, self.split):
             data_path = header_path[:-2] + "-D"
+            if len(texts) > 65536:
+                texts.clear()  # a queue of distinct addresses: the table must not outgrow what it saves
             try:
                 spool = exim_spool.read_header_file(header_path, read_headers=False)
             except (OSError, ValueError) as exc:
@@ -282,8 +286,8 @@ class EximBackend(Backend):
                 queue_id=message_id,
                 arrival=spool.arrival,
                 size=size,
-                sender=spool.sender,
-                recipients=spool.pending_recipients,
+                sender=shared(spool.sender, spool.sender),
+                recipients=tuple([shared(r, r) for r in spool.pending_recipients]),
                 queue_name=self.queue or "default",
                 filename=data_path,
                 headers=exim_spool.EximSpoolHeaders(header_path, message_id, mvh),

@@ -75,6 +75,16 @@ class MtaFileHeaders(HeaderSource):
     def __setstate__(self, state) -> None:
         self.path, self.queue_id, self.fallback_argv, self.max_bytes, self.problem = state
 
+    def pack(self):
+        """The path and id per message; the class, fallback command and cap once per listing."""
+        return (type(self), self.fallback_argv, self.max_bytes), (self.path, self.queue_id)
+
+    @classmethod
+    def unpack(cls, kind: tuple, arg: object) -> "MtaFileHeaders":
+        source_class, fallback_argv, max_bytes = kind
+        path, queue_id = arg
+        return source_class(path, queue_id, fallback_argv, max_bytes)
+
     def __eq__(self, other: object) -> bool:
         return (type(other) is type(self)
                 and (other.path, other.queue_id, other.fallback_argv) == (self.path, self.queue_id, self.fallback_argv))

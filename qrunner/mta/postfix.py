@@ -27,7 +27,6 @@ from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Resu
                               send_copying_routes)
 from qrunner.mta.postfix_envelope import read_route, read_sender
 from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, hash_key, is_queue_id
-from qrunner.mta.postfix_reinject import ReinjectError, reinject
 
 log = logging.getLogger("qrunner.postfix")
 
@@ -36,6 +35,7 @@ POSTCONF_NAMES = ("queue_directory", "command_directory", "hash_queue_names", "h
                   "defer_transports", "maximal_queue_lifetime", "empty_address_recipient")
 FORCED_EXPIRY = (3, 5)  # postsuper -e/-f: the first Postfix that can return a message to its sender on request
 FLUSH_TIMEOUT = 10.0
+_decode_json = json.JSONDecoder().decode  # json.loads without its per-call checks (one line of postqueue -j each)
 
 
 def find_postconf(command_directory: Optional[str]) -> Optional[str]:
@@ -79,6 +79,7 @@ class PostfixBackend(Backend):
         self.empty_address_recipient = values["empty_address_recipient"]
         self._mail_version: Optional[str] = None  # asked only when needed (--version, on_hold_expiry)
         self.instance = f"postfix:{os.path.realpath(self.queue_directory)}"
+        self._texts: Dict[str, str] = {}
 
     # -- commands ----------------------------------------------------------
 
@@ -315,11 +316,14 @@ class PostfixBackend(Backend):
         except OSError as exc:
             raise UnavailableError(f"cannot run {self.command('postqueue')}: {exc.strerror}; is Postfix installed whole?")
         with proc:
+            parse = self._parse_line
+            append = messages.append
             for number, line in enumerate(proc.stdout, 1):
-                message = self._parse_line(number, line, postcat)
+                message = parse(number, line, postcat)
                 if message is not None:
-                    messages.append(message)
+                    append(message)
             error = proc.stderr.read().decode("utf-8", "replace")
+        self._texts = {}
         if proc.returncode != 0:
             raise UnavailableError(f"postqueue -j failed: {_last_line(error) or 'exit ' + str(proc.returncode)}; "
                                    "is Postfix running?")
@@ -329,7 +333,7 @@ class PostfixBackend(Backend):
         if not line.strip():
             return None
         try:
-            record = json.loads(line)
+            record = _decode_json(line.decode("utf-8", "surrogatepass"))
             queue_id = record["queue_id"]
             queue_name = record["queue_name"]
         except (ValueError, KeyError, TypeError):
@@ -341,27 +345,47 @@ class PostfixBackend(Backend):
             return None
         return self._message(record, queue_id, queue_name, postcat)
 
+    def _text(self, text: str) -> str:
+        """One str object for each text a listing repeats (queue names, senders, delay reasons)."""
+        texts = self._texts
+        found = texts.get(text)
+        if found is None:
+            if len(texts) > 65536:
+                texts.clear()
+            found = texts[text] = text
+        return found
+
     def _message(self, record: dict, queue_id: str, queue_name: str, postcat: Tuple[str, ...]) -> Message:
         key = hash_key(queue_id)
         try:
             path = self.paths.path(queue_name, queue_id, key)
         except ValueError:
             path = ""
-        recipients = [r for r in record.get("recipients", []) if isinstance(r, dict)]
+        text = self._text
+        addresses = []
+        reasons = []
+        for r in record.get("recipients", ()):
+            if type(r) is dict:
+                address = r.get("address", "")
+                addresses.append(text(address if type(address) is str else str(address)))
+                if "delay_reason" in r:
+                    reasons.append(text(str(r["delay_reason"])))
         try:
             arrival = int(record.get("arrival_time", 0)) + int(key[:5], 16) / 1e6
         except (TypeError, ValueError):
             arrival = 0.0
+        if type(queue_name) is str:
+            queue_name = text(queue_name)
         return Message(
             queue_id=queue_id,
             arrival=arrival,
             size=int(record.get("message_size", 0)),
-            sender=self._sender(str(record.get("sender", "")), path),
-            recipients=tuple(str(r.get("address", "")) for r in recipients),
+            sender=text(self._sender(str(record.get("sender", "")), path)),
+            recipients=tuple(addresses),
             queue_name=queue_name,
             filename=path,
             headers=PostfixQueueFileHeaders(path, queue_id, postcat),
-            delay_reasons=tuple(str(r["delay_reason"]) for r in recipients if "delay_reason" in r),
+            delay_reasons=tuple(reasons),
             state=QUEUE_STATES.get(queue_name, QueueState.ARRIVING),
         )
 
@@ -432,6 +456,8 @@ class PostfixBackend(Backend):
 
     def _hand_over(self, request: SendRequest, journal: HandOverJournal) -> Outcome:
         """Re-inject the held original into its sender's listener, record the copy, remove the original."""
+        from qrunner.mta.postfix_reinject import ReinjectError, reinject  # smtplib and email: only when routing
+
         queue_id = request.message.queue_id
         try:
             new_id = reinject(self.paths.path("hold", queue_id), request.route.postfix.address)

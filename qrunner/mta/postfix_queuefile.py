@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import BinaryIO, Callable, List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from qrunner.mta.headers import DEFAULT_MAX_HEADER_BYTES, MtaFileHeaders
 from qrunner.mta.postfix_records import (REC_TYPE_CONT, REC_TYPE_END, REC_TYPE_MESG, REC_TYPE_NORM,
@@ -149,6 +149,67 @@ def _read_header_fields(f: BinaryIO, max_bytes: int) -> Tuple[List[bytes], Optio
         return fields, "the queue file is damaged: %s" % exc
 
 
+_FAST_READ = 16384  # one read: the size record, the envelope and the headers of most messages
+
+
+def _fast_header_fields(buf: bytes, max_bytes: int) -> Optional[List[bytes]]:
+    """The header fields when the first read holds them all as plain ``N`` records; else None.
+
+    The common case, read straight from one buffer: a size record with the
+    content offset, then one ``N`` record per header line (lengths of one
+    or two bytes), up to the first line that is no header. Anything else
+    (a long line, a pointer a milter left, padding, the cap, a file that
+    ends or a header part that runs past the buffer) returns None, and
+    :func:`_read_header_fields` reads the file the general way; both give
+    the same fields for a file both can read.
+    """
+    if len(buf) < 2 or buf[0] != REC_TYPE_SIZE or buf[1] >= 0x80:
+        return None
+    parts = buf[2:2 + buf[1]].split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    pos = int(parts[1])
+    if pos <= 2 + buf[1]:
+        return None
+    end_of_buf = len(buf)
+    fields: List[bytes] = []
+    total = 0
+    match = _HEADER_START.match
+    while pos + 2 <= end_of_buf:
+        rtype = buf[pos]
+        length = buf[pos + 1]
+        if length < 0x80:
+            start = pos + 2
+        else:
+            if pos + 3 > end_of_buf or buf[pos + 2] >= 0x80:
+                return None
+            length = (length & 0x7F) | (buf[pos + 2] << 7)
+            start = pos + 3
+        pos = start + length
+        if pos > end_of_buf:
+            return None
+        if rtype != REC_TYPE_NORM:
+            if rtype == REC_TYPE_XTRA or rtype == REC_TYPE_END:
+                return fields  # headers without a body
+            return None
+        line = buf[start:pos]
+        first = line[:1]
+        if first == b" " or first == b"\t":
+            continuation = True
+        elif match(line) is None:
+            return fields  # the first line that is no header: normally the empty line before the body
+        else:
+            continuation = False
+        total += length + 1
+        if total > max_bytes:
+            return None
+        if continuation and fields:
+            fields[-1] += b"\n" + line
+        else:
+            fields.append(line)
+    return None
+
+
 def fields_from_lines(lines: Sequence[bytes]) -> List[bytes]:
     """Group header lines (as postcat prints them) into fields.
 
@@ -195,6 +256,10 @@ class PostfixQueueFileHeaders(MtaFileHeaders):
 
     def read_file(self) -> Tuple[List[bytes], Optional[str]]:
         with open(self.path, "rb", buffering=0) as f:
+            fields = _fast_header_fields(f.read(_FAST_READ), self.max_bytes)
+            if fields is not None:
+                return fields, None
+            f.seek(0)
             return _read_header_fields(f, self.max_bytes)
 
     def is_valid_id(self) -> bool:
@@ -292,6 +357,7 @@ class QueuePaths:
         self.depth = int(hash_queue_depth)
         if self.hashed and self.depth < 1:
             raise ValueError("hash_queue_depth must be at least 1, not %r" % (hash_queue_depth,))
+        self._queues: Dict[str, Tuple[str, bool]] = {}  # queue name -> (its directory + "/", hashed?)
 
     def path(self, queue_name: str, queue_id: str, key: Optional[str] = None) -> str:
         """Where Postfix keeps message ``queue_id`` of queue ``queue_name``.
@@ -302,15 +368,23 @@ class QueuePaths:
         Raises ValueError for a queue name or id that Postfix would refuse,
         so that nothing else ever becomes a path.
         """
-        if not isinstance(queue_name, str) or not _QUEUE_NAME.match(queue_name):
-            raise ValueError("not a Postfix queue name: %r" % (queue_name,))
+        queue = self._queues.get(queue_name) if type(queue_name) is str else None
+        if queue is None:
+            if not isinstance(queue_name, str) or not _QUEUE_NAME.match(queue_name):
+                raise ValueError("not a Postfix queue name: %r" % (queue_name,))
+            queue = self._queues[queue_name] = (os.path.join(self.queue_directory, queue_name, ""),
+                                                queue_name.lower() in self.hashed)
         if not is_queue_id(queue_id):
             raise ValueError("not a Postfix queue id: %r" % (queue_id,))
-        if queue_name.lower() not in self.hashed:
-            return os.path.join(self.queue_directory, queue_name, queue_id)
+        directory, hashed = queue
+        if not hashed:
+            return directory + queue_id
         key = key or hash_key(queue_id)
-        forest = [key[n] if n < len(key) else "_" for n in range(self.depth)]
-        return os.path.join(self.queue_directory, queue_name, *forest, queue_id)
+        depth = self.depth
+        if depth == 1:
+            return directory + key[0] + "/" + queue_id
+        forest = [key[n] if n < len(key) else "_" for n in range(depth)]
+        return directory + "/".join(forest) + "/" + queue_id
 
 
 def arrival_microseconds(queue_id: str) -> int:
