@@ -510,10 +510,17 @@ class PolicyEngine:
         limit = self.settings.timeout + WATCHDOG_GRACE
         idle_since = time.monotonic()
         verdict = self._verdicts(sender)
+        received = 0  # results of this batch so far; they come in order
         while True:
             index, started = worker.progress()
             now = time.monotonic()
             deadline = (started + limit) if index >= 0 else (idle_since + STARTUP_ALLOWANCE + limit)
+            if index > received:
+                # Calls before this one returned and their results are on the
+                # way (the worker sends them within milliseconds, even while
+                # this call is stuck): let them arrive before any kill, or they
+                # would be decided a second time in the fresh state.
+                deadline += limit
             # Wait in short slices: a call may start (and get stuck) while we
             # wait out the idle allowance, and its own deadline is much nearer.
             if worker.conn.poll(min(max(deadline - now, 0.0), WATCHDOG_POLL)):
@@ -529,6 +536,7 @@ class PolicyEngine:
                     for local, outcome, values in reply[1]:
                         i = pending[local]
                         results[i] = verdict(messages[i], outcome, values)
+                    received += len(reply[1])
                     self._tick(len(reply[1]))
                 elif kind == "print":
                     self._log_print(sender, messages[pending[reply[2]]] if reply[2] is not None else None, reply[1])

@@ -35,6 +35,7 @@ import importlib
 import importlib.resources
 import struct
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any, Dict, List, Optional, Sequence
@@ -84,24 +85,68 @@ PRELUDE = _read_prelude()
 
 
 class _Writer:
-    """Batches results to the parent: a send per few milliseconds, not per message."""
+    """Batches results to the parent: a send per few milliseconds, not per message.
+
+    A thread of its own sends what has gathered, FLUSH_SECONDS after the first
+    result of a batch, while the next calls run. So a result never waits here
+    for the next call to return: when that call is stuck in C (no hook stops
+    it) and the parent kills this process, every message decided before it has
+    reached the parent, which waits for them, and none is decided again in the
+    fresh state. lupa releases the GIL while Lua runs, so the thread runs while
+    the main thread is stuck there.
+    """
+
+    def __init__(self, out: "_Outbox"):
+        self.out = out
+        self.pending: List[tuple] = []
+        self.ready = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._send_batches, name="results", daemon=True)
+        self.thread.start()
+
+    def add(self, result: tuple) -> None:
+        with self.ready:
+            self.pending.append(result)
+            if len(self.pending) == 1 or len(self.pending) >= FLUSH_COUNT:
+                self.ready.notify()
+
+    def _send_batches(self) -> None:
+        while True:
+            with self.ready:
+                while not self.pending and not self.closed:
+                    self.ready.wait()
+                if self.closed:
+                    return
+                if len(self.pending) < FLUSH_COUNT:
+                    self.ready.wait(FLUSH_SECONDS)  # let a batch gather; FLUSH_COUNT or close() cut it short
+                batch, self.pending = self.pending, []
+            if batch:
+                self.out.send(("results", batch))
+
+    def close(self) -> None:
+        """Send what is left, after the thread has sent its last batch: results arrive in order."""
+        with self.ready:
+            self.closed = True
+            self.ready.notify()
+        self.thread.join()
+        if self.pending:
+            self.out.send(("results", self.pending))
+            self.pending = []
+
+
+class _Outbox:
+    """The connection to the parent, shared by the main thread and the writer's: one send at a time."""
 
     def __init__(self, conn: Connection):
         self.conn = conn
-        self.pending: List[tuple] = []
-        self.last = time.monotonic()
+        self.lock = threading.Lock()
 
-    def add(self, result: tuple) -> None:
-        self.pending.append(result)
-        now = time.monotonic()
-        if len(self.pending) >= FLUSH_COUNT or now - self.last >= FLUSH_SECONDS:
-            self.flush(now)
+    def send(self, message: tuple) -> None:
+        with self.lock:
+            self.conn.send(message)
 
-    def flush(self, now: Optional[float] = None) -> None:
-        if self.pending:
-            self.conn.send(("results", self.pending))
-            self.pending = []
-        self.last = now if now is not None else time.monotonic()
+    def recv(self) -> Any:
+        return self.conn.recv()
 
 
 def _text(value: Any) -> str:
@@ -214,11 +259,11 @@ def _decide(conn: Connection, state: LuaState, messages: List[tuple], progress, 
         kind = _text(kind)
         if kind == "memory":
             writer.add((index, "memory", None))
-            writer.flush()
+            writer.close()
             conn.send(("abandon", "memory"))
             return False
         writer.add((index, kind, outcome[1:]))
-    writer.flush()
+    writer.close()
     state.current_index = None
     state.current_headers = None
     conn.send(("done", _text(state.used_globals())))
@@ -233,7 +278,7 @@ def main(argv: List[str]) -> int:
     """Entry point: ``python -m qrunner.policy_worker CONN_FD PROGRESS_FD``."""
     import mmap
 
-    conn = Connection(int(argv[0]))
+    conn = _Outbox(Connection(int(argv[0])))
     progress = mmap.mmap(int(argv[1]), PROGRESS.size)
     state: Optional[LuaState] = None
     while True:

@@ -62,6 +62,25 @@ def test_every_kind_of_runaway_is_stopped_on_every_lua(tmp_path, policy_log, lua
     assert "fresh state" in policy_log.text and "CFIND" in policy_log.text
 
 
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_messages_decided_just_before_a_stuck_c_call_are_not_decided_again(tmp_path, policy_log, lua):
+    # The worker sends results in batches; the quick calls before CFIND return
+    # within a few milliseconds of each other, so the last of them at least is
+    # still waiting to be sent when CFIND starts, and CFIND can only be stopped
+    # by killing the worker. They were decided in the abandoned state and must
+    # not run again in the fresh one, which starts with LAST.
+    script = COUNTING % ('print("deciding " .. f) if f == "CFIND" then %s end' % RUNAWAYS["CFIND"])
+    quick = [f"QUICK{n}" for n in range(1, 6)]
+    names = quick + ["CFIND", "LAST"]
+    ms = [message(name, arrival=n, filename=name) for n, name in enumerate(names)]
+    decisions = by_id(decide(tmp_path, script, ms, lua=lua, timeout=0.3))
+    assert [decisions[name].reason for name in quick] == [f"calls={n} starts=1 loads=1" for n in range(1, 6)]
+    assert decisions["CFIND"].errors == ("CheckFile did not return within 0.3 s",)
+    assert decisions["LAST"].reason == "calls=1 starts=1 loads=1"
+    ran = [line.rpartition(" ")[2] for line in policy_log.lines if ": script (sender default): deciding " in line]
+    assert ran == names
+
 def test_a_runaway_under_on_script_error_send_is_sent_at_50(tmp_path):
     script = "function CheckFile(f, a) a.Priority = 90 string.rep('a', 300):find('.-.-.-.-b') end"
     (d,) = decide(tmp_path, script, [message("Q1")], on_script_error="send", timeout=0.3)
