@@ -32,6 +32,15 @@ from qrunner.cli import main
 sys.exit(main(sys.argv[2:]))
 """
 
+# Holds by day (07:00-19:00 on the script's clock), sends at night: the clock tests move with --now.
+NIGHT_ONLY = """
+function CheckFile(f, a)
+  local hour = os.date("*t").hour
+  if hour >= 7 and hour < 19 then a.SkipSend = true; a.Reason = "daytime: waits for the night" end
+  return a
+end
+"""
+
 
 @dataclass
 class Result:

@@ -21,20 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from memory_harness import MemoryHarness
 from mta_harness import ACTIVE, HELD, WAITING, harness_for
 from policy_helpers import no_default_config, record, run_cli, write_config, write_snapshot  # noqa: F401
-from qrunner_e2e import ALLOW_ALL, Qrunner
+from qrunner_e2e import ALLOW_ALL, NIGHT_ONLY, Qrunner
 
 BY_SUBJECT = """
 function CheckFile(f, a, size, created, from, rcpts, headers)
   local subject = headers.subject or ""
   a.Priority = tonumber(subject:match("p(%d+)")) or 50
-  return a
-end
-"""
-
-NIGHT_ONLY = """
-function CheckFile(f, a)
-  local hour = os.date("*t").hour
-  if hour >= 7 and hour < 19 then a.SkipSend = true; a.Reason = "daytime: waits for the night" end
   return a
 end
 """

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from mta_harness import ACTIVE, HELD, WAITING, harness_for
-from qrunner_e2e import ALLOW_ALL, SKIP_ALL, Qrunner
+from qrunner_e2e import ALLOW_ALL, NIGHT_ONLY, SKIP_ALL, Qrunner
 
 BY_SUBJECT = """
 function CheckFile(f, a, size, created, from, rcpts, headers)
@@ -27,14 +27,6 @@ function CheckFile(f, a, size, created, from, rcpts, headers)
   if subject:find("hold") then a.SkipSend = 1; a.Reason = "subject says hold" end
   a.Priority = tonumber(subject:match("p(%d+)")) or 50
   if subject:find("boom") then error("boom in the policy") end
-  return a
-end
-"""
-
-NIGHT_ONLY = """
-function CheckFile(f, a)
-  local hour = os.date("*t").hour
-  if hour >= 7 and hour < 19 then a.SkipSend = true; a.Reason = "daytime: waits for the night" end
   return a
 end
 """
