@@ -1,0 +1,158 @@
+"""``make bench``: real queues in the real MTAs of the test setup, measured; BENCHMARKS.md written from the results.
+
+    .venv/bin/python bench/run.py [--sizes 1000,10000,100000] [--repeat 3] [--dispatch 1000]
+                                  [--output BENCHMARKS.md] [--readme README.md] [--json FILE]
+
+Run as root after ``make install-test-deps`` (``make bench`` does both, and
+puts pymailq and py-spy into the bench-only venv ``.bench-venv``). For each
+size it builds a private Postfix instance's queue and measures planning,
+hold and release, today's tools and flush dispatch, removes it, then does
+the same with the private Exim; then re-injection and Exim's ``-Mc``
+dispatch over fresh queues of ``--dispatch`` messages. Each figure is a
+median of ``--repeat`` interleaved rounds; each comparison a ratio taken in
+the same rounds. Any timed command that fails, or does not do its job,
+stops the bench with exit status 1 naming it; nothing it measured is then
+written. Nothing here is a test: no figure fails anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import corpus  # noqa: E402
+import harness  # noqa: E402
+import report  # noqa: E402
+from exim_bench import EximBench, EximDispatchBench  # noqa: E402
+from postfix_bench import PostfixBench, ReinjectBench  # noqa: E402
+from results import Results  # noqa: E402
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def _out(argv) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def machine(args) -> dict:
+    from exim_instance import BINARY
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        memory = int(f.readline().split()[1]) / 1024 / 1024
+    try:
+        from importlib.metadata import version
+        lupa = version("lupa")
+    except Exception:  # noqa: BLE001 - shown as unknown
+        lupa = "?"
+    pymailq = _out([os.path.join(args.bench_venv, "bin", "python"), "-c", "import pymailq; print(pymailq.VERSION)"])
+    spy = _out([os.path.join(args.bench_venv, "bin", "py-spy"), "--version"])
+    commit = _out(["git", "-C", harness.ROOT, "rev-parse", "--short", "HEAD"])
+    dirty = _out(["git", "-C", harness.ROOT, "status", "--porcelain", "--", "qrunner"])
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "nproc": str(os.cpu_count()),
+        "memory": f"{memory:.1f} GiB",
+        "cpu": cpu,
+        "Debian": open("/etc/debian_version").read().strip(),
+        "kernel": platform.release(),
+        "Postfix": _out(["postconf", "-h", "mail_version"]),
+        "Exim": _out([BINARY, "-C", "/dev/null", "-bV"]).splitlines()[0] if os.path.exists(BINARY) else "?",
+        "Python": platform.python_version(),
+        "lupa": lupa,
+        "jq": _out(["jq", "--version"]),
+        "pymailq": pymailq or "?",
+        "py-spy": spy or "?",
+        "qrunner commit": commit + (" (qrunner/ changed since)" if dirty else ""),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds per group (the median of these is shown)")
+    parser.add_argument("--tool-repeat", type=int, help="rounds of the slow tools (jq pipeline, pymailq); "
+                                                         "default: --repeat")
+    parser.add_argument("--dispatch", type=int, default=1000, help="messages per dispatch benchmark")
+    parser.add_argument("--pymailq-size", type=int, default=10000, help="the queue size pymailq runs at")
+    parser.add_argument("--target-size", type=int, default=10000, help="the size the targets are read at")
+    parser.add_argument("--bench-venv", default=os.path.join(harness.ROOT, ".bench-venv"))
+    parser.add_argument("--output", default=os.path.join(harness.ROOT, "BENCHMARKS.md"))
+    parser.add_argument("--readme", default=os.path.join(harness.ROOT, "README.md"),
+                        help="the README whose headline block is rewritten ('' for none)")
+    parser.add_argument("--json", help="also keep the raw results here")
+    parser.add_argument("--out-dir", default=os.path.join(harness.ROOT, "bench", "out"),
+                        help="where the raw py-spy profiles go")
+    args = parser.parse_args()
+    args.sizes_list = [int(s) for s in args.sizes.split(",") if s.strip()]
+    args.tool_repeat = args.tool_repeat or args.repeat
+    if os.geteuid() != 0:
+        raise SystemExit("make bench runs as root: it starts a private Postfix and a private Exim")
+    os.makedirs(args.out_dir, exist_ok=True)
+    os.environ["BENCH_OUT"] = args.out_dir
+    os.environ["BENCH_PY_SPY"] = os.path.join(args.bench_venv, "bin", "py-spy")
+    results = Results(machine=machine(args), sizes=args.sizes_list, repeat=args.repeat,
+                      dispatch_messages=args.dispatch, pymailq_size=args.pymailq_size, target_size=args.target_size,
+                      tool_repeat=args.tool_repeat)
+    started = time.time()
+    for size in args.sizes_list:
+        begun = time.time()
+        log(f"{size:,} messages: about {corpus.expected_bytes(size) / 1e9:.2f} GB per MTA")
+        bench = PostfixBench(size, args, results, log)
+        try:
+            bench.build()
+            bench.planning()
+            bench.hold_release()
+            if size == args.pymailq_size:
+                bench.pymailq()
+            bench.todays_tools()
+            bench.dispatch()
+        finally:
+            bench.cleanup()
+        bench = EximBench(size, args, results, log)
+        try:
+            bench.build()
+            bench.planning()
+            bench.hold_release()
+        finally:
+            bench.cleanup()
+        results.seconds_per_size[str(size)] = time.time() - begun
+        log(f"{size:,} messages: {time.time() - begun:.0f} s")
+    for group in (ReinjectBench, EximDispatchBench):
+        bench = group(args, results, log)
+        try:
+            bench.run()
+        finally:
+            bench.cleanup()
+    results.notes.append(f"The whole run took {(time.time() - started) / 60:.0f} min.")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(results.to_json())
+    with open(args.output, "w") as f:
+        f.write(report.benchmarks_md(results))
+    if args.readme:
+        report.update_readme(args.readme, results)
+    log(f"wrote {args.output}" + (f" and the headline in {args.readme}" if args.readme else ""))
+    for target in report.targets(results):
+        log(f"  {target.what}: {target.shown} ({target.wanted}): {target.verdict.strip('*')}")
+
+
+if __name__ == "__main__":
+    main()
