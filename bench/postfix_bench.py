@@ -130,8 +130,9 @@ class PostfixBench:
         self.results.build_seconds[f"postfix|{self.size}"] = time.perf_counter() - started
         self.ids = sorted(e["queue_id"] for e in queue(self.instance))
 
-    def settle(self, timeout: float = 900) -> None:
+    def settle(self, timeout: float = 0) -> None:
         """Wait until every message is back in the deferred queue, deferred by the gate alone."""
+        timeout = timeout or 120 + self.size / 50
         def done() -> bool:
             entries = queue(self.instance)
             return len(entries) == self.size and all(gated(e) for e in entries)
@@ -148,11 +149,13 @@ class PostfixBench:
                 os.utime(paths[entry["queue_id"]], (past, past))
         self.settle()
 
-    def after_dispatch(self, _name: str) -> None:
-        """Wait for the dispatched mail to be tried (and refused), then gate it again."""
+    def after_dispatch(self, _name: str = "", release: bool = False) -> None:
+        """Wait for the dispatched mail to be tried (and refused), release what a run held, then gate it again."""
         def quiet() -> bool:
             return all(e["queue_name"] in ("deferred", "hold") for e in queue(self.instance))
         wait_until("dispatched Postfix mail did not come back deferred", quiet, 900, every=1.0)
+        if release:
+            measured(qrunner("release", "--all"), self.env)
         self.restore()
 
     def cleanup(self) -> None:
@@ -220,10 +223,7 @@ class PostfixBench:
             expect("qrunner run: held", done["held"], self.big)
 
         def between(name: str) -> None:
-            self.after_dispatch(name)
-            if name == "qrunner run, no header":
-                measured(qrunner("release", "--all"), self.env)
-                self.settle()
+            self.after_dispatch(name, release=name == "qrunner run, no header")
 
         steps = [("jq | xargs postqueue -i", self.cmd(pipeline), piped),
                  ("qrunner run, no header", self.cmd(qrunner("run", "--script", self.scripts["no_header"]), sample=True),

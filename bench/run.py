@@ -21,6 +21,7 @@ import argparse
 import datetime
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -103,6 +104,8 @@ def main() -> None:
     args = parser.parse_args()
     args.sizes_list = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.tool_repeat = args.tool_repeat or args.repeat
+    # A stopped bench must still stop its MTA instances and remove its queues (the groups' finally clauses).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("benchmark stopped: terminated"))
     if os.geteuid() != 0:
         raise SystemExit("make bench runs as root: it starts a private Postfix and a private Exim")
     os.makedirs(args.out_dir, exist_ok=True)
