@@ -194,7 +194,8 @@ def summarise(raw: str, top: int = 12) -> str:
         frames = stack.split(";")
         processes = [f for f in frames if f.startswith("process ")]
         frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
-        process = _process_name(processes[-1]) if processes else "?"
+        process = ("the command's own process" if len(processes) <= 1
+                   else _process_name(processes[-1]) or "a child process")
         per_process[process] += samples
         if frames:
             own[_short(frames[-1])] += samples
