@@ -30,7 +30,8 @@ COVER_UNDER := 90
 
 .PHONY: demo test coverage install-test-deps install uninstall clean bench
 
-# make bench: the queue sizes to build in each MTA (about 39 KB of mail per message, so 100,000 is 3.9 GB per MTA),
+# make bench: the queue sizes to build in each MTA, separated by commas or spaces (about 39 KB of mail per message,
+# so 100,000 is 3.9 GB per MTA),
 # the rounds per figure, and the messages each dispatch benchmark sends. The bench-only venv holds the tools it
 # compares against or profiles with (pymailq, py-spy), never qrunner's own.
 SIZES ?= 1000,10000,100000
@@ -64,7 +65,7 @@ coverage: $(STAMP)
 ## bench: build real queues of $(SIZES) messages in a private Postfix and the private Exim (as root), measure
 ## qrunner against the MTAs' own tools, write BENCHMARKS.md and the README's headline (see README "Benchmarks")
 bench: $(STAMP) install-test-deps $(BENCH_STAMP)
-	$(BIN)/python bench/run.py --sizes $(SIZES) --repeat $(BENCH_REPEAT) --dispatch $(BENCH_DISPATCH) \
+	$(BIN)/python bench/run.py --sizes "$(SIZES)" --repeat $(BENCH_REPEAT) --dispatch $(BENCH_DISPATCH) \
 	    --bench-venv $(BENCH_VENV) --json bench/out/results.json
 
 $(BENCH_STAMP):

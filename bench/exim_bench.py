@@ -19,8 +19,8 @@ import time
 from typing import Callable, List, Optional
 
 import corpus
-from harness import (BIG_LIMIT, HERE, decisions_check, expect, last_run, profile, qrunner, qrunner_env, rounds,
-                     write_scripts)
+from harness import (BIG_LIMIT, CONFIG_TOP, HERE, decisions_check, expect, last_run, profile, qrunner,
+                     qrunner_env, rounds, write_scripts)
 from results import Figure, Results
 from timing import BenchFailure, Measured, measured
 
@@ -69,7 +69,7 @@ def inject(instance, messages, processes: int = 2) -> float:
 
 def write_config(path: str, tmp: str, instance, concurrency: int = 2, script: Optional[str] = None) -> None:
     with open(path, "w") as f:
-        f.write(f'mta = "exim"\nstate_dir = "{tmp}/state"\n' + (f'script = "{script}"\n' if script else "") +
+        f.write(CONFIG_TOP + f'mta = "exim"\nstate_dir = "{tmp}/state"\n' + (f'script = "{script}"\n' if script else "") +
                 f'[exim]\nbinary = "{instance.binary}"\nconfig = "{instance.config_path}"\n'
                 f'spool_directory = "{instance.spool_directory}"\nqueue = "{instance.queue_name}"\n'
                 f'dispatch_concurrency = {concurrency}\n')
@@ -155,11 +155,16 @@ class EximBench:
         def run_done(what: str, key: str) -> Callable[[Measured], None]:
             def check(_result: Measured) -> None:
                 expect(f"{what}: {key}", last_run(self.env)[key], size)
+                frozen = sum(1 for m in self.instance.queue() if m["frozen"])  # what exim -bp says
+                expect(f"{what}: messages exim -bp shows frozen", frozen, size if key == "held" else 0)
             return check
 
+        ids = "".join(i + "\n" for i in self.ids).encode()
+
         def exim_all(flag: str, said: str) -> Callable[[], Measured]:
+            # xargs: as many ids per exim as the kernel takes (100,000 ids are more than one command line holds)
             def run() -> Measured:
-                result = measured(self.instance.argv + [queue_arg, flag] + self.ids, self.env)
+                result = measured(["xargs", "-r"] + self.instance.argv + [queue_arg, flag], self.env, input=ids)
                 expect(f"exim {flag}: '{said}' lines", result.stdout.decode(errors="replace").count(said), size)
                 return result
             return run
@@ -212,6 +217,7 @@ class EximDispatchBench:
             self.results.add("exim", self.n, f"-Mc dispatch, concurrency {concurrency} (msg/s)",
                              Figure(runs=[self.n / r.seconds for r in done], unit="msg/s", count=self.n,
                                     max_rss_kb=[r.max_rss_kb for r in done], tree_rss_kb=[r.tree_rss_kb for r in done],
+                                    qrunner_rss_kb=[r.qrunner_rss_kb for r in done],
                                     command=f"qrunner run, dispatch_concurrency = {concurrency}"))
 
     def cleanup(self) -> None:

@@ -20,11 +20,11 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import corpus
-from harness import (BIG_LIMIT, HERE, RefusingRelay, decisions_check, expect, last_run, profile, qrunner,
-                     qrunner_env, rounds, wait_until, write_scripts)
+from harness import (BIG_LIMIT, CONFIG_TOP, HERE, RefusingRelay, decisions_check, expect, last_run, profile,
+                     qrunner, qrunner_env, rounds, wait_until, write_scripts)
 from results import Figure, Results
 from timing import BenchFailure, Measured, measured
 
@@ -120,7 +120,7 @@ class PostfixBench:
         wait_for_greeting(port)
         self.config = os.path.join(self.tmp, "qrunner.toml")
         with open(self.config, "w") as f:
-            f.write(f'mta = "postfix"\nstate_dir = "{self.tmp}/state"\n[postfix]\n'
+            f.write(CONFIG_TOP + f'mta = "postfix"\nstate_dir = "{self.tmp}/state"\n[postfix]\n'
                     f'config_directory = "{self.instance.config_directory}"\n')
         self.env = qrunner_env(self.config)
         self.log(f"  postfix {self.size}: building the queue ({corpus.expected_bytes(self.size) / 1e6:.0f} MB)")
@@ -153,7 +153,7 @@ class PostfixBench:
         """Wait for the dispatched mail to be tried (and refused), release what a run held, then gate it again."""
         def quiet() -> bool:
             return all(e["queue_name"] in ("deferred", "hold") for e in queue(self.instance))
-        wait_until("dispatched Postfix mail did not come back deferred", quiet, 900, every=1.0)
+        wait_until("dispatched Postfix mail did not come back deferred", quiet, 900 + self.size / 10, every=1.0)
         if release:
             measured(qrunner("release", "--all"), self.env)
         self.restore()
@@ -215,12 +215,20 @@ class PostfixBench:
 
         def piped(_result: Measured) -> None:
             with open(ids_file) as f:
-                expect("ids the jq pipeline scheduled", len(f.read().split()), sends)
+                scheduled = set(f.read().split())
+            expect("ids the jq pipeline scheduled", len(scheduled), sends)
+            # postqueue -i moves a message out of the gate's deferral (to incoming/, then the 451 relay's)
+            left = sum(1 for e in queue(self.instance) if e["queue_id"] in scheduled and gated(e))
+            expect("messages the jq pipeline left deferred by the gate", left, 0)
 
         def ran(_result: Measured) -> None:
             done = last_run(self.env)
             expect("qrunner run: sent", done["sent"], sends)
             expect("qrunner run: held", done["held"], self.big)
+            entries = queue(self.instance)
+            expect("messages qrunner run left deferred by the gate", sum(1 for e in entries if gated(e)), 0)
+            expect("messages postqueue -j shows on hold after qrunner run",
+                   sum(1 for e in entries if e["queue_name"] == "hold"), self.big)
 
         def between(name: str) -> None:
             self.after_dispatch(name, release=name == "qrunner run, no header")
@@ -297,6 +305,8 @@ class PostfixBench:
         def run_done(what: str, key: str) -> Callable[[Measured], None]:
             def check(_result: Measured) -> None:
                 expect(f"{what}: {key}", last_run(self.env)[key], size)
+                on_hold = sum(1 for e in queue(self.instance) if e["queue_name"] == "hold")  # what postqueue -j says
+                expect(f"{what}: messages postqueue -j shows on hold", on_hold, size if key == "held" else 0)
             return check
 
         def postsuper(flag: str, word: str) -> Callable[[], Measured]:
@@ -356,7 +366,7 @@ class ReinjectBench:
         wait_for_greeting(inject_port)
         config = os.path.join(self.tmp, "qrunner.toml")
         with open(config, "w") as f:
-            f.write(f'mta = "postfix"\nstate_dir = "{self.tmp}/state"\nscript = "{self.scripts["send_all"]}"\n'
+            f.write(CONFIG_TOP + f'mta = "postfix"\nstate_dir = "{self.tmp}/state"\nscript = "{self.scripts["send_all"]}"\n'
                     f'[postfix]\nconfig_directory = "{self.instance.config_directory}"\n'
                     f'[[sender]]\nid = 0\nname = "bench"\n[sender.postfix]\nlistener = "127.0.0.1:{listener}"\n'
                     f'transport = "relay-bench"\nnexthop = "{nexthop}"\n')
@@ -379,6 +389,7 @@ class ReinjectBench:
         self.results.add("postfix", self.n, "re-injection, qrunner run (msg/s)",
                          Figure(runs=[self.n / r.seconds for r in runs], unit="msg/s", count=self.n,
                                 max_rss_kb=[r.max_rss_kb for r in runs], tree_rss_kb=[r.tree_rss_kb for r in runs],
+                                qrunner_rss_kb=[r.qrunner_rss_kb for r in runs],
                                 command="qrunner run (one routed sender, every message sent)"))
         self.results.add("postfix", self.n, "SMTP injection, one session (msg/s)",
                          Figure(runs=[self.n / s for s in injections], unit="msg/s", count=self.n,

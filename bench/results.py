@@ -22,6 +22,7 @@ class Figure:
     max_rss_kb: List[int] = field(default_factory=list)
     tree_rss_kb: List[int] = field(default_factory=list)
     command: str = ""
+    qrunner_rss_kb: List[int] = field(default_factory=list)  # qrunner's own processes (command + Lua worker), summed
 
     @property
     def median(self) -> float:
@@ -34,6 +35,11 @@ class Figure:
     @property
     def peak_rss_mb(self) -> Optional[float]:
         return max(self.max_rss_kb) / 1024 if self.max_rss_kb else None
+
+    @property
+    def peak_qrunner_mb(self) -> Optional[float]:
+        """qrunner's memory: the peaks of its own processes summed, the MTA tools it ran left out."""
+        return max(self.qrunner_rss_kb) / 1024 if self.qrunner_rss_kb and max(self.qrunner_rss_kb) else None
 
     @property
     def peak_tree_mb(self) -> Optional[float]:

@@ -21,9 +21,12 @@ import argparse
 import datetime
 import os
 import platform
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,9 +88,36 @@ def machine(args) -> dict:
     }
 
 
+def enough_disk(size: int, where: str = "/tmp") -> None:
+    """The bench builds one MTA's queue at a time under /tmp: stop before a build that would fill the disk."""
+    need = corpus.expected_bytes(size) * 1.2 + 500e6
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise SystemExit(f"make bench: {size:,} messages need about {need / 1e9:.1f} GB free under {where} "
+                         f"(one MTA's queue at a time) and there are {free / 1e9:.1f} GB; free some space or "
+                         f"leave this size out of SIZES")
+
+
+class LoadWatch:
+    """The 1-minute load average before the bench and the highest it reached: was the machine shared?"""
+
+    def __init__(self):
+        self.before = self.highest = os.getloadavg()[0]
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._done.wait(10):
+            self.highest = max(self.highest, os.getloadavg()[0])
+
+    def stop(self) -> None:
+        self._done.set()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--sizes", default="1000,10000,100000", help="queue sizes, separated by commas or spaces")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per group (the median of these is shown)")
     parser.add_argument("--tool-repeat", type=int, help="rounds of the slow tools (jq pipeline, pymailq); "
                                                          "default: --repeat")
@@ -99,10 +129,18 @@ def main() -> None:
     parser.add_argument("--readme", default=os.path.join(harness.ROOT, "README.md"),
                         help="the README whose headline block is rewritten ('' for none)")
     parser.add_argument("--json", help="also keep the raw results here")
+    parser.add_argument("--note", default=os.environ.get("BENCH_NOTE", ""),
+                        help="a sentence for BENCHMARKS.md about this run (BENCH_NOTE)")
     parser.add_argument("--out-dir", default=os.path.join(harness.ROOT, "bench", "out"),
                         help="where the raw py-spy profiles go")
     args = parser.parse_args()
-    args.sizes_list = [int(s) for s in args.sizes.split(",") if s.strip()]
+    try:
+        args.sizes_list = [int(s) for s in re.split(r"[,\s]+", args.sizes) if s]
+    except ValueError:
+        raise SystemExit(f"make bench: SIZES={args.sizes!r} is not a list of message counts; "
+                         f"give numbers separated by commas or spaces, e.g. SIZES=\"1000 10000\"")
+    if not args.sizes_list or min(args.sizes_list) < 1:
+        raise SystemExit(f"make bench: SIZES={args.sizes!r} names no queue size; e.g. SIZES=\"1000 10000\"")
     args.tool_repeat = args.tool_repeat or args.repeat
     # A stopped bench must still stop its MTA instances and remove its queues (the groups' finally clauses).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("benchmark stopped: terminated"))
@@ -115,9 +153,11 @@ def main() -> None:
                       dispatch_messages=args.dispatch, pymailq_size=args.pymailq_size, target_size=args.target_size,
                       tool_repeat=args.tool_repeat)
     started = time.time()
+    load = LoadWatch()
     for size in args.sizes_list:
         begun = time.time()
         log(f"{size:,} messages: about {corpus.expected_bytes(size) / 1e9:.2f} GB per MTA")
+        enough_disk(size)
         bench = PostfixBench(size, args, results, log)
         try:
             bench.build()
@@ -145,6 +185,16 @@ def main() -> None:
         finally:
             bench.cleanup()
     results.notes.append(f"The whole run took {(time.time() - started) / 60:.0f} min.")
+    load.stop()
+    results.machine["load average before the bench"] = f"{load.before:.2f}"
+    results.machine["load average, highest during it"] = f"{load.highest:.2f}"
+    if args.note:
+        results.notes.append(args.note)
+    if load.before >= 0.5 or load.highest > (os.cpu_count() or 1):
+        results.notes.append(
+            f"The machine was loaded while this ran: the 1-minute load average was {load.before:.2f} before the "
+            f"bench started (other work) and reached {load.highest:.2f} during it, on {os.cpu_count()} cores. "
+            f"Single figures are noisy; the ratios, each taken within the same rounds, less so.")
     if args.json:
         with open(args.json, "w") as f:
             f.write(results.to_json())

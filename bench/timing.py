@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -42,6 +43,7 @@ class Measured:
     stderr: bytes
     max_rss_kb: int  # the largest single process of the command and its children, as /usr/bin/time -v says
     tree_rss_kb: int  # the largest sum over the process and its descendants, sampled every 20 ms (0: not sampled)
+    qrunner_rss_kb: int = 0  # qrunner's own processes (the command and its Lua worker): their peaks (VmHWM), summed
 
     def lines(self) -> list:
         return self.stdout.decode("utf-8", "replace").splitlines()
@@ -69,14 +71,14 @@ def measured(argv: Sequence[str], env: Optional[Mapping[str, str]] = None, input
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
-        tree = sampler.stop() if sampler else 0
+        tree, own = sampler.stop() if sampler else (0, 0)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         why = stderr.decode("utf-8", "replace").strip().splitlines()
         raise BenchFailure("%s exited with %d%s" % (shown(argv), proc.returncode, (": " + why[-1]) if why else ""))
-    return Measured(argv, seconds, stdout, stderr, usage.ru_maxrss, tree)
+    return Measured(argv, seconds, stdout, stderr, usage.ru_maxrss, tree, own)
 
 
 def shown(argv: Sequence[str]) -> str:
@@ -85,23 +87,38 @@ def shown(argv: Sequence[str]) -> str:
 
 
 class _TreeSampler:
-    """The peak of the summed RSS of a process and its descendants, read from /proc every 20 ms."""
+    """Memory of a process and its descendants, read from /proc every 20 ms.
+
+    Two figures: the peak of the summed RSS of the whole tree, and qrunner's
+    own memory: the high-water mark (VmHWM, kept by the kernel, so a peak
+    between two samples is not missed) of each process whose command line is
+    qrunner's (the command itself and its Lua worker), summed. The kernel's
+    ``wait4`` figure alone would not do for the latter: it is the largest
+    process of the tree, which may be an MTA tool that qrunner ran.
+    """
 
     def __init__(self, pid: int):
         self.pid = pid
         self.peak = 0
+        self.hwm: dict = {}  # pid -> the last VmHWM read, for qrunner's own processes
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._done.wait(0.02):
-            self.peak = max(self.peak, sum(_rss_kb(pid) for pid in _tree(self.pid)))
+            total = 0
+            for pid in _tree(self.pid):
+                status = _status_kb(pid)
+                total += status.get("VmRSS", 0)
+                if "VmHWM" in status and (pid == self.pid or pid in self.hwm or _is_qrunner(pid)):
+                    self.hwm[pid] = max(self.hwm.get(pid, 0), status["VmHWM"])
+            self.peak = max(self.peak, total)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple:
         self._done.set()
         self._thread.join()
-        return self.peak
+        return self.peak, sum(self.hwm.values())
 
 
 def _tree(pid: int) -> list:
@@ -118,12 +135,23 @@ def _tree(pid: int) -> list:
     return pids
 
 
-def _rss_kb(pid: int) -> int:
+def _status_kb(pid: int) -> dict:
+    """VmRSS and VmHWM of ``pid`` in KB (empty once it has gone)."""
+    found = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    found[line.split(":")[0]] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return found
+
+
+def _is_qrunner(pid: int, python: str = os.path.realpath(sys.executable)) -> bool:
+    """A Python process running qrunner (its Lua worker): not an MTA tool qrunner started."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.path.realpath(f"/proc/{pid}/exe") == python and b"qrunner" in f.read()
+    except OSError:
+        return False

@@ -90,6 +90,8 @@ def test_memory_is_measured_for_qrunner(smoke):
             figure = _figure(smoke["results"], mta, SMOKE_SIZE, name)
             assert figure["max_rss_kb"] and min(figure["max_rss_kb"]) > 0, (mta, name)
             assert figure["tree_rss_kb"] and min(figure["tree_rss_kb"]) > 0, (mta, name)
+            # qrunner's own processes (the command and its Lua worker), apart from the MTA tools it runs
+            assert figure["qrunner_rss_kb"] and min(figure["qrunner_rss_kb"]) > 0, (mta, name)
 
 
 def test_the_report_has_every_table_and_the_machine(smoke):
