@@ -12,6 +12,9 @@ from results import Figure, Results
 README_START = "<!-- bench:headline:start (written by make bench; do not edit) -->"
 README_END = "<!-- bench:headline:end -->"
 FULL_SIZE = 100_000
+FLUSH_LOOP = "flush service, qrunner's client (loop)"
+FLUSH_PROCESS = "flush service, qrunner's client (process)"
+PER_MESSAGE = "postqueue -i per message"
 
 
 @dataclass
@@ -86,7 +89,7 @@ def targets(r: Results) -> List[Target]:
                ratio("postfix", "postqueue -i per message", "flush service, qrunner's client (loop)"), 10, False,
                "x faster than `postqueue -i`",
                f"the same client as a whole process (start and imports included): "
-               f"{_x(ratio('postfix', 'postqueue -i per message', 'flush service, qrunner' + chr(39) + 's client (process)'))}"
+               f"{_x(ratio('postfix', PER_MESSAGE, FLUSH_PROCESS))}"
                if size else "-", missing),
         Target("hold (a `qrunner run` that holds every message)", ratio("postfix", "qrunner run, hold all", "postsuper -h"),
                1.5, True, "x `postsuper -h`", f"postsuper -h alone: {_s(fig('postfix', 'postsuper -h'))}; "
@@ -229,10 +232,10 @@ def benchmarks_md(r: Results) -> str:
             n = g("postqueue -i per message").count
             rows.append((f"Postfix, {n:,} of a {size:,} queue", "`postqueue -i` per message",
                          _s(g("postqueue -i per message")),
-                         f"flush service, qrunner's client: loop {_s(g(chr(102) + 'lush service, qrunner' + chr(39) + 's client (loop)'))}, "
-                         f"whole process {_s(g('flush service, qrunner' + chr(39) + 's client (process)'))}",
-                         f"{_x(r.ratio('postfix', size, 'postqueue -i per message', 'flush service, qrunner' + chr(39) + 's client (loop)'))} "
-                         f"(process: {_x(r.ratio('postfix', size, 'postqueue -i per message', 'flush service, qrunner' + chr(39) + 's client (process)'))})"))
+                         f"flush service, qrunner's client: loop {_s(g(FLUSH_LOOP))}, "
+                         f"whole process {_s(g(FLUSH_PROCESS))}",
+                         f"{_x(r.ratio('postfix', size, PER_MESSAGE, FLUSH_LOOP))} "
+                         f"(process: {_x(r.ratio('postfix', size, PER_MESSAGE, FLUSH_PROCESS))})"))
     n = r.dispatch_messages
     ri, inj = r.get("postfix", n, "re-injection, qrunner run (msg/s)"), r.get("postfix", n, "SMTP injection, one session (msg/s)")
     if ri:
@@ -313,8 +316,31 @@ def headline(r: Results) -> str:
              f"[BENCHMARKS.md](BENCHMARKS.md)):", ""]
     lines += _table(("target (issue 13)", "wanted", "measured", "verdict"),
                     [(t.what, t.wanted, t.shown, t.verdict) for t in targets(r)])
+    tools = todays_tools(r)
+    if tools:
+        lines += ["", "Against the tools admins use today (qrunner's time over the tool's, same rounds):", ""]
+        lines += _table(("job", "today's tool", "qrunner", "qrunner / tool"), tools)
     lines += ["", README_END]
     return "\n".join(lines)
+
+
+def todays_tools(r: Results) -> List[Tuple[str, ...]]:
+    """Each comparison with today's tools at the largest size it was measured at."""
+    rows = []
+    for job, tool, mta, theirs, ours, ours_shown in (
+            ("select (no header) and schedule, Postfix", "`postqueue -j | jq | xargs postqueue -i`", "postfix",
+             "jq | xargs postqueue -i", "qrunner run, no header", "`qrunner run`"),
+            ("select on a header, Postfix", "pymailq", "postfix", "pymailq, headers parsed",
+             "plan, one header (beside pymailq)", "`qrunner plan`"),
+            ("select on a header, Exim", "`exipick -i`", "exim", "exipick -i, header criterion", "plan, one header",
+             "`qrunner plan`")):
+        sizes = [s for s in r.sizes if r.get(mta, s, theirs) and r.get(mta, s, ours)]
+        if sizes:
+            size = max(sizes)
+            tool = tool.replace("|", "\\|")  # a table cell
+            rows.append((f"{job}, {size:,} messages", f"{tool}: {_s(r.get(mta, size, theirs))}",
+                         f"{ours_shown}: {_s(r.get(mta, size, ours))}", _x(r.ratio(mta, size, ours, theirs))))
+    return rows
 
 
 def update_readme(path: str, r: Results) -> None:

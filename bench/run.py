@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py [--sizes 1000,10000,100000] [--repeat 3] [--dispatch 1000]
                                   [--output BENCHMARKS.md] [--readme README.md] [--json FILE]
+    .venv/bin/python bench/run.py --from-json bench/out/results.json   # the report again, nothing measured
 
 Run as root after ``make install-test-deps`` (``make bench`` does both, and
 puts pymailq and py-spy into the bench-only venv ``.bench-venv``). For each
@@ -133,7 +134,14 @@ def main() -> None:
                         help="a sentence for BENCHMARKS.md about this run (BENCH_NOTE)")
     parser.add_argument("--out-dir", default=os.path.join(harness.ROOT, "bench", "out"),
                         help="where the raw py-spy profiles go")
+    parser.add_argument("--from-json", help="measure nothing: write BENCHMARKS.md and the headline again from the "
+                                            "results a run kept with --json (after a change to the report only)")
     args = parser.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = Results.from_json(f.read())
+        write_report(args, results)
+        return
     try:
         args.sizes_list = [int(s) for s in re.split(r"[,\s]+", args.sizes) if s]
     except ValueError:
@@ -198,6 +206,10 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             f.write(results.to_json())
+    write_report(args, results)
+
+
+def write_report(args, results: Results) -> None:
     with open(args.output, "w") as f:
         f.write(report.benchmarks_md(results))
     if args.readme:

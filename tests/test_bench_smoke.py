@@ -63,7 +63,7 @@ def smoke(tmp_path_factory, postfix_available, exim_available):
     with open(out / "results.json") as f:
         results = json.load(f)
     return {"results": results, "report": (out / "BENCHMARKS.md").read_text(), "readme": readme.read_text(),
-            "log": result.stdout}
+            "log": result.stdout, "out": out}
 
 
 def _figure(results, mta, size, name):
@@ -126,3 +126,16 @@ def test_the_readme_headline_is_rewritten_from_the_same_run(smoke):
     assert "Headline figures of the last `make bench`" in block
     assert "Postfix planning, no header read" in block
     assert "not measured yet" not in block
+    tools = block.split("Against the tools admins use today", 1)[1]
+    for tool in ("jq", "pymailq", "exipick"):
+        assert tool in tools, tool
+
+
+def test_the_report_can_be_written_again_from_the_kept_results(smoke):
+    """--from-json measures nothing and writes the same BENCHMARKS.md from the run's results.json."""
+    again = smoke["out"] / "again.md"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--from-json",
+                             str(smoke["out"] / "results.json"), "--output", str(again), "--readme", ""],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert again.read_text() == smoke["report"]
