@@ -163,9 +163,9 @@ def benchmarks_md(r: Results) -> str:
             "sample.",
             "- qrunner runs as `python -m qrunner -q` from this checkout, with QRUNNER_TEST_NO_SYSTEM_LOG=1 as in "
             "the test suite, so the figures leave out writing the action lines to the system log, and with "
-            "`script_timeout = 30` (default 2): on a shared machine a trivial `CheckFile` was seen to stall past "
-            "2 s (the worker reads the headers itself, inside the watchdog's window), which would stop the bench; "
-            "the limit costs the same per call whatever its value.",
+            "`script_timeout = 120` (default 2): on a shared machine a trivial header-reading `CheckFile` was seen "
+            "to stall past 2 s, and once past 30 s (the worker reads the headers itself, inside the watchdog's "
+            "wall-clock window), which stops the bench; the limit costs the same per call whatever its value.",
             "- Nothing here is a test: no figure fails a build. `make test` runs the bench once at a small size "
             "(tests/test_bench_smoke.py) and checks only that every figure is produced.",
             ""]
@@ -300,8 +300,9 @@ def estimate_full(r: Results) -> str:
     took = r.seconds_per_size.get(str(largest))
     gb = corpus.expected_bytes(FULL_SIZE) / 1e9
     text = (f"Not measured in this run (SIZES={','.join(str(s) for s in r.sizes)}), so the 100,000 targets above "
-            f"are left for a full `make bench`. It needs about {gb:.1f} GB per MTA ({2 * gb:.0f} GB of disk at the "
-            f"peak: the bench builds the Postfix queue, measures, removes it, then builds Exim's)")
+            f"are left for a full `make bench`. It needs {gb:.1f} GB of mail per MTA, about {gb * 1.22:.1f} GB on disk "
+            f"at the peak (one queue at a time: the bench builds the Postfix queue, measures, removes it, then "
+            f"builds Exim's; a Postfix queue of 10,000 took 471 MB for 386 MB of mail)")
     if took:
         text += (f"; the {largest:,} size took {took / 60:.0f} min here, so 100,000 should take about "
                  f"{took * FULL_SIZE / largest / 60:.0f} min more (the per-message work grows linearly)")
