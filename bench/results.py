@@ -88,7 +88,7 @@ class Results:
         return fa.median / fb.median
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        return json.dumps(asdict(self), indent=1)  # in insertion order: the report keeps the machine table's
 
     @classmethod
     def from_json(cls, text: str) -> "Results":
