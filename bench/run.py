@@ -140,6 +140,8 @@ def main() -> None:
     if args.from_json:
         with open(args.from_json) as f:
             results = Results.from_json(f.read())
+        if args.note:
+            results.notes.append(args.note)
         write_report(args, results)
         return
     try:

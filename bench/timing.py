@@ -149,9 +149,14 @@ def _status_kb(pid: int) -> dict:
 
 
 def _is_qrunner(pid: int, python: str = os.path.realpath(sys.executable)) -> bool:
-    """A Python process running qrunner (its Lua worker): not an MTA tool qrunner started."""
+    """qrunner's Lua worker (``python -m qrunner.policy_worker``): not an MTA tool qrunner started.
+
+    Matched on the worker's own command line: a child that qrunner forked
+    to run an MTA tool has qrunner's command line and memory for the instant
+    before it execs, and must not be counted as a second qrunner.
+    """
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return os.path.realpath(f"/proc/{pid}/exe") == python and b"qrunner" in f.read()
+            return os.path.realpath(f"/proc/{pid}/exe") == python and b"qrunner.policy_worker" in f.read()
     except OSError:
         return False
