@@ -28,7 +28,17 @@ REQUIRE_MTA := $(shell [ "$$(id -u)" = 0 ] && echo 1)
 COVERED := runner plan executor
 COVER_UNDER := 90
 
-.PHONY: demo test coverage install-test-deps install uninstall clean
+.PHONY: demo test coverage install-test-deps install uninstall clean bench
+
+# make bench: the queue sizes to build in each MTA, separated by commas or spaces (about 39 KB of mail per message,
+# so 100,000 is 3.9 GB per MTA),
+# the rounds per figure, and the messages each dispatch benchmark sends. The bench-only venv holds the tools it
+# compares against or profiles with (pymailq, py-spy), never qrunner's own.
+SIZES ?= 1000,10000,100000
+BENCH_REPEAT ?= 3
+BENCH_DISPATCH ?= 1000
+BENCH_VENV := .bench-venv
+BENCH_STAMP := $(BENCH_VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +52,7 @@ demo: $(STAMP)
 
 ## test: install what the tests need (as root on Debian: Postfix, and a private Exim beside it), then run every
 ## test once: the memory cases under the coverage gate, then all the others
-test: $(STAMP) install-test-deps coverage
+test: $(STAMP) install-test-deps $(BENCH_STAMP) coverage
 	QRUNNER_REQUIRE_MTA=$${QRUNNER_REQUIRE_MTA:-$(REQUIRE_MTA)} $(BIN)/python -m pytest -m "not memory"
 
 ## coverage: the memory back end's cases alone cover each of qrunner/{runner,plan,executor}.py to 90% (subprocesses included)
@@ -51,6 +61,18 @@ coverage: $(STAMP)
 	QRUNNER_REQUIRE_MTA=$${QRUNNER_REQUIRE_MTA:-$(REQUIRE_MTA)} $(BIN)/python -m pytest -q -m memory $(COVERED:%=--cov=qrunner.%) --cov-report=term --cov-fail-under=$(COVER_UNDER)
 	for module in $(COVERED); do \
 	    $(BIN)/python -m coverage report --include="*/qrunner/$$module.py" --fail-under=$(COVER_UNDER) || exit 1; done
+
+## bench: build real queues of $(SIZES) messages in a private Postfix and the private Exim (as root), measure
+## qrunner against the MTAs' own tools, write BENCHMARKS.md and the README's headline (see README "Benchmarks")
+bench: $(STAMP) install-test-deps $(BENCH_STAMP)
+	$(BIN)/python bench/run.py --sizes "$(SIZES)" --repeat $(BENCH_REPEAT) --dispatch $(BENCH_DISPATCH) \
+	    --bench-venv $(BENCH_VENV) --json bench/out/results.json
+
+$(BENCH_STAMP):
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --quiet pymailq==0.9.0 py-spy
+	touch $@
 
 install-test-deps:
 	bash tests/setup/install-postfix.sh
@@ -128,4 +150,4 @@ else
 endif
 
 clean:
-	rm -rf $(VENV) .pytest_cache *.egg-info build
+	rm -rf $(VENV) $(BENCH_VENV) bench/out .pytest_cache *.egg-info build

@@ -1,0 +1,141 @@
+"""The benchmark still runs: one small ``make bench`` round over real queues, every figure produced.
+
+Benchmarks are not tests (issue 13, point 3): nothing here looks at a
+timing. It runs ``bench/run.py`` once, as ``make bench`` does but at one
+small size (SMOKE_SIZE messages per MTA, one round, SMOKE_DISPATCH messages
+per dispatch benchmark, pymailq and the targets read at that size so that
+every table and every profile path is exercised), writes its BENCHMARKS.md
+and README headline into a temporary directory, and checks that each figure
+is there, measured, and was checked by the bench (the bench stops with
+exit 1 when a timed command fails or does not do its job). About a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_VENV = os.path.join(ROOT, ".bench-venv")
+SMOKE_SIZE = 1000
+SMOKE_DISPATCH = 200
+
+PER_SIZE = {
+    "postfix": ["postqueue -j", "read every queue file", "plan, no header", "plan, one header",
+                "qrunner run, hold all", "qrunner release --all", "postsuper -h", "postsuper -H",
+                "plan, one header (beside pymailq)", "pymailq, headers parsed", "jq | xargs postqueue -i",
+                "qrunner run, no header", "flush service, qrunner's client (process)", "postqueue -i per message",
+                "flush service, qrunner's client (loop)"],
+    "exim": ["exim -bpr", "read every -H file", "exipick -i, header criterion", "plan, no header", "plan, one header",
+             "qrunner run, hold all", "qrunner release --all", "exim -Mf", "exim -Mt"],
+}
+PER_DISPATCH = {
+    "postfix": ["re-injection, qrunner run (msg/s)", "SMTP injection, one session (msg/s)"],
+    "exim": [f"-Mc dispatch, concurrency {c} (msg/s)" for c in (1, 2, 4)],
+}
+MEMORY = ["plan, no header", "plan, one header", "qrunner run, hold all", "qrunner release --all"]
+SECTIONS = ["## Machine", "## Targets (issue 13, point 2)", "## Postfix: planning", "## Exim: planning",
+            "## Against today's tools", "## Dispatch", "## Hold and release", "## Memory and time per message",
+            "## The 100,000 size", "## Profiles of missed targets"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, postfix_available, exim_available):
+    if not os.access(os.path.join(BENCH_VENV, "bin", "py-spy"), os.X_OK):
+        from mta_available import skip_or_fail
+        skip_or_fail(f"the bench-only venv {BENCH_VENV} is missing (make test and make bench install it)")
+    out = tmp_path_factory.mktemp("bench")
+    readme = out / "README.md"
+    shutil.copy(os.path.join(ROOT, "README.md"), readme)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--sizes", str(SMOKE_SIZE), "--repeat", "1",
+         "--dispatch", str(SMOKE_DISPATCH), "--pymailq-size", str(SMOKE_SIZE), "--target-size", str(SMOKE_SIZE),
+         "--bench-venv", BENCH_VENV, "--output", str(out / "BENCHMARKS.md"), "--readme", str(readme),
+         "--json", str(out / "results.json"), "--out-dir", str(out)],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    return {"results": results, "report": (out / "BENCHMARKS.md").read_text(), "readme": readme.read_text(),
+            "log": result.stdout, "out": out}
+
+
+def _figure(results, mta, size, name):
+    key = f"{mta}|{size}|{name}"
+    assert key in results["figures"], f"no figure {key}; have {sorted(results['figures'])}"
+    return results["figures"][key]
+
+
+def test_every_figure_is_measured(smoke):
+    results = smoke["results"]
+    wanted = [(mta, SMOKE_SIZE, name) for mta, names in PER_SIZE.items() for name in names]
+    wanted += [(mta, SMOKE_DISPATCH, name) for mta, names in PER_DISPATCH.items() for name in names]
+    for mta, size, name in wanted:
+        figure = _figure(results, mta, size, name)
+        assert len(figure["runs"]) == 1, (mta, name, figure)
+        assert all(math.isfinite(run) and run > 0 for run in figure["runs"]), (mta, name, figure)
+    assert len(results["figures"]) == len(wanted), sorted(set(results["figures"]) - {
+        f"{m}|{s}|{n}" for m, s, n in wanted})
+
+
+def test_memory_is_measured_for_qrunner(smoke):
+    for mta in PER_SIZE:
+        for name in MEMORY:
+            figure = _figure(smoke["results"], mta, SMOKE_SIZE, name)
+            assert figure["max_rss_kb"] and min(figure["max_rss_kb"]) > 0, (mta, name)
+            assert figure["tree_rss_kb"] and min(figure["tree_rss_kb"]) > 0, (mta, name)
+            # qrunner's own processes (the command and its Lua worker), apart from the MTA tools it runs
+            assert figure["qrunner_rss_kb"] and min(figure["qrunner_rss_kb"]) > 0, (mta, name)
+
+
+def test_the_report_has_every_table_and_the_machine(smoke):
+    report = smoke["report"]
+    for section in SECTIONS:
+        assert section in report, section
+    for fact in ("nproc", "memory", "cpu", "Debian", "Postfix", "Exim", "Python", "lupa"):
+        assert f"| {fact} |" in report, fact
+    assert "?" not in [line.split("|")[2].strip() for line in report.splitlines()
+                       if line.startswith(("| Postfix |", "| Exim |", "| lupa |", "| pymailq |"))]
+
+
+def test_every_target_at_the_target_size_has_a_verdict(smoke):
+    targets = smoke["report"].split("## Targets (issue 13, point 2)", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in targets.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 14, rows
+    at_size = [row for row in rows if "100,000" not in row]
+    assert len(at_size) == 7
+    for row in at_size:
+        assert "**met**" in row or "**missed**" in row, row
+    for row in rows:
+        if "100,000" in row:
+            assert "not measured" in row, row
+    if any("**missed**" in row for row in rows):
+        profiles = smoke["report"].split("## Profiles of missed targets", 1)[1]
+        assert "samples at 250 Hz" in profiles and "| qrunner function" in profiles, profiles[:2000]
+
+
+def test_the_readme_headline_is_rewritten_from_the_same_run(smoke):
+    readme = smoke["readme"]
+    block = readme.split("<!-- bench:headline:start", 1)[1].split("<!-- bench:headline:end -->", 1)[0]
+    assert "Headline figures of the last `make bench`" in block
+    assert "Postfix planning, no header read" in block
+    assert "not measured yet" not in block
+    tools = block.split("Against the tools admins use today", 1)[1]
+    for tool in ("jq", "pymailq", "exipick"):
+        assert tool in tools, tool
+
+
+def test_the_report_can_be_written_again_from_the_kept_results(smoke):
+    """--from-json measures nothing and writes the same BENCHMARKS.md from the run's results.json."""
+    again = smoke["out"] / "again.md"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "run.py"), "--from-json",
+                             str(smoke["out"] / "results.json"), "--output", str(again), "--readme", ""],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert again.read_text() == smoke["report"]
