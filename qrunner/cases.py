@@ -144,7 +144,8 @@ def _expect(path: str, where: str, expect: Any) -> Dict[str, Any]:
     if expect["action"] not in ACTIONS:
         raise DataError(f"{path}: {where}: expect.action must be \"send\" or \"hold\", not {expect['action']!r}.")
     priority = expect.get("priority")
-    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)
+                                 or not 1 <= priority <= 100):
         raise DataError(f"{path}: {where}: expect.priority must be a whole number from 1 to 100.")
     return dict(expect)
 

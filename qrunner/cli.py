@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "gated, holds near the MTA's queue lifetime or max_hold_age, the last run had policy "
                              "errors or ended with exit 1); 2 no run completed within --max-age, or the last one "
                              "failed")
-    status.add_argument("--max-age", metavar="SECONDS", type=float, default=1800,
+    status.add_argument("--max-age", metavar="SECONDS", type=_seconds, default=1800,
                         help="with --check: how long ago the last run may have completed (default 1800: the timer "
                              "runs every 5 minutes)")
     status.add_argument("--format", choices=("table", "json"), default="table",
@@ -273,6 +273,17 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def _add_id_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID", help=what)
     parser.add_argument("--all", action="store_true", help="all of them")
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds above 0 (``--max-age``): not nan, not inf."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -465,6 +476,10 @@ def _release_for_removal(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if (args.check or args.history) and not _selector(args).empty:
+        raise UsageError("selectors narrow the list of holds; --check and --history take none.")
+    if args.check and args.history:
+        raise UsageError("give --check or --history, not both.")
     with _runner(args, load_config(args.config)) as runner:
         if args.check:
             verdict = runner.check_health(args.max_age)

@@ -81,6 +81,8 @@ def test_a_malformed_cases_file_is_one_sentence_naming_the_case_and_the_key(tmp_
     for text, words in (
             ('[[case]]\nsize = "big"\nexpect = { action = "send" }\n', "case 1: size must be a whole number"),
             ('[[case]]\nexpect = { action = "later" }\n', 'case 1: expect.action must be "send" or "hold"'),
+            ('[[case]]\nexpect = { action = "send", priority = 500 }\n', "case 1: expect.priority must be a whole "
+                                                                     "number from 1 to 100"),
             ('[[case]]\nsizes = 1\nexpect = { action = "send" }\n', "case 1: unknown key 'sizes'"),
             ('[[case]]\nexpect = { action = "send" }\n[[case]]\nname = "x"\n', "case 2: expect must be a table"),
             ('now = "tomorrow"\n[[case]]\nexpect = { action = "send" }\n', "now 'tomorrow' is not a local time"),

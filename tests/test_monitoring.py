@@ -37,8 +37,11 @@ def test_status_check_says_ok_warning_or_critical_in_one_line(tmp_path, memory):
     code, line = check(qr)
     assert code == 0 and line.startswith("QRUNNER OK: 1 holds; the last run ") and line.endswith("(run, ok)")
 
-    code, line = check(qr, "--max-age", "0")
+    code, line = check(qr, "--max-age", "0.001")
     assert code == 2 and line.startswith("QRUNNER CRITICAL: no run completed in the last 0 s")
+    for bad in ("nan", "-5", "inf"):
+        refused = qr("status", "--check", "--max-age", bad)
+        assert refused.code == 64 and "is not a number of seconds above 0" in refused.stderr, refused
 
     memory.set(gated=False)
     code, line = check(qr)

@@ -94,6 +94,8 @@ def test_a_bad_selector_is_one_sentence_and_exit_64(three_holds, mta):
         assert result.code == 64 and what in result.stderr and "Traceback" not in result.stderr, result
     result = qr("release")
     assert result.code == 64 and "give --all, or select messages" in result.stderr
+    result = qr("status", "--check", "--sender", ALICE)
+    assert result.code == 64 and "--check and --history take none" in result.stderr
 
 
 def test_release_dry_run_lists_and_changes_nothing_then_limit_takes_the_oldest(three_holds, mta):
