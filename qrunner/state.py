@@ -29,7 +29,9 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -382,6 +384,31 @@ def migrate(db: sqlite3.Connection, path: str) -> None:
         db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
 
 
+def _rolled_back_copy(path: str) -> sqlite3.Connection:
+    """The database as its last commit left it, when a killed run left a hot journal beside it.
+
+    A read-only connection cannot roll a hot journal back (SQLite says
+    "attempt to write a readonly database"), and plan, status and dry runs
+    must not write: so the database and its journal are copied into a
+    private directory, SQLite rolls the copy back there, and the result is
+    read from memory. The real files wait for the next run that writes,
+    which rolls them back itself.
+    """
+    with tempfile.TemporaryDirectory(prefix="qrunner-state-") as scratch:
+        copy_path = os.path.join(scratch, "state.sqlite")
+        shutil.copyfile(path, copy_path)
+        try:
+            shutil.copyfile(path + "-journal", copy_path + "-journal")
+        except FileNotFoundError:
+            pass  # a run that writes rolled it back (or committed) meanwhile: the file alone is consistent
+        rolled = sqlite3.connect(copy_path)
+        rolled.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the first read rolls the copy back
+        memory = sqlite3.connect(":memory:")
+        rolled.backup(memory)
+        rolled.close()
+    return memory
+
+
 class State:
     """The state database of one MTA instance."""
 
@@ -422,7 +449,13 @@ class State:
         if not os.access(path, os.R_OK):
             raise NoPermissionError(f"{path}: cannot read qrunner's state database; run as root.")
         try:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+            try:
+                db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+                _version(db)
+            except sqlite3.OperationalError as exc:
+                if "readonly" not in str(exc) or not os.path.exists(path + "-journal"):
+                    raise
+                db = _rolled_back_copy(path)
             if _version(db) < SCHEMA_VERSION:
                 copy = sqlite3.connect(":memory:")
                 db.backup(copy)

@@ -156,3 +156,44 @@ def test_a_state_database_of_a_newer_release_is_refused(tmp_path):
     for command in (["run"], ["status"], ["plan"]):
         result = qr(*command)
         assert result.code == 78 and "newer than this qrunner knows" in result.stderr, result.stderr
+
+
+# A writer killed in the middle of a big transaction: SQLite has written the journal and some of the
+# database's pages (its cache was full), then the process died. The journal is hot.
+KILLED_MID_TRANSACTION = """
+import os, sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA cache_size = 1")
+db.execute("BEGIN IMMEDIATE")
+db.execute("UPDATE holds SET reason = 'never committed'")
+db.execute("CREATE TABLE spill (pad)")
+db.executemany("INSERT INTO spill VALUES (?)", [("x" * 500,)] * 2000)
+os._exit(0)
+"""
+
+
+def test_a_run_killed_in_a_commit_leaves_status_plan_and_dry_run_readable(tmp_path):
+    """issue 14 finding (a): a hot journal made every read-only look exit 78 until the next run that writes."""
+    import subprocess
+    import sys
+
+    mta = MemoryHarness(str(tmp_path / "queue"))
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    held = mta.queue_message("held")
+    assert qr("run").code == 0
+    database = os.path.join(qr.state_dir, "qrunner.sqlite")
+    subprocess.run([sys.executable, "-c", KILLED_MID_TRANSACTION, database], check=True)
+    assert os.path.getsize(database + "-journal") > 0
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):  # what status, plan and dry runs met
+        sqlite3.connect(f"file:{database}?mode=ro", uri=True).execute("SELECT reason FROM holds").fetchall()
+
+    status = qr("status")
+    plan = qr("plan")
+    dry = qr("run", "--dry-run")
+
+    assert status.code == 0 and held in status.stdout and "not now" in status.stdout, status
+    assert "never committed" not in status.stdout  # the last commit, not the dead writer's half
+    assert plan.code == 0 and dry.code == 0, (plan, dry)
+    assert os.path.exists(database + "-journal")  # the looks wrote nothing: the real files wait for ...
+    assert qr("run").code == 0  # ... the next run that writes, which rolls them back itself
+    assert "never committed" not in qr("status").stdout and not os.path.exists(database + "-journal")
