@@ -340,13 +340,30 @@ class PolicyEngine:
 
     @staticmethod
     def _read_script(path: str) -> bytes:
+        """The script's text as the standard ``lua`` loads a file: a UTF-8 BOM and a first ``#`` line skipped.
+
+        The ``#`` line (``#!/usr/bin/lua``) is blanked, not removed, so that
+        Lua's line numbers stay the file's. A compiled chunk is refused here,
+        naming the file: qrunner loads source text only, since bytecode can
+        escape any sandbox.
+        """
         try:
             with open(path, "rb") as handle:
-                return handle.read()
+                text = handle.read()
         except FileNotFoundError:
             raise ScriptLoadError(f"{path}: policy script not found; set 'script' in the configuration or pass --script.")
         except OSError as exc:
             raise ScriptLoadError(f"{path}: cannot read the policy script: {exc.strerror}.")
+        if text.startswith(b"\xef\xbb\xbf"):
+            text = text[3:]
+        if text.startswith(b"#"):
+            end = text.find(b"\n")
+            text = b"" if end < 0 else text[end:]
+        if text.startswith(b"\x1bLua"):
+            raise ScriptLoadError(f"{path}: is compiled Lua (bytecode, as luac writes it); qrunner loads policy "
+                                  "scripts as source text only, since bytecode can escape the sandbox: point "
+                                  "'script' at the .lua source.")
+        return text
 
     def __enter__(self) -> "PolicyEngine":
         return self
@@ -602,8 +619,14 @@ class PolicyEngine:
         return policy_error(sender, error, on_error)
 
     def _log_print(self, sender: Sender, message: Optional[Message], text: str) -> None:
+        """One line of the script's ``print``, marked as the script's; a control character shows as ``?``.
+
+        The worker splits printed text into lines (each counts towards the
+        per-call cap), so no printed text can start a log line of its own.
+        """
         prefix = message.queue_id if message is not None else sender.name
-        log.info("%s: script (sender %s): %s", prefix, sender.name, text)
+        shown = "".join(c if c == "\t" or c.isprintable() else "?" for c in text)
+        log.info("%s: script (sender %s): %s", prefix, sender.name, shown)
 
     def _note_extras(self, names: str) -> None:
         self._extras_used.update(n for n in names.split(",") if n)

@@ -3,7 +3,7 @@ local emit, fetch_headers, opts = ...
 local G = _G
 local type, tostring, select, error, pcall, rawget, rawset, rawlen, next, setmetatable =
       type, tostring, select, error, pcall, rawget, rawset, rawlen, next, setmetatable
-local string_lower, string_byte, table_concat = string.lower, string.byte, table.concat
+local string_lower, string_byte, string_gmatch, table_concat = string.lower, string.byte, string.gmatch, table.concat
 local huge = math.huge
 local clock = os.clock           -- our own reference: a script may replace os.clock
 local sethook = debug.sethook
@@ -79,13 +79,20 @@ end
 
 -- print goes to qrunner's log, never to stdout.
 local printed = 0
+-- Each line counts towards the cap and is logged on its own, so printed text can never pass for a line of
+-- qrunner's own.
 G.print = function(...)
-  printed = printed + 1
-  if printed > opts.print_limit then return end
+  if printed >= opts.print_limit then return end
   local parts = {}
   for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
-  if printed == opts.print_limit then parts[#parts + 1] = " (further print output of this call suppressed)" end
-  emit(table_concat(parts, "\t"))
+  for line in string_gmatch(table_concat(parts, "\t") .. "\n", "([^\n]*)\n") do
+    printed = printed + 1
+    if printed > opts.print_limit then return end
+    -- (Lua 5.5's loop variables are constants: the marked line is a new local)
+    local shown = line
+    if printed == opts.print_limit then shown = line .. " (further print output of this call suppressed)" end
+    emit(shown)
+  end
 end
 
 -- The fixed clock of --now: only calls without a time argument see it.

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from policy_helpers import (BASE_ARRIVAL, DEFAULT, by_id, decide, message, policy_log, set_tz,  # noqa: F401
+from policy_helpers import (BASE_ARRIVAL, DEFAULT, LUA_VERSIONS, by_id, decide, message, policy_log, set_tz,  # noqa: F401
                             settings)
 from qrunner.config import Sender
 from qrunner.exceptions import ScriptLoadError
@@ -387,6 +387,48 @@ def test_an_endless_print_loop_is_cut_short_in_the_log(tmp_path, policy_log):
     printed = [line for line in policy_log.lines if "line\t" in line]
     assert 0 < len(printed) < 5000
     assert any("suppressed" in line for line in printed)
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_a_print_of_many_lines_counts_each_line_and_none_passes_for_qrunners_own(tmp_path, policy_log, lua):
+    """One print with thousands of embedded newlines: each line counts towards the cap, each is logged on its
+    own and marked as the script's, and a control character is shown, not written."""
+    script = r"""function CheckFile(f, a)
+      print(string.rep("Q1: action=send sender=default priority=50\n", 5000) .. "bell\7 and\r return")
+      return a end"""
+    (d,) = decide(tmp_path, script, [message("Q1")], lua=lua)
+    assert d.send is True
+    forged = [line for line in policy_log.lines if "action=send" in line]
+    assert 0 < len(forged) <= 200 and all("\n" not in line for line in policy_log.lines)
+    assert all(line.startswith("Q1: script (sender default): ") for line in forged)
+    assert "suppressed" in forged[-1]
+
+
+def test_control_characters_of_the_last_printed_line_are_shown_not_written(tmp_path, policy_log):
+    script = r"""function CheckFile(f, a) print("bell\7 and\r return\27[2J") return a end"""
+    decide(tmp_path, script, [message("Q1")])
+    [line] = [line for line in policy_log.lines if "bell" in line]
+    assert line == "Q1: script (sender default): bell? and? return?[2J"
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_a_script_with_a_bom_and_a_first_hash_line_loads_as_lua_loads_it(tmp_path, lua):
+    script = "\ufeff#!/usr/bin/lua\nfunction CheckFile(f, a) a.Priority = 77 return a end\n"
+    (d,) = decide(tmp_path, script, [message("Q1")], lua=lua)
+    assert (d.send, d.priority) == (True, 77)
+    broken = "#!/usr/bin/lua\n\nfunction CheckFile(f, a) return a +\n"
+    with pytest.raises(ScriptLoadError) as info:
+        decide(tmp_path, broken, [message("Q1")], lua=lua)
+    assert "relayout.lua:4:" in info.value.message  # the file's own line numbers, the # line counted
+
+
+def test_a_compiled_chunk_is_refused_naming_the_file(tmp_path):
+    script = tmp_path / "relayout.luac"
+    script.write_bytes(b"\x1bLuaT\x00\x19\x93\r\n\x1a\n\x04\x08\x08")
+    with pytest.raises(ScriptLoadError) as info:
+        with PolicyEngine(settings(script)) as engine:
+            engine.decide([message("Q1")], DEFAULT)
+    assert info.value.message.startswith(f"{script}: is compiled Lua") and ".lua source" in info.value.message
 
 
 # -- arrival order, several senders -------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -42,6 +43,11 @@ FORMAT_HINT = "each line must be one JSON object as 'postqueue -j' prints it"
 NULL_SENDER_SHOWN = "MAILER-DAEMON"  # postqueue -j's name for the null sender (empty_address_recipient's default)
 
 
+# A queue id is printed in tables and log lines and compared with the live queue's: one with a newline or a
+# control character could forge lines, one like "-d" or "../x" could pass for an option or a path.
+SNAPSHOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -51,7 +57,8 @@ def _problem(record: Any) -> str:
     if not isinstance(record, dict):
         return "not a JSON object"
     checks = (
-        ("queue_id", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+        ("queue_id", lambda v: isinstance(v, str) and SNAPSHOT_ID.fullmatch(v) is not None,
+         "letters, digits, '.', '_' and '-', starting with a letter or digit, as Postfix and Exim write queue ids"),
         ("arrival_time", lambda v: _number(v) and 0 <= v <= MAX_EPOCH, "a number of epoch seconds (0 to year 9999)"),
         ("message_size", lambda v: _number(v) and 0 <= v <= MAX_SIZE, "a number of bytes (0 to 2**53)"),
         ("sender", lambda v: isinstance(v, str), "a string"),
