@@ -376,6 +376,14 @@ def test_bad_usage_exits_64(capsys, tmp_path, script, args):
     ('{"queue_id": "A\\nB: action=send", "arrival_time": 1, "message_size": 5, "sender": "", "recipients": []}', 2,
      "'queue_id' must be letters, digits"),
     ('{"queue_id": "-d", "arrival_time": 1, "message_size": 5, "sender": "", "recipients": []}', 2, "'queue_id'"),
+    ('{"queue_id": "X", "arrival_time": 1, "message_size": 5, "sender": "", "recipients": [], "x": '
+     + "[" * 100000 + "]" * 100000 + "}", 2, "nested too deeply"),
+    ('{"queue_id": "X", "arrival_time": ' + "9" * 5000 + ', "message_size": 5, "sender": "", "recipients": []}', 2,
+     "a number with more digits than any field can hold"),
+    ('{"queue_id": "X", "arrival_time": 1, "message_size": 5, "sender": "\\ud800x", "recipients": []}', 2,
+     "'sender' holds a \\uXXXX escape of a lone surrogate"),
+    ('{"queue_id": "X", "arrival_time": 1, "message_size": 5, "sender": "", "recipients": [], '
+     '"headers": ["Subject: \\ud83d"]}', 2, "'headers' holds"),
     ('{"queue_id": "../x", "arrival_time": 1, "message_size": 5, "sender": "", "recipients": []}', 2, "'queue_id'"),
     ('{"queue_id": "A B", "arrival_time": 1, "message_size": 5, "sender": "", "recipients": []}', 2, "'queue_id'"),
     ('{"queue_id": "X", "arrival_time": "now", "message_size": 5, "sender": "", "recipients": []}', 2,

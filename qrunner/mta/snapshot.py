@@ -48,6 +48,21 @@ NULL_SENDER_SHOWN = "MAILER-DAEMON"  # postqueue -j's name for the null sender (
 SNAPSHOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
+def _encodable(value: Any) -> bool:
+    """Every string in ``value`` is text or bytes escaped as snapshot writes them (surrogateescape)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, list):
+        return all(_encodable(v) for v in value)
+    if isinstance(value, dict):
+        return all(_encodable(v) for v in value.values())
+    return True
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -70,6 +85,10 @@ def _problem(record: Any) -> str:
             return f"'{key}' is missing"
         if not ok(record[key]):
             return f"'{key}' must be {what}"
+    for key in ("queue_id", "sender", "recipients", "headers", "filename", "queue_name"):
+        if key in record and not _encodable(record[key]):
+            return (f"'{key}' holds a \\uXXXX escape of a lone surrogate, which is neither a character nor (as "
+                    "\\udc80-\\udcff, which snapshot writes for bytes that are not UTF-8) a byte")
     optional = (
         ("headers", lambda v: isinstance(v, list) and all(isinstance(h, str) for h in v), "a list of strings"),
         ("filename", lambda v: isinstance(v, str), "a string"),
@@ -201,8 +220,11 @@ def parse_snapshot(stream: IO[bytes], name: str) -> List[Message]:
             continue
         try:
             record = json.loads(text)
+        except RecursionError:
+            raise DataError(f"{name}:{number}: JSON nested too deeply to be a snapshot line; {FORMAT_HINT}.")
         except ValueError as exc:
-            raise DataError(f"{name}:{number}: not valid JSON ({exc.msg}); {FORMAT_HINT}.")
+            why = getattr(exc, "msg", None) or "a number with more digits than any field can hold"
+            raise DataError(f"{name}:{number}: not valid JSON ({why}); {FORMAT_HINT}.")
         problem = _problem(record)
         if problem:
             raise DataError(f"{name}:{number}: {problem}; {FORMAT_HINT}.")
