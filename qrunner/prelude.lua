@@ -183,7 +183,12 @@ local function failure(results)
   if expired then return "timeout" end
   local err = results[2]
   if err == "not enough memory" then return "memory" end
-  if type(err) ~= "string" then err = "error object of type " .. type(err) .. ": " .. tostring(err) end
+  if type(err) ~= "string" then
+    -- an error object's own __tostring may fail, or return no string: that must not take the worker down
+    local ok, text = pcall(tostring, err)
+    if not ok or type(text) ~= "string" then text = "(its __tostring failed)" end
+    err = "error object of type " .. type(err) .. ": " .. text
+  end
   return "error", err
 end
 

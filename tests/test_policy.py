@@ -695,3 +695,15 @@ def test_an_empty_queue_decides_nothing_but_still_loads(tmp_path):
     assert decide(tmp_path, "function CheckFile(f, a) return a end", []) == []
     load_error(tmp_path, "syntax error here")
 
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+@pytest.mark.parametrize("tostring", ['error("no string for you")', "return {}"])
+def test_an_error_object_whose_tostring_fails_is_a_policy_error_not_a_dead_worker(tmp_path, policy_log, lua, tostring):
+    script = ("function CheckFile(f, a) if f == 'BAD' then error(setmetatable({}, {__tostring = function() "
+              + tostring + " end})) end return a end")
+    bad, after = decide(tmp_path, script, [message("BAD", arrival=1, filename="BAD"), message("AFTER", arrival=2)],
+                        lua=lua)
+    assert bad.errors == ("error object of type table: (its __tostring failed)",)
+    assert after.send is True and after.errors == ()
+    assert "worker died" not in policy_log.text and "fresh state" not in policy_log.text
