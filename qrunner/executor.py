@@ -28,7 +28,7 @@ from qrunner.decision import Decision, MessageKey
 from qrunner.message import Message
 from qrunner.mta.base import Backend, Outcome, Result, SendRequest
 from qrunner.plan import Expire, HandBack, Plan, Release, Remove, Send, Wait
-from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick
+from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick, no_tick
 from qrunner.state import Event, RunSummary, State
 
 log = logging.getLogger("qrunner")
@@ -39,10 +39,6 @@ CHUNK = 1000  # messages per postsuper/exim call in a long hold, release or move
 def quote(text: str) -> str:
     """A value for a ``key="..."`` log field, on one line."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ").replace("\r", " ") + '"'
-
-
-def _no_tick(count: int = 1) -> None:
-    pass
 
 
 def seconds(value: float) -> str:
@@ -67,8 +63,9 @@ class Executor:
         self.pacing = pacing
         self.progress = progress
         self.rate = rate  # messages per second handed to the MTA's delivery (flush, release --to-default-queue)
-        self._tick: Tick = _no_tick
+        self._tick: Tick = no_tick
         self._rate_from: Optional[float] = None  # when the first paced step of --rate started
+        self._rate_count = 0  # messages --rate has let through since then
         started = time.monotonic() if started is None else started
         self.deadline = started + pacing.max_run_seconds if pacing.max_run_seconds else None
         self._not_released: Set[str] = set()
@@ -92,12 +89,11 @@ class Executor:
         rate lets it.
         """
         size = max(1, int(self.rate)) if paced and self.rate else CHUNK
-        started = time.monotonic()
         with self.progress.bar(what, len(items)) as tick:
             for done in range(0, len(items), size):
-                if paced and self.rate and done:
-                    time.sleep(max(0.0, started + done / self.rate - time.monotonic()))
                 chunk = items[done:done + size]
+                if paced and self.rate:
+                    self._keep_rate(len(chunk))
                 act(chunk)
                 tick(len(chunk))
 
@@ -320,7 +316,7 @@ class Executor:
                 self.paced = self._hand_over(list(sends), {r.key: r for r in releases}, handed)
             completed = True
         finally:
-            self._tick = _no_tick
+            self._tick = no_tick
             if completed:
                 for send in handed:
                     if send.queue_id not in self._outcomes:
@@ -363,19 +359,21 @@ class Executor:
                 step = min(step, self._room)
             if self.rate:
                 step = min(step, max(1, int(self.rate)))
-                self._keep_rate(len(handed))
             chunk = level[done:done + step]
+            if self.rate:
+                self._keep_rate(len(chunk))
             done += len(chunk)
             self._send_step(chunk, releases, handed)
         return None
 
-    def _keep_rate(self, handed: int) -> None:
-        """``--rate``: the next step starts no earlier than the rate allows for the ``handed`` before it."""
+    def _keep_rate(self, count: int) -> None:
+        """``--rate``: wait until ``count`` more messages may go to the MTA, one clock for the moves and the sends."""
         now = time.monotonic()
         if self._rate_from is None:
             self._rate_from = now
         else:
-            time.sleep(max(0.0, self._rate_from + handed / self.rate - now))
+            time.sleep(max(0.0, self._rate_from + self._rate_count / self.rate - now))
+        self._rate_count += count
 
     def _limit_reached(self) -> Optional[str]:
         """Why the run may hand over nothing more now, or None; ``max_active`` asks the MTA when the room is used up."""

@@ -39,7 +39,7 @@ from qrunner.decision import Decision, Verdict
 from qrunner.exceptions import ScriptLoadError
 from qrunner.message import Message, arrival_order
 from qrunner.policy_worker import LOADING, PROGRESS
-from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick
+from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick, no_tick
 
 log = logging.getLogger("qrunner.policy")
 
@@ -335,7 +335,7 @@ class PolicyEngine:
         self._script_text = self._read_script(settings.script)
         self._worker: Optional[_Worker] = None
         self._extras_used: Set[str] = set()
-        self._tick: Tick = lambda count: None
+        self._tick: Tick = no_tick
         self._singles: Dict[int, Tuple[Verdict]] = {}  # id of a verdict shared by messages -> its 1-tuple
 
     @staticmethod

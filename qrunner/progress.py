@@ -35,8 +35,8 @@ def wanted(verbosity: int) -> bool:
 Tick = Callable[[int], None]
 
 
-def _no_tick(count: int = 1) -> None:
-    pass
+def no_tick(count: int = 1) -> None:
+    """The tick of no bar."""
 
 
 class Progress:
@@ -49,7 +49,7 @@ class Progress:
     def bar(self, what: str, total: int, unit: str = "msg") -> Iterator[Tick]:
         """A bar for ``total`` items; the stage calls the tick it gets with how many more are done."""
         if not self.enabled or total <= 0:
-            yield _no_tick
+            yield no_tick
             return
         from tqdm import tqdm  # only at a terminal: cron and the timer never import it
 

@@ -328,24 +328,20 @@ class Runner:
             self._listing = self._listed(messages, records)
             sorted_out = triage(self._listing, only_ids, self._hold_age())
             decisions = engine.decide(sorted_out.candidates, self.senders)
-        due = self._due(decisions, records)
-        for step in sorted_out.expire:
-            wait = None if step.bounce else self.backend.due(step.message, records.attempts.get(step.key))
-            if wait is not None:
-                due[step.key] = wait
-        return make_plan(decisions, sorted_out, due, from_hold=self._from_hold(decisions), pacing=pacing)
+        sending = [d.message for d in decisions if d.send] + [e.message for e in sorted_out.expire if not e.bounce]
+        return make_plan(decisions, sorted_out, self._due(sending, records), from_hold=self._from_hold(decisions),
+                         pacing=pacing)
 
-    def _due(self, decisions: Sequence[Decision], records: Records) -> Dict[MessageKey, Due]:
-        """The allowed messages whose retry time has not come, with when; those due now have no entry."""
+    def _due(self, messages: Sequence[Message], records: Records) -> Dict[MessageKey, Due]:
+        """Of the messages to be sent, those whose retry time has not come, with when; those due now have no entry."""
         due_at = self.backend.due
         attempts = records.attempts
         waits = {}
-        for decision in decisions:
-            if decision.send:
-                key = decision.key
-                wait = due_at(decision.message, attempts.get(key) if attempts else None)
-                if wait is not None:
-                    waits[key] = wait
+        for message in messages:
+            key = MessageKey.of(message)
+            wait = due_at(message, attempts.get(key) if attempts else None)
+            if wait is not None:
+                waits[key] = wait
         return waits
 
     def _chosen(self, messages: Sequence[Message], records: Records, only_ids: Optional[Sequence[str]]
@@ -643,16 +639,17 @@ class Runner:
             log.error("%d messages are still in qrunner's queue (being delivered?): %s; run the release again",
                       len(left), " ".join(left[:20]))
 
-    def status(self, selector: Optional[Selector] = None) -> Status:
+    def status(self, selector: Optional[Selector] = None, last_of: Optional[str] = None) -> Status:
         """qrunner's holds (flagging those past the MTA's queue lifetime), the senders, the last run and the gate.
 
         With selectors, only the holds they match (no match: NothingSelected);
         the queue is listed then, for each held message's recipients.
+        ``last_of``: the last run of that command only (``run``), else of any.
         """
         state = State(self.config.state_dir, self.backend.instance, readonly=True)
         try:
             holds = list(state.holds().values())
-            last = state.last_run()
+            last = state.last_run(last_of)
         finally:
             state.close()
         if selector is not None and not selector.empty:
@@ -685,13 +682,8 @@ class Runner:
         An admin's ``release`` or ``flush`` in between must not hide a
         failed or stopped timer, nor warn about itself until the next run.
         """
-        status = self.status()
-        state = State(self.config.state_dir, self.backend.instance, readonly=True)
-        try:
-            status.last_run = state.last_run("run")
-        finally:
-            state.close()
-        return health(status, self.backend.queue_lifetime(), max_age, time.time(), self.config.max_hold_age)
+        return health(self.status(last_of="run"), self.backend.queue_lifetime(), max_age, time.time(),
+                      self.config.max_hold_age)
 
     def routes(self) -> Dict[Sender, str]:
         """Each sender, in the order they run, with how its mail leaves this MTA."""
