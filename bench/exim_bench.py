@@ -19,13 +19,12 @@ import time
 from typing import Callable, List, Optional
 
 import corpus
-from harness import (BIG_LIMIT, CONFIG_TOP, HERE, decisions_check, expect, last_run, profile, qrunner,
+from harness import (BIG_LIMIT, CONFIG_TOP, HERE, SinkBench, decisions_check, expect, last_run, profile, qrunner,
                      qrunner_env, rounds, write_scripts)
 from results import Figure, Results
 from timing import BenchFailure, Measured, measured
 
 from exim_instance import EXIPICK, exim_missing_reason, make_instance  # noqa: E402
-from smtp_sink import SmtpSink  # noqa: E402
 
 PER_PROCESS = 1000  # messages per exim -bS
 _BPR_ENTRY = re.compile(rb"^\s*\d+[mhd]\s+\S+\s+[0-9A-Za-z]{6}-[0-9A-Za-z]{6,11}-[0-9A-Za-z]{2,4} ", re.M)
@@ -180,18 +179,10 @@ class EximBench:
         rounds(self.results, "exim", size, steps, self.repeat, log=self.log)
 
 
-class EximDispatchBench:
+class EximDispatchBench(SinkBench):
     """``qrunner run`` sending N messages with ``exim -Mc`` batches at dispatch_concurrency 1, 2 and 4."""
 
-    def __init__(self, args, results: Results, log: Callable[[str], None] = print):
-        self.n = args.dispatch
-        self.args = args
-        self.results = results
-        self.log = log
-        self.sink = SmtpSink().start()
-        self.tmp = tempfile.mkdtemp(prefix="qr-bench-exd-", dir="/tmp")
-        self.scripts = write_scripts(self.tmp)
-        self.instance = None
+    scratch_prefix = "qr-bench-exd-"
 
     def run(self) -> None:
         self.instance = make_instance(self.sink.port)
@@ -220,8 +211,3 @@ class EximDispatchBench:
                                     qrunner_rss_kb=[r.qrunner_rss_kb for r in done],
                                     command=f"qrunner run, dispatch_concurrency = {concurrency}"))
 
-    def cleanup(self) -> None:
-        if self.instance is not None:
-            self.instance.cleanup()
-        self.sink.stop()
-        subprocess.run(["rm", "-rf", self.tmp])

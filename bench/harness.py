@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -19,6 +20,8 @@ from timing import BenchFailure, Measured, shown
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from smtp_sink import SmtpSink  # noqa: E402  (tests/, on sys.path just above)
 
 # The policies. Each names what it selects so that the figures can be checked against what the queue holds.
 SCRIPTS = {
@@ -125,6 +128,28 @@ def last_run(env: Dict[str, str]) -> Dict[str, int]:
     return {"command": match.group(1), "outcome": match.group(2), "listed": int(match.group(3)),
             "sent": int(match.group(4)), "held": int(match.group(5)), "released": int(match.group(6))}
 
+
+class SinkBench:
+    """What the dispatch benchmarks share: N messages (``--dispatch``), a sink they reach, a scratch directory
+    with the bench's scripts, and the MTA instance ``run`` makes; ``cleanup`` takes all of it away."""
+
+    scratch_prefix = "qr-bench-"
+
+    def __init__(self, args, results: Results, log: Callable[[str], None] = print):
+        self.n = args.dispatch
+        self.args = args
+        self.results = results
+        self.log = log
+        self.sink = SmtpSink().start()
+        self.tmp = tempfile.mkdtemp(prefix=self.scratch_prefix, dir="/tmp")
+        self.scripts = write_scripts(self.tmp)
+        self.instance = None
+
+    def cleanup(self) -> None:
+        if self.instance is not None:
+            self.instance.cleanup()
+        self.sink.stop()
+        subprocess.run(["rm", "-rf", self.tmp])
 
 class RefusingRelay:
     """A relay on 127.0.0.1 that greets every client with 451 and hangs up: dispatched mail comes back deferred.

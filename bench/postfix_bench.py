@@ -23,13 +23,13 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import corpus
-from harness import (BIG_LIMIT, CONFIG_TOP, HERE, RefusingRelay, decisions_check, expect, last_run, profile,
+from harness import (BIG_LIMIT, CONFIG_TOP, HERE, RefusingRelay, SinkBench, decisions_check, expect, last_run, profile,
                      qrunner, qrunner_env, rounds, wait_until, write_scripts)
 from results import Figure, Results
 from timing import BenchFailure, Measured, measured
 
 from postfix_instance import free_loopback_port, make_instance  # noqa: E402  (tests/, on sys.path via harness)
-from smtp_sink import SmtpSink, wait_for_greeting  # noqa: E402
+from smtp_sink import wait_for_greeting  # noqa: E402
 
 GATE = "deferred transport"
 SESSION = 500  # messages per SMTP session while building
@@ -392,18 +392,10 @@ class PostfixBench:
             self.settle()
 
 
-class ReinjectBench:
+class ReinjectBench(SinkBench):
     """Re-injection through a sender's listener: a queue of N built per round, each copy relayed to an accepting sink."""
 
-    def __init__(self, args, results: Results, log: Callable[[str], None] = print):
-        self.n = args.dispatch
-        self.args = args
-        self.results = results
-        self.log = log
-        self.sink = SmtpSink().start()
-        self.tmp = tempfile.mkdtemp(prefix="qr-bench-ri-", dir="/tmp")
-        self.scripts = write_scripts(self.tmp)
-        self.instance = None
+    scratch_prefix = "qr-bench-ri-"
 
     def run(self) -> None:
         self.instance = new_instance(free_loopback_port())  # the gated relay: nothing goes there
@@ -444,8 +436,3 @@ class ReinjectBench:
                          Figure(runs=[self.n / s for s in injections], unit="msg/s", count=self.n,
                                 command="smtplib, one session into a plain smtpd listener"))
 
-    def cleanup(self) -> None:
-        if self.instance is not None:
-            self.instance.cleanup()
-        self.sink.stop()
-        subprocess.run(["rm", "-rf", self.tmp])
