@@ -28,7 +28,7 @@ REQUIRE_MTA := $(shell [ "$$(id -u)" = 0 ] && echo 1)
 COVERED := runner plan executor
 COVER_UNDER := 90
 
-.PHONY: demo test coverage install-test-deps install uninstall clean bench
+.PHONY: demo test coverage install-test-deps install uninstall clean bench reliability
 
 # make bench: the queue sizes to build in each MTA, separated by commas or spaces (about 39 KB of mail per message,
 # so 100,000 is 3.9 GB per MTA),
@@ -67,6 +67,14 @@ coverage: $(STAMP)
 bench: $(STAMP) install-test-deps $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --sizes "$(SIZES)" --repeat $(BENCH_REPEAT) --dispatch $(BENCH_DISPATCH) \
 	    --bench-venv $(BENCH_VENV) --json bench/out/results.json
+
+## reliability: run the fault-injection, hostile-input and load cases at full length (QRUNNER_LONG=1: more
+## rounds, more generated inputs, the long load runs) and write their figures into RELIABILITY.md
+reliability: $(STAMP) install-test-deps
+	rm -f bench/out/reliability.jsonl; mkdir -p bench/out
+	QRUNNER_LONG=1 QRUNNER_FIGURES=$(CURDIR)/bench/out/reliability.jsonl \
+	    QRUNNER_REQUIRE_MTA=$${QRUNNER_REQUIRE_MTA:-$(REQUIRE_MTA)} $(BIN)/python -m pytest -q -m reliability
+	$(BIN)/python tests/reliability_report.py bench/out/reliability.jsonl RELIABILITY.md
 
 $(BENCH_STAMP):
 	$(PYTHON) -m venv $(BENCH_VENV)

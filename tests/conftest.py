@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["postfix_fixtures", "exim_fixtures"]
+pytest_plugins = ["postfix_fixtures", "exim_fixtures", "figures"]
 
 # Every qrunner the tests start would write its lines to this host's mail log; tests/test_system_log.py
 # turns it back on inside namespaces with loggers of their own.
