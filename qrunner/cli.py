@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+import textwrap
 import time
 from contextlib import closing
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -21,7 +22,7 @@ from qrunner import __version__, selection
 from qrunner.cases import describe, load_cases, run_cases, summary
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.decision import Decision
-from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, LockHeldError, NothingSelected, QrunnerError, UsageError
+from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, EXIT_STATUS, LockHeldError, NothingSelected, QrunnerError, UsageError
 from qrunner.executor import quote
 from qrunner.log import report_failure, setup_logging
 from qrunner.mta import backend_for
@@ -33,25 +34,9 @@ from qrunner.progress import Progress, wanted as wanted_progress
 from qrunner.runner import Explanation, RunResult, Runner, decide_offline
 from qrunner.state import HistoryEntry
 
-EXIT_CODES = """\
-exit codes:
-  0   every message decided (and acted on) without a policy error
-  1   decided, but at least one message had a policy error, or (run, flush)
-      could not be acted on: a failed send, a named id qrunner may not touch;
-      (status, release, flush) the selectors matched no message
-      explain: the id is not in the queue (its history, if any, is shown)
-  64  bad usage (an unknown option, a malformed --now or --sender)
-  65  malformed input (a snapshot line that is not postqueue -j JSON)
-  66  the --queue-file snapshot does not exist
-  69  the MTA is not installed or not running
-  73  snapshot -o: the file cannot be created or written
-  75  another qrunner run holds the lock; try again later
-  77  not run with the rights the MTA's commands need
-  78  configuration error, or a policy script that does not load
-      (nothing was decided, nothing printed on stdout, nothing changed);
-      release --for-removal: the MTA is still gated for qrunner, or qrunner
-      cannot tell and --gate-removed was not given (nothing released)
-"""
+EXIT_CODES = "exit codes:\n" + "".join(
+    textwrap.fill(meaning, 79, initial_indent=f"  {code:<4}", subsequent_indent=" " * 6) + "\n"
+    for code, meaning in EXIT_STATUS)
 
 
 RAW = argparse.RawDescriptionHelpFormatter  # keep the exit code list and descriptions as written

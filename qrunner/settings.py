@@ -57,6 +57,14 @@ class Kind:
     test: Callable[[Any], bool]
     check: Optional[Callable[[Any], Optional[str]]] = None  # a problem sentence, or None
     python: type = str
+    choices: Tuple[str, ...] = ()
+
+    @property
+    def manual(self) -> str:
+        """The type as the manual says it (a choice lists its values)."""
+        if self.choices:
+            return "one of " + ", ".join(f'`"{c}"`' for c in self.choices)
+        return self.description
 
     def convert(self, value: Any) -> Any:
         return float(value) if self.python is float else value
@@ -71,7 +79,7 @@ def nonempty(what: str) -> Kind:
 
 
 def choice(choices: Tuple[str, ...]) -> Kind:
-    return Kind("a string", lambda v: isinstance(v, str), _one_of(choices))
+    return Kind("a string", lambda v: isinstance(v, str), _one_of(choices), str, choices)
 
 
 def seconds(description: str, check=_positive) -> Kind:
@@ -137,59 +145,58 @@ def toml_value(value: Any) -> str:
     return str(value)
 
 
-RUN = "The run and the policy"
-PACING = "Pacing of each run"
-HOLD_AGE = "Hold age"
+PACING = "Pacing of each run: what a limit stops waits where it is, for the next run"
+HOLD_AGE = "Hold age: how long mail may wait for the policy"
 
 SETTINGS: Tuple[Setting, ...] = (
     # -- the top level: the run and the policy ---------------------------------------------------------
-    Setting("mta", "", choice(MTAS), "auto", group=RUN, set_in_example=True,
-            note='"postfix", "exim", or "auto" (Postfix if postconf is found, else Exim if exim4/exim is); '
+    Setting("mta", "", choice(MTAS), "auto", set_in_example=True,
+            note='which MTA: "postfix", "exim", or "auto" (Postfix if postconf is found, else Exim if exim4/exim is); '
                  "set it on a host that has both",
             reason='Which MTA qrunner works on: `"postfix"`, `"exim"`, or `"auto"` (Postfix if `postconf` is '
                    'found, else Exim if `exim4`/`exim` is). `"memory"` is qrunner\'s model of a queue (see '
                    "`[memory]`), for trying a policy and for qrunner's own tests. Set it on a host that has both "
                    "MTAs."),
-    Setting("script", "", text("a file path"), "/etc/qrunner/relayout.lua", group=RUN,
+    Setting("script", "", text("a file path"), "/etc/qrunner/relayout.lua",
             note="the policy (VPOP3's relayout.lua API, function CheckFile)",
             reason="The policy script, VPOP3's `relayout.lua` API (function `CheckFile`; see "
                    "**qrunner-policy**(7)). A script that is missing or does not load stops every command "
                    "that needs it with exit 78, before anything is changed. `--script` overrides it."),
-    Setting("state_dir", "", text("a directory"), "/var/lib/qrunner", group=RUN,
+    Setting("state_dir", "", text("a directory"), "/var/lib/qrunner",
             note="qrunner's records of its holds, copies and runs, and the lock",
             reason="qrunner's SQLite records (holds and why, copies handed to a sender's route, runs and the "
                    "order they dispatched in, each message's history) and the run lock `qrunner.lock`. Records "
                    "are keyed by the queue directory (Exim: spool directory and queue name), so two `postmulti` "
                    "instances never mix. With Exim, the routes file `exim-routes` is written here, so it is "
                    "made traversable (0711) for Exim's delivery user."),
-    Setting("history_days", "", seconds("a number of days"), 30.0, group=RUN,
+    Setting("history_days", "", seconds("a number of days"), 30.0,
             note="runs and message history older than this many days are pruned",
             reason="Runs (and the order they scheduled mail in) and the messages' history (`qrunner explain`) "
                    "older than this are pruned by every run that acts, so the database does not grow forever; "
                    "holds and copies are kept as long as their messages are queued, and so is the history of a "
                    "message qrunner holds, with the runs it names."),
-    Setting("metrics_file", "", text('a file path, "" for no metrics'), "", shown="none", group=RUN,
+    Setting("metrics_file", "", text('a file path, "" for no metrics'), "", shown="none",
             note='a Prometheus textfile for node_exporter, e.g. "/var/lib/prometheus/node-exporter/qrunner.prom"; '
                  '"": none',
             reason="The Prometheus textfile written, atomically and mode 0644, after every `run`, `flush` and "
                    "`release` that acts (never a dry run), for node_exporter's textfile collector (see METRICS "
                    "in **qrunner**(8)). A write that fails is an error in the log, not the run's."),
-    Setting("on_script_error", "", choice(ON_SCRIPT_ERROR), "skip", group=RUN,
+    Setting("on_script_error", "", choice(ON_SCRIPT_ERROR), "skip",
             note='a policy error holds the message; "send" sends it at priority 50',
             reason='What a policy error (a runtime error, a timeout, a bad return value) does to that message: '
                    '`"skip"` holds it (fail closed, like Postfix\'s policy-service default of a temporary '
                    'failure; a later sender may still take it); `"send"` sends it at priority 50. '
                    "`--on-script-error` overrides it."),
-    Setting("script_timeout", "", seconds("a number of seconds"), 2.0, group=RUN,
+    Setting("script_timeout", "", seconds("a number of seconds"), 2.0,
             note="seconds per CheckFile call (and for the top level, and Start())",
             reason="Seconds each `CheckFile` call may take, and the script's top level and `Start()`: a Lua "
                    "hook stops a busy script, and a wall-clock watchdog kills the Lua worker stuck inside one C "
                    "function (see **qrunner-policy**(7)). An overrun is a policy error for that message."),
-    Setting("script_memory_mb", "", Kind("a whole number of megabytes", _whole, _positive, int), 64, group=RUN,
+    Setting("script_memory_mb", "", Kind("a whole number of megabytes", _whole, _positive, int), 64,
             note="memory per Lua state",
             reason="Megabytes of memory each Lua state may use (lupa's `max_memory`): a script that builds a "
                    "huge table gets a policy error, not the mail server's memory."),
-    Setting("lua", "", choice(LUA_VERSIONS), "5.4", group=RUN,
+    Setting("lua", "", choice(LUA_VERSIONS), "5.4",
             note='"5.1", "5.2", "5.3", "5.4", "5.5" or "luajit"',
             reason='The Lua the script runs with: `"5.1"`, `"5.2"`, `"5.3"`, `"5.4"`, `"5.5"` or `"luajit"` '
                    "(lupa's modules; the limits per version are in **qrunner-policy**(7)). VPOP3 scripts are "

@@ -154,7 +154,7 @@ def test_metrics_agree_with_the_mtas_own_listing(tmp_path, request, which):
     assert value(m, "qrunner_sent_total", sender="default") == 1
 
 
-def test_the_readmes_alert_rules_and_the_dashboard_use_only_names_the_file_has(tmp_path, memory):
+def test_the_manuals_alert_rules_and_the_dashboard_use_only_names_the_file_has(tmp_path, memory):
     import re
 
     qr, metrics_file = qrunner_with_metrics(tmp_path, memory)
@@ -163,7 +163,7 @@ def test_the_readmes_alert_rules_and_the_dashboard_use_only_names_the_file_has(t
     families = list(text_string_to_metric_families(metrics_file.read_text()))
     written = {f.name + ("_total" if f.type == "counter" else "") for f in families}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
+    with open(os.path.join(root, "man", "qrunner.8.md")) as f:  # qrunner(8), METRICS
         rules = f.read().split("- name: qrunner", 1)[1].split("```", 1)[0]
     with open(os.path.join(root, "contrib", "grafana", "qrunner.json")) as f:
         dashboard = json.load(f)
