@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 from qrunner import __version__  # noqa: E402
 from qrunner.cli import build_parser  # noqa: E402
 from qrunner.exceptions import EXIT_STATUS  # noqa: E402
-from qrunner.settings import SECTIONS, SETTINGS, Setting, in_section, toml_value  # noqa: E402
+from qrunner.settings import SECTIONS, Setting, in_section, toml_value  # noqa: E402
 
 HERE = os.path.join(ROOT, "man")
 
