@@ -131,7 +131,7 @@ class MemorySettings:
 
 @dataclass(frozen=True)
 class Pacing:
-    """How fast, and in what strict order, a ``run`` hands mail to the MTA (README "Pacing").
+    """How fast, and in what strict order, a ``run`` hands mail to the MTA (qrunner(8), PACING).
 
     ``max_per_run``: messages a run hands over at most (0: no limit), and
     ``sender_max_per_run`` the same per sender (name -> limit), both counted

@@ -278,7 +278,7 @@ class Runner:
 
         ``choice`` (a ``flush`` with selectors or a limit) narrows the named
         messages, among those a run decides, to the ones it selects. Pacing
-        (README "Pacing") governs ``run`` (and ``plan``, its preview) only: a
+        (qrunner(8), PACING) governs ``run`` (and ``plan``, its preview) only: a
         ``flush`` is the admin asking for the named mail now (``--rate``).
         """
         started = time.monotonic()
