@@ -312,7 +312,7 @@ SETTINGS: Tuple[Setting, ...] = (
                    "global `senderid`. Without any `[[sender]]` there is one sender, `0:default`."),
     Setting("name", "sender", nonempty("the sender's name"), None, shown="none: every sender needs one",
             reason="VPOP3's `sendername`, as the script, the log (`sender=`) and `qrunner status` show it."),
-    Setting("default", "sender", BOOLEAN, False, shown="`false` (`true` for a single sender without a route)",
+    Setting("default", "sender", BOOLEAN, False, shown="`true` for a single sender without a route",
             reason="`true` (at most one sender): its mail goes by the MTA's own routing. Every other sender "
                    "needs a route for the MTA in use (`[sender.postfix]`, `[sender.exim]`), or `run` and "
                    "`flush` stop with exit 78 naming it."),
