@@ -11,7 +11,8 @@ The prose is a small subset of Markdown, turned into man(7) roff here:
 ``@ TERM`` then its text (a tagged paragraph, .TP; a following paragraph indented by two spaces
 continues it), two-column ``| a | b |`` tables (rows become tagged paragraphs, the header row is
 dropped), fenced code blocks, and inline `code` (bold, as man pages show literal text) and **bold**.
-A line ``{{NAME}}`` is replaced by generated text (see ``GENERATED``).
+A line ``{{NAME}}`` is replaced by generated text (see ``GENERATED``; ``{{command NAME}}`` is one
+command's entry, ``{{file PATH}}`` a file of the repository shown whole).
 
 The output depends on nothing but the sources (no date, no terminal width), so a test can compare the
 committed pages with a fresh build: ``python3 man/build.py --output DIR``.
@@ -290,9 +291,12 @@ def expand(markdown: str, parser: argparse.ArgumentParser) -> str:
         name = match.group(1)
         if name.startswith("command "):
             return gen_command(parser, name.split(" ", 1)[1])
+        if name.startswith("file "):  # a shipped file, shown whole (the example policy): never a stale copy
+            with open(os.path.join(ROOT, name.split(" ", 1)[1])) as f:
+                return "```\n" + f.read().rstrip("\n") + "\n```"
         return GENERATED[name](parser)
 
-    return re.sub(r"^\{\{([\w ]+)\}\}$", one, markdown, flags=re.M)
+    return re.sub(r"^\{\{([\w .-]+)\}\}$", one, markdown, flags=re.M)
 
 
 def page(file: str, parser: argparse.ArgumentParser) -> str:

@@ -199,3 +199,35 @@ def test_every_key_the_loader_accepts_is_a_documented_setting(tmp_path):
             assert getattr(config, setting.name) == setting.default, setting.name
     assert config.exim == EximSettings(**{s.name: s.default if s.default is not None else s.example
                                           for s in in_section("exim")})
+
+
+def test_the_readmes_worked_policy_does_what_the_readme_says(tmp_path):
+    """The README's worked policy, planned over a snapshot at 10:00 and 20:00: big mail waits for the evening,
+    newsletters (Precedence: bulk) go after everything else, invoices first."""
+    import json
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    script = tmp_path / "worked.lua"
+    script.write_text(re.search(r"```lua\n(.*?)```", readme, re.S).group(1))
+    snapshot = tmp_path / "queue.jsonl"
+    messages = [("BIG", 12500000, "carol@example.org", []), ("NEWS", 2000, "news@example.org", ["Precedence: bulk"]),
+                ("INVOICE", 2000, "inv@billing.example.com", []), ("PLAIN", 2000, "dave@example.org", [])]
+    snapshot.write_text("".join(json.dumps({
+        "queue_name": "deferred", "queue_id": qid, "arrival_time": 1764057600 + n, "message_size": size,
+        "sender": sender, "recipients": [{"address": "bob@example.net"}], "headers": headers}) + "\n"
+        for n, (qid, size, sender, headers) in enumerate(messages)))
+
+    def plan(now: str) -> list:
+        shown = subprocess.run([sys.executable, "-m", "qrunner", "--config", "/dev/null", "plan", "--queue-file",
+                                str(snapshot), "--script", str(script), "--now", now, "--format", "json"],
+                               capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+        assert shown.returncode == 0, shown.stderr
+        return [(d["queue_id"], d["action"], d["priority"], d["reason"]) for d in json.loads(shown.stdout)["decisions"]]
+
+    assert "over 10 MB: waits until 19:00" in readme
+    day = plan("2026-11-25T10:00:00")
+    assert [d[:3] for d in day[:3]] == [("INVOICE", "send", 90), ("PLAIN", "send", 50), ("NEWS", "send", 10)]
+    assert day[3][:2] == ("BIG", "skip") and day[3][3] == "over 10 MB: waits until 19:00"
+    evening = [d[:3] for d in plan("2026-11-25T20:00:00")]
+    assert evening[-1] == ("NEWS", "send", 10) and ("BIG", "send", 50) in evening
