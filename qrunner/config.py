@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from qrunner import trust
 from qrunner.exceptions import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -192,6 +193,7 @@ class Config:
     metrics_file: str = ""
     max_hold_age: float = 0.0  # seconds since arrival; 0: off (see plan.HoldAge)
     on_hold_expiry: str = "send"
+    strict_modes: bool = True  # as root, refuse a policy script others could change (qrunner/trust.py)
     max_per_run: int = 0
     max_active: int = 0
     max_run_seconds: float = 0.0
@@ -256,6 +258,7 @@ _TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
     "max_active": ("a whole number of messages (0: no limit)", _whole_number, _not_negative),
     "max_run_seconds": ("a number of seconds (0: no limit)", _is_number, _not_negative),
     "strict_priority": ("true or false", lambda v: isinstance(v, bool), None),
+    "strict_modes": ("true or false", lambda v: isinstance(v, bool), None),
     "strict_priority_wait": ("a number of seconds", _is_number, _positive),
 }
 _FLOATS = ("script_timeout", "history_days", "max_hold_age", "max_run_seconds", "strict_priority_wait")
@@ -453,11 +456,20 @@ def load_config(path: Optional[str] = None) -> Config:
     used, else the default path. A file the admin named must exist; the
     default file may be absent (defaults apply), so that ``plan
     --queue-file`` works on a machine where qrunner is not set up yet.
+
+    As root the file must be root's alone, and so must every directory
+    above it (qrunner/trust.py, sshd's StrictModes): it says which script
+    runs as root. No setting relaxes this check, since a setting in the
+    file would be written by whoever can write the file; ``strict_modes``
+    governs the policy script only.
     """
     explicit = path or os.environ.get("QRUNNER_CONFIG") or None
     path = explicit or DEFAULT_CONFIG
     try:
         with open(path, "rb") as handle:
+            unsafe = trust.check_opened(path, handle.fileno(), "the configuration file") if trust.enforced() else None
+            if unsafe:
+                raise ConfigError(unsafe)
             data = tomllib.load(handle)
     except FileNotFoundError:
         if explicit:
