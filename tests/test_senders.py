@@ -170,6 +170,23 @@ def test_exim_state_dir_is_roots_alone_and_the_routes_file_has_a_directory_of_it
     mta.wait_gone(queue_id)
 
 
+def test_exim_routes_file_is_replaced_whole_or_not_at_all(tmp_path, exim, exim_sink, sinks):
+    """A run killed between writing the new routes and putting them in place: Exim still reads the old list, whole."""
+    mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
+    assert qr("run").code == 0  # writes the (empty) routes file
+    routes = routes_file(qr.state_dir)
+    assert open(routes).read() == ""
+    queue_id = mta.queue_message("for the last")
+
+    killed = qr.run_killed_at("qrunner.atomic:os.fsync")  # the dispatch's routes written aside, not yet renamed
+
+    assert killed.code == -9, killed.stderr
+    assert open(routes).read() == "" and oct(os.stat(routes).st_mode & 0o777) == "0o644"
+    assert [name for name in os.listdir(os.path.dirname(routes)) if not name.endswith(".tmp")] == ["exim-routes"]
+    assert mta.where(queue_id) == "waiting"  # not dispatched: the kill came before any exim -Mc
+    assert all(s.messages == [] for s in sinks) and exim_sink.messages == []
+
+
 def test_exim_upgrade_moves_the_routes_file_and_exim_never_finds_it_missing(tmp_path, exim, exim_sink, sinks):
     """A state directory of the release before: routes file inside it, and the router naming that path.
 
