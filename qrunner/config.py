@@ -216,6 +216,59 @@ class Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+# A setting whose name says it is a secret (a future SMTP password of a re-injection route, an API token).
+SECRET_NAME = re.compile(r"password|passwd|passphrase|secret|token|credential", re.IGNORECASE)
+HIDDEN = "<hidden>"
+
+
+def is_secret(key: str) -> bool:
+    """Does the setting's name (its last part: ``sender.postfix.password``) say that its value is a secret?"""
+    return bool(SECRET_NAME.search(key.rpartition(".")[2]))
+
+
+class Secret:
+    """A secret setting's value, which no output of qrunner can show.
+
+    Its ``str``, ``repr`` and format are ``<hidden>``, so a log line, an
+    error message or a printed configuration that names it shows nothing;
+    it is no ``str`` (so ``json.dumps`` refuses it rather than write it).
+    The one way to the value is :meth:`reveal`, for the code that hands it
+    to the MTA.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return HIDDEN
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return HIDDEN
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def shown(key: str, value: Any) -> str:
+    """A setting's value as an error message may quote it: never a secret's (``<hidden>``)."""
+    return HIDDEN if is_secret(key) or isinstance(value, Secret) else repr(value)
+
+
+def _kept(key: str, value: Any) -> Any:
+    """A secret setting's value is kept as a :class:`Secret`, so that nothing prints it by mistake later."""
+    return Secret(value) if is_secret(key) and isinstance(value, str) else value
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -390,8 +443,8 @@ def _check_table(path: str, name: str, raw: Any, keys: Dict[str, Tuple[str, Any]
             raise _fail(path, f"{name}.{key}", "is not a known setting (known: " + ", ".join(keys) + ")")
         description, type_ok = keys[key]
         if not type_ok(value):
-            raise _fail(path, f"{name}.{key}", f"must be {description}, not {value!r}")
-    return raw
+            raise _fail(path, f"{name}.{key}", f"must be {description}, not {shown(key, value)}")
+    return {key: _kept(key, value) for key, value in raw.items()}
 
 
 _MEMORY_KEYS = {"directory": _text("a directory")}
@@ -406,7 +459,7 @@ def _parse_postfix(path: str, raw: Any) -> PostfixSettings:
 
 
 def _parse_exim(path: str, raw: Any) -> EximSettings:
-    _check_table(path, "exim", raw, _EXIM_KEYS)
+    raw = _check_table(path, "exim", raw, _EXIM_KEYS)
     queue = raw.get("queue", "qrunner")
     if queue and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", queue):
         raise _fail(path, "exim.queue", f"must be a plain queue name (ASCII letters and digits, then also "
@@ -437,11 +490,11 @@ def parse_config(data: Dict[str, Any], path: str) -> Config:
             raise _fail(path, key, "is not a known setting")
         description, type_ok, extra = _TOP_LEVEL[key]
         if not type_ok(value):
-            raise _fail(path, key, f"must be {description}, not {value!r}")
+            raise _fail(path, key, f"must be {description}, not {shown(key, value)}")
         problem = extra(value) if extra else None
         if problem:
-            raise _fail(path, key, f"{problem} (it is {value!r})")
-        values[key] = float(value) if key in _FLOATS else value
+            raise _fail(path, key, f"{problem} (it is {shown(key, value)})")
+        values[key] = float(value) if key in _FLOATS else _kept(key, value)
     config = Config(path=path, **values)
     if config.mta == "memory" and not config.memory.directory:
         raise ConfigError(f'{path}: mta = "memory" needs [memory] directory, the directory that holds its queue; '
