@@ -52,6 +52,7 @@ log = logging.getLogger("qrunner.exim")
 BATCH = 10  # message ids per `exim -Mc` process
 ROUTES_FILE = "exim-routes"  # message id -> transport, read by contrib/exim's router (see routes_path)
 ROUTES_DIRECTORY_SUFFIX = "-exim"  # the routes file's own directory, beside state_dir
+COMMAND_BATCH = 200  # ids per -Mf / -Mt / -MG call
 
 
 def routes_path(state_dir: str) -> str:
@@ -70,7 +71,6 @@ def routes_path(state_dir: str) -> str:
 def old_routes_path(state_dir: str) -> str:
     """Where releases before the routes file's own directory kept it: ``STATE_DIR/exim-routes``."""
     return os.path.join(state_dir, ROUTES_FILE)
-COMMAND_BATCH = 200  # ids per -Mf / -Mt / -MG call
 
 
 def find_exim(binary: Optional[str]) -> Optional[str]:
