@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from qrunner import trust
 from qrunner.exceptions import ConfigError
 from qrunner.settings import LUA_VERSIONS, MTAS, ON_HOLD_EXPIRY, ON_SCRIPT_ERROR, Kind, keys, settings_dataclass
 
@@ -185,6 +186,59 @@ class Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+# A setting whose name says it is a secret (a future SMTP password of a re-injection route, an API token).
+SECRET_NAME = re.compile(r"password|passwd|passphrase|secret|token|credential", re.IGNORECASE)
+HIDDEN = "<hidden>"
+
+
+def is_secret(key: str) -> bool:
+    """Does the setting's name (its last part: ``sender.postfix.password``) say that its value is a secret?"""
+    return bool(SECRET_NAME.search(key.rpartition(".")[2]))
+
+
+class Secret:
+    """A secret setting's value, which no output of qrunner can show.
+
+    Its ``str``, ``repr`` and format are ``<hidden>``, so a log line, an
+    error message or a printed configuration that names it shows nothing;
+    it is no ``str`` (so ``json.dumps`` refuses it rather than write it).
+    The one way to the value is :meth:`reveal`, for the code that hands it
+    to the MTA.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return HIDDEN
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return HIDDEN
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def shown(key: str, value: Any) -> str:
+    """A setting's value as an error message may quote it: never a secret's (``<hidden>``)."""
+    return HIDDEN if is_secret(key) or isinstance(value, Secret) else repr(value)
+
+
+def _kept(key: str, value: Any) -> Any:
+    """A secret setting's value is kept as a :class:`Secret`, so that nothing prints it by mistake later."""
+    return Secret(value) if is_secret(key) and isinstance(value, str) else value
+
+
 def _whole_number(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -292,11 +346,11 @@ _EXIM_KEYS = keys("exim")
 def _check_value(path: str, key: str, kind: Kind, value: Any) -> Any:
     """One value against its setting's type and check; what the loader keeps (seconds as floats)."""
     if not kind.test(value):
-        raise _fail(path, key, f"must be {kind.description}, not {value!r}")
+        raise _fail(path, key, f"must be {kind.description}, not {shown(key, value)}")
     problem = kind.check(value) if kind.check else None
     if problem:
-        raise _fail(path, key, f"{problem} (it is {value!r})")
-    return kind.convert(value)
+        raise _fail(path, key, f"{problem} (it is {shown(key, value)})")
+    return _kept(key, kind.convert(value))
 
 
 def _check_table(path: str, name: str, raw: Any, known: Dict[str, Kind]) -> Dict[str, Any]:
@@ -365,11 +419,20 @@ def load_config(path: Optional[str] = None) -> Config:
     used, else the default path. A file the admin named must exist; the
     default file may be absent (defaults apply), so that ``plan
     --queue-file`` works on a machine where qrunner is not set up yet.
+
+    As root the file must be root's alone, and so must every directory
+    above it (qrunner/trust.py, sshd's StrictModes): it says which script
+    runs as root. No setting relaxes this check, since a setting in the
+    file would be written by whoever can write the file; ``strict_modes``
+    governs the policy script only.
     """
     explicit = path or os.environ.get("QRUNNER_CONFIG") or None
     path = explicit or DEFAULT_CONFIG
     try:
         with open(path, "rb") as handle:
+            unsafe = trust.check_opened(path, handle.fileno(), "the configuration file") if trust.enforced() else None
+            if unsafe:
+                raise ConfigError(unsafe)
             data = tomllib.load(handle)
     except FileNotFoundError:
         if explicit:

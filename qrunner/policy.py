@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from multiprocessing import Pipe
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+from qrunner import trust
 from qrunner.config import Sender
 from qrunner.decision import Decision, Verdict
 from qrunner.exceptions import ScriptLoadError
@@ -70,6 +71,7 @@ class PolicySettings:
     memory_mb: int = 64
     on_script_error: str = "skip"
     now: Optional[int] = None  # epoch seconds the script's clock shows; None: the real clock
+    strict_modes: bool = True  # as root, refuse a script someone other than root could change (qrunner/trust.py)
 
 
 def lupa_version() -> str:
@@ -332,23 +334,29 @@ class PolicyEngine:
     def __init__(self, settings: PolicySettings, progress: Progress = NO_PROGRESS):
         self.settings = settings
         self.progress = progress
-        self._script_text = self._read_script(settings.script)
+        self._script_text = self._read_script(settings.script, settings.strict_modes and trust.enforced())
         self._worker: Optional[_Worker] = None
         self._extras_used: Set[str] = set()
         self._tick: Tick = no_tick
         self._singles: Dict[int, Tuple[Verdict]] = {}  # id of a verdict shared by messages -> its 1-tuple
 
     @staticmethod
-    def _read_script(path: str) -> bytes:
+    def _read_script(path: str, strict: bool = False) -> bytes:
         """The script's text as the standard ``lua`` loads a file: a UTF-8 BOM and a first ``#`` line skipped.
 
         The ``#`` line (``#!/usr/bin/lua``) is blanked, not removed, so that
         Lua's line numbers stay the file's. A compiled chunk is refused here,
         naming the file: qrunner loads source text only, since bytecode can
-        escape any sandbox.
+        escape any sandbox. ``strict``: the file (and every directory on
+        its path) must be root's alone, as sshd's StrictModes wants
+        (qrunner/trust.py); checked on the open file, before it is read.
         """
         try:
             with open(path, "rb") as handle:
+                unsafe = trust.check_opened(path, handle.fileno(), "the policy script",
+                                            " (or set strict_modes = false in qrunner.toml)") if strict else None
+                if unsafe:
+                    raise ScriptLoadError(unsafe)
                 text = handle.read()
         except FileNotFoundError:
             raise ScriptLoadError(f"{path}: policy script not found; set 'script' in the configuration or pass --script.")

@@ -162,13 +162,21 @@ SETTINGS: Tuple[Setting, ...] = (
             reason="The policy script, VPOP3's `relayout.lua` API (function `CheckFile`; see "
                    "**qrunner-policy**(7)). A script that is missing or does not load stops every command "
                    "that needs it with exit 78, before anything is changed. `--script` overrides it."),
+    Setting("strict_modes", "", BOOLEAN, True,
+            note="as root, refuse a policy script someone other than root could change",
+            reason="As root, refuse (exit 78) a policy script that someone other than root could change: not "
+                   "owned by root, writable by group or others, or under a directory that is (sticky `/tmp` "
+                   "included), as sshd's `StrictModes`. `false` relaxes it for the script, for a site that keeps "
+                   "its script in a shared directory knowingly. The configuration file is checked the same way "
+                   "and no setting relaxes that (see SECURITY in **qrunner**(8))."),
     Setting("state_dir", "", text("a directory"), "/var/lib/qrunner",
             note="qrunner's records of its holds, copies and runs, and the lock",
             reason="qrunner's SQLite records (holds and why, copies handed to a sender's route, runs and the "
                    "order they dispatched in, each message's history) and the run lock `qrunner.lock`. Records "
                    "are keyed by the queue directory (Exim: spool directory and queue name), so two `postmulti` "
-                   "instances never mix. With Exim, the routes file `exim-routes` is written here, so it is "
-                   "made traversable (0711) for Exim's delivery user."),
+                   "instances never mix. The directory is root's alone (0700; the database and the lock 0600). "
+                   "With Exim, the routes file is written beside it, in `STATE_DIR-exim/exim-routes`, a directory "
+                   "of its own that Exim's delivery user may pass (0711)."),
     Setting("history_days", "", seconds("a number of days"), 30.0,
             note="runs and message history older than this many days are pruned",
             reason="Runs (and the order they scheduled mail in) and the messages' history (`qrunner explain`) "

@@ -39,8 +39,13 @@ def sinks():
         sink.stop()
 
 
+def routes_file(state_dir: str) -> str:
+    """Where the README says qrunner keeps Exim's routes file: STATE_DIR-exim/exim-routes, beside state_dir."""
+    return os.path.normpath(state_dir) + "-exim/exim-routes"
+
+
 def world_readable_state_dir() -> str:
-    """Exim's delivery process (Debian-exim) must reach the routes file, as it would under /var/lib."""
+    """Exim's delivery process (Debian-exim) must reach the routes file beside state_dir, as under /var/lib."""
     directory = tempfile.mkdtemp(prefix="qrunner-state-")
     os.chmod(directory, 0o711)
     return os.path.join(directory, "state")
@@ -55,12 +60,12 @@ def contrib_routers(routes_file: str) -> str:
     text = open(CONTRIB_GATE).read()
     start = text.index("qrunner_route:")
     end = text.index("# And one transport per sender")
-    return text[start:end].replace("/var/lib/qrunner/exim-routes", routes_file)
+    return text[start:end].replace("/var/lib/qrunner-exim/exim-routes", routes_file)
 
 
 def exim_routes(exim, state_dir: str, sinks) -> None:
     """contrib/exim's routers, first, and one smtp transport per sink."""
-    exim.extra_routers = contrib_routers(os.path.join(state_dir, "exim-routes"))
+    exim.extra_routers = contrib_routers(routes_file(state_dir))
     exim.extra_transports = "".join(f"""to_sink_{i}:
   driver = smtp
   hosts = 127.0.0.1
@@ -110,7 +115,7 @@ def test_exim_seed_example_2_sends_big_mail_through_sender_0_and_small_through_s
     assert f"{big}: action=send sender=big" in result.stderr and f"{small}: action=send sender=small" in result.stderr
     mta.wait_gone(big)
     mta.wait_gone(small)
-    routes = open(os.path.join(qr.state_dir, "exim-routes")).read()
+    routes = open(routes_file(qr.state_dir)).read()
     assert sorted(routes.splitlines()) == sorted([f"{big}: to_sink_0", f"{small}: to_sink_1"])
     status = qr("status").stdout
     assert "senders: 0:big (exim: transport to_sink_0); 1:small (exim: transport to_sink_1)" in status
@@ -133,12 +138,97 @@ def test_exim_three_senders_the_middle_takes_what_the_first_skips(tmp_path, exim
 
 def test_exim_routes_file_always_exists_and_lists_only_routed_messages(tmp_path, exim, exim_sink, sinks):
     mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
-    routes = os.path.join(qr.state_dir, "exim-routes")
+    routes = routes_file(qr.state_dir)
     assert qr("run", "--dry-run").code == 0
     assert not os.path.exists(routes)  # a dry run writes nothing
     assert qr("run").code == 0
     assert os.path.exists(routes) and open(routes).read() == ""
     assert oct(os.stat(routes).st_mode & 0o777) == "0o644"
+
+
+def test_exim_state_dir_is_roots_alone_and_the_routes_file_has_a_directory_of_its_own(tmp_path, exim, exim_sink,
+                                                                                        sinks):
+    """Under the unit's UMask=0077: state 0700 (database, lock 0600), the routes file 0644 in a 0711 directory."""
+    mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
+    queue_id = mta.queue_message("for the last")
+    umask = os.umask(0o077)
+    try:
+        result = qr("run")
+    finally:
+        os.umask(umask)
+    assert result.code == 0, result.stderr
+    [got] = sinks[2].wait_for(1)  # Exim's delivery user read the routes file
+    assert got.header("Subject") == b"for the last" and exim_sink.messages == []
+    modes = {name: oct(os.stat(path).st_mode & 0o777) for name, path in [
+        ("state", qr.state_dir), ("database", os.path.join(qr.state_dir, "qrunner.sqlite")),
+        ("lock", os.path.join(qr.state_dir, "qrunner.lock")),
+        ("routes directory", os.path.dirname(routes_file(qr.state_dir))), ("routes", routes_file(qr.state_dir))]}
+    assert modes == {"state": "0o700", "database": "0o600", "lock": "0o600", "routes directory": "0o711",
+                     "routes": "0o644"}
+    assert sorted(os.listdir(qr.state_dir)) == ["qrunner.lock", "qrunner.sqlite"]
+    assert os.listdir(os.path.dirname(routes_file(qr.state_dir))) == ["exim-routes"]  # no temporary file left
+    mta.wait_gone(queue_id)
+
+
+def test_exim_routes_file_is_replaced_whole_or_not_at_all(tmp_path, exim, exim_sink, sinks):
+    """A run killed between writing the new routes and putting them in place: Exim still reads the old list, whole."""
+    mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
+    assert qr("run").code == 0  # writes the (empty) routes file
+    routes = routes_file(qr.state_dir)
+    assert open(routes).read() == ""
+    queue_id = mta.queue_message("for the last")
+
+    killed = qr.run_killed_at("qrunner.atomic:os.fsync")  # the dispatch's routes written aside, not yet renamed
+
+    assert killed.code == -9, killed.stderr
+    assert open(routes).read() == "" and oct(os.stat(routes).st_mode & 0o777) == "0o644"
+    assert [name for name in os.listdir(os.path.dirname(routes)) if not name.endswith(".tmp")] == ["exim-routes"]
+    assert mta.where(queue_id) == "waiting"  # not dispatched: the kill came before any exim -Mc
+    assert all(s.messages == [] for s in sinks) and exim_sink.messages == []
+
+
+def test_exim_upgrade_moves_the_routes_file_and_exim_never_finds_it_missing(tmp_path, exim, exim_sink, sinks):
+    """A state directory of the release before: routes file inside it, and the router naming that path.
+
+    The first run writes the new file and keeps the old one up to date and reachable (the router still reads
+    it: routed mail goes the right way, even with the state directory 0700 as the new unit makes it) and warns; once the router names the new path, the old file goes and the state directory
+    is 0700 again.
+    """
+    mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
+    old = os.path.join(qr.state_dir, "exim-routes")
+    os.makedirs(qr.state_dir, mode=0o700)  # as the new unit's StateDirectoryMode leaves it at each start
+    os.chmod(qr.state_dir, 0o700)
+    with open(old, "w") as f:
+        f.write("")
+    os.chmod(old, 0o644)
+    exim.extra_routers = contrib_routers(old)
+    exim.write_config()
+    first = mta.queue_message("for the last, old router")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert f"Exim's configuration still reads qrunner's routes file at its old path {old}" in result.stderr
+    [got] = sinks[2].wait_for(1)  # the router read the old file, kept up to date
+    assert got.header("Subject") == b"for the last, old router" and exim_sink.messages == []
+    assert open(old).read() == open(routes_file(qr.state_dir)).read() == f"{first}: to_sink_2\n"
+    assert "gated: yes" in qr("status").stdout
+    mta.wait_gone(first)
+
+    exim.extra_routers = contrib_routers(routes_file(qr.state_dir))  # the admin updates the router
+    exim.write_config()
+    second = mta.queue_message("for the last, new router")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert "old path" not in result.stderr
+    assert not os.path.exists(old)
+    assert oct(os.stat(qr.state_dir).st_mode & 0o777) == "0o700"
+    assert [m.header("Subject") for m in sinks[2].wait_for(2)] == [b"for the last, old router",
+                                                                   b"for the last, new router"]
+    assert exim_sink.messages == []
+    mta.wait_gone(second)
 
 
 def test_a_sender_without_a_route_for_the_mta_is_a_config_error(tmp_path, exim, exim_sink):
@@ -403,7 +493,7 @@ def test_exim_unreadable_routes_file_defers_instead_of_the_default_route(tmp_pat
     mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
     queue_id = mta.queue_message("for the last")
     os.makedirs(qr.state_dir, exist_ok=True)
-    routes = os.path.join(qr.state_dir, "exim-routes")
+    routes = routes_file(qr.state_dir)
     if os.path.exists(routes):
         os.remove(routes)
 
@@ -463,7 +553,7 @@ def test_exim_default_sender_goes_by_exims_own_routing_beside_a_routed_sender(tm
     assert result.code == 0, result.stderr
     assert [m.header("Subject") for m in sinks[0].wait_for(1)] == [b"big"]
     assert [m.header("Subject") for m in exim_sink.wait_for(1)] == [b"small"]  # Exim's usual router
-    routes = open(os.path.join(qr.state_dir, "exim-routes")).read()
+    routes = open(routes_file(qr.state_dir)).read()
     assert routes == f"{big}: to_sink_0\n"  # the default sender's message is not listed
     assert small not in routes
 

@@ -55,7 +55,7 @@ def mta(request, tmp_path):
     harness = harness_for(request, tmp_path)
     if harness.name == "exim":
         # contrib's whole gate: the ACLs the instance has, and the routers (the fixture restores the config).
-        harness.instance.extra_routers = contrib_routers(str(tmp_path / "state" / "exim-routes"))
+        harness.instance.extra_routers = contrib_routers(str(tmp_path / "state-exim" / "exim-routes"))
         harness.instance.write_config()
     return harness
 
