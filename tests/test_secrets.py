@@ -13,6 +13,7 @@ import logging
 import pytest
 
 import qrunner.config
+from qrunner.settings import Kind
 from policy_helpers import no_default_config, run_cli, write_config, write_script  # noqa: F401
 from qrunner.config import HIDDEN, Secret, is_secret
 
@@ -43,8 +44,7 @@ def test_an_unknown_secret_setting_is_named_never_shown(capsys, tmp_path, text, 
 def test_a_secret_setting_of_the_wrong_type_is_not_quoted(capsys, tmp_path, monkeypatch, table, text):
     """A setting added later whose name says it is secret: its type error says what it must be, not what it is."""
     keys = dict(getattr(qrunner.config, table))
-    described = ("a string", lambda v: isinstance(v, str))
-    keys["relay_password"] = described + ((None,) if table == "_TOP_LEVEL" else ())
+    keys["relay_password"] = Kind("a string", lambda v: isinstance(v, str))
     monkeypatch.setattr(qrunner.config, table, keys)
     config = write_config(tmp_path, text)
     code, out, err = run_cli(capsys, ["--config", config, "status"])
