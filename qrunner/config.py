@@ -188,6 +188,7 @@ class Config:
     script_timeout: float = 2.0
     script_memory_mb: int = 64
     lua: str = "5.4"
+    script_user: str = "_qrunner"
     history_days: float = 30.0
     metrics_file: str = ""
     max_hold_age: float = 0.0  # seconds since arrival; 0: off (see plan.HoldAge)
@@ -235,6 +236,12 @@ def _not_negative(value: Any) -> Optional[str]:
     return None if value >= 0 else "must be 0 (off: no limit) or more"
 
 
+def _user_name(value: Any) -> Optional[str]:
+    if not value or any(c.isspace() or c in ":/" for c in value):
+        return 'must be a user name such as "_qrunner" (or "root" to run the policy script as root)'
+    return None
+
+
 def _whole_number(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -248,6 +255,7 @@ _TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
     "script_timeout": ("a number of seconds", _is_number, _positive),
     "script_memory_mb": ("a whole number of megabytes", lambda v: isinstance(v, int) and not isinstance(v, bool), _positive),
     "lua": ("a string", lambda v: isinstance(v, str), _check_choice(LUA_VERSIONS)),
+    "script_user": ("a string (a user name)", lambda v: isinstance(v, str), _user_name),
     "history_days": ("a number of days", _is_number, _positive),
     "metrics_file": ("a string (a file path, \"\" for no metrics)", lambda v: isinstance(v, str), None),
     "max_hold_age": ("a number of seconds since arrival (0: off)", _is_number, _not_negative),
