@@ -630,6 +630,14 @@ class PolicyEngine:
         HEADER_BATCH_BYTES, so that a batch never runs one MTA command per
         message; one that is not sent ahead is asked for again if the
         script touches it. Returns the seconds it took.
+
+        Why the parent reads, rather than opening the files and passing the
+        descriptors (SCM_RIGHTS) for the worker to read: the fallback
+        commands need root and run here anyway; a descriptor would give the
+        worker the whole file (the body too) and a handle it could lock
+        (Exim's delivery locks its spool files); and the worker waits for
+        the fields either way, so reading them here costs no more time
+        than reading them there.
         """
         began = time.monotonic()
         entries: List[Optional[tuple]] = []

@@ -60,6 +60,9 @@ FLUSH_SECONDS = 0.01
 FLUSH_COUNT = 500
 PRINT_LIMIT = 200  # lines of print() output logged per call; a loop printing forever cannot flood the log
 HEADER_BATCH = 128  # most messages' headers asked for in one round trip
+# A script that reads the headers of one message in every few (up to this many) gets them read ahead
+# too: reading a header block costs tens of microseconds, a round trip to the parent far more.
+HEADER_GAP = 16
 
 LUA_MODULES = {
     "5.1": "lupa.lua51",
@@ -175,7 +178,8 @@ class _HeaderCache:
     script that reads the headers of one message in a thousand reads one
     file. While the script goes on to use the fields sent ahead, each
     request asks for twice as many messages (up to HEADER_BATCH); when it
-    leaves most of them unused, half as many.
+    leaves most of them unused, half as many, but never too few to reach
+    the script's next read when it reads every few messages (HEADER_GAP).
     """
 
     def __init__(self, out: "_Outbox", pipe: Optional[Connection]):
@@ -186,6 +190,7 @@ class _HeaderCache:
         self.ahead = 0  # messages sent ahead in the last answer
         self.used = 0  # of those, the ones the script read
         self.asked = False  # a request made in this pass
+        self.last = 0  # the message of the last request
 
     def clear(self) -> None:
         """A new pass (indices count afresh): forget what was sent ahead."""
@@ -199,10 +204,13 @@ class _HeaderCache:
         if entry is not None:
             self.used += 1
             return entry
-        if self.asked and 2 * self.used >= self.ahead:
-            self.batch = min(2 * self.batch, HEADER_BATCH)
-        elif self.asked:
-            self.batch = max(1, self.batch // 2)
+        if self.asked:
+            grown = 2 * self.batch if 2 * self.used >= self.ahead else max(1, self.batch // 2)
+            gap = index - self.last
+            if 0 < gap <= HEADER_GAP:
+                grown = max(grown, 2 * gap)  # a script reading every few messages: cover two of its reads
+            self.batch = min(grown, HEADER_BATCH)
+        self.last = index
         self.fields.clear()
         return self._ask(index)
 

@@ -266,3 +266,22 @@ def test_script_user_root_keeps_the_script_running_as_root(tmp_path, mta):
     assert status["Uid"].split() == ["0"] * 4
     assert status["NoNewPrivs"].strip() == "1"
 
+
+
+def test_a_worker_that_cannot_drop_its_privileges_runs_no_script(tmp_path):
+    """Root without CAP_SETUID/CAP_SETGID (a container, a unit's bounding set): exit 78, nothing decided, no fallback to root."""
+    snapshot = tmp_path / "queue.jsonl"
+    snapshot.write_text(json.dumps({"queue_id": "A1", "arrival_time": 1, "message_size": 5, "sender": "a@b",
+                                    "recipients": [{"address": "c@d"}], "headers": ["Subject: hi"]}) + "\n")
+    script = tmp_path / "relayout.lua"
+    script.write_text("function CheckFile(f, a) return a end\n")
+    config = tmp_path / "qrunner.toml"
+    config.write_text(f'state_dir = "{tmp_path}/state"\n')
+    env = dict(os.environ, QRUNNER_CONFIG=str(config),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(["setpriv", "--bounding-set", "-setuid,-setgid", sys.executable, "-m", "qrunner",
+                             "plan", "--queue-file", str(snapshot), "--script", str(script)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 78
+    assert "could not drop its privileges" in result.stderr and "nothing was decided" in result.stderr
+    assert "A1" not in result.stdout and "Traceback" not in result.stderr
