@@ -21,10 +21,12 @@ The rules (VPOP3's API, made exact in DESIGN.md section 2):
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import math
 import mmap
 import os
+import pickle
 import pwd
 import subprocess
 import sys
@@ -261,6 +263,20 @@ class _Feeder(threading.Thread):
             pass  # the worker is gone (killed by the watchdog, or died): the pass goes on in a fresh one
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: tuples, lists, strings, bytes, numbers, None.
+
+    The worker runs the admin's script as an unprivileged user; what it
+    sends must never be able to run code in this process, which is root.
+    A pickle can name any importable function to call; this one names
+    none, so a worker that the script somehow took over can at worst send
+    wrong results (read like any other bad result) or garbage (an error).
+    """
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"the Lua worker sent a {module}.{name}, not plain data")
+
+
 class _Worker:
     """A running worker process, its connections and its progress block.
 
@@ -296,6 +312,14 @@ class _Worker:
 
     def progress(self) -> Tuple[int, float]:
         return PROGRESS.unpack_from(self.progress_map, 0)
+
+    def receive(self) -> tuple:
+        """The worker's next message, unpickled with no class or function allowed (:class:`_PlainUnpickler`)."""
+        data = self.conn.recv_bytes()
+        try:
+            return _PlainUnpickler(io.BytesIO(data)).load()
+        except Exception as error:  # anything but plain data: treated as a worker that died
+            raise OSError(f"unreadable message from the Lua worker: {error}") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -518,7 +542,7 @@ class PolicyEngine:
             if not worker.conn.poll(min(remaining, WATCHDOG_POLL)):
                 continue
             try:
-                reply = worker.conn.recv()
+                reply = worker.receive()
             except (EOFError, OSError):
                 worker.kill()
                 self._worker = None
@@ -579,7 +603,7 @@ class PolicyEngine:
             # wait out the idle allowance, and its own deadline is much nearer.
             if worker.conn.poll(min(max(deadline - now, 0.0), WATCHDOG_POLL)):
                 try:
-                    reply = worker.conn.recv()
+                    reply = worker.receive()
                 except (EOFError, OSError):
                     dying, _ = worker.progress()
                     worker.kill()

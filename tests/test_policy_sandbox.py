@@ -285,3 +285,32 @@ def test_a_worker_that_cannot_drop_its_privileges_runs_no_script(tmp_path):
     assert result.returncode == 78
     assert "could not drop its privileges" in result.stderr and "nothing was decided" in result.stderr
     assert "A1" not in result.stdout and "Traceback" not in result.stderr
+
+
+class _RunsCode:
+    """A pickle that runs a shell command when unpickled, as a taken-over worker might send one."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_the_parent_never_runs_code_a_taken_over_worker_sends(tmp_path):
+    """What comes back from the unprivileged worker is read as plain data only: no pickled call reaches root."""
+    import pickle
+    from multiprocessing import Pipe
+
+    from qrunner.policy import _Worker
+
+    marker = tmp_path / "ran-as-root"
+    parent, child = Pipe()
+    child.send_bytes(pickle.dumps(("results", [(0, "ok", _RunsCode(str(marker)))])))
+    child.send_bytes(pickle.dumps(("done", "")))
+    worker = _Worker.__new__(_Worker)  # only its connection, no process
+    worker.conn = parent
+    with pytest.raises(OSError, match="unreadable message from the Lua worker"):
+        worker.receive()
+    assert worker.receive() == ("done", "")
+    assert not marker.exists()
