@@ -91,6 +91,7 @@ man: $(STAMP)
 	$(BIN)/python man/build.py
 
 install-test-deps:
+	sh contrib/create-script-user.sh
 	bash tests/setup/install-postfix.sh
 	bash tests/setup/install-exim.sh
 	bash tests/setup/install-log-daemons.sh
@@ -120,6 +121,7 @@ install:
 	$(PREFIX)/bin/pip install --quiet .
 	install -d -m 755 $(BINDIR) $(CONFDIR)
 	ln -sfn $(PREFIX)/bin/qrunner $(BINDIR)/qrunner
+	sh contrib/create-script-user.sh _qrunner
 	[ -e $(CONFDIR)/relayout.lua ] || install -m 644 relayout.lua $(CONFDIR)/relayout.lua
 	[ -e $(CONFDIR)/qrunner.toml ] || install -m 644 contrib/qrunner.toml $(CONFDIR)/qrunner.toml
 	@for file in $(DOC_FILES); do install -d -m 755 $(DOCDIR)/$$(dirname $$file) && \

@@ -351,7 +351,8 @@ def _senders(args: argparse.Namespace, config: Config) -> Sequence[Sender]:
 def _policy_settings(config: Config, now: Optional[int]) -> PolicySettings:
     return PolicySettings(script=config.script, lua=config.lua, timeout=config.script_timeout,
                           memory_mb=config.script_memory_mb, on_script_error=config.on_script_error, now=now,
-                          strict_modes=config.strict_modes)
+                          strict_modes=config.strict_modes,
+                          script_user=config.script_user)
 
 
 def _runner(args: argparse.Namespace, config: Optional[Config] = None) -> Runner:

@@ -239,6 +239,12 @@ def _kept(key: str, value: Any) -> Any:
     return Secret(value) if is_secret(key) and isinstance(value, str) else value
 
 
+def _user_name(value: Any) -> Optional[str]:
+    if not value or any(c.isspace() or c in ":/" for c in value):
+        return 'must be a user name such as "_qrunner" (or "root" to run the policy script as root)'
+    return None
+
+
 def _whole_number(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -40,6 +40,12 @@ def _not_negative(value: Any) -> Optional[str]:
     return None if value >= 0 else "must be 0 (off: no limit) or more"
 
 
+def _user_name(value: Any) -> Optional[str]:
+    if not value or any(c.isspace() or c in ":/" for c in value):
+        return 'must be a user name such as "_qrunner" (or "root" to run the policy script as root)'
+    return None
+
+
 def _one_of(choices: Tuple[str, ...]) -> Callable[[Any], Optional[str]]:
     def check(value: Any) -> Optional[str]:
         if value not in choices:
@@ -177,6 +183,14 @@ SETTINGS: Tuple[Setting, ...] = (
                    "instances never mix. The directory is root's alone (0700; the database and the lock 0600). "
                    "With Exim, the routes file is written beside it, in `STATE_DIR-exim/exim-routes`, a directory "
                    "of its own that Exim's delivery user may pass (0711)."),
+    Setting("script_user", "", Kind("a string (a user name)", lambda v: isinstance(v, str), _user_name), "_qrunner",
+            note='whom the Lua worker runs the policy script as, when qrunner runs as root; "root": as root',
+            reason="Whom the Lua worker runs the policy script as when qrunner runs as root: a system user of "
+                   "its own (`make install` and the package create it), so that the script cannot read the "
+                   "queue, qrunner's records or anything else root can (see PRIVILEGES in **qrunner-policy**(7)). "
+                   "A user that does not exist stops qrunner run as root (exit 78, naming the fix); `\"root\"` "
+                   "runs the script as root, knowingly. Run as another user, qrunner runs the script as that "
+                   "user and ignores this."),
     Setting("history_days", "", seconds("a number of days"), 30.0,
             note="runs and message history older than this many days are pruned",
             reason="Runs (and the order they scheduled mail in) and the messages' history (`qrunner explain`) "

@@ -189,13 +189,6 @@ class MemoryFileHeaders(HeaderSource):
     def __setstate__(self, path) -> None:
         self.path, self.problem = path, None
 
-    def pack(self):
-        return (MemoryFileHeaders,), self.path
-
-    @classmethod
-    def unpack(cls, kind: tuple, arg: object) -> "MemoryFileHeaders":
-        return cls(arg)
-
     def read(self) -> List[bytes]:
         try:
             with open(self.path, "rb") as f:
