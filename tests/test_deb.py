@@ -21,6 +21,7 @@ import glob
 import io
 import os
 import pwd
+import re
 import subprocess
 import tarfile
 import textwrap
@@ -87,6 +88,17 @@ def test_lintian_reports_nothing_the_overrides_do_not_justify(deb):
     assert all(block.startswith("# ") for block in overrides), "each override needs its reason above it"
 
 
+def next_version(deb: str, tmp_path) -> str:
+    """The same package as a later version (VERSION+next), for an upgrade: unpacked and built again by dpkg-deb."""
+    tree = tmp_path / "next"
+    subprocess.run(["dpkg-deb", "-R", deb, str(tree)], check=True)
+    control = tree / "DEBIAN" / "control"
+    control.write_text(re.sub(r"^Version: (.*)$", r"Version: \1+next", control.read_text(), flags=re.M))
+    out = str(tmp_path / "qrunner_next.deb")
+    subprocess.run(["dpkg-deb", "-Zgzip", "-z1", "-b", str(tree), out], check=True, capture_output=True)
+    return out
+
+
 def everything_under(*tops: str) -> set:
     """Every path under ``tops`` (and the tops that exist)."""
     found = {top for top in tops if lexists(top)}
@@ -110,7 +122,8 @@ def lexists(path: str) -> bool:
     return os.path.lexists(path)
 
 
-def test_the_package_installs_runs_shows_its_man_pages_and_removes_without_stranding_mail(deb, postfix, smtp_sink):
+def test_the_package_installs_runs_shows_its_man_pages_and_removes_without_stranding_mail(deb, postfix, smtp_sink,
+                                                                                         tmp_path):
     real = [path for path in REAL_INSTALL if lexists(path)]
     if real or status():
         pytest.fail("qrunner is installed on this host (%s): the package test will not run beside it"
@@ -124,7 +137,7 @@ def test_the_package_installs_runs_shows_its_man_pages_and_removes_without_stran
     shipped = {"/" + os.path.normpath(name) for name in tarfile.open(fileobj=io.BytesIO(contents)).getnames()}
     there = {path for path in shipped if lexists(path)}  # the directories this host had already: /usr/bin, ...
     try:
-        _install_run_remove_purge(deb, postfix, smtp_sink, before, tops, there)
+        _install_run_remove_purge(deb, postfix, smtp_sink, tmp_path, before, tops, there)
     finally:
         if status():  # the test failed half way: take the package off this host, releasing nothing
             apt("purge", "qrunner", QRUNNER_REMOVE_WITHOUT_RELEASE="yes")
@@ -132,7 +145,7 @@ def test_the_package_installs_runs_shows_its_man_pages_and_removes_without_stran
             subprocess.run(["rm", "-rf", leftover])
 
 
-def _install_run_remove_purge(deb, postfix, smtp_sink, before, tops, there):
+def _install_run_remove_purge(deb, postfix, smtp_sink, tmp_path, before, tops, there):
     # The admin's configuration, there before the package as make install would leave it: this host's
     # (private) Postfix, and a policy that holds everything.
     os.makedirs("/etc/qrunner")
@@ -211,6 +224,15 @@ def _install_run_remove_purge(deb, postfix, smtp_sink, before, tops, there):
     assert mta.where(held) == HELD
 
     postfix.set(defer_transports="")  # the gate out: postconf -e, postfix reload
+    upgraded = apt("install", "--no-install-recommends", next_version(deb, tmp_path))
+
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    assert status() == "install ok installed" and "+next" in subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", "qrunner"], capture_output=True, text=True).stdout
+    assert mta.where(held) == HELD  # an upgrade releases nothing, gate or no gate
+    with open("/etc/qrunner/qrunner.toml") as f:
+        assert f.read() == mine  # the admin's conffile kept, asked nothing (the package's did not change)
+
     removed = apt("remove", "qrunner")
 
     assert removed.returncode == 0, removed.stdout + removed.stderr
