@@ -215,6 +215,17 @@ def _install_run_remove_purge(deb, postfix, smtp_sink, tmp_path, before, tops, t
     assert "a make install of qrunner is still on this host: /usr/local/bin/qrunner" in reconfigured.stderr
     assert "do not run make uninstall" in reconfigured.stderr and "rm -f /usr/local/bin/qrunner" in reconfigured.stderr
 
+    # A cron line that still starts qrunner stops the removal (the day it names, 31 February, never comes).
+    with open("/etc/cron.d/qrunner", "w") as f:
+        f.write("0 0 31 2 * root /usr/bin/qrunner -q run\n")
+    try:
+        cron = apt("remove", "qrunner")
+    finally:
+        os.unlink("/etc/cron.d/qrunner")
+    said = cron.stdout + cron.stderr
+    assert cron.returncode != 0 and "/etc/cron.d/qrunner still starts qrunner from cron" in said, said
+    assert status() == "install ok installed" and mta.where(held) == HELD
+
     gated = apt("remove", "qrunner")
 
     assert gated.returncode != 0
@@ -243,6 +254,7 @@ def _install_run_remove_purge(deb, postfix, smtp_sink, tmp_path, before, tops, t
     assert [p for p in files if lexists(p) and not os.path.isdir(p) and p not in kept] == []
     assert all(lexists(p) for p in kept) and os.path.isdir("/var/lib/qrunner")  # the admin's files, the records
     assert not lexists("/usr/lib/qrunner")  # the venv whole, byte code compiled by postinst included
+    assert "Left in place, yours to keep: /etc/qrunner" in removed.stdout + removed.stderr
 
     purged = apt("purge", "qrunner")
 
