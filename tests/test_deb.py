@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A qrunner already on this host, by make install (tests/test_uninstall.py's list) or by the package.
 REAL_INSTALL = ("/usr/local/bin/qrunner", "/opt/qrunner", "/etc/qrunner", "/etc/systemd/system/qrunner.service",
                 "/etc/systemd/system/qrunner.timer", "/usr/local/share/doc/qrunner", "/etc/cron.d/qrunner",
-                "/usr/bin/qrunner", "/usr/lib/qrunner", "/var/lib/qrunner")
+                "/usr/local/share/man/man8/qrunner.8", "/usr/bin/qrunner", "/usr/lib/qrunner", "/var/lib/qrunner")
 
 
 def status(package: str = "qrunner") -> str:
@@ -183,6 +183,10 @@ def _install_run_remove_purge(deb, postfix, smtp_sink, tmp_path, before, tops, t
     assert not lexists("/etc/cron.d/qrunner")  # the cron example is a document, not a running job
     with open("/usr/share/doc/qrunner/contrib/cron/qrunner") as f:
         assert "root /usr/bin/qrunner -q run" in f.read()
+    with open("/lib/systemd/system/qrunner.service") as f:
+        assert "ExecStart=/usr/bin/qrunner run" in f.read().splitlines()
+    with open("/usr/share/doc/qrunner/README.md") as f, open(os.path.join(ROOT, "README.md")) as readme:
+        assert f.read() == readme.read()  # as it is: it names make install's paths and the package's on purpose
     contrib = {os.path.relpath(os.path.join(d, n), ROOT) for d, _, names in os.walk(os.path.join(ROOT, "contrib"))
                for n in names}
     assert {"/usr/share/doc/qrunner/" + p for p in contrib} <= set(files)
