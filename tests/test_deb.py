@@ -176,6 +176,8 @@ def _install_run_remove_purge(deb, postfix, smtp_sink, tmp_path, before, tops, t
     assert sorted(conffiles()) == ["/etc/qrunner/qrunner.toml", "/etc/qrunner/relayout.lua"]
     assert os.path.realpath("/usr/bin/qrunner").startswith("/usr/lib/qrunner/")  # the venv under /usr/lib
     assert not any(p.startswith("/opt/") for p in files)
+    with open("/usr/lib/qrunner/pyvenv.cfg") as f:  # its own packages only, never Debian's python3-lupa 1.14
+        assert "include-system-site-packages = false" in f.read().splitlines()
     user = pwd.getpwnam("_qrunner")  # getent: the system user the Lua worker runs as
     assert user.pw_uid < 1000 and user.pw_dir == "/nonexistent" and not lexists("/nonexistent")
     assert {"/lib/systemd/system/qrunner.service", "/lib/systemd/system/qrunner.timer"} <= set(files)
