@@ -6,13 +6,17 @@ As root and for real: ``apt-get install ./qrunner_*.deb`` on this host, with its
 the package's take-over of files no package owns is exercised too). Every
 expectation comes from outside qrunner: dpkg's database (``dpkg -L``,
 ``dpkg-query``), ``man -w``, ``getent``, the filesystem, and ``postqueue -j``
-for the hold and its release. The test refuses to run on a host where qrunner
+for the hold and its release. One hold is carried through a cron line that
+stops the removal, a removal refused while Postfix is gated, an upgrade (the
+same package as a later version) with the gate out, and the removal that
+releases it; then the purge. The test refuses to run on a host where qrunner
 is installed (by ``make install`` or the package) and leaves the host as it
 found it, the ``_qrunner`` system user apart (Debian does not remove system
 users).
 
-``make deb`` is run once per test session (about 35 s here), unless
-``QRUNNER_DEB`` names a package a ``make deb`` of the same run built.
+``make deb`` is run once per test session (about 35 s on an idle machine),
+unless ``QRUNNER_DEB`` names a package a ``make deb`` of the same run built;
+the rest takes about 20 s idle (1 to 2 minutes on a loaded 2-core machine).
 """
 
 from __future__ import annotations
