@@ -30,7 +30,7 @@ REQUIRE_MTA := $(shell [ "$$(id -u)" = 0 ] && echo 1)
 COVERED := runner plan executor
 COVER_UNDER := 90
 
-.PHONY: demo test coverage install-test-deps install uninstall clean bench reliability man
+.PHONY: demo test coverage install-test-deps install uninstall clean bench reliability man deb
 
 # make bench: the queue sizes to build in each MTA, separated by commas or spaces (about 39 KB of mail per message,
 # so 100,000 is 3.9 GB per MTA),
@@ -96,6 +96,7 @@ install-test-deps:
 	bash tests/setup/install-exim.sh
 	bash tests/setup/install-log-daemons.sh
 	bash tests/setup/install-man-tools.sh
+	bash tests/setup/install-deb-tools.sh
 
 # What install puts under DOCDIR, each file at its path in this repository: the README and all of contrib/.
 DOC_FILES := README.md $(shell find contrib -type f ! -name '*~' | LC_ALL=C sort)
@@ -178,5 +179,27 @@ else
 	    find $(DOCDIR) -type f | sed 's/^/    /'; fi
 endif
 
+# make deb builds in a copy of this tree under build/deb (debhelper's files stay out of the repository), from
+# everything here but the venvs, caches and earlier builds; the package lands at the top: ./qrunner_*.deb.
+DEB_BUILD := build/deb
+DEB_EXCLUDE := .git .venv $(BENCH_VENV) build dist bench/out .pytest_cache '*.egg-info' '.coverage*' __pycache__ \
+	'qrunner_*.deb'
+
+## deb: build the Debian package ./qrunner_VERSION_ARCH.deb with dh-virtualenv (Debian 12; README "Install from
+## the Debian package"). As root it first installs the build dependencies debian/control names (apt-get
+## build-dep ./); otherwise it says what to install.
+deb:
+	@if command -v dpkg-checkbuilddeps >/dev/null && dpkg-checkbuilddeps 2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then echo "make deb: installing the build dependencies: apt-get build-dep ./"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -q ./ || { apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -q ./; } || exit 1; \
+	else echo "make deb: the build dependencies are missing; as root: apt-get build-dep ./ (debhelper," \
+	          "dh-virtualenv, python3-dev, python3-venv, build-essential), or run make deb as root." >&2; exit 1; fi
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/qrunner
+	tar -c $(DEB_EXCLUDE:%=--exclude=./%) . | tar -x -C $(DEB_BUILD)/qrunner
+	cd $(DEB_BUILD)/qrunner && dpkg-buildpackage -b -us -uc
+	rm -f qrunner_*.deb && mv $(DEB_BUILD)/qrunner_*.deb .
+	@echo "make deb: built $$(ls qrunner_*.deb); install it with: apt-get install ./$$(ls qrunner_*.deb)"
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) bench/out .pytest_cache *.egg-info build
+	rm -rf $(VENV) $(BENCH_VENV) bench/out .pytest_cache *.egg-info build qrunner_*.deb
