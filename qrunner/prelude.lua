@@ -107,6 +107,36 @@ for _, name in ipairs({"exit", "execute", "remove", "rename", "tmpname", "getenv
 for _, name in ipairs({"io", "require", "package", "dofile", "loadfile", "debug", "python", "jit", "module", "newproxy"}) do G[name] = nil end
 string.dump = nil
 
+-- A metatable on _G (a strict-globals module errors for every undeclared name) must not reach lupa's own
+-- lookup of the global "debug", which it makes outside any protected call before each call into Lua: an error
+-- there is a PANIC that ends the worker. So the host's names bypass the script's __index; the script sees
+-- its own metatable, as set.
+local HOST_NAMES = {debug = true}
+local real_setmetatable, real_getmetatable = setmetatable, getmetatable
+local shown_G_metatable = nil
+G.setmetatable = function(t, mt)
+  if t ~= G or type(mt) ~= "table" then return real_setmetatable(t, mt) end
+  local index = rawget(mt, "__index")
+  local installed = {}
+  for k, v in next, mt do installed[k] = v end
+  if type(index) == "function" then
+    installed.__index = function(t, k) if HOST_NAMES[k] then return nil end return index(t, k) end
+  elseif index ~= nil then
+    installed.__index = function(t, k) if HOST_NAMES[k] then return nil end return index[k] end
+  end
+  real_setmetatable(G, installed)
+  shown_G_metatable = mt
+  return t
+end
+G.getmetatable = function(t)
+  if t == G and shown_G_metatable ~= nil and real_getmetatable(G) ~= nil then
+    local protected = rawget(shown_G_metatable, "__metatable")
+    if protected ~= nil then return protected end
+    return shown_G_metatable
+  end
+  return real_getmetatable(t)
+end
+
 -- Globals of later VPOP3 versions: present, settable, never acted on.
 for name, value in pairs(opts.vpop3_globals) do G[name] = value end
 G.senderid = opts.senderid
