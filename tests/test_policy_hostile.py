@@ -119,7 +119,7 @@ def test_every_hostile_act_is_a_policy_error_for_its_message_only(tmp_path, poli
     died = [line for line in policy_log.lines if "worker died" in line]
     # LuaJIT's own crash on a C stack overflow (string.gsub calling back into itself) kills the worker: the
     # contract's "abandoned state": that message is a policy error and the rest of the pass runs in a fresh state
-    assert died == ([f"C_STACK: sender default: the Lua worker died during CheckFile; the Lua state was abandoned and "
+    assert died == (["C_STACK: sender default: the Lua worker died during CheckFile; the Lua state was abandoned and "
                      "the rest of this pass runs in a fresh state (top level and Start() run again)"]
                     if lua == "luajit" else []), died
     assert not (tmp_path / "escaped").exists()
