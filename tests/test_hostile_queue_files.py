@@ -1,4 +1,4 @@
-"""Damaged queue files in a real queue: ``qrunner plan`` and ``run`` say which message, go on, lose nothing (issue 14, 2).
+"""Damaged queue files in a real queue: ``plan`` and ``run`` say which message, go on, lose nothing (issue 14, 2).
 
 Each case queues two messages in the real Postfix or Exim of the test setup, damages the file of one of them in the
 MTA's own queue the way disks, crashes and hostile senders do (cut short, corrupted, emptied, a 10 MB header block,

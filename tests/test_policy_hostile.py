@@ -17,7 +17,8 @@ import signal
 
 import pytest
 
-from policy_helpers import DEFAULT, LUA_VERSIONS, by_id, decide, message, policy_log, settings, write_script  # noqa: F401
+from policy_helpers import (DEFAULT, LUA_VERSIONS, by_id, decide, message, policy_log,  # noqa: F401
+                            settings, write_script)
 from qrunner.exceptions import ScriptLoadError
 from qrunner.policy import PolicyEngine
 
