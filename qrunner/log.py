@@ -67,6 +67,8 @@ class OneLineFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = shown(record.message)
         return super().formatMessage(record)
+
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_ADDRESS = "/dev/log"
 # Set by the test suite (tests/conftest.py), so that its runs stay out of the host's mail log.

@@ -163,6 +163,42 @@ def test_a_strict_globals_metatable_on_G_loads_and_runs(tmp_path, policy_log, ha
     figures.record("inputs", f"strict-globals metatable on _G, Lua {lua}", tried=1, survived=1)
 
 
+# The shape of Lua's own etc/strict.lua: the metatable is set first, its metamethods assigned after; a function
+# that reads an undeclared global is an error, as in the standard lua (strict.lua's own check uses debug.getinfo,
+# which the sandbox removes, so this one declares by assignment at the top level).
+STRICT_LATE = """
+local mt = getmetatable(_G)
+if mt == nil then mt = {} setmetatable(_G, mt) end
+mt.__declared = {}
+mt.__newindex = function(t, n, v) mt.__declared[n] = true rawset(t, n, v) end
+mt.__index = function(t, n)
+  if not mt.__declared[n] then error("variable '" .. n .. "' is not declared", 2) end
+  return rawget(t, n)
+end
+function CheckFile(f, a)
+  if f == "UNDECLARED" then return undeclared_name end
+  a.SkipSend = true
+  a.Reason = "strict, metatable the script's own: " .. tostring(getmetatable(_G) == mt)
+  return a
+end
+"""
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_strict_lua_keeps_its_strictness(tmp_path, policy_log, hang_guard, figures, lua):
+    ms = [message("OK", arrival=1, filename="OK"), message("UNDECLARED", arrival=2, filename="UNDECLARED"),
+          message("AFTER", arrival=3, filename="AFTER")]
+
+    ok, undeclared, after = decide(tmp_path, STRICT_LATE, ms, lua=lua)
+
+    assert ok.reason == after.reason == "strict, metatable the script's own: true"
+    assert undeclared.send is False and len(undeclared.errors) == 1
+    assert "variable 'undeclared_name' is not declared" in undeclared.errors[0]
+    assert "worker died" not in policy_log.text
+    figures.record("inputs", f"strict.lua's shape on _G, Lua {lua}", tried=1, survived=1)
+
+
 @pytest.mark.reliability
 @pytest.mark.parametrize("lua", LUA_VERSIONS)
 def test_a_syntax_error_does_not_load_and_names_the_file_and_line(tmp_path, hang_guard, figures, lua):
