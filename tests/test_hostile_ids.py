@@ -11,6 +11,7 @@ message beside them is handled, and no traceback is printed.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import stat
@@ -173,6 +174,36 @@ def plant(source, path: str) -> None:
     os.chown(path, st.st_uid, st.st_gid)
     os.chmod(path, stat.S_IMODE(st.st_mode))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("mta", ["postfix"], indirect=True)
+def test_postqueue_lines_with_crafted_ids_are_said_and_passed_over(tmp_path, figures, mta):
+    """Postfix's showq leaves such file names out; if a listing ever held one, qrunner's own check is the guard."""
+    log = wrapped_config(tmp_path, mta)
+    postqueue = tmp_path / "wrappers" / "postqueue"
+    real = postqueue.read_text().splitlines()[-1].split()[1]  # the wrapper's "exec REAL ..."
+    lines = "".join(json.dumps({"queue_name": "deferred", "queue_id": c, "arrival_time": 1, "message_size": 5,
+                                "forced_expire": False, "sender": "x@example.org",
+                                "recipients": [{"address": "y@example.net", "delay_reason": "gated"}]}) + "\n"
+                    for c in CRAFTED)
+    (tmp_path / "extra.jsonl").write_text(lines)
+    postqueue.write_text(postqueue.read_text().replace(
+        f'exec {real} "$@"', f'{real} "$@"; status=$?; [ "$*" = "${{*%-j}}" ] || cat {tmp_path / "extra.jsonl"}; '
+                             'exit $status'))
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    queue_id = mta.queue_message("a real one")
+
+    result = qr("run")
+
+    assert_clean(result)
+    assert result.code == 0, result.stderr
+    assert mta.where(queue_id) == HELD
+    assert result.stderr.count("is not a Postfix queue id, skipped") == len(CRAFTED)
+    assert_never_asked(log, mta)
+    assert not any(c in mta.instance.flush_requests() for c in CRAFTED)
+    figures.record("inputs", "postqueue -j lines with ids like options or paths", tried=len(CRAFTED),
+                   survived=len(CRAFTED))
 
 
 @pytest.mark.reliability
