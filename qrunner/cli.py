@@ -24,7 +24,7 @@ from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_
 from qrunner.decision import Decision
 from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, EXIT_STATUS, LockHeldError, NothingSelected, QrunnerError, UsageError
 from qrunner.executor import quote
-from qrunner.log import report_failure, setup_logging
+from qrunner.log import report_failure, setup_logging, shown
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend, write_snapshot, write_snapshot_file
@@ -327,7 +327,7 @@ def _choice(args: argparse.Namespace, backend) -> selection.Choice:
                          "--recipient-domain, --reason, --older-than, --priority, ...).")
     for queue_id in args.queue_ids:
         if not backend.is_message_id(queue_id):
-            raise UsageError(f"{queue_id!r} is not {backend.id_hint}.")
+            raise UsageError(f"'{shown(queue_id)}' is not {backend.id_hint}.")
     return selection.Choice(tuple(args.queue_ids) if args.queue_ids else None, selector, args.limit)
 
 
@@ -551,7 +551,7 @@ def print_history(history, fmt: str) -> None:
 def cmd_explain(args: argparse.Namespace) -> int:
     with _runner(args) as runner:
         if not runner.backend.is_message_id(args.queue_id):
-            raise UsageError(f"{args.queue_id!r} is not {runner.backend.id_hint}.")
+            raise UsageError(f"'{shown(args.queue_id)}' is not {runner.backend.id_hint}.")
         explanation = runner.explain(args.queue_id)
     print_explanation(explanation, args.format)
     if explanation.message is None:
@@ -734,7 +734,9 @@ def format_table(rows: Sequence[Tuple[Decision, str, str]], recovery: Sequence[T
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> str:
-    """Rows as aligned columns; the last column is left ragged."""
+    """Rows as aligned columns; the last column is left ragged. Each cell is shown on one line, escaped
+    (an id or reason from a snapshot or the state database may hold any character)."""
+    rows = [[shown(cell, tabs=False) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
     return "\n".join(line.rstrip() for line in lines)
@@ -898,7 +900,16 @@ def _history_row(entry: HistoryEntry, queue_id: str, live: bool) -> Tuple[str, .
     return (f"  {_clock(entry.at, '%Y-%m-%d %H:%M:%S')}", run, event.action, " ".join(f for f in fields if f))
 
 
+def _unbreakable_stdout() -> None:
+    """Under a strict UTF-8 locale, text that was not UTF-8 (kept as surrogate escapes) would make print raise:
+    written as backslash escapes instead (stderr already is). Tables escape their cells themselves."""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _unbreakable_stdout()
     parser = build_parser()
     args = None
     try:

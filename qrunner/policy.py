@@ -53,6 +53,7 @@ WATCHDOG_POLL = 0.05  # seconds between the watchdog's looks at the worker's pro
 STARTUP_ALLOWANCE = 10.0  # seconds a fresh worker may take to start Lua, on top of the script's own limits
 HEADER_BATCH_BYTES = 4 << 20  # header text sent ahead in one answer at most (the message asked for always goes)
 DEFAULT_SCRIPT_USER = "_qrunner"
+PRINTED_LINE_CHARS = 4096  # characters of one printed line that reach the log; the rest is counted, not logged
 
 # What governs, in qrunner, the knobs that later VPOP3 versions gave scripts.
 VPOP3_EXTRAS = {
@@ -738,9 +739,13 @@ class PolicyEngine:
         """One line of the script's ``print``, marked as the script's; a control character shows as ``?``.
 
         The worker splits printed text into lines (each counts towards the
-        per-call cap), so no printed text can start a log line of its own.
+        per-call cap), so no printed text can start a log line of its own;
+        a line longer than ``PRINTED_LINE_CHARS`` is cut there (a 10 MB
+        ``print`` must not become a 10 MB log line), saying how much was left out.
         """
         prefix = message.queue_id if message is not None else sender.name
+        if len(text) > PRINTED_LINE_CHARS:
+            text = text[:PRINTED_LINE_CHARS] + f"... ({len(text) - PRINTED_LINE_CHARS} more characters not logged)"
         shown = "".join(c if c == "\t" or c.isprintable() else "?" for c in text)
         log.info("%s: script (sender %s): %s", prefix, sender.name, shown)
 

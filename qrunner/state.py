@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import logging
 import os
 import shutil
 import sqlite3
@@ -39,6 +40,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from qrunner.decision import MessageKey
 from qrunner.exceptions import ConfigError, LockHeldError, NoPermissionError
 from qrunner.message import QueueState
+
+log = logging.getLogger("qrunner.state")
 
 DB_NAME = "qrunner.sqlite"
 LOCK_NAME = "qrunner.lock"
@@ -409,6 +412,31 @@ def _rolled_back_copy(path: str) -> sqlite3.Connection:
     return memory
 
 
+def _decoded(raw: bytes) -> str:
+    """Text from the database: UTF-8, and a byte that is not (a file someone else wrote) kept as a surrogate
+    escape rather than a traceback on every command that reads the records."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+# The columns that name a message: a record whose id there is not UTF-8 can be neither an MTA's id nor deleted by
+# key (a str with surrogate escapes cannot be bound), so a writing run removes it, said in the log.
+_ID_COLUMNS = (("holds", "queue_id"), ("attempts", "queue_id"), ("copies", "queue_id"), ("copies", "original"))
+
+
+def _drop_undecodable_ids(db: sqlite3.Connection, path: str) -> None:
+    for table, column in _ID_COLUMNS:
+        # only ids with a byte outside printable ASCII are candidates: no MTA's id has one
+        rows = db.execute(f"SELECT rowid, CAST({column} AS BLOB) FROM {table} WHERE {column} GLOB '*[^ -~]*'")
+        for rowid, raw in rows.fetchall():
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                with db:
+                    db.execute(f"DELETE FROM {table} WHERE rowid = ?", (rowid,))
+                log.warning("%s: a record in %s whose message id is not UTF-8 (%r) was removed: no MTA writes "
+                            "such an id", path, table, raw)
+
+
 class State:
     """The state database of one MTA instance."""
 
@@ -423,6 +451,8 @@ class State:
             self.db = sqlite3.connect(self.path, timeout=30)
             os.chmod(self.path, 0o600)  # holds and reasons are the admin's business only
             migrate(self.db, self.path)
+            self.db.text_factory = _decoded
+            _drop_undecodable_ids(self.db, self.path)
         except sqlite3.Error as exc:
             raise ConfigError(f"{self.path}: cannot use the state database ({exc}); check 'state_dir'.")
 
@@ -467,6 +497,7 @@ class State:
             db.execute("SELECT count(*) FROM holds").fetchone()
         except sqlite3.Error as exc:
             raise ConfigError(f"{path}: cannot read the state database ({exc}); check 'state_dir'.")
+        db.text_factory = _decoded
         return db
 
     def close(self) -> None:

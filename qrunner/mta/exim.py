@@ -139,6 +139,7 @@ class EximBackend(Backend):
         self.split = self._option("split_spool_directory", boolean=True) == "yes"
         self.instance = f"exim:{os.path.realpath(self.spool_directory)}:{self.queue}"
         self._hints: Optional[exim_hints.RetryHints] = None  # read once a run, when a due time is first asked
+        self._damaged: Dict[str, str] = {}  # message id -> why its -H file cannot be read (this listing)
 
     # -- commands ----------------------------------------------------------
 
@@ -255,6 +256,9 @@ class EximBackend(Backend):
 
     def unfit(self, message: Message, ours: bool) -> Optional[str]:
         """Messages of the named queue not being delivered right now; frozen ones only if qrunner froze them."""
+        damaged = self._damaged.get(message.queue_id)
+        if damaged is not None:
+            return f"its spool file cannot be read ({damaged}); left alone"
         if message.state == QueueState.ACTIVE:
             return "being delivered by Exim right now; left alone"
         if message.held and not ours:
@@ -350,6 +354,7 @@ class EximBackend(Backend):
     def list(self) -> List[Message]:
         """The named queue's messages, from the -H files; locked (being delivered) ones marked."""
         messages = []
+        self._damaged = {}
         mvh = tuple([self.binary] + self.config_args + self.queue_args)
         texts: Dict[str, str] = {}  # one str for each sender and recipient the listing repeats
         shared = texts.setdefault
@@ -359,8 +364,12 @@ class EximBackend(Backend):
                 texts.clear()  # a queue of distinct addresses: the table must not outgrow what it saves
             try:
                 spool = exim_spool.read_header_file(header_path, read_headers=False)
+            except FileNotFoundError:
+                continue  # delivered or removed since the directory scan
             except (OSError, ValueError) as exc:
-                log.debug("%s: -H file not readable (%s); skipped this run", message_id, exc)
+                damaged = self._damaged_message(message_id, header_path, data_path, exc)
+                if damaged is not None:
+                    messages.append(damaged)
                 continue
             size = exim_spool.message_size(spool, data_path)
             if size is None:
@@ -379,6 +388,36 @@ class EximBackend(Backend):
                 state=state,
             ))
         return messages
+
+    def _damaged_message(self, message_id: str, header_path: str, data_path: str, exc: Exception
+                         ) -> Optional[Message]:
+        """A message whose ``-H`` file cannot be read, listed so that it is left alone and its records kept.
+
+        Exim cannot deliver it either (``exim -bp`` shows "spool format
+        error"); qrunner says so once, names the file and the fix, and never
+        acts on it: :meth:`unfit` leaves it alone. It stays in the listing so
+        that a hold qrunner made keeps its record (a message missing from the
+        listing would count as gone). Its key comes from the id, which
+        encodes the arrival second; it counts as frozen when its file says
+        ``-frozen``. None when the message is gone since the scan.
+        """
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        try:
+            with open(header_path, "rb") as f:
+                frozen = b"\n-frozen " in f.read(1 << 20)
+            size = os.stat(data_path).st_size if os.path.exists(data_path) else 0
+        except FileNotFoundError:
+            return None
+        except OSError:
+            frozen, size = False, 0
+        self._damaged[message_id] = why
+        remove = " ".join([self.binary] + self.config_args + self.queue_args + ["-Mrm", message_id])
+        log.warning("%s: Exim's spool file %s cannot be read (%s); the message is left alone in the queue "
+                    "(Exim cannot deliver it either): repair the file, or remove the message with '%s'",
+                    message_id, header_path, why, remove)
+        return Message(queue_id=message_id, arrival=float(exim_spool.arrival_second(message_id)), size=size,
+                       sender="", recipients=(), queue_name=self.queue or "default", filename=data_path,
+                       state=QueueState.HELD if frozen else QueueState.WAITING)
 
     # -- in delivery -----------------------------------------------------------
 
@@ -442,9 +481,20 @@ class EximBackend(Backend):
         ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
         confirmed: Set[str] = set()
         for start in range(0, len(ids), COMMAND_BATCH):
-            result = self._exim(self.queue_args + [flag] + ids[start:start + COMMAND_BATCH])
-            confirmed.update(re.findall(r"^Message (\S+) " + re.escape(done) + r"$", result.stdout, re.M))
+            chunk = ids[start:start + COMMAND_BATCH]
+            result = self._exim(self.queue_args + [flag] + chunk)
+            now = set(re.findall(r"^Message (\S+) " + re.escape(done) + r"$", result.stdout, re.M))
+            confirmed.update(now)
+            self._say_refused(flag, [q for q in chunk if q not in now], result.stdout + "\n" + result.stderr)
         return confirmed & set(ids)
+
+    def _say_refused(self, flag: str, ids: Sequence[str], output: str) -> None:
+        """Exim's own words for each message it did not act on, when it names the message (e.g. a spool
+        format error): the executor only knows that the step was not confirmed."""
+        for queue_id in ids:
+            said = [line.strip() for line in output.splitlines() if queue_id in line]
+            if said:
+                log.warning("%s: exim %s did not act on it: %s", queue_id, flag, "; ".join(said)[:500])
 
     def hand_back(self, queue_ids: Sequence[str]) -> Set[str]:
         """``-qG<queue> -MG '' ID...``: as they are (nothing thawed), to the queue Exim's own runners process."""

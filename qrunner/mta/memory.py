@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import time
@@ -42,6 +43,8 @@ from qrunner.exceptions import UnavailableError
 from qrunner.message import HeaderSource, Message, QueueState
 from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, removed_now,
                               send_copying_routes)
+
+log = logging.getLogger("qrunner.memory")
 
 MESSAGE_ID = re.compile(r"M[0-9A-F]{8}\Z")
 RETRY_SECONDS = 300  # how long a message the relay deferred waits, as Postfix's minimal_backoff_time
@@ -297,7 +300,17 @@ class MemoryBackend(Backend):
     # -- actions ---------------------------------------------------------------
 
     def list(self) -> List[Message]:
-        entries = self._look()
+        """The queue's messages; an entry whose id is no memory queue id is said and passed over.
+
+        As the Postfix back end does with a ``postqueue -j`` line: an id that
+        could be an option or a path (``-d``, ``../x``) never becomes one.
+        """
+        entries = []
+        for entry in self._look():
+            if self.is_message_id(entry.get("id")):
+                entries.append(entry)
+            else:
+                log.warning("memory queue entry %r is not a memory queue id, skipped", entry.get("id"))
         self._listed = {m["id"]: m for m in entries}
         return [self._message(m) for m in entries]
 
