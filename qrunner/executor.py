@@ -512,7 +512,8 @@ class Executor:
             later = ("" if outcome.original_removed else " (original not deleted yet: the next run deletes it"
                      + (", then releases the copy)" if outcome.copy_held else ")"))
             if outcome.original_removed and outcome.copy_held:
-                later = " (copy not confirmed released from its listener's hold: the next run releases it if still held)"
+                later = (" (copy not confirmed released from its listener's hold: the next run releases it if "
+                         "still held)")
             self._say(logging.INFO, send.message, "route", "%s: action=route sender=%s priority=%d new_queue_id=%s%s",
                       send.queue_id, senders, send.priority, outcome.new_id, later,
                       priority=send.priority, sender=senders, new_id=outcome.new_id)

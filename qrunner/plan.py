@@ -349,8 +349,8 @@ def _settle_held_copy(item: Listed, remove: List[Remove], release: List[ReleaseC
     """A copy on its listener's hold: released when its original is gone, removed while the original waits."""
     copy = item.held_copy
     if copy.original_gone:
-        release.append(ReleaseCopy(item.message, f"copy for sender {copy.sender} of {copy.original}: "
-                                                 "released to its route now that the original is gone", original=copy.original))
+        why = f"copy for sender {copy.sender} of {copy.original}: released to its route now that the original is gone"
+        release.append(ReleaseCopy(item.message, why, original=copy.original))
     else:
         remove.append(RemoveCopy(item.message, f"copy for sender {copy.sender} held by its listener; its original "
                                                f"{copy.original} is still queued and is decided again"))

@@ -29,8 +29,8 @@ from qrunner.log import NOT_QUIETED
 from qrunner import metrics
 from qrunner.message import Message, QueueState, arrival_order
 from qrunner.mta.base import Backend, Due, Gate
-from qrunner.plan import (OVERRIDDEN, HeldCopy, HoldAge, Listed, Plan, Planned, Wait, explain_unplanned, make_plan, release_plan,
-                          steps_for, triage)
+from qrunner.plan import (OVERRIDDEN, HeldCopy, HoldAge, Listed, Plan, Planned, Wait, explain_unplanned, make_plan,
+                          release_plan, steps_for, triage)
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.progress import NONE as NO_PROGRESS, Progress
 from qrunner.selection import Choice, Selector
@@ -425,13 +425,13 @@ class Runner:
         """
         if record is not None and (record.released or record.original == MessageKey.of(message)):
             return None, None
-        found = self.backend.held_copy(message, routed)
         if record is not None:
             original = record.original
             handed = records.handed().get(original)
             removing = original in records.holds and handed is not None and handed.queue_id == message.queue_id
             present = any(MessageKey.of(m) == original for m in queued.get(original.queue_id, ()))
             return HeldCopy(record.sender, original.queue_id, removing or not present), None
+        found = self.backend.held_copy(message, routed)
         if found is None:
             return None, None
         sender, original_id = found

@@ -151,7 +151,7 @@ CREATE TABLE history (
 CREATE INDEX history_by_message ON history (instance, queue_id);
 CREATE INDEX history_by_copy ON history (instance, new_queue_id) WHERE new_queue_id != '';
 """),
-    (7, "exactly-once hand-over: a copy the sender's listener put on hold is released only after its original is gone", """
+    (7, "exactly-once hand-over: a copy its listener holds is released only once its original is gone", """
 ALTER TABLE copies ADD COLUMN released INTEGER NOT NULL DEFAULT 1;
 """),
 )

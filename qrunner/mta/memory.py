@@ -274,8 +274,15 @@ class MemoryBackend(Backend):
         return (sender, entry.get("original") or "") if sender is not None else None
 
     def release_copies(self, queue_ids: Sequence[str]) -> Set[str]:
-        """Held copies back to waiting: the model's queue manager delivers a waiting copy on its route at once."""
-        return self._each("release_copies", queue_ids, QueueState.HELD, lambda e: e.update(state=QueueState.WAITING))
+        """Held copies released and delivered now, on their route (as ``postsuper -H`` and a flush request).
+
+        The delivery takes as long as the original's would (``slow``, ``delivery_seconds``).
+        """
+        with self.queue.change() as queue:
+            slow, seconds = dict(queue["slow"]), float(queue["delivery_seconds"])
+        now = time.time()
+        return self._each("release_copies", queue_ids, QueueState.HELD, lambda e: e.update(
+            state=QueueState.ACTIVE, active_until=now + float(slow.get(e.get("original"), seconds))))
 
     def sends_from_hold(self, route: Optional[Sender]) -> bool:
         return route is not None
