@@ -437,6 +437,7 @@ def print_release_plan(result: RunResult) -> None:
     plan = result.plan
     rows = [("QUEUE ID", "WOULD", "WHY")]
     rows += [(step.queue_id, "delete", step.reason) for step in plan.remove]
+    rows += [(step.queue_id, "release", step.reason) for step in plan.release_copies]
     rows += [(step.queue_id, "release", step.reason) for step in plan.release]
     rows += [(step.queue_id, "move to the default queue", step.reason) for step in plan.hand_back]
     rows += [(step.queue_id, "leave alone", step.reason) for step in plan.left_alone]
@@ -646,7 +647,8 @@ def print_plan(result: RunResult, fmt: str) -> None:
     released = {r.queue_id for r in plan.release}
     kept_held = {s.queue_id for s in plan.send if s.from_hold}
     ordered = report_order(plan.decisions)
-    recovery = [("delete", s) for s in plan.remove] + [("handback", s) for s in plan.hand_back]
+    recovery = [("delete", s) for s in plan.remove] + [("release", s) for s in plan.release_copies]
+    recovery += [("handback", s) for s in plan.hand_back]
     recovery += [("expire", _expire_note(s, waiting.get(s.queue_id), s.queue_id in released)) for s in plan.expire]
     if fmt == "json":
         # Written a decision at a time (the same text as one json.dumps of the

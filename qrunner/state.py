@@ -154,6 +154,9 @@ CREATE TABLE history (
 CREATE INDEX history_by_message ON history (instance, queue_id);
 CREATE INDEX history_by_copy ON history (instance, new_queue_id) WHERE new_queue_id != '';
 """),
+    (7, "exactly-once hand-over: a copy its listener holds is released only once its original is gone", """
+ALTER TABLE copies ADD COLUMN released INTEGER NOT NULL DEFAULT 1;
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -217,6 +220,7 @@ class Copy:
     queue_id: str
     original: MessageKey
     sender: str
+    released: bool = True  # False: the listener put it on hold, and qrunner has not released it yet
 
 
 @dataclass
@@ -242,6 +246,7 @@ class Settlement:
     mark_held: List[MessageKey] = field(default_factory=list)
     forget: List[MessageKey] = field(default_factory=list)
     drop_copies: List[Copy] = field(default_factory=list)
+    released_copies: List[Copy] = field(default_factory=list)
     drop_attempts: List[MessageKey] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
@@ -271,8 +276,11 @@ def settle(records: Records, queue: Mapping[MessageKey, str]) -> Settlement:
                                 "(released, delivered or deleted by someone else)")
         else:
             result.notes.append(f"{key.queue_id}: record of an interrupted {hold.state} settled: message not on hold")
-    present = {key.queue_id for key in queue}
+    present = {key.queue_id: where for key, where in queue.items()}
     result.drop_copies = [c for c in records.copies if c.queue_id not in present and c.original not in queue]
+    # A release a crash interrupted after Postfix moved the copy: the queue says it is released.
+    result.released_copies = [c for c in records.copies if not c.released and c.queue_id in present
+                              and present[c.queue_id] != QueueState.HELD]
     result.drop_attempts = [key for key in records.attempts if key not in queue]
     return result
 
@@ -283,8 +291,10 @@ def settled(records: Records, settlement: Settlement) -> Records:
     for key in settlement.mark_held:
         holds[key] = dataclasses.replace(holds[key], state="held")
     dropped = set(settlement.drop_copies)
+    released = set(settlement.released_copies)
     attempts = {k: v for k, v in records.attempts.items() if k not in set(settlement.drop_attempts)}
-    return Records(holds, [c for c in records.copies if c not in dropped], attempts)
+    return Records(holds, [dataclasses.replace(c, released=True) if c in released else c
+                           for c in records.copies if c not in dropped], attempts)
 
 
 @dataclass(frozen=True)
@@ -517,9 +527,9 @@ class State:
         return {MessageKey(r[0], r[1]): Hold(*r) for r in rows}
 
     def _copies(self) -> List[Copy]:
-        rows = self.db.execute("SELECT queue_id, original, original_arrival, sender FROM copies WHERE instance = ?",
-                               (self.instance,))
-        return [Copy(r[0], MessageKey(r[1], r[2]), r[3]) for r in rows]
+        rows = self.db.execute("SELECT queue_id, original, original_arrival, sender, released FROM copies "
+                               "WHERE instance = ?", (self.instance,))
+        return [Copy(r[0], MessageKey(r[1], r[2]), r[3], bool(r[4])) for r in rows]
 
     def _attempts(self) -> Dict[MessageKey, Tuple[int, float]]:
         rows = self.db.execute("SELECT queue_id, arrival, count, last FROM attempts WHERE instance = ?",
@@ -580,6 +590,8 @@ class State:
             self.mark_held(settlement.mark_held)
         if settlement.forget:
             self.forget(settlement.forget)
+        if settlement.released_copies:
+            self.mark_copies_released(c.queue_id for c in settlement.released_copies)
         if not (settlement.drop_copies or settlement.drop_attempts):
             return
         with self.db:
@@ -591,11 +603,29 @@ class State:
 
     # -- copies handed to a sender's route -------------------------------------
 
-    def record_copy(self, queue_id: str, original: MessageKey, sender: str) -> None:
-        """A copy the sender's route accepted: the original must go, never be handed over again."""
+    def record_copy(self, queue_id: str, original: MessageKey, sender: str, held: bool = False) -> None:
+        """A copy the sender's route accepted: the original must go, never be handed over again.
+
+        ``held``: the listener put the copy on hold as it accepted it; it
+        is released (:meth:`mark_copies_released`) once the original is gone.
+        """
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO copies VALUES (?, ?, ?, ?, ?, ?)",
-                            (self.instance, queue_id, original.queue_id, original.arrival, sender, time.time()))
+            self.db.execute("INSERT OR REPLACE INTO copies (instance, queue_id, original, original_arrival, sender, "
+                            "recorded, released) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (self.instance, queue_id, original.queue_id, original.arrival, sender, time.time(),
+                             0 if held else 1))
+
+    def forget_copies(self, queue_ids: Iterable[str]) -> None:
+        """Copies removed from the listener's hold: their originals are decided again, never removed for them."""
+        with self.db:
+            self.db.executemany("DELETE FROM copies WHERE instance = ? AND queue_id = ?",
+                                [(self.instance, queue_id) for queue_id in queue_ids])
+
+    def mark_copies_released(self, queue_ids: Iterable[str]) -> None:
+        """Copies qrunner released from the listener's hold: a later hold of one is the admin's."""
+        with self.db:
+            self.db.executemany("UPDATE copies SET released = 1 WHERE instance = ? AND queue_id = ?",
+                                [(self.instance, queue_id) for queue_id in queue_ids])
 
     # -- dispatch attempts (qrunner's own retry pacing) ----------------------
 

@@ -407,7 +407,7 @@ def test_postfix_routed_copy_is_never_decided_again(tmp_path, pf, listener_ports
     assert queue_state(pf)[new_id][0] == "deferred" and original not in queue_state(pf)
 
 
-def test_postfix_killed_between_acceptance_and_delete_leaves_a_duplicate_never_a_loss(
+def test_postfix_killed_between_the_record_and_the_delete_keeps_the_copy_on_hold_until_the_next_run(
         tmp_path, pf, relays, listener_ports):
     qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
     queue_id = queue_message(pf, "crash test")
@@ -415,15 +415,21 @@ def test_postfix_killed_between_acceptance_and_delete_leaves_a_duplicate_never_a
     killed = qr.run_killed_at("qrunner.mta.postfix:PostfixBackend.remove")  # copy accepted and recorded
 
     assert killed.code == -signal.SIGKILL
-    assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"crash test"]  # the copy went out
-    assert queue_state(pf)[queue_id][0] == "hold"  # the original is still here, and still qrunner's
+    queues = queue_state(pf)
+    assert queues[queue_id][0] == "hold"  # the original is still here, and still qrunner's
+    (copy,) = [q for q in queues if q != queue_id]
+    assert queues[copy][0] == "hold"  # the copy waits on the listener's hold: it cannot leave beside its original
     assert queue_id in qr("status").stdout
+    time.sleep(1)
+    assert relays[0].messages == []
     again = qr("run")
     assert again.code == 0, again.stderr
     assert f"{queue_id}: action=delete" in again.stderr  # the copy was recorded: delete, don't send twice
-    assert queue_id not in queue_state(pf)
+    assert f"{copy}: action=release" in again.stderr
+    assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"crash test"]
+    pf.wait_gone([queue_id, copy])
     time.sleep(1)
-    assert len(relays[0].messages) == 1  # no duplicate at all here; at worst there would be one
+    assert len(relays[0].messages) == 1
 
 
 def test_postfix_a_recipient_the_listener_refuses_leaves_the_original_held_and_unchanged(
@@ -525,22 +531,6 @@ def test_postfix_default_sender_goes_by_flush_beside_a_routed_sender(tmp_path, p
         "1:backup (default: the MTA's own routing)" in plan_senders
 
 
-def test_postfix_killed_before_the_copy_is_recorded_sends_at_worst_a_duplicate(tmp_path, pf, relays, listener_ports):
-    qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
-    queue_id = queue_message(pf, "crash before the record")
-
-    killed = qr.run_killed_at("qrunner.state:State.record_copy")  # copy accepted, not recorded
-
-    assert killed.code == -signal.SIGKILL
-    assert len(relays[0].wait_for(1)) == 1
-    assert queue_state(pf)[queue_id][0] == "hold"  # never lost: still here, still qrunner's hold
-    again = qr("run")
-    assert again.code == 0, again.stderr
-    copies = relays[0].wait_for(2)
-    assert [m.header("Subject") for m in copies] == [b"crash before the record"] * 2  # the duplicate, and no more
-    assert queue_id not in queue_state(pf)
-
-
 def test_exim_default_sender_goes_by_exims_own_routing_beside_a_routed_sender(tmp_path, exim, exim_sink, sinks):
     script = "function CheckFile(f, a, size) if senderid == 0 and size < 50000 then a.SkipSend = 1 end return a end\n"
     mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, script, ["isp"])
@@ -591,7 +581,8 @@ def test_postfix_a_route_that_is_not_the_listeners_is_a_config_error(tmp_path, p
 
 def test_postfix_release_all_removes_an_original_whose_copy_already_left(tmp_path, pf, smtp_sink, relays,
                                                                           listener_ports):
-    """The way out after an interrupted hand-over: the original goes (its copy left), it is not released."""
+    """The way out after an interrupted hand-over: the original goes (its copy was accepted), it is not released;
+    the copy, held by its listener until then, is released to its route."""
     qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
     queue_id = queue_message(pf, "copied, then the kill")
     assert qr.run_killed_at("qrunner.mta.postfix:PostfixBackend.remove").code == -signal.SIGKILL
@@ -600,7 +591,7 @@ def test_postfix_release_all_removes_an_original_whose_copy_already_left(tmp_pat
     result = qr("release", "--all")
 
     assert result.code == 0, result.stderr
-    assert f"{queue_id}: action=delete" in result.stderr and "action=release" not in result.stderr
+    assert f"{queue_id}: action=delete" in result.stderr and f"{queue_id}: action=release" not in result.stderr
     assert queue_id not in queue_state(pf)  # postqueue -j: gone, not deferred for Postfix to send again
     assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"copied, then the kill"]
     assert smtp_sink.messages == []

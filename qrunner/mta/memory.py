@@ -5,7 +5,9 @@ back-end interface as an MTA does, with the same traps. Messages wait,
 are held, are being delivered for a while (``delivery_seconds``, or
 ``slow`` for one message), leave by
 the default route or by a sender's route (as Postfix does it: a copy under
-a new id, stamped with its route, the original removed), come back deferred
+a new id, stamped with its route and its original's id, put on hold by the
+listener as it is accepted, released once the original is removed; with
+``listener_holds`` false, as an older listener, not held), come back deferred
 with a retry time when the relay is down, vanish between the listing and
 an action, and a command can fail half-way through a batch, like
 ``postsuper`` on a stopped Postfix. Asked to give up on a message, it
@@ -41,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 from qrunner.config import Sender
 from qrunner.exceptions import UnavailableError
 from qrunner.message import HeaderSource, Message, QueueState
-from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, removed_now,
+from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, finish_hand_over,
                               send_copying_routes)
 
 log = logging.getLogger("qrunner.memory")
@@ -67,6 +69,7 @@ DEFAULTS: Dict[str, Any] = {
     "stop_at": {},             # message id -> why: the MTA stops answering when asked to deliver it
     "routes_down": [],         # senders whose relay is down: their copies come back deferred, on their route
     "returns_to_sender": True,  # False: like Postfix before 3.5, no way to return a message to its sender
+    "listener_holds": True,    # False: a sender's listener without the HOLD (an older master.cf): copies go at once
 }
 
 
@@ -257,6 +260,26 @@ class MemoryBackend(Backend):
         route = self._listed.get(message.queue_id, {}).get("route")
         return next((s for s in senders if not s.default and s.name == route), None) if route else None
 
+    def held_copy(self, message: Message, senders: Sequence[Sender]) -> Optional[Tuple[Sender, str]]:
+        """A held message stamped with a sender's route (the listener's hold): that sender, the original's id."""
+        entry = self._listed.get(message.queue_id, {})
+        route = entry.get("route")
+        if not route or entry.get("state") != QueueState.HELD:
+            return None
+        sender = next((s for s in senders if not s.default and s.name == route), None)
+        return (sender, entry.get("original") or "") if sender is not None else None
+
+    def release_copies(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Held copies released and delivered now, on their route (as ``postsuper -H`` and a flush request).
+
+        The delivery takes as long as the original's would (``slow``, ``delivery_seconds``).
+        """
+        with self.queue.change() as queue:
+            slow, seconds = dict(queue["slow"]), float(queue["delivery_seconds"])
+        now = time.time()
+        return self._each("release_copies", queue_ids, QueueState.HELD, lambda e: e.update(
+            state=QueueState.ACTIVE, active_until=now + float(slow.get(e.get("original"), seconds))))
+
     def sends_from_hold(self, route: Optional[Sender]) -> bool:
         return route is not None
 
@@ -421,11 +444,14 @@ class MemoryBackend(Backend):
                 return Outcome(Result.VANISHED)
             with open(self.queue.content_path(queue_id), "rb") as f:
                 content = f.read()
+            held = bool(queue["listener_holds"])
             new_id = self.queue._add(queue, original["sender"], original["recipients"], content,
-                                     request.route.name, None, state=QueueState.ACTIVE)
-            MemoryQueue._entry(queue, new_id)["active_until"] = time.time() + _delivery_seconds(queue, queue_id)
-        journal.copied(request, new_id)
-        return Outcome(Result.ROUTED, new_id=new_id, original_removed=removed_now(self, queue_id))
+                                     request.route.name, None, state=QueueState.HELD if held else QueueState.ACTIVE)
+            copy = MemoryQueue._entry(queue, new_id)
+            copy["original"] = queue_id  # as the XFORWARD IDENT leaves it in a Postfix copy
+            if not held:
+                copy["active_until"] = time.time() + _delivery_seconds(queue, queue_id)
+        return finish_hand_over(self, request, journal, new_id, held)
 
 
 def _delivery_seconds(queue: Dict[str, Any], queue_id: str) -> float:
