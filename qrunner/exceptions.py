@@ -16,6 +16,7 @@ EX_DATAERR = 65
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
+EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -59,6 +60,18 @@ class CantCreateError(QrunnerError):
     """An output file named on the command line cannot be created or written (exit 73)."""
 
     exit_code = EX_CANTCREAT
+
+
+class StateError(QrunnerError):
+    """The state database cannot be written (the disk full or read-only: exit 74) or is locked by another program
+    past the busy timeout (exit 75: try again later)."""
+
+    exit_code = EX_IOERR
+
+    def __init__(self, message: str, locked: bool = False):
+        super().__init__(message)
+        if locked:
+            self.exit_code = EX_TEMPFAIL
 
 
 class LockHeldError(QrunnerError):

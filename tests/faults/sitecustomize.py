@@ -11,10 +11,16 @@ import itself):
 "arg": "*glob*"}``
 
 ``do = "kill"``: the process SIGKILLs itself before (or just after) the N-th matching call (default the first),
-as ``kill -9`` or a crash would: no ``finally``, no clean-up. ``do = "raise"``: that call raises the error the
+as ``kill -9`` or a crash would: no ``finally``, no clean-up. ``do = "kill-in-sqlite"`` (with ``when = "before"``):
+the kill comes from inside SQLite, ``steps`` virtual-machine steps into the call (SQLite's progress handler on
+the call's connection: the first argument or its ``db``), so in the middle of a transaction or its commit.
+``once``: a file; the fault strikes only if it does not exist yet, and creates it (for a process started again
+and again, such as the Lua worker). ``do = "raise"``: that call raises the error the
 kernel or SQLite gives for it (OSError with that errno; SQLite's "database or disk is full" or "attempt to write
-a readonly database"). ``caller``: only calls made from a function of that name (one call site of a method
-used in several places). ``arg``: only calls with a positional argument matching the glob (a path given to
+a readonly database": for a method of an object with a ``db`` connection, a State's, raised by its statements,
+inside the method, as SQLite raises it). ``caller``: only calls made from a function of that name (one call site of a method
+used in several places); ``caller_file``: only calls from a source file matching that glob (a method that both
+the qrunner process and its Lua worker call: the worker's module runs as ``__main__``). ``arg``: only calls with a positional argument matching the glob (a path given to
 ``builtins:open`` or ``os:replace``; only writes, for ``open``).
 
 ``{"clock": SECONDS}``: ``time.time`` runs that many seconds off the real clock (negative: the clock stepped
@@ -48,7 +54,10 @@ def _error(name: str) -> BaseException:
 
 
 def _matches(fault: dict, args: tuple, kwargs: dict) -> bool:
-    if fault.get("caller") and sys._getframe(2).f_code.co_name != fault["caller"]:
+    caller = sys._getframe(2).f_code
+    if fault.get("caller") and caller.co_name != fault["caller"]:
+        return False
+    if fault.get("caller_file") and not fnmatch.fnmatch(caller.co_filename, fault["caller_file"]):
         return False
     pattern = fault.get("arg")
     if pattern:
@@ -62,10 +71,50 @@ def _matches(fault: dict, args: tuple, kwargs: dict) -> bool:
     return True
 
 
-def _strike(fault: dict) -> None:
-    if fault.get("do", "kill") == "kill":
+def _strike(fault: dict, args: tuple = ()) -> None:
+    once = fault.get("once")
+    if once:
+        if os.path.exists(once):
+            return
+        open(once, "w").close()
+    do = fault.get("do", "kill")
+    if do == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if do == "kill-in-sqlite":
+        _kill_inside_sqlite(args, int(fault.get("steps", 100)))
+        return
     raise _error(fault["error"])
+
+
+class _FailingConnection:
+    """A State's connection whose statements fail as SQLite fails them; transactions pass to the real one."""
+
+    def __init__(self, real, error: str):
+        self.real, self.error = real, error
+
+    def execute(self, *args, **kwargs):
+        raise _error(self.error)
+
+    executemany = executescript = execute
+
+    def __enter__(self):
+        return self.real.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self.real.__exit__(*exc_info)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def _kill_inside_sqlite(args: tuple, steps: int) -> None:
+    """SIGKILL from inside SQLite, ``steps`` virtual-machine steps into the call: in the middle of a commit."""
+    import sqlite3
+    owner = args[0] if args else None
+    connection = owner if isinstance(owner, sqlite3.Connection) else getattr(owner, "db", None)
+    if not isinstance(connection, sqlite3.Connection):
+        connection = next(a for a in args if isinstance(a, sqlite3.Connection))
+    connection.set_progress_handler(lambda: os.kill(os.getpid(), signal.SIGKILL), steps)
 
 
 def _wrap(function, fault: dict):
@@ -79,10 +128,18 @@ def _wrap(function, fault: dict):
         seen[0] += 1
         if seen[0] != wanted:
             return function(*args, **kwargs)
+        owner = args[0] if args else None
+        if fault.get("do") == "raise" and fault["error"].startswith("sqlite") and hasattr(owner, "db"):
+            real = owner.db  # a State method: its statement fails inside it, where SQLite would raise
+            owner.db = _FailingConnection(real, fault["error"])
+            try:
+                return function(*args, **kwargs)
+            finally:
+                owner.db = real
         if fault.get("when", "before") == "before":
-            _strike(fault)
+            _strike(fault, args)
         result = function(*args, **kwargs)
-        _strike(fault)
+        _strike(fault, args)
         return result
 
     return faulty
