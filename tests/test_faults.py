@@ -20,6 +20,7 @@ the copy).
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import time
@@ -27,7 +28,8 @@ import time
 import pytest
 
 from fault_harness import (HELD, NIGHT, POLICY, RETURNED, SENT, SETUP_POLICY, TWO_SENDERS, WAITS, FaultyQrunner,
-                           Scenario, assert_looks_work, finish_slow_deliveries, judge_memory, killed, recover)
+                           Scenario, assert_looks_work, finish_slow_deliveries, judge_memory, killed, memory_files,
+                           recover)
 from memory_harness import MemoryHarness
 from qrunner.mta.memory import MemoryQueue
 
@@ -393,3 +395,76 @@ def test_the_lua_worker_killed_by_sigkill_loses_nothing(templates, figures, tmp_
         assert result.code in (0, 1), f"exit {result.code}:\n{result.stderr}"
     assert_looks_work(scenario.qr, scenario.some_id, "the Lua worker killed")
     judged(scenario, figures, "memory: the Lua worker killed (SIGKILL, as the OOM killer)", f"call {call}")
+
+
+# -- a state directory that a killed first run left half-made ------------------------------------------------------
+
+FIRST_RUN_KILLS = {
+    "after the database file was created": {"target": "sqlite3:connect", "caller": "__init__", "when": "after"},
+    "early in the schema's first transaction": {"target": "qrunner.state:migrate", "do": "kill-in-sqlite",
+                                                "steps": 20},
+    "in the middle of the schema migrations": {"target": "qrunner.state:migrate", "do": "kill-in-sqlite",
+                                               "steps": 1200},
+    "late in the schema migrations": {"target": "qrunner.state:migrate", "do": "kill-in-sqlite", "steps": 2400},
+    "after the schema, before the first record": {"target": "qrunner.state:migrate", "when": "after"},
+    "in the first hold's commit": {"target": f"{STATE}.record_holding", "do": "kill-in-sqlite", "steps": 30},
+}
+
+
+@pytest.mark.parametrize("where", list(FIRST_RUN_KILLS))
+def test_a_first_run_killed_while_making_its_state_leaves_looks_and_the_next_run_working(tmp_path, figures, where):
+    """The very first run killed while it creates the database (an empty file, a hot journal of a half-written
+    schema): status, plan, explain and run --dry-run answer at once, and the next run does the whole job."""
+    mta = MemoryHarness(str(tmp_path / "queue"))
+    qr = FaultyQrunner(tmp_path, mta, POLICY)
+    qr.config_path.write_text(qr.config_path.read_text() + TWO_SENDERS)
+    ids = {s: _submit(mta, s) for s in ("send p50", "hold this", "night p60")}
+
+    result = qr.faulted([FIRST_RUN_KILLS[where]])
+
+    assert killed(result), f"the first run was not killed {where} (exit {result.code}):\n{result.stderr}"
+    assert_looks_work(qr, ids["send p50"], f"a first run killed {where}")
+    judged(Scenario(qr, mta, {"send p50": SENT, "hold this": HELD, "night p60": NIGHT}, ids), figures,
+           "memory: the first run killed while making its state directory", where)
+
+
+# -- the database locked by an admin's sqlite3 session ----------------------------------------------------------------
+
+
+def test_the_database_locked_by_an_admins_session_makes_the_run_wait_not_fail(templates, figures):
+    """An admin's ``sqlite3 state.sqlite`` holding ``BEGIN EXCLUSIVE``: the run and the looks wait for it, then do
+    their work; none fails, nothing is done twice."""
+    import sqlite3
+    scenario = fresh(templates, "daily")
+    admin = sqlite3.connect(os.path.join(scenario.qr.state_dir, "qrunner.sqlite"), isolation_level=None)
+    admin.execute("BEGIN EXCLUSIVE")
+    run, status = scenario.qr.start("run"), scenario.qr.start("status")
+    time.sleep(1.5)
+    assert run.poll() is None and status.poll() is None  # both wait for the admin's session
+    admin.execute("ROLLBACK")
+    admin.close()
+    _, run_err = run.communicate(timeout=120)
+    status_out, status_err = status.communicate(timeout=120)
+
+    assert run.returncode == 0, run_err
+    assert status.returncode == 0 and "Traceback" not in status_err, status_err
+    judged(scenario, figures, "memory: the state database locked by an admin's sqlite3 session", "released")
+
+
+@pytest.mark.skipif(not LONG, reason="waits out SQLite's 30 s busy timeout: make reliability (QRUNNER_LONG=1)")
+def test_the_database_locked_past_the_busy_timeout_stops_the_run_before_any_change(templates, figures):
+    import sqlite3
+    scenario = fresh(templates, "daily")
+    before = json.dumps(memory_files(scenario.mta.directory)["messages"], sort_keys=True)
+    admin = sqlite3.connect(os.path.join(scenario.qr.state_dir, "qrunner.sqlite"), isolation_level=None)
+    admin.execute("BEGIN EXCLUSIVE")
+    try:
+        result = scenario.qr("run")
+    finally:
+        admin.execute("ROLLBACK")
+        admin.close()
+
+    assert result.code == 75 and "locked by another program" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.dumps(memory_files(scenario.mta.directory)["messages"], sort_keys=True) == before
+    judged(scenario, figures, "memory: the state database locked by an admin's sqlite3 session", "past the timeout")

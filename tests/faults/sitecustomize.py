@@ -11,7 +11,7 @@ import itself):
 "arg": "*glob*"}``
 
 ``do = "kill"``: the process SIGKILLs itself before (or just after) the N-th matching call (default the first),
-as ``kill -9`` or a crash would: no ``finally``, no clean-up. ``do = "kill-in-sqlite"`` (with ``when = "before"``):
+as ``kill -9`` or a crash would: no ``finally``, no clean-up. ``do = "kill-in-sqlite"``:
 the kill comes from inside SQLite, ``steps`` virtual-machine steps into the call (SQLite's progress handler on
 the call's connection: the first argument or its ``db``), so in the middle of a transaction or its commit.
 ``once``: a file; the fault strikes only if it does not exist yet, and creates it (for a process started again
@@ -114,7 +114,18 @@ def _kill_inside_sqlite(args: tuple, steps: int) -> None:
     connection = owner if isinstance(owner, sqlite3.Connection) else getattr(owner, "db", None)
     if not isinstance(connection, sqlite3.Connection):
         connection = next(a for a in args if isinstance(a, sqlite3.Connection))
-    connection.set_progress_handler(lambda: os.kill(os.getpid(), signal.SIGKILL), steps)
+    if not steps:
+        connection.set_progress_handler(None, 0)
+        return
+    done = [0]
+
+    def step() -> int:
+        done[0] += 1
+        if done[0] >= steps:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    connection.set_progress_handler(step, 1)  # SQLite counts per statement: count every step here instead
 
 
 def _wrap(function, fault: dict):
@@ -136,8 +147,15 @@ def _wrap(function, fault: dict):
                 return function(*args, **kwargs)
             finally:
                 owner.db = real
+        if fault.get("do") == "kill-in-sqlite":
+            _strike(fault, args)  # the kill comes from inside the call
+            try:
+                return function(*args, **kwargs)
+            finally:
+                _kill_inside_sqlite(args, 0)  # the call needed fewer steps: no kill later, elsewhere
         if fault.get("when", "before") == "before":
             _strike(fault, args)
+            return function(*args, **kwargs)
         result = function(*args, **kwargs)
         _strike(fault, args)
         return result
