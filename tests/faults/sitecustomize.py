@@ -14,6 +14,7 @@ import itself):
 as ``kill -9`` or a crash would: no ``finally``, no clean-up. ``do = "kill-in-sqlite"``:
 the kill comes from inside SQLite, ``steps`` virtual-machine steps into the call (SQLite's progress handler on
 the call's connection: the first argument or its ``db``), so in the middle of a transaction or its commit.
+``do = "exec"``: runs ``command`` (an argv) there and goes on, e.g. to stop the MTA in the middle of a run.
 ``once``: a file; the fault strikes only if it does not exist yet, and creates it (for a process started again
 and again, such as the Lua worker). ``do = "raise"``: that call raises the error the
 kernel or SQLite gives for it (OSError with that errno; SQLite's "database or disk is full" or "attempt to write
@@ -78,6 +79,10 @@ def _strike(fault: dict, args: tuple = ()) -> None:
             return
         open(once, "w").close()
     do = fault.get("do", "kill")
+    if do == "exec":
+        import subprocess
+        subprocess.run(fault["command"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return
     if do == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if do == "kill-in-sqlite":
