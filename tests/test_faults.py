@@ -93,6 +93,10 @@ STEPS = {
     ("send_copying_routes", "backend", "_hand_over"): "daily",
 }
 RUNNER_STEPS = ("_execute", "_finish", "_reconcile", "_write_metrics")
+# The State methods that write the database.
+STATE_WRITES = ("record_holding", "mark_held", "update_reason", "mark_releasing", "forget", "apply", "record_copy",
+                "note_attempts", "start_run", "finish_run", "record_dispatches", "prune", "record_history",
+                "add_counts")
 TARGETS = {"state": STATE, "backend": BACKEND, "journal": EXECUTOR, "metrics": "qrunner.metrics:"}
 
 
@@ -273,7 +277,7 @@ def test_a_run_killed_at_each_step_loses_nothing(templates, figures, scenario_na
     result = scenario.qr.faulted([fault])
 
     assert killed(result), f"the run never reached {fault} (exit {result.code}):\n{result.stderr}"
-    if LONG or owner == "state" or when == "after":  # a look reads the state: after a kill amid its writes
+    if LONG or method in STATE_WRITES or when == "after":  # a look reads the state: after a kill amid its writes
         assert_looks_work(scenario.qr, scenario.some_id, f"a kill {when} {function}: {owner}.{method}")
     judged(scenario, figures, "memory: SIGKILL at each step of a run", f"a kill {when} {function}: {owner}.{method}",
            DUPLICATE_WINDOW.get((scenario_name, function, method) if when == "before" else None))
@@ -281,9 +285,6 @@ def test_a_run_killed_at_each_step_loses_nothing(templates, figures, scenario_na
 
 # -- the state database: the disk full or read-only at each write ------------------------------------------------
 
-STATE_WRITES = ("record_holding", "mark_held", "update_reason", "mark_releasing", "forget", "apply", "record_copy",
-                "note_attempts", "start_run", "finish_run", "record_dispatches", "prune", "record_history",
-                "add_counts")
 
 
 def state_write_cases():
@@ -468,3 +469,21 @@ def test_the_database_locked_past_the_busy_timeout_stops_the_run_before_any_chan
     assert "Traceback" not in result.stderr
     assert json.dumps(memory_files(scenario.mta.directory)["messages"], sort_keys=True) == before
     judged(scenario, figures, "memory: the state database locked by an admin's sqlite3 session", "past the timeout")
+
+
+# -- kills at random times ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("round_number", range(30 if LONG else 3))
+def test_a_run_killed_at_a_random_moment_loses_nothing(templates, figures, round_number):
+    """kill -9 from outside, at a moment drawn at random (seeded by the round) over a whole run's length."""
+    import random
+    scenario = fresh(templates, "daily")
+    delay = random.Random(round_number).uniform(0.05, 1.2)
+    proc = scenario.qr.start("run")
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate(timeout=120)
+    assert_looks_work(scenario.qr, scenario.some_id, f"a kill after {delay:.3f} s")
+    judged(scenario, figures, "memory: SIGKILL at a random moment of a run", f"a kill after {delay:.3f} s",
+           "'night one'")  # a kill can land in the re-injection's duplicate window too
