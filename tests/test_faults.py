@@ -23,6 +23,7 @@ import ast
 import json
 import os
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -487,3 +488,57 @@ def test_a_run_killed_at_a_random_moment_loses_nothing(templates, figures, round
     assert_looks_work(scenario.qr, scenario.some_id, f"a kill after {delay:.3f} s")
     judged(scenario, figures, "memory: SIGKILL at a random moment of a run", f"a kill after {delay:.3f} s",
            "'night one'")  # a kill can land in the re-injection's duplicate window too
+
+
+# -- a real disk: the state directory on a small tmpfs, filled or made read-only at a step ----------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 KB tmpfs at ``tmp_path/state`` (qrunner's state_dir in these cases); root only (mount)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    place = tmp_path / "state"
+    place.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(place)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"as root, a tmpfs must mount here: {mounted.stderr}"
+    yield place
+    subprocess.run(["umount", "-l", str(place)], capture_output=True)
+
+
+@pytest.mark.parametrize("disk", ["full", "read-only"])
+def test_the_state_directory_filling_up_or_going_read_only_mid_run_loses_nothing(tmp_path, small_disk, figures, disk):
+    """The kernel's own ENOSPC under SQLite at the first hold's record (exit 74), or EROFS from the start (78, at
+    the lock): one sentence, and the next run on a healed disk settles everything."""
+    mta = MemoryHarness(str(tmp_path / "queue"))
+    qr = FaultyQrunner(tmp_path, mta, SETUP_POLICY)
+    qr.config_path.write_text(qr.config_path.read_text() + TWO_SENDERS)
+    ids = {s: _submit(mta, s) for s in ("later p50", "hold this")}
+    assert qr("run").code == 0
+    qr.set_script(POLICY)
+    for subject in ("send p60", "hold new", "night p70"):
+        ids[subject] = _submit(mta, subject)
+    if disk == "full":  # filled just before the first hold's record
+        fault = [{"target": f"{STATE}.record_holding", "caller": "_hold", "do": "exec",
+                  "command": ["sh", "-c", f"cat /dev/zero > {small_disk}/filler 2>/dev/null; true"]}]
+    else:  # read-only before the run (a file system remounts read-only after an error; no remount while written)
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        fault = []
+
+    result = qr.faulted(fault)
+
+    if disk == "full":
+        assert result.code == 74 and "cannot write the state database" in result.stderr, result.stderr
+    else:  # refused at the lock, before anything was listed or changed
+        assert result.code == 78 and "cannot open the lock file (Read-only file system)" in result.stderr, \
+            result.stderr
+    assert "Traceback" not in result.stderr
+    assert_looks_work(qr, ids["hold this"], f"the state directory {disk}")
+    if disk == "full":
+        os.remove(small_disk / "filler")
+    else:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    judged(Scenario(qr, mta, {"later p50": SENT, "hold this": HELD, "send p60": SENT, "hold new": HELD,
+                              "night p70": NIGHT}, ids), figures,
+           "memory: the state directory on a real disk gone full or read-only", disk)

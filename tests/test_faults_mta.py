@@ -198,6 +198,8 @@ EXIM_FAULTS = {
         ({"target": "qrunner.mta.exim:EximBackend.send", "caller": "_send_step"}, "kill"),
     "the routes file on a full disk": ({"target": "builtins:open", "arg": "*exim-routes*", "do": "raise",
                                         "error": "ENOSPC", "call": 1}, 78),
+    "the routes file on a read-only disk": ({"target": "builtins:open", "arg": "*exim-routes*", "do": "raise",
+                                             "error": "EROFS", "call": 1}, 78),
 }
 
 
