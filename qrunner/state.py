@@ -427,8 +427,8 @@ class State:
         except sqlite3.Error as exc:
             if "locked" in str(exc):
                 raise StateError(f"{self.path}: the state database is locked by another program ({exc}); "
-                                      "nothing was changed: end the other session that holds it locked.",
-                                      locked=True) from None
+                                 "nothing was changed: end the other session that holds it locked.",
+                                 locked=True) from None
             raise ConfigError(f"{self.path}: cannot use the state database ({exc}); check 'state_dir'.")
 
     @staticmethod
@@ -473,8 +473,8 @@ class State:
         except sqlite3.Error as exc:
             if "locked" in str(exc):
                 raise StateError(f"{path}: the state database is locked by another program ({exc}); "
-                                      "end the other session that holds it locked, then look again.",
-                                      locked=True) from None
+                                 "end the other session that holds it locked, then look again.",
+                                 locked=True) from None
             raise ConfigError(f"{path}: cannot read the state database ({exc}); check 'state_dir'.")
         return db
 
@@ -496,10 +496,10 @@ class State:
                 yield
         except sqlite3.Error as exc:
             raise StateError(f"{self.path}: cannot write the state database ({exc}); the run stopped before "
-                                  "its next change to the queue and the next run settles what it left: "
-                                  + ("end the other session that holds it locked." if "locked" in str(exc) else
-                                     "free space in 'state_dir' or make it writable."),
-                                  locked="locked" in str(exc)) from None
+                             "its next change to the queue and the next run settles what it left: "
+                             + ("end the other session that holds it locked." if "locked" in str(exc) else
+                                "free space in 'state_dir' or make it writable."),
+                             locked="locked" in str(exc)) from None
 
     # -- reading -------------------------------------------------------------
 

@@ -195,12 +195,12 @@ class _ApplyOnImport(importlib.abc.MetaPathFinder):
                 break
         else:
             return None
-        faults = self.pending.pop(fullname)
+        # Kept until the module runs: a find_spec alone (coverage looks its source modules up) imports nothing.
         run = spec.loader.exec_module
 
         def exec_module(module):
             run(module)
-            for fault in faults:
+            for fault in self.pending.pop(fullname, ()):
                 _apply(module, fault)
 
         spec.loader.exec_module = exec_module
