@@ -16,6 +16,7 @@ EX_DATAERR = 65
 EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_CANTCREAT = 73
+EX_IOERR = 74
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -34,7 +35,12 @@ EXIT_STATUS = (
     (EX_NOINPUT, "the --queue-file snapshot does not exist (a missing script or configuration file is 78)"),
     (EX_UNAVAILABLE, "the MTA is not installed, or Postfix is not running (the message says which)"),
     (EX_CANTCREAT, "snapshot -o FILE: the file cannot be created or written"),
-    (EX_TEMPFAIL, "another qrunner run holds the lock; try again later"),
+    (EX_IOERR, "the state database cannot be written (the disk under state_dir full or read-only): the run "
+               "stopped before its next change to the queue (each change is recorded before it is made), and the "
+               "next run settles what it left; free space or make state_dir writable"),
+    (EX_TEMPFAIL, "another qrunner run holds the lock; try again later. Also: the state database is locked by "
+                  "another program (an admin's sqlite3 session) for longer than qrunner waits (30 s); nothing was "
+                  "changed"),
     (EX_NOPERM, "not run as root (postsuper and exim -Mf/-Mt/-M are for admins), checked before anything is "
                 "touched; or the state directory cannot be read (status, plan)"),
     (EX_CONFIG, "configuration error (among them on_hold_expiry = \"bounce\" with a Postfix before 3.5), or a "
@@ -82,6 +88,18 @@ class CantCreateError(QrunnerError):
     """An output file named on the command line cannot be created or written (exit 73)."""
 
     exit_code = EX_CANTCREAT
+
+
+class StateError(QrunnerError):
+    """The state database cannot be written (the disk full or read-only: exit 74) or is locked by another program
+    past the busy timeout (exit 75: try again later)."""
+
+    exit_code = EX_IOERR
+
+    def __init__(self, message: str, locked: bool = False):
+        super().__init__(message)
+        if locked:
+            self.exit_code = EX_TEMPFAIL
 
 
 class LockHeldError(QrunnerError):

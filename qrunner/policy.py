@@ -482,11 +482,15 @@ class PolicyEngine:
             except _Stuck as stuck:
                 self._worker = None
                 if stuck.index is None:
-                    stuck.index = next(n for n, i in enumerate(pending) if results[i] is None)
-                message = messages[pending[stuck.index]]
-                results[pending[stuck.index]] = policy_error(sender, stuck.why, self.settings.on_script_error)
-                log.error("%s: sender %s: %s; the Lua state was abandoned and the rest of this pass runs in a "
-                          "fresh state (top level and Start() run again)", message.queue_id, sender.name, stuck.why)
+                    # Between calls: the first message without a result is the one it was about to decide. None
+                    # is without one when the worker died after its last result: the pass is complete.
+                    stuck.index = next((n for n, i in enumerate(pending) if results[i] is None), None)
+                if stuck.index is not None:
+                    message = messages[pending[stuck.index]]
+                    results[pending[stuck.index]] = policy_error(sender, stuck.why, self.settings.on_script_error)
+                    log.error("%s: sender %s: %s; the Lua state was abandoned and the rest of this pass runs in a "
+                              "fresh state (top level and Start() run again)", message.queue_id, sender.name,
+                              stuck.why)
             if worker.feeder is feeder:
                 worker._end_feeder()
             pending = [i for i in pending if results[i] is None]

@@ -26,6 +26,7 @@ that writes; history older than ``history_days`` is pruned by every such run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -35,10 +36,10 @@ import sqlite3
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from qrunner.decision import MessageKey
-from qrunner.exceptions import ConfigError, LockHeldError, NoPermissionError
+from qrunner.exceptions import ConfigError, LockHeldError, NoPermissionError, StateError
 from qrunner.message import QueueState
 
 log = logging.getLogger("qrunner.state")
@@ -464,6 +465,10 @@ class State:
             self.db.text_factory = _decoded
             _drop_undecodable_ids(self.db, self.path)
         except sqlite3.Error as exc:
+            if "locked" in str(exc):
+                raise StateError(f"{self.path}: the state database is locked by another program ({exc}); "
+                                 "nothing was changed: end the other session that holds it locked.",
+                                 locked=True) from None
             raise ConfigError(f"{self.path}: cannot use the state database ({exc}); check 'state_dir'.")
 
     @staticmethod
@@ -506,12 +511,36 @@ class State:
                 migrate(db, path)  # refuses, naming both versions
             db.execute("SELECT count(*) FROM holds").fetchone()
         except sqlite3.Error as exc:
+            if "locked" in str(exc):
+                raise StateError(f"{path}: the state database is locked by another program ({exc}); "
+                                 "end the other session that holds it locked, then look again.",
+                                 locked=True) from None
             raise ConfigError(f"{path}: cannot read the state database ({exc}); check 'state_dir'.")
         db.text_factory = _decoded
         return db
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One transaction, committed whole or rolled back; a disk that is full or read-only, or a database an
+        admin's ``sqlite3`` session keeps locked past the busy timeout, ends the command with one sentence.
+
+        Every change to the queue is recorded before it is made, so a
+        record that cannot be written stops the run before its change,
+        and one that cannot be marked done leaves the record the next run
+        settles: nothing is lost, and the message says so.
+        """
+        try:
+            with self.db:
+                yield
+        except sqlite3.Error as exc:
+            raise StateError(f"{self.path}: cannot write the state database ({exc}); the run stopped before "
+                             "its next change to the queue and the next run settles what it left: "
+                             + ("end the other session that holds it locked." if "locked" in str(exc) else
+                                "free space in 'state_dir' or make it writable."),
+                             locked="locked" in str(exc)) from None
 
     # -- reading -------------------------------------------------------------
 
@@ -546,7 +575,7 @@ class State:
         the priority change.
         """
         now = time.time()
-        with self.db:
+        with self._writing():
             self.db.executemany(
                 "INSERT INTO holds (instance, queue_id, arrival, state, held_at, senders, reason, envelope_sender, "
                 "priority) VALUES (?, ?, ?, 'holding', ?, ?, ?, ?, ?) "
@@ -564,7 +593,7 @@ class State:
 
         The envelope sender fills in what a hold recorded before qrunner kept it lacks.
         """
-        with self.db:
+        with self._writing():
             self.db.executemany(
                 "UPDATE holds SET senders = ?, reason = ?, envelope_sender = coalesce(envelope_sender, ?), "
                 "priority = ? WHERE instance = ? AND queue_id = ? AND arrival = ?",
@@ -575,12 +604,12 @@ class State:
         self._set_state(keys, "releasing")
 
     def forget(self, keys: Iterable[MessageKey]) -> None:
-        with self.db:
+        with self._writing():
             self.db.executemany("DELETE FROM holds WHERE instance = ? AND queue_id = ? AND arrival = ?",
                                 [(self.instance, key.queue_id, key.arrival) for key in keys])
 
     def _set_state(self, keys: Iterable[MessageKey], state: str) -> None:
-        with self.db:
+        with self._writing():
             self.db.executemany("UPDATE holds SET state = ? WHERE instance = ? AND queue_id = ? AND arrival = ?",
                                 [(state, self.instance, key.queue_id, key.arrival) for key in keys])
 
@@ -594,7 +623,7 @@ class State:
             self.mark_copies_released(c.queue_id for c in settlement.released_copies)
         if not (settlement.drop_copies or settlement.drop_attempts):
             return
-        with self.db:
+        with self._writing():
             self.db.executemany(
                 "DELETE FROM copies WHERE instance = ? AND queue_id = ? AND original = ? AND original_arrival = ?",
                 [(self.instance, c.queue_id, c.original.queue_id, c.original.arrival) for c in settlement.drop_copies])
@@ -609,7 +638,7 @@ class State:
         ``held``: the listener put the copy on hold as it accepted it; it
         is released (:meth:`mark_copies_released`) once the original is gone.
         """
-        with self.db:
+        with self._writing():
             self.db.execute("INSERT OR REPLACE INTO copies (instance, queue_id, original, original_arrival, sender, "
                             "recorded, released) VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (self.instance, queue_id, original.queue_id, original.arrival, sender, time.time(),
@@ -617,13 +646,13 @@ class State:
 
     def forget_copies(self, queue_ids: Iterable[str]) -> None:
         """Copies removed from the listener's hold: their originals are decided again, never removed for them."""
-        with self.db:
+        with self._writing():
             self.db.executemany("DELETE FROM copies WHERE instance = ? AND queue_id = ?",
                                 [(self.instance, queue_id) for queue_id in queue_ids])
 
     def mark_copies_released(self, queue_ids: Iterable[str]) -> None:
         """Copies qrunner released from the listener's hold: a later hold of one is the admin's."""
-        with self.db:
+        with self._writing():
             self.db.executemany("UPDATE copies SET released = 1 WHERE instance = ? AND queue_id = ?",
                                 [(self.instance, queue_id) for queue_id in queue_ids])
 
@@ -632,7 +661,7 @@ class State:
     def note_attempts(self, keys: Iterable[MessageKey]) -> None:
         """A dispatch that left the message queued: one more attempt, now."""
         now = time.time()
-        with self.db:
+        with self._writing():
             self.db.executemany(
                 "INSERT INTO attempts (instance, queue_id, arrival, count, last) VALUES (?, ?, ?, 1, ?) "
                 "ON CONFLICT (instance, queue_id, arrival) DO UPDATE SET count = count + 1, last = excluded.last",
@@ -641,14 +670,14 @@ class State:
     # -- runs --------------------------------------------------------------
 
     def start_run(self, summary: RunSummary) -> int:
-        with self.db:
+        with self._writing():
             cursor = self.db.execute(
                 "INSERT INTO runs (instance, command, started, invoked_by, command_line) VALUES (?, ?, ?, ?, ?)",
                 (self.instance, summary.command, summary.started, summary.invoked_by, summary.command_line))
         return int(cursor.lastrowid)
 
     def finish_run(self, run_id: int, summary: RunSummary) -> None:
-        with self.db:
+        with self._writing():
             self.db.execute(
                 "UPDATE runs SET finished = ?, listed = ?, sent = ?, held = ?, released = ?, moved = ?, errors = ?, "
                 "outcome = ?, exit_code = ?, succeeded = ? WHERE id = ?",
@@ -657,7 +686,7 @@ class State:
 
     def record_dispatches(self, run_id: int, rows: Sequence[Tuple[int, MessageKey, int, str, str]]) -> None:
         """The order a run scheduled messages: (seq, key, priority, sender, result)."""
-        with self.db:
+        with self._writing():
             self.db.executemany(
                 "INSERT INTO dispatches (run_id, seq, queue_id, arrival, priority, sender, result) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -673,7 +702,7 @@ class State:
         runs went.
         """
         cutoff = time.time() - history_days * 86400
-        with self.db:
+        with self._writing():
             old = "SELECT id FROM runs WHERE instance = ? AND started < ?"
             self.db.execute(f"DELETE FROM dispatches WHERE run_id IN ({old})", (self.instance, cutoff))
             self.db.execute(
@@ -691,7 +720,7 @@ class State:
         if not events:
             return
         now = time.time()
-        with self.db:
+        with self._writing():
             self.db.executemany(
                 "INSERT INTO history (instance, queue_id, arrival, at, run_id, action, sender, priority, reason, "
                 "new_queue_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -717,7 +746,7 @@ class State:
 
     def add_counts(self, counts: Mapping[Tuple[str, str], int]) -> None:
         """Add to the cumulative counters ((name, sender) -> how many more), which outlive every run."""
-        with self.db:
+        with self._writing():
             self.db.executemany(
                 "INSERT INTO counters (instance, name, sender, value) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (instance, name, sender) DO UPDATE SET value = value + excluded.value",

@@ -478,6 +478,13 @@ class EximBackend(Backend):
         return self._confirmed("-Mt", queue_ids, "is no longer frozen")
 
     def _confirmed(self, flag: str, queue_ids: Sequence[str], done: str) -> Set[str]:
+        """The ids Exim confirmed; an exim that failed on a message still in the spool is an error, as postsuper's.
+
+        Exim exits 1 for a message that is gone too (delivered meanwhile):
+        that one is not an error. One still there and still not as asked
+        (not frozen after ``-Mf``, frozen after ``-Mt``) is: the command
+        failed, and the run must stop and say so, not call it vanished.
+        """
         ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
         confirmed: Set[str] = set()
         for start in range(0, len(ids), COMMAND_BATCH):
@@ -486,6 +493,12 @@ class EximBackend(Backend):
             now = set(re.findall(r"^Message (\S+) " + re.escape(done) + r"$", result.stdout, re.M))
             confirmed.update(now)
             self._say_refused(flag, [q for q in chunk if q not in now], result.stdout + "\n" + result.stderr)
+            if result.returncode != 0:
+                unchanged = [q for q in chunk if q not in confirmed and self._frozen(q) is (flag == "-Mt")]
+                if unchanged:
+                    raise UnavailableError(f"exim {flag} failed ({_last_line(result.stderr) or 'no output'}); "
+                                           f"{len(confirmed & set(ids))} of {len(ids)} messages were changed before "
+                                           "it stopped.")
         return confirmed & set(ids)
 
     def _say_refused(self, flag: str, ids: Sequence[str], output: str) -> None:
