@@ -50,6 +50,9 @@ STEPS = {
     # qrunner/executor.py
     ("remove", "backend", "remove"): "daily",
     ("remove", "state", "forget"): "daily",
+    ("remove", "state", "forget_copies"): "daily",
+    ("release_copies", "backend", "release_copies"): "daily",
+    ("release_copies", "state", "mark_copies_released"): "daily",
     ("_hold", "state", "record_holding"): "daily",
     ("_hold", "backend", "hold"): "daily",
     ("_hold", "state", "mark_held"): "daily",
@@ -67,6 +70,7 @@ STEPS = {
     ("holding", "state", "record_holding"): "daily",
     ("held", "state", "mark_held"): "daily",
     ("copied", "state", "record_copy"): "daily",
+    ("copy_released", "state", "mark_copies_released"): "daily",
     ("_report", "state", "forget"): "daily",
     ("_report", "state", "update_reason"): "paced",
     ("send", "state", "record_dispatches"): "daily",
@@ -80,6 +84,9 @@ STEPS = {
     ("send_copying_routes", "journal", "held"): "daily",
     ("send_copying_routes", "journal", "sent"): "daily",
     ("removed_now", "backend", "remove"): "daily",
+    ("finish_hand_over", "journal", "copied"): "daily",
+    ("finish_hand_over", "journal", "copy_released"): "daily",
+    ("released_now", "backend", "release_copies"): "daily",
     # qrunner/runner.py: the run's own writes around the executor
     ("_plan", "backend", "list"): "daily",
     ("_reconcile", "state", "load"): "daily",
@@ -96,6 +103,7 @@ STEPS = {
 RUNNER_STEPS = ("_execute", "_finish", "_reconcile", "_write_metrics")
 # The State methods that write the database.
 STATE_WRITES = ("record_holding", "mark_held", "update_reason", "mark_releasing", "forget", "apply", "record_copy",
+                "forget_copies", "mark_copies_released",
                 "note_attempts", "start_run", "finish_run", "record_dispatches", "prune", "record_history",
                 "add_counts")
 TARGETS = {"state": STATE, "backend": BACKEND, "journal": EXECUTOR, "metrics": "qrunner.metrics:"}
@@ -128,7 +136,7 @@ def test_every_step_of_a_run_has_a_fault_case():
     """A step added to the executor, the hand-over or the run's records without a kill case here fails."""
     from qrunner.executor import STAGES, Executor
     sites = (call_sites("qrunner/executor.py", {"state", "backend"})
-             | call_sites("qrunner/mta/base.py", {"backend", "journal"}, {"send_copying_routes", "removed_now"})
+             | call_sites("qrunner/mta/base.py", {"backend", "journal"}, {"send_copying_routes", "finish_hand_over", "released_now", "removed_now"})
              | {s for s in call_sites("qrunner/runner.py", {"state", "metrics"}, RUNNER_STEPS)
                 if s[1] == "state" or s[2] == "write"})
     reads = {("_write_metrics", "state", name) for name in ("holds", "totals", "last_runs")}
