@@ -19,6 +19,7 @@ import time
 import pytest
 
 import test_senders
+from qrunner.mta.exim import routes_path
 from fault_harness import HELD, NIGHT, POLICY, SENT, SETUP_POLICY, FaultyQrunner, killed
 from mta_harness import HELD as IN_HOLD, PostfixHarness
 from test_senders import sinks  # noqa: F401  (the fixture: one sink per Exim sender's transport)
@@ -196,9 +197,9 @@ EXIM_FAULTS = {
         ({"target": "os:replace", "arg": "*exim-routes*"}, "kill"),
     "killed between the release of a hold and its send":
         ({"target": "qrunner.mta.exim:EximBackend.send", "caller": "_send_step"}, "kill"),
-    "the routes file on a full disk": ({"target": "builtins:open", "arg": "*exim-routes*", "do": "raise",
+    "the routes file on a full disk": ({"target": "os:open", "arg": "*exim-routes*", "do": "raise",
                                         "error": "ENOSPC", "call": 1}, 78),
-    "the routes file on a read-only disk": ({"target": "builtins:open", "arg": "*exim-routes*", "do": "raise",
+    "the routes file on a read-only disk": ({"target": "os:open", "arg": "*exim-routes*", "do": "raise",
                                              "error": "EROFS", "call": 1}, 78),
 }
 
@@ -217,7 +218,7 @@ def test_exim_fault_loses_nothing(ex, figures, where):
     else:
         assert result.code == expected and "Traceback" not in result.stderr, f"exit {result.code}:\n{result.stderr}"
         assert "routes file" in result.stderr
-    assert os.path.exists(os.path.join(qr.state_dir, "exim-routes"))  # never missing: Exim would route by default
+    assert os.path.exists(routes_path(qr.state_dir))  # never missing: Exim would route by default
     looks_work(qr, ids["hold this"], where)
     recover_and_judge(mta, qr, ids, EXIM_SUBJECTS, sinks_by_fate, figures, "Exim: a fault at a step of a run", where)
 
