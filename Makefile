@@ -104,8 +104,10 @@ UNITS := qrunner.service qrunner.timer
 # Each page goes into the section directory its name ends with: man/qrunner.8 -> $(MANDIR)/man8/qrunner.8.
 MAN_PAGES := man/qrunner.8 man/qrunner.toml.5 man/qrunner-policy.7
 INSTALLED_PAGES := $(foreach page,$(MAN_PAGES),$(MANDIR)/man$(subst .,,$(suffix $(page)))/$(notdir $(page)))
-# Installed copies name the installed command and documentation (the same paths unless BINDIR/DOCDIR differ).
-PLACE = sed -e 's|/usr/local/bin/qrunner|$(BINDIR)/qrunner|g' -e 's|/usr/local/share/doc/qrunner|$(DOCDIR)|g'
+# Installed copies name the installed command, documentation and units (the same paths unless BINDIR/DOCDIR/
+# SYSTEMD_DIR differ).
+PLACE = sed -e 's|/usr/local/bin/qrunner|$(BINDIR)/qrunner|g' -e 's|/usr/local/share/doc/qrunner|$(DOCDIR)|g' \
+	-e 's|/etc/systemd/system/qrunner|$(SYSTEMD_DIR)/qrunner|g'
 # The removal rule lives in qrunner itself (README "Undo it all"), so a package follows the same one.
 RELEASE_FOR_REMOVAL = $(PREFIX)/bin/qrunner $(if $(wildcard $(CONFDIR)/qrunner.toml),--config $(CONFDIR)/qrunner.toml) \
 	release --for-removal $(if $(filter yes,$(GATE_REMOVED)),--gate-removed)

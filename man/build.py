@@ -61,18 +61,32 @@ def _code(text: str) -> str:
     return "\\fB" + _escape(text).replace("-", "\\-") + "\\fR"
 
 
+# A bold span (which may hold `code`: **It runs as `script_user`**) or a code span, in one pass, so that
+# neither cuts the other in two.
+_SPANS = re.compile(r"(\*\*(?:`[^`]*`|[^`*]|\*(?!\*))+?\*\*|`[^`]*`)")
+
+
+def _prose(text: str) -> str:
+    """Plain text: escaped; a hyphen that starts a word (an option) stays a minus."""
+    return re.sub(r"(?<![\w\\])-", r"\\-", _escape(text))
+
+
 def inline(text: str) -> str:
-    """One line of prose: `code` and **bold** to fonts; a hyphen that starts a word (an option) stays a minus."""
+    """One line of prose: `code` and **bold** to fonts; a hyphen that starts a word (an option) stays a minus.
+
+    Code inside bold is bold already (man shows literals in bold), so it is written without a font change of its
+    own: a nested \\fR would end the bold early."""
     out: List[str] = []
-    text = re.sub(r"\*\*`([^`]*)`\*\*", r"`\1`", text)  # bold code is code: man shows literals in bold anyway
-    for index, part in enumerate(re.split(r"(`[^`]*`)", text)):
-        if index % 2:
+    for index, part in enumerate(_SPANS.split(text)):
+        if not index % 2:
+            out.append(_prose(part))
+        elif part.startswith("`"):
             out.append(_code(part[1:-1]))
-            continue
-        part = _escape(part)
-        part = re.sub(r"\*\*(.+?)\*\*", r"\\fB\1\\fR", part)
-        part = re.sub(r"(?<![\w\\])-", r"\\-", part)
-        out.append(part)
+        else:
+            inner = _SPANS.split(part[2:-2])
+            out.append("\\fB" + "".join(
+                _escape(piece[1:-1]).replace("-", "\\-") if i % 2 else _prose(piece)
+                for i, piece in enumerate(inner)) + "\\fR")
     line = "".join(out)
     return "\\&" + line if line.startswith((".", "'")) else line
 

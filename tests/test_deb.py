@@ -22,6 +22,7 @@ the rest takes about 20 s idle (1 to 2 minutes on a loaded 2-core machine).
 from __future__ import annotations
 
 import glob
+import gzip
 import io
 import os
 import pwd
@@ -41,7 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A qrunner already on this host, by make install (tests/test_uninstall.py's list) or by the package.
 REAL_INSTALL = ("/usr/local/bin/qrunner", "/opt/qrunner", "/etc/qrunner", "/etc/systemd/system/qrunner.service",
                 "/etc/systemd/system/qrunner.timer", "/usr/local/share/doc/qrunner", "/etc/cron.d/qrunner",
-                "/usr/local/share/man/man8/qrunner.8", "/usr/bin/qrunner", "/usr/lib/qrunner", "/var/lib/qrunner")
+                "/usr/local/share/man/man8/qrunner.8", "/usr/bin/qrunner", "/usr/lib/qrunner", "/var/lib/qrunner",
+                "/var/lib/qrunner-exim")
 
 
 def status(package: str = "qrunner") -> str:
@@ -90,6 +92,28 @@ def test_lintian_reports_nothing_the_overrides_do_not_justify(deb):
     with open(os.path.join(ROOT, "debian", "qrunner.lintian-overrides")) as f:
         overrides = f.read().split("\n\n")[1:]
     assert all(block.startswith("# ") for block in overrides), "each override needs its reason above it"
+
+
+def test_the_packages_pages_and_contrib_files_name_the_packages_paths_not_make_installs(deb, tmp_path):
+    """The package's copies (dpkg-deb -x) of the manual pages, contrib/ and the units name /usr/bin,
+    /usr/share/doc and /lib/systemd/system: never make install's /usr/local/... or /etc/systemd/system."""
+    tree = tmp_path / "unpacked"
+    subprocess.run(["dpkg-deb", "-x", deb, str(tree)], check=True)
+    pages = glob.glob(str(tree / "usr/share/man/man*/*.gz"))
+    contrib = [p for p in glob.glob(str(tree / "usr/share/doc/qrunner/contrib/**"), recursive=True)
+               if os.path.isfile(p)]
+    units = glob.glob(str(tree / "lib/systemd/system/qrunner.*"))
+    assert len(pages) == 3 and len(units) == 2 and contrib, (pages, units, contrib)
+    wrong = []
+    for path in pages + contrib + units:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+            text = f.read()
+        wrong += [f"{os.path.relpath(path, tree)}: {m.group(0)}"
+                  for m in re.finditer(r"(/usr/local|/etc/systemd/system)\S*", text)]
+    assert wrong == []
+    with gzip.open(str(tree / "usr/share/man/man8/qrunner.8.gz"), "rt") as f:
+        page = f.read()
+    assert "/lib/systemd/system/qrunner.service" in page and "/usr/share/doc/qrunner/contrib/" in page
 
 
 def next_version(deb: str, tmp_path) -> str:
@@ -150,7 +174,7 @@ def test_the_package_installs_runs_shows_its_man_pages_and_removes_without_stran
     finally:
         if status():  # the test failed half way: take the package off this host, releasing nothing
             apt("purge", "qrunner", QRUNNER_REMOVE_WITHOUT_RELEASE="yes")
-        for leftover in ("/etc/qrunner", "/var/lib/qrunner", "/usr/lib/qrunner"):
+        for leftover in ("/etc/qrunner", "/var/lib/qrunner", "/var/lib/qrunner-exim", "/usr/lib/qrunner"):
             subprocess.run(["rm", "-rf", leftover])
 
 
@@ -273,11 +297,15 @@ def _install_run_remove_purge(deb, postfix, smtp_sink, tmp_path, before, tops, t
     assert not lexists("/usr/lib/qrunner")  # the venv whole, byte code compiled by postinst included
     assert "Left in place, yours to keep: /etc/qrunner" in removed.stdout + removed.stderr
 
+    # Exim's routes directory beside the state directory, as an Exim run leaves it: purge takes it too.
+    os.makedirs("/var/lib/qrunner-exim", mode=0o711)
+    with open("/var/lib/qrunner-exim/exim-routes", "w") as f:
+        f.write("# qrunner routes\n")
     purged = apt("purge", "qrunner")
 
     assert purged.returncode == 0, purged.stdout + purged.stderr
     assert status() in ("", "unknown ok not-installed")
-    assert not lexists("/etc/qrunner") and not lexists("/var/lib/qrunner")
+    assert not lexists("/etc/qrunner") and not lexists("/var/lib/qrunner") and not lexists("/var/lib/qrunner-exim")
     assert [p for p in files if lexists(p) and p not in there] == []  # dpkg -L, before the removal
     assert everything_under(*tops) - before == set()  # nor any file its scripts made (the byte code, the state)
     assert "the _qrunner system user stays" in purged.stdout + purged.stderr

@@ -64,6 +64,24 @@ def test_the_committed_pages_and_example_config_are_what_make_man_writes(tmp_pat
 
 
 @pytest.mark.parametrize("page", PAGES)
+def test_no_markdown_mark_up_is_left_in_the_page(page):
+    """Every **bold** and `code` of the prose became a font (bold holding code included): a literal ``**`` or
+    a backquote outside the fenced examples (.nf ... .fi, shown as written) and outside the bold runs the build
+    made (a code span may hold them: Exim's `*** Frozen`) is mark-up the build did not read."""
+    with open(os.path.join(ROOT, "man", page)) as f:
+        lines = f.read().splitlines()
+    left, shown_as_written = [], False
+    for number, line in enumerate(lines, 1):
+        if line in (".nf", ".fi"):
+            shown_as_written = line == ".nf"
+        elif not shown_as_written and not line.startswith('.\\"'):
+            plain = re.sub(r"\\fB.*?\\fR", "", line)
+            if "**" in plain or "`" in plain:
+                left.append(f"{page}:{number}: {line}")
+    assert left == []
+
+
+@pytest.mark.parametrize("page", PAGES)
 def test_groff_and_man_find_no_problem_in_the_page(page):
     path = os.path.join(ROOT, "man", page)
     groff = subprocess.run([need("groff"), "-man", "-Tutf8", "-ww", "-z", path], capture_output=True, text=True)
