@@ -16,11 +16,14 @@ Exim's shape: qrunner's own queue, ``max_queue_time``, and handing mail
 back to the default queue. ``stop_at`` makes the MTA stop answering in the
 middle of a run, as a Postfix whose flush service and ``postqueue`` went away.
 
-Its queue lives in ``DIRECTORY/queue.json``, replaced atomically (written
-aside, then renamed) under an flock for every operation, beside one file
-per message in ``DIRECTORY/messages/``. So a SIGKILL of qrunner at any step
-leaves the queue exactly as the last finished operation left it, and the
-next run finds it so: crash recovery is tested on any machine in seconds.
+Its queue lives in ``DIRECTORY/queue.json`` and the log of the operations
+since it was written (one line per operation, written under an flock:
+:class:`MemoryQueue` says how), beside one file per message in
+``DIRECTORY/messages/``. So a SIGKILL of qrunner at any step leaves the
+queue exactly as the last finished operation left it, and the next run
+finds it so: crash recovery is tested on any machine in seconds. An
+operation costs what it changes, so the model holds a queue of a hundred
+thousand messages as a real MTA does.
 
 :class:`MemoryQueue` is the MTA's own tool: tests and admins submit mail,
 hold it as an admin would, start a delivery outside qrunner and change how
@@ -35,7 +38,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from qrunner.config import Sender
 from qrunner.exceptions import UnavailableError
@@ -67,60 +70,334 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 
+class _Entry(dict):
+    """One message's record; every change to it marks it for the operation's line in the log.
+
+    A record's values are replaced, never changed in place
+    (``entry["recipients"] = [...]``, not ``.append``): the mark is what
+    makes a change last.
+    """
+
+    __slots__ = ("_marks",)
+
+    def __init__(self, data: Dict[str, Any], marks: Set[str]):
+        super().__init__(data)
+        self._marks = marks
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._marks.add(self["id"])
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._marks.add(self["id"])
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._marks.add(self["id"])
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def pop(self, key, *default):
+        if key in self:
+            self._marks.add(self["id"])
+        return super().pop(key, *default)
+
+
+class _Messages:
+    """The queue's messages in the order they were queued, each found by its id at once.
+
+    It reads as the list it stands for (iterate, ``len``, ``[0]``,
+    ``[-1]``) and changes by ``append`` and ``remove``; :meth:`get`
+    finds one message without walking the queue, so an operation on one
+    message costs the same in a queue of ten and of a hundred thousand.
+    """
+
+    def __init__(self, entries: Iterable[Dict[str, Any]], marks: Set[str]):
+        self._marks = marks
+        self._by_id: Dict[str, _Entry] = {}
+        for entry in entries:
+            self._by_id[entry["id"]] = _Entry(entry, marks)
+
+    def get(self, queue_id: str) -> Optional[_Entry]:
+        return self._by_id.get(queue_id)
+
+    def ids(self):
+        return self._by_id.keys()
+
+    def append(self, entry: Dict[str, Any]) -> None:
+        self._by_id[entry["id"]] = _Entry(entry, self._marks)
+        self._marks.add(entry["id"])
+
+    def remove(self, entry: Dict[str, Any]) -> None:
+        del self._by_id[entry["id"]]
+        self._marks.add(entry["id"])
+
+    def __iter__(self) -> Iterator[_Entry]:
+        return iter(list(self._by_id.values()))  # a copy: the loop may remove what it walks
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __getitem__(self, index):
+        return list(self._by_id.values())[index]
+
+    def __eq__(self, other) -> bool:
+        return list(self._by_id.values()) == list(other)
+
+
 class MemoryQueue:
-    """The queue directory, read and changed one whole operation at a time."""
+    """The queue directory, read and changed one whole operation at a time.
+
+    On disk: ``queue.json``, the whole queue as some operation left it
+    (with its ``generation``), and ``queue.log.GENERATION``, one JSON line
+    per operation since then, naming the messages it changed (their whole
+    record, or ``null`` for one that left) and the settings it set. An
+    operation is one ``write`` of one line under the flock: a kill before
+    it leaves the queue as it was, a kill in the middle leaves a line
+    without its newline, which does not count (the next operation cuts
+    it off before writing its own). Each process keeps the queue it last
+    read and reads only the log lines written since; when the log has
+    grown past the size of ``queue.json`` (and 1 MB), the queue is written
+    whole again under the next generation (aside, then renamed) and the old
+    log goes. So an operation costs what it changes, not the size of the
+    queue: the model runs a hundred thousand messages as it runs ten.
+    """
+
+    LIST_KEYS = ("delivered", "default_queue")  # settings that only grow (an operation appends to them)
+    COMPACT_BYTES = 1 << 20
+    WATCH_KEYS = {"gated", "named_queue", "default_queue"}  # settings that change which messages time moves
 
     def __init__(self, directory: str):
         self.directory = directory
         self.path = os.path.join(directory, "queue.json")
         self.messages_dir = os.path.join(directory, "messages")
+        self._queue: Optional[Dict[str, Any]] = None
+        self._stamp: Optional[Tuple[int, int, int]] = None
+        self._generation = 0
+        self._offset = 0
+        self._base_size = 0
+        self._marks: Set[str] = set()
+        self._watch: Set[str] = set()
+        self._default_queue: Set[str] = set()
 
     # -- one operation -------------------------------------------------------
 
     @contextlib.contextmanager
     def change(self) -> Iterator[Dict[str, Any]]:
-        """The queue for one read-modify-write: locked, then replaced atomically if the block ends well."""
+        """The queue for one read-modify-write: locked, then its changes logged as one line if the block ends well."""
         if not os.path.isdir(self.directory):
             raise UnavailableError(f"the memory queue {self.directory} does not exist; create it or fix "
                                    "[memory] directory.")
         with open(os.path.join(self.directory, "queue.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            queue = self._read()
-            self._finish_deliveries(queue)
-            yield queue
-            temporary = f"{self.path}.{os.getpid()}.tmp"
-            with open(temporary, "w") as out:
-                json.dump(queue, out, indent=1)
-            os.replace(temporary, self.path)
+            queue = self._current()
+            self._marks.clear()
+            before, messages = self._settings_now(queue), queue["messages"]
+            try:
+                self._finish_deliveries(queue)
+                yield queue
+                self._commit(queue, before, messages)
+            except BaseException:
+                self._stamp = None  # what the block changed in memory never reached the disk: read it again
+                raise
 
-    def _read(self) -> Dict[str, Any]:
+    def read(self) -> Dict[str, Any]:
+        """The whole queue as plain data (the model's ``postqueue -j``): what tests judge by."""
+        with self.change() as queue:
+            plain = {key: json.loads(json.dumps(value)) for key, value in queue.items() if key != "messages"}
+            plain["messages"] = [dict(entry) for entry in queue["messages"]]
+        return plain
+
+    def _current(self) -> Dict[str, Any]:
+        """The queue now: the copy this process holds, brought up to date from the log, or read whole."""
+        try:
+            info = os.stat(self.path)
+            stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if self._queue is None or stamp is None or stamp != self._stamp:
+            self._load(stamp)
+        else:
+            self._replay()
+        assert self._queue is not None
+        return self._queue
+
+    def _load(self, stamp: Optional[Tuple[int, int, int]]) -> None:
         try:
             with open(self.path) as f:
-                queue = json.load(f)
+                raw = json.load(f)
         except FileNotFoundError:
-            queue = {}
+            raw = {}
         for key, value in DEFAULTS.items():
-            queue.setdefault(key, json.loads(json.dumps(value)))
-        return queue
+            raw.setdefault(key, json.loads(json.dumps(value)))
+        self._generation = raw.pop("generation", 0)
+        self._marks = set()
+        raw["messages"] = _Messages(raw["messages"], self._marks)
+        self._queue, self._stamp, self._offset = raw, stamp, 0
+        self._base_size = stamp[2] if stamp else 0
+        self._replay()
+        self._watch_all()
 
-    @staticmethod
-    def _finish_deliveries(queue: Dict[str, Any]) -> None:
+    def _log_path(self) -> str:
+        return f"{self.path[:-len('.json')]}.log.{self._generation}"
+
+    def _replay(self) -> None:
+        """Apply the log lines written since this process last looked (a line without its newline is not one)."""
+        try:
+            with open(self._log_path(), "rb") as f:
+                f.seek(self._offset)
+                tail = f.read()
+        except FileNotFoundError:
+            return
+        end = tail.rfind(b"\n") + 1
+        for line in tail[:end].splitlines():
+            self._apply(json.loads(line))
+        self._offset += end
+
+    def _apply(self, change: Dict[str, Any]) -> None:
+        queue = self._queue
+        assert queue is not None
+        messages: _Messages = queue["messages"]
+        for queue_id, entry in change.get("messages", {}).items():
+            old = messages.get(queue_id)
+            if entry is None:
+                if old is not None:
+                    messages.remove(old)
+            else:
+                messages._by_id[queue_id] = _Entry(entry, self._marks)
+            self._rewatch(queue, queue_id)
+        queue.update(change.get("settings", {}))
+        for key, items in change.get("appended", {}).items():
+            queue[key].extend(items)
+        if self.WATCH_KEYS & (change.get("settings", {}).keys() | change.get("appended", {}).keys()):
+            self._watch_all()
+
+    def _settings_now(self, queue: Dict[str, Any]) -> Dict[str, Any]:
+        """What the operation's line compares against: each small setting as text, each growing list's length."""
+        seen: Dict[str, Any] = {}
+        for key, value in queue.items():
+            if key in self.LIST_KEYS:
+                seen[key] = (value, len(value))
+            elif key != "messages":
+                seen[key] = json.dumps(value, sort_keys=True)
+        return seen
+
+    def _commit(self, queue: Dict[str, Any], before: Dict[str, Any], messages: _Messages) -> None:
+        """Write the operation's line: the messages it marked, the settings it changed."""
+        if queue["messages"] is not messages:  # the block put a list of its own there: every message counts
+            queue["messages"] = _Messages(list(queue["messages"]), self._marks)
+            self._marks |= set(messages.ids()) | set(queue["messages"].ids())
+        change: Dict[str, Any] = {}
+        if self._marks:
+            messages = queue["messages"]
+            change["messages"] = {queue_id: messages.get(queue_id) for queue_id in sorted(self._marks)}
+        settings, appended = {}, {}
+        for key, value in queue.items():
+            if key == "messages":
+                continue
+            if key in self.LIST_KEYS and key in before:
+                old_list, old_len = before[key]
+                if value is old_list and len(value) >= old_len:
+                    if len(value) > old_len:
+                        appended[key] = value[old_len:]
+                    continue
+                settings[key] = value
+            elif before.get(key) != json.dumps(value, sort_keys=True):
+                settings[key] = value
+        if settings:
+            change["settings"] = settings
+        if appended:
+            change["appended"] = appended
+        for queue_id in self._marks:
+            self._rewatch(queue, queue_id)
+        if self.WATCH_KEYS & (settings.keys() | appended.keys()):
+            self._watch_all()
+        if change:
+            self._write(change)
+
+    def _write(self, change: Dict[str, Any]) -> None:
+        line = (json.dumps(change, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self._log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if os.fstat(fd).st_size > self._offset:
+                os.ftruncate(fd, self._offset)  # a line a killed operation left half-written
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self._offset += len(line)
+        if self._offset > max(self.COMPACT_BYTES, self._base_size):
+            self._compact()
+
+    def _compact(self) -> None:
+        """The whole queue again under the next generation (written aside, then renamed); the old log goes."""
+        queue = self._queue
+        assert queue is not None
+        old_log = self._log_path()
+        whole = {key: value for key, value in queue.items() if key != "messages"}
+        whole["messages"] = list(queue["messages"])
+        whole["generation"] = self._generation + 1
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        with open(temporary, "w") as out:
+            json.dump(whole, out, separators=(",", ":"))
+        os.replace(temporary, self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(old_log)
+        info = os.stat(self.path)
+        self._stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
+        self._generation, self._offset, self._base_size = self._generation + 1, 0, info.st_size
+
+    # -- what time changes by itself ---------------------------------------------
+
+    def watched(self) -> List[str]:
+        """The messages time may move (being delivered, or retried by the MTA itself), in the order queued."""
+        return sorted(self._watch)
+
+    def _watch_all(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        self._watch, self._default_queue = set(), set(queue["default_queue"])
+        for queue_id in queue["messages"].ids():
+            self._rewatch(queue, queue_id)
+
+    def _rewatch(self, queue: Dict[str, Any], queue_id: str) -> None:
+        """Watch a message time may move: being delivered, or waiting where the MTA retries it by itself."""
+        entry = queue["messages"].get(queue_id)
+        if entry is not None and (entry["state"] == QueueState.ACTIVE or (
+                entry["state"] == QueueState.WAITING and self._retried_by_mta(queue, entry))):
+            self._watch.add(queue_id)
+        else:
+            self._watch.discard(queue_id)
+
+    def _retried_by_mta(self, queue: Dict[str, Any], entry: Dict[str, Any]) -> bool:
+        """The MTA's own queue manager retries it: a copy on its route; what was handed back to the default
+        queue (with a named queue, the MTA's runners never process the named one); without one, in an ungated
+        queue, every waiting message."""
+        if entry.get("route"):
+            return True
+        if queue["named_queue"]:
+            return entry["id"] in self._default_queue
+        return not queue["gated"]
+
+    def _finish_deliveries(self, queue: Dict[str, Any]) -> None:
         """Deliveries whose time is up end now: delivered, or deferred with a retry time if their relay is down.
 
         The MTA's own queue manager retries, by itself, once its retry time
-        has come: every waiting copy on its route (a sender's route is never
-        gated); with a named queue, what was handed back to the default
-        queue (the MTA's runners never process the named one); without one,
-        in an ungated queue, every waiting message.
+        has come, what :meth:`_retried_by_mta` says. Only the watched
+        messages can change here, in the order they were queued.
         """
         now = time.time()
-        for entry in queue["messages"]:
-            if entry["state"] != QueueState.WAITING or (entry.get("retry_at") or 0) > now:
+        watched = [queue["messages"].get(queue_id) for queue_id in self.watched()]
+        for entry in watched:
+            if entry is None or entry["state"] != QueueState.WAITING or (entry.get("retry_at") or 0) > now:
                 continue
-            in_default = entry["id"] in queue["default_queue"]
-            if entry.get("route") or (in_default if queue["named_queue"] else not queue["gated"]):
-                entry.update(state=QueueState.ACTIVE, active_until=now)
-        finished = [m for m in queue["messages"] if m["state"] == QueueState.ACTIVE
+            entry.update(state=QueueState.ACTIVE, active_until=now)
+        finished = [m for m in watched if m is not None and m["state"] == QueueState.ACTIVE
                     and m.get("active_until", now + 1) <= now]
         for entry in sorted(finished, key=lambda m: m["active_until"]):
             route = entry.get("route") or "default"
@@ -138,6 +415,13 @@ class MemoryQueue:
         """Queue a message (waiting for delivery, as a gated MTA keeps it); its new id."""
         with self.change() as queue:
             return self._add(queue, sender, recipients, content, route, arrival)
+
+    def submit_many(self, messages: Iterable[Tuple[str, Sequence[str], bytes, Optional[float]]]) -> List[str]:
+        """Queue many messages (sender, recipients, content, arrival) in one operation, as ``exim -bS`` takes
+        a batch: how a test builds a queue of a hundred thousand in seconds. Their new ids, in order."""
+        with self.change() as queue:
+            return [self._add(queue, sender, recipients, content, "", arrival)
+                    for sender, recipients, content, arrival in messages]
 
     def _add(self, queue, sender, recipients, content: bytes, route: str, arrival: Optional[float],
              state: str = QueueState.WAITING) -> str:
@@ -171,7 +455,10 @@ class MemoryQueue:
 
     @staticmethod
     def _entry(queue, queue_id: str) -> Dict[str, Any]:
-        return next(m for m in queue["messages"] if m["id"] == queue_id)
+        entry = queue["messages"].get(queue_id)
+        if entry is None:
+            raise KeyError(f"{queue_id} is not in the memory queue")
+        return entry
 
 
 class MemoryFileHeaders(HeaderSource):
@@ -232,7 +519,8 @@ class MemoryBackend(Backend):
         with self.queue.change() as queue:
             self._settings = {k: queue[k] for k in ("gated", "named_queue", "max_queue_time", "queue_lifetime",
                                                     "returns_to_sender")}
-            entries = [m for m in queue["messages"] if m["id"] not in queue["default_queue"]]
+            default_queue = set(queue["default_queue"])
+            entries = [dict(m) for m in queue["messages"] if m["id"] not in default_queue]
         self.has_named_queue = bool(self._settings["named_queue"])
         return entries
 
@@ -291,12 +579,13 @@ class MemoryBackend(Backend):
     def delivering(self) -> int:
         """Messages being delivered now, in every queue of the model (deliveries whose time is up have ended)."""
         with self.queue.change() as queue:
-            return sum(1 for m in queue["messages"] if m["state"] == QueueState.ACTIVE)
+            entries = [queue["messages"].get(queue_id) for queue_id in self.queue.watched()]
+            return sum(1 for m in entries if m is not None and m["state"] == QueueState.ACTIVE)
 
     def still_delivering(self, queue_ids: Sequence[str]) -> Set[str]:
-        wanted = set(queue_ids)
         with self.queue.change() as queue:
-            return {m["id"] for m in queue["messages"] if m["id"] in wanted and m["state"] == QueueState.ACTIVE}
+            entries = [queue["messages"].get(queue_id) for queue_id in queue_ids]
+            return {m["id"] for m in entries if m is not None and m["state"] == QueueState.ACTIVE}
 
     def describe_route(self, sender: Sender) -> str:
         return "default: the MTA's own routing" if sender.default else f"memory: route {sender.name}"
@@ -305,7 +594,7 @@ class MemoryBackend(Backend):
 
     def list(self) -> List[Message]:
         entries = self._look()
-        self._listed = {m["id"]: m for m in entries}
+        self._listed = {m["id"]: {"route": m.get("route"), "retry_at": m.get("retry_at")} for m in entries}
         return [self._message(m) for m in entries]
 
     def _message(self, entry: Dict[str, Any]) -> Message:
@@ -337,17 +626,23 @@ class MemoryBackend(Backend):
         """One batch command: each message changed in turn; a failing command stops after the first."""
         confirmed: Set[str] = set()
         with self.queue.change() as queue:
+            default_queue = set(queue["default_queue"])
             for number, queue_id in enumerate(queue_ids):
                 if number >= 1 and operation in queue["fail"]:
                     break
                 self._vanish(queue, queue_id, operation)
-                entry = next((m for m in queue["messages"] if m["id"] == queue_id), None)
-                if entry is None or queue_id in queue["default_queue"] or (from_state and entry["state"] != from_state):
+                entry = queue["messages"].get(queue_id)
+                if entry is None or queue_id in default_queue or (from_state and entry["state"] != from_state):
                     continue
                 change(entry)
                 confirmed.add(queue_id)
-            queue["messages"] = [m for m in queue["messages"] if m["state"] != "removed"]
-            queue["default_queue"] += sorted(m["id"] for m in queue["messages"] if m.pop("handed_back", False))
+            for queue_id in confirmed:
+                entry = queue["messages"].get(queue_id)
+                if entry["state"] == "removed":
+                    queue["messages"].remove(entry)
+            queue["default_queue"] += sorted(queue_id for queue_id in confirmed
+                                             if queue["messages"].get(queue_id) is not None
+                                             and queue["messages"].get(queue_id).pop("handed_back", False))
             failed = queue["fail"].get(operation)
         if failed and queue_ids:
             raise UnavailableError(f"the memory queue's {operation} failed ({failed}); {len(confirmed)} of "
@@ -362,12 +657,13 @@ class MemoryBackend(Backend):
         """
         confirmed: Set[str] = set()
         with self.queue.change() as queue:
+            default_queue = set(queue["default_queue"])
             for number, queue_id in enumerate(queue_ids):
                 if number >= 1 and "give_up" in queue["fail"]:
                     break
                 self._vanish(queue, queue_id, "give_up")
-                entry = next((m for m in queue["messages"] if m["id"] == queue_id), None)
-                if entry is None or queue_id in queue["default_queue"] or entry["state"] == QueueState.ACTIVE:
+                entry = queue["messages"].get(queue_id)
+                if entry is None or queue_id in default_queue or entry["state"] == QueueState.ACTIVE:
                     continue
                 queue["messages"].remove(entry)
                 text = (f"From: MAILER-DAEMON\nTo: {entry['sender']}\nSubject: Undelivered Mail Returned to Sender\n"
@@ -384,7 +680,9 @@ class MemoryBackend(Backend):
     def _vanish(queue: Dict[str, Any], queue_id: str, operation: str) -> None:
         """A message set to vanish before this operation is delivered elsewhere first."""
         if queue["vanish"].get(queue_id) == operation:
-            queue["messages"] = [m for m in queue["messages"] if m["id"] != queue_id]
+            entry = queue["messages"].get(queue_id)
+            if entry is not None:
+                queue["messages"].remove(entry)
             del queue["vanish"][queue_id]
 
     def send(self, requests: Sequence[SendRequest], journal: HandOverJournal) -> Dict[str, Outcome]:
@@ -397,7 +695,7 @@ class MemoryBackend(Backend):
             if stopped:
                 raise UnavailableError(f"the memory queue stopped answering ({stopped}); start it again.")
             self._vanish(queue, queue_id, "send")
-            entry = next((m for m in queue["messages"] if m["id"] == queue_id), None)
+            entry = queue["messages"].get(queue_id)
             if entry is None or entry["state"] != QueueState.WAITING:
                 return Outcome(Result.VANISHED)
             if "send" in queue["fail"]:
@@ -410,7 +708,7 @@ class MemoryBackend(Backend):
         with self.queue.change() as queue:
             if "copy" in queue["fail"]:
                 return Outcome(Result.FAILED, f"{queue_id} was not copied: {queue['fail']['copy']}")
-            original = next((m for m in queue["messages"] if m["id"] == queue_id), None)
+            original = queue["messages"].get(queue_id)
             if original is None:
                 return Outcome(Result.VANISHED)
             with open(self.queue.content_path(queue_id), "rb") as f:
