@@ -277,14 +277,15 @@ class MemoryQueue:
             self._watch_all()
 
     def _settings_now(self, queue: Dict[str, Any]) -> Dict[str, Any]:
-        """What the operation's line compares against: each small setting as text, each growing list's length."""
-        seen: Dict[str, Any] = {}
-        for key, value in queue.items():
-            if key in self.LIST_KEYS:
-                seen[key] = (value, len(value))
-            elif key != "messages":
-                seen[key] = json.dumps(value, sort_keys=True)
+        """What the operation's line compares against: the small settings as one text, each growing list's
+        length."""
+        seen: Dict[str, Any] = {key: (queue[key], len(queue[key])) for key in self.LIST_KEYS}
+        seen[""] = self._small_settings(queue)
         return seen
+
+    def _small_settings(self, queue: Dict[str, Any]) -> str:
+        return json.dumps({key: value for key, value in queue.items()
+                           if key != "messages" and key not in self.LIST_KEYS}, sort_keys=True)
 
     def _commit(self, queue: Dict[str, Any], before: Dict[str, Any], messages: _Messages) -> None:
         """Write the operation's line: the messages it marked, the settings it changed."""
@@ -296,18 +297,17 @@ class MemoryQueue:
             messages = queue["messages"]
             change["messages"] = {queue_id: messages.get(queue_id) for queue_id in sorted(self._marks)}
         settings, appended = {}, {}
-        for key, value in queue.items():
-            if key == "messages":
-                continue
-            if key in self.LIST_KEYS and key in before:
-                old_list, old_len = before[key]
-                if value is old_list and len(value) >= old_len:
-                    if len(value) > old_len:
-                        appended[key] = value[old_len:]
-                    continue
+        for key in self.LIST_KEYS:
+            old_list, old_len = before[key]
+            value = queue[key]
+            if value is old_list and len(value) >= old_len:
+                if len(value) > old_len:
+                    appended[key] = value[old_len:]
+            else:
                 settings[key] = value
-            elif before.get(key) != json.dumps(value, sort_keys=True):
-                settings[key] = value
+        if self._small_settings(queue) != before[""]:
+            settings.update((key, value) for key, value in queue.items()
+                            if key != "messages" and key not in self.LIST_KEYS)
         if settings:
             change["settings"] = settings
         if appended:
@@ -344,7 +344,7 @@ class MemoryQueue:
         whole["generation"] = self._generation + 1
         temporary = f"{self.path}.{os.getpid()}.tmp"
         with open(temporary, "w") as out:
-            json.dump(whole, out, separators=(",", ":"))
+            out.write(json.dumps(whole, separators=(",", ":")))
         os.replace(temporary, self.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(old_log)
@@ -510,7 +510,8 @@ class MemoryBackend(Backend):
     def __init__(self, directory: str):
         self.queue = MemoryQueue(directory)
         self.instance = f"memory:{os.path.realpath(directory)}"
-        self._listed: Dict[str, Dict[str, Any]] = {}
+        self._routes: Dict[str, str] = {}          # listed messages that are copies on a sender's route
+        self._retry_at: Dict[str, float] = {}      # listed messages that wait for a retry time
         self._settings: Dict[str, Any] = {}
         self._look()
 
@@ -546,14 +547,14 @@ class MemoryBackend(Backend):
         return None
 
     def copy_of(self, message: Message, senders: Sequence[Sender], recorded: bool = False) -> Optional[Sender]:
-        route = self._listed.get(message.queue_id, {}).get("route")
+        route = self._routes.get(message.queue_id)
         return next((s for s in senders if not s.default and s.name == route), None) if route else None
 
     def sends_from_hold(self, route: Optional[Sender]) -> bool:
         return route is not None
 
     def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[Due]:
-        retry = self._listed.get(message.queue_id, {}).get("retry_at")
+        retry = self._retry_at.get(message.queue_id)
         return Due(retry, "the MTA's retry time") if retry and retry > time.time() else None
 
     def expired(self, message: Message) -> Optional[str]:
@@ -594,7 +595,8 @@ class MemoryBackend(Backend):
 
     def list(self) -> List[Message]:
         entries = self._look()
-        self._listed = {m["id"]: {"route": m.get("route"), "retry_at": m.get("retry_at")} for m in entries}
+        self._routes = {m["id"]: m["route"] for m in entries if m.get("route")}
+        self._retry_at = {m["id"]: m["retry_at"] for m in entries if m.get("retry_at")}
         return [self._message(m) for m in entries]
 
     def _message(self, entry: Dict[str, Any]) -> Message:
