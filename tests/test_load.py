@@ -162,7 +162,7 @@ KINDS = ("example.net", "evening.example", "never.example")
 LOCKED = 75
 
 
-@pytest.fixture(params=["memory", "postfix"])
+@pytest.fixture(params=["memory", "postfix", "exim"])
 def mta(request, tmp_path):
     return harness_for(request, tmp_path)
 
@@ -201,7 +201,7 @@ def race(qr: Qrunner, commands: List[List[str]], rng: random.Random) -> List[int
 @pytest.mark.reliability
 def test_timers_flush_and_release_racing_for_an_hour_lose_nothing_and_send_nothing_twice(tmp_path, mta, figures):
     """Every five minutes of the script's clock (an hour from 18:30; three under QRUNNER_LONG=1 over the memory
-    back end; twenty minutes around 19:00 over Postfix) new mail arrives, then two timers' runs, an admin's
+    back end; twenty minutes around 19:00 over Postfix and Exim) new mail arrives, then two timers' runs, an admin's
     flush (now and then --ignore-policy) and an admin's release start together; the lock lets one act and the
     others exit 75. At the end every message reached the relay at most once, and every one is either delivered
     or in the queue, held by qrunner with its record; urgent and evening mail all went, and the never-sent mail
