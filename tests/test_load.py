@@ -13,6 +13,7 @@ and over a real Postfix.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -30,6 +31,8 @@ from mta_harness import HELD, WAITING, PostfixHarness, harness_for
 from postfix_instance import free_loopback_port
 from qrunner_e2e import Qrunner
 from smtp_sink import wait_for_greeting
+
+from qrunner.mta.memory import MemoryQueue
 
 LONG = os.environ.get("QRUNNER_LONG") == "1"
 BIG_QUEUE = 100_000 if LONG else 20_000
@@ -252,7 +255,9 @@ def test_timers_flush_and_release_racing_for_an_hour_lose_nothing_and_send_nothi
     in_queue = Counter(subject_of[queue_id] for queue_id in queue)
     duplicates = sum(count - 1 for count in arrived.values() if count > 1)
     assert duplicates == 0, [s for s, c in arrived.items() if c > 1]
-    assert set(arrived) | set(in_queue) == set(kind_of), "lost: %s" % sorted(set(kind_of) - set(arrived) - set(in_queue))
+    missing = sorted(set(kind_of) - set(arrived) - set(in_queue))
+    assert not missing, f"lost: {missing}"
+    assert set(arrived) | set(in_queue) <= set(kind_of)  # nothing else arrived (a bounce, say)
     assert not set(arrived) & set(in_queue)
     for queue_id, (where, _) in queue.items():
         assert where == HELD and queue_id in records, (queue_id, where, subject_of[queue_id])
@@ -368,3 +373,45 @@ def test_a_run_over_a_postfix_queue_with_a_policy_error_on_every_tenth(tmp_path,
                    note=f"{len(arrived):,} delivered once, {len(held):,} held with their reason "
                         f"({POSTFIX_QUEUE // 10:,} fail-closed on the policy error); peak RSS "
                         f"{peak_mb:.0f} MB (bound {bound_mb:.0f} MB)")
+
+
+# -- the memory model's own log, at any size ----------------------------------------------------------------
+
+def test_an_operation_a_kill_left_half_written_does_not_count(tmp_path):
+    """A SIGKILL inside the write of an operation's log line leaves a line without its newline: every reader
+    ignores it (the operation did not happen), and the next operation cuts it off before writing its own."""
+    directory = str(tmp_path / "queue")
+    os.makedirs(directory)
+    tool = MemoryQueue(directory)
+    first = tool.submit("a@example.org", ["b@example.net"], content(1))
+    [log] = glob.glob(os.path.join(directory, "queue.log.*"))
+    with open(log, "ab") as f:
+        f.write(b'{"messages":{"M00000099":{"id":"M00000099","state":"wai')  # killed mid-write
+
+    assert [m["id"] for m in MemoryQueue(directory).read()["messages"]] == [first]
+    second = MemoryQueue(directory).submit("a@example.org", ["b@example.net"], content(2))
+    assert [m["id"] for m in MemoryQueue(directory).read()["messages"]] == [first, second]
+    with open(log, "rb") as f:
+        assert all(json.loads(line) for line in f.read().splitlines())
+
+
+def test_the_queue_is_one_queue_across_processes_and_rewrites(tmp_path):
+    """Two holders of the queue (two processes: each keeps the copy it last read) change it in turn while the
+    log is folded into a new queue.json after every operation: each sees the other's changes, and a reader
+    that starts afresh sees the same queue."""
+    directory = str(tmp_path / "queue")
+    os.makedirs(directory)
+    one, other = MemoryQueue(directory), MemoryQueue(directory)
+    one.COMPACT_BYTES = other.COMPACT_BYTES = 0  # a new queue.json after every operation
+    ids = [(one if n % 2 else other).submit("a@example.org", [f"m{n}@example.net"], content(n)) for n in range(12)]
+    for queue_id in ids[::3]:
+        (other if ids.index(queue_id) % 2 else one).admin_hold(queue_id)
+    one.start_delivery(ids[1], 0)
+    other.start_delivery(ids[2], 0)
+
+    fresh = MemoryQueue(directory).read()
+    assert fresh == one.read() == other.read()
+    assert [m["id"] for m in fresh["messages"]] == [q for q in ids if q not in (ids[1], ids[2])]
+    assert {m["id"] for m in fresh["messages"] if m["state"] == HELD} == set(ids[::3])
+    assert [d["id"] for d in fresh["delivered"]] == [ids[1], ids[2]]
+    assert len(glob.glob(os.path.join(directory, "queue.log.*"))) <= 1
