@@ -153,7 +153,7 @@ class MemoryQueue:
     """The queue directory, read and changed one whole operation at a time.
 
     On disk: ``queue.json``, the whole queue as some operation left it
-    (with its ``generation``), and ``queue.log.GENERATION``, one JSON line
+    (with its ``generation``, first), and ``queue.log.GENERATION``, one JSON line
     per operation since then, naming the messages it changed (their whole
     record, or ``null`` for one that left) and the settings it set. An
     operation is one ``write`` of one line under the flock: a kill before
@@ -176,7 +176,7 @@ class MemoryQueue:
         self.path = os.path.join(directory, "queue.json")
         self.messages_dir = os.path.join(directory, "messages")
         self._queue: Optional[Dict[str, Any]] = None
-        self._stamp: Optional[Tuple[int, int, int]] = None
+        self._stale = False  # an operation failed half-way: what this process holds is not what is written
         self._generation = 0
         self._offset = 0
         self._base_size = 0
@@ -202,7 +202,7 @@ class MemoryQueue:
                 yield queue
                 self._commit(queue, before, messages)
             except BaseException:
-                self._stamp = None  # what the block changed in memory never reached the disk: read it again
+                self._stale = True  # what the block changed in memory never reached the disk: read it again
                 raise
 
     def read(self) -> Dict[str, Any]:
@@ -214,31 +214,37 @@ class MemoryQueue:
 
     def _current(self) -> Dict[str, Any]:
         """The queue now: the copy this process holds, brought up to date from the log, or read whole."""
-        try:
-            info = os.stat(self.path)
-            stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
-        except FileNotFoundError:
-            stamp = None
-        if self._queue is None or stamp is None or stamp != self._stamp:
-            self._load(stamp)
+        if self._queue is None or self._stale or self._written_generation() != self._generation:
+            self._load()
         else:
             self._replay()
         assert self._queue is not None
         return self._queue
 
-    def _load(self, stamp: Optional[Tuple[int, int, int]]) -> None:
+    def _written_generation(self) -> int:
+        """The generation of queue.json on disk, from its first bytes (written first for this: no whole read);
+        0 for none yet, or one written before generations were."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(40)
+        except FileNotFoundError:
+            return 0
+        found = re.match(rb'\{"generation":(\d+),', head)
+        return int(found.group(1)) if found else 0
+
+    def _load(self) -> None:
         try:
             with open(self.path) as f:
                 raw = json.load(f)
+                self._base_size = os.fstat(f.fileno()).st_size
         except FileNotFoundError:
-            raw = {}
+            raw, self._base_size = {}, 0
         for key, value in DEFAULTS.items():
             raw.setdefault(key, json.loads(json.dumps(value)))
         self._generation = raw.pop("generation", 0)
         self._marks = set()
         raw["messages"] = _Messages(raw["messages"], self._marks)
-        self._queue, self._stamp, self._offset = raw, stamp, 0
-        self._base_size = stamp[2] if stamp else 0
+        self._queue, self._stale, self._offset = raw, False, 0
         self._replay()
         self._watch_all()
 
@@ -339,18 +345,16 @@ class MemoryQueue:
         queue = self._queue
         assert queue is not None
         old_log = self._log_path()
-        whole = {key: value for key, value in queue.items() if key != "messages"}
+        whole: Dict[str, Any] = {"generation": self._generation + 1}  # first: _written_generation reads it there
+        whole.update((key, value) for key, value in queue.items() if key != "messages")
         whole["messages"] = list(queue["messages"])
-        whole["generation"] = self._generation + 1
         temporary = f"{self.path}.{os.getpid()}.tmp"
         with open(temporary, "w") as out:
             out.write(json.dumps(whole, separators=(",", ":")))
         os.replace(temporary, self.path)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(old_log)
-        info = os.stat(self.path)
-        self._stamp = (info.st_ino, info.st_mtime_ns, info.st_size)
-        self._generation, self._offset, self._base_size = self._generation + 1, 0, info.st_size
+        self._generation, self._offset, self._base_size = self._generation + 1, 0, os.stat(self.path).st_size
 
     # -- what time changes by itself ---------------------------------------------
 
