@@ -37,6 +37,7 @@ import fcntl
 import json
 import os
 import re
+import sys
 import time
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -79,9 +80,14 @@ class _Entry(dict):
     """
 
     __slots__ = ("_marks",)
+    SHARED = ("state", "sender", "route", "delay_reason")  # values most messages share: kept once, not per message
 
     def __init__(self, data: Dict[str, Any], marks: Set[str]):
         super().__init__(data)
+        for key in self.SHARED:
+            value = data.get(key)
+            if type(value) is str:
+                dict.__setitem__(self, key, sys.intern(value))
         self._marks = marks
 
     def __setitem__(self, key, value) -> None:
@@ -116,10 +122,13 @@ class _Messages:
     message costs the same in a queue of ten and of a hundred thousand.
     """
 
-    def __init__(self, entries: Iterable[Dict[str, Any]], marks: Set[str]):
+    def __init__(self, entries: List[Dict[str, Any]], marks: Set[str]):
+        """Takes the records out of ``entries`` one by one (so a big queue is not held twice while read)."""
         self._marks = marks
         self._by_id: Dict[str, _Entry] = {}
-        for entry in entries:
+        entries.reverse()
+        while entries:
+            entry = entries.pop()
             self._by_id[entry["id"]] = _Entry(entry, marks)
 
     def get(self, queue_id: str) -> Optional[_Entry]:
@@ -519,15 +528,21 @@ class MemoryBackend(Backend):
         self._settings: Dict[str, Any] = {}
         self._look()
 
-    def _look(self) -> List[Dict[str, Any]]:
-        """One locked read of the queue: its messages, and the settings the facts below answer from."""
+    def _look(self, listing: bool = False) -> List[Message]:
+        """One locked read of the queue: the settings the facts below answer from, and (``listing``) its
+        messages, made while the queue is read (no copy of a record is kept)."""
+        messages = []
         with self.queue.change() as queue:
             self._settings = {k: queue[k] for k in ("gated", "named_queue", "max_queue_time", "queue_lifetime",
                                                     "returns_to_sender")}
-            default_queue = set(queue["default_queue"])
-            entries = [dict(m) for m in queue["messages"] if m["id"] not in default_queue]
+            if listing:
+                default_queue = set(queue["default_queue"])
+                entries = [m for m in queue["messages"] if m["id"] not in default_queue]
+                self._routes = {m["id"]: m["route"] for m in entries if m.get("route")}
+                self._retry_at = {m["id"]: m["retry_at"] for m in entries if m.get("retry_at")}
+                messages = [self._message(m) for m in entries]
         self.has_named_queue = bool(self._settings["named_queue"])
-        return entries
+        return messages
 
     # -- facts ---------------------------------------------------------------
 
@@ -598,10 +613,7 @@ class MemoryBackend(Backend):
     # -- actions ---------------------------------------------------------------
 
     def list(self) -> List[Message]:
-        entries = self._look()
-        self._routes = {m["id"]: m["route"] for m in entries if m.get("route")}
-        self._retry_at = {m["id"]: m["retry_at"] for m in entries if m.get("retry_at")}
-        return [self._message(m) for m in entries]
+        return self._look(listing=True)
 
     def _message(self, entry: Dict[str, Any]) -> Message:
         path = self.queue.content_path(entry["id"])
