@@ -390,7 +390,8 @@ def run_over_the_postfix_queue(tmp_path, postfix, smtp_sink, figures, numbers: L
     assert not wrong, [(q, reasons[q]) for q in wrong[:5]]
     # Postfix's flush service was asked in dispatch order (its -v log; the sink cannot tell, DESIGN.md 4)
     order = sorted(sends, key=lambda n: (-expected(n)[1], arrival[id_of[n]], id_of[n]))
-    requested = [q for q in postfix.flush_requests() if q in set(id_of.values())]
+    ours = set(id_of.values())
+    requested = [q for q in postfix.flush_requests() if q in ours]
     assert requested == [id_of[n] for n in order]
     bound_mb = RSS_FIXED_MB + POSTFIX_QUEUE * RSS_PER_MESSAGE_KB["postfix"] / 1024
     assert peak_mb < bound_mb, f"peak RSS {peak_mb:.0f} MB over the bound of {bound_mb:.0f} MB"
