@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 # PREFIX: qrunner's own venv. BINDIR: the qrunner command (a link into the venv). CONFDIR: qrunner.toml and
 # relayout.lua, installed once and never overwritten. SYSTEMD_DIR: qrunner.service and qrunner.timer,
 # installed disabled. DOCDIR: README.md and contrib/ (the gate files, the example config, the cron example).
+# MANDIR: the manual pages qrunner(8), qrunner.toml(5), qrunner-policy(7), under man8/, man5/, man7/.
 # CRON_DIR, CRONTAB: only looked at, by uninstall, for a cron line that still starts qrunner (root's own
 # crontab is the admin's to check: crontab -l). SYSTEMCTL: how
 # uninstall stops and disables the timer (the tests give a stand-in).
@@ -18,6 +19,7 @@ BINDIR ?= /usr/local/bin
 CONFDIR ?= /etc/qrunner
 SYSTEMD_DIR ?= /etc/systemd/system
 DOCDIR ?= /usr/local/share/doc/qrunner
+MANDIR ?= /usr/local/share/man
 CRON_DIR ?= /etc/cron.d
 CRONTAB ?= /etc/crontab
 SYSTEMCTL ?= systemctl
@@ -28,7 +30,7 @@ REQUIRE_MTA := $(shell [ "$$(id -u)" = 0 ] && echo 1)
 COVERED := runner plan executor
 COVER_UNDER := 90
 
-.PHONY: demo test coverage install-test-deps install uninstall clean bench reliability
+.PHONY: demo test coverage install-test-deps install uninstall clean bench reliability man deb
 
 # make bench: the queue sizes to build in each MTA, separated by commas or spaces (about 39 KB of mail per message,
 # so 100,000 is 3.9 GB per MTA),
@@ -82,14 +84,26 @@ $(BENCH_STAMP):
 	$(BENCH_VENV)/bin/pip install --quiet pymailq==0.9.0 py-spy
 	touch $@
 
+## man: write the manual pages (man/qrunner.8, man/qrunner.toml.5, man/qrunner-policy.7) and contrib/qrunner.toml
+## from their one source each: the prose in man/*.md, qrunner's argparse definitions, qrunner/settings.py and the
+## exit codes in qrunner/exceptions.py. They are committed; tests/test_man.py fails when they differ from a build.
+man: $(STAMP)
+	$(BIN)/python man/build.py
+
 install-test-deps:
+	sh contrib/create-script-user.sh
 	bash tests/setup/install-postfix.sh
 	bash tests/setup/install-exim.sh
 	bash tests/setup/install-log-daemons.sh
+	bash tests/setup/install-man-tools.sh
+	bash tests/setup/install-deb-tools.sh
 
 # What install puts under DOCDIR, each file at its path in this repository: the README and all of contrib/.
 DOC_FILES := README.md $(shell find contrib -type f ! -name '*~' | LC_ALL=C sort)
 UNITS := qrunner.service qrunner.timer
+# Each page goes into the section directory its name ends with: man/qrunner.8 -> $(MANDIR)/man8/qrunner.8.
+MAN_PAGES := man/qrunner.8 man/qrunner.toml.5 man/qrunner-policy.7
+INSTALLED_PAGES := $(foreach page,$(MAN_PAGES),$(MANDIR)/man$(subst .,,$(suffix $(page)))/$(notdir $(page)))
 # Installed copies name the installed command and documentation (the same paths unless BINDIR/DOCDIR differ).
 PLACE = sed -e 's|/usr/local/bin/qrunner|$(BINDIR)/qrunner|g' -e 's|/usr/local/share/doc/qrunner|$(DOCDIR)|g'
 # The removal rule lives in qrunner itself (README "Undo it all"), so a package follows the same one.
@@ -97,7 +111,8 @@ RELEASE_FOR_REMOVAL = $(PREFIX)/bin/qrunner $(if $(wildcard $(CONFDIR)/qrunner.t
 	release --for-removal $(if $(filter yes,$(GATE_REMOVED)),--gate-removed)
 
 ## install: qrunner in its own venv under $(PREFIX), $(BINDIR)/qrunner, $(CONFDIR) (an MTA-neutral example
-## config, relayout.lua), the systemd units (disabled), README and contrib/ under $(DOCDIR). Run it here, at the
+## config, relayout.lua), the systemd units (disabled), README and contrib/ under $(DOCDIR), the manual pages under
+## $(MANDIR). Run it here, at the
 ## top of the repository (or make -C DIR install).
 install:
 	@if [ -n "$$(ls -A $(PREFIX) 2>/dev/null)" ] && [ ! -e $(PREFIX)/pyvenv.cfg ]; then \
@@ -107,12 +122,17 @@ install:
 	$(PREFIX)/bin/pip install --quiet .
 	install -d -m 755 $(BINDIR) $(CONFDIR)
 	ln -sfn $(PREFIX)/bin/qrunner $(BINDIR)/qrunner
+	sh contrib/create-script-user.sh _qrunner
 	[ -e $(CONFDIR)/relayout.lua ] || install -m 644 relayout.lua $(CONFDIR)/relayout.lua
 	[ -e $(CONFDIR)/qrunner.toml ] || install -m 644 contrib/qrunner.toml $(CONFDIR)/qrunner.toml
 	@for file in $(DOC_FILES); do install -d -m 755 $(DOCDIR)/$$(dirname $$file) && \
 	    $(PLACE) $$file > $(DOCDIR)/$$file.new && chmod 644 $(DOCDIR)/$$file.new && \
 	    mv $(DOCDIR)/$$file.new $(DOCDIR)/$$file || exit 1; done; \
 	echo "make install: README.md and contrib/ (the gate files, the cron example) are in $(DOCDIR)"
+	@for page in $(MAN_PAGES); do dir=$(MANDIR)/man$${page##*.}; install -d -m 755 $$dir && \
+	    $(PLACE) $$page > $$dir/$${page#man/}.new && chmod 644 $$dir/$${page#man/}.new && \
+	    mv $$dir/$${page#man/}.new $$dir/$${page#man/} || exit 1; done; \
+	echo "make install: the manual pages are in $(MANDIR): man qrunner, man qrunner.toml, man qrunner-policy"
 	@if [ -d $(SYSTEMD_DIR) ]; then for unit in $(UNITS); do \
 	    $(PLACE) contrib/systemd/$$unit > $(SYSTEMD_DIR)/$$unit.new && chmod 644 $(SYSTEMD_DIR)/$$unit.new && \
 	    mv $(SYSTEMD_DIR)/$$unit.new $(SYSTEMD_DIR)/$$unit || exit 1; done; \
@@ -123,7 +143,7 @@ install:
 
 ## uninstall: the way out, once the gate is removed (README "Undo it all"): release every qrunner hold
 ## (refused while the MTA is still gated for qrunner; GATE_REMOVED=yes when qrunner cannot tell and you
-## checked), stop the timer, remove the command, the venv, the units and the examples. $(CONFDIR) and
+## checked), stop the timer, remove the command, the venv, the units, the examples and the manual pages. $(CONFDIR) and
 ## qrunner's state directory stay.
 uninstall:
 ifeq ($(wildcard $(PREFIX)/bin/qrunner $(BINDIR)/qrunner $(addprefix $(SYSTEMD_DIR)/,$(UNITS)) $(DOCDIR)),)
@@ -150,6 +170,8 @@ else
 	@if [ -e $(PREFIX)/pyvenv.cfg ]; then echo "rm -rf $(PREFIX)"; rm -rf $(PREFIX); fi
 	@echo "rm -f $(DOCDIR)/{README.md,contrib/...}"; rm -f $(addprefix $(DOCDIR)/,$(DOC_FILES))
 	@if [ -d $(DOCDIR) ]; then find $(DOCDIR) -depth -type d -empty -delete; fi
+	@echo "rm -f $(INSTALLED_PAGES)"; rm -f $(INSTALLED_PAGES)
+	@for dir in $(sort $(dir $(INSTALLED_PAGES))); do [ ! -d $$dir ] || rmdir --ignore-fail-on-non-empty $$dir; done
 	@echo "make uninstall: qrunner is removed. Left in place, yours to keep or delete:"
 	@echo "  $(CONFDIR): your configuration and policy, as you edited them"
 	@echo "  qrunner's state directory, named in the 'ready for removal' line above: its records of holds and runs"
@@ -157,5 +179,27 @@ else
 	    find $(DOCDIR) -type f | sed 's/^/    /'; fi
 endif
 
+# make deb builds in a copy of this tree under build/deb (debhelper's files stay out of the repository), from
+# everything here but the venvs, caches and earlier builds; the package lands at the top: ./qrunner_*.deb.
+DEB_BUILD := build/deb
+DEB_EXCLUDE := .git .venv $(BENCH_VENV) build dist bench/out .pytest_cache '*.egg-info' '.coverage*' __pycache__ \
+	'qrunner_*.deb'
+
+## deb: build the Debian package ./qrunner_VERSION_ARCH.deb with dh-virtualenv (Debian 12; README "Install from
+## the Debian package"). As root it first installs the build dependencies debian/control names (apt-get
+## build-dep ./); otherwise it says what to install.
+deb:
+	@if command -v dpkg-checkbuilddeps >/dev/null && dpkg-checkbuilddeps 2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ]; then echo "make deb: installing the build dependencies: apt-get build-dep ./"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -q ./ || { apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get build-dep -y -q ./; } || exit 1; \
+	else echo "make deb: the build dependencies are missing; as root: apt-get build-dep ./ (debhelper," \
+	          "dh-virtualenv, python3-dev, python3-venv, build-essential), or run make deb as root." >&2; exit 1; fi
+	rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/qrunner
+	tar -c $(DEB_EXCLUDE:%=--exclude=./%) . | tar -x -C $(DEB_BUILD)/qrunner
+	cd $(DEB_BUILD)/qrunner && dpkg-buildpackage -b -us -uc
+	rm -f qrunner_*.deb && mv $(DEB_BUILD)/qrunner_*.deb .
+	@echo "make deb: built $$(ls qrunner_*.deb); install it with: apt-get install ./$$(ls qrunner_*.deb)"
+
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) bench/out .pytest_cache *.egg-info build
+	rm -rf $(VENV) $(BENCH_VENV) bench/out .pytest_cache *.egg-info build qrunner_*.deb

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from exim_instance import exim_missing_reason, make_instance  # noqa: E402
 from smtp_sink import SmtpSink  # noqa: E402
+import safe_tmp  # noqa: E402  (tests/: scratch directories qrunner's strict modes accept)
 from timing import timed_run  # noqa: E402
 
 POLICY = 'function CheckFile(f, a, s, c, rp, r, h) a.Priority = tonumber(h.subject:match("^p(%d+)")) return a end\n'
@@ -84,7 +85,7 @@ def main() -> None:
     instance = make_instance(sink.port)
     instance.start()
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=safe_tmp.root()) as tmp:  # not /tmp: strict modes
             config = os.path.join(tmp, "qrunner.toml")
             script = os.path.join(tmp, "relayout.lua")
             with open(script, "w") as f:

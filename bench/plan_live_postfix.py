@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from postfix_instance import free_loopback_port, make_instance  # noqa: E402
 from smtp_sink import wait_for_greeting  # noqa: E402
+import safe_tmp  # noqa: E402  (tests/: scratch directories qrunner's strict modes accept)
 from timing import timed_run  # noqa: E402
 
 NO_HEADER = "function CheckFile(f, a, size) if size > 900000 then a.SkipSend = 1 end a.Priority = size % 100 + 1 return a end\n"
@@ -59,7 +60,7 @@ def main() -> None:
     instance.start()
     try:
         fill(instance, args.messages)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=safe_tmp.root()) as tmp:  # not /tmp: strict modes
             config = os.path.join(tmp, "qrunner.toml")
             with open(config, "w") as f:
                 f.write(f'mta = "postfix"\nstate_dir = "{tmp}/state"\n[postfix]\n'

@@ -22,6 +22,9 @@ import tempfile
 
 from timing import timed_run
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import safe_tmp  # noqa: E402  (tests/: scratch directories qrunner's strict modes accept)
+
 NO_HEADER = "function CheckFile(f, a, size) if size > 900000 then a.SkipSend = 1 end a.Priority = size % 100 + 1 return a end\n"
 ONE_HEADER = "function CheckFile(f, a, s, c, rp, r, h) if (h.subject or ''):find('7$') then a.SkipSend = 1 end return a end\n"
 
@@ -48,7 +51,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=safe_tmp.root()) as tmp:  # not /tmp: strict modes
         scripts = {}
         for name, text in (("no header", NO_HEADER), ("one header", ONE_HEADER)):
             scripts[name] = os.path.join(tmp, name.replace(" ", "_") + ".lua")

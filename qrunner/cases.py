@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Sequence, Tuple
 
 from qrunner.config import Sender, tomllib
@@ -164,8 +164,7 @@ def run_cases(settings: PolicySettings, senders: Sequence[Sender], cases: Sequen
 
 
 def _at(settings: PolicySettings, now: int) -> PolicySettings:
-    return PolicySettings(settings.script, settings.lua, settings.timeout, settings.memory_mb,
-                          settings.on_script_error, now)
+    return replace(settings, now=now)
 
 
 def _changes(expect: Dict[str, Any], decision: Decision) -> List[str]:

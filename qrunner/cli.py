@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+import textwrap
 import time
 from contextlib import closing
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -21,9 +22,9 @@ from qrunner import __version__, selection
 from qrunner.cases import describe, load_cases, run_cases, summary
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.decision import Decision
-from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, LockHeldError, NothingSelected, QrunnerError, UsageError
+from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, EXIT_STATUS, LockHeldError, NothingSelected, QrunnerError, UsageError
 from qrunner.executor import quote
-from qrunner.log import report_failure, setup_logging
+from qrunner.log import report_failure, setup_logging, shown
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
 from qrunner.mta.snapshot import SnapshotBackend, write_snapshot, write_snapshot_file
@@ -33,25 +34,9 @@ from qrunner.progress import Progress, wanted as wanted_progress
 from qrunner.runner import Explanation, RunResult, Runner, decide_offline
 from qrunner.state import HistoryEntry
 
-EXIT_CODES = """\
-exit codes:
-  0   every message decided (and acted on) without a policy error
-  1   decided, but at least one message had a policy error, or (run, flush)
-      could not be acted on: a failed send, a named id qrunner may not touch;
-      (status, release, flush) the selectors matched no message
-      explain: the id is not in the queue (its history, if any, is shown)
-  64  bad usage (an unknown option, a malformed --now or --sender)
-  65  malformed input (a snapshot line that is not postqueue -j JSON)
-  66  the --queue-file snapshot does not exist
-  69  the MTA is not installed or not running
-  73  snapshot -o: the file cannot be created or written
-  75  another qrunner run holds the lock; try again later
-  77  not run with the rights the MTA's commands need
-  78  configuration error, or a policy script that does not load
-      (nothing was decided, nothing printed on stdout, nothing changed);
-      release --for-removal: the MTA is still gated for qrunner, or qrunner
-      cannot tell and --gate-removed was not given (nothing released)
-"""
+EXIT_CODES = "exit codes:\n" + "".join(
+    textwrap.fill(meaning, 79, initial_indent=f"  {code:<4}", subsequent_indent=" " * 6) + "\n"
+    for code, meaning in EXIT_STATUS)
 
 
 RAW = argparse.RawDescriptionHelpFormatter  # keep the exit code list and descriptions as written
@@ -342,7 +327,7 @@ def _choice(args: argparse.Namespace, backend) -> selection.Choice:
                          "--recipient-domain, --reason, --older-than, --priority, ...).")
     for queue_id in args.queue_ids:
         if not backend.is_message_id(queue_id):
-            raise UsageError(f"{queue_id!r} is not {backend.id_hint}.")
+            raise UsageError(f"'{shown(queue_id)}' is not {backend.id_hint}.")
     return selection.Choice(tuple(args.queue_ids) if args.queue_ids else None, selector, args.limit)
 
 
@@ -365,7 +350,9 @@ def _senders(args: argparse.Namespace, config: Config) -> Sequence[Sender]:
 
 def _policy_settings(config: Config, now: Optional[int]) -> PolicySettings:
     return PolicySettings(script=config.script, lua=config.lua, timeout=config.script_timeout,
-                          memory_mb=config.script_memory_mb, on_script_error=config.on_script_error, now=now)
+                          memory_mb=config.script_memory_mb, on_script_error=config.on_script_error, now=now,
+                          strict_modes=config.strict_modes,
+                          script_user=config.script_user)
 
 
 def _runner(args: argparse.Namespace, config: Optional[Config] = None) -> Runner:
@@ -450,6 +437,7 @@ def print_release_plan(result: RunResult) -> None:
     plan = result.plan
     rows = [("QUEUE ID", "WOULD", "WHY")]
     rows += [(step.queue_id, "delete", step.reason) for step in plan.remove]
+    rows += [(step.queue_id, "release", step.reason) for step in plan.release_copies]
     rows += [(step.queue_id, "release", step.reason) for step in plan.release]
     rows += [(step.queue_id, "move to the default queue", step.reason) for step in plan.hand_back]
     rows += [(step.queue_id, "leave alone", step.reason) for step in plan.left_alone]
@@ -564,7 +552,7 @@ def print_history(history, fmt: str) -> None:
 def cmd_explain(args: argparse.Namespace) -> int:
     with _runner(args) as runner:
         if not runner.backend.is_message_id(args.queue_id):
-            raise UsageError(f"{args.queue_id!r} is not {runner.backend.id_hint}.")
+            raise UsageError(f"'{shown(args.queue_id)}' is not {runner.backend.id_hint}.")
         explanation = runner.explain(args.queue_id)
     print_explanation(explanation, args.format)
     if explanation.message is None:
@@ -659,7 +647,8 @@ def print_plan(result: RunResult, fmt: str) -> None:
     released = {r.queue_id for r in plan.release}
     kept_held = {s.queue_id for s in plan.send if s.from_hold}
     ordered = report_order(plan.decisions)
-    recovery = [("delete", s) for s in plan.remove] + [("handback", s) for s in plan.hand_back]
+    recovery = [("delete", s) for s in plan.remove] + [("release", s) for s in plan.release_copies]
+    recovery += [("handback", s) for s in plan.hand_back]
     recovery += [("expire", _expire_note(s, waiting.get(s.queue_id), s.queue_id in released)) for s in plan.expire]
     if fmt == "json":
         # Written a decision at a time (the same text as one json.dumps of the
@@ -747,7 +736,9 @@ def format_table(rows: Sequence[Tuple[Decision, str, str]], recovery: Sequence[T
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> str:
-    """Rows as aligned columns; the last column is left ragged."""
+    """Rows as aligned columns; the last column is left ragged. Each cell is shown on one line, escaped
+    (an id or reason from a snapshot or the state database may hold any character)."""
+    rows = [[shown(cell, tabs=False) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
     return "\n".join(line.rstrip() for line in lines)
@@ -911,7 +902,16 @@ def _history_row(entry: HistoryEntry, queue_id: str, live: bool) -> Tuple[str, .
     return (f"  {_clock(entry.at, '%Y-%m-%d %H:%M:%S')}", run, event.action, " ".join(f for f in fields if f))
 
 
+def _unbreakable_stdout() -> None:
+    """Under a strict UTF-8 locale, text that was not UTF-8 (kept as surrogate escapes) would make print raise:
+    written as backslash escapes instead (stderr already is). Tables escape their cells themselves."""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _unbreakable_stdout()
     parser = build_parser()
     args = None
     try:

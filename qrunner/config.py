@@ -15,7 +15,9 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from qrunner import trust
 from qrunner.exceptions import ConfigError
+from qrunner.settings import LUA_VERSIONS, MTAS, ON_HOLD_EXPIRY, ON_SCRIPT_ERROR, Kind, keys, settings_dataclass
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,13 +25,8 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
     import tomli as tomllib
 
 DEFAULT_CONFIG = "/etc/qrunner/qrunner.toml"
-DEFAULT_SCRIPT = "/etc/qrunner/relayout.lua"
-DEFAULT_STATE_DIR = "/var/lib/qrunner"
 
-LUA_VERSIONS = ("5.1", "5.2", "5.3", "5.4", "5.5", "luajit")
-MTAS = ("auto", "postfix", "exim", "memory")
-ON_SCRIPT_ERROR = ("skip", "send")
-ON_HOLD_EXPIRY = ("send", "bounce")
+__all__ = ["LUA_VERSIONS", "MTAS", "ON_HOLD_EXPIRY", "ON_SCRIPT_ERROR"]  # re-exported: cli.py and tests import them here
 
 
 @dataclass(frozen=True)
@@ -86,15 +83,12 @@ class Sender:
 DEFAULT_SENDERS = (Sender(0, "default", True),)
 
 
-@dataclass(frozen=True)
+@settings_dataclass("postfix")
 class PostfixSettings:
-    """The ``[postfix]`` table: which Postfix instance qrunner works on."""
-
-    config_directory: Optional[str] = None
-    command_directory: Optional[str] = None
+    """The ``[postfix]`` table: which Postfix instance qrunner works on (its keys: qrunner/settings.py)."""
 
 
-@dataclass(frozen=True)
+@settings_dataclass("exim")
 class EximSettings:
     """The ``[exim]`` table: which Exim, which named queue, and how qrunner paces and orders its sends.
 
@@ -121,20 +115,12 @@ class EximSettings:
     sees the levels in order; ``overlap_priorities = true`` lets them start
     as soon as a process is free (more throughput when levels are small,
     no order between levels).
+
+    Its keys, types and defaults: qrunner/settings.py.
     """
 
-    binary: Optional[str] = None
-    config: Optional[str] = None
-    spool_directory: Optional[str] = None
-    queue: str = "qrunner"
-    dispatch_concurrency: int = 2
-    overlap_priorities: bool = False
-    backoff_min: int = 300
-    backoff_max: int = 14400
-    max_queue_time: int = 345600
 
-
-@dataclass(frozen=True)
+@settings_dataclass("memory")
 class MemorySettings:
     """The ``[memory]`` table: where the in-memory back end keeps its queue (``mta = "memory"``).
 
@@ -143,12 +129,10 @@ class MemorySettings:
     nothing anywhere.
     """
 
-    directory: Optional[str] = None
-
 
 @dataclass(frozen=True)
 class Pacing:
-    """How fast, and in what strict order, a ``run`` hands mail to the MTA (README "Pacing").
+    """How fast, and in what strict order, a ``run`` hands mail to the MTA (qrunner(8), PACING).
 
     ``max_per_run``: messages a run hands over at most (0: no limit), and
     ``sender_max_per_run`` the same per sender (name -> limit), both counted
@@ -177,26 +161,14 @@ class Pacing:
 NO_PACING = Pacing()
 
 
-@dataclass(frozen=True)
+@settings_dataclass("")
 class Config:
-    """Every setting, with the defaults a fresh install runs with."""
+    """Every setting, with the defaults a fresh install runs with.
 
-    mta: str = "auto"
-    script: str = DEFAULT_SCRIPT
-    state_dir: str = DEFAULT_STATE_DIR
-    on_script_error: str = "skip"
-    script_timeout: float = 2.0
-    script_memory_mb: int = 64
-    lua: str = "5.4"
-    history_days: float = 30.0
-    metrics_file: str = ""
-    max_hold_age: float = 0.0  # seconds since arrival; 0: off (see plan.HoldAge)
-    on_hold_expiry: str = "send"
-    max_per_run: int = 0
-    max_active: int = 0
-    max_run_seconds: float = 0.0
-    strict_priority: bool = False
-    strict_priority_wait: float = 180.0
+    The top-level settings (``mta``, ``script``, ...) are fields made from
+    qrunner/settings.py; the body holds the tables and what is not a setting.
+    """
+
     senders: Tuple[Sender, ...] = DEFAULT_SENDERS
     postfix: PostfixSettings = field(default_factory=PostfixSettings)
     exim: EximSettings = field(default_factory=EximSettings)
@@ -214,59 +186,77 @@ class Config:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+# A setting whose name says it is a secret (a future SMTP password of a re-injection route, an API token).
+SECRET_NAME = re.compile(r"password|passwd|passphrase|secret|token|credential", re.IGNORECASE)
+HIDDEN = "<hidden>"
 
 
-def _check_choice(choices: Tuple[str, ...]):
-    def check(value: Any) -> Optional[str]:
-        if value not in choices:
-            return "must be one of " + ", ".join(f'"{c}"' for c in choices)
-        return None
-
-    return check
+def is_secret(key: str) -> bool:
+    """Does the setting's name (its last part: ``sender.postfix.password``) say that its value is a secret?"""
+    return bool(SECRET_NAME.search(key.rpartition(".")[2]))
 
 
-def _positive(value: Any) -> Optional[str]:
-    return None if value > 0 else "must be greater than 0"
+class Secret:
+    """A secret setting's value, which no output of qrunner can show.
+
+    Its ``str``, ``repr`` and format are ``<hidden>``, so a log line, an
+    error message or a printed configuration that names it shows nothing;
+    it is no ``str`` (so ``json.dumps`` refuses it rather than write it).
+    The one way to the value is :meth:`reveal`, for the code that hands it
+    to the MTA.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return HIDDEN
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return HIDDEN
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
 
 
-def _not_negative(value: Any) -> Optional[str]:
-    return None if value >= 0 else "must be 0 (off: no limit) or more"
+def shown(key: str, value: Any) -> str:
+    """A setting's value as an error message may quote it: never a secret's (``<hidden>``)."""
+    return HIDDEN if is_secret(key) or isinstance(value, Secret) else repr(value)
+
+
+def _kept(key: str, value: Any) -> Any:
+    """A secret setting's value is kept as a :class:`Secret`, so that nothing prints it by mistake later."""
+    return Secret(value) if is_secret(key) and isinstance(value, str) else value
+
+
+def _user_name(value: Any) -> Optional[str]:
+    if not value or any(c.isspace() or c in ":/" for c in value):
+        return 'must be a user name such as "_qrunner" (or "root" to run the policy script as root)'
+    return None
 
 
 def _whole_number(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_TOP_LEVEL: Dict[str, Tuple[str, Any, Any]] = {
-    # key: (type description, type test, extra check)
-    "mta": ("a string", lambda v: isinstance(v, str), _check_choice(MTAS)),
-    "script": ("a string (a file path)", lambda v: isinstance(v, str), None),
-    "state_dir": ("a string (a directory)", lambda v: isinstance(v, str), None),
-    "on_script_error": ("a string", lambda v: isinstance(v, str), _check_choice(ON_SCRIPT_ERROR)),
-    "script_timeout": ("a number of seconds", _is_number, _positive),
-    "script_memory_mb": ("a whole number of megabytes", lambda v: isinstance(v, int) and not isinstance(v, bool), _positive),
-    "lua": ("a string", lambda v: isinstance(v, str), _check_choice(LUA_VERSIONS)),
-    "history_days": ("a number of days", _is_number, _positive),
-    "metrics_file": ("a string (a file path, \"\" for no metrics)", lambda v: isinstance(v, str), None),
-    "max_hold_age": ("a number of seconds since arrival (0: off)", _is_number, _not_negative),
-    "on_hold_expiry": ("a string", lambda v: isinstance(v, str), _check_choice(ON_HOLD_EXPIRY)),
-    "max_per_run": ("a whole number of messages (0: no limit)", _whole_number, _not_negative),
-    "max_active": ("a whole number of messages (0: no limit)", _whole_number, _not_negative),
-    "max_run_seconds": ("a number of seconds (0: no limit)", _is_number, _not_negative),
-    "strict_priority": ("true or false", lambda v: isinstance(v, bool), None),
-    "strict_priority_wait": ("a number of seconds", _is_number, _positive),
-}
-_FLOATS = ("script_timeout", "history_days", "max_hold_age", "max_run_seconds", "strict_priority_wait")
-
+_TOP_LEVEL = keys("")  # key -> its Kind (type description, type test, further check): qrunner/settings.py
 
 
 def _fail(path: str, key: str, problem: str) -> ConfigError:
     return ConfigError(f"{path}: setting '{key}' {problem}; fix it or remove the line to use the default.")
 
 
-_SENDER_KEYS = ("id", "name", "default", "max_per_run", "postfix", "exim")
+_SENDER_KEYS = tuple(keys("sender")) + ("postfix", "exim")
 _LISTENER = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
 _ROUTE_WORD = re.compile(r"[A-Za-z0-9_.-]+\Z")
 
@@ -275,7 +265,7 @@ def _parse_postfix_route(path: str, where: str, raw: Any) -> PostfixRoute:
     if not isinstance(raw, dict):
         raise _fail(path, f"{where}.postfix", "must be a [sender.postfix] table")
     for key in raw:
-        if key not in ("listener", "transport", "nexthop"):
+        if key not in keys("sender.postfix"):
             raise _fail(path, f"{where}.postfix.{key}", "is not a known setting (listener, transport, nexthop)")
     for key in ("listener", "transport", "nexthop"):
         if not isinstance(raw.get(key), str) or not raw[key]:
@@ -355,43 +345,31 @@ def fallback_sender(senders: Sequence[Sender]) -> Optional[Sender]:
     return next((s for s in senders if s.default), senders[0] if senders else None)
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+_POSTFIX_KEYS = keys("postfix")
+_EXIM_KEYS = keys("exim")
 
 
-def _text(what: str):
-    return (f"a non-empty string ({what})", lambda v: isinstance(v, str) and v != "")
+def _check_value(path: str, key: str, kind: Kind, value: Any) -> Any:
+    """One value against its setting's type and check; what the loader keeps (seconds as floats)."""
+    if not kind.test(value):
+        raise _fail(path, key, f"must be {kind.description}, not {shown(key, value)}")
+    problem = kind.check(value) if kind.check else None
+    if problem:
+        raise _fail(path, key, f"{problem} (it is {shown(key, value)})")
+    return _kept(key, kind.convert(value))
 
 
-# Each MTA table: key -> (type description, type test).
-_POSTFIX_KEYS = {"config_directory": _text("a directory"), "command_directory": _text("a directory")}
-_EXIM_KEYS = {
-    "binary": _text("a file path"),
-    "config": _text("a file path"),
-    "spool_directory": _text("a directory"),
-    "queue": ("a string (a queue name, \"\" for the default queue)", lambda v: isinstance(v, str)),
-    "dispatch_concurrency": ("a whole number from 1 up", lambda v: _whole(v) and v >= 1),
-    "overlap_priorities": ("true or false", lambda v: isinstance(v, bool)),
-    "backoff_min": ("a whole number of seconds from 1 up", lambda v: _whole(v) and v >= 1),
-    "backoff_max": ("a whole number of seconds from 1 up", lambda v: _whole(v) and v >= 1),
-    "max_queue_time": ("a whole number of seconds from 1 up", lambda v: _whole(v) and v >= 1),
-}
-
-
-def _check_table(path: str, name: str, raw: Any, keys: Dict[str, Tuple[str, Any]]) -> Dict[str, Any]:
+def _check_table(path: str, name: str, raw: Any, known: Dict[str, Kind]) -> Dict[str, Any]:
     """An MTA's table: only known keys, each of its type."""
     if not isinstance(raw, dict):
         raise _fail(path, name, f"must be a [{name}] table")
-    for key, value in raw.items():
-        if key not in keys:
-            raise _fail(path, f"{name}.{key}", "is not a known setting (known: " + ", ".join(keys) + ")")
-        description, type_ok = keys[key]
-        if not type_ok(value):
-            raise _fail(path, f"{name}.{key}", f"must be {description}, not {value!r}")
-    return raw
+    for key in raw:
+        if key not in known:
+            raise _fail(path, f"{name}.{key}", "is not a known setting (known: " + ", ".join(known) + ")")
+    return {key: _check_value(path, f"{name}.{key}", known[key], value) for key, value in raw.items()}
 
 
-_MEMORY_KEYS = {"directory": _text("a directory")}
+_MEMORY_KEYS = keys("memory")
 
 
 def _parse_memory(path: str, raw: Any) -> MemorySettings:
@@ -403,7 +381,7 @@ def _parse_postfix(path: str, raw: Any) -> PostfixSettings:
 
 
 def _parse_exim(path: str, raw: Any) -> EximSettings:
-    _check_table(path, "exim", raw, _EXIM_KEYS)
+    raw = _check_table(path, "exim", raw, _EXIM_KEYS)
     queue = raw.get("queue", "qrunner")
     if queue and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", queue):
         raise _fail(path, "exim.queue", f"must be a plain queue name (ASCII letters and digits, then also "
@@ -432,13 +410,7 @@ def parse_config(data: Dict[str, Any], path: str) -> Config:
             continue
         if key not in _TOP_LEVEL:
             raise _fail(path, key, "is not a known setting")
-        description, type_ok, extra = _TOP_LEVEL[key]
-        if not type_ok(value):
-            raise _fail(path, key, f"must be {description}, not {value!r}")
-        problem = extra(value) if extra else None
-        if problem:
-            raise _fail(path, key, f"{problem} (it is {value!r})")
-        values[key] = float(value) if key in _FLOATS else value
+        values[key] = _check_value(path, key, _TOP_LEVEL[key], value)
     config = Config(path=path, **values)
     if config.mta == "memory" and not config.memory.directory:
         raise ConfigError(f'{path}: mta = "memory" needs [memory] directory, the directory that holds its queue; '
@@ -453,11 +425,20 @@ def load_config(path: Optional[str] = None) -> Config:
     used, else the default path. A file the admin named must exist; the
     default file may be absent (defaults apply), so that ``plan
     --queue-file`` works on a machine where qrunner is not set up yet.
+
+    As root the file must be root's alone, and so must every directory
+    above it (qrunner/trust.py, sshd's StrictModes): it says which script
+    runs as root. No setting relaxes this check, since a setting in the
+    file would be written by whoever can write the file; ``strict_modes``
+    governs the policy script only.
     """
     explicit = path or os.environ.get("QRUNNER_CONFIG") or None
     path = explicit or DEFAULT_CONFIG
     try:
         with open(path, "rb") as handle:
+            unsafe = trust.check_opened(path, handle.fileno(), "the configuration file") if trust.enforced() else None
+            if unsafe:
+                raise ConfigError(unsafe)
             data = tomllib.load(handle)
     except FileNotFoundError:
         if explicit:

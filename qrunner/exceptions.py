@@ -20,6 +20,29 @@ EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
 
+# What each exit code means, for the manual (qrunner(8), EXIT STATUS) and ``--help``: one list for both.
+EXIT_STATUS = (
+    (EX_OK, "every message decided (and acted on) without a policy error"),
+    (EX_POLICY_ERRORS, "decided, but at least one message had a policy error (that message was handled by "
+                       "on_script_error), or (run, flush, release) could not be acted on: a send the MTA refused, "
+                       "a named message qrunner may not touch or does not hold; status shows such a run as "
+                       "'exit 1:' with the reasons. status, release, flush: the selectors matched no message "
+                       "(nothing was done). explain: the id is not in the queue (its history, if any, is shown)"),
+    (EX_USAGE, "bad usage: an unknown option, a malformed --now or --sender, a queue id that is not one"),
+    (EX_DATAERR, "malformed input: a snapshot line that is not postqueue -j JSON (the message names the line), "
+                 "a cases file that is not one"),
+    (EX_NOINPUT, "the --queue-file snapshot does not exist (a missing script or configuration file is 78)"),
+    (EX_UNAVAILABLE, "the MTA is not installed, or Postfix is not running (the message says which)"),
+    (EX_CANTCREAT, "snapshot -o FILE: the file cannot be created or written"),
+    (EX_TEMPFAIL, "another qrunner run holds the lock; try again later"),
+    (EX_NOPERM, "not run as root (postsuper and exim -Mf/-Mt/-M are for admins), checked before anything is "
+                "touched; or the state directory cannot be read (status, plan)"),
+    (EX_CONFIG, "configuration error (among them on_hold_expiry = \"bounce\" with a Postfix before 3.5), or a "
+                "policy script that does not load: nothing decided, nothing printed on stdout, nothing in the "
+                "queue changed; release --for-removal: the MTA is still gated for qrunner, or qrunner cannot "
+                "tell and --gate-removed was not given (nothing released)"),
+)
+
 
 class QrunnerError(Exception):
     """An error that ends the command with :attr:`exit_code`."""

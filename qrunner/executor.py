@@ -27,7 +27,7 @@ from qrunner.config import NO_PACING, Pacing
 from qrunner.decision import Decision, MessageKey
 from qrunner.message import Message
 from qrunner.mta.base import Backend, Outcome, Result, SendRequest
-from qrunner.plan import Expire, HandBack, Plan, Release, Remove, Send, Wait
+from qrunner.plan import Expire, HandBack, Plan, Release, ReleaseCopy, Remove, RemoveCopy, Send, Wait
 from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick, no_tick
 from qrunner.state import Event, RunSummary, State
 
@@ -69,6 +69,7 @@ class Executor:
         started = time.monotonic() if started is None else started
         self.deadline = started + pacing.max_run_seconds if pacing.max_run_seconds else None
         self._not_released: Set[str] = set()
+        self._not_removed: Set[str] = set()  # recovery removals the MTA did not confirm: their copies stay held
         self._sending: Dict[str, Send] = {}
         self._outcomes: Dict[str, Outcome] = {}
         self._room: Optional[int] = 0  # max_active: how many more the MTA may take before it is asked again
@@ -133,7 +134,8 @@ class Executor:
         """
         self.run_id = run_id
         sending = {s.key for s in plan.send}
-        steps = (lambda: self.remove(plan.remove), lambda: self.hold(plan.hold),
+        steps = (lambda: self.remove(plan.remove), lambda: self.release_copies(plan.release_copies),
+                 lambda: self.hold(plan.hold),
                  lambda: self.keep(plan.keep, named=plan.named),
                  lambda: self.release([r for r in plan.release if r.key not in sending]),
                  lambda: self.hand_back(plan.hand_back),
@@ -188,10 +190,28 @@ class Executor:
         if not steps:
             return
         removed = self.backend.remove([s.queue_id for s in steps])
+        self._not_removed.update(s.queue_id for s in steps if s.queue_id not in removed)
         self.state.forget(s.key for s in steps if s.queue_id in removed)
+        self.state.forget_copies(s.queue_id for s in steps if isinstance(s, RemoveCopy) and s.queue_id in removed)
         for step in steps:
             if step.queue_id in removed:
                 self._say(logging.INFO, step.message, "delete", "%s: action=delete reason=%s", step.queue_id,
+                          quote(step.reason), reason=step.reason)
+
+    def release_copies(self, steps: Sequence[ReleaseCopy]) -> None:
+        """Copies on the listener's hold whose original is gone (or was just removed): released to their route.
+
+        One whose original this run could not remove stays held for the
+        next run: released now, it would leave beside its original.
+        """
+        steps = [s for s in steps if s.original not in self._not_removed]
+        if not steps:
+            return
+        released = self.backend.release_copies([s.queue_id for s in steps])
+        self.state.mark_copies_released(s.queue_id for s in steps if s.queue_id in released)
+        for step in steps:
+            if step.queue_id in released:
+                self._say(logging.INFO, step.message, "release", "%s: action=release reason=%s", step.queue_id,
                           quote(step.reason), reason=step.reason)
 
     def hand_back(self, steps: Sequence[HandBack]) -> None:
@@ -489,9 +509,13 @@ class Executor:
             self._count("routed", senders)
             if outcome.original_removed:
                 self.state.forget([send.key])
+            later = ("" if outcome.original_removed else " (original not deleted yet: the next run deletes it"
+                     + (", then releases the copy)" if outcome.copy_held else ")"))
+            if outcome.original_removed and outcome.copy_held:
+                later = (" (copy not confirmed released from its listener's hold: the next run releases it if "
+                         "still held)")
             self._say(logging.INFO, send.message, "route", "%s: action=route sender=%s priority=%d new_queue_id=%s%s",
-                      send.queue_id, senders, send.priority, outcome.new_id,
-                      "" if outcome.original_removed else " (original not deleted yet: the next run deletes it)",
+                      send.queue_id, senders, send.priority, outcome.new_id, later,
                       priority=send.priority, sender=senders, new_id=outcome.new_id)
         elif send.expired:
             self.summary.expired += 1
@@ -519,9 +543,12 @@ class Executor:
     def held(self, requests: Sequence[SendRequest], confirmed: Set[str]) -> None:
         self.state.mark_held(MessageKey.of(r.message) for r in requests if r.message.queue_id in confirmed)
 
-    def copied(self, request: SendRequest, new_id: str) -> None:
+    def copied(self, request: SendRequest, new_id: str, held: bool = False) -> None:
         send = self._sending[request.message.queue_id]
-        self.state.record_copy(new_id, send.key, send.decision.senders)
+        self.state.record_copy(new_id, send.key, send.decision.senders, held=held)
+
+    def copy_released(self, request: SendRequest, new_id: str) -> None:
+        self.state.mark_copies_released([new_id])
 
     def sent(self, request: SendRequest, outcome: Outcome) -> None:
         send = self._sending[request.message.queue_id]

@@ -29,6 +29,7 @@ import fcntl
 import logging
 import logging.handlers
 import os
+import re
 import socket
 import struct
 import sys
@@ -36,6 +37,38 @@ from typing import Optional
 
 LOGGER = "qrunner"
 IDENTIFIER = "qrunner"
+
+# What must never reach a log line or a table cell as it is: line breaks and other control characters (a queue id
+# with a newline would forge a line), the Unicode line separators, and surrogates (the bytes of text that was not
+# UTF-8, kept by surrogateescape, which a strict UTF-8 stdout cannot write at all).
+_UNSHOWABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_UNSHOWABLE_OR_TAB = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: "re.Match[str]") -> str:
+    c = match.group()
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, as surrogateescape kept it: shown as that byte
+        return "\\x%02x" % (code - 0xDC00)
+    return _NAMED.get(c) or ("\\x%02x" % code if code < 0x100 else "\\u%04x" % code)
+
+
+def shown(text: str, tabs: bool = True) -> str:
+    """``text`` safe to print on one line: control characters, line separators and undecodable bytes as escapes
+    (``\\n``, ``\\x1b``, ``\\xff``); tabs kept unless ``tabs`` is false (a table cell)."""
+    pattern = _UNSHOWABLE if tabs else _UNSHOWABLE_OR_TAB
+    return text if pattern.search(text) is None else pattern.sub(_escape, text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record one line, whatever text its arguments carry (ids, reasons, records from the state database)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = shown(record.message)
+        return super().formatMessage(record)
+
+
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_ADDRESS = "/dev/log"
 # Set by the test suite (tests/conftest.py), so that its runs stay out of the host's mail log.
@@ -65,7 +98,7 @@ def setup_logging(verbosity: int = 0, to_system_log: bool = False) -> logging.Lo
     if not (isinstance(system, JournalHandler) and stderr_is_journal()):
         stderr = logging.StreamHandler(sys.stderr)
         stderr.addFilter(lambda record: record.levelno >= stderr_level or getattr(record, "not_quieted", False))
-        stderr.setFormatter(logging.Formatter(f"{IDENTIFIER}[%(process)d]: %(message)s"))
+        stderr.setFormatter(OneLineFormatter(f"{IDENTIFIER}[%(process)d]: %(message)s"))
         logger.addHandler(stderr)
     levels = [stderr_level, logging.WARNING]  # WARNING: a NOT_QUIETED warning must reach the handlers under -q
     if system is not None:
@@ -88,7 +121,7 @@ def report_failure(message: str, level: int = logging.ERROR, on_stderr: bool = T
     system = [h for h in logger.handlers if isinstance(h, (JournalHandler, SyslogHandler))]
     journal_is_stderr = any(isinstance(h, JournalHandler) for h in system) and stderr_is_journal()
     if on_stderr and not journal_is_stderr:
-        print(f"{IDENTIFIER}: {message}", file=sys.stderr)
+        print(f"{IDENTIFIER}: {shown(message)}", file=sys.stderr)
     record = logger.makeRecord(LOGGER, level, __file__, 0, message, (), None)
     for handler in system:
         handler.handle(record)
@@ -136,7 +169,7 @@ class JournalHandler(logging.Handler):
         super().__init__()
         self.address = address
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.setFormatter(logging.Formatter("%(message)s"))
+        self.setFormatter(OneLineFormatter("%(message)s"))
 
     def entry(self, record: logging.LogRecord) -> bytes:
         fields = [("MESSAGE", self.format(record)), ("PRIORITY", str(_SEVERITY.get(record.levelno, 6))),
@@ -190,7 +223,7 @@ class SyslogHandler(logging.handlers.SysLogHandler):
 
     def __init__(self, address: str):
         super().__init__(address, facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        self.setFormatter(logging.Formatter(f"{IDENTIFIER}[%(process)d]: %(message)s"))
+        self.setFormatter(OneLineFormatter(f"{IDENTIFIER}[%(process)d]: %(message)s"))
 
     def handleError(self, record: logging.LogRecord) -> None:
         error = sys.exc_info()[1]

@@ -7,9 +7,10 @@ id. Headers are not part of the listing: each record carries a
 ``HeaderData`` or ``HeaderLines``, so a policy that never looks at headers
 never pays for reading queue files.
 
-Header sources are small picklable objects because the policy runs in a
-separate worker process (see :mod:`qrunner.policy`): the worker, not the
-parent, reads the headers when asked. The sources that read an MTA's own
+Header sources are small objects, one per listed message. The policy runs
+in a separate worker process (see :mod:`qrunner.policy`) as an unprivileged
+user that cannot read the MTA's queue, so the parent reads the headers when
+the worker asks for them, a batch of messages at a time. The sources that read an MTA's own
 files (and run its command when a file is gone) live in
 :mod:`qrunner.mta.headers`; this module runs no MTA command.
 """
@@ -43,20 +44,15 @@ class HeaderSource:
     def read(self) -> List[bytes]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def pack(self) -> Optional[Tuple[tuple, object]]:
-        """A cheaper form to send to the policy worker: ``(kind, arg)``, or None to send the source itself.
+    def prefetch(self) -> Optional[List[bytes]]:
+        """The fields as :meth:`read` gives them, but only if that is cheap; None when it is not.
 
-        ``kind`` is a hashable, picklable tuple whose first item is the
-        source's class; a whole listing shares it, so it crosses to the
-        worker once per batch, and ``arg`` (plain data) once per message.
-        The worker rebuilds the source with ``kind[0].unpack(kind, arg)``
-        only when the script first touches the headers.
+        The policy's parent reads the headers of a few messages ahead of the
+        script (a batch per round trip to the worker); those reads must not
+        run an MTA command per message, so a source whose file is gone says
+        None here and is read with :meth:`read` if the script asks for it.
         """
-        return None
-
-    @classmethod
-    def unpack(cls, kind: tuple, arg: object) -> "HeaderSource":  # pragma: no cover - interface
-        raise NotImplementedError
+        return self.read()
 
 
 class NoHeaders(HeaderSource):

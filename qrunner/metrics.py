@@ -1,8 +1,9 @@
 """Prometheus metrics for node_exporter's textfile collector (setting ``metrics_file``).
 
 Written after every run, ``flush`` and ``release`` that acts (never after a
-dry run), atomically (prometheus_client's ``write_to_textfile`` writes a
-temporary file and renames it), so node_exporter never reads half a file.
+dry run), atomically and mode 0644 (qrunner/atomic.py: a fresh file
+beside it, synced, renamed over it), so node_exporter, as its own user,
+always reads a whole file.
 
 Gauges describe the queue as the last command saw it; counters are
 cumulative, kept in the state database so they survive between runs (a
@@ -15,15 +16,15 @@ run" alert; ``qrunner_last_run_policy_errors`` counts them apart.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
+from qrunner.atomic import replace_file
 from qrunner.decision import Decision
 from qrunner.plan import Plan, Wait
 from qrunner.state import Hold, LastRun
@@ -205,13 +206,12 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
 
 
 def write(path: str, snapshot: Snapshot) -> None:
-    """The metrics file, replaced atomically (write_to_textfile writes aside and renames), mode 0644."""
+    """The metrics file, replaced atomically, mode 0644 whatever the umask (node_exporter reads it as its own user).
+
+    Not prometheus_client's ``write_to_textfile``: it writes a temporary
+    file of a predictable name (following a symlink planted there) without
+    syncing it, and creates it under the process umask.
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(snapshot, time.time()))
-    # write_to_textfile creates its file under the process umask; the unit's UMask=0077 would make it
-    # root's alone, and node_exporter (its own user) could not read it. Nothing else runs meanwhile.
-    umask = os.umask(0o022)
-    try:
-        write_to_textfile(path, registry)
-    finally:
-        os.umask(umask)
+    replace_file(path, generate_latest(registry), 0o644)

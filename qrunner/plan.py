@@ -48,6 +48,8 @@ class Listed:
     (qrunner handed it over); it leaves on that route and is never decided
     again. ``handed``: for an original whose copy
     a sender's route already accepted, (the copy's id, the sender's name).
+    ``held_copy``: a copy that a sender's listener put on hold as it
+    accepted it and that qrunner has not released yet (:class:`HeldCopy`).
     """
 
     message: Message
@@ -56,6 +58,23 @@ class Listed:
     expired: Optional[str] = None
     copy: Optional[str] = None
     handed: Optional[Tuple[str, str]] = None
+    held_copy: Optional["HeldCopy"] = None
+
+
+@dataclass(frozen=True)
+class HeldCopy:
+    """A copy on its listener's hold: for which sender, of which original, and whether that original is gone.
+
+    ``original_gone``: the original is no longer queued, or this run removes
+    it first (its copy was recorded); then the copy is released to its
+    route. Otherwise the original still waits to be handed over (a crash
+    came between the listener's 250 and qrunner's record): the copy is
+    removed, and the original is decided again, so the message leaves once.
+    """
+
+    sender: str
+    original: str
+    original_gone: bool
 
 
 @dataclass(frozen=True)
@@ -75,7 +94,19 @@ class Step:
 
 
 class Remove(Step):
-    """Recovery: remove an original whose copy a sender's route accepted (a run stopped before it did)."""
+    """Recovery: remove an original whose copy a sender's route accepted (a run stopped before it did), or a
+    held copy whose original still waits."""
+
+
+class RemoveCopy(Remove):
+    """Recovery: remove a copy on its listener's hold whose original still waits (and the copy's record, if any)."""
+
+
+@dataclass(frozen=True)
+class ReleaseCopy(Step):
+    """Recovery: release a copy from its listener's hold once its original (``original``) is gone."""
+
+    original: str = ""
 
 
 @dataclass(frozen=True)
@@ -228,6 +259,7 @@ class Plan:
     """
 
     remove: List[Remove] = field(default_factory=list)
+    release_copies: List[ReleaseCopy] = field(default_factory=list)
     hold: List[Decision] = field(default_factory=list)
     keep: List[Decision] = field(default_factory=list)
     release: List[Release] = field(default_factory=list)
@@ -252,6 +284,7 @@ class Triage:
     candidates: List[Message] = field(default_factory=list)
     ours: Set[MessageKey] = field(default_factory=set)
     remove: List[Remove] = field(default_factory=list)
+    release_copies: List[ReleaseCopy] = field(default_factory=list)
     hand_back: List[HandBack] = field(default_factory=list)
     expire: List[Expire] = field(default_factory=list)
     left_alone: List[LeftAlone] = field(default_factory=list)
@@ -278,6 +311,9 @@ def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None,
         seen.add(message.queue_id)
         if item.ours:
             result.ours.add(MessageKey.of(message))
+        if item.held_copy is not None:
+            _settle_held_copy(item, result.remove, result.release_copies)
+            continue
         if item.copy is not None:
             if named is not None and message.queue_id in named:
                 result.left_alone.append(LeftAlone(message, f"a copy qrunner handed to sender {item.copy}; the MTA "
@@ -307,6 +343,17 @@ def triage(listed: Iterable[Listed], only_ids: Optional[Sequence[str]] = None,
 def _handed_over(item: Listed) -> bool:
     """One of qrunner's holds whose copy a sender's route already accepted (a run stopped before it removed it)."""
     return item.handed is not None and item.ours
+
+
+def _settle_held_copy(item: Listed, remove: List[Remove], release: List[ReleaseCopy]) -> None:
+    """A copy on its listener's hold: released when its original is gone, removed while the original waits."""
+    copy = item.held_copy
+    if copy.original_gone:
+        why = f"copy for sender {copy.sender} of {copy.original}: released to its route now that the original is gone"
+        release.append(ReleaseCopy(item.message, why, original=copy.original))
+    else:
+        remove.append(RemoveCopy(item.message, f"copy for sender {copy.sender} held by its listener; its original "
+                                               f"{copy.original} is still queued and is decided again"))
 
 
 def _remove(item: Listed) -> Remove:
@@ -353,7 +400,8 @@ def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[Me
     ``max_run_seconds``, strict priority) are the executor's.
     """
     decisions = sorted(decisions, key=lambda d: (d.message.arrival, d.queue_id))
-    plan = Plan(remove=list(sorted_out.remove), hand_back=list(sorted_out.hand_back),
+    plan = Plan(remove=list(sorted_out.remove), release_copies=list(sorted_out.release_copies),
+                hand_back=list(sorted_out.hand_back),
                 expire=list(sorted_out.expire), left_alone=list(sorted_out.left_alone), decisions=decisions,
                 listed=len(decisions), named=sorted_out.named)
     for step in sorted_out.expire:
@@ -440,6 +488,9 @@ def release_plan(listed: Iterable[Listed], only_ids: Optional[Sequence[str]], to
     named = None if only_ids is None else set(only_ids)
     for item in listed:
         message = item.message
+        if item.held_copy is not None:
+            _settle_held_copy(item, plan.remove, plan.release_copies)
+            continue
         if _handed_over(item):
             plan.remove.append(_remove(item))
             continue
@@ -482,6 +533,7 @@ def steps_for(plan: Plan, key: MessageKey) -> List[Planned]:
     """
     found: List[Planned] = []
     found += [Planned("delete", s.reason) for s in plan.remove if s.key == key]
+    found += [Planned("release", s.reason) for s in plan.release_copies if s.key == key]
     for action, decisions in (("hold", plan.hold), ("keep", plan.keep)):
         found += [Planned(action, d.reason, d.priority, d.senders) for d in decisions if d.key == key]
     found += [Planned("release", s.reason) for s in plan.release if s.key == key]

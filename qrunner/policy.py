@@ -21,10 +21,13 @@ The rules (VPOP3's API, made exact in DESIGN.md section 2):
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import math
 import mmap
 import os
+import pickle
+import pwd
 import subprocess
 import sys
 import tempfile
@@ -34,10 +37,11 @@ from dataclasses import dataclass
 from multiprocessing import Pipe
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+from qrunner import trust
 from qrunner.config import Sender
 from qrunner.decision import Decision, Verdict
-from qrunner.exceptions import ScriptLoadError
-from qrunner.message import Message, arrival_order
+from qrunner.exceptions import ConfigError, ScriptLoadError
+from qrunner.message import Message, NoHeaders, arrival_order
 from qrunner.policy_worker import LOADING, PROGRESS
 from qrunner.progress import NONE as NO_PROGRESS, Progress, Tick, no_tick
 
@@ -47,6 +51,9 @@ DEFAULT_PRIORITY = 50
 WATCHDOG_GRACE = 0.25  # wall-clock seconds past script_timeout before the worker is killed
 WATCHDOG_POLL = 0.05  # seconds between the watchdog's looks at the worker's progress
 STARTUP_ALLOWANCE = 10.0  # seconds a fresh worker may take to start Lua, on top of the script's own limits
+HEADER_BATCH_BYTES = 4 << 20  # header text sent ahead in one answer at most (the message asked for always goes)
+DEFAULT_SCRIPT_USER = "_qrunner"
+PRINTED_LINE_CHARS = 4096  # characters of one printed line that reach the log; the rest is counted, not logged
 
 # What governs, in qrunner, the knobs that later VPOP3 versions gave scripts.
 VPOP3_EXTRAS = {
@@ -70,6 +77,31 @@ class PolicySettings:
     memory_mb: int = 64
     on_script_error: str = "skip"
     now: Optional[int] = None  # epoch seconds the script's clock shows; None: the real clock
+    strict_modes: bool = True  # as root, refuse a script someone other than root could change (qrunner/trust.py)
+    script_user: str = DEFAULT_SCRIPT_USER  # whom the Lua worker runs as, when qrunner runs as root
+
+
+def worker_identity(user: str) -> Tuple[Optional[int], Optional[int]]:
+    """The uid and gid the Lua worker drops to: (None, None) when there is nothing to drop.
+
+    Not root (an admin trying ``qrunner plan`` as themselves): the worker
+    runs as that user, which cannot do what root can. ``script_user =
+    "root"``: the admin's explicit choice to run the script as root, as
+    qrunner did before it had a worker user. A user that does not exist is a
+    configuration error (exit 78), not a silent fallback to root.
+    """
+    if os.geteuid() != 0 or user == "root":
+        return None, None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(
+            f"script_user {user!r} does not exist, and qrunner runs the policy script as that user when run as "
+            f"root; create it (adduser --system --group --no-create-home --home /nonexistent {user}, as make "
+            f"install and the package do) or set script_user = \"root\" to run the script as root knowingly.")
+    if entry.pw_uid == 0:
+        return None, None
+    return entry.pw_uid, entry.pw_gid
 
 
 def lupa_version() -> str:
@@ -177,17 +209,16 @@ CHUNK = 1000  # messages per "decide" request: the worker runs one while the par
 class _Payloads:
     """The CheckFile arguments of a chunk of messages, as the worker takes them.
 
-    Header sources that can be packed (:meth:`HeaderSource.pack`) travel as
-    ``(kind index, arg)``, each kind once per chunk; a message's arrival
-    time is formatted once per second it shares with others.
+    A message's headers stay here: its entry says only whether it has any
+    (the worker asks for them when the script touches them, see
+    :meth:`PolicyEngine._serve_headers`). A message's arrival time is
+    formatted once per second it shares with others.
     """
 
     def __init__(self) -> None:
         self._times: Dict[int, bytes] = {}
 
-    def chunk(self, messages: Sequence[Message]) -> Tuple[List[tuple], List[tuple]]:
-        kinds: List[tuple] = []
-        kind_index: Dict[tuple, int] = {}
+    def chunk(self, messages: Sequence[Message]) -> List[tuple]:
         times = self._times
         payloads = []
         for message in messages:
@@ -197,19 +228,11 @@ class _Payloads:
                 if len(times) > 4096:
                     times.clear()
                 created = times[second] = message.creation_time().encode()
-            headers = message.headers
-            packed = headers.pack()
-            if packed is not None:
-                kind, arg = packed
-                index = kind_index.get(kind)
-                if index is None:
-                    index = kind_index[kind] = len(kinds)
-                    kinds.append(kind)
-                headers = (index, arg)
             payloads.append((message.filename.encode("utf-8", "surrogateescape"), message.size, created,
                              message.sender.encode("utf-8", "surrogateescape"),
-                             tuple([r.encode("utf-8", "surrogateescape") for r in message.recipients]), headers))
-        return payloads, kinds
+                             tuple([r.encode("utf-8", "surrogateescape") for r in message.recipients]),
+                             not isinstance(message.headers, NoHeaders)))
+        return payloads
 
 
 class _Feeder(threading.Thread):
@@ -237,17 +260,37 @@ class _Feeder(threading.Thread):
             for base in range(0, len(pending), CHUNK):
                 if self.stop:
                     return
-                chunk, kinds = payloads.chunk([messages[i] for i in pending[base:base + CHUNK]])
-                self.conn.send(("decide", chunk, base, kinds))
+                chunk = payloads.chunk([messages[i] for i in pending[base:base + CHUNK]])
+                self.conn.send(("decide", chunk, base))
         except (OSError, ValueError, EOFError):
             pass  # the worker is gone (killed by the watchdog, or died): the pass goes on in a fresh one
 
 
-class _Worker:
-    """A running worker process, its connection and its progress block."""
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: tuples, lists, strings, bytes, numbers, None.
 
-    def __init__(self) -> None:
+    The worker runs the admin's script as an unprivileged user; what it
+    sends must never be able to run code in this process, which is root.
+    A pickle can name any importable function to call; this one names
+    none, so a worker that the script somehow took over can at worst send
+    wrong results (read like any other bad result) or garbage (an error).
+    """
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"the Lua worker sent a {module}.{name}, not plain data")
+
+
+class _Worker:
+    """A running worker process, its connections and its progress block.
+
+    Two connections: requests and results over one; on the other, only
+    the answers to the worker's header requests, so that an answer never
+    queues behind a chunk the feeder is sending.
+    """
+
+    def __init__(self, lua: str, identity: Tuple[Optional[int], Optional[int]]) -> None:
         parent_end, child_end = Pipe()
+        header_read, header_write = Pipe(duplex=False)
         self._progress_file = tempfile.TemporaryFile()
         self._progress_file.truncate(PROGRESS.size)
         self.progress_map = mmap.mmap(self._progress_file.fileno(), PROGRESS.size)
@@ -255,19 +298,31 @@ class _Worker:
         env = dict(os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        fds = (child_end.fileno(), self._progress_file.fileno())
+        fds = (child_end.fileno(), self._progress_file.fileno(), header_read.fileno())
+        uid, gid = identity
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qrunner.policy_worker", str(fds[0]), str(fds[1])],
+            [sys.executable, "-m", "qrunner.policy_worker", *map(str, fds), lua,
+             "-" if uid is None else str(uid), "-" if gid is None else str(gid)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=fds, env=env,
         )
         child_end.close()
+        header_read.close()
         self.conn = parent_end
+        self.header_pipe = header_write
         self.sender: Optional[Sender] = None
         self.loading: Optional[Sender] = None  # a load request sent and not yet answered
         self.feeder: Optional[_Feeder] = None  # the thread sending the current pass, if any
 
     def progress(self) -> Tuple[int, float]:
         return PROGRESS.unpack_from(self.progress_map, 0)
+
+    def receive(self) -> tuple:
+        """The worker's next message, unpickled with no class or function allowed (:class:`_PlainUnpickler`)."""
+        data = self.conn.recv_bytes()
+        try:
+            return _PlainUnpickler(io.BytesIO(data)).load()
+        except Exception as error:  # anything but plain data: treated as a worker that died
+            raise OSError(f"unreadable message from the Lua worker: {error}") from None
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -303,6 +358,7 @@ class _Worker:
                     self.proc.wait()
         finally:
             self.conn.close()
+            self.header_pipe.close()
             self.progress_map.close()
             self._progress_file.close()
 
@@ -332,23 +388,30 @@ class PolicyEngine:
     def __init__(self, settings: PolicySettings, progress: Progress = NO_PROGRESS):
         self.settings = settings
         self.progress = progress
-        self._script_text = self._read_script(settings.script)
+        self._script_text = self._read_script(settings.script, settings.strict_modes and trust.enforced())
+        self._identity = worker_identity(settings.script_user)
         self._worker: Optional[_Worker] = None
         self._extras_used: Set[str] = set()
         self._tick: Tick = no_tick
         self._singles: Dict[int, Tuple[Verdict]] = {}  # id of a verdict shared by messages -> its 1-tuple
 
     @staticmethod
-    def _read_script(path: str) -> bytes:
+    def _read_script(path: str, strict: bool = False) -> bytes:
         """The script's text as the standard ``lua`` loads a file: a UTF-8 BOM and a first ``#`` line skipped.
 
         The ``#`` line (``#!/usr/bin/lua``) is blanked, not removed, so that
         Lua's line numbers stay the file's. A compiled chunk is refused here,
         naming the file: qrunner loads source text only, since bytecode can
-        escape any sandbox.
+        escape any sandbox. ``strict``: the file (and every directory on
+        its path) must be root's alone, as sshd's StrictModes wants
+        (qrunner/trust.py); checked on the open file, before it is read.
         """
         try:
             with open(path, "rb") as handle:
+                unsafe = trust.check_opened(path, handle.fileno(), "the policy script",
+                                            " (or set strict_modes = false in qrunner.toml)") if strict else None
+                if unsafe:
+                    raise ScriptLoadError(unsafe)
                 text = handle.read()
         except FileNotFoundError:
             raise ScriptLoadError(f"{path}: policy script not found; set 'script' in the configuration or pass --script.")
@@ -439,9 +502,12 @@ class PolicyEngine:
         in the queue is changed.
         """
         if self._worker is None:
-            self._worker = _Worker()
+            self._worker = self._new_worker()
             self._worker.conn.send(("load", self._load_settings(sender)))
             self._worker.loading = sender
+
+    def _new_worker(self) -> _Worker:
+        return _Worker(self.settings.lua, self._identity)
 
     def _loaded_worker(self, sender: Sender) -> _Worker:
         worker = self._worker
@@ -453,7 +519,7 @@ class PolicyEngine:
             if worker is None or worker.proc.poll() is not None:
                 if worker is not None:
                     worker.kill()
-                worker = self._worker = _Worker()
+                worker = self._worker = self._new_worker()
             worker.sender = None
             worker.conn.send(("load", self._load_settings(sender)))
         reply = self._await_load(worker, sender)
@@ -485,7 +551,7 @@ class PolicyEngine:
             if not worker.conn.poll(min(remaining, WATCHDOG_POLL)):
                 continue
             try:
-                reply = worker.conn.recv()
+                reply = worker.receive()
             except (EOFError, OSError):
                 worker.kill()
                 self._worker = None
@@ -518,6 +584,7 @@ class PolicyEngine:
             "start_timeout": f"{script}: Start() did not finish within {limit}; nothing was decided",
             "start_memory": f"{script}: Start() ran out of memory ({self.settings.memory_mb} MB); nothing was decided",
             "crashed": f"{script}: the Lua worker died while loading the script; nothing was decided",
+            "sandbox": f"{detail}; nothing was decided (see script_user in the README)",
         }
         text = texts.get(kind, f"{script}: {detail or kind}")
         return f"{text} [sender {sender.id}:{sender.name}]" if sender.id or sender.name != "default" else text
@@ -528,10 +595,13 @@ class PolicyEngine:
         idle_since = time.monotonic()
         verdict = self._verdicts(sender)
         received = 0  # results of this batch so far; they come in order
+        served: Tuple[int, float, float] = (-1, 0.0, 0.0)  # a call's (index, start), the time spent on its headers
         while True:
             index, started = worker.progress()
             now = time.monotonic()
             deadline = (started + limit) if index >= 0 else (idle_since + STARTUP_ALLOWANCE + limit)
+            if served[:2] == (index, started):
+                deadline += served[2]  # reading the headers here is not the script's time
             if index > received:
                 # Calls before this one returned and their results are on the
                 # way (the worker sends them within milliseconds, even while
@@ -542,7 +612,7 @@ class PolicyEngine:
             # wait out the idle allowance, and its own deadline is much nearer.
             if worker.conn.poll(min(max(deadline - now, 0.0), WATCHDOG_POLL)):
                 try:
-                    reply = worker.conn.recv()
+                    reply = worker.receive()
                 except (EOFError, OSError):
                     dying, _ = worker.progress()
                     worker.kill()
@@ -555,6 +625,11 @@ class PolicyEngine:
                         results[i] = verdict(messages[i], outcome, values)
                     received += len(reply[1])
                     self._tick(len(reply[1]))
+                elif kind == "headers":
+                    took = self._serve_headers(worker, messages, pending, reply[1], reply[2])
+                    calling, since = worker.progress()
+                    spent = served[2] if served[:2] == (calling, since) else 0.0
+                    served = (calling, since, spent + took)
                 elif kind == "print":
                     self._log_print(sender, messages[pending[reply[2]]] if reply[2] is not None else None, reply[1])
                 elif kind == "done":
@@ -575,6 +650,48 @@ class PolicyEngine:
                 if index >= 0:
                     raise _Stuck(index, f"CheckFile did not return within {self.settings.timeout:g} s")
                 raise _Stuck(None, "the Lua worker stopped answering")
+
+    @staticmethod
+    def _serve_headers(worker: _Worker, messages: Sequence[Message], pending: Sequence[int],
+                       first: int, count: int) -> float:
+        """Answer a header request: the fields of messages ``first`` .. ``first + count - 1`` of the pass.
+
+        The parent reads them because the worker cannot: it runs as
+        ``script_user``. The message asked for is read in full (its MTA's
+        command as the fallback, when its file is gone); the ones sent ahead
+        only from their files (:meth:`HeaderSource.prefetch`), up to
+        HEADER_BATCH_BYTES, so that a batch never runs one MTA command per
+        message; one that is not sent ahead is asked for again if the
+        script touches it. Returns the seconds it took.
+
+        Why the parent reads, rather than opening the files and passing the
+        descriptors (SCM_RIGHTS) for the worker to read: the fallback
+        commands need root and run here anyway; a descriptor would give the
+        worker the whole file (the body too) and a handle it could lock
+        (Exim's delivery locks its spool files); and the worker waits for
+        the fields either way, so reading them here costs no more time
+        than reading them there.
+        """
+        began = time.monotonic()
+        entries: List[Optional[tuple]] = []
+        total = 0
+        for local in range(max(first, 0), min(first + max(count, 1), len(pending))):
+            source = messages[pending[local]].headers
+            try:
+                lines = source.read() if not entries else (source.prefetch() if total < HEADER_BATCH_BYTES else None)
+                problem = source.problem
+            except Exception as error:  # a header source must never end the run
+                lines, problem = ([], f"headers could not be read: {error}") if not entries else (None, None)
+            if lines is None:
+                entries.append(None)
+                continue
+            total += sum(len(line) for line in lines)
+            entries.append((lines, problem))
+        try:
+            worker.header_pipe.send((first, entries))
+        except (OSError, ValueError):
+            pass  # the worker is gone; the watchdog sees it
+        return time.monotonic() - began
 
     def _verdicts(self, sender: Sender):
         """``_verdict`` for one pass, sharing one Verdict among the messages whose call returned the same values.
@@ -622,9 +739,13 @@ class PolicyEngine:
         """One line of the script's ``print``, marked as the script's; a control character shows as ``?``.
 
         The worker splits printed text into lines (each counts towards the
-        per-call cap), so no printed text can start a log line of its own.
+        per-call cap), so no printed text can start a log line of its own;
+        a line longer than ``PRINTED_LINE_CHARS`` is cut there (a 10 MB
+        ``print`` must not become a 10 MB log line), saying how much was left out.
         """
         prefix = message.queue_id if message is not None else sender.name
+        if len(text) > PRINTED_LINE_CHARS:
+            text = text[:PRINTED_LINE_CHARS] + f"... ({len(text) - PRINTED_LINE_CHARS} more characters not logged)"
         shown = "".join(c if c == "\t" or c.isprintable() else "?" for c in text)
         log.info("%s: script (sender %s): %s", prefix, sender.name, shown)
 

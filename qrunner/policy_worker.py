@@ -13,9 +13,10 @@ overruns is killed too (a load failure).
 
 The protocol over the connection (pickled tuples):
   parent -> ("load", settings)        worker -> ("loaded", uses) | ("load_error", text)
-  parent -> ("decide", [message...], base, kinds)
+  parent -> ("decide", [message...], base)
                                       worker -> ("results", [result...])*, ("done", uses)
   worker -> ("print", text)           at any time, for the parent's log
+  worker -> ("headers", first, count) during a call; the parent answers on the header pipe
   worker -> ("abandon", reason)       the state is unusable; the worker exits
 Results are sent in small batches (every few milliseconds), not one message
 per round trip, so that a 10,000-message queue costs no more than it must.
@@ -23,22 +24,33 @@ The parent sends a pass as several "decide" requests (chunks), so that the
 worker runs the first while the parent prepares the next and neither holds
 a whole big queue's payloads at once; ``base`` is the chunk's first index in
 the pass, and every index the worker reports (progress, results, prints)
-counts from the start of the pass. A message's header source travels as a
-source object or, for the common kinds, packed (:meth:`HeaderSource.pack`):
-``(k, arg)`` with ``kinds[k]`` sent once per chunk; it is unpacked only when
-the script first touches the headers.
+counts from the start of the pass.
+
+Headers: the worker runs the admin's script as an unprivileged user
+(``script_user``, see :func:`enter_sandbox`), so it cannot read the MTA's
+queue. The parent reads the header blocks and answers ``("headers", first,
+count)`` on a pipe of its own with the fields of the messages ``first`` ..
+``first + count - 1`` of the pass. A message's entry in "decide" says only
+whether it has headers at all. The worker asks only when the script first
+touches a message's headers, and asks for more messages at once (up to
+HEADER_BATCH) while the script keeps reading the headers it was sent ahead:
+a script that reads no header costs no read and no round trip, one that
+reads every message's headers costs one round trip per batch, not per
+message (:class:`_HeaderCache`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.resources
+import os
 import struct
 import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Tuple
 
 from qrunner.message import header_data_columns
 
@@ -47,6 +59,10 @@ LOADING = -2  # the PROGRESS index while the script's top level and Start() run
 FLUSH_SECONDS = 0.01
 FLUSH_COUNT = 500
 PRINT_LIMIT = 200  # lines of print() output logged per call; a loop printing forever cannot flood the log
+HEADER_BATCH = 128  # most messages' headers asked for in one round trip
+# A script that reads the headers of one message in every few (up to this many) gets them read ahead
+# too: reading a header block costs tens of microseconds, a round trip to the parent far more.
+HEADER_GAP = 16
 
 LUA_MODULES = {
     "5.1": "lupa.lua51",
@@ -155,15 +171,75 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+class _HeaderCache:
+    """The header fields the parent has sent, by index in the pass; asks for more in batches that grow.
+
+    The first request is for the one message the script touches, so a
+    script that reads the headers of one message in a thousand reads one
+    file. While the script goes on to use the fields sent ahead, each
+    request asks for twice as many messages (up to HEADER_BATCH); when it
+    leaves most of them unused, half as many, but never too few to reach
+    the script's next read when it reads every few messages (HEADER_GAP).
+    """
+
+    def __init__(self, out: "_Outbox", pipe: Optional[Connection]):
+        self.out = out
+        self.pipe = pipe
+        self.fields: Dict[int, Optional[tuple]] = {}
+        self.batch = 1
+        self.ahead = 0  # messages sent ahead in the last answer
+        self.used = 0  # of those, the ones the script read
+        self.asked = False  # a request made in this pass
+        self.last = 0  # the message of the last request
+
+    def clear(self) -> None:
+        """A new pass (indices count afresh): forget what was sent ahead."""
+        self.fields.clear()
+        self.ahead = self.used = 0
+        self.batch = 1
+        self.asked = False
+
+    def get(self, index: int) -> Tuple[List[bytes], Optional[str]]:
+        entry = self.fields.pop(index, None)
+        if entry is not None:
+            self.used += 1
+            return entry
+        if self.asked:
+            grown = 2 * self.batch if 2 * self.used >= self.ahead else max(1, self.batch // 2)
+            gap = index - self.last
+            if 0 < gap <= HEADER_GAP:
+                grown = max(grown, 2 * gap)  # a script reading every few messages: cover two of its reads
+            self.batch = min(grown, HEADER_BATCH)
+        self.last = index
+        self.fields.clear()
+        return self._ask(index)
+
+    def _ask(self, index: int) -> Tuple[List[bytes], Optional[str]]:
+        if self.pipe is None:
+            return [], "no header pipe to qrunner"
+        try:
+            self.out.send(("headers", index, self.batch))
+            first, entries = self.pipe.recv()
+        except (EOFError, OSError):
+            return [], "qrunner stopped answering header requests"
+        self.ahead = self.used = 0
+        for offset, entry in enumerate(entries[1:], first + 1):
+            if entry is not None:
+                self.fields[offset] = entry
+                self.ahead += 1
+        self.asked = True
+        return entries[0] if first == index and entries else ([], "qrunner sent the headers of another message")
+
+
 class LuaState:
     """One sender's Lua state: the sandbox, the script's globals, its limits."""
 
-    def __init__(self, conn: Connection, settings: Dict[str, Any]):
+    def __init__(self, conn: "_Outbox", settings: Dict[str, Any], headers: _HeaderCache):
         lupa = importlib.import_module(LUA_MODULES[settings["lua"]])
         self.conn = conn
         self.settings = settings
-        self.current_headers = None
-        self.current_kinds: Sequence[tuple] = ()
+        self.headers = headers
+        self.current_has_headers = False
         self.current_index: Optional[int] = None
         kwargs: Dict[str, Any] = {"encoding": None, "unpack_returned_tuples": True, "register_eval": False,
                                   "register_builtins": False}
@@ -189,22 +265,21 @@ class LuaState:
         self.conn.send(("print", _text(text), self.current_index))
 
     def _fetch_headers(self):
-        source = self.current_headers
-        if type(source) is tuple:  # packed: rebuilt only now that the script asks
-            kind = self.current_kinds[source[0]]
-            source = self.current_headers = kind[0].unpack(kind, source[1])
-        lines = source.read() if source is not None else []
+        index = self.current_index
+        if index is None or not self.current_has_headers:
+            lines, problem = [], None
+        else:
+            lines, problem = self.headers.get(index)
         names, values = header_data_columns(lines)
-        problem = getattr(source, "problem", None)
         if problem:
-            self.conn.send(("print", f"headers not available: {problem}", self.current_index))
+            self.conn.send(("print", f"headers not available: {problem}", index))
         table_from = self.table_from
         return table_from(lines), table_from(names), table_from(values)
 
 
-def _load(conn: Connection, settings: Dict[str, Any], progress) -> Optional[LuaState]:
+def _load(conn: "_Outbox", settings: Dict[str, Any], progress, headers: _HeaderCache) -> Optional[LuaState]:
     try:
-        state = LuaState(conn, settings)
+        state = LuaState(conn, settings, headers)
     except MemoryError:
         conn.send(("load_error", "memory", f"the Lua state could not be created within {settings['memory_mb']} MB"))
         return None
@@ -229,8 +304,7 @@ def _load(conn: Connection, settings: Dict[str, Any], progress) -> Optional[LuaS
     return state
 
 
-def _decide(conn: Connection, state: LuaState, messages: List[tuple], progress, base: int = 0,
-            kinds: Sequence[tuple] = ()) -> bool:
+def _decide(conn: "_Outbox", state: LuaState, messages: List[tuple], progress, base: int = 0) -> bool:
     """Run CheckFile over a chunk (indices from ``base``); False when the state had to be abandoned."""
     writer = _Writer(conn)
     call = state.call
@@ -238,9 +312,10 @@ def _decide(conn: Connection, state: LuaState, messages: List[tuple], progress, 
     pack_into = PROGRESS.pack_into
     monotonic = time.monotonic
     add = writer.add
-    state.current_kinds = kinds
-    for index, (filename, size, ctime, returnpath, recipients, headers) in enumerate(messages, base):
-        state.current_headers = headers
+    if base == 0:
+        state.headers.clear()
+    for index, (filename, size, ctime, returnpath, recipients, has_headers) in enumerate(messages, base):
+        state.current_has_headers = has_headers
         state.current_index = index
         pack_into(progress, 0, index, monotonic())
         try:
@@ -265,7 +340,7 @@ def _decide(conn: Connection, state: LuaState, messages: List[tuple], progress, 
         writer.add((index, kind, outcome[1:]))
     writer.close()
     state.current_index = None
-    state.current_headers = None
+    state.current_has_headers = False
     conn.send(("done", _text(state.used_globals())))
     return True
 
@@ -274,12 +349,94 @@ def _decide(conn: Connection, state: LuaState, messages: List[tuple], progress, 
 _KINDS = {k.encode(): k for k in ("nil", "boolean", "number", "string", "table", "function", "userdata", "thread")}
 
 
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def _prctl(libc, option: int, arg: int = 0) -> int:
+    # prctl is variadic and reads unsigned longs: pass every argument at full width
+    ulong = ctypes.c_ulong
+    return libc.prctl(ctypes.c_int(option), ulong(arg), ulong(0), ulong(0), ulong(0))
+
+
+def _status() -> Dict[str, str]:
+    with open("/proc/self/status") as handle:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in handle if ":\t" in line)
+
+
+def enter_sandbox(uid: Optional[int], gid: Optional[int]) -> None:
+    """Become ``uid``/``gid`` for good, with no supplementary group, no capability and no way back.
+
+    Called once, after Python, the qrunner package and lupa are loaded and
+    before any of the admin's code runs. ``uid`` None (qrunner not run as
+    root, or ``script_user = "root"``): the user stays, only no_new_privs is
+    set. As root: the capability bounding set is emptied (where this process
+    may), then setgroups([]), setresgid, setresuid (the kernel clears the
+    permitted and effective capabilities on the change from uid 0), then
+    PR_SET_NO_NEW_PRIVS, so no setuid program or file capability can give
+    any of it back; last, /proc/self/status must show the result, or this
+    raises and no script runs.
+    """
+    os.chdir("/")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if uid is not None:
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as handle:
+                last_cap = int(handle.read())
+        except (OSError, ValueError):
+            last_cap = 63
+        for cap in range(last_cap + 1):
+            _prctl(libc, PR_CAPBSET_DROP, cap)  # fails without CAP_SETPCAP (some containers): the checks below decide
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    if _prctl(libc, PR_SET_NO_NEW_PRIVS, 1) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, "prctl(PR_SET_NO_NEW_PRIVS) failed: " + os.strerror(error))
+    if uid is None:
+        return
+    status = _status()
+    wrong = []
+    if status.get("Uid", "").split() != [str(uid)] * 4:
+        wrong.append("uids " + status.get("Uid", "?"))
+    if status.get("Gid", "").split() != [str(gid)] * 4:
+        wrong.append("gids " + status.get("Gid", "?"))
+    if status.get("Groups", "").split():
+        wrong.append("groups " + status["Groups"])
+    for field in ("CapPrm", "CapEff", "CapAmb"):
+        if field in status and int(status[field], 16) != 0:
+            wrong.append(f"{field} {status[field]}")
+    if status.get("NoNewPrivs", "1").strip() != "1":
+        wrong.append("no_new_privs not set")
+    if wrong:
+        raise PermissionError("the Lua worker did not drop its privileges: " + ", ".join(wrong))
+
+
 def main(argv: List[str]) -> int:
-    """Entry point: ``python -m qrunner.policy_worker CONN_FD PROGRESS_FD``."""
+    """Entry point: ``python -m qrunner.policy_worker CONN_FD PROGRESS_FD HEADER_FD LUA UID GID``.
+
+    UID and GID are ``-`` when there is nothing to drop. The Lua module is
+    imported before the drop (the worker's user need not read the venv's
+    files, though in practice it can).
+    """
     import mmap
 
     conn = _Outbox(Connection(int(argv[0])))
     progress = mmap.mmap(int(argv[1]), PROGRESS.size)
+    header_pipe = Connection(int(argv[2]), writable=False)
+    try:
+        importlib.import_module(LUA_MODULES[argv[3]])
+    except Exception:
+        pass  # the load request reports it, in words
+    uid = None if argv[4] == "-" else int(argv[4])
+    gid = None if argv[5] == "-" else int(argv[5])
+    refused: Optional[str] = None
+    try:
+        enter_sandbox(uid, gid)
+    except OSError as error:
+        refused = str(error) if isinstance(error, PermissionError) and not error.errno else \
+            f"the Lua worker could not drop its privileges to uid {uid}, gid {gid}: {error.strerror or error}"
+    headers = _HeaderCache(conn, header_pipe)
     state: Optional[LuaState] = None
     while True:
         try:
@@ -287,7 +444,10 @@ def main(argv: List[str]) -> int:
         except EOFError:
             return 0
         if request[0] == "load":
-            state = _load(conn, request[1], progress)
+            if refused:
+                conn.send(("load_error", "sandbox", refused))
+                continue
+            state = _load(conn, request[1], progress, headers)
         elif request[0] == "decide" and state is not None:
             if not _decide(conn, state, request[1], progress, *request[2:]):
                 return 0
@@ -296,4 +456,9 @@ def main(argv: List[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # Exit without the interpreter's exit handlers: they were registered by
+    # root (a coverage run's data file, say) and the worker may no longer
+    # write where they would; nothing of the worker's own is left unsent.
+    sys.stdout.flush()
+    os._exit(code)

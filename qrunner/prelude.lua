@@ -107,6 +107,50 @@ for _, name in ipairs({"exit", "execute", "remove", "rename", "tmpname", "getenv
 for _, name in ipairs({"io", "require", "package", "dofile", "loadfile", "debug", "python", "jit", "module", "newproxy"}) do G[name] = nil end
 string.dump = nil
 
+-- A metatable on _G (a strict-globals module errors for every undeclared name) must not reach lupa's own
+-- lookup of the global "debug", which it makes outside any protected call around each call into Lua: an error
+-- there is a PANIC that ends the worker. So the metatable installed on _G asks the script's own one at each
+-- access (strict.lua sets its __index and __newindex after the setmetatable call), except for the host's names;
+-- getmetatable(_G) returns the script's own.
+local HOST_NAMES = {debug = true}
+local real_setmetatable, real_getmetatable = setmetatable, getmetatable
+local script_G_metatable = nil
+local function delegated(mt)
+  local installed = {}
+  for k, v in next, mt do installed[k] = v end
+  installed.__index = function(t, k)
+    if HOST_NAMES[k] then return nil end
+    local index = rawget(mt, "__index")
+    if index == nil then return nil end
+    if type(index) == "function" then return index(t, k) end
+    return index[k]
+  end
+  installed.__newindex = function(t, k, v)
+    local newindex = rawget(mt, "__newindex")
+    if newindex == nil then rawset(t, k, v)
+    elseif type(newindex) == "function" then newindex(t, k, v)
+    else newindex[k] = v end
+  end
+  return installed
+end
+G.setmetatable = function(t, mt)
+  if t ~= G or type(mt) ~= "table" then
+    if t == G then script_G_metatable = nil end
+    return real_setmetatable(t, mt)
+  end
+  real_setmetatable(G, delegated(mt))
+  script_G_metatable = mt
+  return t
+end
+G.getmetatable = function(t)
+  if t == G and script_G_metatable ~= nil then
+    local protected = rawget(script_G_metatable, "__metatable")
+    if protected ~= nil then return protected end
+    return script_G_metatable
+  end
+  return real_getmetatable(t)
+end
+
 -- Globals of later VPOP3 versions: present, settable, never acted on.
 for name, value in pairs(opts.vpop3_globals) do G[name] = value end
 G.senderid = opts.senderid

@@ -29,8 +29,8 @@ from qrunner.log import NOT_QUIETED
 from qrunner import metrics
 from qrunner.message import Message, QueueState, arrival_order
 from qrunner.mta.base import Backend, Due, Gate
-from qrunner.plan import (OVERRIDDEN, HoldAge, Listed, Plan, Planned, Wait, explain_unplanned, make_plan, release_plan,
-                          steps_for, triage)
+from qrunner.plan import (OVERRIDDEN, HeldCopy, HoldAge, Listed, Plan, Planned, Wait, explain_unplanned, make_plan,
+                          release_plan, steps_for, triage)
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.progress import NONE as NO_PROGRESS, Progress
 from qrunner.selection import Choice, Selector
@@ -278,7 +278,7 @@ class Runner:
 
         ``choice`` (a ``flush`` with selectors or a limit) narrows the named
         messages, among those a run decides, to the ones it selects. Pacing
-        (README "Pacing") governs ``run`` (and ``plan``, its preview) only: a
+        (qrunner(8), PACING) governs ``run`` (and ``plan``, its preview) only: a
         ``flush`` is the admin asking for the named mail now (``--rate``).
         """
         started = time.monotonic()
@@ -388,17 +388,61 @@ class Runner:
         handed = records.handed()
         names = {s.name for s in self.senders}
         routed = [s for s in self.senders if not s.default]
+        queued: Dict[str, List[Message]] = {}
+        for message in messages:
+            queued.setdefault(message.queue_id, []).append(message)
         listed = []
         for message in messages:
             key = MessageKey.of(message)
             ours = message.held and key in records.holds
             hand_over = handed.get(key)
-            listed.append(Listed(message, ours=ours, unfit=self.backend.unfit(message, ours),
+            unfit = self.backend.unfit(message, ours)
+            held_copy = None
+            if message.held and not ours and routed:
+                held_copy, unnamed = self._held_copy(message, copies.get(message.queue_id), routed, queued, records)
+                unfit = unnamed or unfit
+            listed.append(Listed(message, ours=ours, unfit=unfit,
                                  expired=self.backend.expired(message),
                                  copy=self._copy_of(message, copies.get(message.queue_id), names, routed),
-                                 handed=(hand_over.queue_id, hand_over.sender) if hand_over else None))
+                                 handed=(hand_over.queue_id, hand_over.sender) if hand_over else None,
+                                 held_copy=held_copy))
         self._warn_old_holds([item.message for item in listed if item.ours])
         return listed
+
+    def _held_copy(self, message: Message, record, routed: Sequence[Sender], queued: Dict[str, List[Message]],
+                   records: Records):
+        """(HeldCopy, None) for a copy on its listener's hold that qrunner has not released; (None, why) for one
+        that names no original; (None, None) for any other held message.
+
+        The record (written after the listener's 250) names the original
+        exactly; without one, the copy's queue file does (the original's id
+        that XFORWARD IDENT left in it), and a message of that id that
+        arrived no later than the copy is its original (Postfix gives an id
+        again only to a message that arrives after the first is gone). A
+        recorded copy's original that this run removes (it is qrunner's
+        hold, handed to this very copy) counts as gone. A copy qrunner
+        released and someone held again is theirs.
+        """
+        if record is not None and (record.released or record.original == MessageKey.of(message)):
+            return None, None
+        if record is not None:
+            original = record.original
+            handed = records.handed().get(original)
+            removing = original in records.holds and handed is not None and handed.queue_id == message.queue_id
+            present = any(MessageKey.of(m) == original for m in queued.get(original.queue_id, ()))
+            return HeldCopy(record.sender, original.queue_id, removing or not present), None
+        found = self.backend.held_copy(message, routed)
+        if found is None:
+            return None, None
+        sender, original_id = found
+        if not original_id:
+            why = (f"a copy for sender {sender.name} on its listener's hold that names no original (the listener "
+                   "takes no XFORWARD); left alone: delete it (postsuper -d) if its original is still queued, "
+                   "else release it (postsuper -H)")
+            log.warning("%s: %s", message.queue_id, why)
+            return None, why
+        present = any(m.arrival <= message.arrival for m in queued.get(original_id, ()))
+        return HeldCopy(sender.name, original_id, not present), None
 
     def _copy_of(self, message: Message, record, names, routed) -> Optional[str]:
         """The sender this message is a copy for: its queue file says, the record a hint.

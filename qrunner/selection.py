@@ -6,7 +6,7 @@ sender, recipient, recipient domain, hold reason, age and the priority the
 policy gave. Pure: the runner hands in what it listed and the records it
 has, and gets back queue ids.
 
-The rules (the README's "Selecting messages" says them to the admin):
+The rules (qrunner(8), SELECTING MESSAGES, says them to the admin):
 
 - addresses and domains compare without case, and may be shell-style
   patterns (``*@example.com``, ``*.example.org``); ``<>`` is the empty

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import logging
 import os
 import shutil
 import sqlite3
@@ -39,6 +40,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 from qrunner.decision import MessageKey
 from qrunner.exceptions import ConfigError, LockHeldError, NoPermissionError
 from qrunner.message import QueueState
+
+log = logging.getLogger("qrunner.state")
 
 DB_NAME = "qrunner.sqlite"
 LOCK_NAME = "qrunner.lock"
@@ -151,6 +154,9 @@ CREATE TABLE history (
 CREATE INDEX history_by_message ON history (instance, queue_id);
 CREATE INDEX history_by_copy ON history (instance, new_queue_id) WHERE new_queue_id != '';
 """),
+    (7, "exactly-once hand-over: a copy its listener holds is released only once its original is gone", """
+ALTER TABLE copies ADD COLUMN released INTEGER NOT NULL DEFAULT 1;
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -214,6 +220,7 @@ class Copy:
     queue_id: str
     original: MessageKey
     sender: str
+    released: bool = True  # False: the listener put it on hold, and qrunner has not released it yet
 
 
 @dataclass
@@ -239,6 +246,7 @@ class Settlement:
     mark_held: List[MessageKey] = field(default_factory=list)
     forget: List[MessageKey] = field(default_factory=list)
     drop_copies: List[Copy] = field(default_factory=list)
+    released_copies: List[Copy] = field(default_factory=list)
     drop_attempts: List[MessageKey] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
@@ -268,8 +276,11 @@ def settle(records: Records, queue: Mapping[MessageKey, str]) -> Settlement:
                                 "(released, delivered or deleted by someone else)")
         else:
             result.notes.append(f"{key.queue_id}: record of an interrupted {hold.state} settled: message not on hold")
-    present = {key.queue_id for key in queue}
+    present = {key.queue_id: where for key, where in queue.items()}
     result.drop_copies = [c for c in records.copies if c.queue_id not in present and c.original not in queue]
+    # A release a crash interrupted after Postfix moved the copy: the queue says it is released.
+    result.released_copies = [c for c in records.copies if not c.released and c.queue_id in present
+                              and present[c.queue_id] != QueueState.HELD]
     result.drop_attempts = [key for key in records.attempts if key not in queue]
     return result
 
@@ -280,8 +291,10 @@ def settled(records: Records, settlement: Settlement) -> Records:
     for key in settlement.mark_held:
         holds[key] = dataclasses.replace(holds[key], state="held")
     dropped = set(settlement.drop_copies)
+    released = set(settlement.released_copies)
     attempts = {k: v for k, v in records.attempts.items() if k not in set(settlement.drop_attempts)}
-    return Records(holds, [c for c in records.copies if c not in dropped], attempts)
+    return Records(holds, [dataclasses.replace(c, released=True) if c in released else c
+                           for c in records.copies if c not in dropped], attempts)
 
 
 @dataclass(frozen=True)
@@ -409,6 +422,31 @@ def _rolled_back_copy(path: str) -> sqlite3.Connection:
     return memory
 
 
+def _decoded(raw: bytes) -> str:
+    """Text from the database: UTF-8, and a byte that is not (a file someone else wrote) kept as a surrogate
+    escape rather than a traceback on every command that reads the records."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+# The columns that name a message: a record whose id there is not UTF-8 can be neither an MTA's id nor deleted by
+# key (a str with surrogate escapes cannot be bound), so a writing run removes it, said in the log.
+_ID_COLUMNS = (("holds", "queue_id"), ("attempts", "queue_id"), ("copies", "queue_id"), ("copies", "original"))
+
+
+def _drop_undecodable_ids(db: sqlite3.Connection, path: str) -> None:
+    for table, column in _ID_COLUMNS:
+        # only ids with a byte outside printable ASCII are candidates: no MTA's id has one
+        rows = db.execute(f"SELECT rowid, CAST({column} AS BLOB) FROM {table} WHERE {column} GLOB '*[^ -~]*'")
+        for rowid, raw in rows.fetchall():
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                with db:
+                    db.execute(f"DELETE FROM {table} WHERE rowid = ?", (rowid,))
+                log.warning("%s: a record in %s whose message id is not UTF-8 (%r) was removed: no MTA writes "
+                            "such an id", path, table, raw)
+
+
 class State:
     """The state database of one MTA instance."""
 
@@ -423,6 +461,8 @@ class State:
             self.db = sqlite3.connect(self.path, timeout=30)
             os.chmod(self.path, 0o600)  # holds and reasons are the admin's business only
             migrate(self.db, self.path)
+            self.db.text_factory = _decoded
+            _drop_undecodable_ids(self.db, self.path)
         except sqlite3.Error as exc:
             raise ConfigError(f"{self.path}: cannot use the state database ({exc}); check 'state_dir'.")
 
@@ -467,6 +507,7 @@ class State:
             db.execute("SELECT count(*) FROM holds").fetchone()
         except sqlite3.Error as exc:
             raise ConfigError(f"{path}: cannot read the state database ({exc}); check 'state_dir'.")
+        db.text_factory = _decoded
         return db
 
     def close(self) -> None:
@@ -486,9 +527,9 @@ class State:
         return {MessageKey(r[0], r[1]): Hold(*r) for r in rows}
 
     def _copies(self) -> List[Copy]:
-        rows = self.db.execute("SELECT queue_id, original, original_arrival, sender FROM copies WHERE instance = ?",
-                               (self.instance,))
-        return [Copy(r[0], MessageKey(r[1], r[2]), r[3]) for r in rows]
+        rows = self.db.execute("SELECT queue_id, original, original_arrival, sender, released FROM copies "
+                               "WHERE instance = ?", (self.instance,))
+        return [Copy(r[0], MessageKey(r[1], r[2]), r[3], bool(r[4])) for r in rows]
 
     def _attempts(self) -> Dict[MessageKey, Tuple[int, float]]:
         rows = self.db.execute("SELECT queue_id, arrival, count, last FROM attempts WHERE instance = ?",
@@ -549,6 +590,8 @@ class State:
             self.mark_held(settlement.mark_held)
         if settlement.forget:
             self.forget(settlement.forget)
+        if settlement.released_copies:
+            self.mark_copies_released(c.queue_id for c in settlement.released_copies)
         if not (settlement.drop_copies or settlement.drop_attempts):
             return
         with self.db:
@@ -560,11 +603,29 @@ class State:
 
     # -- copies handed to a sender's route -------------------------------------
 
-    def record_copy(self, queue_id: str, original: MessageKey, sender: str) -> None:
-        """A copy the sender's route accepted: the original must go, never be handed over again."""
+    def record_copy(self, queue_id: str, original: MessageKey, sender: str, held: bool = False) -> None:
+        """A copy the sender's route accepted: the original must go, never be handed over again.
+
+        ``held``: the listener put the copy on hold as it accepted it; it
+        is released (:meth:`mark_copies_released`) once the original is gone.
+        """
         with self.db:
-            self.db.execute("INSERT OR REPLACE INTO copies VALUES (?, ?, ?, ?, ?, ?)",
-                            (self.instance, queue_id, original.queue_id, original.arrival, sender, time.time()))
+            self.db.execute("INSERT OR REPLACE INTO copies (instance, queue_id, original, original_arrival, sender, "
+                            "recorded, released) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (self.instance, queue_id, original.queue_id, original.arrival, sender, time.time(),
+                             0 if held else 1))
+
+    def forget_copies(self, queue_ids: Iterable[str]) -> None:
+        """Copies removed from the listener's hold: their originals are decided again, never removed for them."""
+        with self.db:
+            self.db.executemany("DELETE FROM copies WHERE instance = ? AND queue_id = ?",
+                                [(self.instance, queue_id) for queue_id in queue_ids])
+
+    def mark_copies_released(self, queue_ids: Iterable[str]) -> None:
+        """Copies qrunner released from the listener's hold: a later hold of one is the admin's."""
+        with self.db:
+            self.db.executemany("UPDATE copies SET released = 1 WHERE instance = ? AND queue_id = ?",
+                                [(self.instance, queue_id) for queue_id in queue_ids])
 
     # -- dispatch attempts (qrunner's own retry pacing) ----------------------
 

@@ -4,11 +4,18 @@ import os
 
 import pytest
 
+import safe_tmp
+
 pytest_plugins = ["postfix_fixtures", "exim_fixtures", "figures"]
 
 # Every qrunner the tests start would write its lines to this host's mail log; tests/test_system_log.py
 # turns it back on inside namespaces with loggers of their own.
 os.environ["QRUNNER_TEST_NO_SYSTEM_LOG"] = "1"
+
+# As root, qrunner refuses a configuration or script under /tmp (strict modes, qrunner/trust.py): tmp_path goes
+# under a root-owned 0755 directory instead (pytest's documented temporary root), rather than relaxing the check.
+if os.geteuid() == 0 and "PYTEST_DEBUG_TEMPROOT" not in os.environ:
+    os.environ["PYTEST_DEBUG_TEMPROOT"] = safe_tmp.root()
 
 
 REAL_MTA_FIXTURES = {"postfix_available", "exim_available"}

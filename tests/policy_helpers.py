@@ -93,9 +93,9 @@ class PolicyLog(logging.Handler):
 class RecordingHeaders(HeaderSource):
     """Inline header fields that append a line to ``log_path`` each time they are read.
 
-    Picklable (plain attributes, defined in an importable module), so the
-    policy worker process can unpickle it and read it there; the test then
-    sees from the file whether, and how often, the headers were read.
+    qrunner's policy parent reads it when the worker asks (the worker runs
+    as script_user and reads no header source itself); the test then sees
+    from the file whether, and how often, the headers were read.
     """
 
     def __init__(self, log_path: str, queue_id: str, lines: Sequence[str]):

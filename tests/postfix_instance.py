@@ -530,8 +530,12 @@ class PostfixInstance:
         return r
 
 
-def reinjection_listener_options(transport: str, nexthop: str) -> Dict[str, str]:
-    """The ``-o`` options of a re-injection listener (contrib/postfix/master.cf.qrunner says why)."""
+def reinjection_listener_options(transport: str, nexthop: str, hold: bool = True) -> Dict[str, str]:
+    """The ``-o`` options of a re-injection listener (contrib/postfix/master.cf.qrunner says why).
+
+    ``hold``: the listener puts each copy on hold as it accepts it (the
+    exactly-once hand-over); False gives an older listener without it.
+    """
     return {
         "content_filter": "%s:%s" % (transport, nexthop),
         "receive_override_options": ("no_unknown_recipient_checks,no_header_body_checks,"
@@ -542,7 +546,7 @@ def reinjection_listener_options(transport: str, nexthop: str) -> Dict[str, str]
         "smtpd_sender_restrictions": "",
         "smtpd_relay_restrictions": "",
         "smtpd_recipient_restrictions": "permit_mynetworks,reject",
-        "smtpd_data_restrictions": "",
+        "smtpd_data_restrictions": "check_client_access,static:HOLD" if hold else "",
         "smtpd_end_of_data_restrictions": "",
         "smtpd_discard_ehlo_keywords": "",
         "smtpd_discard_ehlo_keyword_address_maps": "",

@@ -368,6 +368,7 @@ def test_bad_usage_exits_64(capsys, tmp_path, script, args):
     assert_failed(code, out, err, 64)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("line, number, fragment", [
     ("{not json", 2, "not valid JSON"),
     ('["a list"]', 2, "not a JSON object"),
@@ -403,10 +404,11 @@ def test_bad_usage_exits_64(capsys, tmp_path, script, args):
     ('{"queue_id": "X", "arrival_time": 1, "message_size": 1e300, "sender": "", "recipients": []}', 2,
      "'message_size'"),
 ])
-def test_a_malformed_snapshot_line_exits_65_naming_the_line(capsys, tmp_path, script, line, number, fragment):
+def test_a_malformed_snapshot_line_exits_65_naming_the_line(capsys, tmp_path, script, figures, line, number, fragment):
     snapshot = write_snapshot(tmp_path, [record("GOOD"), line, record("LATER")])
     code, out, err = run_cli(capsys, ["plan", "--queue-file", snapshot, "--script", script])
     assert_failed(code, out, err, 65, f"{snapshot}:{number}:", fragment)
+    figures.record("inputs", f"malformed snapshot line: {fragment}", tried=1, survived=1)
 
 
 def test_blank_lines_are_skipped_and_line_numbers_still_count_them(capsys, tmp_path, script):

@@ -83,7 +83,8 @@ def test_a_dry_run_from_cron_or_a_pipe_writes_nothing_to_the_mail_log(tmp_path, 
 
 
 def test_the_plan_holds_the_recovery_a_run_would_do_first(tmp_path, capsys):
-    """A run killed after a sender's route accepted a copy: the next plan shows the delete, and does none."""
+    """A run killed after a sender's route accepted a copy: the next plan shows the delete and the copy's release,
+    and does neither."""
     mta = MemoryHarness(str(tmp_path / "queue"))
     qr = Qrunner(tmp_path, mta, "function CheckFile(f, a) return a end\n")
     qr.config_path.write_text(qr.config_path.read_text() + '[[sender]]\nid = 0\nname = "isp"\n'
@@ -91,7 +92,8 @@ def test_the_plan_holds_the_recovery_a_run_would_do_first(tmp_path, capsys):
     original = mta.queue_message("to isp")
     killed = qr.run_killed_at(f"{mta.backend_class}.remove", "run")
     assert killed.code < 0
-    [copy] = [m.queue_id for m in mta.sink.wait_for(1)]  # the copy left by isp's route
+    [copy] = [q for q in mta.snapshot() if q != original]  # the copy, on its listener's hold
+    assert mta.where(copy) == "held" and mta.sink.messages == []
 
     dry = qr("run", "--dry-run")
     plan = qr("plan", "--format", "json")
@@ -101,11 +103,13 @@ def test_the_plan_holds_the_recovery_a_run_would_do_first(tmp_path, capsys):
     assert row.split()[1] == "delete" and f"already handed to sender isp as {copy}" in row
     assert json.loads(plan.stdout)["recovery"] == [
         {"queue_id": original, "action": "delete",
-         "reason": f"already handed to sender isp as {copy} by an interrupted run"}]
+         "reason": f"already handed to sender isp as {copy} by an interrupted run"},
+        {"queue_id": copy, "action": "release",
+         "reason": f"copy for sender isp of {original}: released to its route now that the original is gone"}]
     assert "action=" not in dry.stderr
-    assert mta.where(original) == "held"  # nothing was done
+    assert mta.where(original) == "held" and mta.where(copy) == "held"  # nothing was done
 
     run = qr("run")
-    assert f"{original}: action=delete" in run.stderr
+    assert f"{original}: action=delete" in run.stderr and f"{copy}: action=release" in run.stderr
     assert original not in mta.snapshot()
     assert [(m.header("Subject"), m.route) for m in mta.sink.wait_for(1)] == [(b"to isp", "isp")]  # once

@@ -180,20 +180,20 @@ ROUTED_SENDER = '[[sender]]\nid = 0\nname = "isp"\n[sender.exim]\ntransport = "r
 def contrib_router(routes_file: str) -> str:
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "contrib", "exim", "conf.d", "router", "05_qrunner_route")) as f:
-        return f.read().replace("/var/lib/qrunner/exim-routes", routes_file) + "\n"
+        return f.read().replace("/var/lib/qrunner-exim/exim-routes", routes_file) + "\n"
 
 
 def test_a_routed_sender_needs_the_router_first_reading_qrunners_routes_file(tmp_path, exim, exim_sink):
     qr = qrunner(tmp_path, exim, exim_sink)
     qr.config_path.write_text(qr.config_path.read_text() + ROUTED_SENDER)
-    routes_file = os.path.join(qr.state_dir, "exim-routes")
+    routes_file = os.path.normpath(qr.state_dir) + "-exim/exim-routes"  # beside state_dir (README)
 
     missing = status_gate_line(qr)
     assert "no router reads qrunner's routes file " + routes_file in missing
     assert "the mail of the senders with a route (isp) would leave by Exim's usual routers" in missing
     assert "contrib/exim/conf.d/router/05_qrunner_route" in missing
 
-    exim.extra_routers = contrib_router("/var/lib/qrunner/exim-routes")
+    exim.extra_routers = contrib_router("/var/lib/qrunner-exim/exim-routes")
     exim.write_config()
     assert "router qrunner_route reads another routes file than the one qrunner writes" in status_gate_line(qr)
 

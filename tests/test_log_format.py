@@ -54,6 +54,7 @@ qrunner[PID]: M00000004: action=send sender=backup priority=50 policy=overridden
 qrunner[PID]: flush: listed=1 sent=1 held=0 released=0 errors=0 seconds=SECONDS
 == run killed after the copy was recorded, then run
 qrunner[PID]: M00000008: action=delete reason="already handed to sender isp as M00000009 by an interrupted run"
+qrunner[PID]: M00000009: action=release reason="copy for sender isp of M00000008: released to its route now that the original is gone"
 qrunner[PID]: run: listed=0 sent=0 held=0 released=0 errors=0 seconds=SECONDS
 == run with max_queue_time passed
 qrunner[PID]: M0000000A: action=handback reason="older than max_queue_time: handed to the MTA's own retry and freeze rules"

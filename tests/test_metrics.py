@@ -115,6 +115,32 @@ def test_metrics_describe_the_run_and_count_across_runs(tmp_path, memory):
         frozenset({("command", "run")}), frozenset({("command", "release")})}  # one command's file tells of all
 
 
+def test_the_metrics_file_is_replaced_whole_or_not_at_all(tmp_path, memory):
+    """A run killed between writing the new metrics and putting them in place leaves the old file, whole and 0644.
+
+    node_exporter reads ``*.prom`` files only: the new text is written aside under another name, then renamed.
+    """
+    qr, metrics_file = qrunner_with_metrics(tmp_path, memory)
+    memory.queue_message("p90 first")
+    umask = os.umask(0o077)  # the unit's UMask=0077
+    try:
+        assert qr("run").code == 0
+        before = metrics_file.read_bytes()
+        memory.queue_message("please hold")
+        killed = qr.run_killed_at("qrunner.atomic:os.fsync")  # the new text written aside, not yet renamed
+    finally:
+        os.umask(umask)
+    assert killed.code == -9, killed.stderr
+    assert metrics_file.read_bytes() == before
+    assert oct(os.stat(metrics_file).st_mode & 0o777) == "0o644"
+    assert [p.name for p in metrics_file.parent.iterdir() if p.name.endswith(".prom")] == ["qrunner.prom"]
+    assert value(read_metrics(metrics_file), "qrunner_held_messages", reason_class="policy_skip") == 0
+
+    assert qr("run").code == 0
+    assert value(read_metrics(metrics_file), "qrunner_held_messages", reason_class="policy_skip") == 1
+    assert oct(os.stat(metrics_file).st_mode & 0o777) == "0o644"
+
+
 def test_a_failed_run_is_no_success(tmp_path, memory):
     mta = memory
     qr, metrics_file = qrunner_with_metrics(tmp_path, mta)
@@ -153,7 +179,7 @@ def test_metrics_agree_with_the_mtas_own_listing(tmp_path, request, which):
     assert value(m, "qrunner_sent_total", sender="default") == 1
 
 
-def test_the_readmes_alert_rules_and_the_dashboard_use_only_names_the_file_has(tmp_path, memory):
+def test_the_manuals_alert_rules_and_the_dashboard_use_only_names_the_file_has(tmp_path, memory):
     import re
 
     qr, metrics_file = qrunner_with_metrics(tmp_path, memory)
@@ -162,7 +188,7 @@ def test_the_readmes_alert_rules_and_the_dashboard_use_only_names_the_file_has(t
     families = list(text_string_to_metric_families(metrics_file.read_text()))
     written = {f.name + ("_total" if f.type == "counter" else "") for f in families}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md")) as f:
+    with open(os.path.join(root, "man", "qrunner.8.md")) as f:  # qrunner(8), METRICS
         rules = f.read().split("- name: qrunner", 1)[1].split("```", 1)[0]
     with open(os.path.join(root, "contrib", "grafana", "qrunner.json")) as f:
         dashboard = json.load(f)

@@ -389,8 +389,9 @@ def test_an_endless_print_loop_is_cut_short_in_the_log(tmp_path, policy_log):
     assert any("suppressed" in line for line in printed)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("lua", LUA_VERSIONS)
-def test_a_print_of_many_lines_counts_each_line_and_none_passes_for_qrunners_own(tmp_path, policy_log, lua):
+def test_a_print_of_many_lines_counts_each_line_and_none_passes_for_qrunners_own(tmp_path, figures, policy_log, lua):
     """One print with thousands of embedded newlines: each line counts towards the cap, each is logged on its
     own and marked as the script's, and a control character is shown, not written."""
     script = r"""function CheckFile(f, a)
@@ -402,17 +403,21 @@ def test_a_print_of_many_lines_counts_each_line_and_none_passes_for_qrunners_own
     assert 0 < len(forged) <= 200 and all("\n" not in line for line in policy_log.lines)
     assert all(line.startswith("Q1: script (sender default): ") for line in forged)
     assert "suppressed" in forged[-1]
+    figures.record("inputs", f"a print of many lines, Lua {lua}", tried=1, survived=1)
 
 
-def test_control_characters_of_the_last_printed_line_are_shown_not_written(tmp_path, policy_log):
+@pytest.mark.reliability
+def test_control_characters_of_the_last_printed_line_are_shown_not_written(tmp_path, figures, policy_log):
     script = r"""function CheckFile(f, a) print("bell\7 and\r return\27[2J") return a end"""
     decide(tmp_path, script, [message("Q1")])
     [line] = [line for line in policy_log.lines if "bell" in line]
     assert line == "Q1: script (sender default): bell? and? return?[2J"
+    figures.record("inputs", "control characters in a printed line", tried=1, survived=1)
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("lua", LUA_VERSIONS)
-def test_a_script_with_a_bom_and_a_first_hash_line_loads_as_lua_loads_it(tmp_path, lua):
+def test_a_script_with_a_bom_and_a_first_hash_line_loads_as_lua_loads_it(tmp_path, figures, lua):
     script = "\ufeff#!/usr/bin/lua\nfunction CheckFile(f, a) a.Priority = 77 return a end\n"
     (d,) = decide(tmp_path, script, [message("Q1")], lua=lua)
     assert (d.send, d.priority) == (True, 77)
@@ -420,15 +425,18 @@ def test_a_script_with_a_bom_and_a_first_hash_line_loads_as_lua_loads_it(tmp_pat
     with pytest.raises(ScriptLoadError) as info:
         decide(tmp_path, broken, [message("Q1")], lua=lua)
     assert "relayout.lua:4:" in info.value.message  # the file's own line numbers, the # line counted
+    figures.record("inputs", f"a script with a BOM and a first # line, Lua {lua}", tried=1, survived=1)
 
 
-def test_a_compiled_chunk_is_refused_naming_the_file(tmp_path):
+@pytest.mark.reliability
+def test_a_compiled_chunk_is_refused_naming_the_file(tmp_path, figures):
     script = tmp_path / "relayout.luac"
     script.write_bytes(b"\x1bLuaT\x00\x19\x93\r\n\x1a\n\x04\x08\x08")
     with pytest.raises(ScriptLoadError) as info:
         with PolicyEngine(settings(script)) as engine:
             engine.decide([message("Q1")], DEFAULT)
     assert info.value.message.startswith(f"{script}: is compiled Lua") and ".lua source" in info.value.message
+    figures.record("inputs", "a compiled (luac) script", tried=1, survived=1)
 
 
 # -- arrival order, several senders -------------------------------------------------
@@ -697,9 +705,11 @@ def test_an_empty_queue_decides_nothing_but_still_loads(tmp_path):
 
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("lua", LUA_VERSIONS)
 @pytest.mark.parametrize("tostring", ['error("no string for you")', "return {}"])
-def test_an_error_object_whose_tostring_fails_is_a_policy_error_not_a_dead_worker(tmp_path, policy_log, lua, tostring):
+def test_an_error_object_whose_tostring_fails_is_a_policy_error_not_a_dead_worker(tmp_path, figures, policy_log, lua,
+                                                                                    tostring):
     script = ("function CheckFile(f, a) if f == 'BAD' then error(setmetatable({}, {__tostring = function() "
               + tostring + " end})) end return a end")
     bad, after = decide(tmp_path, script, [message("BAD", arrival=1, filename="BAD"), message("AFTER", arrival=2)],
@@ -707,3 +717,4 @@ def test_an_error_object_whose_tostring_fails_is_a_policy_error_not_a_dead_worke
     assert bad.errors == ("error object of type table: (its __tostring failed)",)
     assert after.send is True and after.errors == ()
     assert "worker died" not in policy_log.text and "fresh state" not in policy_log.text
+    figures.record("inputs", f"an error object whose __tostring fails, Lua {lua}", tried=1, survived=1)

@@ -218,3 +218,34 @@ def test_headers_read_from_a_source_are_read_at_most_once_per_call(tmp_path, wor
     (d,) = decide(tmp_path, script, ms, lua=lua)
     assert d.reason == "one/2/2"
     assert reads(log) == ["A"]
+
+
+@pytest.mark.parametrize("lua", ["5.4", "5.1"])
+def test_a_script_reading_every_messages_headers_reads_each_once_and_sees_its_own(tmp_path, lua):
+    """Headers travel from qrunner to the worker in batches ahead of the script: still each message's own, once."""
+    log = tmp_path / "reads.log"
+    script = "function CheckFile(f, a, s, c, r, rc, HeaderData) a.SkipSend = 1 a.Reason = HeaderData.subject return a end"
+    ids = [f"M{n:04d}" for n in range(700)]
+    ms = [message(q, arrival=n, headers=RecordingHeaders(log, q, [f"Subject: about {q}"])) for n, q in enumerate(ids)]
+    decisions = by_id(decide(tmp_path, script, ms, lua=lua))
+    assert [decisions[q].reason for q in ids] == [f"about {q}" for q in ids]
+    assert sorted(reads(log)) == ids
+
+
+def test_a_script_reading_some_messages_headers_sees_the_right_ones(tmp_path):
+    """Reading ahead stops paying when the script skips messages; each message it touches gets its own fields."""
+    log = tmp_path / "reads.log"
+    script = """
+    function CheckFile(f, a, size, c, r, rc, HeaderData)
+      if size % 3 == 0 then a.SkipSend = 1 a.Reason = HeaderData.subject end
+      return a
+    end"""
+    ids = [f"M{n:04d}" for n in range(300)]
+    ms = [message(q, arrival=n, size=n, headers=RecordingHeaders(log, q, [f"Subject: about {q}"]))
+          for n, q in enumerate(ids)]
+    decisions = by_id(decide(tmp_path, script, ms))
+    assert [decisions[q].reason for q in ids if int(q[1:]) % 3 == 0] == [f"about {q}" for q in ids if int(q[1:]) % 3 == 0]
+    assert all(decisions[q].send for q in ids if int(q[1:]) % 3)
+    read = reads(log)
+    assert len(read) == len(set(read))  # none read twice
+    assert {q for q in ids if int(q[1:]) % 3 == 0} <= set(read)

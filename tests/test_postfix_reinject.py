@@ -80,14 +80,18 @@ def _module_listeners(_module_postfix: PostfixInstance, _module_relay_b: SmtpSin
     ports = Listeners(free_loopback_port(), free_loopback_port(), free_loopback_port(), free_loopback_port(),
                       free_loopback_port(), _module_relay_b)
     instance.add_smtpd_listener(ports.submit)
-    instance.add_reinjection_listener(ports.route_b, "qr-relay-b", "[127.0.0.1]:%d" % _module_relay_b.port)
+    # These test the SMTP client alone, so their copies leave at once (no HOLD): the hand-over that holds
+    # and releases them is tested in tests/test_handover.py.
+    no_hold = {"smtpd_data_restrictions": ""}
+    instance.add_reinjection_listener(ports.route_b, "qr-relay-b", "[127.0.0.1]:%d" % _module_relay_b.port, no_hold)
     # A listener that refuses one recipient, as a misconfigured or stricter one would.
     instance.add_reinjection_listener(
         ports.refusing, "qr-relay-b", "[127.0.0.1]:%d" % _module_relay_b.port,
         {"smtpd_recipient_restrictions":
-         "check_recipient_access,inline:{%s=REJECT},permit_mynetworks,reject" % REFUSED})
+         "check_recipient_access,inline:{%s=REJECT},permit_mynetworks,reject" % REFUSED, **no_hold})
     # A route whose relay is down: the copy stays deferred, with its route recorded.
-    instance.add_reinjection_listener(ports.dead_route, "qr-relay-dead", "[127.0.0.1]:%d" % ports.dead_relay_port)
+    instance.add_reinjection_listener(ports.dead_route, "qr-relay-dead", "[127.0.0.1]:%d" % ports.dead_relay_port,
+                                      no_hold)
     for port in (ports.submit, ports.route_b, ports.refusing, ports.dead_route):
         _wait_listening(port)
     return ports
@@ -443,6 +447,16 @@ def test_contrib_master_cf_works_as_written(postfix, smtp_sink, listeners, relay
     _wait_listening(port)
     qid = postfix.submit(SENDER, ["bob@example.net"], message("contrib"))
     new_id = reinject(deferred(postfix, qid), ("127.0.0.1", port))
+    # contrib's listener holds the copy, stamped with its route and its original's id, until it is released
+    assert postfix.queue_names()[new_id] == "hold"
+    envelope = subprocess.run(["postcat", "-c", postfix.config_directory, "-eq", new_id], capture_output=True,
+                              text=True).stdout
+    assert "content_filter: qr-contrib:[127.0.0.1]:%d" % relay_b.port in envelope
+    assert "named_attribute: log_ident=%s" % qid in envelope
+    time.sleep(0.3)
+    assert relay_b.messages == []
+    postfix.release([new_id])
+    postfix.schedule(new_id)
     (got,) = assert_only_at_b(smtp_sink, relay_b)
     assert got.rcpt_tos == ["bob@example.net"]
     assert re.search(r"%s: client=\S+, orig_queue_id=%s" % (new_id, qid), postfix.log_text())

@@ -39,8 +39,13 @@ def sinks():
         sink.stop()
 
 
+def routes_file(state_dir: str) -> str:
+    """Where the README says qrunner keeps Exim's routes file: STATE_DIR-exim/exim-routes, beside state_dir."""
+    return os.path.normpath(state_dir) + "-exim/exim-routes"
+
+
 def world_readable_state_dir() -> str:
-    """Exim's delivery process (Debian-exim) must reach the routes file, as it would under /var/lib."""
+    """Exim's delivery process (Debian-exim) must reach the routes file beside state_dir, as under /var/lib."""
     directory = tempfile.mkdtemp(prefix="qrunner-state-")
     os.chmod(directory, 0o711)
     return os.path.join(directory, "state")
@@ -55,12 +60,12 @@ def contrib_routers(routes_file: str) -> str:
     text = open(CONTRIB_GATE).read()
     start = text.index("qrunner_route:")
     end = text.index("# And one transport per sender")
-    return text[start:end].replace("/var/lib/qrunner/exim-routes", routes_file)
+    return text[start:end].replace("/var/lib/qrunner-exim/exim-routes", routes_file)
 
 
 def exim_routes(exim, state_dir: str, sinks) -> None:
     """contrib/exim's routers, first, and one smtp transport per sink."""
-    exim.extra_routers = contrib_routers(os.path.join(state_dir, "exim-routes"))
+    exim.extra_routers = contrib_routers(routes_file(state_dir))
     exim.extra_transports = "".join(f"""to_sink_{i}:
   driver = smtp
   hosts = 127.0.0.1
@@ -110,7 +115,7 @@ def test_exim_seed_example_2_sends_big_mail_through_sender_0_and_small_through_s
     assert f"{big}: action=send sender=big" in result.stderr and f"{small}: action=send sender=small" in result.stderr
     mta.wait_gone(big)
     mta.wait_gone(small)
-    routes = open(os.path.join(qr.state_dir, "exim-routes")).read()
+    routes = open(routes_file(qr.state_dir)).read()
     assert sorted(routes.splitlines()) == sorted([f"{big}: to_sink_0", f"{small}: to_sink_1"])
     status = qr("status").stdout
     assert "senders: 0:big (exim: transport to_sink_0); 1:small (exim: transport to_sink_1)" in status
@@ -133,12 +138,97 @@ def test_exim_three_senders_the_middle_takes_what_the_first_skips(tmp_path, exim
 
 def test_exim_routes_file_always_exists_and_lists_only_routed_messages(tmp_path, exim, exim_sink, sinks):
     mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
-    routes = os.path.join(qr.state_dir, "exim-routes")
+    routes = routes_file(qr.state_dir)
     assert qr("run", "--dry-run").code == 0
     assert not os.path.exists(routes)  # a dry run writes nothing
     assert qr("run").code == 0
     assert os.path.exists(routes) and open(routes).read() == ""
     assert oct(os.stat(routes).st_mode & 0o777) == "0o644"
+
+
+def test_exim_state_dir_is_roots_alone_and_the_routes_file_has_a_directory_of_its_own(tmp_path, exim, exim_sink,
+                                                                                        sinks):
+    """Under the unit's UMask=0077: state 0700 (database, lock 0600), the routes file 0644 in a 0711 directory."""
+    mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
+    queue_id = mta.queue_message("for the last")
+    umask = os.umask(0o077)
+    try:
+        result = qr("run")
+    finally:
+        os.umask(umask)
+    assert result.code == 0, result.stderr
+    [got] = sinks[2].wait_for(1)  # Exim's delivery user read the routes file
+    assert got.header("Subject") == b"for the last" and exim_sink.messages == []
+    modes = {name: oct(os.stat(path).st_mode & 0o777) for name, path in [
+        ("state", qr.state_dir), ("database", os.path.join(qr.state_dir, "qrunner.sqlite")),
+        ("lock", os.path.join(qr.state_dir, "qrunner.lock")),
+        ("routes directory", os.path.dirname(routes_file(qr.state_dir))), ("routes", routes_file(qr.state_dir))]}
+    assert modes == {"state": "0o700", "database": "0o600", "lock": "0o600", "routes directory": "0o711",
+                     "routes": "0o644"}
+    assert sorted(os.listdir(qr.state_dir)) == ["qrunner.lock", "qrunner.sqlite"]
+    assert os.listdir(os.path.dirname(routes_file(qr.state_dir))) == ["exim-routes"]  # no temporary file left
+    mta.wait_gone(queue_id)
+
+
+def test_exim_routes_file_is_replaced_whole_or_not_at_all(tmp_path, exim, exim_sink, sinks):
+    """A run killed between writing the new routes and putting them in place: Exim still reads the old list, whole."""
+    mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
+    assert qr("run").code == 0  # writes the (empty) routes file
+    routes = routes_file(qr.state_dir)
+    assert open(routes).read() == ""
+    queue_id = mta.queue_message("for the last")
+
+    killed = qr.run_killed_at("qrunner.atomic:os.fsync")  # the dispatch's routes written aside, not yet renamed
+
+    assert killed.code == -9, killed.stderr
+    assert open(routes).read() == "" and oct(os.stat(routes).st_mode & 0o777) == "0o644"
+    assert [name for name in os.listdir(os.path.dirname(routes)) if not name.endswith(".tmp")] == ["exim-routes"]
+    assert mta.where(queue_id) == "waiting"  # not dispatched: the kill came before any exim -Mc
+    assert all(s.messages == [] for s in sinks) and exim_sink.messages == []
+
+
+def test_exim_upgrade_moves_the_routes_file_and_exim_never_finds_it_missing(tmp_path, exim, exim_sink, sinks):
+    """A state directory of the release before: routes file inside it, and the router naming that path.
+
+    The first run writes the new file and keeps the old one up to date and reachable (the router still reads
+    it: routed mail goes the right way, even with the state directory 0700 as the new unit makes it) and warns; once the router names the new path, the old file goes and the state directory
+    is 0700 again.
+    """
+    mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
+    old = os.path.join(qr.state_dir, "exim-routes")
+    os.makedirs(qr.state_dir, mode=0o700)  # as the new unit's StateDirectoryMode leaves it at each start
+    os.chmod(qr.state_dir, 0o700)
+    with open(old, "w") as f:
+        f.write("")
+    os.chmod(old, 0o644)
+    exim.extra_routers = contrib_routers(old)
+    exim.write_config()
+    first = mta.queue_message("for the last, old router")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert f"Exim's configuration still reads qrunner's routes file at its old path {old}" in result.stderr
+    [got] = sinks[2].wait_for(1)  # the router read the old file, kept up to date
+    assert got.header("Subject") == b"for the last, old router" and exim_sink.messages == []
+    assert open(old).read() == open(routes_file(qr.state_dir)).read() == f"{first}: to_sink_2\n"
+    assert "gated: yes" in qr("status").stdout
+    mta.wait_gone(first)
+
+    exim.extra_routers = contrib_routers(routes_file(qr.state_dir))  # the admin updates the router
+    exim.write_config()
+    second = mta.queue_message("for the last, new router")
+
+    result = qr("run")
+
+    assert result.code == 0, result.stderr
+    assert "old path" not in result.stderr
+    assert not os.path.exists(old)
+    assert oct(os.stat(qr.state_dir).st_mode & 0o777) == "0o700"
+    assert [m.header("Subject") for m in sinks[2].wait_for(2)] == [b"for the last, old router",
+                                                                   b"for the last, new router"]
+    assert exim_sink.messages == []
+    mta.wait_gone(second)
 
 
 def test_a_sender_without_a_route_for_the_mta_is_a_config_error(tmp_path, exim, exim_sink):
@@ -317,7 +407,7 @@ def test_postfix_routed_copy_is_never_decided_again(tmp_path, pf, listener_ports
     assert queue_state(pf)[new_id][0] == "deferred" and original not in queue_state(pf)
 
 
-def test_postfix_killed_between_acceptance_and_delete_leaves_a_duplicate_never_a_loss(
+def test_postfix_killed_between_the_record_and_the_delete_keeps_the_copy_on_hold_until_the_next_run(
         tmp_path, pf, relays, listener_ports):
     qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
     queue_id = queue_message(pf, "crash test")
@@ -325,15 +415,21 @@ def test_postfix_killed_between_acceptance_and_delete_leaves_a_duplicate_never_a
     killed = qr.run_killed_at("qrunner.mta.postfix:PostfixBackend.remove")  # copy accepted and recorded
 
     assert killed.code == -signal.SIGKILL
-    assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"crash test"]  # the copy went out
-    assert queue_state(pf)[queue_id][0] == "hold"  # the original is still here, and still qrunner's
+    queues = queue_state(pf)
+    assert queues[queue_id][0] == "hold"  # the original is still here, and still qrunner's
+    (copy,) = [q for q in queues if q != queue_id]
+    assert queues[copy][0] == "hold"  # the copy waits on the listener's hold: it cannot leave beside its original
     assert queue_id in qr("status").stdout
+    time.sleep(1)
+    assert relays[0].messages == []
     again = qr("run")
     assert again.code == 0, again.stderr
     assert f"{queue_id}: action=delete" in again.stderr  # the copy was recorded: delete, don't send twice
-    assert queue_id not in queue_state(pf)
+    assert f"{copy}: action=release" in again.stderr
+    assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"crash test"]
+    pf.wait_gone([queue_id, copy])
     time.sleep(1)
-    assert len(relays[0].messages) == 1  # no duplicate at all here; at worst there would be one
+    assert len(relays[0].messages) == 1
 
 
 def test_postfix_a_recipient_the_listener_refuses_leaves_the_original_held_and_unchanged(
@@ -403,7 +499,7 @@ def test_exim_unreadable_routes_file_defers_instead_of_the_default_route(tmp_pat
     mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, THREE_SENDERS, ["first", "middle", "last"])
     queue_id = mta.queue_message("for the last")
     os.makedirs(qr.state_dir, exist_ok=True)
-    routes = os.path.join(qr.state_dir, "exim-routes")
+    routes = routes_file(qr.state_dir)
     if os.path.exists(routes):
         os.remove(routes)
 
@@ -435,22 +531,6 @@ def test_postfix_default_sender_goes_by_flush_beside_a_routed_sender(tmp_path, p
         "1:backup (default: the MTA's own routing)" in plan_senders
 
 
-def test_postfix_killed_before_the_copy_is_recorded_sends_at_worst_a_duplicate(tmp_path, pf, relays, listener_ports):
-    qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
-    queue_id = queue_message(pf, "crash before the record")
-
-    killed = qr.run_killed_at("qrunner.state:State.record_copy")  # copy accepted, not recorded
-
-    assert killed.code == -signal.SIGKILL
-    assert len(relays[0].wait_for(1)) == 1
-    assert queue_state(pf)[queue_id][0] == "hold"  # never lost: still here, still qrunner's hold
-    again = qr("run")
-    assert again.code == 0, again.stderr
-    copies = relays[0].wait_for(2)
-    assert [m.header("Subject") for m in copies] == [b"crash before the record"] * 2  # the duplicate, and no more
-    assert queue_id not in queue_state(pf)
-
-
 def test_exim_default_sender_goes_by_exims_own_routing_beside_a_routed_sender(tmp_path, exim, exim_sink, sinks):
     script = "function CheckFile(f, a, size) if senderid == 0 and size < 50000 then a.SkipSend = 1 end return a end\n"
     mta, qr = exim_qrunner(tmp_path, exim, exim_sink, sinks, script, ["isp"])
@@ -463,7 +543,7 @@ def test_exim_default_sender_goes_by_exims_own_routing_beside_a_routed_sender(tm
     assert result.code == 0, result.stderr
     assert [m.header("Subject") for m in sinks[0].wait_for(1)] == [b"big"]
     assert [m.header("Subject") for m in exim_sink.wait_for(1)] == [b"small"]  # Exim's usual router
-    routes = open(os.path.join(qr.state_dir, "exim-routes")).read()
+    routes = open(routes_file(qr.state_dir)).read()
     assert routes == f"{big}: to_sink_0\n"  # the default sender's message is not listed
     assert small not in routes
 
@@ -501,7 +581,8 @@ def test_postfix_a_route_that_is_not_the_listeners_is_a_config_error(tmp_path, p
 
 def test_postfix_release_all_removes_an_original_whose_copy_already_left(tmp_path, pf, smtp_sink, relays,
                                                                           listener_ports):
-    """The way out after an interrupted hand-over: the original goes (its copy left), it is not released."""
+    """The way out after an interrupted hand-over: the original goes (its copy was accepted), it is not released;
+    the copy, held by its listener until then, is released to its route."""
     qr = postfix_qrunner(tmp_path, pf, "function CheckFile(f, a) return a end\n", ["isp"], listener_ports)
     queue_id = queue_message(pf, "copied, then the kill")
     assert qr.run_killed_at("qrunner.mta.postfix:PostfixBackend.remove").code == -signal.SIGKILL
@@ -510,7 +591,7 @@ def test_postfix_release_all_removes_an_original_whose_copy_already_left(tmp_pat
     result = qr("release", "--all")
 
     assert result.code == 0, result.stderr
-    assert f"{queue_id}: action=delete" in result.stderr and "action=release" not in result.stderr
+    assert f"{queue_id}: action=delete" in result.stderr and f"{queue_id}: action=release" not in result.stderr
     assert queue_id not in queue_state(pf)  # postqueue -j: gone, not deferred for Postfix to send again
     assert [m.header("Subject") for m in relays[0].wait_for(1)] == [b"copied, then the kill"]
     assert smtp_sink.messages == []

@@ -39,7 +39,8 @@ CONTRIB = os.path.join(ROOT, "contrib")
 
 # Where a real `make install` puts qrunner: the round trip will not run beside it.
 REAL_INSTALL = ("/usr/local/bin/qrunner", "/opt/qrunner", "/etc/qrunner", "/etc/systemd/system/qrunner.service",
-                "/etc/systemd/system/qrunner.timer", "/usr/local/share/doc/qrunner", "/etc/cron.d/qrunner")
+                "/etc/systemd/system/qrunner.timer", "/usr/local/share/doc/qrunner", "/etc/cron.d/qrunner",
+                "/usr/local/share/man/man8/qrunner.8")
 
 # What `release --for-removal` must name for each MTA when it refuses: how the admin takes the gate out.
 UNGATE_WORDS = {"memory": ['"gated" to false'],
@@ -54,7 +55,7 @@ def mta(request, tmp_path):
     harness = harness_for(request, tmp_path)
     if harness.name == "exim":
         # contrib's whole gate: the ACLs the instance has, and the routers (the fixture restores the config).
-        harness.instance.extra_routers = contrib_routers(str(tmp_path / "state" / "exim-routes"))
+        harness.instance.extra_routers = contrib_routers(str(tmp_path / "state-exim" / "exim-routes"))
         harness.instance.write_config()
     return harness
 
@@ -263,10 +264,11 @@ def scratch_tree(tmp_path):
     root = tmp_path / "root"
     paths = {"PREFIX": root / "opt/qrunner", "BINDIR": root / "usr/local/bin", "CONFDIR": root / "etc/qrunner",
              "SYSTEMD_DIR": root / "etc/systemd/system", "DOCDIR": root / "usr/local/share/doc/qrunner",
+             "MANDIR": root / "usr/local/share/man",
              "CRON_DIR": root / "etc/cron.d", "CRONTAB": tmp_path / "crontab"}
     for existing in ("BINDIR", "SYSTEMD_DIR", "CRON_DIR"):
         paths[existing].mkdir(parents=True)
-    for existing in ("opt", "usr/local/share/doc", "var/lib"):
+    for existing in ("opt", "usr/local/share/doc", "usr/local/share/man", "var/lib"):
         (root / existing).mkdir(parents=True)
     systemctl = tmp_path / "bin" / "systemctl"
     systemctl.parent.mkdir()
@@ -325,6 +327,16 @@ def test_make_install_then_uninstall_leaves_only_what_it_says_it_left(tmp_path, 
         assert f"root {command} -q run" in f.read()
     shipped = {os.path.relpath(os.path.join(d, n), ROOT) for d, _, names in os.walk(CONTRIB) for n in names}
     assert shipped | {"README.md"} == {p for p in everything_under(docdir) if os.path.isfile(docdir / p)}
+    # man finds each page in MANDIR, as `man qrunner` does once MANDIR is on the manual path (/usr/local/share/man is).
+    for page, wanted in (("qrunner", "man8/qrunner.8"), ("qrunner.toml", "man5/qrunner.toml.5"),
+                         ("qrunner-policy", "man7/qrunner-policy.7")):
+        found = subprocess.run(["man", "-w", page], capture_output=True, text=True,
+                               env=dict(os.environ, MANPATH=str(paths["MANDIR"])))
+        assert (found.returncode, found.stdout.strip()) == (0, str(paths["MANDIR"] / wanted)), found.stderr
+    shown = subprocess.run(["man", "--nh", "qrunner"], capture_output=True, text=True,
+                           env=dict(os.environ, MANPATH=str(paths["MANDIR"]), MANWIDTH="1000", PAGER="cat"))
+    assert shown.returncode == 0 and "EXIT STATUS" in shown.stdout, shown.stderr
+    assert f"{docdir}/contrib/" in shown.stdout  # the installed page names the installed documentation
     # systemd-analyze verify over the units make install staged, in a root with the systemd units they
     # name: not a single warning (it exits 0 on an unknown key or a misspelt value).
     analyzed = tmp_path / "analyzed"
@@ -391,6 +403,9 @@ def test_make_install_then_uninstall_leaves_only_what_it_says_it_left(tmp_path, 
     assert f"{confdir}: your configuration and policy, as you edited them" in removed.stdout
     assert f"its records stay in {state_dir}" in removed.stdout
     assert not os.path.lexists(command) and not paths["PREFIX"].exists() and not docdir.exists()
+    gone = subprocess.run(["man", "-w", "qrunner"], capture_output=True, text=True,
+                          env=dict(os.environ, MANPATH=str(paths["MANDIR"])))
+    assert gone.returncode != 0 and gone.stdout == ""
 
     again = make("uninstall", paths, tmp_path)
     assert again.returncode == 0 and "qrunner is not installed here" in again.stdout

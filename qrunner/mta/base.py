@@ -7,10 +7,12 @@ runner asks a back end for a few facts and a few actions, and nothing
 outside ``qrunner/mta/`` knows which MTA it drives.
 
 Each back end does "send by a sender's route" its own way: Postfix holds
-the original, re-injects a copy into the sender's listener and removes the
-original, telling the executor each step through a :class:`HandOverJournal`
-so that every step is recorded before the next; Exim writes its routes
-file and lets its router pick the transport at delivery.
+the original, re-injects a copy into the sender's listener (which puts the
+copy on hold as it accepts it), records the copy, removes the original and
+only then releases the copy, telling the executor each step through a
+:class:`HandOverJournal` so that every step is recorded before the next
+(:func:`finish_hand_over`); Exim writes its routes file and lets its router
+pick the transport at delivery, with no copy at all.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Outcome:
     detail: str = ""
     new_id: str = ""                # ROUTED: the copy's queue id
     original_removed: bool = True   # ROUTED: False when the original is still queued
+    copy_held: bool = False         # ROUTED: the copy still waits on the listener's hold (the next run releases it)
 
     def __str__(self) -> str:
         """As the run's dispatch record stores it."""
@@ -97,8 +100,11 @@ class HandOverJournal(Protocol):
     def held(self, requests: Sequence[SendRequest], confirmed: Set[str]) -> None:
         """The MTA confirmed these holds."""
 
-    def copied(self, request: SendRequest, new_id: str) -> None:
-        """The sender's route accepted a copy; the original is removed next."""
+    def copied(self, request: SendRequest, new_id: str, held: bool = False) -> None:
+        """The sender's route accepted a copy (``held``: on the listener's hold); the original is removed next."""
+
+    def copy_released(self, request: SendRequest, new_id: str) -> None:
+        """The original is gone and the copy was released from the listener's hold: it leaves on its route."""
 
     def sent(self, request: SendRequest, outcome: "Outcome") -> None:
         """One request's outcome, reported as soon as it is known, so that a failure later in the
@@ -167,6 +173,21 @@ class Backend:
         An MTA that routes at delivery has no copies.
         """
         return None
+
+    def held_copy(self, message: Message, senders: Sequence[Sender]) -> Optional[Tuple[Sender, str]]:
+        """For a message on hold that a sender's listener put there as it accepted it: (that sender, the
+        original's queue id, "" when the copy does not name it); None for any other message.
+
+        The copy's own queue file says so (Postfix: the ``content_filter`` the
+        listener stamped and the original's id carried as XFORWARD IDENT), so
+        a hand-over a crash interrupted between the listener's reply and
+        qrunner's record is recognised without any record.
+        """
+        return None
+
+    def release_copies(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Release copies from the listener's hold and have them delivered now, on their route; the ids done."""
+        return set()
 
     def sends_from_hold(self, route: Optional[Sender]) -> bool:
         """Can one of qrunner's holds be sent by ``route`` as it is, without releasing it first?
@@ -298,6 +319,37 @@ def send_copying_routes(backend: Backend, requests: Sequence[SendRequest], journ
         outcomes[queue_id] = outcome
         journal.sent(request, outcome)
     return outcomes
+
+
+def finish_hand_over(backend: Backend, request: SendRequest, journal: HandOverJournal, new_id: str,
+                     held: bool) -> Outcome:
+    """After the listener's 250: record the copy, remove the original, then release the copy (when held).
+
+    The order closes the duplicate window: until the record is written the
+    copy waits on hold (a crash leaves it for the next run to remove, since
+    its original still waits); until the original is gone the copy is not
+    released. A listener that does not hold copies (an older master.cf)
+    leaves today's order, at-least-once: a crash before the record can
+    deliver twice.
+    """
+    journal.copied(request, new_id, held)
+    removed = removed_now(backend, request.message.queue_id)
+    released = False
+    if held and removed:
+        released = released_now(backend, new_id)
+        if released:
+            journal.copy_released(request, new_id)
+    return Outcome(Result.ROUTED, new_id=new_id, original_removed=removed, copy_held=held and not released)
+
+
+def released_now(backend: Backend, queue_id: str) -> bool:
+    """Release a copy whose original is gone; False (the next run releases it) when the MTA would not."""
+    try:
+        return queue_id in backend.release_copies([queue_id])
+    except QrunnerError as error:
+        logging.getLogger("qrunner").error("%s: the copy was not released from the listener's hold (%s); the next "
+                                           "run releases it", queue_id, error.message)
+        return False
 
 
 def removed_now(backend: Backend, queue_id: str) -> bool:

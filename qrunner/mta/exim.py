@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
+from qrunner.atomic import replace_file
 from qrunner.config import EximSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message, QueueState
@@ -49,8 +50,27 @@ from qrunner.mta import exim_gate, exim_hints, exim_spool
 log = logging.getLogger("qrunner.exim")
 
 BATCH = 10  # message ids per `exim -Mc` process
-ROUTES_FILE = "exim-routes"  # in state_dir: message id -> transport, read by contrib/exim's router
+ROUTES_FILE = "exim-routes"  # message id -> transport, read by contrib/exim's router (see routes_path)
+ROUTES_DIRECTORY_SUFFIX = "-exim"  # the routes file's own directory, beside state_dir
 COMMAND_BATCH = 200  # ids per -Mf / -Mt / -MG call
+
+
+def routes_path(state_dir: str) -> str:
+    """Where the routes file is: ``STATE_DIR-exim/exim-routes`` (``/var/lib/qrunner-exim/exim-routes``).
+
+    Exim's delivery user reads it, so its directory must let that user
+    through (0711); the state directory, with the database and the lock,
+    is 0700 and out of that user's reach. So the file has a directory of
+    its own beside the state directory, not inside it. Releases before
+    this one kept it in the state directory itself (``old_routes_path``):
+    see :meth:`EximBackend._move_routes_file`.
+    """
+    return os.path.join(os.path.normpath(state_dir) + ROUTES_DIRECTORY_SUFFIX, ROUTES_FILE)
+
+
+def old_routes_path(state_dir: str) -> str:
+    """Where releases before the routes file's own directory kept it: ``STATE_DIR/exim-routes``."""
+    return os.path.join(state_dir, ROUTES_FILE)
 
 
 def find_exim(binary: Optional[str]) -> Optional[str]:
@@ -100,7 +120,9 @@ class EximBackend(Backend):
 
     def __init__(self, settings: EximSettings, state_dir: str = ""):
         self.settings = settings
-        self.routes_file = os.path.join(state_dir, ROUTES_FILE) if state_dir else ""
+        self.state_dir = state_dir
+        self.routes_file = routes_path(state_dir) if state_dir else ""
+        self.old_routes_file = old_routes_path(state_dir) if state_dir else ""
         binary = find_exim(settings.binary)
         if binary is None:
             where = settings.binary or "PATH or /usr/sbin (exim4, exim)"
@@ -117,6 +139,7 @@ class EximBackend(Backend):
         self.split = self._option("split_spool_directory", boolean=True) == "yes"
         self.instance = f"exim:{os.path.realpath(self.spool_directory)}:{self.queue}"
         self._hints: Optional[exim_hints.RetryHints] = None  # read once a run, when a due time is first asked
+        self._damaged: Dict[str, str] = {}  # message id -> why its -H file cannot be read (this listing)
 
     # -- commands ----------------------------------------------------------
 
@@ -163,14 +186,79 @@ class EximBackend(Backend):
         if not os.path.isdir(self._input_directory()) and not os.path.isdir(self.spool_directory):
             raise UnavailableError(f"Exim's spool directory {self.spool_directory} does not exist; "
                                    "check [exim] spool_directory.")
+        if self.routes_file:
+            self._move_routes_file(acting)
         if acting and self.routes_file and not os.path.exists(self.routes_file):
             self.write_routes({})
+
+    def _move_routes_file(self, acting: bool) -> None:
+        """The upgrade step: the routes file moves from the state directory into a directory of its own.
+
+        Exim must never find the file missing where its router looks (it
+        would log to the paniclog and route the message the default way),
+        and the router names one path, which the admin changes when they
+        update contrib's router. So: the new file is written first (from
+        the old one); while a router still names the old path the old file
+        is kept, and every write of the routes replaces both (write_routes),
+        and each command warns; once no router names it, the old file is
+        removed and the state directory closed to 0700. One ``exim -bP
+        config`` per command, only while the old file exists.
+        """
+        if not os.path.exists(self.old_routes_file):
+            if acting:
+                self._close_state_dir()
+            return
+        try:
+            with open(self.old_routes_file, "rb") as old:
+                content = old.read()
+            if acting and not os.path.exists(self.routes_file):
+                self._write_routes_text(content)
+        except OSError as exc:
+            raise ConfigError(f"{self.old_routes_file}: cannot move Exim's routes file to {self.routes_file} "
+                              f"({exc.strerror}); check 'state_dir'.")
+        text = self._exim(["-bP", "config"], timeout=60)
+        if text.returncode != 0 or self.old_routes_file in text.stdout:
+            if acting:
+                self._open_state_dir()
+            log.warning("Exim's configuration still reads qrunner's routes file at its old path %s (or qrunner "
+                        "cannot tell: exim -bP config failed); qrunner now writes %s and keeps the old file up to "
+                        "date until no router names it: put the new path in qrunner's routers "
+                        "(contrib/exim/conf.d/router/05_qrunner_route or exim-gate.conf), then update-exim4.conf "
+                        "and restart Exim", self.old_routes_file, self.routes_file)
+            return
+        if acting:
+            os.unlink(self.old_routes_file)
+            self._close_state_dir()
+            log.info("Exim's routes file moved from %s to %s; the state directory %s is 0700 again",
+                     self.old_routes_file, self.routes_file, self.state_dir)
+
+    def _open_state_dir(self) -> None:
+        """While a router still reads the old routes file, Exim's delivery user must pass the state directory.
+
+        As the release before did (0711: through, not list; the database
+        and the lock stay 0600). The systemd unit now makes it 0700 at each
+        start, so each acting run of the transition opens it again.
+        """
+        mode = os.stat(self.state_dir).st_mode
+        if mode & 0o011 != 0o011:
+            os.chmod(self.state_dir, mode | 0o011)
+
+    def _close_state_dir(self) -> None:
+        """The state directory 0700 (a release before this one opened it to 0711 for the routes file)."""
+        try:
+            if os.stat(self.state_dir).st_mode & 0o077:
+                os.chmod(self.state_dir, 0o700)
+        except FileNotFoundError:
+            pass
 
     def is_message_id(self, text: str) -> bool:
         return exim_spool.is_message_id(text)
 
     def unfit(self, message: Message, ours: bool) -> Optional[str]:
         """Messages of the named queue not being delivered right now; frozen ones only if qrunner froze them."""
+        damaged = self._damaged.get(message.queue_id)
+        if damaged is not None:
+            return f"its spool file cannot be read ({damaged}); left alone"
         if message.state == QueueState.ACTIVE:
             return "being delivered by Exim right now; left alone"
         if message.held and not ours:
@@ -254,7 +342,8 @@ class EximBackend(Backend):
                               f"({_last_line(options.stderr) or 'exim -bP printed nothing'})")
         routed = [s.name for s in senders if not s.default and s.exim is not None]
         return exim_gate.judge(exim_gate.read(options.stdout, text.stdout if text.returncode == 0 else ""),
-                               self.queue, self.routes_file, routed)
+                               self.queue, self.routes_file, routed,
+                               self.old_routes_file if os.path.exists(self.old_routes_file) else "")
 
     # -- list --------------------------------------------------------------
 
@@ -265,6 +354,7 @@ class EximBackend(Backend):
     def list(self) -> List[Message]:
         """The named queue's messages, from the -H files; locked (being delivered) ones marked."""
         messages = []
+        self._damaged = {}
         mvh = tuple([self.binary] + self.config_args + self.queue_args)
         texts: Dict[str, str] = {}  # one str for each sender and recipient the listing repeats
         shared = texts.setdefault
@@ -274,8 +364,12 @@ class EximBackend(Backend):
                 texts.clear()  # a queue of distinct addresses: the table must not outgrow what it saves
             try:
                 spool = exim_spool.read_header_file(header_path, read_headers=False)
+            except FileNotFoundError:
+                continue  # delivered or removed since the directory scan
             except (OSError, ValueError) as exc:
-                log.debug("%s: -H file not readable (%s); skipped this run", message_id, exc)
+                damaged = self._damaged_message(message_id, header_path, data_path, exc)
+                if damaged is not None:
+                    messages.append(damaged)
                 continue
             size = exim_spool.message_size(spool, data_path)
             if size is None:
@@ -294,6 +388,36 @@ class EximBackend(Backend):
                 state=state,
             ))
         return messages
+
+    def _damaged_message(self, message_id: str, header_path: str, data_path: str, exc: Exception
+                         ) -> Optional[Message]:
+        """A message whose ``-H`` file cannot be read, listed so that it is left alone and its records kept.
+
+        Exim cannot deliver it either (``exim -bp`` shows "spool format
+        error"); qrunner says so once, names the file and the fix, and never
+        acts on it: :meth:`unfit` leaves it alone. It stays in the listing so
+        that a hold qrunner made keeps its record (a message missing from the
+        listing would count as gone). Its key comes from the id, which
+        encodes the arrival second; it counts as frozen when its file says
+        ``-frozen``. None when the message is gone since the scan.
+        """
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        try:
+            with open(header_path, "rb") as f:
+                frozen = b"\n-frozen " in f.read(1 << 20)
+            size = os.stat(data_path).st_size if os.path.exists(data_path) else 0
+        except FileNotFoundError:
+            return None
+        except OSError:
+            frozen, size = False, 0
+        self._damaged[message_id] = why
+        remove = " ".join([self.binary] + self.config_args + self.queue_args + ["-Mrm", message_id])
+        log.warning("%s: Exim's spool file %s cannot be read (%s); the message is left alone in the queue "
+                    "(Exim cannot deliver it either): repair the file, or remove the message with '%s'",
+                    message_id, header_path, why, remove)
+        return Message(queue_id=message_id, arrival=float(exim_spool.arrival_second(message_id)), size=size,
+                       sender="", recipients=(), queue_name=self.queue or "default", filename=data_path,
+                       state=QueueState.HELD if frozen else QueueState.WAITING)
 
     # -- in delivery -----------------------------------------------------------
 
@@ -357,9 +481,20 @@ class EximBackend(Backend):
         ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
         confirmed: Set[str] = set()
         for start in range(0, len(ids), COMMAND_BATCH):
-            result = self._exim(self.queue_args + [flag] + ids[start:start + COMMAND_BATCH])
-            confirmed.update(re.findall(r"^Message (\S+) " + re.escape(done) + r"$", result.stdout, re.M))
+            chunk = ids[start:start + COMMAND_BATCH]
+            result = self._exim(self.queue_args + [flag] + chunk)
+            now = set(re.findall(r"^Message (\S+) " + re.escape(done) + r"$", result.stdout, re.M))
+            confirmed.update(now)
+            self._say_refused(flag, [q for q in chunk if q not in now], result.stdout + "\n" + result.stderr)
         return confirmed & set(ids)
+
+    def _say_refused(self, flag: str, ids: Sequence[str], output: str) -> None:
+        """Exim's own words for each message it did not act on, when it names the message (e.g. a spool
+        format error): the executor only knows that the step was not confirmed."""
+        for queue_id in ids:
+            said = [line.strip() for line in output.splitlines() if queue_id in line]
+            if said:
+                log.warning("%s: exim %s did not act on it: %s", queue_id, flag, "; ".join(said)[:500])
 
     def hand_back(self, queue_ids: Sequence[str]) -> Set[str]:
         """``-qG<queue> -MG '' ID...``: as they are (nothing thawed), to the queue Exim's own runners process."""
@@ -396,21 +531,25 @@ class EximBackend(Backend):
         """
         if not self.routes_file:
             return
-        directory = os.path.dirname(self.routes_file)
+        text = "".join(f"{message_id}: {transport}\n" for message_id, transport in sorted(routes.items()))
         try:
-            os.makedirs(directory, mode=0o711, exist_ok=True)
-            os.chmod(directory, os.stat(directory).st_mode | 0o011)  # Exim's delivery user must reach the file
-            temporary = f"{self.routes_file}.{os.getpid()}.tmp"
-            with open(temporary, "w") as out:
-                for message_id, transport in sorted(routes.items()):
-                    out.write(f"{message_id}: {transport}\n")
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, self.routes_file)
+            self._write_routes_text(text.encode("ascii"))
+            if os.path.exists(self.old_routes_file):  # a router may still read it: see _move_routes_file
+                replace_file(self.old_routes_file, text.encode("ascii"), 0o644)
         except OSError as exc:
             raise ConfigError(f"{self.routes_file}: cannot write Exim's routes file ({exc.strerror}); "
                               "check 'state_dir'.")
         if routes:
-            self._check_reachable(directory)
+            self._check_reachable(os.path.dirname(self.routes_file))
+
+    def _write_routes_text(self, text: bytes) -> None:
+        """The routes file replaced atomically, 0644, in its own directory, which Exim's delivery user may pass."""
+        directory = os.path.dirname(self.routes_file)
+        os.makedirs(directory, mode=0o711, exist_ok=True)
+        mode = os.stat(directory).st_mode
+        if mode & 0o011 != 0o011:
+            os.chmod(directory, mode | 0o011)  # Exim's delivery user must reach the file (an umask may have cut it)
+        replace_file(self.routes_file, text, 0o644)
 
     def remove(self, queue_ids: Sequence[str]) -> Set[str]:
         """Exim routes at delivery and never copies a message: there is no original to remove."""
@@ -419,7 +558,7 @@ class EximBackend(Backend):
     def _check_routes_reachable(self, senders: Sequence[Sender]) -> None:
         """With routed senders, Exim's delivery user must be able to read the routes file: checked before acting."""
         if self.routes_file and any(not s.default and s.exim for s in senders):
-            # state_dir itself is made 0711 when the file is written; what lies above it is the admin's.
+            # The routes file's directory is made 0711 when the file is written; what lies above it is the admin's.
             directory = os.path.dirname(os.path.dirname(self.routes_file))
             while not os.path.isdir(directory):
                 directory = os.path.dirname(directory)
@@ -436,7 +575,8 @@ class EximBackend(Backend):
             if not os.stat(path).st_mode & 0o001:
                 raise ConfigError(f"{path} is not searchable by other users, so Exim's delivery user cannot read "
                                   f"{self.routes_file} and would route every message the default way; "
-                                  "put state_dir where others may pass (like /var/lib/qrunner).")
+                                  "put state_dir where others may pass (like /var/lib/qrunner, whose routes "
+                                  "file is /var/lib/qrunner-exim/exim-routes).")
             parent = os.path.dirname(path)
             if parent == path:
                 return

@@ -121,12 +121,15 @@ def _router_options(lines: Sequence[str]) -> Dict[str, str]:
 # -- judging -------------------------------------------------------------------
 
 
-def judge(config: Configuration, queue: str, routes_file: str = "", routed: Sequence[str] = ()) -> Gate:
+def judge(config: Configuration, queue: str, routes_file: str = "", routed: Sequence[str] = (),
+          old_routes_file: str = "") -> Gate:
     """Is mail for outside put in ``queue`` and held there for qrunner, on every way in?
 
     ``routed``: the names of senders with a route, whose mail needs the
     router that reads ``routes_file`` first, or it leaves by Exim's usual
-    routers. Certain gaps make the answer False (each named, with where to
+    routers. A router that reads ``old_routes_file`` (where releases before
+    the routes file's own directory kept it) still routes, since qrunner
+    keeps that file up to date while a router names it; the run warns. Certain gaps make the answer False (each named, with where to
     fix it); what qrunner cannot read or judge makes it None.
     """
     if not queue:
@@ -139,7 +142,7 @@ def judge(config: Configuration, queue: str, routes_file: str = "", routed: Sequ
     _check_command_line(config, queue, found)
     _check_smtp(config, queue, found)
     if routed:
-        _check_router(config, routes_file, routed, found)
+        _check_router(config, routes_file, routed, found, old_routes_file)
     if found.missing:
         return Gate(False, "Exim is not gated for qrunner: " + "; ".join(found.missing) + "; " + WHERE_TO_FIX,
                     leftover=_leftover(config, queue))
@@ -188,19 +191,20 @@ def _leftover(config: Configuration, queue: str) -> str:
     return f"{', '.join(still)} still put mail into the queue {queue}" if still else ""
 
 
-def _check_router(config: Configuration, routes_file: str, routed: Sequence[str], found: _Findings) -> None:
+def _check_router(config: Configuration, routes_file: str, routed: Sequence[str], found: _Findings,
+                  old_routes_file: str = "") -> None:
     """The router that reads qrunner's routes file must come first, or routed mail leaves by another router."""
     if not config.shown:
         return
     wrong_way = f"the mail of the senders with a route ({', '.join(routed)}) would leave by Exim's usual routers"
-    wanted = {routes_file, os.path.normpath(routes_file)}
+    wanted = {routes_file, os.path.normpath(routes_file)} | ({old_routes_file} if old_routes_file else set())
     reading = [name for name, options in config.routers if any(w in v for w in wanted for v in options.values())]
     if not reading:
         other = [name for name, options in config.routers
                  if any(os.path.basename(routes_file) in v for v in options.values())]
         if other:
             found.missing.append(f"{wrong_way}: router {other[0]} reads another routes file than the one qrunner "
-                                 f"writes ({routes_file}, in state_dir); make the paths the same")
+                                 f"writes ({routes_file}, beside state_dir); make the paths the same")
         else:
             found.missing.append(f"{wrong_way}: no router reads qrunner's routes file {routes_file}; add "
                                  "qrunner_route (contrib/exim/conf.d/router/05_qrunner_route) as the first router")

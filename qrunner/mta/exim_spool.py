@@ -79,6 +79,7 @@ __all__ = [
     "EximSpoolHeaders",
     "is_message_id",
     "is_queue_name",
+    "arrival_second",
     "SpoolPaths",
     "spool_paths",
     "data_start_offset",
@@ -641,6 +642,22 @@ def is_message_id(s: object) -> bool:
     if not isinstance(s, str):
         return False
     return _ID_OLD.match(s) is not None or _ID_NEW.match(s) is not None
+
+
+_BASE62 = {c: i for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")}
+
+
+def arrival_second(message_id: str) -> int:
+    """The arrival second a message id encodes: its first group, the receive time in base 62.
+
+    What is left of a message whose ``-H`` file cannot be read (its
+    ``received_time`` line holds the same second). Exim writes base 62 on
+    Linux; base 36 (case-insensitive file systems) is not read here.
+    """
+    value = 0
+    for ch in message_id[:MESSAGE_ID_TIME_LEN]:
+        value = value * 62 + _BASE62[ch]
+    return value
 
 
 def is_queue_name(s: object) -> bool:

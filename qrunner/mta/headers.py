@@ -2,9 +2,10 @@
 
 The back ends list messages with a :class:`MtaFileHeaders` subclass each
 (:class:`qrunner.mta.postfix_queuefile.PostfixQueueFileHeaders`,
-:class:`qrunner.mta.exim_spool.EximSpoolHeaders`): the policy worker reads
-the queue file when a script first touches the headers and, when that
-file is gone, runs ``postcat -hq`` or ``exim -Mvh``. That command is why
+:class:`qrunner.mta.exim_spool.EximSpoolHeaders`): the policy's parent
+process reads the queue file when a script first touches the headers and,
+when that file is gone, runs ``postcat -hq`` or ``exim -Mvh`` (the Lua
+worker runs as an unprivileged user and reads no queue file itself). That command is why
 this lives under ``qrunner/mta/``: :mod:`qrunner.message` runs no MTA
 command.
 """
@@ -26,8 +27,7 @@ class MtaFileHeaders(HeaderSource):
     """Headers read from the MTA's own file for a message, the MTA's command as a fallback.
 
     Holds only the file's path, the message id, the fallback command and a
-    cap, so it is cheap to create for every listed message and to pickle to
-    the policy worker. ``read()`` reads the file; if that fails (the message
+    cap, so it is cheap to create for every listed message. ``read()`` reads the file; if that fails (the message
     moved since the listing, or the file is not readable by this user) and
     ``fallback_argv`` is given, it runs the MTA's own command that prints
     the same headers (``postcat -hq``, ``exim -Mvh``). When nothing could be
@@ -75,15 +75,18 @@ class MtaFileHeaders(HeaderSource):
     def __setstate__(self, state) -> None:
         self.path, self.queue_id, self.fallback_argv, self.max_bytes, self.problem = state
 
-    def pack(self):
-        """The path and id per message; the class, fallback command and cap once per listing."""
-        return (type(self), self.fallback_argv, self.max_bytes), (self.path, self.queue_id)
-
-    @classmethod
-    def unpack(cls, kind: tuple, arg: object) -> "MtaFileHeaders":
-        source_class, fallback_argv, max_bytes = kind
-        path, queue_id = arg
-        return source_class(path, queue_id, fallback_argv, max_bytes)
+    def prefetch(self) -> Optional[List[bytes]]:
+        """The fields from the file alone; None when the file cannot be read (the fallback is :meth:`read`'s)."""
+        self.problem = None
+        if not self.path:
+            return None
+        try:
+            fields, note = self.read_file()
+        except Exception:
+            return None
+        if note:
+            self.problem = "%s (%s): %s" % (self.queue_id, self.path, note)
+        return fields
 
     def __eq__(self, other: object) -> bool:
         return (type(other) is type(self)

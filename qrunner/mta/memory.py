@@ -5,7 +5,9 @@ back-end interface as an MTA does, with the same traps. Messages wait,
 are held, are being delivered for a while (``delivery_seconds``, or
 ``slow`` for one message), leave by
 the default route or by a sender's route (as Postfix does it: a copy under
-a new id, stamped with its route, the original removed), come back deferred
+a new id, stamped with its route and its original's id, put on hold by the
+listener as it is accepted, released once the original is removed; with
+``listener_holds`` false, as an older listener, not held), come back deferred
 with a retry time when the relay is down, vanish between the listing and
 an action, and a command can fail half-way through a batch, like
 ``postsuper`` on a stopped Postfix. Asked to give up on a message, it
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import sys
@@ -44,8 +47,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set,
 from qrunner.config import Sender
 from qrunner.exceptions import UnavailableError
 from qrunner.message import HeaderSource, Message, QueueState
-from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, removed_now,
+from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, finish_hand_over,
                               send_copying_routes)
+
+log = logging.getLogger("qrunner.memory")
 
 MESSAGE_ID = re.compile(r"M[0-9A-F]{8}\Z")
 RETRY_SECONDS = 300  # how long a message the relay deferred waits, as Postfix's minimal_backoff_time
@@ -68,6 +73,7 @@ DEFAULTS: Dict[str, Any] = {
     "stop_at": {},             # message id -> why: the MTA stops answering when asked to deliver it
     "routes_down": [],         # senders whose relay is down: their copies come back deferred, on their route
     "returns_to_sender": True,  # False: like Postfix before 3.5, no way to return a message to its sender
+    "listener_holds": True,    # False: a sender's listener without the HOLD (an older master.cf): copies go at once
 }
 
 
@@ -489,13 +495,6 @@ class MemoryFileHeaders(HeaderSource):
     def __setstate__(self, path) -> None:
         self.path, self.problem = path, None
 
-    def pack(self):
-        return (MemoryFileHeaders,), self.path
-
-    @classmethod
-    def unpack(cls, kind: tuple, arg: object) -> "MemoryFileHeaders":
-        return cls(arg)
-
     def read(self) -> List[bytes]:
         try:
             with open(self.path, "rb") as f:
@@ -525,6 +524,7 @@ class MemoryBackend(Backend):
         self.instance = f"memory:{os.path.realpath(directory)}"
         self._routes: Dict[str, str] = {}          # listed messages that are copies on a sender's route
         self._retry_at: Dict[str, float] = {}      # listed messages that wait for a retry time
+        self._held_copies: Dict[str, str] = {}     # listed copies the listener holds -> their original's id
         self._settings: Dict[str, Any] = {}
         self._look()
 
@@ -537,8 +537,15 @@ class MemoryBackend(Backend):
                                                     "returns_to_sender")}
             if listing:
                 default_queue = set(queue["default_queue"])
-                entries = [m for m in queue["messages"] if m["id"] not in default_queue]
+                entries = []
+                for entry in queue["messages"]:
+                    if not self.is_message_id(entry.get("id")):
+                        log.warning("memory queue entry %r is not a memory queue id, skipped", entry.get("id"))
+                    elif entry["id"] not in default_queue:
+                        entries.append(entry)
                 self._routes = {m["id"]: m["route"] for m in entries if m.get("route")}
+                self._held_copies = {m["id"]: m.get("original") or "" for m in entries
+                                     if m.get("route") and m["state"] == QueueState.HELD}
                 self._retry_at = {m["id"]: m["retry_at"] for m in entries if m.get("retry_at")}
                 messages = [self._message(m) for m in entries]
         self.has_named_queue = bool(self._settings["named_queue"])
@@ -568,6 +575,25 @@ class MemoryBackend(Backend):
     def copy_of(self, message: Message, senders: Sequence[Sender], recorded: bool = False) -> Optional[Sender]:
         route = self._routes.get(message.queue_id)
         return next((s for s in senders if not s.default and s.name == route), None) if route else None
+
+    def held_copy(self, message: Message, senders: Sequence[Sender]) -> Optional[Tuple[Sender, str]]:
+        """A held message stamped with a sender's route (the listener's hold): that sender, the original's id."""
+        route = self._routes.get(message.queue_id)
+        if not route or message.queue_id not in self._held_copies:
+            return None
+        sender = next((s for s in senders if not s.default and s.name == route), None)
+        return (sender, self._held_copies[message.queue_id]) if sender is not None else None
+
+    def release_copies(self, queue_ids: Sequence[str]) -> Set[str]:
+        """Held copies released and delivered now, on their route (as ``postsuper -H`` and a flush request).
+
+        The delivery takes as long as the original's would (``slow``, ``delivery_seconds``).
+        """
+        with self.queue.change() as queue:
+            slow, seconds = dict(queue["slow"]), float(queue["delivery_seconds"])
+        now = time.time()
+        return self._each("release_copies", queue_ids, QueueState.HELD, lambda e: e.update(
+            state=QueueState.ACTIVE, active_until=now + float(slow.get(e.get("original"), seconds))))
 
     def sends_from_hold(self, route: Optional[Sender]) -> bool:
         return route is not None
@@ -613,6 +639,11 @@ class MemoryBackend(Backend):
     # -- actions ---------------------------------------------------------------
 
     def list(self) -> List[Message]:
+        """The queue's messages; an entry whose id is no memory queue id is said and passed over.
+
+        As the Postfix back end does with a ``postqueue -j`` line: an id that
+        could be an option or a path (``-d``, ``../x``) never becomes one.
+        """
         return self._look(listing=True)
 
     def _message(self, entry: Dict[str, Any]) -> Message:
@@ -731,11 +762,14 @@ class MemoryBackend(Backend):
                 return Outcome(Result.VANISHED)
             with open(self.queue.content_path(queue_id), "rb") as f:
                 content = f.read()
+            held = bool(queue["listener_holds"])
             new_id = self.queue._add(queue, original["sender"], original["recipients"], content,
-                                     request.route.name, None, state=QueueState.ACTIVE)
-            MemoryQueue._entry(queue, new_id)["active_until"] = time.time() + _delivery_seconds(queue, queue_id)
-        journal.copied(request, new_id)
-        return Outcome(Result.ROUTED, new_id=new_id, original_removed=removed_now(self, queue_id))
+                                     request.route.name, None, state=QueueState.HELD if held else QueueState.ACTIVE)
+            copy = MemoryQueue._entry(queue, new_id)
+            copy["original"] = queue_id  # as the XFORWARD IDENT leaves it in a Postfix copy
+            if not held:
+                copy["active_until"] = time.time() + _delivery_seconds(queue, queue_id)
+        return finish_hand_over(self, request, journal, new_id, held)
 
 
 def _delivery_seconds(queue: Dict[str, Any], queue_id: str) -> float:

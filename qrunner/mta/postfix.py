@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from qrunner.config import PostfixSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
 from qrunner.message import Message, QueueState
-from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, removed_now,
+from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, finish_hand_over,
                               send_copying_routes)
-from qrunner.mta.postfix_envelope import read_route, read_sender
+from qrunner.mta.postfix_envelope import read_route, read_sender, read_stamp
 from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, hash_key, is_queue_id
 
 log = logging.getLogger("qrunner.postfix")
@@ -141,11 +141,21 @@ class PostfixBackend(Backend):
             self._check_listeners(routed)
 
     def _check_listeners(self, senders: Sequence[Sender]) -> None:
-        """The content_filter each sender's listener stamps (master.cf) is the route qrunner recognises copies by."""
-        stamped = self._listener_filters()
+        """The content_filter each sender's listener stamps (master.cf) is the route qrunner recognises copies by.
+
+        A listener that does not put copies on hold (a master.cf from
+        before qrunner 0.7) still works, at least once: a crash between its
+        250 and qrunner's record can deliver the message twice. That is
+        said (a warning, in every run and plan) rather than refused, so that
+        an upgrade never stops mail; contrib/postfix/master.cf.qrunner has
+        the lines to add.
+        """
+        services = self._listener_options()
         for sender in senders:
             route = sender.postfix
-            found = stamped.get(route.listener)
+            options = services.get(route.listener, {})
+            found = options.get("content_filter")
+            self._check_hold(sender, options)
             if found is None:
                 log.warning("sender %s: no master.cf service %s sets content_filter, so qrunner cannot check its "
                             "route; see contrib/postfix/master.cf.qrunner", sender.name, route.listener)
@@ -155,17 +165,35 @@ class PostfixBackend(Backend):
                                   "and nexthop say; make them the same: qrunner tells a copy it handed to the sender "
                                   "by that route.")
 
-    def _listener_filters(self) -> Dict[str, str]:
-        """master.cf service name -> the content_filter its -o option sets (``postconf -xP``)."""
+    @staticmethod
+    def _check_hold(sender: Sender, options: Dict[str, str]) -> None:
+        """Warn when the sender's listener lacks what makes the hand-over exactly-once (see _check_listeners)."""
+        if not options:
+            return
+        restrictions = " ".join(v for k, v in options.items() if k.startswith("smtpd_") and k.endswith("_restrictions"))
+        if not re.search(r"\bstatic:HOLD\b", restrictions):
+            log.warning("sender %s: its listener %s does not put copies on hold (no -o smtpd_data_restrictions="
+                        "check_client_access,static:HOLD in master.cf): a crash just after the listener accepts a "
+                        "copy can deliver that message twice; add the line from contrib/postfix/master.cf.qrunner "
+                        "and run 'postfix reload'", sender.name, sender.postfix.listener)
+        elif not options.get("smtpd_authorized_xforward_hosts", "").strip():
+            log.warning("sender %s: its listener %s holds copies but does not take XFORWARD (no -o "
+                        "smtpd_authorized_xforward_hosts=127.0.0.0/8 in master.cf), so a held copy cannot name its "
+                        "original: after a crash just after the listener accepts a copy, that copy stays on hold "
+                        "for you to delete; add the line from contrib/postfix/master.cf.qrunner",
+                        sender.name, sender.postfix.listener)
+
+    def _listener_options(self) -> Dict[str, Dict[str, str]]:
+        """master.cf inet service name -> the parameters its -o options set (``postconf -xP``)."""
         result = subprocess.run([self.postconf] + self.config_args + ["-xP"], stdin=subprocess.DEVNULL,
                                 capture_output=True, text=True, errors="replace")
-        filters = {}
+        services: Dict[str, Dict[str, str]] = {}
         for line in result.stdout.splitlines():
             name, _, value = line.partition(" = ")
             service, _, parameter = name.rpartition("/")
-            if parameter == "content_filter" and service.endswith("/inet"):
-                filters[service[:-len("/inet")]] = value.strip()
-        return filters
+            if service.endswith("/inet"):
+                services.setdefault(service[:-len("/inet")], {})[parameter] = value.strip()
+        return services
 
     def gate(self, senders: Sequence[Sender] = ()) -> Gate:
         if not self.defer_transports.strip():
@@ -210,6 +238,37 @@ class PostfixBackend(Backend):
         except (OSError, ValueError):
             return next((s for s in routes), None) if recorded else None
         return next((s for s in routes if same_route(stamped, s.postfix.content_filter)), None)
+
+    def held_copy(self, message: Message, senders: Sequence[Sender]) -> Optional[Tuple[Sender, str]]:
+        """A held message whose queue file has a sender's route stamped: that sender and the original's id.
+
+        Only held mail is read (the listener's HOLD puts a copy there); the
+        original's id is the ``log_ident`` the XFORWARD IDENT left.
+        """
+        routes = [s for s in senders if not s.default and s.postfix is not None]
+        if not routes or not message.held:
+            return None
+        try:
+            stamped, original = read_stamp(message.filename or self.paths.path("hold", message.queue_id))
+        except (OSError, ValueError):
+            return None
+        sender = next((s for s in routes if same_route(stamped, s.postfix.content_filter)), None)
+        return (sender, original if is_queue_id(original) else "") if sender is not None else None
+
+    def release_copies(self, queue_ids: Sequence[str]) -> Set[str]:
+        """``postsuper -H`` the copies, then a flush request for each: delivered now, on their route.
+
+        A released message keeps its file time and Postfix wakes nothing
+        (DESIGN.md section 4); the flush request makes the attempt now. The
+        ids postsuper released; a refused request leaves the copy to the
+        queue manager's next scan of the deferred queue.
+        """
+        released = self.release(queue_ids)
+        for queue_id in queue_ids:
+            if queue_id in released and not self.schedule(queue_id):
+                log.warning("%s: copy released, but the flush service refused the delivery request; Postfix "
+                            "delivers it at its next queue scan", queue_id)
+        return released
 
     def sends_from_hold(self, route: Optional[Sender]) -> bool:
         """A sender's route re-injects a copy of the held original; the default route needs it released."""
@@ -455,7 +514,12 @@ class PostfixBackend(Backend):
         return send_copying_routes(self, requests, journal, self._schedule_deferred, self._hand_over)
 
     def _hand_over(self, request: SendRequest, journal: HandOverJournal) -> Outcome:
-        """Re-inject the held original into its sender's listener, record the copy, remove the original."""
+        """Re-inject the held original into its sender's listener, record the copy, remove the original,
+        release the copy (:func:`~qrunner.mta.base.finish_hand_over`).
+
+        Whether the listener held the copy, the queue says: its file is in
+        ``hold/`` once the 250 came (cleanup wrote it before smtpd replied).
+        """
         from qrunner.mta.postfix_reinject import ReinjectError, reinject  # smtplib and email: only when routing
 
         queue_id = request.message.queue_id
@@ -463,8 +527,11 @@ class PostfixBackend(Backend):
             new_id = reinject(self.paths.path("hold", queue_id), request.route.postfix.address)
         except (ReinjectError, OSError, ValueError) as error:
             return Outcome(Result.FAILED, str(error))
-        journal.copied(request, new_id)
-        return Outcome(Result.ROUTED, new_id=new_id, original_removed=removed_now(self, queue_id))
+        try:
+            held = os.path.exists(self.paths.path("hold", new_id))
+        except ValueError:  # not an id Postfix writes: nothing to release by it
+            held = False
+        return finish_hand_over(self, request, journal, new_id, held)
 
     def _schedule_deferred(self, queue_id: str) -> Outcome:
         """The flush service moves a deferred message to incoming/ at once, in the order asked."""

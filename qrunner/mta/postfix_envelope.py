@@ -54,6 +54,7 @@ __all__ = [
     "read_envelope",
     "iter_content",
     "read_route",
+    "read_stamp",
     "read_sender",
     "NOTIFY_NEVER",
     "NOTIFY_SUCCESS",
@@ -388,26 +389,36 @@ def iter_content(path: str) -> Iterator[bytes]:
 
 
 def read_route(path: str) -> str:
-    """The route ("transport:nexthop") a re-injection listener stamped into the message; "" for none.
+    """The route ("transport:nexthop") a re-injection listener stamped into the message; "" for none."""
+    return read_stamp(path)[0]
 
-    The listener's ``content_filter`` is what makes a message a copy that
-    qrunner already routed through a sender: the queue file says so even
-    when qrunner's own records are lost. Only the envelope and extracted
-    parts are read (the content is skipped with the size record's
-    offsets), so this costs about as much as reading the envelope; as in
+
+def read_stamp(path: str) -> Tuple[str, str]:
+    """(route, original's queue id) that a re-injection stamped into a copy; "" for what it lacks.
+
+    The route ("transport:nexthop") is the listener's ``content_filter``:
+    it makes a message a copy that qrunner already routed through a
+    sender, and the queue file says so even when qrunner's own records are
+    lost. The original's id is the XFORWARD IDENT qrunner sends, which
+    smtpd stores as ``A log_ident=`` (postcat: ``named_attribute:
+    log_ident=``; the log: ``orig_queue_id=``): it names the original of a
+    copy the listener holds. Only the envelope and extracted parts are
+    read (the content is skipped with the size record's offsets); as in
     qmgr, a route in the extracted part overrides one in the envelope. A
-    file that is damaged or cut short gives the route its records before
-    the damage hold. Raises OSError when the file cannot be read.
+    file that is damaged or cut short gives what its records before the
+    damage hold. Raises OSError when the file cannot be read.
     """
-    route = b""
+    route = ident = b""
     with open(path, "rb", buffering=0) as f:
         try:
             for rtype, data in _QueueFile(f, path).envelope_records():
                 if rtype == REC_TYPE_FILT:
                     route = data
+                elif rtype == REC_TYPE_ATTR and data.startswith(b"log_ident=") and not ident:
+                    ident = data[len(b"log_ident="):]
         except QueueFileError:
             pass
-    return _text(route).strip()
+    return _text(route).strip(), _text(ident).strip()
 
 
 def read_sender(path: str) -> Optional[bytes]:

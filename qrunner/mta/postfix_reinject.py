@@ -279,11 +279,14 @@ class _Session:
 def _xforward(session: _Session, envelope: PostfixEnvelope) -> None:
     """Tell the listener the original client and queue id (XFORWARD), when it allows it.
 
-    Purely for the log: with it, Postfix logs ``orig_queue_id=`` and
-    ``orig_client=`` for the copy, and the copy's Received line names the
-    original client. Postfix's smtp client sends the same attributes
-    (smtp_proto.c) and skips "unknown" ones; a refusal changes nothing
-    else, so it is not an error.
+    With it, Postfix logs ``orig_queue_id=`` and ``orig_client=`` for the
+    copy, the copy's Received line names the original client, and the copy's
+    queue file keeps the original's queue id (``A log_ident=``): IDENT is
+    the id of the queue file being copied (not an id an earlier filter
+    forwarded), so that a copy the listener holds names its original even
+    when a crash kept qrunner from recording it. Postfix's smtp client
+    sends the same attributes (smtp_proto.c) and skips "unknown" ones; a
+    refusal changes nothing else, so it is not an error.
     """
     if not session.has("xforward"):
         return
@@ -296,7 +299,7 @@ def _xforward(session: _Session, envelope: PostfixEnvelope) -> None:
     first = [("NAME", c.get("log_client_name")), ("ADDR", c.get("log_client_address")),
              ("PORT", c.get("log_client_port"))]
     second = [("PROTO", c.get("log_protocol_name")), ("HELO", c.get("log_helo_name")),
-              ("IDENT", envelope.queue_id)]
+              ("IDENT", os.path.basename(envelope.path))]
     if c.get("rewrite_context"):
         second.append(("SOURCE", "LOCAL" if c["rewrite_context"] == "local" else "REMOTE"))
     for group in (first, second):

@@ -1,0 +1,316 @@
+"""The Lua worker runs the admin's script as ``script_user`` (default ``_qrunner``), with no privilege left.
+
+README "What the policy script can do": as root, qrunner starts the worker,
+which loads Python, qrunner and Lua, then drops to the script user (no
+supplementary group, no capability, no_new_privs) before the script's first
+line runs. The parent reads the headers the script asks for, a batch at a
+time. Shown here over the real Postfix and Exim of the test setup: the
+worker's credentials as the kernel reports them (/proc/PID/status, read from
+outside while the script runs), what a process with those credentials gets on
+the state directory, the MTA's queue and /etc (EACCES), and that headers read
+through the parent are those the MTA's own tools print.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from mta_harness import harness_for
+from qrunner_e2e import Qrunner
+
+SCRIPT_USER = "_qrunner"
+
+# Reports every header field the script sees, hex-encoded, joined by "-" (nothing in a reason needs escaping).
+HEADERS_TO_REASON = r"""
+local function hex(s) return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end)) end
+function CheckFile(f, a, size, c, r, rc, HeaderData, HeaderLines)
+  local fields = {}
+  for i = 1, #HeaderLines do fields[i] = hex(HeaderLines[i]) end
+  a.SkipSend = true
+  a.Reason = "fields:" .. table.concat(fields, "-") .. " subject:" .. hex(HeaderData.subject or "")
+  return a
+end
+"""
+
+
+@pytest.fixture(params=["postfix", "exim"])
+def mta(request, tmp_path):
+    return harness_for(request, tmp_path)
+
+
+@pytest.fixture
+def open_dir():
+    """A root-owned 0755 directory outside pytest's private tmp_path, so that only qrunner's own modes guard it."""
+    path = tempfile.mkdtemp(prefix="qr-sandbox-", dir="/var/tmp")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def qrunner_with(tmp_path, mta, script: str, **settings) -> Qrunner:
+    """The qrunner command with these top-level settings replacing the harness's (TOML has one value per key)."""
+    qrunner = Qrunner(tmp_path, mta, script=script)
+    lines = [line for line in qrunner.config_path.read_text().splitlines(True)
+             if line.partition(" =")[0] not in settings]
+    qrunner.config_path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()) + "".join(lines))
+    return qrunner
+
+
+def script_uid_gid():
+    entry = pwd.getpwnam(SCRIPT_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def _children(pid: int):
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as handle:
+                    fields = handle.read().rpartition(")")[2].split()
+                if int(fields[1]) == pid:
+                    yield int(name)
+            except OSError:
+                pass
+
+
+def _status(pid: int) -> dict:
+    with open(f"/proc/{pid}/status") as handle:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in handle if ":\t" in line)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def test_the_script_runs_as_the_script_user_with_no_privilege_left(tmp_path, mta):
+    """Read from outside, by the kernel's account: uid, gid, groups, capabilities, no_new_privs of the worker."""
+    mta.queue_message("one")
+    script = 'print("script top level runs")\nfunction CheckFile(f, a) while true do end end\n'
+    qrunner = qrunner_with(tmp_path, mta, script, script_timeout=60)
+    proc = qrunner.start("-v", "plan")
+    seen = []
+    killer = threading.Timer(120, proc.kill)  # hang guard only
+    killer.start()
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if "script top level runs" in line:
+                break
+        assert any("script top level runs" in line for line in seen), "".join(seen)
+        [worker] = [p for p in _children(proc.pid) if b"qrunner.policy_worker" in _cmdline(p)]
+        status = _status(worker)
+        os.kill(worker, signal.SIGKILL)  # it would spin until script_timeout; the pass goes on without it
+        out, err = proc.communicate(timeout=60)
+    finally:
+        killer.cancel()
+    uid, gid = script_uid_gid()
+    assert status["Uid"].split() == [str(uid)] * 4  # real, effective, saved, filesystem
+    assert status["Gid"].split() == [str(gid)] * 4
+    assert status["Groups"].split() == []
+    for field in ("CapPrm", "CapEff", "CapAmb", "CapInh"):
+        assert int(status[field], 16) == 0, (field, status[field])
+    assert status["NoNewPrivs"].strip() == "1"
+    assert "Traceback" not in err and "policy error" in out + err
+
+
+PROBE = r"""
+import errno, json, os, sys
+from qrunner.policy import worker_identity
+from qrunner.policy_worker import enter_sandbox
+enter_sandbox(*worker_identity(sys.argv[1]))
+def attempt(what, path):
+    try:
+        if what == "stat":
+            os.stat(path)
+        elif what == "list":
+            os.listdir(path)
+        elif what == "read":
+            open(path, "rb").close()
+        elif what == "write":
+            open(path, "ab").close()
+        elif what == "create":
+            open(path, "xb").close()
+        elif what == "rename":
+            os.rename(path, path + ".moved")
+        return "ok"
+    except OSError as error:
+        return errno.errorcode.get(error.errno, str(error.errno))
+print(json.dumps([attempt(what, path) for what, path in json.loads(sys.argv[2])]))
+"""
+
+
+def in_the_worker(attempts):
+    """What each (what, path) attempt gives a process that entered the worker's sandbox (the worker's own code)."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", PROBE, SCRIPT_USER, json.dumps(attempts)], env=env,
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def queue_file(mta, queue_id: str) -> str:
+    if mta.name == "postfix":
+        return mta.filename(queue_id)
+    return mta.instance.header_path(queue_id)
+
+
+def guarded_queue_dir(mta) -> str:
+    """The MTA's own directory that keeps others out: Postfix's deferred (0700), Exim's spool (0750)."""
+    if mta.name == "postfix":
+        return os.path.join(mta.instance.queue_directory, "deferred")
+    return mta.instance.spool_directory
+
+
+def test_code_in_the_worker_gets_eacces_on_the_state_dir_the_queue_and_etc(tmp_path, mta, open_dir):
+    state_dir = os.path.join(open_dir, "state")
+    qrunner = qrunner_with(tmp_path, mta, "function CheckFile(f, a) return a end", state_dir=state_dir)
+    assert qrunner("run").code == 0  # makes the state directory and database
+    database = os.path.join(state_dir, "qrunner.sqlite")
+    assert os.path.exists(database)
+    path = queue_file(mta, mta.queue_message("private mail"))
+    guarded = guarded_queue_dir(mta)
+    etc_file = "/etc/qrunner-sandbox-probe"
+    got = in_the_worker([
+        ("stat", state_dir), ("list", state_dir), ("write", database), ("create", state_dir + "/x"),
+        ("stat", guarded), ("list", guarded), ("read", path), ("rename", path),
+        ("create", etc_file), ("write", "/etc/passwd"), ("rename", "/etc/hostname"),
+    ])
+    assert got == ["ok", "EACCES", "EACCES", "EACCES",
+                   "ok", "EACCES", "EACCES", "EACCES",
+                   "EACCES", "EACCES", "EACCES"]
+    assert not os.path.exists(etc_file)
+
+
+def mta_headers(mta, queue_id: str):
+    """The header fields as the MTA's own tool prints them: ``postcat -h`` or ``exim -Mvh``."""
+    if mta.name == "exim":
+        return mta.instance.headers_mvh(queue_id)
+    out = subprocess.run(["postcat", "-h", mta.filename(queue_id)], stdout=subprocess.PIPE, check=True).stdout
+    fields = []
+    for line in out.split(b"\n")[:-1]:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += b"\n" + line
+        else:
+            fields.append(line)
+    return fields
+
+
+def test_headers_served_by_qrunner_are_what_the_mtas_tool_prints(tmp_path, mta):
+    """Every message's HeaderLines and HeaderData, read by the parent in batches, as postcat -h / exim -Mvh give them."""
+    ids = []
+    for n in range(12):
+        message = (f"From: alice@qrunner-test.localdomain\nTo: bob@example.net\nSubject: number {n}\n"
+                   f"X-Folded: first part\n second part\nX-N: {n}\n\n" + "body line\n" * (20 * n)).encode()
+        if mta.name == "postfix":
+            queue_id = mta.instance.submit("alice@qrunner-test.localdomain", ["bob@example.net"], message)
+            mta.instance.wait_deferred([queue_id])
+        else:
+            queue_id = mta.instance.submit("alice@qrunner-test.localdomain", ["bob@example.net"], message)
+            mta.instance.wait_queued([queue_id])
+        ids.append(queue_id)
+    qrunner = Qrunner(tmp_path, mta, script=HEADERS_TO_REASON)
+    result = qrunner("plan", "--format", "json")
+    assert result.code == 0, result.stderr
+    reasons = {d["queue_id"]: d["reason"] for d in json.loads(result.stdout)["decisions"]}
+    for n, queue_id in enumerate(ids):
+        fields = mta_headers(mta, queue_id)
+        subject = f"number {n}".encode()
+        assert reasons[queue_id] == "fields:" + "-".join(f.hex() for f in fields) + " subject:" + subject.hex()
+        assert b"X-Folded: first part\n second part" in fields
+
+
+def test_a_missing_script_user_is_a_config_error_naming_the_fix(tmp_path, mta):
+    mta.queue_message("one")
+    before = mta.snapshot()
+    qrunner = qrunner_with(tmp_path, mta, "function CheckFile(f, a) return a end", script_user="qrunner-no-such-user")
+    result = qrunner("run")
+    assert result.code == 78
+    assert "script_user 'qrunner-no-such-user' does not exist" in result.stderr
+    assert "adduser --system" in result.stderr and 'script_user = "root"' in result.stderr
+    assert "Traceback" not in result.stderr
+    assert mta.snapshot() == before
+
+
+def test_script_user_root_keeps_the_script_running_as_root(tmp_path, mta):
+    """The admin's knowing choice: the worker stays root (and still gets no_new_privs)."""
+    mta.queue_message("one")
+    script = 'print("script top level runs")\nfunction CheckFile(f, a) while true do end end\n'
+    qrunner = qrunner_with(tmp_path, mta, script, script_timeout=60, script_user="root")
+    proc = qrunner.start("-v", "plan")
+    killer = threading.Timer(120, proc.kill)
+    killer.start()
+    try:
+        for line in proc.stderr:
+            if "script top level runs" in line:
+                break
+        [worker] = [p for p in _children(proc.pid) if b"qrunner.policy_worker" in _cmdline(p)]
+        status = _status(worker)
+        os.kill(worker, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        killer.cancel()
+    assert status["Uid"].split() == ["0"] * 4
+    assert status["NoNewPrivs"].strip() == "1"
+
+
+
+def test_a_worker_that_cannot_drop_its_privileges_runs_no_script(tmp_path):
+    """Root without CAP_SETUID/CAP_SETGID (a container, a unit's bounding set): exit 78, nothing decided, no fallback to root."""
+    snapshot = tmp_path / "queue.jsonl"
+    snapshot.write_text(json.dumps({"queue_id": "A1", "arrival_time": 1, "message_size": 5, "sender": "a@b",
+                                    "recipients": [{"address": "c@d"}], "headers": ["Subject: hi"]}) + "\n")
+    script = tmp_path / "relayout.lua"
+    script.write_text("function CheckFile(f, a) return a end\n")
+    config = tmp_path / "qrunner.toml"
+    config.write_text(f'state_dir = "{tmp_path}/state"\n')
+    env = dict(os.environ, QRUNNER_CONFIG=str(config),
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(["setpriv", "--bounding-set", "-setuid,-setgid", sys.executable, "-m", "qrunner",
+                             "plan", "--queue-file", str(snapshot), "--script", str(script)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 78
+    assert "could not drop its privileges" in result.stderr and "nothing was decided" in result.stderr
+    assert "A1" not in result.stdout and "Traceback" not in result.stderr
+
+
+class _RunsCode:
+    """A pickle that runs a shell command when unpickled, as a taken-over worker might send one."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_the_parent_never_runs_code_a_taken_over_worker_sends(tmp_path):
+    """What comes back from the unprivileged worker is read as plain data only: no pickled call reaches root."""
+    import pickle
+    from multiprocessing import Pipe
+
+    from qrunner.policy import _Worker
+
+    marker = tmp_path / "ran-as-root"
+    parent, child = Pipe()
+    child.send_bytes(pickle.dumps(("results", [(0, "ok", _RunsCode(str(marker)))])))
+    child.send_bytes(pickle.dumps(("done", "")))
+    worker = _Worker.__new__(_Worker)  # only its connection, no process
+    worker.conn = parent
+    with pytest.raises(OSError, match="unreadable message from the Lua worker"):
+        worker.receive()
+    assert worker.receive() == ("done", "")
+    assert not marker.exists()
