@@ -325,9 +325,9 @@ SETTINGS: Tuple[Setting, ...] = (
                    "(Exim's default rule gives up after 4 days); qrunner's own holds are kept, and warned about."),
     # -- [memory] ------------------------------------------------------------------------------------------
     Setting("directory", "memory", nonempty("a directory"), None, shown='none: needed with `mta = "memory"`',
-            example="/var/tmp/qrunner-memory", note="no default: where that queue is kept (queue.json)",
-            reason="Where the memory back end keeps its queue: `queue.json` and one file per message, replaced "
-                   "atomically under a lock for every operation. It delivers nothing anywhere."),
+            example="/var/tmp/qrunner-memory", note="no default: where that queue is kept (queue.json and its log)",
+            reason="Where the memory back end keeps its queue: `queue.json`, its log of operations and one file "
+                   "per message, each operation one line written under a lock. It delivers nothing anywhere."),
     # -- [[sender]] ----------------------------------------------------------------------------------------
     Setting("id", "sender", whole("a whole number from 0 up"), None, shown="none: every sender needs one",
             reason="VPOP3's `senderid`: senders run in ascending id order, and the script sees it as the "

@@ -3,16 +3,15 @@
 The memory MTA (qrunner/mta/memory.py) keeps its queue in a directory:
 ``queue.json`` and one file per message. This harness submits mail and acts
 as an admin through that MTA's own tool (``MemoryQueue``), and reads what
-happened straight from ``queue.json`` with ``json``, never through
-qrunner's back end: the queue file is that MTA's truth, as ``postqueue -j``
-is Postfix's. Its "sink" is the file's ``delivered`` list, in the order the
-MTA delivered.
+happened through that tool's ``read()`` (the queue file and its log of
+operations, read as plain JSON), never through qrunner's back end: the
+queue is that MTA's truth, as ``postqueue -j`` is Postfix's. Its "sink" is
+the queue's ``delivered`` list, in the order the MTA delivered.
 """
 
 from __future__ import annotations
 
 import email
-import json
 import os
 import time
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -46,17 +45,17 @@ class MemorySink:
     def __init__(self, directory: str):
         self.directory = directory
         self.data_delay = 0.0
+        self._tool = MemoryQueue(directory)
 
     def _queue(self) -> dict:
-        try:
-            with open(os.path.join(self.directory, "queue.json")) as f:
-                return json.load(f)
-        except FileNotFoundError:
+        """The whole queue as the MTA's tool shows it (deliveries whose time is up have ended)."""
+        if not os.path.isdir(self.directory):
             return {}
+        return self._tool.read()
 
     def finish(self) -> None:
         """Let deliveries whose time is up end, as the MTA's delivery agents would by now."""
-        with MemoryQueue(self.directory).change():
+        with self._tool.change():
             pass
 
     @property

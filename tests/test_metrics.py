@@ -58,8 +58,7 @@ def memory(tmp_path):
 
 
 def memory_queue_count(mta) -> int:
-    with open(os.path.join(mta.directory, "queue.json")) as f:
-        return len(json.load(f)["messages"])
+    return len(mta.sink._queue()["messages"])
 
 
 def test_metrics_describe_the_run_and_count_across_runs(tmp_path, memory):

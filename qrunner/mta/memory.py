@@ -18,11 +18,14 @@ Exim's shape: qrunner's own queue, ``max_queue_time``, and handing mail
 back to the default queue. ``stop_at`` makes the MTA stop answering in the
 middle of a run, as a Postfix whose flush service and ``postqueue`` went away.
 
-Its queue lives in ``DIRECTORY/queue.json``, replaced atomically (written
-aside, then renamed) under an flock for every operation, beside one file
-per message in ``DIRECTORY/messages/``. So a SIGKILL of qrunner at any step
-leaves the queue exactly as the last finished operation left it, and the
-next run finds it so: crash recovery is tested on any machine in seconds.
+Its queue lives in ``DIRECTORY/queue.json`` and the log of the operations
+since it was written (one line per operation, written under an flock:
+:class:`MemoryQueue` says how), beside one file per message in
+``DIRECTORY/messages/``. So a SIGKILL of qrunner at any step leaves the
+queue exactly as the last finished operation left it, and the next run
+finds it so: crash recovery is tested on any machine in seconds. An
+operation costs what it changes, so the model holds a queue of a hundred
+thousand messages as a real MTA does.
 
 :class:`MemoryQueue` is the MTA's own tool: tests and admins submit mail,
 hold it as an admin would, start a delivery outside qrunner and change how
@@ -37,8 +40,9 @@ import json
 import logging
 import os
 import re
+import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 from qrunner.config import Sender
 from qrunner.exceptions import UnavailableError
@@ -73,60 +77,346 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 
+class _Entry(dict):
+    """One message's record; every change to it marks it for the operation's line in the log.
+
+    A record's values are replaced, never changed in place
+    (``entry["recipients"] = [...]``, not ``.append``): the mark is what
+    makes a change last.
+    """
+
+    __slots__ = ("_marks",)
+    SHARED = ("state", "sender", "route", "delay_reason")  # values most messages share: kept once, not per message
+
+    def __init__(self, data: Dict[str, Any], marks: Set[str]):
+        super().__init__(data)
+        for key in self.SHARED:
+            value = data.get(key)
+            if type(value) is str:
+                dict.__setitem__(self, key, sys.intern(value))
+        self._marks = marks
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._marks.add(self["id"])
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._marks.add(self["id"])
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._marks.add(self["id"])
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def pop(self, key, *default):
+        if key in self:
+            self._marks.add(self["id"])
+        return super().pop(key, *default)
+
+
+class _Messages:
+    """The queue's messages in the order they were queued, each found by its id at once.
+
+    It reads as the list it stands for (iterate, ``len``, ``[0]``,
+    ``[-1]``) and changes by ``append`` and ``remove``; :meth:`get`
+    finds one message without walking the queue, so an operation on one
+    message costs the same in a queue of ten and of a hundred thousand.
+    """
+
+    def __init__(self, entries: List[Dict[str, Any]], marks: Set[str]):
+        """Takes the records out of ``entries`` one by one (so a big queue is not held twice while read)."""
+        self._marks = marks
+        self._by_id: Dict[str, _Entry] = {}
+        entries.reverse()
+        while entries:
+            entry = entries.pop()
+            self._by_id[entry["id"]] = _Entry(entry, marks)
+
+    def get(self, queue_id: str) -> Optional[_Entry]:
+        return self._by_id.get(queue_id)
+
+    def ids(self):
+        return self._by_id.keys()
+
+    def append(self, entry: Dict[str, Any]) -> None:
+        self._by_id[entry["id"]] = _Entry(entry, self._marks)
+        self._marks.add(entry["id"])
+
+    def remove(self, entry: Dict[str, Any]) -> None:
+        del self._by_id[entry["id"]]
+        self._marks.add(entry["id"])
+
+    def __iter__(self) -> Iterator[_Entry]:
+        return iter(list(self._by_id.values()))  # a copy: the loop may remove what it walks
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __getitem__(self, index):
+        return list(self._by_id.values())[index]
+
+    def __eq__(self, other) -> bool:
+        return list(self._by_id.values()) == list(other)
+
+
 class MemoryQueue:
-    """The queue directory, read and changed one whole operation at a time."""
+    """The queue directory, read and changed one whole operation at a time.
+
+    On disk: ``queue.json``, the whole queue as some operation left it
+    (with its ``generation``, first), and ``queue.log.GENERATION``, one JSON line
+    per operation since then, naming the messages it changed (their whole
+    record, or ``null`` for one that left) and the settings it set. An
+    operation is one ``write`` of one line under the flock: a kill before
+    it leaves the queue as it was, a kill in the middle leaves a line
+    without its newline, which does not count (the next operation cuts
+    it off before writing its own). Each process keeps the queue it last
+    read and reads only the log lines written since; when the log has
+    grown past the size of ``queue.json`` (and 1 MB), the queue is written
+    whole again under the next generation (aside, then renamed) and the old
+    log goes. So an operation costs what it changes, not the size of the
+    queue: the model runs a hundred thousand messages as it runs ten.
+    """
+
+    LIST_KEYS = ("delivered", "default_queue")  # settings that only grow (an operation appends to them)
+    COMPACT_BYTES = 1 << 20
+    WATCH_KEYS = {"gated", "named_queue", "default_queue"}  # settings that change which messages time moves
 
     def __init__(self, directory: str):
         self.directory = directory
         self.path = os.path.join(directory, "queue.json")
         self.messages_dir = os.path.join(directory, "messages")
+        self._queue: Optional[Dict[str, Any]] = None
+        self._stale = False  # an operation failed half-way: what this process holds is not what is written
+        self._generation = 0
+        self._offset = 0
+        self._base_size = 0
+        self._marks: Set[str] = set()
+        self._watch: Set[str] = set()
+        self._default_queue: Set[str] = set()
 
     # -- one operation -------------------------------------------------------
 
     @contextlib.contextmanager
     def change(self) -> Iterator[Dict[str, Any]]:
-        """The queue for one read-modify-write: locked, then replaced atomically if the block ends well."""
+        """The queue for one read-modify-write: locked, then its changes logged as one line if the block ends well."""
         if not os.path.isdir(self.directory):
             raise UnavailableError(f"the memory queue {self.directory} does not exist; create it or fix "
                                    "[memory] directory.")
         with open(os.path.join(self.directory, "queue.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            queue = self._read()
-            self._finish_deliveries(queue)
-            yield queue
-            temporary = f"{self.path}.{os.getpid()}.tmp"
-            with open(temporary, "w") as out:
-                json.dump(queue, out, indent=1)
-            os.replace(temporary, self.path)
+            queue = self._current()
+            self._marks.clear()
+            before, messages = self._settings_now(queue), queue["messages"]
+            try:
+                self._finish_deliveries(queue)
+                yield queue
+                self._commit(queue, before, messages)
+            except BaseException:
+                self._stale = True  # what the block changed in memory never reached the disk: read it again
+                raise
 
-    def _read(self) -> Dict[str, Any]:
+    def read(self) -> Dict[str, Any]:
+        """The whole queue as plain data (the model's ``postqueue -j``): what tests judge by."""
+        with self.change() as queue:
+            plain = {key: json.loads(json.dumps(value)) for key, value in queue.items() if key != "messages"}
+            plain["messages"] = [dict(entry) for entry in queue["messages"]]
+        return plain
+
+    def _current(self) -> Dict[str, Any]:
+        """The queue now: the copy this process holds, brought up to date from the log, or read whole."""
+        if self._queue is None or self._stale or self._written_generation() != self._generation:
+            self._load()
+        else:
+            self._replay()
+        assert self._queue is not None
+        return self._queue
+
+    def _written_generation(self) -> int:
+        """The generation of queue.json on disk, from its first bytes (written first for this: no whole read);
+        0 for none yet, or one written before generations were."""
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(40)
+        except FileNotFoundError:
+            return 0
+        found = re.match(rb'\{"generation":(\d+),', head)
+        return int(found.group(1)) if found else 0
+
+    def _load(self) -> None:
         try:
             with open(self.path) as f:
-                queue = json.load(f)
+                raw = json.load(f)
+                self._base_size = os.fstat(f.fileno()).st_size
         except FileNotFoundError:
-            queue = {}
+            raw, self._base_size = {}, 0
         for key, value in DEFAULTS.items():
-            queue.setdefault(key, json.loads(json.dumps(value)))
-        return queue
+            raw.setdefault(key, json.loads(json.dumps(value)))
+        self._generation = raw.pop("generation", 0)
+        self._marks = set()
+        raw["messages"] = _Messages(raw["messages"], self._marks)
+        self._queue, self._stale, self._offset = raw, False, 0
+        self._replay()
+        self._watch_all()
 
-    @staticmethod
-    def _finish_deliveries(queue: Dict[str, Any]) -> None:
+    def _log_path(self) -> str:
+        return f"{self.path[:-len('.json')]}.log.{self._generation}"
+
+    def _replay(self) -> None:
+        """Apply the log lines written since this process last looked (a line without its newline is not one)."""
+        try:
+            with open(self._log_path(), "rb") as f:
+                f.seek(self._offset)
+                tail = f.read()
+        except FileNotFoundError:
+            return
+        end = tail.rfind(b"\n") + 1
+        for line in tail[:end].splitlines():
+            self._apply(json.loads(line))
+        self._offset += end
+
+    def _apply(self, change: Dict[str, Any]) -> None:
+        queue = self._queue
+        assert queue is not None
+        messages: _Messages = queue["messages"]
+        for queue_id, entry in change.get("messages", {}).items():
+            old = messages.get(queue_id)
+            if entry is None:
+                if old is not None:
+                    messages.remove(old)
+            else:
+                messages._by_id[queue_id] = _Entry(entry, self._marks)
+            self._rewatch(queue, queue_id)
+        queue.update(change.get("settings", {}))
+        for key, items in change.get("appended", {}).items():
+            queue[key].extend(items)
+        if self.WATCH_KEYS & (change.get("settings", {}).keys() | change.get("appended", {}).keys()):
+            self._watch_all()
+
+    def _settings_now(self, queue: Dict[str, Any]) -> Dict[str, Any]:
+        """What the operation's line compares against: the small settings as one text, each growing list's
+        length."""
+        seen: Dict[str, Any] = {key: (queue[key], len(queue[key])) for key in self.LIST_KEYS}
+        seen[""] = self._small_settings(queue)
+        return seen
+
+    def _small_settings(self, queue: Dict[str, Any]) -> str:
+        return json.dumps({key: value for key, value in queue.items()
+                           if key != "messages" and key not in self.LIST_KEYS}, sort_keys=True)
+
+    def _commit(self, queue: Dict[str, Any], before: Dict[str, Any], messages: _Messages) -> None:
+        """Write the operation's line: the messages it marked, the settings it changed."""
+        if queue["messages"] is not messages:  # the block put a list of its own there: every message counts
+            queue["messages"] = _Messages(list(queue["messages"]), self._marks)
+            self._marks |= set(messages.ids()) | set(queue["messages"].ids())
+        change: Dict[str, Any] = {}
+        if self._marks:
+            messages = queue["messages"]
+            change["messages"] = {queue_id: messages.get(queue_id) for queue_id in sorted(self._marks)}
+        settings, appended = {}, {}
+        for key in self.LIST_KEYS:
+            old_list, old_len = before[key]
+            value = queue[key]
+            if value is old_list and len(value) >= old_len:
+                if len(value) > old_len:
+                    appended[key] = value[old_len:]
+            else:
+                settings[key] = value
+        if self._small_settings(queue) != before[""]:
+            settings.update((key, value) for key, value in queue.items()
+                            if key != "messages" and key not in self.LIST_KEYS)
+        if settings:
+            change["settings"] = settings
+        if appended:
+            change["appended"] = appended
+        for queue_id in self._marks:
+            self._rewatch(queue, queue_id)
+        if self.WATCH_KEYS & (settings.keys() | appended.keys()):
+            self._watch_all()
+        if change:
+            self._write(change)
+
+    def _write(self, change: Dict[str, Any]) -> None:
+        line = (json.dumps(change, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self._log_path(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            if os.fstat(fd).st_size > self._offset:
+                os.ftruncate(fd, self._offset)  # a line a killed operation left half-written
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self._offset += len(line)
+        if self._offset > max(self.COMPACT_BYTES, self._base_size):
+            self._compact()
+
+    def _compact(self) -> None:
+        """The whole queue again under the next generation (written aside, then renamed); the old log goes."""
+        queue = self._queue
+        assert queue is not None
+        old_log = self._log_path()
+        whole: Dict[str, Any] = {"generation": self._generation + 1}  # first: _written_generation reads it there
+        whole.update((key, value) for key, value in queue.items() if key != "messages")
+        whole["messages"] = list(queue["messages"])
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        with open(temporary, "w") as out:
+            out.write(json.dumps(whole, separators=(",", ":")))
+        os.replace(temporary, self.path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(old_log)
+        self._generation, self._offset, self._base_size = self._generation + 1, 0, os.stat(self.path).st_size
+
+    # -- what time changes by itself ---------------------------------------------
+
+    def watched(self) -> List[str]:
+        """The messages time may move (being delivered, or retried by the MTA itself), in the order queued."""
+        return sorted(self._watch)
+
+    def _watch_all(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        self._watch, self._default_queue = set(), set(queue["default_queue"])
+        for queue_id in queue["messages"].ids():
+            self._rewatch(queue, queue_id)
+
+    def _rewatch(self, queue: Dict[str, Any], queue_id: str) -> None:
+        """Watch a message time may move: being delivered, or waiting where the MTA retries it by itself."""
+        entry = queue["messages"].get(queue_id)
+        if entry is not None and (entry["state"] == QueueState.ACTIVE or (
+                entry["state"] == QueueState.WAITING and self._retried_by_mta(queue, entry))):
+            self._watch.add(queue_id)
+        else:
+            self._watch.discard(queue_id)
+
+    def _retried_by_mta(self, queue: Dict[str, Any], entry: Dict[str, Any]) -> bool:
+        """The MTA's own queue manager retries it: a copy on its route; what was handed back to the default
+        queue (with a named queue, the MTA's runners never process the named one); without one, in an ungated
+        queue, every waiting message."""
+        if entry.get("route"):
+            return True
+        if queue["named_queue"]:
+            return entry["id"] in self._default_queue
+        return not queue["gated"]
+
+    def _finish_deliveries(self, queue: Dict[str, Any]) -> None:
         """Deliveries whose time is up end now: delivered, or deferred with a retry time if their relay is down.
 
         The MTA's own queue manager retries, by itself, once its retry time
-        has come: every waiting copy on its route (a sender's route is never
-        gated); with a named queue, what was handed back to the default
-        queue (the MTA's runners never process the named one); without one,
-        in an ungated queue, every waiting message.
+        has come, what :meth:`_retried_by_mta` says. Only the watched
+        messages can change here, in the order they were queued.
         """
         now = time.time()
-        for entry in queue["messages"]:
-            if entry["state"] != QueueState.WAITING or (entry.get("retry_at") or 0) > now:
+        watched = [queue["messages"].get(queue_id) for queue_id in self.watched()]
+        for entry in watched:
+            if entry is None or entry["state"] != QueueState.WAITING or (entry.get("retry_at") or 0) > now:
                 continue
-            in_default = entry["id"] in queue["default_queue"]
-            if entry.get("route") or (in_default if queue["named_queue"] else not queue["gated"]):
-                entry.update(state=QueueState.ACTIVE, active_until=now)
-        finished = [m for m in queue["messages"] if m["state"] == QueueState.ACTIVE
+            entry.update(state=QueueState.ACTIVE, active_until=now)
+        finished = [m for m in watched if m is not None and m["state"] == QueueState.ACTIVE
                     and m.get("active_until", now + 1) <= now]
         for entry in sorted(finished, key=lambda m: m["active_until"]):
             route = entry.get("route") or "default"
@@ -144,6 +434,13 @@ class MemoryQueue:
         """Queue a message (waiting for delivery, as a gated MTA keeps it); its new id."""
         with self.change() as queue:
             return self._add(queue, sender, recipients, content, route, arrival)
+
+    def submit_many(self, messages: Iterable[Tuple[str, Sequence[str], bytes, Optional[float]]]) -> List[str]:
+        """Queue many messages (sender, recipients, content, arrival) in one operation, as ``exim -bS`` takes
+        a batch: how a test builds a queue of a hundred thousand in seconds. Their new ids, in order."""
+        with self.change() as queue:
+            return [self._add(queue, sender, recipients, content, "", arrival)
+                    for sender, recipients, content, arrival in messages]
 
     def _add(self, queue, sender, recipients, content: bytes, route: str, arrival: Optional[float],
              state: str = QueueState.WAITING) -> str:
@@ -177,7 +474,10 @@ class MemoryQueue:
 
     @staticmethod
     def _entry(queue, queue_id: str) -> Dict[str, Any]:
-        return next(m for m in queue["messages"] if m["id"] == queue_id)
+        entry = queue["messages"].get(queue_id)
+        if entry is None:
+            raise KeyError(f"{queue_id} is not in the memory queue")
+        return entry
 
 
 class MemoryFileHeaders(HeaderSource):
@@ -222,18 +522,34 @@ class MemoryBackend(Backend):
     def __init__(self, directory: str):
         self.queue = MemoryQueue(directory)
         self.instance = f"memory:{os.path.realpath(directory)}"
-        self._listed: Dict[str, Dict[str, Any]] = {}
+        self._routes: Dict[str, str] = {}          # listed messages that are copies on a sender's route
+        self._retry_at: Dict[str, float] = {}      # listed messages that wait for a retry time
+        self._held_copies: Dict[str, str] = {}     # listed copies the listener holds -> their original's id
         self._settings: Dict[str, Any] = {}
         self._look()
 
-    def _look(self) -> List[Dict[str, Any]]:
-        """One locked read of the queue: its messages, and the settings the facts below answer from."""
+    def _look(self, listing: bool = False) -> List[Message]:
+        """One locked read of the queue: the settings the facts below answer from, and (``listing``) its
+        messages, made while the queue is read (no copy of a record is kept)."""
+        messages = []
         with self.queue.change() as queue:
             self._settings = {k: queue[k] for k in ("gated", "named_queue", "max_queue_time", "queue_lifetime",
                                                     "returns_to_sender")}
-            entries = [m for m in queue["messages"] if m["id"] not in queue["default_queue"]]
+            if listing:
+                default_queue = set(queue["default_queue"])
+                entries = []
+                for entry in queue["messages"]:
+                    if not self.is_message_id(entry.get("id")):
+                        log.warning("memory queue entry %r is not a memory queue id, skipped", entry.get("id"))
+                    elif entry["id"] not in default_queue:
+                        entries.append(entry)
+                self._routes = {m["id"]: m["route"] for m in entries if m.get("route")}
+                self._held_copies = {m["id"]: m.get("original") or "" for m in entries
+                                     if m.get("route") and m["state"] == QueueState.HELD}
+                self._retry_at = {m["id"]: m["retry_at"] for m in entries if m.get("retry_at")}
+                messages = [self._message(m) for m in entries]
         self.has_named_queue = bool(self._settings["named_queue"])
-        return entries
+        return messages
 
     # -- facts ---------------------------------------------------------------
 
@@ -257,17 +573,16 @@ class MemoryBackend(Backend):
         return None
 
     def copy_of(self, message: Message, senders: Sequence[Sender], recorded: bool = False) -> Optional[Sender]:
-        route = self._listed.get(message.queue_id, {}).get("route")
+        route = self._routes.get(message.queue_id)
         return next((s for s in senders if not s.default and s.name == route), None) if route else None
 
     def held_copy(self, message: Message, senders: Sequence[Sender]) -> Optional[Tuple[Sender, str]]:
         """A held message stamped with a sender's route (the listener's hold): that sender, the original's id."""
-        entry = self._listed.get(message.queue_id, {})
-        route = entry.get("route")
-        if not route or entry.get("state") != QueueState.HELD:
+        route = self._routes.get(message.queue_id)
+        if not route or message.queue_id not in self._held_copies:
             return None
         sender = next((s for s in senders if not s.default and s.name == route), None)
-        return (sender, entry.get("original") or "") if sender is not None else None
+        return (sender, self._held_copies[message.queue_id]) if sender is not None else None
 
     def release_copies(self, queue_ids: Sequence[str]) -> Set[str]:
         """Held copies released and delivered now, on their route (as ``postsuper -H`` and a flush request).
@@ -284,7 +599,7 @@ class MemoryBackend(Backend):
         return route is not None
 
     def due(self, message: Message, attempts: Optional[Tuple[int, float]]) -> Optional[Due]:
-        retry = self._listed.get(message.queue_id, {}).get("retry_at")
+        retry = self._retry_at.get(message.queue_id)
         return Due(retry, "the MTA's retry time") if retry and retry > time.time() else None
 
     def expired(self, message: Message) -> Optional[str]:
@@ -310,12 +625,13 @@ class MemoryBackend(Backend):
     def delivering(self) -> int:
         """Messages being delivered now, in every queue of the model (deliveries whose time is up have ended)."""
         with self.queue.change() as queue:
-            return sum(1 for m in queue["messages"] if m["state"] == QueueState.ACTIVE)
+            entries = [queue["messages"].get(queue_id) for queue_id in self.queue.watched()]
+            return sum(1 for m in entries if m is not None and m["state"] == QueueState.ACTIVE)
 
     def still_delivering(self, queue_ids: Sequence[str]) -> Set[str]:
-        wanted = set(queue_ids)
         with self.queue.change() as queue:
-            return {m["id"] for m in queue["messages"] if m["id"] in wanted and m["state"] == QueueState.ACTIVE}
+            entries = [queue["messages"].get(queue_id) for queue_id in queue_ids]
+            return {m["id"] for m in entries if m is not None and m["state"] == QueueState.ACTIVE}
 
     def describe_route(self, sender: Sender) -> str:
         return "default: the MTA's own routing" if sender.default else f"memory: route {sender.name}"
@@ -328,14 +644,7 @@ class MemoryBackend(Backend):
         As the Postfix back end does with a ``postqueue -j`` line: an id that
         could be an option or a path (``-d``, ``../x``) never becomes one.
         """
-        entries = []
-        for entry in self._look():
-            if self.is_message_id(entry.get("id")):
-                entries.append(entry)
-            else:
-                log.warning("memory queue entry %r is not a memory queue id, skipped", entry.get("id"))
-        self._listed = {m["id"]: m for m in entries}
-        return [self._message(m) for m in entries]
+        return self._look(listing=True)
 
     def _message(self, entry: Dict[str, Any]) -> Message:
         path = self.queue.content_path(entry["id"])
@@ -366,17 +675,23 @@ class MemoryBackend(Backend):
         """One batch command: each message changed in turn; a failing command stops after the first."""
         confirmed: Set[str] = set()
         with self.queue.change() as queue:
+            default_queue = set(queue["default_queue"])
             for number, queue_id in enumerate(queue_ids):
                 if number >= 1 and operation in queue["fail"]:
                     break
                 self._vanish(queue, queue_id, operation)
-                entry = next((m for m in queue["messages"] if m["id"] == queue_id), None)
-                if entry is None or queue_id in queue["default_queue"] or (from_state and entry["state"] != from_state):
+                entry = queue["messages"].get(queue_id)
+                if entry is None or queue_id in default_queue or (from_state and entry["state"] != from_state):
                     continue
                 change(entry)
                 confirmed.add(queue_id)
-            queue["messages"] = [m for m in queue["messages"] if m["state"] != "removed"]
-            queue["default_queue"] += sorted(m["id"] for m in queue["messages"] if m.pop("handed_back", False))
+            for queue_id in confirmed:
+                entry = queue["messages"].get(queue_id)
+                if entry["state"] == "removed":
+                    queue["messages"].remove(entry)
+            queue["default_queue"] += sorted(queue_id for queue_id in confirmed
+                                             if queue["messages"].get(queue_id) is not None
+                                             and queue["messages"].get(queue_id).pop("handed_back", False))
             failed = queue["fail"].get(operation)
         if failed and queue_ids:
             raise UnavailableError(f"the memory queue's {operation} failed ({failed}); {len(confirmed)} of "
@@ -391,12 +706,13 @@ class MemoryBackend(Backend):
         """
         confirmed: Set[str] = set()
         with self.queue.change() as queue:
+            default_queue = set(queue["default_queue"])
             for number, queue_id in enumerate(queue_ids):
                 if number >= 1 and "give_up" in queue["fail"]:
                     break
                 self._vanish(queue, queue_id, "give_up")
-                entry = next((m for m in queue["messages"] if m["id"] == queue_id), None)
-                if entry is None or queue_id in queue["default_queue"] or entry["state"] == QueueState.ACTIVE:
+                entry = queue["messages"].get(queue_id)
+                if entry is None or queue_id in default_queue or entry["state"] == QueueState.ACTIVE:
                     continue
                 queue["messages"].remove(entry)
                 text = (f"From: MAILER-DAEMON\nTo: {entry['sender']}\nSubject: Undelivered Mail Returned to Sender\n"
@@ -413,7 +729,9 @@ class MemoryBackend(Backend):
     def _vanish(queue: Dict[str, Any], queue_id: str, operation: str) -> None:
         """A message set to vanish before this operation is delivered elsewhere first."""
         if queue["vanish"].get(queue_id) == operation:
-            queue["messages"] = [m for m in queue["messages"] if m["id"] != queue_id]
+            entry = queue["messages"].get(queue_id)
+            if entry is not None:
+                queue["messages"].remove(entry)
             del queue["vanish"][queue_id]
 
     def send(self, requests: Sequence[SendRequest], journal: HandOverJournal) -> Dict[str, Outcome]:
@@ -426,7 +744,7 @@ class MemoryBackend(Backend):
             if stopped:
                 raise UnavailableError(f"the memory queue stopped answering ({stopped}); start it again.")
             self._vanish(queue, queue_id, "send")
-            entry = next((m for m in queue["messages"] if m["id"] == queue_id), None)
+            entry = queue["messages"].get(queue_id)
             if entry is None or entry["state"] != QueueState.WAITING:
                 return Outcome(Result.VANISHED)
             if "send" in queue["fail"]:
@@ -439,7 +757,7 @@ class MemoryBackend(Backend):
         with self.queue.change() as queue:
             if "copy" in queue["fail"]:
                 return Outcome(Result.FAILED, f"{queue_id} was not copied: {queue['fail']['copy']}")
-            original = next((m for m in queue["messages"] if m["id"] == queue_id), None)
+            original = queue["messages"].get(queue_id)
             if original is None:
                 return Outcome(Result.VANISHED)
             with open(self.queue.content_path(queue_id), "rb") as f:
