@@ -104,9 +104,10 @@ class Scenario:
 
 
 def memory_files(directory: str) -> dict:
-    """The memory MTA's queue file, read directly (its own truth, as postqueue -j is Postfix's)."""
-    with open(os.path.join(directory, "queue.json")) as f:
-        return json.load(f)
+    """The memory MTA's queue, read from its own files (``queue.json`` and the log of operations since: its own
+    truth, as postqueue -j is Postfix's)."""
+    from qrunner.mta.memory import MemoryQueue
+    return MemoryQueue(directory).read()
 
 
 def subject_of(directory: str, queue_id: str) -> str:

@@ -87,6 +87,12 @@ class MemoryHarness(Harness):
         self.queue = MemoryQueue(directory)
         super().__init__(self.queue, MemorySink(directory))
 
+    def reopen(self) -> None:
+        """The queue directory was replaced whole (a test restoring a saved queue): read it afresh, as a new
+        process would, rather than follow on from the log this one read before."""
+        self.queue = self.instance = MemoryQueue(self.directory)
+        self.sink._tool = MemoryQueue(self.directory)
+
     def config(self) -> str:
         return f'mta = "memory"\n[memory]\ndirectory = "{self.directory}"\n'
 
