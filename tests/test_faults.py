@@ -35,7 +35,7 @@ from fault_harness import (HELD, NIGHT, POLICY, RETURNED, SENT, SETUP_POLICY, TW
 from memory_harness import MemoryHarness
 from qrunner.mta.memory import MemoryQueue
 
-pytestmark = [pytest.mark.memory, pytest.mark.reliability]
+pytestmark = [pytest.mark.reliability]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = os.environ.get("QRUNNER_LONG") == "1"
