@@ -289,8 +289,7 @@ def test_a_run_killed_at_each_step_loses_nothing(templates, figures, scenario_na
     result = scenario.qr.faulted([fault])
 
     assert killed(result), f"the run never reached {fault} (exit {result.code}):\n{result.stderr}"
-    if LONG or method in STATE_WRITES or when == "after":  # a look reads the state: after a kill amid its writes
-        assert_looks_work(scenario.qr, scenario.some_id, f"a kill {when} {function}: {owner}.{method}")
+    assert_looks_work(scenario.qr, scenario.some_id, f"a kill {when} {function}: {owner}.{method}")
     judged(scenario, figures, "memory: SIGKILL at each step of a run", f"a kill {when} {function}: {owner}.{method}",
            DUPLICATE_WINDOW.get((scenario_name, function, method) if when == "before" else None))
 
@@ -300,13 +299,14 @@ def test_a_run_killed_at_each_step_loses_nothing(templates, figures, scenario_na
 
 
 def state_write_cases():
-    """Each write of the state database (each call site under QRUNNER_LONG=1, else each method once)."""
+    """Each write of the state database, full and read-only (each call site under QRUNNER_LONG=1, else each
+    method at its first call site)."""
     cases, seen = [], set()
     for (function, owner, method), scenario in STEPS.items():
         if owner != "state" or method not in STATE_WRITES or (method in seen and not LONG):
             continue
         seen.add(method)
-        errors = ["sqlite-full", "sqlite-readonly"] if LONG or method in ("start_run", "apply") else ["sqlite-full"]
+        errors = ["sqlite-full", "sqlite-readonly"]
         for error in errors:
             cases.append(pytest.param(scenario, function, method, error, id=f"{scenario}-{error}-{function}-{method}"))
     return cases
@@ -322,8 +322,7 @@ def test_the_state_database_failing_at_each_write_loses_nothing(templates, figur
 
     assert result.code == 74, f"exit {result.code}:\n{result.stderr}"
     assert "cannot write the state database" in result.stderr and "Traceback" not in result.stderr, result.stderr
-    if LONG or method in ("apply", "start_run"):
-        assert_looks_work(scenario.qr, scenario.some_id, f"{error} at {function}: {method}")
+    assert_looks_work(scenario.qr, scenario.some_id, f"{error} at {function}: {method}")
     judged(scenario, figures, "memory: the state database full or read-only at each write", f"{error} at {method}",
            DUPLICATE_WINDOW.get((scenario_name, function, method)))
 
@@ -354,8 +353,7 @@ def test_the_mta_failing_at_each_command_loses_nothing(templates, figures, scena
     result = scenario.qr("run")
 
     assert result.code in (1, 69) and "Traceback" not in result.stderr, f"exit {result.code}:\n{result.stderr}"
-    if LONG:
-        assert_looks_work(scenario.qr, scenario.some_id, f"the MTA failing: {failure}")
+    assert_looks_work(scenario.qr, scenario.some_id, f"the MTA failing: {failure}")
     judged(scenario, figures, "memory: each MTA command failing (half-applied batch, MTA stopped)", str(failure))
 
 
