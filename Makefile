@@ -48,9 +48,16 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-## demo: plan the shipped example snapshot with relayout.lua at 10:00 (changes nothing)
+## demo: plan the shipped example snapshot with relayout.lua at 10:00 (changes nothing). As root, strict modes
+## refuse a script in a checkout others could change (a copy under /tmp, say), so root's demo plans a copy of
+## relayout.lua in a directory of root's own under /run, removed afterwards.
 demo: $(STAMP)
-	$(BIN)/qrunner --config /dev/null plan --queue-file examples/queue.jsonl --script relayout.lua --now 2026-11-25T10:00:00
+	@script=relayout.lua; dir=; \
+	if [ "$$(id -u)" = 0 ] && dir=$$(mktemp -d /run/qrunner-demo.XXXXXX 2>/dev/null); then \
+	    install -m 644 relayout.lua $$dir/relayout.lua && script=$$dir/relayout.lua; fi; \
+	echo "$(BIN)/qrunner --config /dev/null plan --queue-file examples/queue.jsonl --script $$script --now 2026-11-25T10:00:00"; \
+	$(BIN)/qrunner --config /dev/null plan --queue-file examples/queue.jsonl --script $$script --now 2026-11-25T10:00:00; \
+	status=$$?; [ -z "$$dir" ] || rm -rf "$$dir"; exit $$status
 
 ## test: install what the tests need (as root on Debian: Postfix, and a private Exim beside it), then run every
 ## test once: the memory cases under the coverage gate, then all the others

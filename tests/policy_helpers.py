@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+import safe_tmp
+
 from qrunner.cli import main as cli_main
 from qrunner.config import Sender
 from qrunner.message import HeaderSource, InlineHeaders, Message
@@ -24,7 +26,7 @@ from qrunner.policy import PolicyEngine, PolicySettings
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-SCRIPTS_DIR = TESTS_DIR / "scripts"
+SCRIPTS_DIR = Path(safe_tmp.shipped("tests/scripts"))  # handed to qrunner: a copy strict modes accept (safe_tmp)
 LUA_VERSIONS = ("5.1", "5.2", "5.3", "5.4", "5.5", "luajit")
 
 # A fixed, recent arrival time; messages in a test arrive a minute apart.

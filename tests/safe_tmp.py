@@ -34,3 +34,26 @@ def root() -> str:
 def mkdtemp(prefix: str) -> str:
     """A fresh 0700 directory under :func:`root`."""
     return tempfile.mkdtemp(prefix=prefix, dir=root())
+
+
+_SHIPPED: dict = {}
+
+
+def shipped(relative: str) -> str:
+    """A file or directory of this repository, as qrunner may be handed it: as root, a copy under :func:`root`
+    (made once per test process), since the checkout itself may sit where others could change it (a copy under
+    /tmp, as a fresh machine's admin or CI makes one) and strict modes rightly refuse that; as another user,
+    the file in the repository itself."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), relative)
+    if os.geteuid() != 0:
+        return here
+    if relative not in _SHIPPED:
+        import atexit
+        import shutil
+        place = os.path.join(mkdtemp("shipped-"), relative)
+        os.makedirs(os.path.dirname(place), mode=0o755, exist_ok=True)
+        (shutil.copytree if os.path.isdir(here) else shutil.copy)(here, place)
+        atexit.register(shutil.rmtree, os.path.dirname(place) if not os.path.isdir(here) else place,
+                        ignore_errors=True)
+        _SHIPPED[relative] = place
+    return _SHIPPED[relative]

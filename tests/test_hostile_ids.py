@@ -225,7 +225,7 @@ def test_memory_entries_with_crafted_ids_are_said_and_passed_over(tmp_path, figu
     assert [m.header("Subject") for m in mta.sink.wait_for(1)] == [b"a real one"]
     for crafted in CRAFTED:
         assert f"memory queue entry {crafted!r} is not a memory queue id, skipped" in result.stderr
-    assert sorted(m["id"] for m in mta.queue._read()["messages"]) == sorted(CRAFTED)
+    assert sorted(m["id"] for m in mta.queue.read()["messages"]) == sorted(CRAFTED)
     assert real not in mta.snapshot()
     figures.record("inputs", "memory queue entries with ids like options or paths", tried=len(CRAFTED),
                    survived=len(CRAFTED))

@@ -492,22 +492,28 @@ class EximBackend(Backend):
             result = self._exim(self.queue_args + [flag] + chunk)
             now = set(re.findall(r"^Message (\S+) " + re.escape(done) + r"$", result.stdout, re.M))
             confirmed.update(now)
-            self._say_refused(flag, [q for q in chunk if q not in now], result.stdout + "\n" + result.stderr)
+            refused = self._say_refused(flag, [q for q in chunk if q not in now], result.stdout + "\n" + result.stderr)
             if result.returncode != 0:
-                unchanged = [q for q in chunk if q not in confirmed and self._frozen(q) is (flag == "-Mt")]
+                # Exim refusing a message by name (a spool format error) is that message's, said above; a batch
+                # left unchanged with no word for it is Exim failing (the binary, the spool), said as the run's.
+                unchanged = [q for q in chunk if q not in confirmed and q not in refused
+                             and self._frozen(q) is (flag == "-Mt")]
                 if unchanged:
                     raise UnavailableError(f"exim {flag} failed ({_last_line(result.stderr) or 'no output'}); "
                                            f"{len(confirmed & set(ids))} of {len(ids)} messages were changed before "
                                            "it stopped.")
         return confirmed & set(ids)
 
-    def _say_refused(self, flag: str, ids: Sequence[str], output: str) -> None:
+    def _say_refused(self, flag: str, ids: Sequence[str], output: str) -> Set[str]:
         """Exim's own words for each message it did not act on, when it names the message (e.g. a spool
-        format error): the executor only knows that the step was not confirmed."""
+        format error): the executor only knows that the step was not confirmed. The ids Exim named."""
+        named: Set[str] = set()
         for queue_id in ids:
             said = [line.strip() for line in output.splitlines() if queue_id in line]
             if said:
+                named.add(queue_id)
                 log.warning("%s: exim %s did not act on it: %s", queue_id, flag, "; ".join(said)[:500])
+        return named
 
     def hand_back(self, queue_ids: Sequence[str]) -> Set[str]:
         """``-qG<queue> -MG '' ID...``: as they are (nothing thawed), to the queue Exim's own runners process."""
