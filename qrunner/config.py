@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from qrunner import trust
 from qrunner.exceptions import ConfigError
-from qrunner.settings import LUA_VERSIONS, MTAS, ON_HOLD_EXPIRY, ON_SCRIPT_ERROR, Kind, keys, settings_dataclass
+from qrunner.settings import (LUA_VERSIONS, MTAS, ON_HOLD_EXPIRY, ON_SCRIPT_ERROR, Kind, is_whole, keys,
+                              settings_dataclass)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -239,16 +240,6 @@ def _kept(key: str, value: Any) -> Any:
     return Secret(value) if is_secret(key) and isinstance(value, str) else value
 
 
-def _user_name(value: Any) -> Optional[str]:
-    if not value or any(c.isspace() or c in ":/" for c in value):
-        return 'must be a user name such as "_qrunner" (or "root" to run the policy script as root)'
-    return None
-
-
-def _whole_number(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 _TOP_LEVEL = keys("")  # key -> its Kind (type description, type test, further check): qrunner/settings.py
 
 
@@ -309,7 +300,7 @@ def _parse_senders(path: str, raw: Any) -> Tuple[Sender, ...]:
         if not isinstance(default, bool):
             raise _fail(path, f"{where}.default", "must be true or false")
         limit = table.get("max_per_run", 0)
-        if not _whole_number(limit) or limit < 0:
+        if not is_whole(limit) or limit < 0:
             raise _fail(path, f"{where}.max_per_run", "must be a whole number of messages, 0 (no limit) or more")
         postfix = _parse_postfix_route(path, where, table["postfix"]) if "postfix" in table else None
         exim = _parse_exim_route(path, where, table["exim"]) if "exim" in table else None

@@ -28,7 +28,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _whole(value: Any) -> bool:
+def is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -93,11 +93,11 @@ def seconds(description: str, check=_positive) -> Kind:
 
 
 def whole(description: str, check=_not_negative) -> Kind:
-    return Kind(description, _whole, check, int)
+    return Kind(description, is_whole, check, int)
 
 
 def whole_from_1(description: str) -> Kind:
-    return Kind(description, lambda v: _whole(v) and v >= 1, None, int)
+    return Kind(description, lambda v: is_whole(v) and v >= 1, None, int)
 
 
 BOOLEAN = Kind("true or false", lambda v: isinstance(v, bool), None, bool)
@@ -214,7 +214,7 @@ SETTINGS: Tuple[Setting, ...] = (
             reason="Seconds each `CheckFile` call may take, and the script's top level and `Start()`: a Lua "
                    "hook stops a busy script, and a wall-clock watchdog kills the Lua worker stuck inside one C "
                    "function (see **qrunner-policy**(7)). An overrun is a policy error for that message."),
-    Setting("script_memory_mb", "", Kind("a whole number of megabytes", _whole, _positive, int), 64,
+    Setting("script_memory_mb", "", Kind("a whole number of megabytes", is_whole, _positive, int), 64,
             note="memory per Lua state",
             reason="Megabytes of memory each Lua state may use (lupa's `max_memory`): a script that builds a "
                    "huge table gets a policy error, not the mail server's memory."),
