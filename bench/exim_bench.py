@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from typing import Callable, List, Optional
 
@@ -25,6 +24,7 @@ from timing import BenchFailure, Measured, measured
 
 from exim_instance import EXIPICK, exim_missing_reason, make_instance  # noqa: E402
 import safe_tmp  # noqa: E402  (tests/: scratch directories qrunner's strict modes accept)
+from batches import in_batches  # noqa: E402
 
 PER_PROCESS = 1000  # messages per exim -bS
 _BPR_ENTRY = re.compile(rb"^\s*\d+[mhd]\s+\S+\s+[0-9A-Za-z]{6}-[0-9A-Za-z]{6,11}-[0-9A-Za-z]{2,4} ", re.M)
@@ -40,27 +40,13 @@ def batch_smtp(messages) -> bytes:
 
 def inject(instance, messages, processes: int = 2) -> float:
     """``messages`` into the gated named queue: one ``exim -odq -bS`` per PER_PROCESS, ``processes`` at a time."""
-    batches = [messages[i:i + PER_PROCESS] for i in range(0, len(messages), PER_PROCESS)]
-    errors: List[str] = []
-    lock = threading.Lock()
 
-    def worker() -> None:
-        while True:
-            with lock:
-                if not batches or errors:
-                    return
-                batch = batches.pop(0)
-            result = instance.run(["-odq", "-bS"], input=batch_smtp(batch), check=False, timeout=3600)
-            if result.returncode != 0:
-                with lock:
-                    errors.append(result.stderr.decode(errors="replace")[-300:])
+    def process(batch) -> Optional[str]:
+        result = instance.run(["-odq", "-bS"], input=batch_smtp(batch), check=False, timeout=3600)
+        return result.stderr.decode(errors="replace")[-300:] if result.returncode != 0 else None
 
     started = time.perf_counter()
-    workers = [threading.Thread(target=worker) for _ in range(processes)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    errors = in_batches(messages, PER_PROCESS, processes, process)
     if errors:
         raise BenchFailure("exim -bS failed while building the queue: " + errors[0])
     return time.perf_counter() - started

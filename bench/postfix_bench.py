@@ -17,7 +17,6 @@ import re
 import smtplib
 import subprocess
 import sys
-import threading
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -29,6 +28,7 @@ from timing import BenchFailure, Measured, measured
 
 from postfix_instance import free_loopback_port, make_instance  # noqa: E402  (tests/, on sys.path via harness)
 from smtp_sink import wait_for_greeting  # noqa: E402
+from batches import in_batches  # noqa: E402
 import safe_tmp  # noqa: E402  (tests/: scratch directories qrunner's strict modes accept)
 
 GATE = "deferred transport"
@@ -60,32 +60,16 @@ def new_instance(relay_port: int):
 
 def inject(instance, port: int, messages, threads: int = 2) -> float:
     """Submit ``messages`` over SMTP sessions of SESSION messages each, ``threads`` sessions at a time."""
-    batches = [messages[i:i + SESSION] for i in range(0, len(messages), SESSION)]
-    errors: List[str] = []
-    lock = threading.Lock()
 
-    def worker() -> None:
-        while True:
-            with lock:
-                if not batches or errors:
-                    return
-                batch = batches.pop(0)
-            try:
-                with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
-                    for m in batch:
-                        refused = client.sendmail(corpus.SENDER, m.recipients, m.text().encode())
-                        if refused:
-                            raise BenchFailure(f"Postfix refused recipients of message {m.number}: {refused}")
-            except (OSError, smtplib.SMTPException, BenchFailure) as error:
-                with lock:
-                    errors.append(str(error))
+    def session(batch) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
+            for m in batch:
+                refused = client.sendmail(corpus.SENDER, m.recipients, m.text().encode())
+                if refused:
+                    raise BenchFailure(f"Postfix refused recipients of message {m.number}: {refused}")
 
     started = time.perf_counter()
-    workers = [threading.Thread(target=worker) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    errors = in_batches(messages, SESSION, threads, session)
     if errors:
         raise BenchFailure("building the Postfix queue: " + errors[0])
     return time.perf_counter() - started

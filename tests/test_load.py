@@ -18,13 +18,13 @@ import random
 import smtplib
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import pytest
 
+from batches import in_batches
 from memory_harness import MemoryHarness
 from mta_harness import HELD, WAITING, PostfixHarness, harness_for
 from postfix_instance import free_loopback_port
@@ -298,30 +298,17 @@ SESSION = 500  # messages per SMTP session while building the queue
 def inject_over_smtp(port: int, numbers: List[int], threads: int = 2) -> None:
     """Queue the messages through a loopback smtpd, SESSION to a session, as bench/postfix_bench.py builds its
     queues (far faster than a sendmail process per message)."""
-    batches = [numbers[i:i + SESSION] for i in range(0, len(numbers), SESSION)]
-    errors: List[str] = []
-    lock = threading.Lock()
 
-    def worker() -> None:
-        while True:
-            with lock:
-                if not batches or errors:
-                    return
-                batch = batches.pop(0)
-            try:
-                with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
-                    for n in batch:
-                        client.sendmail("alice@qrunner-test.localdomain", [recipient(n)],
-                                        content(n).replace(b"\n", b"\r\n"))
-            except (OSError, smtplib.SMTPException) as error:
-                with lock:
-                    errors.append(f"message {n}: {error}")
+    def session(batch: Sequence[int]) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=120) as client:
+            for n in batch:
+                try:
+                    client.sendmail("alice@qrunner-test.localdomain", [recipient(n)],
+                                    content(n).replace(b"\n", b"\r\n"))
+                except (OSError, smtplib.SMTPException) as error:
+                    raise RuntimeError(f"message {n}: {error}") from None
 
-    workers = [threading.Thread(target=worker) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    errors = in_batches(numbers, SESSION, threads, session)
     assert not errors, errors[:3]
 
 
