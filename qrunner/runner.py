@@ -34,7 +34,7 @@ from qrunner.plan import (OVERRIDDEN, HeldCopy, HoldAge, Listed, Plan, Planned, 
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.progress import NONE as NO_PROGRESS, Progress
 from qrunner.selection import Choice, Selector
-from qrunner.state import HistoryEntry, Hold, Records, RunLock, RunSummary, State, settle, settled
+from qrunner.state import Copy, HistoryEntry, Hold, Records, RunLock, RunSummary, State, settle, settled
 
 log = logging.getLogger("qrunner")
 
@@ -396,21 +396,22 @@ class Runner:
             key = MessageKey.of(message)
             ours = message.held and key in records.holds
             hand_over = handed.get(key)
+            record = copies.get(message.queue_id)
             unfit = self.backend.unfit(message, ours)
             held_copy = None
             if message.held and not ours and routed:
-                held_copy, unnamed = self._held_copy(message, copies.get(message.queue_id), routed, queued, records)
+                held_copy, unnamed = self._held_copy(message, record, routed, queued, records, handed)
                 unfit = unnamed or unfit
             listed.append(Listed(message, ours=ours, unfit=unfit,
                                  expired=self.backend.expired(message),
-                                 copy=self._copy_of(message, copies.get(message.queue_id), names, routed),
+                                 copy=self._copy_of(message, record, names, routed),
                                  handed=(hand_over.queue_id, hand_over.sender) if hand_over else None,
                                  held_copy=held_copy))
         self._warn_old_holds([item.message for item in listed if item.ours])
         return listed
 
     def _held_copy(self, message: Message, record, routed: Sequence[Sender], queued: Dict[str, List[Message]],
-                   records: Records):
+                   records: Records, handed: Dict[MessageKey, Copy]):
         """(HeldCopy, None) for a copy on its listener's hold that qrunner has not released; (None, why) for one
         that names no original; (None, None) for any other held message.
 
@@ -427,8 +428,8 @@ class Runner:
             return None, None
         if record is not None:
             original = record.original
-            handed = records.handed().get(original)
-            removing = original in records.holds and handed is not None and handed.queue_id == message.queue_id
+            copy = handed.get(original)
+            removing = original in records.holds and copy is not None and copy.queue_id == message.queue_id
             present = any(MessageKey.of(m) == original for m in queued.get(original.queue_id, ()))
             return HeldCopy(record.sender, original.queue_id, removing or not present), None
         found = self.backend.held_copy(message, routed)
