@@ -6,8 +6,9 @@ supplementary group, no capability, no_new_privs) before the script's first
 line runs. The parent reads the headers the script asks for, a batch at a
 time. Shown here over the real Postfix and Exim of the test setup: the
 worker's credentials as the kernel reports them (/proc/PID/status, read from
-outside while the script runs), what a process with those credentials gets on
-the state directory, the MTA's queue and /etc (EACCES), and that headers read
+outside while the script runs), what Python code run inside the live worker
+(by the test-only fault harness) gets on the state directory, the MTA's queue
+and /etc (EACCES), and that headers read
 through the parent are those the MTA's own tools print.
 """
 
@@ -26,6 +27,7 @@ import threading
 import pytest
 
 from mta_harness import harness_for
+from fault_harness import FaultyQrunner
 from qrunner_e2e import Qrunner
 
 SCRIPT_USER = "_qrunner"
@@ -127,39 +129,32 @@ def test_the_script_runs_as_the_script_user_with_no_privilege_left(tmp_path, mta
     assert "Traceback" not in err and "policy error" in out + err
 
 
-PROBE = r"""
-import errno, json, os, sys
-from qrunner.policy import worker_identity
-from qrunner.policy_worker import enter_sandbox
-enter_sandbox(*worker_identity(sys.argv[1]))
-def attempt(what, path):
+def in_the_worker(tmp_path, mta, state_dir, attempts):
+    """What each (what, path) attempt gives Python code run inside the live Lua worker of a real ``qrunner plan``.
+
+    The fault harness (tests/faults/sitecustomize.py, test-only) runs the attempts in the worker's own
+    process when it first waits for a request, after it has dropped to the script user: what code that
+    escaped the Lua sandbox into the worker could do.
+    """
+    marks = tempfile.mkdtemp(prefix="qrunner-worker-probe-")
+    os.chmod(marks, 0o777)  # the worker, as _qrunner, writes its findings here
+    out = os.path.join(marks, "probe.json")
     try:
-        if what == "stat":
-            os.stat(path)
-        elif what == "list":
-            os.listdir(path)
-        elif what == "read":
-            open(path, "rb").close()
-        elif what == "write":
-            open(path, "ab").close()
-        elif what == "create":
-            open(path, "xb").close()
-        elif what == "rename":
-            os.rename(path, path + ".moved")
-        return "ok"
-    except OSError as error:
-        return errno.errorcode.get(error.errno, str(error.errno))
-print(json.dumps([attempt(what, path) for what, path in json.loads(sys.argv[2])]))
-"""
-
-
-def in_the_worker(attempts):
-    """What each (what, path) attempt gives a process that entered the worker's sandbox (the worker's own code)."""
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run([sys.executable, "-c", PROBE, SCRIPT_USER, json.dumps(attempts)], env=env,
-                         capture_output=True, text=True, timeout=60, cwd="/")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+        (tmp_path / "probe").mkdir()
+        qrunner = FaultyQrunner(tmp_path / "probe", mta, script="function CheckFile(f, a) return a end")
+        lines = [line for line in qrunner.config_path.read_text().splitlines(True)
+                 if line.partition(" =")[0] != "state_dir"]
+        qrunner.config_path.write_text(f"state_dir = {json.dumps(state_dir)}\n" + "".join(lines))
+        result = qrunner.faulted([{"target": "multiprocessing.connection:Connection.recv", "do": "probe",
+                                   "caller_file": "*/qrunner/policy_worker.py", "attempts": attempts, "out": out,
+                                   "once": os.path.join(marks, "struck")}], "plan")
+        assert result.code == 0 and "Traceback" not in result.stderr, result.stderr
+        with open(out) as handle:
+            found = json.load(handle)
+    finally:
+        shutil.rmtree(marks)
+    assert found["uid"] == script_uid_gid()[0], found  # it ran in the worker, after the drop
+    return found["results"]
 
 
 def queue_file(mta, queue_id: str) -> str:
@@ -184,7 +179,7 @@ def test_code_in_the_worker_gets_eacces_on_the_state_dir_the_queue_and_etc(tmp_p
     path = queue_file(mta, mta.queue_message("private mail"))
     guarded = guarded_queue_dir(mta)
     etc_file = "/etc/qrunner-sandbox-probe"
-    got = in_the_worker([
+    got = in_the_worker(tmp_path, mta, state_dir, [
         ("stat", state_dir), ("list", state_dir), ("write", database), ("create", state_dir + "/x"),
         ("stat", guarded), ("list", guarded), ("read", path), ("rename", path),
         ("create", etc_file), ("write", "/etc/passwd"), ("rename", "/etc/hostname"),

@@ -24,6 +24,10 @@ used in several places); ``caller_file``: only calls from a source file matching
 the qrunner process and its Lua worker call: the worker's module runs as ``__main__``). ``arg``: only calls with a positional argument matching the glob (a path given to
 ``builtins:open`` or ``os:replace``; only writes, for ``open``).
 
+``do = "probe"``: tries each ``[what, path]`` of ``attempts`` (``stat``, ``list``, ``read``, ``write``, ``create``,
+``rename``) in the calling process, right there, and writes what each gave (``ok`` or the errno's name) as JSON to
+``out``: what code that broke out of the Lua sandbox into the worker's process could do to the system.
+
 ``{"clock": SECONDS}``: ``time.time`` runs that many seconds off the real clock (negative: the clock stepped
 back), as after an NTP step or a wrong hardware clock.
 """
@@ -85,10 +89,38 @@ def _strike(fault: dict, args: tuple = ()) -> None:
         return
     if do == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if do == "probe":
+        _probe(fault["attempts"], fault["out"])
+        return
     if do == "kill-in-sqlite":
         _kill_inside_sqlite(args, int(fault.get("steps", 100)))
         return
     raise _error(fault["error"])
+
+
+def _attempt(what: str, path: str) -> str:
+    try:
+        if what == "stat":
+            os.stat(path)
+        elif what == "list":
+            os.listdir(path)
+        elif what == "read":
+            open(path, "rb").close()
+        elif what == "write":
+            open(path, "ab").close()
+        elif what == "create":
+            open(path, "xb").close()
+        elif what == "rename":
+            os.rename(path, path + ".moved")
+        return "ok"
+    except OSError as error:
+        return errno.errorcode.get(error.errno, str(error.errno))
+
+
+def _probe(attempts, out: str) -> None:
+    results = [_attempt(what, path) for what, path in attempts]
+    with open(out, "w") as handle:
+        json.dump({"uid": os.getuid(), "results": results}, handle)
 
 
 class _FailingConnection:
