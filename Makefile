@@ -62,7 +62,7 @@ demo: $(STAMP)
 ## test: install what the tests need (as root on Debian: Postfix, and a private Exim beside it), then run every
 ## test once: the memory cases under the coverage gate, then all the others
 test: $(STAMP) install-test-deps $(BENCH_STAMP) coverage
-	QRUNNER_REQUIRE_MTA=$${QRUNNER_REQUIRE_MTA:-$(REQUIRE_MTA)} $(BIN)/python -m pytest -m "not memory"
+	QRUNNER_REQUIRE_MTA=$${QRUNNER_REQUIRE_MTA:-$(REQUIRE_MTA)} $(BIN)/python -m pytest -m "not memory" --durations=25
 
 ## coverage: the memory back end's cases alone cover each of qrunner/{runner,plan,executor}.py to 90% (subprocesses included)
 coverage: $(STAMP)
