@@ -30,14 +30,15 @@ from __future__ import annotations
 import os
 import time
 import socket
+import subprocess
 import textwrap
 
 import pytest
 
-from fault_harness import HELD, SENT
+from fault_harness import SENT
 from mta_harness import HELD as IN_HOLD, WAITING
-from test_faults_mta import (EXIM_SUBJECTS, SUBJECTS, command_directory_with, ex, looks_work,  # noqa: F401
-                             pf, queue_scenario, recover_and_judge)
+from test_faults_mta import (EXIM_SUBJECTS, SUBJECTS, ex, judge_real, looks_work, pf,  # noqa: F401
+                             queue_scenario, recover_and_judge)
 from test_senders import sinks  # noqa: F401  (the fixture: one sink per Exim sender's transport)
 
 pytestmark = pytest.mark.reliability
@@ -47,20 +48,20 @@ EXIM_ERROR = "exim: failed to write spool file: No space left on device"
 POSTFIX_ERROR = "fatal: queue file write error: No space left on device"
 
 
-def failing_command(path, real: str, flag: str, mode: str, prefix: str = "") -> str:
+def failing_command(path, real: str, flag: str, mode: str, error: str = EXIM_ERROR) -> str:
     """``path``: ``real`` (Exim's binary, or one of Postfix's commands) with its ``flag`` failing as ``mode`` says.
 
     ``exit``: every call with ``flag`` prints an error and exits 1, doing nothing. ``half``: a call with ``flag``
     and two ids or more does the first id, then prints the error and exits 1 (ids on the command line, after the
-    flag and, for ``-MG``, its queue name; or for ``postsuper FLAG -``, on stdin). ``stops``: after the first call
+    flag and, for ``-MG``, its queue name; or for ``postsuper FLAG -``, on stdin); ``postqueue -j`` prints its
+    first message, then fails. ``stops``: after the first call
     with ``flag`` has ended, every call (any flag) fails: the MTA stopped working. ``pass``: every call goes
     through (the case removes the file or takes its mode away later). Any other call goes to ``real``.
     """
     path.write_text(textwrap.dedent(f"""\
         #!/usr/bin/python3
         import os, subprocess, sys
-        real, flag, mode, error = {real!r}, {flag!r}, {mode!r}, {prefix + (EXIM_ERROR if '-M' in flag or
-                                                                            flag == '-bP' else POSTFIX_ERROR)!r}
+        real, flag, mode, error = {real!r}, {flag!r}, {mode!r}, {error!r}
         stopped = {str(path) + '.stopped'!r}
         args = sys.argv[1:]
         def fail():
@@ -70,6 +71,10 @@ def failing_command(path, real: str, flag: str, mode: str, prefix: str = "") -> 
         if os.path.exists(stopped):
             fail()
         if flag in args and mode == "exit":
+            fail()
+        if flag in args and mode == "half" and flag == "-j":  # a listing that stops after its first message
+            listing = subprocess.run([real] + args, stdout=subprocess.PIPE).stdout
+            sys.stdout.buffer.write(listing.split(b"\\n")[0] + b"\\n")
             fail()
         if flag in args and mode == "half":
             cut = args.index(flag) + 1 + (flag == "-MG")
@@ -195,3 +200,135 @@ def test_exim_hand_back_failing_loses_nothing(ex, figures, tmp_path, mode):  # n
     figures.record("faults", "Exim: exim -MG (hand back past max_queue_time) failing (exit 1, half-applied)",
                    tried=1, survived=int(not problems), lost=sum("missing" in p for p in problems))
     assert not problems, problems
+
+
+# -- Postfix ---------------------------------------------------------------------------------------------------------
+
+POSTFIX = "qrunner.mta.postfix:PostfixBackend"
+
+
+def postfix_error(command: str) -> str:
+    return f"{command}: {POSTFIX_ERROR}"
+
+
+def command_directory(tmp_path, command: str, flag: str, mode: str) -> str:
+    """Postfix's commands linked into a directory of their own, ``command`` failing there as ``mode`` says."""
+    directory = tmp_path / "sbin"
+    directory.mkdir()
+    for name in os.listdir("/usr/sbin"):
+        if name.startswith("post") and name != command:
+            os.symlink(os.path.join("/usr/sbin", name), directory / name)
+    failing_command(directory / command, f"/usr/sbin/{command}", flag, mode, postfix_error(command))
+    return str(directory)
+
+
+def use_command_directory(qr, directory: str) -> str:
+    """The configuration with [postfix] command_directory = ``directory``; the old text, to heal with."""
+    config = qr.config_path.read_text()
+    qr.config_path.write_text(config.replace("[postfix]\n", f'[postfix]\ncommand_directory = "{directory}"\n'))
+    return config
+
+
+def test_postfix_listing_failing_changes_nothing_and_loses_nothing(pf, figures, tmp_path):  # noqa: F811
+    """``postqueue -j`` failing (exit 1, stopping after its first message, missing, not executable): nothing done.
+
+    A listing cut short must not pass for a queue that lost messages (their holds' records would be forgotten):
+    each faulted run stops before any change, the queue as ``postqueue -j`` shows it exactly as before; the four
+    are run one after another on one queue, and the run after them is judged.
+    """
+    mta, qr = pf
+    ids = queue_scenario(mta, qr)
+    before = mta.snapshot()
+    postqueue = os.path.join(command_directory(tmp_path, "postqueue", "-j", "pass"), "postqueue")
+    config = use_command_directory(qr, os.path.dirname(postqueue))
+    said = {"exit": f"postqueue -j failed: {postfix_error('postqueue')}; is Postfix running?",
+            "half": f"postqueue -j failed: {postfix_error('postqueue')}; is Postfix running?",
+            "missing": f"cannot run {postqueue}: No such file or directory; is Postfix installed whole?",
+            "not executable": f"cannot run {postqueue}: Permission denied; is Postfix installed whole?"}
+    for mode, sentence in said.items():
+        if mode in ("exit", "half"):
+            failing_command(tmp_path / "sbin" / "postqueue", "/usr/sbin/postqueue", "-j", mode,
+                            postfix_error("postqueue"))
+        else:
+            failing_command(tmp_path / "sbin" / "postqueue", "/usr/sbin/postqueue", "-j", "pass")
+            subprocess.run(take_away(postqueue, mode), check=True)
+
+        result = qr("run")
+
+        assert result.code == 69 and "Traceback" not in result.stderr, f"{mode}: exit {result.code}:\n{result.stderr}"
+        assert sentence in result.stderr, f"{mode}: {result.stderr}"
+        assert mta.snapshot() == before, f"{mode}: the queue changed"
+    qr.config_path.write_text(config)
+    looks_work(qr, ids["hold this"], "postqueue -j failing")
+    again = qr("run")
+    assert again.code == 0 and "Traceback" not in again.stderr, again.stderr
+    problems = judge_real(mta, qr, ids, SUBJECTS, {SENT: mta.sink})
+    figures.record("faults", "Postfix: postqueue -j failing (exit 1, cut short, missing, not executable)",
+                   tried=len(said), survived=len(said) * int(not problems),
+                   lost=sum("never" in p for p in problems), duplicates=sum("times" in p for p in problems))
+    assert not problems, problems
+
+
+POSTSUPER_RELEASE = ["half", "missing", "not executable"]
+
+
+@pytest.mark.parametrize("mode", POSTSUPER_RELEASE)
+def test_postfix_release_failing_loses_nothing(pf, figures, tmp_path, mode):  # noqa: F811
+    """``postsuper -H`` (the release of the holds the policy now allows) failing in the middle of the run."""
+    mta, qr = pf
+    ids = queue_scenario(mta, qr)  # later one/two held (now allowed: released, then scheduled), p90/p80 waiting
+    directory = command_directory(tmp_path, "postsuper", "-H", "half" if mode == "half" else "pass")
+    config = use_command_directory(qr, directory)
+    postsuper = os.path.join(directory, "postsuper")
+
+    if mode == "half":
+        result = qr("run")
+    else:
+        result = qr.faulted([{"target": f"{POSTFIX}.release", "do": "exec", "command": take_away(postsuper, mode)}])
+
+    assert result.code == 69 and "Traceback" not in result.stderr, f"exit {result.code}:\n{result.stderr}"
+    if mode == "half":
+        assert f"postsuper -H failed ({postfix_error('postsuper')}); 1 of 2 messages were changed before it " \
+               "stopped." in result.stderr, result.stderr
+        assert sorted(mta.where(ids[s]) for s in ("later one", "later two")) == [IN_HOLD, WAITING], mta.snapshot()
+    else:
+        why = "No such file or directory" if mode == "missing" else "Permission denied"
+        assert f"cannot run {postsuper}: {why}; is Postfix installed whole?" in result.stderr, result.stderr
+    qr.config_path.write_text(config)
+    looks_work(qr, ids["hold this"], f"postsuper -H {mode}")
+    recover_and_judge(mta, qr, ids, SUBJECTS, {SENT: mta.sink}, figures,
+                      "Postfix: postsuper -H failing (half-applied, missing, not executable)", f"-H {mode}")
+
+
+@pytest.mark.parametrize("how", ["missing", "refusing connections"])
+def test_postfix_flush_service_gone_loses_nothing(pf, figures, how):  # noqa: F811
+    """The flush service's socket (public/flush) missing, or nobody answering on it: nothing is scheduled.
+
+    qrunner asks the flush service to deliver each message of the default route; its fallback, ``postqueue -i``,
+    needs the same service. Each such send fails, said per message (exit 1); the next run, with the service
+    back, delivers them.
+    """
+    mta, qr = pf
+    ids = queue_scenario(mta, qr)
+    flush = os.path.join(mta.instance.queue_directory, "public", "flush")
+    os.rename(flush, flush + ".aside")
+    try:
+        if how != "missing":
+            dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            dead.bind(flush)
+            dead.close()  # the socket file stays, nobody listens: ECONNREFUSED
+
+        result = qr("run")
+
+    finally:
+        if os.path.exists(flush):
+            os.unlink(flush)
+        os.rename(flush + ".aside", flush)
+    assert result.code == 1 and "Traceback" not in result.stderr, f"exit {result.code}:\n{result.stderr}"
+    for subject in ("send p90", "send p80"):
+        assert f"{ids[subject]}: action=send sender=default failed: Postfix's flush service did not take the " \
+               "delivery request" in result.stderr, result.stderr
+    assert mta.sink.messages == []
+    looks_work(qr, ids["hold this"], f"the flush service {how}")
+    recover_and_judge(mta, qr, ids, SUBJECTS, {SENT: mta.sink}, figures,
+                      "Postfix: the flush service gone (socket missing, refusing)", how)
