@@ -7,7 +7,8 @@ whole run and ``exim -Mf`` failing; here each other command fails as it can fail
 - a half-applied batch: the command does the first id of its batch, then fails;
 - the binary missing (removed, e.g. by a package upgrade in the middle of a run) or not executable (its mode
   lost), at the moment qrunner is about to run that command: the file is removed or made 0644 right then, by the
-  fault injector's ``exec`` (tests/faults/sitecustomize.py), so every command before it ran;
+  fault injector's ``exec`` (tests/faults/sitecustomize.py), so every command before it ran (both fail where
+  qrunner starts the command, so each place that starts one gets one of the two);
 - Exim stopped in the middle of a run: every command after its first delivery batch fails;
 - Postfix's flush service gone: its socket missing, or a socket nobody answers on.
 
@@ -16,7 +17,7 @@ Exim: qrunner runs ``exim -bP`` (the configuration, at start), ``-Mf`` (hold), `
 queue from the spool's ``-H`` files and removes nothing (Exim never copies a message). Postfix: ``postconf``,
 ``postfix status``, ``postqueue -j`` (the listing), ``postsuper -h/-H/-d/-f`` and the flush service (its socket,
 ``postqueue -i`` when the socket fails). ``postcat -hq`` and ``exim -Mvh`` run only when a queue file vanished
-while the policy reads its headers: the policy then reads no headers (tests/test_policy_headers.py).
+while the policy reads its headers, and then fail with it (tests/test_hostile_queue_files.py, "vanished").
 
 Each case: the faulted command ends with one sentence naming the command on stderr and a documented exit code (69
 when the run had to stop, 1 when it went on and says which sends failed), never a traceback; once the fault is
@@ -32,14 +33,17 @@ import time
 import socket
 import subprocess
 import textwrap
+from collections import Counter
 
 import pytest
 
-from fault_harness import SENT
-from mta_harness import HELD as IN_HOLD, WAITING
+from fault_harness import SENT, FaultyQrunner
+from mta_harness import HELD as IN_HOLD, WAITING, EximHarness, PostfixHarness
+from qrunner_e2e import ALLOW_ALL, SKIP_ALL, queue_message, queue_state
+from test_hold_age import configure
 from test_faults_mta import (EXIM_SUBJECTS, SUBJECTS, ex, judge_real, looks_work, pf,  # noqa: F401
                              queue_scenario, recover_and_judge)
-from test_senders import sinks  # noqa: F401  (the fixture: one sink per Exim sender's transport)
+from test_senders import listener_ports, postfix_qrunner, relays, sinks  # noqa: F401  (fixtures: the routes)
 
 pytestmark = pytest.mark.reliability
 
@@ -107,8 +111,11 @@ def take_away(path: str, how: str) -> list:
 EXIM = "qrunner.mta.exim:EximBackend"
 # flag -> the back-end method that runs it (where the binary goes missing or loses its mode)
 EXIM_STEPS = {"-Mt": f"{EXIM}.release", "-Mc": f"{EXIM}._start"}
-EXIM_CASES = [("-bP", "exit"), ("-Mt", "exit"), ("-Mt", "half"), ("-Mt", "missing"), ("-Mt", "not executable"),
-              ("-Mc", "exit"), ("-Mc", "half"), ("-Mc", "missing"), ("-Mc", "not executable"),
+# A missing binary and a non-executable one fail at the same place (the OSError of starting it): each of the two
+# places that start exim (_exim for -bP/-Mf/-Mt/-MG/-Mg, _start for -Mc) gets one of them, to keep the real-MTA
+# cases few; -Mf's exit 1 is tests/test_faults_mta.py's.
+EXIM_CASES = [("-bP", "exit"), ("-Mt", "half"), ("-Mt", "missing"),
+              ("-Mc", "exit"), ("-Mc", "half"), ("-Mc", "not executable"),
               ("-Mc", "half, two batches at once"), ("every command", "Exim stopped after its first delivery")]
 
 
@@ -169,7 +176,7 @@ def test_exim_command_failing_loses_nothing(ex, figures, tmp_path, flag, mode): 
                       "Exim stopped)", f"{flag} {mode}")
 
 
-@pytest.mark.parametrize("mode", ["exit", "half"])
+@pytest.mark.parametrize("mode", ["half"])
 def test_exim_hand_back_failing_loses_nothing(ex, figures, tmp_path, mode):  # noqa: F811
     """``exim -MG`` (mail past max_queue_time handed to Exim's default queue) failing: said, stopped, done next run."""
     mta, qr, sinks_by_fate = ex
@@ -269,7 +276,7 @@ def test_postfix_listing_failing_changes_nothing_and_loses_nothing(pf, figures, 
     assert not problems, problems
 
 
-POSTSUPER_RELEASE = ["half", "missing", "not executable"]
+POSTSUPER_RELEASE = ["half", "missing"]  # not executable: tests/test_faults_mta.py's postsuper, for the whole run
 
 
 @pytest.mark.parametrize("mode", POSTSUPER_RELEASE)
@@ -300,35 +307,155 @@ def test_postfix_release_failing_loses_nothing(pf, figures, tmp_path, mode):  # 
                       "Postfix: postsuper -H failing (half-applied, missing, not executable)", f"-H {mode}")
 
 
-@pytest.mark.parametrize("how", ["missing", "refusing connections"])
-def test_postfix_flush_service_gone_loses_nothing(pf, figures, how):  # noqa: F811
-    """The flush service's socket (public/flush) missing, or nobody answering on it: nothing is scheduled.
+def test_postfix_flush_service_gone_loses_nothing(pf, figures):  # noqa: F811
+    """The flush service's socket (public/flush) missing, then nobody answering on it: nothing is scheduled.
 
     qrunner asks the flush service to deliver each message of the default route; its fallback, ``postqueue -i``,
-    needs the same service. Each such send fails, said per message (exit 1); the next run, with the service
-    back, delivers them.
+    needs the same service. Each such send fails, said per message with both errors (exit 1), and nothing leaves;
+    the two faulted runs change nothing else (the holds the policy now allows are released by the first, and
+    wait to be sent), so the next run, with the service back, is judged for both.
     """
     mta, qr = pf
     ids = queue_scenario(mta, qr)
     flush = os.path.join(mta.instance.queue_directory, "public", "flush")
     os.rename(flush, flush + ".aside")
+    results = {}
     try:
-        if how != "missing":
-            dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            dead.bind(flush)
-            dead.close()  # the socket file stays, nobody listens: ECONNREFUSED
-
-        result = qr("run")
-
+        results["No such file or directory"] = qr("run")
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(flush)
+        dead.close()  # the socket file stays, nobody listens
+        results["Connection refused"] = qr("run")
     finally:
         if os.path.exists(flush):
             os.unlink(flush)
         os.rename(flush + ".aside", flush)
-    assert result.code == 1 and "Traceback" not in result.stderr, f"exit {result.code}:\n{result.stderr}"
-    for subject in ("send p90", "send p80"):
-        assert f"{ids[subject]}: action=send sender=default failed: Postfix's flush service did not take the " \
-               "delivery request" in result.stderr, result.stderr
+    for why, result in results.items():
+        assert result.code == 1 and "Traceback" not in result.stderr, f"{why}: exit {result.code}:\n{result.stderr}"
+        for subject in ("send p90", "send p80", "later one", "later two"):
+            assert f"{ids[subject]}: action=send sender=default failed: Postfix's flush service did not take the " \
+                   f"delivery request ({flush}: {why}; postqueue -i: postqueue: fatal: " in result.stderr, result.stderr
     assert mta.sink.messages == []
-    looks_work(qr, ids["hold this"], f"the flush service {how}")
-    recover_and_judge(mta, qr, ids, SUBJECTS, {SENT: mta.sink}, figures,
-                      "Postfix: the flush service gone (socket missing, refusing)", how)
+    looks_work(qr, ids["hold this"], "the flush service gone")
+    again = qr("run")
+    assert again.code == 0 and "Traceback" not in again.stderr, again.stderr
+    problems = judge_real(mta, qr, ids, SUBJECTS, {SENT: mta.sink})
+    figures.record("faults", "Postfix: the flush service gone (socket missing, refusing)", tried=len(results),
+                   survived=len(results) * int(not problems), lost=sum("never" in p for p in problems),
+                   duplicates=sum("times" in p for p in problems))
+    assert not problems, problems
+
+
+@pytest.fixture
+def routed(postfix, smtp_sink, relays, listener_ports, tmp_path):  # noqa: F811
+    """A qrunner whose one sender, "isp", is routed: each send re-injects a copy into its listener (which holds
+    it), records it, removes the original with ``postsuper -d`` and then releases the copy."""
+    for relay in relays:
+        relay.clear()
+    qr = postfix_qrunner(tmp_path, postfix, ALLOW_ALL, ["isp"], listener_ports)
+    qr.__class__ = FaultyQrunner
+    return qr, relays[0]
+
+
+def test_postfix_remove_failing_in_a_hand_over_then_half_applied_delivers_each_once(routed, postfix, smtp_sink,
+                                                                                    figures, tmp_path):
+    """``postsuper -d`` (the original, once its copy is recorded) failing: first in every hand-over, then
+    half-applied in the next run's recovery, which removes the originals left beside their copies.
+
+    The copy must not leave while its original is still queued (it would go twice): it stays on the listener's
+    hold until the original is gone. After both faults, a normal run delivers each message exactly once.
+    """
+    qr, relay = routed
+    ids = [queue_message(postfix, subject) for subject in ("first", "second", "third")]
+    directory = command_directory(tmp_path, "postsuper", "-d", "exit")
+    config = use_command_directory(qr, directory)
+
+    failed = qr("run")
+
+    assert failed.code in (0, 1) and "Traceback" not in failed.stderr, f"exit {failed.code}:\n{failed.stderr}"
+    for queue_id in ids:
+        assert f"{queue_id}: the original of an accepted copy was not removed (postsuper -d failed " \
+               f"({postfix_error('postsuper')}); 0 of 1 messages were changed before it stopped.); the next run " \
+               "removes it" in failed.stderr, failed.stderr
+    time.sleep(1.0)
+    assert relay.messages == [] and smtp_sink.messages == []  # the copies wait on hold beside their originals
+    held = queue_state(postfix)
+    assert len(held) == 6 and {where for where, _ in held.values()} == {"hold"}, held  # postqueue -j
+    failing_command(tmp_path / "sbin" / "postsuper", "/usr/sbin/postsuper", "-d", "half", postfix_error("postsuper"))
+
+    half = qr("run")
+
+    assert half.code == 69 and "Traceback" not in half.stderr, f"exit {half.code}:\n{half.stderr}"
+    assert f"postsuper -d failed ({postfix_error('postsuper')}); 1 of 3 messages were changed before it stopped." \
+        in half.stderr, half.stderr
+    time.sleep(1.0)
+    assert relay.messages == [] and len(queue_state(postfix)) == 5  # one original gone, its copy still held
+    qr.config_path.write_text(config)
+    looks_work(qr, ids[0], "postsuper -d failing")
+
+    again = qr("run")
+
+    assert again.code == 0 and "Traceback" not in again.stderr, again.stderr
+    relay.wait_for(3)
+    time.sleep(1.0)  # a second copy, if one was on its way, arrives by now
+    got = Counter(m.header("Subject").decode() for m in relay.messages)
+    lost = sum(1 for s in ("first", "second", "third") if not got[s])
+    duplicates = sum(n - 1 for n in got.values() if n > 1)
+    figures.record("faults", "Postfix: postsuper -d failing in hand-overs, then half-applied in the recovery",
+                   tried=2, survived=2 * int(not lost and not duplicates), lost=lost, duplicates=duplicates)
+    assert (lost, duplicates) == (0, 0) and smtp_sink.messages == [], got
+    deadline = time.monotonic() + 20
+    while queue_state(postfix) and time.monotonic() < deadline:  # the last copies leave the active queue
+        time.sleep(0.1)
+    assert queue_state(postfix) == {}  # postqueue -j: nothing held, deferred or stranded
+
+
+# -- both: returning a hold past max_hold_age to its sender ------------------------------------------------------------
+
+@pytest.mark.parametrize("mta_name", ["postfix", "exim"])
+def test_return_to_sender_failing_keeps_the_hold_and_its_record(request, tmp_path, figures, mta_name):
+    """``postsuper -f`` / ``exim -Mg`` (``on_hold_expiry = "bounce"``) failing: the hold stays, on record.
+
+    The next run, the command working again, returns the message: the MTA's log says so.
+    """
+    if mta_name == "postfix":
+        mta = PostfixHarness(request.getfixturevalue("postfix"), request.getfixturevalue("smtp_sink"))
+    else:
+        mta = EximHarness(request.getfixturevalue("exim"), request.getfixturevalue("exim_sink"))
+    qr = FaultyQrunner(tmp_path, mta, SKIP_ALL)
+    queue_id = mta.queue_message("held, then returned")
+    assert qr("run").code == 0 and mta.where(queue_id) == IN_HOLD
+    time.sleep(2)
+    configure(qr, max_hold_age=1, on_hold_expiry="bounce")
+    if mta_name == "postfix":
+        flag, command = "-f", "postsuper"
+        config = use_command_directory(qr, command_directory(tmp_path, "postsuper", "-f", "exit"))
+        error = postfix_error("postsuper")
+    else:
+        flag, command, real, error = "-Mg", "exim", mta.instance.binary, EXIM_ERROR
+        config = use_binary(qr, real, failing_command(tmp_path / "exim", real, "-Mg", "exit"))
+
+    result = qr("run")
+
+    assert result.code == 69 and "Traceback" not in result.stderr, f"exit {result.code}:\n{result.stderr}"
+    assert f"{command} {flag} failed ({error}); 0 of 1 messages were changed before it stopped." in result.stderr, \
+        result.stderr
+    assert "action=vanished" not in result.stderr  # not taken for a message gone meanwhile
+    qr.config_path.write_text(config)
+    looks_work(qr, queue_id, f"{command} {flag} failing")
+    status = qr("status")
+    problems = [] if mta.where(queue_id) == IN_HOLD and queue_id in status.stdout else \
+        [f"{queue_id}: {mta.where(queue_id)}, on record: {queue_id in status.stdout}"]
+
+    again = qr("run")
+
+    assert again.code == 0 and "Traceback" not in again.stderr, again.stderr
+    mta.wait_gone(queue_id)
+    log = mta.instance.log_text()
+    said = f"{queue_id}: from=<alice@qrunner-test.localdomain>, status=force-expired, returned to sender" \
+        if mta_name == "postfix" else f"{queue_id} cancelled by root"
+    if said not in log:
+        problems.append(f"{queue_id}: gone, but the MTA's log does not say it was returned to its sender")
+    figures.record("faults", "Postfix postsuper -f / Exim -Mg (return to sender) failing", tried=1,
+                   survived=int(not problems), lost=len(problems))
+    assert not problems, problems
