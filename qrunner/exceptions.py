@@ -33,7 +33,10 @@ EXIT_STATUS = (
     (EX_DATAERR, "malformed input: a snapshot line that is not postqueue -j JSON (the message names the line), "
                  "a cases file that is not one"),
     (EX_NOINPUT, "the --queue-file snapshot does not exist (a missing script or configuration file is 78)"),
-    (EX_UNAVAILABLE, "the MTA is not installed, or Postfix is not running (the message says which)"),
+    (EX_UNAVAILABLE, "the MTA is not installed, or Postfix is not running, or one of the MTA's commands failed "
+                     "(postqueue, postsuper, exim: an error it printed, its binary missing or not executable): the "
+                     "run stopped before its next change, the message says which command and how many messages "
+                     "it changed first, and the next run settles the rest"),
     (EX_CANTCREAT, "snapshot -o FILE: the file cannot be created or written"),
     (EX_IOERR, "the state database cannot be written (the disk under state_dir full or read-only): the run "
                "stopped before its next change to the queue (each change is recorded before it is made), and the "

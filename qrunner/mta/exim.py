@@ -161,10 +161,26 @@ class EximBackend(Backend):
             return "no" if line.startswith("no_") else "yes"
         return line.partition("=")[2].strip()
 
-    def _each_batch(self, flag: str, ids: Sequence[str], extra: Sequence[str] = ()) -> None:
+    def _gone_after(self, flag: str, ids: Sequence[str], extra: Sequence[str] = ()) -> Set[str]:
+        """``flag`` over ``ids`` in batches; the ids no longer in qrunner's queue afterwards (moved, returned).
+
+        Exim prints nothing for these on success, so the spool tells. An exim
+        that failed (the binary, the spool) and left a message there without
+        naming it is an error, as in :meth:`_confirmed`: the run must stop and
+        say so, not take the message for one being delivered.
+        """
+        gone: Set[str] = set()
         for start in range(0, len(ids), COMMAND_BATCH):
             chunk = list(ids[start:start + COMMAND_BATCH])
-            self._exim(self.queue_args + [flag] + list(extra) + chunk)
+            result = self._exim(self.queue_args + [flag] + list(extra) + chunk)
+            gone.update(q for q in chunk if self._frozen(q) is None)
+            if result.returncode != 0:
+                left = [q for q in chunk if q not in gone]
+                named = self._say_refused(flag, left, result.stdout + "\n" + result.stderr)
+                if any(q not in named for q in left):
+                    raise UnavailableError(f"exim {flag} failed ({_last_line(result.stderr) or 'no output'}); "
+                                           f"{len(gone)} of {len(ids)} messages were changed before it stopped.")
+        return gone
 
     # -- facts ---------------------------------------------------------------
 
@@ -520,8 +536,7 @@ class EximBackend(Backend):
         ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
         if not ids or not self.queue:
             return set()
-        self._each_batch("-MG", ids, extra=[""])
-        return {q for q in ids if self._frozen(q) is None}
+        return self._gone_after("-MG", ids, extra=[""])
 
     cannot_return = None  # exim -Mg
 
@@ -538,8 +553,7 @@ class EximBackend(Backend):
         ids = [q for q in queue_ids if exim_spool.is_message_id(q) and self._frozen(q) is not None]
         if not ids:
             return set()
-        self._each_batch("-Mg", ids)
-        return {q for q in ids if self._frozen(q) is None}
+        return self._gone_after("-Mg", ids)
 
     def write_routes(self, routes: Dict[str, str]) -> None:
         """The router's lookup file, message id -> transport, replaced atomically.
@@ -636,7 +650,12 @@ class EximBackend(Backend):
                 running = self._reap(running, report)
             batch.requests = [r for r in batch.requests if self._still_waiting(r, report)]
             if batch.requests:
-                running.append(self._start(batch))
+                try:
+                    running.append(self._start(batch))
+                except UnavailableError:
+                    while running:  # what the batches already started did, reported before the run stops
+                        running = self._reap(running, report)
+                    raise
         while running:
             running = self._reap(running, report)
         return outcomes
@@ -657,8 +676,11 @@ class EximBackend(Backend):
         else:
             argv = self.queue_args + ["-Mc"] + batch.ids
         batch.started = time.time()
-        batch.proc = subprocess.Popen([self.binary] + self.config_args + argv, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            batch.proc = subprocess.Popen([self.binary] + self.config_args + argv, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError as exc:  # the binary gone or not executable since the run started: as in _exim
+            raise UnavailableError(f"cannot run {self.binary}: {exc.strerror}; check [exim] binary.")
         return batch
 
     def _reap(self, running: List[_Batch], report: Callable[[SendRequest, Outcome], None]) -> List[_Batch]:
@@ -699,7 +721,11 @@ class EximBackend(Backend):
                 # Frozen by this delivery (a bounce that cannot be delivered, a delivery error):
                 # only Exim's own rules (ignore_bounce_errors_after, timeout_frozen_after) can end
                 # that, and they never act in a named queue.
-                self.hand_back([queue_id])
+                try:
+                    self.hand_back([queue_id])
+                except UnavailableError as error:  # said for this message; the other batches' outcomes still come
+                    return Outcome(Result.FAILED, f"frozen by Exim during delivery; not moved to Exim's default "
+                                                  f"queue: {error.message}")
                 return Outcome(Result.FAILED, "frozen by Exim during delivery; moved, still frozen, to Exim's "
                                               "default queue")
             return Outcome(Result.FAILED, "frozen by someone else since it was listed; not sent")

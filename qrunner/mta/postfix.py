@@ -59,6 +59,7 @@ class PostfixBackend(Backend):
     """
 
     id_hint = "a Postfix queue id; check it in the queue listing ('postqueue -p')"
+    schedule_error = ""  # why the last schedule() could not reach the flush service ("" when it could)
 
     def __init__(self, settings: PostfixSettings):
         self.settings = settings
@@ -539,21 +540,30 @@ class PostfixBackend(Backend):
             return Outcome(Result.VANISHED)
         if self.schedule(queue_id):
             return Outcome(Result.SCHEDULED)
-        return Outcome(Result.FAILED, "Postfix refused to schedule it")
+        return Outcome(Result.FAILED, self.schedule_error or "Postfix refused to schedule it")
 
     def schedule(self, queue_id: str) -> bool:
         """Ask Postfix to deliver one deferred message now (``postqueue -i``'s request).
 
         True when the flush service accepted the request (it also accepts an
         id that no longer exists: the caller checks the queue for that).
+        When neither its socket nor ``postqueue -i`` reached the service,
+        :attr:`schedule_error` says why (the send's failure names it).
         """
+        self.schedule_error = ""
         if not is_queue_id(queue_id):
             return False
+        path = os.path.join(self.queue_directory, "public", "flush")
         try:
-            return _flush_request(os.path.join(self.queue_directory, "public", "flush"), queue_id)
+            return _flush_request(path, queue_id)
         except OSError as exc:
             log.debug("%s: flush socket unusable (%s); using postqueue -i", queue_id, exc)
+            problem = exc.strerror or str(exc)
         result = self._run("postqueue", ["-i", queue_id])
+        if result.returncode != 0:
+            self.schedule_error = (f"Postfix's flush service did not take the delivery request ({path}: {problem}; "
+                                   f"postqueue -i: {_last_line(result.stderr) or 'exit ' + str(result.returncode)})"
+                                   "; is the flush service in master.cf, and Postfix running?")
         return result.returncode == 0
 
 
