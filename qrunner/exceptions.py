@@ -26,6 +26,7 @@ EXIT_STATUS = (
     (EX_OK, "every message decided (and acted on) without a policy error"),
     (EX_POLICY_ERRORS, "decided, but at least one message had a policy error (that message was handled by "
                        "on_script_error), or (run, flush, release) could not be acted on: a send the MTA refused, "
+                       "a hand-over whose original or copy the MTA would not change (the next run finishes it), "
                        "a named message qrunner may not touch or does not hold; status shows such a run as "
                        "'exit 1:' with the reasons. status, release, flush: the selectors matched no message "
                        "(nothing was done). explain: the id is not in the queue (its history, if any, is shown)"),

@@ -524,6 +524,8 @@ class Executor:
             self._count("routed", senders)
             if outcome.original_removed:
                 self.state.forget([send.key])
+            if not outcome.original_removed or outcome.copy_held:
+                self.summary.unfinished += 1  # the MTA would not: a monitor should hear of it now, not next run
             later = ("" if outcome.original_removed else " (original not deleted yet: the next run deletes it"
                      + (", then releases the copy)" if outcome.copy_held else ")"))
             if outcome.original_removed and outcome.copy_held:

@@ -77,6 +77,8 @@ def troubles(plan: Plan, summary: RunSummary) -> List[str]:
         found.append(f"{plan.policy_errors} with a policy error")
     if summary.failed:
         found.append(f"{summary.failed} not acted on")
+    if summary.unfinished:
+        found.append(f"{summary.unfinished} handed over but not finished (the next run finishes them)")
     if plan.left_alone:
         found.append(f"{len(plan.left_alone)} named but left alone")
     return found
@@ -489,7 +491,7 @@ class Runner:
         else:
             summary.outcome = _outcome(plan, summary)
             summary.exit_code = 1 if found else 0
-            summary.succeeded = not (summary.failed or plan.left_alone)  # policy errors alone: the plan completed
+            summary.succeeded = not (summary.failed or summary.unfinished or plan.left_alone)  # policy errors alone: the plan completed
         state.finish_run(run_id, summary)
         counts = dict(executor.tally)
         counts.update({("policy_errors", sender): n for sender, n in metrics.policy_errors(plan.decisions).items()})

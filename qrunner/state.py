@@ -325,6 +325,7 @@ class RunSummary:
     errors: int = 0
     finished: Optional[float] = None
     failed: int = 0  # messages qrunner could not act on (not stored; counted in the exit code)
+    unfinished: int = 0  # hand-overs whose original or copy the MTA would not change (not stored; exit 1)
     outcome: str = ""
     exit_code: int = 0
     succeeded: bool = True  # completed its plan: exit 0, or 1 for policy errors only
