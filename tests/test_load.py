@@ -98,6 +98,13 @@ def with_peak_rss(qr: Qrunner, tmp_path) -> str:
     return str(out)
 
 
+def generous_time_limit(qr: Qrunner) -> Qrunner:
+    """script_timeout 60 s, not the harness's 2: these runs are about errors and load, not the time limit, and on a
+    loaded 2-core machine one trivial call was seen to stall past 2 s (its message then held, fail closed)."""
+    qr.config_path.write_text(qr.config_path.read_text().replace("script_timeout = 2\n", "script_timeout = 60\n"))
+    return qr
+
+
 def holds_by_id(qr: Qrunner) -> Dict[str, str]:
     status = qr("status", "--format", "json", timeout=600)
     assert status.code in (0, 1), status.stderr
@@ -112,7 +119,7 @@ def test_a_run_over_a_big_queue_with_a_policy_error_on_every_tenth(tmp_path, mem
     ids = memory.queue.submit_many(("alice@qrunner-test.localdomain", [recipient(n)], content(n), base + n)
                                    for n in range(1, BIG_QUEUE + 1))
     number = {queue_id: n for n, queue_id in enumerate(ids, start=1)}
-    qr = Qrunner(tmp_path, memory, TENTH_FAILS)
+    qr = generous_time_limit(Qrunner(tmp_path, memory, TENTH_FAILS))
     peak_file = with_peak_rss(qr, tmp_path)
 
     result = qr("run", "-q", timeout=3600)
@@ -125,7 +132,11 @@ def test_a_run_over_a_big_queue_with_a_policy_error_on_every_tenth(tmp_path, mem
     where = {m["id"]: m["state"] for m in queue["messages"]}
     sends = sorted((n for n in range(1, BIG_QUEUE + 1) if expected(n)[0] == "send"),
                    key=lambda n: (-expected(n)[1], base + n))
-    assert delivered == [ids[n - 1] for n in sends]  # every allowed message once, highest priority first
+    wanted = [ids[n - 1] for n in sends]
+    missing = sorted(set(wanted) - set(delivered))[:5]
+    assert delivered == wanted, ("every allowed message once, highest priority first; not delivered: "
+                                 f"{[(q, where.get(q)) for q in missing]}",
+                                 [line for line in result.stderr.splitlines() if any(q in line for q in missing)])
     held = {queue_id for queue_id, state in where.items() if state == HELD}
     assert held == {ids[n - 1] for n in range(1, BIG_QUEUE + 1) if expected(n)[0] == "hold"}
     assert set(where) == held  # nothing left waiting, nothing lost
@@ -352,7 +363,7 @@ def run_over_the_postfix_queue(tmp_path, postfix, smtp_sink, figures, numbers: L
     id_of = {int(e["recipients"][0]["address"].split("@")[0][1:]): e["queue_id"] for e in listed}
     arrival = {e["queue_id"]: e["arrival_time"] for e in listed}
     assert sorted(id_of) == numbers
-    qr = Qrunner(tmp_path, PostfixHarness(postfix, smtp_sink), TENTH_FAILS)
+    qr = generous_time_limit(Qrunner(tmp_path, PostfixHarness(postfix, smtp_sink), TENTH_FAILS))
     peak_file = with_peak_rss(qr, tmp_path)
 
     result = qr("run", "-q", timeout=7200)
