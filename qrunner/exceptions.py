@@ -30,8 +30,9 @@ EXIT_STATUS = (
                        "'exit 1:' with the reasons. status, release, flush: the selectors matched no message "
                        "(nothing was done). explain: the id is not in the queue (its history, if any, is shown)"),
     (EX_USAGE, "bad usage: an unknown option, a malformed --now or --sender, a queue id that is not one"),
-    (EX_DATAERR, "malformed input: a snapshot line that is not postqueue -j JSON (the message names the line), "
-                 "a cases file that is not one"),
+    (EX_DATAERR, "malformed input: a snapshot line that is not postqueue -j JSON (each such line is named, file "
+                 "and line number, and passed over: the other lines are still planned or checked), a cases file "
+                 "that is not one"),
     (EX_NOINPUT, "the --queue-file snapshot does not exist (a missing script or configuration file is 78)"),
     (EX_UNAVAILABLE, "the MTA is not installed, or Postfix is not running (the message says which)"),
     (EX_CANTCREAT, "snapshot -o FILE: the file cannot be created or written"),
