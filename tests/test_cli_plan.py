@@ -424,6 +424,22 @@ def assert_bad_lines(code, err, snapshot, numbers, fragment=""):
     assert fragment in err, (fragment, err)
 
 
+@pytest.mark.parametrize("depth", [900, 950, 990])
+def test_a_recipient_value_nested_hundreds_deep_is_planned_or_named_never_a_traceback(capsys, tmp_path, script,
+                                                                                        depth):
+    """Deep enough to pass JSON's own limit and then break a reader that walks it by recursion (it did, with a
+    RecursionError): whether JSON takes it depends on the stack it is read on; either way one sentence or a plan."""
+    line = dict(record("DEEP"), recipients=[{"address": "bob@example.net", "x": "@"}])
+    text = json.dumps(line).replace('"@"', "[" * depth + "]" * depth)
+    snapshot = write_snapshot(tmp_path, [record("GOOD"), text])
+    code, decisions, err = plan_json(capsys, ["plan", "--queue-file", snapshot, "--script", script])
+    if code == 65:
+        assert_bad_lines(code, err, snapshot, [2], "JSON nested too deeply")
+        assert [d["queue_id"] for d in decisions] == ["GOOD"]
+    else:
+        assert code == 0 and sorted(d["queue_id"] for d in decisions) == ["DEEP", "GOOD"], err
+
+
 def test_blank_lines_are_skipped_and_line_numbers_still_count_them(capsys, tmp_path, script):
     snapshot = tmp_path / "queue.jsonl"
     snapshot.write_text(json.dumps(record("A")) + "\n\n{oops\n" + json.dumps(record("B", arrival=2)) + "\n\n{oops\n")
