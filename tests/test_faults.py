@@ -276,19 +276,27 @@ BUILDERS = {"daily": build_daily, "paced": build_paced,
             "flush": lambda path: build_flush(path, False), "flush-ignore": lambda path: build_flush(path, True)}
 
 
+class Templates(dict):
+    """Each queue built once, when a case first asks for it, at the path every case then runs in (qrunner's
+    records name the queue's path): a run of a few cases builds only the queues they need."""
+
+    def __init__(self, work):
+        super().__init__()
+        self.work = work
+
+    def __missing__(self, name):
+        place = self.work / name
+        place.mkdir()
+        scenario = BUILDERS[name](place)
+        saved = self.work / f"{name}.template"
+        shutil.copytree(place, saved, symlinks=True)
+        self[name] = (scenario, place, saved)
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
-    """Each queue built once, at the path every case then runs in (qrunner's records name the queue's path)."""
-    work = tmp_path_factory.mktemp("faults")
-    built = {}
-    for name, build in BUILDERS.items():
-        place = work / name
-        place.mkdir()
-        scenario = build(place)
-        saved = work / f"{name}.template"
-        shutil.copytree(place, saved, symlinks=True)
-        built[name] = (scenario, place, saved)
-    return built
+    return Templates(tmp_path_factory.mktemp("faults"))
 
 
 def fresh(templates, name) -> Scenario:
