@@ -22,7 +22,8 @@ from qrunner import __version__, selection
 from qrunner.cases import describe, load_cases, run_cases, summary
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.decision import Decision
-from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, EXIT_STATUS, LockHeldError, NothingSelected, QrunnerError, UsageError
+from qrunner.exceptions import (EX_DATAERR, EX_OK, EX_POLICY_ERRORS, EXIT_STATUS, LockHeldError, NothingSelected,
+                               QrunnerError, UsageError)
 from qrunner.executor import quote
 from qrunner.log import report_failure, setup_logging, shown
 from qrunner.mta import backend_for
@@ -378,10 +379,11 @@ def _exit_code(decisions: Sequence[Decision]) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.queue_file:
         config = _config(args)
-        decisions = decide_offline(_policy_settings(config, args.now), _senders(args, config),
-                                   SnapshotBackend(args.queue_file), _progress(args))
+        snapshot = SnapshotBackend(args.queue_file)
+        decisions = decide_offline(_policy_settings(config, args.now), _senders(args, config), snapshot,
+                                   _progress(args))
         print_decisions(report_order(decisions), args.format)
-        return _exit_code(decisions)
+        return EX_DATAERR if snapshot.bad_lines else _exit_code(decisions)
     with _runner(args) as runner:
         result = runner.run(command="plan", dry_run=True)
     print_plan(result, args.format)
@@ -601,6 +603,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         for error in decision.errors:
             print(f"{decision.queue_id}: {error}")
     print(f"{config.script}: {len(decisions)} messages checked, {len(failed)} with policy errors")
+    if backend.bad_lines:  # each named on stderr; the good lines were checked
+        return EX_DATAERR
     return EX_POLICY_ERRORS if failed else EX_OK
 
 

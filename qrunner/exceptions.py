@@ -31,17 +31,20 @@ EXIT_STATUS = (
                        "'exit 1:' with the reasons. status, release, flush: the selectors matched no message "
                        "(nothing was done). explain: the id is not in the queue (its history, if any, is shown)"),
     (EX_USAGE, "bad usage: an unknown option, a malformed --now or --sender, a queue id that is not one"),
-    (EX_DATAERR, "malformed input: a snapshot line that is not postqueue -j JSON (the message names the line), "
-                 "a cases file that is not one"),
+    (EX_DATAERR, "malformed input: a snapshot line that is not postqueue -j JSON (each such line is named, file "
+                 "and line number, and passed over: the other lines are still planned or checked), a cases file "
+                 "that is not one"),
     (EX_NOINPUT, "the --queue-file snapshot does not exist (a missing script or configuration file is 78)"),
     (EX_UNAVAILABLE, "the MTA is not installed, or Postfix is not running, or one of the MTA's commands failed "
                      "(postqueue, postsuper, exim: an error it printed, its binary missing or not executable): the "
                      "run stopped before its next change, the message says which command and how many messages "
                      "it changed first, and the next run settles the rest"),
     (EX_CANTCREAT, "snapshot -o FILE: the file cannot be created or written"),
-    (EX_IOERR, "the state database cannot be written (the disk under state_dir full or read-only): the run "
-               "stopped before its next change to the queue (each change is recorded before it is made), and the "
-               "next run settles what it left; free space or make state_dir writable"),
+    (EX_IOERR, "the state database or Exim's routes file cannot be written (the disk under it full or "
+               "read-only; the message names the file): the run stopped before its next change to the queue (each "
+               "change is recorded before it is made), and the next run settles what it left; free space or make "
+               "the directory writable. A metrics file that cannot be written is an error in the log, not the "
+               "command's"),
     (EX_TEMPFAIL, "another qrunner run holds the lock; try again later. Also: the state database is locked by "
                   "another program (an admin's sqlite3 session) for longer than qrunner waits (30 s); nothing was "
                   "changed"),
@@ -104,6 +107,13 @@ class StateError(QrunnerError):
         super().__init__(message)
         if locked:
             self.exit_code = EX_TEMPFAIL
+
+
+class FileWriteError(QrunnerError):
+    """A file qrunner must write before it goes on, Exim's routes file, cannot be written (the disk full or
+    read-only, exit 74), as for the state database (:class:`StateError`)."""
+
+    exit_code = EX_IOERR
 
 
 class LockHeldError(QrunnerError):

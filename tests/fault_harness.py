@@ -87,6 +87,8 @@ def assert_looks_work(qr: FaultyQrunner, queue_id: str, after: str) -> None:
 # -- what a message must end as -------------------------------------------------------------------------------
 
 SENT, NIGHT, HELD, WAITS, RETURNED = "sent", "sent by night", "held", "waits", "returned to its sender"
+# What an admin's ``release`` leaves: released (waiting again, in qrunner's queue), moved to the MTA's default queue.
+RELEASED, MOVED = "released by the admin", "moved to the default queue by the admin"
 
 
 @dataclass
@@ -97,6 +99,10 @@ class Scenario:
     mta: object
     fates: Dict[str, str]
     ids: Dict[str, str] = field(default_factory=dict)  # subject -> queue id as submitted
+    command: Sequence[str] = ("run",)  # the command the fault goes into
+    # subject -> its state in the queue before the command: messages the command must not touch (an admin's release
+    # or flush of other messages), judged right after the faulted command, before any recovery
+    untouched: Dict[str, str] = field(default_factory=dict)
 
     @property
     def some_id(self) -> str:
@@ -174,6 +180,18 @@ def judge_memory(scenario: Scenario) -> Verdict:
                 lost.append(f"{subject!r}: gone")
             elif entries[0]["state"] == "held" and entries[0]["id"] not in recorded:
                 wrong.append(f"{subject!r}: on hold without qrunner's record")
+        elif fate in (RELEASED, MOVED):
+            moved = [e for e in entries if e["id"] in queue["default_queue"]]
+            if not routes and not entries:
+                lost.append(f"{subject!r}: gone")
+            elif routes and routes != ["default"]:
+                wrong.append(f"{subject!r}: {fate}, but delivered {routes}")
+            elif entries and entries[0]["state"] == "held":
+                wrong.append(f"{subject!r}: {fate}, but still on hold")
+            elif entries and fate == MOVED and not moved:
+                wrong.append(f"{subject!r}: {fate}, but still in qrunner's queue")
+            elif entries and fate == RELEASED and (moved or entries[0]["id"] in recorded):
+                wrong.append(f"{subject!r}: {fate}, but moved to the default queue or still on qrunner's record")
         elif fate == RETURNED:
             original = scenario.ids[subject]
             bounced = [m["id"] for m in queue["messages"]] + [d["id"] for d in queue["delivered"]]
@@ -187,6 +205,17 @@ def judge_memory(scenario: Scenario) -> Verdict:
     if "settled by the next run" in status.stdout:
         wrong.append("status still shows records of interrupted steps after the recovery runs:\n" + status.stdout)
     return Verdict(lost, duplicates, wrong)
+
+
+def touched(scenario: Scenario) -> List[str]:
+    """The messages the command was not asked about that it changed (released, moved, delivered, gone), from the
+    memory MTA's files: a kill at any step must never make a release or a flush act on more than the admin named."""
+    directory = scenario.mta.directory
+    queue = memory_files(directory)
+    now = {subject_of(directory, m["id"]): ("moved" if m["id"] in queue["default_queue"] else m["state"])
+           for m in queue["messages"]}
+    return [f"{subject!r}: {before} before the command, {now.get(subject, 'gone')} after it"
+            for subject, before in scenario.untouched.items() if now.get(subject) != before]
 
 
 def finish_slow_deliveries(directory: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -405,24 +406,62 @@ def test_bad_usage_exits_64(capsys, tmp_path, script, args):
      "'message_size'"),
 ])
 def test_a_malformed_snapshot_line_exits_65_naming_the_line(capsys, tmp_path, script, figures, line, number, fragment):
-    snapshot = write_snapshot(tmp_path, [record("GOOD"), line, record("LATER")])
-    code, out, err = run_cli(capsys, ["plan", "--queue-file", snapshot, "--script", script])
-    assert_failed(code, out, err, 65, f"{snapshot}:{number}:", fragment)
+    """One sentence naming the line; the other lines still planned, as a run goes on for the other messages."""
+    snapshot = write_snapshot(tmp_path, [record("GOOD"), line, record("LATER", arrival=2)])
+    code, decisions, err = plan_json(capsys, ["plan", "--queue-file", snapshot, "--script", script])
+    assert_bad_lines(code, err, snapshot, [number], fragment)
+    assert sorted(d["queue_id"] for d in decisions) == ["GOOD", "LATER"]
     figures.record("inputs", f"malformed snapshot line: {fragment}", tried=1, survived=1)
+
+
+def assert_bad_lines(code, err, snapshot, numbers, fragment=""):
+    """Exit 65, each bad line named in one sentence of its own (file and line number), no traceback."""
+    assert code == 65, err
+    assert "Traceback" not in err
+    named = [line for line in err.splitlines() if re.search(re.escape(f"{snapshot}:") + r"\d+: ", line)]
+    assert [line.split(f"{snapshot}:")[1].split(":")[0] for line in named] == [str(n) for n in numbers], err
+    assert all(line.endswith("each line must be one JSON object as 'postqueue -j' prints it.") for line in named)
+    assert fragment in err, (fragment, err)
+
+
+@pytest.mark.parametrize("depth", [900, 950, 990])
+def test_a_recipient_value_nested_hundreds_deep_is_planned_or_named_never_a_traceback(capsys, tmp_path, script,
+                                                                                        depth):
+    """Deep enough to pass JSON's own limit and then break a reader that walks it by recursion (it did, with a
+    RecursionError): whether JSON takes it depends on the stack it is read on; either way one sentence or a plan."""
+    line = dict(record("DEEP"), recipients=[{"address": "bob@example.net", "x": "@"}])
+    text = json.dumps(line).replace('"@"', "[" * depth + "]" * depth)
+    snapshot = write_snapshot(tmp_path, [record("GOOD"), text])
+    code, decisions, err = plan_json(capsys, ["plan", "--queue-file", snapshot, "--script", script])
+    if code == 65:
+        assert_bad_lines(code, err, snapshot, [2], "JSON nested too deeply")
+        assert [d["queue_id"] for d in decisions] == ["GOOD"]
+    else:
+        assert code == 0 and sorted(d["queue_id"] for d in decisions) == ["DEEP", "GOOD"], err
 
 
 def test_blank_lines_are_skipped_and_line_numbers_still_count_them(capsys, tmp_path, script):
     snapshot = tmp_path / "queue.jsonl"
-    snapshot.write_text(json.dumps(record("A")) + "\n\n" + json.dumps(record("B", arrival=2)) + "\n\n{oops\n")
-    code, out, err = run_cli(capsys, ["plan", "--queue-file", snapshot, "--script", script])
-    assert_failed(code, out, err, 65, f"{snapshot}:5:")
+    snapshot.write_text(json.dumps(record("A")) + "\n\n{oops\n" + json.dumps(record("B", arrival=2)) + "\n\n{oops\n")
+    code, decisions, err = plan_json(capsys, ["plan", "--queue-file", snapshot, "--script", script])
+    assert_bad_lines(code, err, snapshot, [3, 6])
+    assert sorted(d["queue_id"] for d in decisions) == ["A", "B"]
+
+
+def test_a_file_of_nothing_but_bad_lines_names_a_hundred_then_counts_the_rest(capsys, tmp_path, script):
+    """A wrong file given (a binary, a log): not a flood of sentences, and nothing planned."""
+    snapshot = write_snapshot(tmp_path, ["not json"] * 250)
+    code, decisions, err = plan_json(capsys, ["plan", "--queue-file", snapshot, "--script", script])
+    assert_bad_lines(code, err, snapshot, list(range(1, 101)))
+    assert f"{snapshot}: 150 more bad lines were not planned either;" in err and decisions == []
 
 
 def test_a_malformed_line_on_stdin_names_stdin(tmp_path, script):
-    result = run_qrunner(["plan", "--queue-file", "-", "--script", script],
+    result = run_qrunner(["plan", "--queue-file", "-", "--script", script, "--format", "json"],
                          input=(json.dumps(record("A")) + "\nnot json\n").encode())
-    assert result.returncode == 65 and result.stdout == b""
-    assert b"<stdin>:2:" in result.stderr and b"Traceback" not in result.stderr
+    assert result.returncode == 65
+    assert [d["queue_id"] for d in json.loads(result.stdout)["decisions"]] == ["A"]
+    assert b"<stdin>:2: not valid JSON" in result.stderr and b"Traceback" not in result.stderr
 
 
 def test_a_missing_snapshot_exits_66(capsys, tmp_path, script):
@@ -531,9 +570,10 @@ def test_check_with_a_clean_snapshot_exits_0(capsys, tmp_path, script):
 def test_check_with_a_bad_snapshot_exits_65_or_66(capsys, tmp_path, script):
     code, out, err = run_cli(capsys, ["check", "--queue-file", tmp_path / "absent", "--script", script])
     assert_failed(code, out, err, 66)
-    bad = write_snapshot(tmp_path, ["{"])
+    bad = write_snapshot(tmp_path, ["{", record("FINE", filename="error")])
     code, out, err = run_cli(capsys, ["check", "--queue-file", bad, "--script", script])
-    assert_failed(code, out, err, 65, f"{bad}:1:")
+    assert_bad_lines(code, err, bad, [1])
+    assert out.startswith("FINE: ") and "1 messages checked, 1 with policy errors" in out  # the good line checked
 
 
 def test_check_names_the_lua_version(capsys, tmp_path, script):

@@ -20,6 +20,7 @@ the copy).
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
 import shutil
@@ -29,9 +30,9 @@ import time
 
 import pytest
 
-from fault_harness import (HELD, NIGHT, POLICY, RETURNED, SENT, SETUP_POLICY, TWO_SENDERS, WAITS, FaultyQrunner,
-                           Scenario, assert_looks_work, finish_slow_deliveries, judge_memory, killed, memory_files,
-                           recover)
+from fault_harness import (HELD, MOVED, NIGHT, POLICY, RELEASED, RETURNED, SENT, SETUP_POLICY, TWO_SENDERS, WAITS,
+                           FaultyQrunner, Scenario, assert_looks_work, finish_slow_deliveries, judge_memory, killed,
+                           memory_files, recover, touched)
 from memory_harness import MemoryHarness
 from qrunner.mta.memory import MemoryQueue
 
@@ -223,22 +224,79 @@ def build_paced(path):
     return Scenario(qr, mta, {"night p90": NIGHT, "slow p80": SENT, "later p50": SENT, "waits p30": SENT}, ids)
 
 
-BUILDERS = {"daily": build_daily, "paced": build_paced}
+def build_holds(path, how):
+    """qrunner's holds (two the policy keeps, one it no longer does), a copy for the night relay whose original a
+    killed run left (the release's recovery removes it and releases the copy) and mail that arrived since, for an
+    admin's ``release`` of two holds by id (``how`` "ids"), ``--all``, or ``--for-removal`` with the gate out."""
+    mta = MemoryHarness(str(path / "queue"))
+    mta.set(named_queue=True)
+    qr = FaultyQrunner(path, mta, SETUP_POLICY, extra_config=f'metrics_file = "{path}/metrics.prom"\n')
+    qr.config_path.write_text(qr.config_path.read_text() + TWO_SENDERS)
+    ids = {s: _submit(mta, s) for s in ("hold a", "later p50", "hold b", "night zero")}
+    setup = qr.faulted([{"target": f"{BACKEND}.remove", "caller": "removed_now"}])
+    assert killed(setup), setup.stderr
+    ids["new p40"] = _submit(mta, "new p40")
+    qr.set_script(POLICY)
+    fates = {"hold a": RELEASED, "later p50": RELEASED, "hold b": RELEASED, "night zero": NIGHT, "new p40": WAITS}
+    if how == "ids":
+        fates["hold b"] = HELD
+        return Scenario(qr, mta, fates, ids, ("release", ids["hold a"], ids["later p50"]),
+                        {"hold b": "held", "new p40": "waiting"})
+    if how == "all":
+        return Scenario(qr, mta, fates, ids, ("release", "--all"), {"new p40": "waiting"})
+    mta.set(gated=False)
+    fates.update({s: MOVED for s in ("hold a", "later p50", "hold b", "new p40")})
+    return Scenario(qr, mta, fates, ids, ("release", "--for-removal"))
+
+
+def build_flush(path, ignore_policy):
+    """qrunner's holds and waiting mail; the admin flushes two holds (one the policy keeps, one it allows now) and
+    two waiting messages (one for the night relay), with the policy or ``--ignore-policy``; one hold and one waiting
+    message are not named."""
+    mta = MemoryHarness(str(path / "queue"))
+    qr = FaultyQrunner(path, mta, SETUP_POLICY, extra_config=f'metrics_file = "{path}/metrics.prom"\n')
+    qr.config_path.write_text(qr.config_path.read_text() + TWO_SENDERS)
+    ids = {s: _submit(mta, s) for s in ("hold a", "later p60", "hold b")}
+    assert qr("run").code == 0
+    for subject in ("send p50", "night p70", "send p30"):
+        ids[subject] = _submit(mta, subject)
+    qr.set_script(POLICY)
+    named = [ids[s] for s in ("hold a", "later p60", "send p50", "night p70")]
+    fates = {"hold a": HELD, "later p60": SENT, "hold b": HELD, "send p50": SENT, "night p70": NIGHT,
+             "send p30": WAITS}
+    if ignore_policy:
+        fates.update({"hold a": SENT, "night p70": SENT})  # the admin's override: by the default sender
+    return Scenario(qr, mta, fates, ids, ("flush", *named) + (("--ignore-policy",) if ignore_policy else ()),
+                    {"hold b": "held", "send p30": "waiting"})
+
+
+BUILDERS = {"daily": build_daily, "paced": build_paced,
+            "release": lambda path: build_holds(path, "ids"), "release-all": lambda path: build_holds(path, "all"),
+            "removal": lambda path: build_holds(path, "removal"),
+            "flush": lambda path: build_flush(path, False), "flush-ignore": lambda path: build_flush(path, True)}
+
+
+class Templates(dict):
+    """Each queue built once, when a case first asks for it, at the path every case then runs in (qrunner's
+    records name the queue's path): a run of a few cases builds only the queues they need."""
+
+    def __init__(self, work):
+        super().__init__()
+        self.work = work
+
+    def __missing__(self, name):
+        place = self.work / name
+        place.mkdir()
+        scenario = BUILDERS[name](place)
+        saved = self.work / f"{name}.template"
+        shutil.copytree(place, saved, symlinks=True)
+        self[name] = (scenario, place, saved)
+        return self[name]
 
 
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
-    """Each queue built once, at the path every case then runs in (qrunner's records name the queue's path)."""
-    work = tmp_path_factory.mktemp("faults")
-    built = {}
-    for name, build in BUILDERS.items():
-        place = work / name
-        place.mkdir()
-        scenario = build(place)
-        saved = work / f"{name}.template"
-        shutil.copytree(place, saved, symlinks=True)
-        built[name] = (scenario, place, saved)
-    return built
+    return Templates(tmp_path_factory.mktemp("faults"))
 
 
 def fresh(templates, name) -> Scenario:
@@ -292,6 +350,170 @@ def test_a_run_killed_at_each_step_loses_nothing(templates, figures, scenario_na
     assert_looks_work(scenario.qr, scenario.some_id, f"a kill {when} {function}: {owner}.{method}")
     judged(scenario, figures, "memory: SIGKILL at each step of a run", f"a kill {when} {function}: {owner}.{method}",
            DUPLICATE_WINDOW.get((scenario_name, function, method) if when == "before" else None))
+
+
+# -- the admin's commands: release (by id, --all, --for-removal) and flush (with and without --ignore-policy) -------
+
+# Every step each of the admin's commands takes, as in STEPS: (function, object, method). A release or a flush runs
+# the same executor and the same hand-over as a run, over its own share of the queue (the release plan; only the
+# named messages) and with its own code in runner.py around them, so each has its own kill cases.
+RELEASE_STEPS = {
+    ("_release_plan", "backend", "list"), ("_reconcile", "state", "load"), ("_reconcile", "state", "apply"),
+    ("release", "state", "start_run"),
+    ("remove", "backend", "remove"), ("remove", "state", "forget"), ("remove", "state", "forget_copies"),
+    ("release_copies", "backend", "release_copies"), ("release_copies", "state", "mark_copies_released"),
+    ("keep", "state", "update_reason"),  # nothing kept: an empty write all the same
+    ("_release", "state", "mark_releasing"), ("_release", "backend", "release"), ("_release", "state", "forget"),
+    ("_write_history", "state", "record_history"),
+    ("_finish", "state", "finish_run"), ("_finish", "state", "add_counts"), ("_write_metrics", "metrics", "write"),
+    ("release", "state", "prune"),
+}
+FLUSH_STEPS = {
+    ("_plan", "backend", "list"), ("_reconcile", "state", "load"), ("_reconcile", "state", "apply"),
+    ("_execute", "state", "start_run"), ("keep", "state", "update_reason"),
+    ("_release", "state", "mark_releasing"), ("_release", "backend", "release"), ("_release", "state", "forget"),
+    ("_send_step", "backend", "send"), ("send_copying_routes", "backend", "_deliver"),
+    ("send_copying_routes", "journal", "sent"), ("send", "state", "record_dispatches"),
+    ("send", "state", "note_attempts"), ("_write_history", "state", "record_history"),
+    ("_finish", "state", "finish_run"), ("_finish", "state", "add_counts"), ("_write_metrics", "metrics", "write"),
+    ("_execute", "state", "prune"),
+}
+# the policy's flush: a named hold the policy keeps, and a named message for the night relay (a sender's route)
+FLUSH_BY_POLICY = FLUSH_STEPS | {
+    ("holding", "state", "record_holding"), ("held", "state", "mark_held"), ("copied", "state", "record_copy"),
+    ("copy_released", "state", "mark_copies_released"),
+    ("send_copying_routes", "journal", "holding"), ("send_copying_routes", "backend", "hold"),
+    ("send_copying_routes", "journal", "held"), ("send_copying_routes", "backend", "_hand_over"),
+    ("finish_hand_over", "journal", "copied"), ("removed_now", "backend", "remove"),
+    ("finish_hand_over", "journal", "copy_released"), ("released_now", "backend", "release_copies"),
+    ("_report", "state", "forget"),
+}
+ADMIN_STEPS = {
+    "release": RELEASE_STEPS,
+    "release-all": RELEASE_STEPS,
+    "removal": RELEASE_STEPS | {("_hand_back", "backend", "hand_back"), ("_check_emptied", "backend", "list")},
+    "flush": FLUSH_BY_POLICY,
+    "flush-ignore": FLUSH_STEPS,
+}
+# The commands' own code in runner.py, from where each starts: every step in it must have a case in one of them.
+ADMIN_ENTRIES = {"release": ("release", "release-all", "removal"), "release_for_removal": ("removal",),
+                 "run": ("flush", "flush-ignore")}
+# What the enumeration passes over: the state's reads, and the back end's facts (asked, never changing the queue).
+STATE_READS = {"close", "holds", "totals", "last_runs", "last_run", "recent_runs", "runs", "history", "hold"}
+BACKEND_FACTS = {"is_message_id", "check", "gate", "unfit", "copy_of", "held_copy", "sends_from_hold", "due",
+                 "expired", "queue_lifetime", "version", "describe_route", "close"}
+JOURNAL = ("holding", "held", "copied", "copy_released", "sent")
+
+
+def _methods(cls) -> set:
+    return {name for name, value in vars(cls).items() if callable(value) and not name.startswith("_")}
+
+
+def traced_faults(trace: str) -> list:
+    """Faults that only write down every step the command takes: each call to the state (its reads passed over),
+    the back end (its facts passed over), the hand-over's journal and the metrics file."""
+    from qrunner.mta.base import Backend
+    from qrunner.state import State
+    backend = (_methods(Backend) - BACKEND_FACTS) | {"_deliver", "_hand_over"}
+    targets = ([(f"{STATE}.{m}", "state") for m in sorted(_methods(State) - STATE_READS)]
+               + [(f"{BACKEND}.{m}", "backend") for m in sorted(backend)]
+               + [(f"{EXECUTOR}.{m}", "journal") for m in JOURNAL] + [("qrunner.metrics:write", "metrics")])
+    return [{"target": target, "do": "trace", "file": trace, "as": owner} for target, owner in targets]
+
+
+def runner_steps(entry: str) -> set:
+    """The steps in runner.py's own code from ``entry`` on (each Runner method it calls, in turn): its state writes,
+    its back end's actions and the metrics file, as :func:`call_sites` finds them."""
+    with open(os.path.join(ROOT, "qrunner/runner.py")) as f:
+        tree = ast.parse(f.read())
+    runner = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Runner")
+    methods = {n.name: n for n in runner.body if isinstance(n, ast.FunctionDef)}
+    reached, todo = set(), [entry]
+    while todo:
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        for node in ast.walk(methods[name]):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "self"
+                    and node.func.attr in methods):
+                todo.append(node.func.attr)
+    from qrunner.mta.base import Backend
+    actions = _methods(Backend) - BACKEND_FACTS
+    return {(function, owner, method) for function, owner, method in
+            call_sites("qrunner/runner.py", {"state", "backend", "metrics"}, reached)
+            if (owner == "state" and method not in STATE_READS) or (owner == "backend" and method in actions)
+            or (owner, method) == ("metrics", "write")}
+
+
+def test_every_step_of_the_admins_release_and_flush_has_a_fault_case(templates, tmp_path):
+    """Each command run once with every step written down: a step it takes that has no kill case in ADMIN_STEPS
+    fails, and so does one in its code in runner.py (a branch its queue does not reach) that no command's has."""
+    for name in ADMIN_STEPS:
+        scenario = fresh(templates, name)
+        trace = tmp_path / f"{name}.steps"
+        result = scenario.qr.faulted(traced_faults(str(trace)), *scenario.command)
+        assert result.code == 0 and "Traceback" not in result.stderr, f"{name}: exit {result.code}\n{result.stderr}"
+        taken = {tuple(line.split()) for line in trace.read_text().splitlines()}
+        missing = sorted(taken - ADMIN_STEPS[name])
+        assert not missing, f"steps of {' '.join(scenario.command[:2])} ({name}) without a fault case: {missing}"
+        unreached = sorted(ADMIN_STEPS[name] - taken)
+        assert not unreached, f"{name}: cases for steps its queue never reaches: {unreached}"
+    for entry, names in ADMIN_ENTRIES.items():
+        cased = set().union(*(ADMIN_STEPS[n] for n in names))
+        missing = sorted(runner_steps(entry) - cased - (set(STEPS) if entry == "run" else set()))
+        assert not missing, f"steps of Runner.{entry} in qrunner/runner.py without a fault case: {missing}"
+
+
+# The change each command is for: its kills before and after it run in the suite whatever ran before.
+PURPOSE = {"release": {("_release", "backend", "release")}, "release-all": {("_release", "backend", "release")},
+           "removal": {("_hand_back", "backend", "hand_back")},
+           "flush": {("_send_step", "backend", "send"), ("send_copying_routes", "backend", "_hand_over")},
+           "flush-ignore": {("_send_step", "backend", "send")}}
+
+
+def admin_kill_cases():
+    """SIGKILL before each step of each command, and just after each MTA change: every one under QRUNNER_LONG=1
+    (about 130). The suite (its time is counted) keeps the kills no earlier case takes at the same call (a run's
+    first: the same code killed at the same call leaves the same kind of records) and, for each command, the kills
+    around the change it is for (the release, the move, the sends)."""
+    done = {(function, owner, method, when) for (function, owner, method), _ in STEPS.items()
+            for when in ("before", "after")}
+    cases = []
+    for name, steps in ADMIN_STEPS.items():
+        for function, owner, method in sorted(steps):
+            for when in ("before", "after") if owner == "backend" and method in MTA_CHANGES else ("before",):
+                step = (function, owner, method, when)
+                if LONG or step not in done or (function, owner, method) in PURPOSE[name]:
+                    cases.append(pytest.param(name, function, owner, method, when,
+                                              id=f"{name}-{when}-{function}-{owner}.{method}"))
+                done.add(step)
+    return cases
+
+
+@pytest.mark.parametrize("scenario_name, function, owner, method, when", admin_kill_cases())
+def test_the_admins_release_or_flush_killed_at_each_step_loses_nothing(templates, figures, scenario_name, function,
+                                                                       owner, method, when):
+    """Killed at a step, the command has acted on nothing the admin did not name; the admin runs it again (as after
+    any failed command) and every message ends as the command and the policy say: none lost, none on hold
+    without a record, none released or sent that the admin did not name, none delivered twice."""
+    scenario = fresh(templates, scenario_name)
+    target = f"{TARGETS[owner]}.{method}" if owner != "metrics" else f"{TARGETS[owner]}{method}"
+    result = scenario.qr.faulted([{"target": target, "caller": function, "when": when}], *scenario.command)
+    after = f"a kill {when} {function}: {owner}.{method} of {' '.join(scenario.command[:2])}"
+
+    assert killed(result), f"the command never reached {function}: {owner}.{method} (exit {result.code}):\n" \
+                           f"{result.stderr}"
+    assert not touched(scenario), f"after {after}: {touched(scenario)}"
+    assert_looks_work(scenario.qr, scenario.some_id, after)
+    heal(scenario)
+    again = scenario.qr(*scenario.command)
+    assert again.code in (0, 1) and "Traceback" not in again.stderr, f"exit {again.code}:\n{again.stderr}"
+    verdict = judge_memory(scenario)
+    figures.record("faults", "memory: SIGKILL at each step of an admin's release or flush", tried=1,
+                   survived=int(verdict.ok), lost=len(verdict.lost), duplicates=len(verdict.duplicates))
+    assert verdict.ok, f"after {after} and the command again: {verdict}"
 
 
 # -- the state database: the disk full or read-only at each write ------------------------------------------------
@@ -360,15 +582,20 @@ def test_the_mta_failing_at_each_command_loses_nothing(templates, figures, scena
 # -- the metrics file: the disk full or read-only -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("error", ["ENOSPC", "EROFS"])
-def test_the_metrics_file_failing_to_write_is_said_and_the_run_goes_on(templates, figures, error):
+@pytest.mark.parametrize("command, error", [(("run",), "ENOSPC"), (("run",), "EROFS"),
+                                            (("release", "--all"), "ENOSPC"), (("flush", "--all"), "EROFS")],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_the_metrics_file_failing_to_write_is_said_and_the_run_goes_on(templates, figures, command, error):
+    """As documented (qrunner.toml(5), metrics_file): an error in the log naming the file, not the command's."""
     scenario = fresh(templates, "daily")
     result = scenario.qr.faulted([{"target": "os:open", "arg": "*metrics.prom*", "do": "raise",
-                                   "error": error}])
+                                   "error": error}], *command)
 
     assert result.code == 0, result.stderr
-    assert "cannot write the metrics file" in result.stderr and "Traceback" not in result.stderr, result.stderr
-    judged(scenario, figures, "memory: the metrics file on a full or read-only disk", error)
+    assert f"{scenario.qr.tmp_path}/metrics.prom: cannot write the metrics file ({os.strerror(getattr(errno, error))})" \
+        in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert f"{command[0]}: listed=" in result.stderr or "release: released=" in result.stderr, result.stderr
+    judged(scenario, figures, "memory: the metrics file on a full or read-only disk", f"{' '.join(command)}: {error}")
 
 
 # -- the clock stepping back between runs ----------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from qrunner.atomic import replace_file
 from qrunner.config import EximSettings, Sender
-from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
+from qrunner.exceptions import ConfigError, FileWriteError, NoPermissionError, UnavailableError
 from qrunner.message import Message, QueueState
 from qrunner.mta.base import Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest
 from qrunner.mta import exim_gate, exim_hints, exim_spool
@@ -565,13 +565,16 @@ class EximBackend(Backend):
         if not self.routes_file:
             return
         text = "".join(f"{message_id}: {transport}\n" for message_id, transport in sorted(routes.items()))
+        path = self.routes_file
         try:
             self._write_routes_text(text.encode("ascii"))
             if os.path.exists(self.old_routes_file):  # a router may still read it: see _move_routes_file
-                replace_file(self.old_routes_file, text.encode("ascii"), 0o644)
-        except OSError as exc:
-            raise ConfigError(f"{self.routes_file}: cannot write Exim's routes file ({exc.strerror}); "
-                              "check 'state_dir'.")
+                path = self.old_routes_file
+                replace_file(path, text.encode("ascii"), 0o644)
+        except OSError as exc:  # as the state database on a full or read-only disk: 74, and the next run writes it
+            raise FileWriteError(f"{path}: cannot write Exim's routes file ({exc.strerror or exc}); nothing more "
+                                 "was handed to Exim and the next run writes it again: free space on the disk "
+                                 f"under {os.path.dirname(path)} or make it writable.") from None
         if routes:
             self._check_reachable(os.path.dirname(self.routes_file))
 

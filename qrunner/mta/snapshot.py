@@ -32,10 +32,12 @@ import sys
 import tempfile
 from typing import IO, Any, Dict, Iterable, List
 
-from qrunner.exceptions import CantCreateError, DataError, NoInputError
+from qrunner.exceptions import CantCreateError, NoInputError
 from qrunner.message import NO_HEADERS, InlineHeaders, Message
 from qrunner.mta.base import Backend
 from qrunner.mta.postfix_queuefile import arrival_microseconds, is_queue_id
+
+log = logging.getLogger("qrunner")
 
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z: what time.localtime can show
 MAX_SIZE = 2 ** 53  # what a Lua 5.1 number (a double) holds exactly
@@ -49,17 +51,23 @@ SNAPSHOT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def _encodable(value: Any) -> bool:
-    """Every string in ``value`` is text or bytes escaped as snapshot writes them (surrogateescape)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, list):
-        return all(_encodable(v) for v in value)
-    if isinstance(value, dict):
-        return all(_encodable(v) for v in value.values())
+    """Every string in ``value`` is text or bytes escaped as snapshot writes them (surrogateescape).
+
+    Walked with a list, not by recursion: a value nested as deep as JSON
+    allows must be judged, not end the command with a RecursionError.
+    """
+    todo = [value]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(value, list):
+            todo.extend(value)
+        elif isinstance(value, dict):
+            todo.extend(value.values())
     return True
 
 
@@ -211,25 +219,39 @@ def write_snapshot_file(path: str, messages: Iterable[Message]) -> int:
     return count
 
 
-def parse_snapshot(stream: IO[bytes], name: str) -> List[Message]:
-    """Every message of a snapshot; a bad line is an error naming its number."""
+MAX_NAMED = 100  # bad lines named one by one; past them, one sentence says how many more (a wrong file given)
+
+
+def parse_snapshot(stream: IO[bytes], name: str, bad: List[str]) -> List[Message]:
+    """Every good line of a snapshot as a message; each bad line's sentence (file and line number) goes to ``bad``.
+
+    A bad line is passed over, so the other lines are still planned, as a
+    run goes on for the other messages; the command then ends with exit 65.
+    """
     messages = []
     for number, raw in enumerate(stream, 1):
-        text = raw.decode("utf-8", "surrogateescape").strip()
-        if not text:
-            continue
-        try:
-            record = json.loads(text)
-        except RecursionError:
-            raise DataError(f"{name}:{number}: JSON nested too deeply to be a snapshot line; {FORMAT_HINT}.")
-        except ValueError as exc:
-            why = getattr(exc, "msg", None) or "a number with more digits than any field can hold"
-            raise DataError(f"{name}:{number}: not valid JSON ({why}); {FORMAT_HINT}.")
-        problem = _problem(record)
-        if problem:
-            raise DataError(f"{name}:{number}: {problem}; {FORMAT_HINT}.")
-        messages.append(message_from_record(record))
+        line = _read_line(raw)
+        if isinstance(line, Message):
+            messages.append(line)
+        elif line:
+            bad.append(f"{name}:{number}: {line}; {FORMAT_HINT}.")
     return messages
+
+
+def _read_line(raw: bytes):
+    """One line's message, or what is wrong with it ("" for a blank line); the line's own text is never quoted."""
+    text = raw.decode("utf-8", "surrogateescape").strip()
+    if not text:
+        return ""
+    try:
+        record = json.loads(text)
+        problem = _problem(record)
+    except RecursionError:
+        return "JSON nested too deeply to be a snapshot line"
+    except ValueError as exc:
+        why = getattr(exc, "msg", None) or "a number with more digits than any field can hold"
+        return f"not valid JSON ({why})"
+    return problem or message_from_record(record)
 
 
 class SnapshotBackend(Backend):
@@ -237,13 +259,30 @@ class SnapshotBackend(Backend):
 
     def __init__(self, path: str):
         self.path = path
+        self.bad_lines: List[str] = []  # one sentence per bad line of the last listing (the command exits 65)
 
     def list(self) -> List[Message]:
+        """The good lines' messages; each bad line, kept in ``bad_lines``, is said in the log once the file is read."""
+        self.bad_lines = []
+        try:
+            return self._read()
+        finally:
+            for sentence in self.bad_lines[:MAX_NAMED]:
+                log.error("%s", sentence)
+            if len(self.bad_lines) > MAX_NAMED:
+                log.error("%s: %d more bad lines were not planned either; %s.", self._name,
+                          len(self.bad_lines) - MAX_NAMED, FORMAT_HINT)
+
+    @property
+    def _name(self) -> str:
+        return "<stdin>" if self.path == "-" else self.path
+
+    def _read(self) -> List[Message]:
         if self.path == "-":
-            return parse_snapshot(sys.stdin.buffer, "<stdin>")
+            return parse_snapshot(sys.stdin.buffer, self._name, self.bad_lines)
         try:
             with open(self.path, "rb") as stream:
-                return parse_snapshot(stream, self.path)
+                return parse_snapshot(stream, self.path, self.bad_lines)
         except FileNotFoundError:
             raise NoInputError(f"{self.path}: queue snapshot not found; check the --queue-file path.")
         except IsADirectoryError:

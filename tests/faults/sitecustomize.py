@@ -28,6 +28,10 @@ the qrunner process and its Lua worker call: the worker's module runs as ``__mai
 ``rename``) in the calling process, right there, and writes what each gave (``ok`` or the errno's name) as JSON to
 ``out``: what code that broke out of the Lua sandbox into the worker's process could do to the system.
 
+``{"target": ..., "do": "trace", "file": PATH, "as": "state"}``: no fault; each call from qrunner's runner,
+executor or back-end interface (not from inside the traced module itself) appends ``CALLER AS METHOD`` to ``file``:
+how tests/test_faults.py enumerates the steps a command takes.
+
 ``{"clock": SECONDS}``: ``time.time`` runs that many seconds off the real clock (negative: the clock stepped
 back), as after an NTP step or a wrong hardware clock.
 """
@@ -165,7 +169,24 @@ def _kill_inside_sqlite(args: tuple, steps: int) -> None:
     connection.set_progress_handler(step, 1)  # SQLite counts per statement: count every step here instead
 
 
+def _trace(function, fault: dict):
+    name = function.__name__
+    skip = os.path.normcase(inspect.getsourcefile(function) or "")
+
+    @functools.wraps(function)
+    def traced(*args, **kwargs):
+        caller = sys._getframe(1).f_code
+        if os.path.normcase(caller.co_filename) != skip and "/qrunner/" in caller.co_filename:
+            with open(fault["file"], "a") as out:
+                out.write(f"{caller.co_name} {fault['as']} {name}\n")
+        return function(*args, **kwargs)
+
+    return traced
+
+
 def _wrap(function, fault: dict):
+    if fault.get("do") == "trace":
+        return _trace(function, fault)
     seen = [0]
     wanted = int(fault.get("call", 1))
 
