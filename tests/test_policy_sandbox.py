@@ -126,7 +126,9 @@ def test_the_script_runs_as_the_script_user_with_no_privilege_left(tmp_path, mta
     for field in ("CapPrm", "CapEff", "CapAmb", "CapInh"):
         assert int(status[field], 16) == 0, (field, status[field])
     assert status["NoNewPrivs"].strip() == "1"
-    assert "Traceback" not in err and "policy error" in out + err
+    # The kill may land before the worker has said the script loaded (78) or in CheckFile (a policy error): the
+    # credentials are the point here, read either way while the script's own code ran.
+    assert "Traceback" not in err and ("policy error" in out + err or "the Lua worker died while loading" in err)
 
 
 def in_the_worker(tmp_path, mta, state_dir, attempts):
