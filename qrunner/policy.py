@@ -199,6 +199,29 @@ def combine(message: Message, verdicts: Sequence[Verdict], several: bool) -> Dec
     return Decision(message, False, priority, None, "; ".join(reasons), verdicts, several)
 
 
+# Lua's type names as the worker sends them, decoded once.
+_KINDS = {k.encode(): k for k in ("nil", "boolean", "number", "string", "table", "function", "userdata", "thread")}
+
+
+def _word(value) -> str:
+    if type(value) is bytes:
+        return _KINDS.get(value) or value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _outcome(outcome) -> Tuple[str, tuple]:
+    """A call's outcome as the worker sent it, read: ("ok", the six kinds and values) or (its kind, the rest)."""
+    if type(outcome) is not tuple or not outcome:
+        return "error", ("the Lua worker sent an unreadable result",)
+    kind = _word(outcome[0])
+    rest = outcome[1:]
+    if kind == "ok":
+        if len(rest) != 6:
+            return "error", ("the Lua worker sent an unreadable result",)
+        return kind, (_word(rest[0]), rest[1], _word(rest[2]), rest[3], _word(rest[4]), rest[5])
+    return kind, rest
+
+
 def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
@@ -624,9 +647,9 @@ class PolicyEngine:
                 idle_since = time.monotonic()
                 kind = reply[0]
                 if kind == "results":
-                    for local, outcome, values in reply[1]:
+                    for local, outcome in reply[1]:
                         i = pending[local]
-                        results[i] = verdict(messages[i], outcome, values)
+                        results[i] = verdict(messages[i], outcome)
                     received += len(reply[1])
                     self._tick(len(reply[1]))
                 elif kind == "headers":
@@ -700,25 +723,29 @@ class PolicyEngine:
     def _verdicts(self, sender: Sender):
         """``_verdict`` for one pass, sharing one Verdict among the messages whose call returned the same values.
 
-        Only a plain result is shared: one that needed a warning (a clamped
-        Priority) or is an error is read afresh for each message, so that
-        each still logs with its own queue id.
+        A result is the call's outcome as the worker sent it: Lua's return
+        values, ``(b"ok", skip kind, skip, priority kind, priority, reason
+        kind, reason)`` or ``(b"error", text)``, ``(b"timeout",)``,
+        ``(b"memory",)``. Only a plain result is shared: one that needed a
+        warning (a clamped Priority) or is an error is read afresh for each
+        message, so that each still logs with its own queue id.
         """
         shared: Dict[tuple, Verdict] = {}
         singles = self._singles
         on_error = self.settings.on_script_error
         fresh = self._verdict
 
-        def verdict(message: Message, outcome: str, values) -> Verdict:
-            if outcome == "ok":
-                found = shared.get(values)
-                if found is not None:
-                    return found
+        def verdict(message: Message, outcome: tuple) -> Verdict:
+            found = shared.get(outcome)
+            if found is not None:
+                return found
+            kind, values = _outcome(outcome)
+            if kind == "ok":
                 if (values[2] == "nil" or values[2] == "number" and 1 <= values[3] <= 100) and len(shared) < 1024:
-                    found = shared[values] = verdict_from_result(sender, values, "", on_error)
+                    found = shared[outcome] = verdict_from_result(sender, values, "", on_error)
                     singles[id(found)] = (found,)  # keeps it alive, so its id stays its own
                     return found
-            return fresh(sender, message, outcome, values)
+            return fresh(sender, message, kind, values)
 
         return verdict
 
