@@ -654,16 +654,24 @@ def print_plan(result: RunResult, fmt: str) -> None:
         # Written a decision at a time (the same text as one json.dumps of the
         # whole object): a 100,000-message plan as one list of dicts and one
         # string would double the run's peak memory.
+        # Rows are encoded a thousand at a time, as one list whose brackets are
+        # cut off (json.dumps puts the same ", " between items).
         write = sys.stdout.write
         write('{"decisions": [')
+        rows = []
         for n, d in enumerate(ordered):
             row = _decision_json(d)
-            wait = waiting.get(d.queue_id)
+            wait = waiting.get(d.queue_id) if waiting else None
             row["next_retry"] = _clock(wait.until) if wait and wait.until is not None else None
             row["next_retry_reason"] = wait.reason if wait and not wait.paced else None
             row["paced"] = wait.paced if wait and wait.paced else None
             row["release"] = d.queue_id in released or d.queue_id in kept_held
-            write(", " + json.dumps(row) if n else json.dumps(row))
+            rows.append(row)
+            if len(rows) == 1000:
+                write((", " if n >= 1000 else "") + json.dumps(rows)[1:-1])
+                rows = []
+        if rows:
+            write((", " if len(ordered) > len(rows) else "") + json.dumps(rows)[1:-1])
         write('], "recovery": ' + json.dumps([{"queue_id": s.queue_id, "action": action, "reason": s.reason}
                                                for action, s in recovery]) + "}\n")
         return

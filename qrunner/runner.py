@@ -389,24 +389,29 @@ class Runner:
         names = {s.name for s in self.senders}
         routed = [s for s in self.senders if not s.default]
         queued: Dict[str, List[Message]] = {}
-        for message in messages:
-            queued.setdefault(message.queue_id, []).append(message)
+        if routed:  # only a held copy's original is looked up by id (_held_copy)
+            for message in messages:
+                queued.setdefault(message.queue_id, []).append(message)
+        holds = records.holds
+        unfit_of, expired_of = self.backend.unfit, self.backend.expired
         listed = []
+        append = listed.append
         for message in messages:
-            key = MessageKey.of(message)
-            ours = message.held and key in records.holds
-            hand_over = handed.get(key)
-            record = copies.get(message.queue_id)
-            unfit = self.backend.unfit(message, ours)
+            held = message.held
+            key = MessageKey(message.queue_id, int(message.arrival)) if held or handed else None
+            ours = held and key in holds
+            hand_over = handed.get(key) if handed else None
+            record = copies.get(message.queue_id) if copies else None
+            unfit = unfit_of(message, ours)
             held_copy = None
-            if message.held and not ours and routed:
+            if held and not ours and routed:
                 held_copy, unnamed = self._held_copy(message, record, routed, queued, records, handed)
                 unfit = unnamed or unfit
-            listed.append(Listed(message, ours=ours, unfit=unfit,
-                                 expired=self.backend.expired(message),
-                                 copy=self._copy_of(message, record, names, routed),
-                                 handed=(hand_over.queue_id, hand_over.sender) if hand_over else None,
-                                 held_copy=held_copy))
+            # _copy_of: without a routed sender or a record, no message is a copy (the common case, asked of
+            # every message: skipped here)
+            copy = self._copy_of(message, record, names, routed) if routed or record is not None else None
+            append(Listed(message, ours, unfit, expired_of(message), copy,
+                          (hand_over.queue_id, hand_over.sender) if hand_over else None, held_copy))
         self._warn_old_holds([item.message for item in listed if item.ours])
         return listed
 
