@@ -19,15 +19,12 @@ from contextlib import closing
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from qrunner import __version__, selection
-from qrunner.cases import describe, load_cases, run_cases, summary
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.decision import Decision
 from qrunner.exceptions import EX_OK, EX_POLICY_ERRORS, EXIT_STATUS, LockHeldError, NothingSelected, QrunnerError, UsageError
-from qrunner.executor import quote
 from qrunner.log import report_failure, setup_logging, shown
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
-from qrunner.mta.snapshot import SnapshotBackend, write_snapshot, write_snapshot_file
 from qrunner.plan import Expire, Planned, Wait, report_order
 from qrunner.policy import PolicySettings, lua_implementation, lupa_version
 from qrunner.progress import Progress, wanted as wanted_progress
@@ -377,6 +374,8 @@ def _exit_code(decisions: Sequence[Decision]) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.queue_file:
+        from qrunner.mta.snapshot import SnapshotBackend
+
         config = _config(args)
         decisions = decide_offline(_policy_settings(config, args.now), _senders(args, config),
                                    SnapshotBackend(args.queue_file), _progress(args))
@@ -564,6 +563,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from qrunner.mta.snapshot import write_snapshot, write_snapshot_file
+
     with _runner(args) as runner:
         candidates = list(runner.candidates())
     with _progress(args).bar("snapshot", len(candidates)) as tick:
@@ -584,6 +585,8 @@ def _ticking(items, tick):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from qrunner.mta.snapshot import SnapshotBackend
+
     config = _config(args)
     senders = _senders(args, config)
     if args.cases:
@@ -606,6 +609,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def check_cases(path: str, settings: PolicySettings, senders: Sequence[Sender], script: str) -> int:
     """Each case that changed behaviour, with what it expected and what the script did; then a summary."""
+    from qrunner.cases import describe, load_cases, run_cases, summary
+
     outcomes = run_cases(settings, senders, load_cases(path))
     for outcome in outcomes:
         if outcome.changes:
@@ -659,14 +664,24 @@ def print_plan(result: RunResult, fmt: str) -> None:
         write = sys.stdout.write
         write('{"decisions": [')
         rows = []
+        errors_of = _errors_by_verdicts()
         for n, d in enumerate(ordered):
-            row = _decision_json(d)
-            wait = waiting.get(d.queue_id) if waiting else None
-            row["next_retry"] = _clock(wait.until) if wait and wait.until is not None else None
-            row["next_retry_reason"] = wait.reason if wait and not wait.paced else None
-            row["paced"] = wait.paced if wait and wait.paced else None
-            row["release"] = d.queue_id in released or d.queue_id in kept_held
-            rows.append(row)
+            queue_id = d.message.queue_id
+            sender = d.sender
+            wait = waiting.get(queue_id) if waiting else None
+            rows.append({  # _decision_json's keys, then the plan's
+                "queue_id": queue_id,
+                "action": "send" if d.send else "skip",
+                "priority": d.priority,
+                "sender_id": sender.id if sender else None,
+                "sender_name": sender.name if sender else None,
+                "reason": d.reason,
+                "errors": errors_of(d),
+                "next_retry": _clock(wait.until) if wait and wait.until is not None else None,
+                "next_retry_reason": wait.reason if wait and not wait.paced else None,
+                "paced": wait.paced if wait and wait.paced else None,
+                "release": queue_id in released or queue_id in kept_held,
+            })
             if len(rows) == 1000:
                 write((", " if n >= 1000 else "") + json.dumps(rows)[1:-1])
                 rows = []
@@ -690,6 +705,21 @@ def print_plan(result: RunResult, fmt: str) -> None:
     print(format_table(table, [(s.queue_id, action, s.reason) for action, s in recovery]))
     print(summary_line(plan.decisions))
     print(senders_line(result.routes))
+
+
+def _errors_by_verdicts():
+    """``list(decision.errors)``, worked out once per verdicts tuple: the messages that got the same answer share one
+    (the policy shares them), and every decision lives as long as the plan, so the tuple's id stays its own."""
+    found: Dict[int, list] = {}
+
+    def errors_of(decision: Decision) -> list:
+        key = id(decision.verdicts)
+        errors = found.get(key)
+        if errors is None:
+            errors = found[key] = list(decision.errors)
+        return errors
+
+    return errors_of
 
 
 def _expire_note(step: Expire, wait: Optional[Wait], released: bool) -> Expire:
@@ -898,6 +928,8 @@ def _history_row(entry: HistoryEntry, queue_id: str, live: bool) -> Tuple[str, .
     explained: an id no longer in the queue (each earlier message that had
     it), or the original whose route made this copy.
     """
+    from qrunner.executor import quote
+
     event = entry.event
     by = f", by {entry.invoked_by}" if entry.invoked_by else ""
     run = f"run {entry.run_id} ({entry.command or 'record pruned'}{by})"

@@ -19,12 +19,11 @@ import os
 import pwd
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 from qrunner.config import NO_PACING, Config, Pacing, Sender, fallback_sender
 from qrunner.decision import Decision, MessageKey
 from qrunner.exceptions import ConfigError
-from qrunner.executor import Executor
 from qrunner.log import NOT_QUIETED
 from qrunner import metrics
 from qrunner.message import Message, QueueState, arrival_order
@@ -35,6 +34,9 @@ from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.progress import NONE as NO_PROGRESS, Progress
 from qrunner.selection import Choice, Selector
 from qrunner.state import Copy, HistoryEntry, Hold, Records, RunLock, RunSummary, State, settle, settled
+
+if TYPE_CHECKING:  # the executor is imported where a command acts: a plan never does
+    from qrunner.executor import Executor
 
 log = logging.getLogger("qrunner")
 
@@ -471,6 +473,8 @@ class Runner:
         return [Decision(m, True, 50, sender, OVERRIDDEN) for m in candidates]
 
     def _execute(self, state: State, plan: Plan, summary: RunSummary, pacing: Pacing, started: float) -> None:
+        from qrunner.executor import Executor
+
         summary.listed = plan.listed
         run_id = state.start_run(summary)
         executor = Executor(self.backend, state, summary, pacing, started, progress=self.progress, rate=self.rate)
@@ -632,6 +636,8 @@ class Runner:
             state = State(self.config.state_dir, self.backend.instance)
             try:
                 plan = self._release_plan(state, only_ids, to_default_queue, write=True)
+                from qrunner.executor import Executor
+
                 run_id = state.start_run(summary)
                 executor = Executor(self.backend, state, summary, progress=self.progress, rate=self.rate)
                 try:
