@@ -107,46 +107,34 @@ PRELUDE = _read_prelude()
 class _Writer:
     """Batches results to the parent: a send per few milliseconds, not per message.
 
-    A thread of its own sends what has gathered, FLUSH_SECONDS after the first
-    result of a batch, while the next calls run. So a result never waits here
-    for the next call to return: when that call is stuck in C (no hook stops
-    it) and the parent kills this process, every message decided before it has
-    reached the parent, which waits for them, and none is decided again in the
-    fresh state. lupa releases the GIL while Lua runs, so the thread runs while
-    the main thread is stuck there. Results wait in a deque (whose append and
-    popleft are atomic), so adding one costs no lock: the main thread adds one
-    per message.
+    A thread of its own sends what has gathered every FLUSH_SECONDS, while
+    the next calls run. So a result never waits here for the next call to
+    return: when that call is stuck in C (no hook stops it) and the parent
+    kills this process, every message decided before it has reached the
+    parent, which waits for them, and none is decided again in the fresh
+    state. lupa releases the GIL while Lua runs, so the thread runs while the
+    main thread is stuck there. Results wait in a deque (whose append and
+    popleft are atomic), so adding one costs no lock and no wake-up: the main
+    thread adds one per message, and the thread looks on its own clock.
     """
 
     def __init__(self, out: "_Outbox"):
         self.out = out
         self.pending: collections.deque = collections.deque()
-        self.first = threading.Event()  # set when a result arrives in an empty batch
+        self.add = self.pending.append
         self.closing = threading.Event()
         self.thread = threading.Thread(target=self._send_batches, name="results", daemon=True)
         self.thread.start()
 
-    def add(self, result: tuple) -> None:
-        pending = self.pending
-        pending.append(result)
-        if len(pending) == 1:
-            self.first.set()
-
     def _send_batches(self) -> None:
-        pending = self.pending
-        while True:
-            self.first.wait()
-            if self.closing.wait(FLUSH_SECONDS):  # let a batch gather; close() cuts it short
-                return
-            self.first.clear()
-            batch = [pending.popleft() for _ in range(len(pending))]
-            if batch:
-                self.out.send(("results", batch))
+        pending, popleft = self.pending, self.pending.popleft
+        while not self.closing.wait(FLUSH_SECONDS):
+            if pending:
+                self.out.send(("results", [popleft() for _ in range(len(pending))]))
 
     def close(self) -> None:
         """Send what is left, after the thread has sent its last batch: results arrive in order."""
         self.closing.set()
-        self.first.set()
         self.thread.join()
         if self.pending:
             self.out.send(("results", list(self.pending)))
