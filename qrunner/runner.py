@@ -14,6 +14,8 @@ the policy would be asked about).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import pwd
@@ -237,6 +239,30 @@ def invoker() -> str:
     return f"{sudo} (sudo as {user})" if sudo and sudo != user else user
 
 
+@contextlib.contextmanager
+def _planning_memory():
+    """Plan without Python's cycle collector, then keep what the plan holds out of its later rounds.
+
+    A plan builds several objects per listed message (the message, its
+    facts, its decision, its step), all kept until the command ends and
+    none in a reference cycle: the collector's rounds over them found
+    nothing to free and cost a tenth of a 10,000-message plan (measured). So it is
+    off while the plan is built; then everything alive is moved to the
+    permanent generation (``gc.freeze``: still freed as usual when no longer
+    referenced; a cycle made meanwhile stays until the command ends), so
+    the rounds while the plan is printed or carried out
+    walk only what those make.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 class Runner:
     """Runs the pipeline against one MTA back end.
 
@@ -312,7 +338,12 @@ class Runner:
 
     def _plan(self, state: State, only_ids: Optional[Sequence[str]], ignore_policy: bool, write: bool,
               pacing: Pacing = NO_PACING) -> Plan:
-        """List, reconcile, decide, plan: everything up to the first action."""
+        """List, reconcile, decide, plan: everything up to the first action (see :func:`_planning_memory`)."""
+        with _planning_memory():
+            return self._list_and_plan(state, only_ids, ignore_policy, write, pacing)
+
+    def _list_and_plan(self, state: State, only_ids: Optional[Sequence[str]], ignore_policy: bool, write: bool,
+                       pacing: Pacing) -> Plan:
         if ignore_policy:
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
