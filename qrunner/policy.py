@@ -722,7 +722,7 @@ class PolicyEngine:
                     entry = ahead[local]
                     if entry is not None or entries:
                         entries.append(entry)
-                        total += sum(len(line) for line in entry[0]) if entry is not None else 0
+                        total += sum(map(len, entry[0])) if entry is not None else 0
                         continue
                 lines = source.read() if not entries else (source.prefetch() if total < HEADER_BATCH_BYTES else None)
                 problem = source.problem
@@ -731,7 +731,7 @@ class PolicyEngine:
             if lines is None:
                 entries.append(None)
                 continue
-            total += sum(len(line) for line in lines)
+            total += sum(map(len, lines))
             entries.append((lines, problem))
         for local in [k for k in ahead if k < end]:
             del ahead[local]  # taken, or passed over by the script: never asked for again this pass
@@ -763,7 +763,7 @@ class PolicyEngine:
             if lines is None:
                 ahead[local] = None
                 continue
-            total += sum(len(line) for line in lines)
+            total += sum(map(len, lines))
             ahead[local] = (lines, problem)
 
     def _verdicts(self, sender: Sender):
