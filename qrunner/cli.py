@@ -19,16 +19,13 @@ from contextlib import closing
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from qrunner import __version__, selection
-from qrunner.cases import describe, load_cases, run_cases, summary
 from qrunner.config import LUA_VERSIONS, ON_SCRIPT_ERROR, Config, Sender, check_senders, load_config
 from qrunner.decision import Decision
 from qrunner.exceptions import (EX_DATAERR, EX_OK, EX_POLICY_ERRORS, EXIT_STATUS, LockHeldError, NothingSelected,
                                QrunnerError, UsageError)
-from qrunner.executor import quote
 from qrunner.log import report_failure, setup_logging, shown
 from qrunner.mta import backend_for
 from qrunner.mta.base import Gate
-from qrunner.mta.snapshot import SnapshotBackend, write_snapshot, write_snapshot_file
 from qrunner.plan import Expire, Planned, Wait, report_order
 from qrunner.policy import PolicySettings, lua_implementation, lupa_version
 from qrunner.progress import Progress, wanted as wanted_progress
@@ -378,6 +375,8 @@ def _exit_code(decisions: Sequence[Decision]) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     if args.queue_file:
+        from qrunner.mta.snapshot import SnapshotBackend
+
         config = _config(args)
         snapshot = SnapshotBackend(args.queue_file)
         decisions = decide_offline(_policy_settings(config, args.now), _senders(args, config), snapshot,
@@ -566,6 +565,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    from qrunner.mta.snapshot import write_snapshot, write_snapshot_file
+
     with _runner(args) as runner:
         candidates = list(runner.candidates())
     with _progress(args).bar("snapshot", len(candidates)) as tick:
@@ -586,6 +587,8 @@ def _ticking(items, tick):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from qrunner.mta.snapshot import SnapshotBackend
+
     config = _config(args)
     senders = _senders(args, config)
     if args.cases:
@@ -610,6 +613,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def check_cases(path: str, settings: PolicySettings, senders: Sequence[Sender], script: str) -> int:
     """Each case that changed behaviour, with what it expected and what the script did; then a summary."""
+    from qrunner.cases import describe, load_cases, run_cases, summary
+
     outcomes = run_cases(settings, senders, load_cases(path))
     for outcome in outcomes:
         if outcome.changes:
@@ -658,16 +663,34 @@ def print_plan(result: RunResult, fmt: str) -> None:
         # Written a decision at a time (the same text as one json.dumps of the
         # whole object): a 100,000-message plan as one list of dicts and one
         # string would double the run's peak memory.
+        # Rows are encoded a thousand at a time, as one list whose brackets are
+        # cut off (json.dumps puts the same ", " between items).
         write = sys.stdout.write
         write('{"decisions": [')
+        rows = []
+        errors_of = _errors_by_verdicts()
         for n, d in enumerate(ordered):
-            row = _decision_json(d)
-            wait = waiting.get(d.queue_id)
-            row["next_retry"] = _clock(wait.until) if wait and wait.until is not None else None
-            row["next_retry_reason"] = wait.reason if wait and not wait.paced else None
-            row["paced"] = wait.paced if wait and wait.paced else None
-            row["release"] = d.queue_id in released or d.queue_id in kept_held
-            write(", " + json.dumps(row) if n else json.dumps(row))
+            queue_id = d.message.queue_id
+            sender = d.sender
+            wait = waiting.get(queue_id) if waiting else None
+            rows.append({  # _decision_json's keys, then the plan's
+                "queue_id": queue_id,
+                "action": "send" if d.send else "skip",
+                "priority": d.priority,
+                "sender_id": sender.id if sender else None,
+                "sender_name": sender.name if sender else None,
+                "reason": d.reason,
+                "errors": errors_of(d),
+                "next_retry": _clock(wait.until) if wait and wait.until is not None else None,
+                "next_retry_reason": wait.reason if wait and not wait.paced else None,
+                "paced": wait.paced if wait and wait.paced else None,
+                "release": queue_id in released or queue_id in kept_held,
+            })
+            if len(rows) == 1000:
+                write((", " if n >= 1000 else "") + json.dumps(rows)[1:-1])
+                rows = []
+        if rows:
+            write((", " if len(ordered) > len(rows) else "") + json.dumps(rows)[1:-1])
         write('], "recovery": ' + json.dumps([{"queue_id": s.queue_id, "action": action, "reason": s.reason}
                                                for action, s in recovery]) + "}\n")
         return
@@ -686,6 +709,21 @@ def print_plan(result: RunResult, fmt: str) -> None:
     print(format_table(table, [(s.queue_id, action, s.reason) for action, s in recovery]))
     print(summary_line(plan.decisions))
     print(senders_line(result.routes))
+
+
+def _errors_by_verdicts():
+    """``list(decision.errors)``, worked out once per verdicts tuple: the messages that got the same answer share one
+    (the policy shares them), and every decision lives as long as the plan, so the tuple's id stays its own."""
+    found: Dict[int, list] = {}
+
+    def errors_of(decision: Decision) -> list:
+        key = id(decision.verdicts)
+        errors = found.get(key)
+        if errors is None:
+            errors = found[key] = list(decision.errors)
+        return errors
+
+    return errors_of
 
 
 def _expire_note(step: Expire, wait: Optional[Wait], released: bool) -> Expire:
@@ -894,6 +932,8 @@ def _history_row(entry: HistoryEntry, queue_id: str, live: bool) -> Tuple[str, .
     explained: an id no longer in the queue (each earlier message that had
     it), or the original whose route made this copy.
     """
+    from qrunner.executor import quote
+
     event = entry.event
     by = f", by {entry.invoked_by}" if entry.invoked_by else ""
     run = f"run {entry.run_id} ({entry.command or 'record pruned'}{by})"

@@ -20,10 +20,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.parser import text_string_to_metric_families
-
 from qrunner.atomic import replace_file
 from qrunner.decision import Decision
 from qrunner.plan import Plan, Wait
@@ -87,6 +83,8 @@ def last_run_plan(path: str) -> Tuple[float, Dict[Tuple[str, str, str], float]]:
     the gauges of the run's plan stay what the last run saw; a file that is
     missing or unreadable carries nothing over.
     """
+    from prometheus_client.parser import text_string_to_metric_families
+
     listed, counts = 0.0, {}
     try:
         with open(path, encoding="utf-8") as handle:
@@ -151,6 +149,8 @@ class _Collector:
         yield from self._last_runs()
 
     def _decisions(self):
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily("qrunner_decisions", "The last run's plan per action (send, hold, wait), "
                                    "sender and priority band.", labels=["action", "sender", "priority_band"])
         counts: Dict[Tuple[str, str, str], float] = {}
@@ -164,6 +164,8 @@ class _Collector:
         return family
 
     def _holds(self):
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily("qrunner_held_messages", "qrunner's holds by why they are held.",
                                    labels=["reason_class"])
         for name in REASON_CLASSES:
@@ -171,6 +173,8 @@ class _Collector:
         return family
 
     def _counters(self):
+        from prometheus_client.core import CounterMetricFamily
+
         for name, text in COUNTERS.items():
             family = CounterMetricFamily(f"qrunner_{name}", text, labels=["sender"])
             for (counter, sender), value in sorted(self.snapshot.totals.items()):
@@ -179,6 +183,8 @@ class _Collector:
             yield family
 
     def _last_runs(self):
+        from prometheus_client.core import GaugeMetricFamily
+
         families = {
             "duration": GaugeMetricFamily("qrunner_last_run_duration_seconds", "How long the command's last run "
                                           "took.", labels=["command"]),
@@ -201,7 +207,9 @@ class _Collector:
         yield from families.values()
 
 
-def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+def _gauge(name: str, text: str, value: float):
+    from prometheus_client.core import GaugeMetricFamily
+
     return GaugeMetricFamily(name, text, value=value)
 
 
@@ -212,6 +220,8 @@ def write(path: str, snapshot: Snapshot) -> None:
     file of a predictable name (following a symlink planted there) without
     syncing it, and creates it under the process umask.
     """
+    from prometheus_client import CollectorRegistry, generate_latest
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(snapshot, time.time()))
     replace_file(path, generate_latest(registry), 0o644)

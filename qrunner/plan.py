@@ -363,7 +363,13 @@ def _remove(item: Listed) -> Remove:
 
 def dispatch_key(decision: Decision):
     """Priority descending, then arrival ascending, then queue id."""
-    return (-decision.priority, decision.message.arrival, decision.queue_id)
+    message = decision.message
+    return (-decision.priority, message.arrival, message.queue_id)
+
+
+def _arrival_key(decision: Decision):
+    message = decision.message
+    return (message.arrival, message.queue_id)
 
 
 def dispatch_order(decisions: Iterable[Decision]) -> List[Decision]:
@@ -399,7 +405,7 @@ def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[Me
     limits that act while the run hands over (``max_active``,
     ``max_run_seconds``, strict priority) are the executor's.
     """
-    decisions = sorted(decisions, key=lambda d: (d.message.arrival, d.queue_id))
+    decisions = sorted(decisions, key=_arrival_key)
     plan = Plan(remove=list(sorted_out.remove), release_copies=list(sorted_out.release_copies),
                 hand_back=list(sorted_out.hand_back),
                 expire=list(sorted_out.expire), left_alone=list(sorted_out.left_alone), decisions=decisions,
@@ -407,13 +413,18 @@ def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[Me
     for step in sorted_out.expire:
         if not step.bounce:
             _plan_expired_send(plan, step, step.key in sorted_out.ours, due.get(step.key))
+    expired_sends = bool(plan.send)
     due_now = []
+    ours_keys = sorted_out.ours
+    due = due if due and not overridden else {}
+    hold, keep = plan.hold.append, plan.keep.append
     for decision in decisions:
-        ours = decision.key in sorted_out.ours
+        key = decision.key if ours_keys or due else None  # one key per decision, and none when nothing needs it
+        ours = bool(ours_keys) and key in ours_keys
         if not decision.send:
-            (plan.keep if ours else plan.hold).append(decision)
+            (keep if ours else hold)(decision)
             continue
-        retry = None if overridden else due.get(decision.key)
+        retry = due.get(key) if due else None
         if retry is None:
             due_now.append(decision)
             continue
@@ -421,13 +432,15 @@ def make_plan(decisions: Iterable[Decision], sorted_out: Triage, due: Mapping[Me
             plan.release.append(Release(decision.message, "released: the policy allows it now"))
         plan.wait.append(Wait(decision, retry))
     sends, paced = per_run_limits(sorted(due_now, key=dispatch_key), pacing)
+    send = plan.send.append
     for decision in sends:
-        ours = decision.key in sorted_out.ours
+        ours = bool(ours_keys) and decision.key in ours_keys
         kept = ours and decision.key in from_hold
         if ours and not kept:
             plan.release.append(Release(decision.message, "released: the policy allows it now"))
-        plan.send.append(Send(decision, overridden, from_hold=kept))
-    plan.send.sort(key=lambda s: dispatch_key(s.decision))
+        send(Send(decision, overridden, from_hold=kept))
+    if expired_sends:  # the policy's sends are in dispatch order already; expired ones go among them
+        plan.send.sort(key=lambda s: dispatch_key(s.decision))
     plan.release.sort(key=lambda r: (r.message.arrival, r.queue_id))
     plan.wait.extend(paced)
     return plan
@@ -457,6 +470,8 @@ def per_run_limits(ordered: Sequence[Decision], pacing: Pacing) -> Tuple[List[De
     at its limit leaves room for the others.
     """
     per_sender = dict(pacing.sender_max_per_run)
+    if not per_sender and not pacing.max_per_run:
+        return list(ordered), []
     counted: Dict[str, int] = {}
     sends: List[Decision] = []
     paced: List[Wait] = []

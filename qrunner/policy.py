@@ -52,6 +52,8 @@ WATCHDOG_GRACE = 0.25  # wall-clock seconds past script_timeout before the worke
 WATCHDOG_POLL = 0.05  # seconds between the watchdog's looks at the worker's progress
 STARTUP_ALLOWANCE = 10.0  # seconds a fresh worker may take to start Lua, on top of the script's own limits
 HEADER_BATCH_BYTES = 4 << 20  # header text sent ahead in one answer at most (the message asked for always goes)
+AHEAD_MIN = 4  # a header request for this many messages or more: the next batch is read before it is asked for
+HEADER_BATCH_AHEAD = 128  # messages read before they are asked for, at most (the worker's HEADER_BATCH)
 DEFAULT_SCRIPT_USER = "_qrunner"
 PRINTED_LINE_CHARS = 4096  # characters of one printed line that reach the log; the rest is counted, not logged
 
@@ -197,6 +199,29 @@ def combine(message: Message, verdicts: Sequence[Verdict], several: bool) -> Dec
     reasons = [f"{v.sender.name}: {v.reason}" if several else v.reason for v in verdicts]
     priority = verdicts[-1].priority if verdicts else DEFAULT_PRIORITY
     return Decision(message, False, priority, None, "; ".join(reasons), verdicts, several)
+
+
+# Lua's type names as the worker sends them, decoded once.
+_KINDS = {k.encode(): k for k in ("nil", "boolean", "number", "string", "table", "function", "userdata", "thread")}
+
+
+def _word(value) -> str:
+    if type(value) is bytes:
+        return _KINDS.get(value) or value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _outcome(outcome) -> Tuple[str, tuple]:
+    """A call's outcome as the worker sent it, read: ("ok", the six kinds and values) or (its kind, the rest)."""
+    if type(outcome) is not tuple or not outcome:
+        return "error", ("the Lua worker sent an unreadable result",)
+    kind = _word(outcome[0])
+    rest = outcome[1:]
+    if kind == "ok":
+        if len(rest) != 6:
+            return "error", ("the Lua worker sent an unreadable result",)
+        return kind, (_word(rest[0]), rest[1], _word(rest[2]), rest[3], _word(rest[4]), rest[5])
+    return kind, rest
 
 
 def _encode(text: str) -> bytes:
@@ -600,6 +625,7 @@ class PolicyEngine:
         verdict = self._verdicts(sender)
         received = 0  # results of this batch so far; they come in order
         served: Tuple[int, float, float] = (-1, 0.0, 0.0)  # a call's (index, start), the time spent on its headers
+        ahead: Dict[int, Optional[tuple]] = {}  # header fields read before the worker asked (see _serve_headers)
         while True:
             index, started = worker.progress()
             now = time.monotonic()
@@ -624,13 +650,13 @@ class PolicyEngine:
                 idle_since = time.monotonic()
                 kind = reply[0]
                 if kind == "results":
-                    for local, outcome, values in reply[1]:
+                    for local, outcome in reply[1]:
                         i = pending[local]
-                        results[i] = verdict(messages[i], outcome, values)
+                        results[i] = verdict(messages[i], outcome)
                     received += len(reply[1])
                     self._tick(len(reply[1]))
                 elif kind == "headers":
-                    took = self._serve_headers(worker, messages, pending, reply[1], reply[2])
+                    took = self._serve_headers(worker, messages, pending, reply[1], reply[2], ahead)
                     calling, since = worker.progress()
                     spent = served[2] if served[:2] == (calling, since) else 0.0
                     served = (calling, since, spent + took)
@@ -657,7 +683,7 @@ class PolicyEngine:
 
     @staticmethod
     def _serve_headers(worker: _Worker, messages: Sequence[Message], pending: Sequence[int],
-                       first: int, count: int) -> float:
+                       first: int, count: int, ahead: Optional[Dict[int, Optional[tuple]]] = None) -> float:
         """Answer a header request: the fields of messages ``first`` .. ``first + count - 1`` of the pass.
 
         The parent reads them because the worker cannot: it runs as
@@ -666,7 +692,15 @@ class PolicyEngine:
         only from their files (:meth:`HeaderSource.prefetch`), up to
         HEADER_BATCH_BYTES, so that a batch never runs one MTA command per
         message; one that is not sent ahead is asked for again if the
-        script touches it. Returns the seconds it took.
+        script touches it. Returns the seconds the answer took.
+
+        ``ahead`` (one pass's): when the worker asks for a batch of at least
+        AHEAD_MIN messages (its script reads the headers of most messages),
+        the next batch is read as soon as this one is sent, while the worker
+        runs the script over this one, so that the next request finds it
+        read. The worker asks for messages in order, and for each at most
+        once a pass unless it was not sent: what a request passes over is
+        dropped, and no file is read twice.
 
         Why the parent reads, rather than opening the files and passing the
         descriptors (SCM_RIGHTS) for the worker to read: the fallback
@@ -677,11 +711,19 @@ class PolicyEngine:
         than reading them there.
         """
         began = time.monotonic()
+        ahead = {} if ahead is None else ahead
         entries: List[Optional[tuple]] = []
         total = 0
-        for local in range(max(first, 0), min(first + max(count, 1), len(pending))):
+        end = min(first + max(count, 1), len(pending))
+        for local in range(max(first, 0), end):
             source = messages[pending[local]].headers
             try:
+                if local in ahead:
+                    entry = ahead[local]
+                    if entry is not None or entries:
+                        entries.append(entry)
+                        total += sum(map(len, entry[0])) if entry is not None else 0
+                        continue
                 lines = source.read() if not entries else (source.prefetch() if total < HEADER_BATCH_BYTES else None)
                 problem = source.problem
             except Exception as error:  # a header source must never end the run
@@ -689,36 +731,67 @@ class PolicyEngine:
             if lines is None:
                 entries.append(None)
                 continue
-            total += sum(len(line) for line in lines)
+            total += sum(map(len, lines))
             entries.append((lines, problem))
+        for local in [k for k in ahead if k < end]:
+            del ahead[local]  # taken, or passed over by the script: never asked for again this pass
         try:
             worker.header_pipe.send((first, entries))
         except (OSError, ValueError):
-            pass  # the worker is gone; the watchdog sees it
-        return time.monotonic() - began
+            return time.monotonic() - began  # the worker is gone; the watchdog sees it
+        took = time.monotonic() - began
+        if count >= AHEAD_MIN:
+            PolicyEngine._read_ahead(messages, pending, end, min(2 * count, HEADER_BATCH_AHEAD), ahead)
+        return took
+
+    @staticmethod
+    def _read_ahead(messages: Sequence[Message], pending: Sequence[int], start: int, count: int,
+                    ahead: Dict[int, Optional[tuple]]) -> None:
+        """The fields of the ``count`` messages from ``start`` on, from their files only, into ``ahead``."""
+        total = 0
+        for local in range(start, min(start + count, len(pending))):
+            if total >= HEADER_BATCH_BYTES:
+                break
+            if local in ahead:
+                continue
+            source = messages[pending[local]].headers
+            try:
+                lines = source.prefetch()
+                problem = source.problem
+            except Exception:  # read again (in full) when asked
+                lines = None
+            if lines is None:
+                ahead[local] = None
+                continue
+            total += sum(map(len, lines))
+            ahead[local] = (lines, problem)
 
     def _verdicts(self, sender: Sender):
         """``_verdict`` for one pass, sharing one Verdict among the messages whose call returned the same values.
 
-        Only a plain result is shared: one that needed a warning (a clamped
-        Priority) or is an error is read afresh for each message, so that
-        each still logs with its own queue id.
+        A result is the call's outcome as the worker sent it: Lua's return
+        values, ``(b"ok", skip kind, skip, priority kind, priority, reason
+        kind, reason)`` or ``(b"error", text)``, ``(b"timeout",)``,
+        ``(b"memory",)``. Only a plain result is shared: one that needed a
+        warning (a clamped Priority) or is an error is read afresh for each
+        message, so that each still logs with its own queue id.
         """
         shared: Dict[tuple, Verdict] = {}
         singles = self._singles
         on_error = self.settings.on_script_error
         fresh = self._verdict
 
-        def verdict(message: Message, outcome: str, values) -> Verdict:
-            if outcome == "ok":
-                found = shared.get(values)
-                if found is not None:
-                    return found
+        def verdict(message: Message, outcome: tuple) -> Verdict:
+            found = shared.get(outcome)
+            if found is not None:
+                return found
+            kind, values = _outcome(outcome)
+            if kind == "ok":
                 if (values[2] == "nil" or values[2] == "number" and 1 <= values[3] <= 100) and len(shared) < 1024:
-                    found = shared[values] = verdict_from_result(sender, values, "", on_error)
+                    found = shared[outcome] = verdict_from_result(sender, values, "", on_error)
                     singles[id(found)] = (found,)  # keeps it alive, so its id stays its own
                     return found
-            return fresh(sender, message, outcome, values)
+            return fresh(sender, message, kind, values)
 
         return verdict
 

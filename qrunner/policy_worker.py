@@ -18,8 +18,12 @@ The protocol over the connection (pickled tuples):
   worker -> ("print", text)           at any time, for the parent's log
   worker -> ("headers", first, count) during a call; the parent answers on the header pipe
   worker -> ("abandon", reason)       the state is unusable; the worker exits
-Results are sent in small batches (every few milliseconds), not one message
-per round trip, so that a 10,000-message queue costs no more than it must.
+A result is ``(index, outcome)``, the outcome being CheckFile's values as
+the prelude returns them (``(b"ok", kind, SkipSend, kind, Priority, kind,
+Reason)``, ``(b"error", text)``, ``(b"timeout",)``, ``(b"memory",)``); the
+parent reads them. Results are sent in small batches (every few
+milliseconds), not one message per round trip, so that a 10,000-message
+queue costs no more than it must.
 The parent sends a pass as several "decide" requests (chunks), so that the
 worker runs the first while the parent prepares the next and neither holds
 a whole big queue's payloads at once; ``base`` is the chunk's first index in
@@ -41,6 +45,7 @@ message (:class:`_HeaderCache`).
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import importlib
 import importlib.resources
@@ -57,7 +62,6 @@ from qrunner.message import header_data_columns
 PROGRESS = struct.Struct("=qd")  # index of the call under way (-1: none), its monotonic start
 LOADING = -2  # the PROGRESS index while the script's top level and Start() run
 FLUSH_SECONDS = 0.01
-FLUSH_COUNT = 500
 PRINT_LIMIT = 200  # lines of print() output logged per call; a loop printing forever cannot flood the log
 HEADER_BATCH = 128  # most messages' headers asked for in one round trip
 # A script that reads the headers of one message in every few (up to this many) gets them read ahead
@@ -103,51 +107,38 @@ PRELUDE = _read_prelude()
 class _Writer:
     """Batches results to the parent: a send per few milliseconds, not per message.
 
-    A thread of its own sends what has gathered, FLUSH_SECONDS after the first
-    result of a batch, while the next calls run. So a result never waits here
-    for the next call to return: when that call is stuck in C (no hook stops
-    it) and the parent kills this process, every message decided before it has
-    reached the parent, which waits for them, and none is decided again in the
-    fresh state. lupa releases the GIL while Lua runs, so the thread runs while
-    the main thread is stuck there.
+    A thread of its own sends what has gathered every FLUSH_SECONDS, while
+    the next calls run. So a result never waits here for the next call to
+    return: when that call is stuck in C (no hook stops it) and the parent
+    kills this process, every message decided before it has reached the
+    parent, which waits for them, and none is decided again in the fresh
+    state. lupa releases the GIL while Lua runs, so the thread runs while the
+    main thread is stuck there. Results wait in a deque (whose append and
+    popleft are atomic), so adding one costs no lock and no wake-up: the main
+    thread adds one per message, and the thread looks on its own clock.
     """
 
     def __init__(self, out: "_Outbox"):
         self.out = out
-        self.pending: List[tuple] = []
-        self.ready = threading.Condition()
-        self.closed = False
+        self.pending: collections.deque = collections.deque()
+        self.add = self.pending.append
+        self.closing = threading.Event()
         self.thread = threading.Thread(target=self._send_batches, name="results", daemon=True)
         self.thread.start()
 
-    def add(self, result: tuple) -> None:
-        with self.ready:
-            self.pending.append(result)
-            if len(self.pending) == 1 or len(self.pending) >= FLUSH_COUNT:
-                self.ready.notify()
-
     def _send_batches(self) -> None:
-        while True:
-            with self.ready:
-                while not self.pending and not self.closed:
-                    self.ready.wait()
-                if self.closed:
-                    return
-                if len(self.pending) < FLUSH_COUNT:
-                    self.ready.wait(FLUSH_SECONDS)  # let a batch gather; FLUSH_COUNT or close() cut it short
-                batch, self.pending = self.pending, []
-            if batch:
-                self.out.send(("results", batch))
+        pending, popleft = self.pending, self.pending.popleft
+        while not self.closing.wait(FLUSH_SECONDS):
+            if pending:
+                self.out.send(("results", [popleft() for _ in range(len(pending))]))
 
     def close(self) -> None:
         """Send what is left, after the thread has sent its last batch: results arrive in order."""
-        with self.ready:
-            self.closed = True
-            self.ready.notify()
+        self.closing.set()
         self.thread.join()
         if self.pending:
-            self.out.send(("results", self.pending))
-            self.pending = []
+            self.out.send(("results", list(self.pending)))
+            self.pending.clear()
 
 
 class _Outbox:
@@ -305,7 +296,15 @@ def _load(conn: "_Outbox", settings: Dict[str, Any], progress, headers: _HeaderC
 
 
 def _decide(conn: "_Outbox", state: LuaState, messages: List[tuple], progress, base: int = 0) -> bool:
-    """Run CheckFile over a chunk (indices from ``base``); False when the state had to be abandoned."""
+    """Run CheckFile over a chunk (indices from ``base``); False when the state had to be abandoned.
+
+    Each result goes to the parent as ``(index, outcome)``, the call's
+    return values as Lua gave them (the parent reads them): the loop does
+    as little as it can per message. The progress block names the call
+    under way; it is not cleared between two calls of a chunk (a call's
+    bookkeeping takes microseconds, and the next call overwrites it), only
+    when the chunk ends.
+    """
     writer = _Writer(conn)
     call = state.call
     table_from = state.table_from
@@ -314,39 +313,31 @@ def _decide(conn: "_Outbox", state: LuaState, messages: List[tuple], progress, b
     add = writer.add
     if base == 0:
         state.headers.clear()
-    for index, (filename, size, ctime, returnpath, recipients, has_headers) in enumerate(messages, base):
-        state.current_has_headers = has_headers
-        state.current_index = index
-        pack_into(progress, 0, index, monotonic())
-        try:
-            outcome = call(filename, size, ctime, returnpath, table_from(recipients))
-        except MemoryError:
-            outcome = (b"memory",)
+    try:
+        for index, (filename, size, ctime, returnpath, recipients, has_headers) in enumerate(messages, base):
+            state.current_has_headers = has_headers
+            state.current_index = index
+            pack_into(progress, 0, index, monotonic())
+            try:
+                outcome = call(filename, size, ctime, returnpath, table_from(recipients))
+            except MemoryError:
+                outcome = (b"memory",)
+            if type(outcome) is not tuple:
+                outcome = (outcome,)
+            if outcome[0] == b"memory":
+                pack_into(progress, 0, -1, 0.0)
+                add((index, outcome))
+                writer.close()
+                conn.send(("abandon", "memory"))
+                return False
+            add((index, outcome))
+    finally:
         pack_into(progress, 0, -1, 0.0)
-        if not isinstance(outcome, tuple):
-            outcome = (outcome,)
-        kind = outcome[0]
-        if kind == b"ok":
-            _, skip_kind, skip, prio_kind, prio, reason_kind, reason = outcome
-            add((index, "ok", (_KINDS.get(skip_kind) or _text(skip_kind), skip, _KINDS.get(prio_kind) or _text(prio_kind),
-                               prio, _KINDS.get(reason_kind) or _text(reason_kind), reason)))
-            continue
-        kind = _text(kind)
-        if kind == "memory":
-            writer.add((index, "memory", None))
-            writer.close()
-            conn.send(("abandon", "memory"))
-            return False
-        writer.add((index, kind, outcome[1:]))
     writer.close()
     state.current_index = None
     state.current_has_headers = False
     conn.send(("done", _text(state.used_globals())))
     return True
-
-
-# Lua's type names as the parent reads them, decoded once.
-_KINDS = {k.encode(): k for k in ("nil", "boolean", "number", "string", "table", "function", "userdata", "thread")}
 
 
 PR_CAPBSET_DROP = 24

@@ -17,10 +17,19 @@ local function pack(...) return {n = select("#", ...), ...} end
 -- The time limit. os.clock() is the process's CPU time, which for a busy
 -- script is close to the wall clock; the parent's wall-clock watchdog covers
 -- the rest (a C function no hook can interrupt, a starved process).
+-- A CheckFile call does not read the clock as it starts (os.clock() is a
+-- system call, the dearest part of a small call): it disarms the deadline,
+-- and the hook's first run in the call (within HOOK_COUNT instructions) sets
+-- it from there. Time spent before that in one C function is the watchdog's,
+-- as any time inside one C function is.
 local deadline = huge
+local armed = true
 local expired = false
 local function hook()
-  if clock() > deadline then
+  if not armed then
+    armed = true
+    deadline = clock() + timeout
+  elseif clock() > deadline then
     expired = true
     error(TIMEOUT, 0)
   end
@@ -157,51 +166,73 @@ G.senderid = opts.senderid
 G.sendername = opts.sendername
 
 -- Headers, loaded on first touch. A lazy table fills itself when touched;
--- the sandbox's next/rawget/rawlen see it filled too.
+-- the sandbox's next/rawget/rawlen see it filled too. The metatables are
+-- shared by every call, so a call makes three small tables and no closure:
+-- each table's call state (`st`) is found in the weak-keyed tables `owner`
+-- (HeaderData) and `lazy` (both, until loaded). Only the lazy versions (5.3+,
+-- whose weak tables are ephemerons) keep the tables in their state; on the
+-- others a weak-keyed entry whose value held its key would never be collected.
 local lazy = setmetatable({}, {__mode = "k"})
+local owner = setmetatable({}, {__mode = "k"})
 local real_next, real_rawget, real_rawlen, real_rawequal = next, rawget, rawlen, rawequal
-local function fill(t) local loader = lazy[t] if loader then loader() end end
+
+local function fill_tables(st, data, lines)
+  local lower = {}
+  st.lower = lower
+  local raw, names, values = fetch_headers()
+  for i = 1, #raw do rawset(lines, i, raw[i]) end
+  for i = 1, #names do
+    rawset(data, names[i], values[i])
+    lower[string_lower(names[i])] = names[i]
+  end
+end
+
+local function load_headers(st)
+  if st.loaded then return end
+  st.loaded = true
+  local data, lines = st.data, st.lines
+  st.data, st.lines = nil, nil
+  lazy[data], lazy[lines] = nil, nil
+  fill_tables(st, data, lines)
+  setmetatable(lines, nil)
+end
+
+local function fill(t) local st = lazy[t] if st then load_headers(st) end end
 G.next = function(t, k) fill(t) return real_next(t, k) end
 G.rawget = function(t, k) fill(t) return real_rawget(t, k) end
 if real_rawlen then G.rawlen = function(t) fill(t) return real_rawlen(t) end end
 
-local function header_tables()
-  local data, lines, lower = {}, {}, {}
-  local loaded = false
-  local function load_headers()
-    if loaded then return end
-    loaded = true
-    lazy[data], lazy[lines] = nil, nil
-    local raw, names, values = fetch_headers()
-    for i = 1, #raw do rawset(lines, i, raw[i]) end
-    for i = 1, #names do
-      rawset(data, names[i], values[i])
-      lower[string_lower(names[i])] = names[i]
-    end
-    setmetatable(lines, nil)
-  end
-  local function lookup(t, k)
-    load_headers()
+local DATA_MT = {
+  __index = function(t, k)
+    local st = owner[t]
+    load_headers(st)
     if type(k) == "string" then
-      local name = lower[string_lower(k)]
+      local name = st.lower[string_lower(k)]
       if name ~= nil then return rawget(t, name) end
     end
     return nil
-  end
-  setmetatable(data, {
-    __index = lookup,
-    __pairs = function(t) load_headers() return real_next, t, nil end,
-  })
+  end,
+  __pairs = function(t) load_headers(owner[t]) return real_next, t, nil end,
+}
+local LINES_MT = {
+  __index = function(t, k) fill(t) return rawget(t, k) end,
+  __len = function(t) fill(t) return rawlen(t) end,
+  __pairs = function(t) fill(t) return real_next, t, nil end,
+}
+
+local function header_tables()
+  local data, lines = {}, {}
+  local st
   if opts.lazy_headers then
-    lazy[data], lazy[lines] = load_headers, load_headers
-    setmetatable(lines, {
-      __index = function(t, k) load_headers() return rawget(t, k) end,
-      __len = function(t) load_headers() return rawlen(t) end,
-      __pairs = function(t) load_headers() return real_next, t, nil end,
-    })
+    st = {loaded = false, data = data, lines = lines}
+    lazy[data], lazy[lines] = st, st
+    setmetatable(lines, LINES_MT)
   else
-    load_headers()
+    st = {loaded = true}
+    fill_tables(st, data, lines)
   end
+  owner[data] = st
+  setmetatable(data, DATA_MT)
   return data, lines
 end
 
@@ -266,13 +297,22 @@ local function invoke(filename, size, ctime, returnpath, recipients)
   return nil, result.SkipSend, result.Priority, result.Reason
 end
 
+-- One CheckFile call, timed as timed() times a call but with the deadline armed by the hook (above), and
+-- without packing its results into a table: the hot path, once per message.
 function ctl.call(filename, size, ctime, returnpath, recipients)
-  local r = timed(invoke, filename, size, ctime, returnpath, recipients)
-  if not r[1] then return failure(r) end
-  if r[2] ~= nil then return "error", r[2] end
-  local st, sv = simple(r[3])
-  local pt, pv = simple(r[4])
-  local rt, rv = simple(r[5])
+  printed = 0
+  expired = false
+  deadline = huge
+  armed = false
+  local ok, err, skip, priority, reason = pcall(invoke, filename, size, ctime, returnpath, recipients)
+  armed = true
+  deadline = huge
+  if expired then return failure({false, TIMEOUT}) end
+  if not ok then return failure({false, err}) end
+  if err ~= nil then return "error", err end
+  local st, sv = simple(skip)
+  local pt, pv = simple(priority)
+  local rt, rv = simple(reason)
   if rt == "number" then rv = tostring(rv) rt = "string" end
   return "ok", st, sv, pt, pv, rt, rv
 end

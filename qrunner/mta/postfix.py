@@ -81,6 +81,7 @@ class PostfixBackend(Backend):
         self._mail_version: Optional[str] = None  # asked only when needed (--version, on_hold_expiry)
         self.instance = f"postfix:{os.path.realpath(self.queue_directory)}"
         self._texts: Dict[str, str] = {}
+        self._status: Optional[subprocess.Popen] = None  # a 'postfix status' under way (see check)
 
     # -- commands ----------------------------------------------------------
 
@@ -112,18 +113,48 @@ class PostfixBackend(Backend):
         return is_queue_id(text)
 
     def check(self, senders: Sequence[Sender], acting: bool) -> None:
-        """Routes that work, root when acting, and a running Postfix: without it postsuper half-applies a batch."""
+        """Routes that work, root when acting, and a running Postfix: without it postsuper half-applies a batch.
+
+        ``postfix status`` is a shell script that takes longer than a plan
+        of a few hundred messages: when not acting, it runs while the queue
+        is listed, and :meth:`list` gives its verdict (before the listing's
+        own, so a stopped Postfix is said in the same words either way).
+        """
         self._check_routes(senders)
         if acting and os.geteuid() != 0:
             raise NoPermissionError("qrunner must run as root to hold, release and schedule Postfix mail "
                                     "(postsuper is reserved for the superuser); run it from root's timer or with sudo.")
         if os.geteuid() != 0:
             return  # only root may ask 'postfix status'; postqueue says "mail system is down" for the rest
-        result = self._run("postfix", ["status"])
-        if result.returncode != 0:
+        self._end_status()
+        try:
+            self._status = subprocess.Popen([self.command("postfix")] + self.config_args + ["status"],
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise UnavailableError(f"cannot run {self.command('postfix')}: {exc.strerror}; is Postfix installed whole?")
+        if acting:
+            self._status_verdict()
+
+    def _status_verdict(self) -> None:
+        """Wait for the ``postfix status`` that :meth:`check` started, if any; raise when Postfix is not running."""
+        status, self._status = self._status, None
+        if status is None:
+            return
+        error = status.communicate()[1].decode("utf-8", "replace")
+        if status.returncode != 0:
             where = self.settings.config_directory or "the default instance"
             raise UnavailableError(f"Postfix is not running ({where}: 'postfix status' says: "
-                                   f"{_last_line(result.stderr) or 'not running'}); start it with 'postfix start'.")
+                                   f"{_last_line(error) or 'not running'}); start it with 'postfix start'.")
+
+    def _end_status(self) -> None:
+        """A status check nobody asked the verdict of (a command that never listed): reaped, not left a zombie."""
+        status, self._status = self._status, None
+        if status is not None:
+            status.communicate()
+
+    def close(self) -> None:
+        self._end_status()
 
     def _check_routes(self, senders: Sequence[Sender]) -> None:
         """Every routed sender has a Postfix route whose transport is not gated and whose listener stamps it."""
@@ -384,19 +415,20 @@ class PostfixBackend(Backend):
                     append(message)
             error = proc.stderr.read().decode("utf-8", "replace")
         self._texts = {}
+        self._status_verdict()
         if proc.returncode != 0:
             raise UnavailableError(f"postqueue -j failed: {_last_line(error) or 'exit ' + str(proc.returncode)}; "
                                    "is Postfix running?")
         return messages
 
     def _parse_line(self, number: int, line: bytes, postcat: Tuple[str, ...]) -> Optional[Message]:
-        if not line.strip():
-            return None
         try:
             record = _decode_json(line.decode("utf-8", "surrogatepass"))
             queue_id = record["queue_id"]
             queue_name = record["queue_name"]
         except (ValueError, KeyError, TypeError):
+            if not line.strip():
+                return None
             log.warning("postqueue -j line %d not understood, skipped: %.200s", number,
                         line.decode("utf-8", "replace"))
             return None
@@ -408,12 +440,9 @@ class PostfixBackend(Backend):
     def _text(self, text: str) -> str:
         """One str object for each text a listing repeats (queue names, senders, delay reasons)."""
         texts = self._texts
-        found = texts.get(text)
-        if found is None:
-            if len(texts) > 65536:
-                texts.clear()
-            found = texts[text] = text
-        return found
+        if len(texts) > 65536:
+            texts.clear()
+        return texts.setdefault(text, text)
 
     def _message(self, record: dict, queue_id: str, queue_name: str, postcat: Tuple[str, ...]) -> Message:
         key = hash_key(queue_id)
@@ -421,26 +450,35 @@ class PostfixBackend(Backend):
             path = self.paths.path(queue_name, queue_id, key)
         except ValueError:
             path = ""
-        text = self._text
+        texts = self._texts
+        if len(texts) > 65536:
+            texts.clear()
+        text = texts.setdefault
         addresses = []
         reasons = []
         for r in record.get("recipients", ()):
             if type(r) is dict:
                 address = r.get("address", "")
-                addresses.append(text(address if type(address) is str else str(address)))
-                if "delay_reason" in r:
-                    reasons.append(text(str(r["delay_reason"])))
+                if type(address) is not str:
+                    address = str(address)
+                addresses.append(text(address, address))
+                reason = r.get("delay_reason")
+                if reason is not None or "delay_reason" in r:
+                    reason = str(reason) if type(reason) is not str else reason
+                    reasons.append(text(reason, reason))
         try:
             arrival = int(record.get("arrival_time", 0)) + int(key[:5], 16) / 1e6
         except (TypeError, ValueError):
             arrival = 0.0
         if type(queue_name) is str:
-            queue_name = text(queue_name)
+            queue_name = text(queue_name, queue_name)
+        sender = record.get("sender", "")
+        sender = self._sender(sender if type(sender) is str else str(sender), path)
         return Message(
             queue_id=queue_id,
             arrival=arrival,
             size=int(record.get("message_size", 0)),
-            sender=text(self._sender(str(record.get("sender", "")), path)),
+            sender=text(sender, sender),
             recipients=tuple(addresses),
             queue_name=queue_name,
             filename=path,
