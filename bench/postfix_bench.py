@@ -350,6 +350,16 @@ class PostfixBench:
                 return result
             return run
 
+        def listed_then(flag: str, word: str) -> Callable[[], Measured]:
+            # the floor of any run that lists the queue before it acts: postqueue -j, then postsuper of the ids
+            def run() -> Measured:
+                result = measured(["sh", "-c", f"postqueue -c {config} -j >/dev/null && exec postsuper -c {config} "
+                                               f"{flag} -"], self.env, input=ids)
+                summary = re.search(rf"{word}: (\d+) messages?", result.stderr.decode(errors="replace"))
+                expect(f"postqueue -j, then postsuper {flag}: {word}", int(summary.group(1)) if summary else 0, size)
+                return result
+            return run
+
         steps = [
             ("qrunner run, hold all", self.cmd(qrunner("run", "--script", self.scripts["hold_all"]), sample=True),
              run_done("qrunner run, hold all", "held")),
@@ -357,6 +367,8 @@ class PostfixBench:
              run_done("qrunner release --all", "released")),
             ("postsuper -h", postsuper("-h", "Placed on hold"), None),
             ("postsuper -H", postsuper("-H", "Released from hold"), None),
+            ("postqueue -j, then postsuper -h", listed_then("-h", "Placed on hold"), None),
+            ("postqueue -j, then postsuper -H", listed_then("-H", "Released from hold"), None),
         ]
         rounds(self.results, "postfix", size, steps, self.repeat, log=self.log)
         self.settle()

@@ -74,6 +74,13 @@ def targets(r: Results) -> List[Target]:
         f = fig(mta, read)
         return f"{read}: {_s(f)}, {_x(ratio(mta, read, listing))} {listing}" if f else "-"
 
+    def listed_then(command: str, tool: str) -> str:
+        """The least a command that lists the queue before it acts can take: postqueue -j, then the tool."""
+        floor = f"postqueue -j, then {tool}"
+        return (f"{tool} alone: {_s(fig('postfix', tool))}; postqueue -j: {_s(fig('postfix', 'postqueue -j'))}; "
+                f"{floor}: {_s(fig('postfix', floor))} ({_x(ratio('postfix', floor, tool))} `{tool}`; qrunner "
+                f"{_x(ratio('postfix', command, floor))} of it)")
+
     out = [
         Target("Postfix planning, no header read", ratio("postfix", "plan, no header", "postqueue -j"), 1.5, True,
                "x `postqueue -j`", floor_read("postfix", "read every queue file", "postqueue -j"), missing),
@@ -92,11 +99,10 @@ def targets(r: Results) -> List[Target]:
                f"{_x(ratio('postfix', PER_MESSAGE, FLUSH_PROCESS))}"
                if size else "-", missing),
         Target("hold (a `qrunner run` that holds every message)", ratio("postfix", "qrunner run, hold all", "postsuper -h"),
-               1.5, True, "x `postsuper -h`", f"postsuper -h alone: {_s(fig('postfix', 'postsuper -h'))}; "
-               f"postqueue -j: {_s(fig('postfix', 'postqueue -j'))}" if size else "-", missing),
+               1.5, True, "x `postsuper -h`", listed_then("qrunner run, hold all", "postsuper -h") if size else "-",
+               missing),
         Target("release (`qrunner release --all`)", ratio("postfix", "qrunner release --all", "postsuper -H"), 1.5, True,
-               "x `postsuper -H`", f"postsuper -H alone: {_s(fig('postfix', 'postsuper -H'))}; "
-               f"postqueue -j: {_s(fig('postfix', 'postqueue -j'))}" if size else "-", missing),
+               "x `postsuper -H`", listed_then("qrunner release --all", "postsuper -H") if size else "-", missing),
     ]
     base = t if t in r.sizes else None
     full = FULL_SIZE if FULL_SIZE in r.sizes else None

@@ -33,7 +33,7 @@ from qrunner.state import Event, RunSummary, State
 
 log = logging.getLogger("qrunner")
 
-CHUNK = 1000  # messages per postsuper/exim call in a long hold, release or move: progress shows, argv stays short
+CHUNK = 1000  # messages per step of a long hold, release or move while a progress bar is drawn
 
 
 def quote(text: str) -> str:
@@ -109,9 +109,18 @@ class Executor:
         Each chunk is recorded, acted on and confirmed before the next (the
         crash-safe order holds per chunk). Paced (``rate``), a chunk is as
         many messages as one second allows and starts no earlier than the
-        rate lets it.
+        rate lets it. With no bar to draw (cron, the timer, ``-q``) the
+        whole stage is one chunk: one record, one call to the MTA (the back
+        end splits it where a command line would grow too long) and one
+        confirmation, not a process and two transactions per thousand. A
+        crash leaves no more than it could before: each message of the
+        chunk is held with its record, or its record says ``holding`` (or
+        ``releasing``) and the next run settles it from the queue.
         """
-        size = max(1, int(self.rate)) if paced and self.rate else CHUNK
+        if paced and self.rate:
+            size = max(1, int(self.rate))
+        else:
+            size = CHUNK if self.progress.enabled else max(1, len(items))
         with self.progress.bar(what, len(items)) as tick:
             for done in range(0, len(items), size):
                 chunk = items[done:done + size]

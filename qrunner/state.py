@@ -158,6 +158,10 @@ CREATE INDEX history_by_copy ON history (instance, new_queue_id) WHERE new_queue
     (7, "exactly-once hand-over: a copy its listener holds is released only once its original is gone", """
 ALTER TABLE copies ADD COLUMN released INTEGER NOT NULL DEFAULT 1;
 """),
+    (8, "every run's prune finds the old history by its time and a run's history by the run, not by reading it all", """
+CREATE INDEX history_by_time ON history (instance, at);
+CREATE INDEX history_by_run ON history (run_id);
+"""),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -710,9 +714,9 @@ class State:
                 "DELETE FROM history WHERE instance = ? AND at < ? AND NOT EXISTS (SELECT 1 FROM holds h WHERE "
                 "h.instance = history.instance AND h.queue_id = history.queue_id AND h.arrival = history.arrival)",
                 (self.instance, cutoff))
-            return self.db.execute("DELETE FROM runs WHERE instance = ? AND started < ? AND id NOT IN "
-                                   "(SELECT run_id FROM history WHERE instance = ?)",
-                                   (self.instance, cutoff, self.instance)).rowcount
+            return self.db.execute("DELETE FROM runs WHERE instance = ? AND started < ? AND NOT EXISTS "
+                                   "(SELECT 1 FROM history h WHERE h.run_id = runs.id AND h.instance = runs.instance)",
+                                   (self.instance, cutoff)).rowcount
 
     # -- history (what explain shows) ------------------------------------------
 

@@ -29,6 +29,7 @@ SMOKE_DISPATCH = 200
 PER_SIZE = {
     "postfix": ["postqueue -j", "read every queue file", "plan, no header", "plan, one header",
                 "qrunner run, hold all", "qrunner release --all", "postsuper -h", "postsuper -H",
+                "postqueue -j, then postsuper -h", "postqueue -j, then postsuper -H",
                 "plan, one header (beside pymailq)", "pymailq, headers parsed", "jq | xargs postqueue -i",
                 "qrunner run, no header", "flush service, qrunner's client (process)", "postqueue -i per message",
                 "flush service, qrunner's client (loop)"],

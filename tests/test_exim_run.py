@@ -334,3 +334,32 @@ def test_contrib_gate_is_the_gate_these_tests_run(exim):
         with open(os.path.join(contrib, name)) as f:
             assert re.search(r"^chunking_advertise_hosts =\s*$", f.read(), re.M), name
     assert re.search(r"^chunking_advertise_hosts =\s*$", tested, re.M)
+
+
+def test_a_freeze_that_fails_for_some_messages_leaves_the_others_frozen_with_their_records(tmp_path, exim, exim_sink):
+    """qrunner freezes in two exim processes at once: when one of them fails, what the other froze stays
+    frozen with qrunner's record, nothing is left frozen without one, and the next run freezes the rest."""
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    ids = [mta.queue_message(f"hold {number}") for number in range(4)]
+    bad = ids[-1]
+    real = exim.binary
+    wrapper = tmp_path / "exim-failing-for-one"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" -Mf "*" {bad} "*) echo "exim: spool file locked" >&2; '
+                       f'exit 1;; esac\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    config = qr.config_path.read_text()
+    qr.config_path.write_text(config.replace(f'binary = "{real}"', f'binary = "{wrapper}"'))
+
+    result = qr("run")
+
+    assert result.code == 69 and "exim -Mf failed (exim: spool file locked)" in result.stderr, result.stderr
+    frozen = {m["id"] for m in exim.queue() if m["frozen"]}
+    assert bad not in frozen and frozen, frozen  # the other process's freezes were made ...
+    status = qr("status").stdout
+    assert all(queue_id in status for queue_id in frozen), status  # ... and each is qrunner's, with its record
+    qr.config_path.write_text(config)
+    assert qr("run").code == 0
+    assert {m["id"] for m in exim.queue() if m["frozen"]} == set(ids)
+    status = qr("status").stdout
+    assert all(queue_id in status for queue_id in ids), status

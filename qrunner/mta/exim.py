@@ -30,6 +30,8 @@ never mixes levels, so the relay sees the levels in order.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -38,7 +40,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from qrunner.atomic import replace_file
 from qrunner.config import EximSettings, Sender
@@ -52,7 +54,13 @@ log = logging.getLogger("qrunner.exim")
 BATCH = 10  # message ids per `exim -Mc` process
 ROUTES_FILE = "exim-routes"  # message id -> transport, read by contrib/exim's router (see routes_path)
 ROUTES_DIRECTORY_SUFFIX = "-exim"  # the routes file's own directory, beside state_dir
-COMMAND_BATCH = 200  # ids per -Mf / -Mt / -MG call
+COMMAND_BATCH = 200  # ids per -MG / -Mg call
+# -Mf / -Mt: ids per exim process (about 23 KB of command line), and exim processes at once. Exim rewrites each
+# message's -H file with two fsyncs (the file, then the spool directory), so a freeze costs the disk's fsync
+# latency, not CPU: two processes on disjoint ids take about half the time of one (measured: 2,000 freezes 1.68 s
+# in one process at a time, 0.75 s in two, 0.91 s in four).
+FREEZE_BATCH = 1000
+FREEZE_PROCESSES = 2
 
 
 def routes_path(state_dir: str) -> str:
@@ -501,24 +509,48 @@ class EximBackend(Backend):
         (not frozen after ``-Mf``, frozen after ``-Mt``) is: the command
         failed, and the run must stop and say so, not call it vanished.
         """
-        ids = [q for q in queue_ids if exim_spool.is_message_id(q)]
+        ids = [q for q in queue_ids if exim_spool.is_message_id(q)]  # an id never starts with "-": no option
         confirmed: Set[str] = set()
-        for start in range(0, len(ids), COMMAND_BATCH):
-            chunk = ids[start:start + COMMAND_BATCH]
-            result = self._exim(self.queue_args + [flag] + chunk)
+        failed = ""
+        for chunk, result in self._in_parallel(flag, ids, stop=lambda: bool(failed)):
             now = set(re.findall(r"^Message (\S+) " + re.escape(done) + r"$", result.stdout, re.M))
             confirmed.update(now)
             refused = self._say_refused(flag, [q for q in chunk if q not in now], result.stdout + "\n" + result.stderr)
-            if result.returncode != 0:
+            if result.returncode != 0 and not failed:
                 # Exim refusing a message by name (a spool format error) is that message's, said above; a batch
                 # left unchanged with no word for it is Exim failing (the binary, the spool), said as the run's.
                 unchanged = [q for q in chunk if q not in confirmed and q not in refused
                              and self._frozen(q) is (flag == "-Mt")]
                 if unchanged:
-                    raise UnavailableError(f"exim {flag} failed ({_last_line(result.stderr) or 'no output'}); "
-                                           f"{len(confirmed & set(ids))} of {len(ids)} messages were changed before "
-                                           "it stopped.")
+                    failed = _last_line(result.stderr) or "no output"
+        if failed:
+            raise UnavailableError(f"exim {flag} failed ({failed}); {len(confirmed & set(ids))} of {len(ids)} "
+                                   "messages were changed before it stopped.")
         return confirmed & set(ids)
+
+    def _in_parallel(self, flag: str, ids: Sequence[str], stop: Callable[[], bool]
+                     ) -> Iterator[Tuple[List[str], subprocess.CompletedProcess]]:
+        """``exim -qG<queue> FLAG ID...`` over ``ids``, FREEZE_PROCESSES processes at once; each chunk and its
+        result, in order, until ``stop()`` says the caller saw a failure.
+
+        No chunk starts once ``stop()`` is true, and the ones already under
+        way (at most FREEZE_PROCESSES - 1 beside the failed one) are still
+        waited for and yielded, so that what they changed is counted and
+        confirmed. Exim locks each message while it changes it, and the
+        chunks name disjoint ids.
+        """
+        per = max(1, min(FREEZE_BATCH, -(-len(ids) // FREEZE_PROCESSES)))
+        chunks = collections.deque(list(ids[start:start + per]) for start in range(0, len(ids), per))
+        with concurrent.futures.ThreadPoolExecutor(FREEZE_PROCESSES) as pool:
+            running: Deque[Tuple[List[str], concurrent.futures.Future]] = collections.deque()
+            while chunks or running:
+                while chunks and len(running) < FREEZE_PROCESSES and not stop():
+                    chunk = chunks.popleft()
+                    running.append((chunk, pool.submit(self._exim, self.queue_args + [flag] + chunk)))
+                if not running:
+                    return
+                chunk, future = running.popleft()
+                yield chunk, future.result()
 
     def _say_refused(self, flag: str, ids: Sequence[str], output: str) -> Set[str]:
         """Exim's own words for each message it did not act on, when it names the message (e.g. a spool
