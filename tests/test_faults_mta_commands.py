@@ -57,7 +57,9 @@ def failing_command(path, real: str, flag: str, mode: str, error: str = EXIM_ERR
 
     ``exit``: every call with ``flag`` prints an error and exits 1, doing nothing. ``half``: a call with ``flag``
     and two ids or more does the first id, then prints the error and exits 1 (ids on the command line, after the
-    flag and, for ``-MG``, its queue name; or for ``postsuper FLAG -``, on stdin); ``postqueue -j`` prints its
+    flag and, for ``-MG``, its queue name; or for ``postsuper FLAG -``, on stdin); ``-Mf``/``-Mt`` with one id per
+    call (the batch split over processes running at once): the first call goes through, every later one fails;
+    ``postqueue -j`` prints its
     first message, then fails. ``stops``: after the first call
     with ``flag`` has ended, every call (any flag) fails: the MTA stopped working. ``pass``: every call goes
     through (the case removes the file or takes its mode away later). Any other call goes to ``real``.
@@ -91,6 +93,11 @@ def failing_command(path, real: str, flag: str, mode: str, error: str = EXIM_ERR
             if len(args) - cut > 1:
                 subprocess.run([real] + args[:cut + 1])
                 fail()
+            if flag in ("-Mf", "-Mt"):  # one id per call (qrunner runs its batch in several processes at once):
+                try:                    # the first call goes through, every later one fails
+                    os.close(os.open({str(path) + '.first'!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    fail()
         if flag in args and mode == "stops":
             code = subprocess.run([real] + args).returncode
             open(stopped, "w").close()
