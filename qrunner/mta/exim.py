@@ -379,7 +379,7 @@ class EximBackend(Backend):
                 recipients=tuple([shared(r, r) for r in entry.recipients]),
                 queue_name=queue_name,
                 filename=entry.data_path,
-                headers=headers(entry.header_path, entry.message_id, mvh),
+                headers=headers(entry.header_path, entry.message_id, mvh, header_mark=entry.header_mark),
                 state=active if entry.locked else held if entry.frozen else waiting,
             ))
         return messages

@@ -93,6 +93,7 @@ __all__ = [
     "quick_header_fields",
     "journal_addresses",
     "data_file",
+    "header_mark",
 ]
 
 # Message ids (local_scan.h, receive.c, exim.c's regex_ismsgid): three
@@ -747,6 +748,15 @@ def quick_header_fields(data: bytes, pos: int, max_bytes: int) -> Optional[List[
     return fields
 
 
+_MARK_OFFSET = (1 << 17) - 1  # a header part's offset in a file read whole (< _FIRST_READ) fits in 17 bits
+
+
+def header_mark(status: os.stat_result, header_start: int) -> int:
+    """One int for where a file's header part starts and which version of the file that was (inode, size and
+    modification time): what a listing hands its header sources, so that a read of the same file goes there."""
+    return (hash((status.st_ino, status.st_size, status.st_mtime_ns)) & ((1 << 40) - 1)) << 17 | header_start
+
+
 def read_whole(path: str) -> Tuple[Optional[bytes], os.stat_result]:
     """A file's bytes when it is at most _FIRST_READ long (else None) and its status, with one open and read.
 
@@ -1076,6 +1086,7 @@ class SpoolEntry(NamedTuple):
     frozen: bool
     size: int  # $message_size
     locked: bool  # an Exim process works on it now (is_locked)
+    header_mark: int  # header_mark(): where its header part starts in the -H file as read; 0 when unknown
 
 
 class DamagedEntry(NamedTuple):
@@ -1097,7 +1108,7 @@ def list_queue(spool_directory: str, queue_name: str = "") -> Iterator[object]:
     for message_id, header_path, journal in _queue_files(spool_directory, queue_name):
         data_path = header_path[:-1] + "D"
         try:
-            data, _status = read_whole(header_path)
+            data, status = read_whole(header_path)
             quick = quick_envelope(data, message_id) if data is not None else None
             if quick is None:
                 hf = read_header_file(header_path, read_headers=False, journal=False)
@@ -1111,14 +1122,15 @@ def list_queue(spool_directory: str, queue_name: str = "") -> Iterator[object]:
         found = data_file(data_path)
         if found is None:
             continue  # gone since the directory scan
-        sender, arrival, frozen, recipients, done, header_size, _start = quick
+        sender, arrival, frozen, recipients, done, header_size, start = quick
         data_size, locked = found
         if recipients and (journal or locked):
             done = done | journal_addresses(header_path[:-1] + "J")
         if done:
             recipients = tuple([r for r in recipients if r not in done])
         yield SpoolEntry(message_id, header_path, data_path, sender, recipients, arrival, frozen,
-                         header_size + max(0, data_size - data_start_offset(message_id)) + 1, locked)
+                         header_size + max(0, data_size - data_start_offset(message_id)) + 1, locked,
+                         header_mark(status, start) if start else 0)
 
 
 # -- headers on demand -----------------------------------------------------------
@@ -1134,22 +1146,42 @@ class EximSpoolHeaders(MtaFileHeaders):
     prints the same file. Never raises (see :class:`MtaFileHeaders`).
     """
 
-    __slots__ = ()
+    __slots__ = ("header_mark",)
     kind = "spool file"
     id_kind = "an Exim message id"
 
     def __init__(self, path: str, message_id: str, mvh_argv: Optional[Sequence[str]] = None,
-                 max_bytes: int = DEFAULT_MAX_HEADER_BYTES):
+                 max_bytes: int = DEFAULT_MAX_HEADER_BYTES, header_mark: int = 0):
         super().__init__(path, message_id, mvh_argv, max_bytes)
+        self.header_mark = header_mark  # header_mark(): where the listing found the header part; 0 when unknown
+
+    def __getstate__(self):
+        return super().__getstate__() + (self.header_mark,)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state[:-1])
+        self.header_mark = state[-1]
 
     def read_file(self) -> Tuple[List[bytes], Optional[str]]:
-        """One open and read of an ordinary ``-H`` file, parsed in memory (:func:`quick_envelope`); any other
-        (big, damaged, cut, changed while read) by the general reader, which says what is wrong."""
-        data, _status = read_whole(self.path)
+        """One open and read of an ordinary ``-H`` file, parsed in memory; any other (big, damaged, cut, changed
+        while read) by the general reader, which says what is wrong.
+
+        Where the listing read the same file (the same inode, size and
+        modification time: Exim rewrites a ``-H`` file by writing a new one
+        and renaming it, so any change of the envelope changes them), the
+        header part is read from where the listing found it, without
+        reading the envelope again; otherwise the envelope is read first
+        (:func:`quick_envelope`) to find it.
+        """
+        data, status = read_whole(self.path)
         if data is not None and self.path.endswith("-H"):
-            envelope = quick_envelope(data, os.path.basename(self.path)[:-2], recipients=False)
-            if envelope is not None:
-                fields = quick_header_fields(data, envelope[-1], self.max_bytes)
+            mark = self.header_mark
+            start = mark & _MARK_OFFSET
+            if not (mark and mark == header_mark(status, start) and data[start - 2:start] == b"\n\n"):
+                envelope = quick_envelope(data, os.path.basename(self.path)[:-2], recipients=False)
+                start = envelope[-1] if envelope is not None else 0
+            if start:
+                fields = quick_header_fields(data, start, self.max_bytes)
                 if fields is not None:
                     return fields, None
         hf = read_header_file(self.path, read_headers=True, max_header_bytes=self.max_bytes, journal=False)
