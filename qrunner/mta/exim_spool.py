@@ -1036,19 +1036,22 @@ def _queue_files(spool_directory: str, queue_name: str) -> Iterator[Tuple[str, s
         raise ValueError("not an Exim queue name: %r" % (queue_name,))
     top = os.path.join(spool_directory, queue_name) if queue_name else spool_directory
     seen = set()
-    headers, journals, subdirs = _scan(os.path.join(top, "input"))
-    for directory in [None] + sorted(subdirs):
-        if directory is not None:
+    input_directory = os.path.join(top, "input")
+    headers, journals, subdirs = _scan(input_directory)
+    for directory in [input_directory] + sorted(subdirs):
+        if directory is not input_directory:
             headers, journals, _none = _scan(directory, subdirs_too=False)
-        for message_id, path in headers:
+        prefix = os.path.join(directory, "")
+        for message_id in headers:
             if message_id not in seen:
                 seen.add(message_id)
-                yield message_id, path, message_id in journals
+                yield message_id, prefix + message_id + "-H", message_id in journals
 
 
-def _scan(directory: str, subdirs_too: bool = True) -> Tuple[List[Tuple[str, str]], Set[str], List[str]]:
-    """One directory's ``(id, -H path)`` pairs, the ids with a ``-J`` file, and its split sub-directories."""
-    headers: List[Tuple[str, str]] = []
+def _scan(directory: str, subdirs_too: bool = True) -> Tuple[List[str], Set[str], List[str]]:
+    """One directory's message ids (of its ``-H`` files), the ids with a ``-J`` file, and its split
+    sub-directories."""
+    headers: List[str] = []
     journals: Set[str] = set()
     subdirs: List[str] = []
     try:
@@ -1062,7 +1065,7 @@ def _scan(directory: str, subdirs_too: bool = True) -> Tuple[List[Tuple[str, str
             if tail == "-H":
                 message_id = name[:-2]
                 if is_message_id(message_id):
-                    headers.append((message_id, entry.path))
+                    headers.append(message_id)
             elif tail == "-J":
                 journals.add(name[:-2])
             elif subdirs_too and len(name) == 1 and name.isalnum():
@@ -1136,6 +1139,9 @@ def list_queue(spool_directory: str, queue_name: str = "") -> Iterator[object]:
 # -- headers on demand -----------------------------------------------------------
 
 
+_DIRECTORIES: Dict[str, Tuple[str]] = {}  # spool directory -> the one tuple EximSpoolHeaders keep it in
+
+
 class EximSpoolHeaders(MtaFileHeaders):
     """The headers of one queued Exim message, read when first asked.
 
@@ -1146,7 +1152,7 @@ class EximSpoolHeaders(MtaFileHeaders):
     prints the same file. Never raises (see :class:`MtaFileHeaders`).
     """
 
-    __slots__ = ("header_mark",)
+    __slots__ = ("where", "header_mark")
     kind = "spool file"
     id_kind = "an Exim message id"
 
@@ -1154,6 +1160,30 @@ class EximSpoolHeaders(MtaFileHeaders):
                  max_bytes: int = DEFAULT_MAX_HEADER_BYTES, header_mark: int = 0):
         super().__init__(path, message_id, mvh_argv, max_bytes)
         self.header_mark = header_mark  # header_mark(): where the listing found the header part; 0 when unknown
+        self._share_directory()
+
+    # A big queue holds one of these per message: the path of a file named for its message, as it always is, is
+    # kept as its directory (one object for the whole listing) and the message id the source holds anyway.
+
+    @property
+    def path(self) -> str:
+        where = self.where
+        return where if type(where) is str else where[0] + self.queue_id + "-H"
+
+    @path.setter
+    def path(self, value: str) -> None:
+        self.where = value
+
+    def _share_directory(self) -> None:
+        path, name = self.where, self.queue_id + "-H"
+        if type(path) is str and path.endswith("/" + name):
+            directory = path[:-len(name)]
+            shared = _DIRECTORIES.get(directory)
+            if shared is None:
+                if len(_DIRECTORIES) >= 64:
+                    _DIRECTORIES.clear()
+                shared = _DIRECTORIES[directory] = (directory,)
+            self.where = shared
 
     def __getstate__(self):
         return super().__getstate__() + (self.header_mark,)
@@ -1161,6 +1191,7 @@ class EximSpoolHeaders(MtaFileHeaders):
     def __setstate__(self, state) -> None:
         super().__setstate__(state[:-1])
         self.header_mark = state[-1]
+        self._share_directory()
 
     def read_file(self) -> Tuple[List[bytes], Optional[str]]:
         """One open and read of an ordinary ``-H`` file, parsed in memory; any other (big, damaged, cut, changed
