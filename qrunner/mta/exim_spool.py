@@ -49,6 +49,17 @@ without its first line (``<ID>-D`` and a newline), plus one for the blank
 line between headers and body (``spool_open_datafile()``,
 ``spool_read_header()``).
 
+Two readers of the same format. :func:`read_header_file` is the general
+one: any file, any size (read in pieces, a huge header part skipped with a
+seek), every problem named. :func:`quick_envelope` and
+:func:`quick_header_fields` read an ordinary file held whole in memory
+(under 64 KiB, the common form of its fixed lines) in one pass with no
+per-message objects, which is what lets :func:`list_queue` list 10,000
+messages in a fraction of a second; for anything else they answer None and
+the general reader decides, so the two never differ (the fuzz test in
+tests/test_fuzz_parsers.py holds them to that, and the general reader to
+Exim's own parse).
+
 Nothing here raises for what a header part contains (8-bit bytes, broken
 lengths, truncation): what could be read is returned and ``problem`` says
 what was wrong. :class:`SpoolFormatError` (a ValueError) is raised only for
