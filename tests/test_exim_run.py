@@ -363,3 +363,50 @@ def test_a_freeze_that_fails_for_some_messages_leaves_the_others_frozen_with_the
     assert {m["id"] for m in exim.queue() if m["frozen"]} == set(ids)
     status = qr("status").stdout
     assert all(queue_id in status for queue_id in ids), status
+
+
+ENVELOPE_AS_REASON = ('function CheckFile(f, a, size, created, returnpath, recipients)\n'
+                      '  a.SkipSend = 1\n'
+                      '  a.Reason = returnpath .. "|" .. table.concat(recipients, ",") .. "|" .. size\n'
+                      '  return a\nend\n')
+
+
+def test_the_policy_sees_each_envelope_as_exim_lists_it_and_a_message_being_delivered_is_left_alone(
+        tmp_path, exim, exim_sink):
+    """The listing reads the spool in one pass, yet says what ``exim -bp`` and exipick say: the return path, the
+    recipients still to be delivered (after a partial delivery; with DSN data on the recipient lines; with an
+    interrupted delivery's ``-J`` journal, which Exim counts as delivered) and ``$message_size``; a message an
+    Exim process is delivering is left alone."""
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, ENVELOPE_AS_REASON)
+    sender = "alice@qrunner-test.localdomain"
+    plain = mta.queue_message("plain", size=3000)
+    exim_sink.defer_rcpt = {"carol@example.net"}
+    partial = exim.submit(sender, ["bob@example.net", "carol@example.net"], b"Subject: partial\n\nx\n")
+    exim.deliver(partial)  # bob's copy delivered, carol's deferred: the -H file's non-recipients tree names bob
+    exim_sink.wait_for(1)
+    dsn = exim.submit_smtp(sender, ["dave@example.net", "erin@example.net"], b"Subject: dsn\n\nx\n",
+                           mail_params="RET=HDRS ENVID=qr-2",
+                           rcpt_params={"dave@example.net": "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;d@example.org"})
+    interrupted = exim.submit(sender, ["frank@example.net", "gina@example.net"], b"Subject: interrupted\n\nx\n")
+    journal = exim.header_path(interrupted)[:-1] + "J"
+    with open(journal, "w") as f:
+        f.write("frank@example.net\n")  # a delivery that died after its first address, as Exim's journal says
+    busy = mta.queue_message("busy")
+    exim_sink.data_delay = 8
+    mta.deliver_outside(busy)
+
+    result = qr("plan", "--format", "json")
+
+    assert result.code == 0, result.stderr
+    reasons = {d["queue_id"]: d["reason"] for d in json.loads(result.stdout)["decisions"]}
+    listed = {m["id"]: m for m in exim.queue()}
+    sizes = exim.exipick(["message_size"])
+    assert listed[partial]["recipients"] == ["carol@example.net"]
+    assert listed[interrupted]["recipients"] == ["gina@example.net"]
+    for message_id in (plain, partial, dsn, interrupted):
+        assert reasons[message_id] == (f"{listed[message_id]['sender']}|{','.join(listed[message_id]['recipients'])}"
+                                       f"|{sizes[message_id]['message_size']}"), message_id
+    assert busy not in reasons
+    named = qr("flush", busy)  # named, a message qrunner may not touch says why
+    assert named.code == 1 and f"{busy}: being delivered by Exim right now; left alone" in named.stderr, named.stderr

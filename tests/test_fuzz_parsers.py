@@ -8,7 +8,8 @@ replaced with any bytes, its record kept well formed) and also tries plain rando
 - nothing ever raises but the documented error: the header sources never raise; ``iter_records``, ``read_route``
   and ``read_sender`` never raise; ``read_envelope`` and ``iter_content`` raise only QueueFileError;
   ``read_header_file`` only SpoolFormatError; and the fast and the general Postfix header readers agree whenever the
-  fast one answers;
+  fast one answers, as do Exim's quick listing and header readers (``quick_envelope``, ``quick_header_fields``)
+  and the general ``read_header_file``;
 - for a fixed corpus of mutations, every file the MTA's own tool reads gives what the tool gives: ``postcat -h FILE``
   for Postfix; for Exim, the message's header fields as Exim itself parses the ``-H`` file (``exim -Mset ID -be
   '$message_headers_raw'``, with the mutated file in the spool: ``exim -Mvh`` only copies the file out unparsed).
@@ -78,7 +79,12 @@ def exim_seeds(exim):
     ids = []
     for message, to in MESSAGES:
         ids.append(exim.submit("alice@qrunner-test.localdomain", list(to), message))
+    # a frozen message (a "-frozen" option line) and one with DSN data on its recipient lines ("... #3")
+    ids.append(exim.submit_smtp("alice@qrunner-test.localdomain", ["bob@example.net", "carol@example.net"],
+                                MESSAGES[0][0], mail_params="RET=HDRS ENVID=fuzz-1",
+                                rcpt_params={"bob@example.net": "NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.org"}))
     exim.wait_queued(ids)
+    exim.freeze(ids[1:2])
     seeds = []
     for message_id in ids:
         with open(exim.header_path(message_id), "rb") as f:
@@ -225,6 +231,7 @@ def test_postfix_readers_never_raise_on_fuzzed_queue_files(tmp_path, figures, po
 def test_exim_readers_never_raise_on_fuzzed_header_files(tmp_path, figures, exim_seeds):
     _exim, ids, seeds = exim_seeds
     count = [0]
+    quick_answers = [0]
 
     @FUZZ
     @given(st.data())
@@ -241,11 +248,21 @@ def test_exim_readers_never_raise_on_fuzzed_header_files(tmp_path, figures, exim
             full = read_header_file(path)
             sizes = read_header_file(path, read_headers=False)
         except SpoolFormatError:
-            pass
+            full = None
         else:
             assert (full.header_size, full.recipients, full.sender) == (sizes.header_size, sizes.recipients,
                                                                         sizes.sender)
             full.pending_recipients, full.arrival, full.frozen_at  # noqa: B018 - must not raise either
+        for recipients in (True, False):
+            quick = exim_spool.quick_envelope(blob, ids[0], recipients)
+            if quick is not None:  # the quick reader answers only where the general one reads the file whole
+                quick_answers[0] += 1
+                assert full is not None and full.problem is None, blob
+                assert quick[:-1] == (full.sender, full.arrival, full.frozen,
+                                      tuple(r.address for r in full.recipients) if recipients else (),
+                                      full.non_recipients, full.header_size), blob
+                fields = exim_spool.quick_header_fields(blob, quick[-1], 262144)
+                assert fields is None or fields == full.headers, blob
         try:
             exim_spool.parse_header_file(blob)
         except SpoolFormatError:
@@ -255,6 +272,7 @@ def test_exim_readers_never_raise_on_fuzzed_header_files(tmp_path, figures, exim
         count[0] += 1
 
     check()
+    assert quick_answers[0] > 0, "the quick Exim readers never answered: the agreement above was never checked"
     figures.record("inputs", "fuzzed Exim -H files (random bytes and mutations of real ones)",
                    tried=count[0], survived=count[0])
 

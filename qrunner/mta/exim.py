@@ -376,40 +376,35 @@ class EximBackend(Backend):
         return os.path.join(*parts)
 
     def list(self) -> List[Message]:
-        """The named queue's messages, from the -H files; locked (being delivered) ones marked."""
+        """The named queue's messages, from the -H files in one pass (exim_spool.list_queue); locked (being
+        delivered) ones marked."""
         messages = []
         self._damaged = {}
         mvh = tuple([self.binary] + self.config_args + self.queue_args)
+        queue_name = self.queue or "default"
         texts: Dict[str, str] = {}  # one str for each sender and recipient the listing repeats
         shared = texts.setdefault
-        for message_id, header_path in exim_spool.list_spool(self.spool_directory, self.queue, self.split):
-            data_path = header_path[:-2] + "-D"
+        add = messages.append
+        waiting, held, active = QueueState.WAITING, QueueState.HELD, QueueState.ACTIVE
+        headers = exim_spool.EximSpoolHeaders
+        for entry in exim_spool.list_queue(self.spool_directory, self.queue):
+            if type(entry) is exim_spool.DamagedEntry:
+                damaged = self._damaged_message(entry.message_id, entry.header_path, entry.data_path, entry.error)
+                if damaged is not None:
+                    add(damaged)
+                continue
             if len(texts) > 65536:
                 texts.clear()  # a queue of distinct addresses: the table must not outgrow what it saves
-            try:
-                spool = exim_spool.read_header_file(header_path, read_headers=False)
-            except FileNotFoundError:
-                continue  # delivered or removed since the directory scan
-            except (OSError, ValueError) as exc:
-                damaged = self._damaged_message(message_id, header_path, data_path, exc)
-                if damaged is not None:
-                    messages.append(damaged)
-                continue
-            size = exim_spool.message_size(spool, data_path)
-            if size is None:
-                continue  # gone since the directory scan
-            locked = exim_spool.is_locked(data_path)
-            state = QueueState.ACTIVE if locked else QueueState.HELD if spool.frozen else QueueState.WAITING
-            messages.append(Message(
-                queue_id=message_id,
-                arrival=spool.arrival,
-                size=size,
-                sender=shared(spool.sender, spool.sender),
-                recipients=tuple([shared(r, r) for r in spool.pending_recipients]),
-                queue_name=self.queue or "default",
-                filename=data_path,
-                headers=exim_spool.EximSpoolHeaders(header_path, message_id, mvh),
-                state=state,
+            add(Message(
+                queue_id=entry.message_id,
+                arrival=entry.arrival,
+                size=entry.size,
+                sender=shared(entry.sender, entry.sender),
+                recipients=tuple([shared(r, r) for r in entry.recipients]),
+                queue_name=queue_name,
+                filename=entry.data_path,
+                headers=headers(entry.header_path, entry.message_id, mvh, header_mark=entry.header_mark),
+                state=active if entry.locked else held if entry.frozen else waiting,
             ))
         return messages
 
