@@ -167,7 +167,7 @@ def benchmarks_md(r: Results) -> str:
             "process of the command's tree (the kernel's `wait4` figure, as `/usr/bin/time -v` gives it: it may be "
             "an MTA tool qrunner ran, such as `exim -bp`), and the largest sum of RSS over the whole tree at one "
             "sample.",
-            "- qrunner runs as `python -m qrunner -q` from this checkout, with QRUNNER_TEST_NO_SYSTEM_LOG=1 as in "
+            "- qrunner runs as `python -m qrunner -q` from this checkout (byte-compiled first, as an installed copy is), with QRUNNER_TEST_NO_SYSTEM_LOG=1 as in "
             "the test suite, so the figures leave out writing the action lines to the system log, and with "
             "`script_timeout = 120` (default 2): on a shared machine a trivial header-reading `CheckFile` was seen "
             "to stall past 2 s, and once past 30 s (the worker reads the headers itself, inside the watchdog's "
