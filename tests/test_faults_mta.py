@@ -2,7 +2,8 @@
 
 The memory back end takes a kill at every step and every command failing (tests/test_faults.py); these cases
 confirm the steps where the real MTAs differ: a run killed between releasing a hold and sending it, in the
-middle of a batch of flush requests, while writing Exim's routes file; Postfix's ``postsuper`` failing (a
+middle of a batch of flush requests, while writing Exim's routes file, on each side of the MTA's own hold and
+release (after the record, after the MTA's change but before its confirmation); Postfix's ``postsuper`` failing (a
 non-zero exit that half-applies its batch, as on a stopped Postfix; missing; not executable); Postfix stopped in
 the middle of the sends; Exim's binary failing to freeze; the routes file on a full disk. After each, the next
 normal run must leave every message as the policy says, judged by ``postqueue -j`` / ``exim -bp`` and the
@@ -246,3 +247,50 @@ def test_exim_binary_failing_to_freeze_loses_nothing(ex, figures, tmp_path):
     looks_work(qr, ids["hold this"], "exim -Mf failing")
     recover_and_judge(mta, qr, ids, dict(SUBJECTS, **{"hold that": HELD}), sinks_by_fate, figures,
                       "Exim: the exim binary failing to freeze", "-Mf failing")
+
+
+# -- kills around the MTA's own hold and release (the record, the MTA's change, its confirmation) ----------------
+
+# The step qrunner's promise "no hold without a record" rests on, killed on each side of the MTA's command: after
+# the record, before postsuper -h / exim -Mf (the record says "holding", nothing is held yet); after the MTA's
+# change, before its confirmation is recorded (held, the record still "holding"); and the same for a release of one
+# of qrunner's holds (postsuper -H / exim -Mt) that the policy now allows.
+AROUND_THE_MTA = {
+    "after the hold's record, before the MTA holds": ("hold", "_hold", "before"),
+    "after the MTA held, before the hold is confirmed": ("hold", "_hold", "after"),
+    "after the release's record, before the MTA releases": ("release", "_release", "before"),
+    "after the MTA released, before the release is recorded": ("release", "_release", "after"),
+}
+BACKENDS = {"postfix": "qrunner.mta.postfix:PostfixBackend", "exim": "qrunner.mta.exim:EximBackend"}
+
+
+@pytest.mark.parametrize("mta_name", ["postfix", "exim"])
+@pytest.mark.parametrize("where", list(AROUND_THE_MTA))
+def test_a_run_killed_around_the_mtas_hold_or_release_loses_nothing(request, figures, mta_name, where):
+    if mta_name == "postfix":
+        mta, qr = request.getfixturevalue("pf")
+        sinks_by_fate, subjects = {SENT: mta.sink}, SUBJECTS
+    else:
+        mta, qr, sinks_by_fate = request.getfixturevalue("ex")
+        subjects = EXIM_SUBJECTS
+    ids = queue_scenario(mta, qr)  # the run to kill releases "later one/two" and holds what is new
+    ids["hold that"] = mta.queue_message("hold that")
+    if mta_name == "exim":
+        ids["night p70"] = mta.queue_message("night p70")
+    method, caller, when = AROUND_THE_MTA[where]
+
+    result = qr.faulted([{"target": f"{BACKENDS[mta_name]}.{method}", "caller": caller, "when": when}])
+
+    assert killed(result), f"not killed {where} (exit {result.code}):\n{result.stderr}"
+    state = {queue_id: mta.where(queue_id) for queue_id in (ids["hold that"], ids["later one"])}
+    if where.startswith("after the hold's record"):  # the MTA was never asked: nothing held yet
+        assert state[ids["hold that"]] != IN_HOLD, mta.snapshot()
+    elif where.startswith("after the MTA held"):  # the MTA did it, qrunner had not heard
+        assert state[ids["hold that"]] == IN_HOLD, mta.snapshot()
+    elif where.startswith("after the MTA released"):
+        assert state[ids["later one"]] != IN_HOLD, mta.snapshot()
+    else:
+        assert state[ids["later one"]] == IN_HOLD, mta.snapshot()
+    looks_work(qr, ids["hold this"], where)
+    recover_and_judge(mta, qr, ids, dict(subjects, **{"hold that": HELD}), sinks_by_fate, figures,
+                      "Postfix and Exim: SIGKILL around the MTA's own hold and release", f"{mta_name}: {where}")
