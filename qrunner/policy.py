@@ -648,29 +648,37 @@ class PolicyEngine:
                     worker.kill()
                     raise _Stuck(dying if dying >= 0 else None, "the Lua worker died during CheckFile")
                 idle_since = time.monotonic()
-                kind = reply[0]
-                if kind == "results":
-                    for local, outcome in reply[1]:
-                        i = pending[local]
-                        results[i] = verdict(messages[i], outcome)
-                    received += len(reply[1])
-                    self._tick(len(reply[1]))
-                elif kind == "headers":
-                    took = self._serve_headers(worker, messages, pending, reply[1], reply[2], ahead)
-                    calling, since = worker.progress()
-                    spent = served[2] if served[:2] == (calling, since) else 0.0
-                    served = (calling, since, spent + took)
-                elif kind == "print":
-                    self._log_print(sender, messages[pending[reply[2]]] if reply[2] is not None else None, reply[1])
-                elif kind == "done":
-                    self._note_extras(reply[1])
-                    chunks -= 1
-                    if chunks <= 0:
+                try:
+                    kind = reply[0]
+                    if kind == "results":
+                        for local, outcome in reply[1]:
+                            i = pending[local]
+                            results[i] = verdict(messages[i], outcome)
+                        received += len(reply[1])
+                        self._tick(len(reply[1]))
+                    elif kind == "headers":
+                        took = self._serve_headers(worker, messages, pending, reply[1], reply[2], ahead)
+                        calling, since = worker.progress()
+                        spent = served[2] if served[:2] == (calling, since) else 0.0
+                        served = (calling, since, spent + took)
+                    elif kind == "print":
+                        self._log_print(sender, messages[pending[reply[2]]] if reply[2] is not None else None, reply[1])
+                    elif kind == "done":
+                        self._note_extras(reply[1])
+                        chunks -= 1
+                        if chunks <= 0:
+                            return
+                    elif kind == "abandon":
+                        worker.kill()
+                        self._worker = None
                         return
-                elif kind == "abandon":
+                except (LookupError, TypeError, ValueError, AttributeError) as error:
+                    # Plain data of the wrong shape (a worker taken over by the script): the parent, root, must not fall
+                    # over on it; the worker is treated as one that died, fail closed for the call under way.
+                    dying, _ = worker.progress()
                     worker.kill()
-                    self._worker = None
-                    return
+                    raise _Stuck(dying if dying >= 0 else None, "the Lua worker sent a message qrunner cannot read "
+                                 f"({type(error).__name__})") from None
                 continue
             if time.monotonic() < deadline:
                 continue

@@ -311,3 +311,43 @@ def test_the_parent_never_runs_code_a_taken_over_worker_sends(tmp_path):
         worker.receive()
     assert worker.receive() == ("done", "")
     assert not marker.exists()
+
+
+# What a worker taken over by its script could send its root parent instead of its answer: plain data (nothing
+# else is read, above), but of the wrong shape.
+MALFORMED = {
+    "a result for a message it was not given": ["results", [[99, ["x"]]]],
+    "a result of the wrong shape": ["results", [[0]]],
+    "a print for a message it was not given": ["print", "hello", 99],
+    "an answer that is not a message": 5,
+}
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("what", list(MALFORMED))
+def test_a_taken_over_worker_sending_data_of_the_wrong_shape_is_a_dead_worker_not_a_traceback(tmp_path, figures,
+                                                                                            what):
+    from memory_harness import MemoryHarness
+    from qrunner_e2e import make_message
+
+    mta = MemoryHarness(str(tmp_path / "queue"))
+    ids = [mta.queue.submit("alice@qrunner-test.localdomain", ["bob@example.net"], make_message(subject))
+           for subject in ("one", "two")]
+    marks = tempfile.mkdtemp(prefix="qrunner-worker-mark-")
+    os.chmod(marks, 0o777)  # the worker, as _qrunner, leaves its "struck once" mark here
+    try:
+        qrunner = FaultyQrunner(tmp_path, mta, "function CheckFile(f, a) a.Priority = 60 return a end")
+        result = qrunner.faulted([{"target": "multiprocessing.connection:Connection.send", "call": 2, "do": "replace",
+                                   "caller_file": "*/qrunner/policy_worker.py", "value": MALFORMED[what],
+                                   "once": os.path.join(marks, "struck")}], "plan", "--format", "json")
+        struck = os.path.exists(os.path.join(marks, "struck"))
+    finally:
+        shutil.rmtree(marks)
+
+    assert struck, result.stderr
+    ok = result.code in (0, 1) and "Traceback" not in result.stderr
+    figures.record("inputs", "a taken-over Lua worker sending data of the wrong shape", tried=1, survived=int(ok))
+    assert ok, f"exit {result.code}:\n{result.stderr}"
+    assert "the Lua worker sent a message qrunner cannot read" in result.stderr, result.stderr
+    planned = {row["queue_id"]: row for row in json.loads(result.stdout)["decisions"]}
+    assert set(planned) == set(ids), result.stdout  # every message still planned: decided again, or held

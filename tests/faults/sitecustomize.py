@@ -28,6 +28,9 @@ the qrunner process and its Lua worker call: the worker's module runs as ``__mai
 ``rename``) in the calling process, right there, and writes what each gave (``ok`` or the errno's name) as JSON to
 ``out``: what code that broke out of the Lua sandbox into the worker's process could do to the system.
 
+``do = "replace"``: the call goes ahead with ``value`` (JSON: lists for tuples) in place of its first argument
+after ``self``: what a Lua worker taken over by its script could send its root parent instead of its answer.
+
 ``{"target": ..., "do": "trace", "file": PATH, "as": "state"}``: no fault; each call from qrunner's runner,
 executor or back-end interface (not from inside the traced module itself) appends ``CALLER AS METHOD`` to ``file``:
 how tests/test_faults.py enumerates the steps a command takes.
@@ -184,6 +187,16 @@ def _trace(function, fault: dict):
     return traced
 
 
+def _replaced(function, fault: dict, args: tuple, kwargs: dict):
+    """The call made with ``value`` in place of its first argument after ``self`` (once, if ``once`` says so)."""
+    once = fault.get("once")
+    if once:
+        if os.path.exists(once):
+            return function(*args, **kwargs)
+        open(once, "w").close()
+    return function(args[0], fault["value"], *args[2:], **kwargs)
+
+
 def _wrap(function, fault: dict):
     if fault.get("do") == "trace":
         return _trace(function, fault)
@@ -198,6 +211,8 @@ def _wrap(function, fault: dict):
         if seen[0] != wanted:
             return function(*args, **kwargs)
         owner = args[0] if args else None
+        if fault.get("do") == "replace":
+            return _replaced(function, fault, args, kwargs)
         if fault.get("do") == "raise" and fault["error"].startswith("sqlite") and hasattr(owner, "db"):
             real = owner.db  # a State method: its statement fails inside it, where SQLite would raise
             owner.db = _FailingConnection(real, fault["error"])
