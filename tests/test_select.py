@@ -188,7 +188,8 @@ def test_flush_rate_hands_the_mta_no_more_than_n_per_second(tmp_path, real_mta):
     result = qr("flush", "--all", "--ignore-policy", "--rate", "4/s")
 
     assert result.code == 0, result.stderr
-    arrived = sorted(m.received_at - start for m in real_mta.sink.wait_for(9))
+    # Only a hang guard: the case asserts no message came early; a late one (a loaded machine) is fine.
+    arrived = sorted(m.received_at - start for m in real_mta.sink.wait_for(9, timeout=90))
     assert len(arrived) == 9
     assert sum(1 for t in arrived if t < 1.0) <= 4 and sum(1 for t in arrived if t < 2.0) <= 8, arrived
     assert arrived[-1] >= 2.0
