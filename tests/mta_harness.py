@@ -72,16 +72,18 @@ class Harness:
         self.wait_where(queue_id, None)
 
 
-def harness_for(request, tmp_path) -> Harness:
-    """The harness of a test parametrized over "memory", "postfix" and "exim" (``request.param``).
+def harness_for(request, tmp_path, name: Optional[str] = None) -> Harness:
+    """The harness of a test parametrized over "memory", "postfix" and "exim" (``request.param``, or ``name``
+    for a test whose parameter has another name).
 
     The memory back end runs on any machine; the real MTAs are the private
     instances of the fixtures ``postfix`` and ``exim``, each with its sink.
     """
-    if request.param == "memory":
+    name = name or request.param
+    if name == "memory":
         from memory_harness import MemoryHarness  # it builds on this module
         return MemoryHarness(str(tmp_path / "memory-queue"))
-    if request.param == "postfix":
+    if name == "postfix":
         return PostfixHarness(request.getfixturevalue("postfix"), request.getfixturevalue("smtp_sink"))
     return EximHarness(request.getfixturevalue("exim"), request.getfixturevalue("exim_sink"))
 

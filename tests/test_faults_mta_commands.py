@@ -38,7 +38,7 @@ from collections import Counter
 import pytest
 
 from fault_harness import SENT, FaultyQrunner
-from mta_harness import HELD as IN_HOLD, WAITING, EximHarness, PostfixHarness
+from mta_harness import HELD as IN_HOLD, WAITING, harness_for
 from qrunner_e2e import ALLOW_ALL, SKIP_ALL, queue_message, queue_state
 from test_hold_age import configure
 from test_faults_mta import (EXIM_SUBJECTS, SUBJECTS, ex, judge_real, looks_work, pf,  # noqa: F401
@@ -426,10 +426,7 @@ def test_return_to_sender_failing_keeps_the_hold_and_its_record(request, tmp_pat
 
     The next run, the command working again, returns the message: the MTA's log says so.
     """
-    if mta_name == "postfix":
-        mta = PostfixHarness(request.getfixturevalue("postfix"), request.getfixturevalue("smtp_sink"))
-    else:
-        mta = EximHarness(request.getfixturevalue("exim"), request.getfixturevalue("exim_sink"))
+    mta = harness_for(request, tmp_path, mta_name)
     qr = FaultyQrunner(tmp_path, mta, SKIP_ALL)
     queue_id = mta.queue_message("held, then returned")
     assert qr("run").code == 0 and mta.where(queue_id) == IN_HOLD

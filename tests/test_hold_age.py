@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from memory_harness import MemoryHarness
-from mta_harness import HELD, WAITING, EximHarness, PostfixHarness
+from mta_harness import HELD, WAITING, EximHarness, PostfixHarness, harness_for
 from qrunner_e2e import ALLOW_ALL, Qrunner, make_message
 
 from qrunner.config import PostfixSettings
@@ -282,10 +282,7 @@ EXPIRE_RESULT = {"postfix": "", "exim": " result=delivered"}
 
 @pytest.mark.parametrize("which", ["postfix", "exim"])
 def test_a_hold_past_max_hold_age_is_sent_by_the_default_route(tmp_path, request, which):
-    if which == "postfix":
-        mta = PostfixHarness(request.getfixturevalue("postfix"), request.getfixturevalue("smtp_sink"))
-    else:
-        mta = EximHarness(request.getfixturevalue("exim"), request.getfixturevalue("exim_sink"))
+    mta = harness_for(request, tmp_path, which)
     qr = Qrunner(tmp_path, mta, ASKED)
     queue_id = mta.queue_message("held, then too old")
     assert qr("run").code == 0 and mta.where(queue_id) == HELD
