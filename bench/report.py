@@ -147,7 +147,8 @@ def benchmarks_md(r: Results) -> str:
             f"recipients (bench/corpus.py: about {corpus.expected_bytes(10_000) / 1e9:.2f} GB per MTA at 10,000). "
             f"Postfix's queue is filled over SMTP sessions of 500 messages each (two at a time), Exim's with "
             f"`exim -odq -bS`, 1,000 messages per process.",
-            f"- Each figure is the median of {r.repeat} rounds (the jq pipeline and pymailq: {r.tool_repeat}), "
+            f"- Each figure is the median of {r.repeat} rounds (the jq pipeline and pymailq: {r.tool_repeat}; the "
+            f"jq pipeline above {r.target_size:,} messages: 1), "
             f"after a warm-up round where the group has one. A round runs each command of its group once, in turn, "
             f"so that the machine's drift hits them all; a ratio is the median of the per-round ratios.",
             "- Every timed command must succeed and must have done its job, or the bench stops: a plan lists every "
