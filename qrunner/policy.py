@@ -388,6 +388,36 @@ class _Worker:
             self._progress_file.close()
 
 
+class _CallClock:
+    """When the parent first saw the call the worker's progress block names: what the watchdog counts from.
+
+    The worker writes the block (the call's index, then its start on its
+    own clock) with plain stores, one byte after another, and nothing stops
+    the kernel from pausing it half-way on a busy machine. A read then finds
+    the new index beside the last start, or a start whose bytes mix two
+    values; after a pass or a load the last start is 0.0, so a call that has
+    just begun looked hours old and was killed at once ("did not return
+    within 2 s" after a few milliseconds, seen about once in 15 runs on a
+    loaded 2-core machine). Counted from the parent's first sight of each
+    (index, start) it reads, a half-written block only moves the deadline
+    later, by the moment the write takes to finish: every reading is a new
+    one, seen now. A call that is really stuck wrote its block long before,
+    and is killed ``limit`` after the parent first saw it (never before its
+    own start plus ``limit``, at most one look, WATCHDOG_POLL, after).
+    """
+
+    __slots__ = ("seen", "since")
+
+    def __init__(self) -> None:
+        self.seen: Optional[Tuple[int, float]] = None
+        self.since = 0.0
+
+    def first_seen(self, progress: Tuple[int, float], now: float) -> float:
+        if progress != self.seen:
+            self.seen, self.since = progress, now
+        return self.since
+
+
 class _Stuck(Exception):
     """The worker overran a call or died.
 
@@ -568,10 +598,11 @@ class PolicyEngine:
     def _await_load(self, worker: _Worker, sender: Sender) -> tuple:
         running_limit = 2 * (self.settings.timeout + WATCHDOG_GRACE)  # top level, then Start()
         deadline = time.monotonic() + STARTUP_ALLOWANCE + running_limit
+        clock = _CallClock()
         while True:
-            index, started = worker.progress()
-            if index == LOADING:  # the script itself runs now: its own limit counts, not Lua's start-up
-                deadline = min(deadline, started + running_limit)
+            progress = worker.progress()
+            if progress[0] == LOADING:  # the script itself runs now: its own limit counts, not Lua's start-up
+                deadline = min(deadline, clock.first_seen(progress, time.monotonic()) + running_limit)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 worker.kill()
@@ -626,11 +657,14 @@ class PolicyEngine:
         received = 0  # results of this batch so far; they come in order
         served: Tuple[int, float, float] = (-1, 0.0, 0.0)  # a call's (index, start), the time spent on its headers
         ahead: Dict[int, Optional[tuple]] = {}  # header fields read before the worker asked (see _serve_headers)
+        clock = _CallClock()
         while True:
-            index, started = worker.progress()
+            progress = worker.progress()
+            index = progress[0]
             now = time.monotonic()
-            deadline = (started + limit) if index >= 0 else (idle_since + STARTUP_ALLOWANCE + limit)
-            if served[:2] == (index, started):
+            deadline = (clock.first_seen(progress, now) + limit) if index >= 0 else \
+                (idle_since + STARTUP_ALLOWANCE + limit)
+            if served[:2] == progress:
                 deadline += served[2]  # reading the headers here is not the script's time
             if index > received:
                 # Calls before this one returned and their results are on the
@@ -682,8 +716,7 @@ class PolicyEngine:
                 continue
             if time.monotonic() < deadline:
                 continue
-            again, started_again = worker.progress()
-            if again == index and started_again == started:
+            if worker.progress() == progress:
                 worker.kill()
                 if index >= 0:
                     raise _Stuck(index, f"CheckFile did not return within {self.settings.timeout:g} s")

@@ -37,6 +37,12 @@ how tests/test_faults.py enumerates the steps a command takes.
 
 ``{"clock": SECONDS}``: ``time.time`` runs that many seconds off the real clock (negative: the clock stepped
 back), as after an NTP step or a wrong hardware clock.
+
+``{"torn_progress": SECONDS, "index": N}``: the Lua worker writes the progress block of call N (the index of the
+call, then its start: qrunner.policy_worker.PROGRESS) in two parts, SECONDS apart: the new index beside the last
+start, then the whole. It is what the parent reads when the kernel pauses the worker in the middle of that write
+on a busy machine (``struct.pack_into`` stores one byte after another). N = -2 is the write that starts the
+script's top level (``LOADING``).
 """
 
 from __future__ import annotations
@@ -275,6 +281,21 @@ class _ApplyOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _tear_progress(pause: float, index: int) -> None:
+    """struct.Struct, for the progress block's format only: the write of call ``index`` in two parts."""
+    import struct
+    import time
+
+    class TornStruct(struct.Struct):
+        def pack_into(self, buffer, offset, *values):
+            if self.format == "=qd" and values and values[0] == index:
+                struct.pack_into("=q", buffer, offset, values[0])
+                time.sleep(pause)
+            super().pack_into(buffer, offset, *values)
+
+    struct.Struct = TornStruct
+
+
 def _install() -> None:
     pending: dict = {}
     for fault in _FAULTS:
@@ -282,6 +303,9 @@ def _install() -> None:
             import time
             real, shift = time.time, float(fault["clock"])
             time.time = lambda: real() + shift
+            continue
+        if "torn_progress" in fault:
+            _tear_progress(float(fault["torn_progress"]), int(fault.get("index", 0)))
             continue
         module_name = fault["target"].partition(":")[0]
         if module_name in sys.modules:
