@@ -17,8 +17,8 @@ import time
 from typing import Callable, List, Optional
 
 import corpus
-from harness import (BIG_LIMIT, CONFIG_TOP, HERE, SinkBench, decisions_check, expect, last_run, profile, qrunner,
-                     qrunner_env, rounds, write_scripts)
+from harness import (BIG_LIMIT, CONFIG_TOP, HERE, SinkBench, decisions_check, expect, last_run, long_rounds, profile,
+                     qrunner, qrunner_env, rounds, write_scripts)
 from results import Figure, Results
 from timing import BenchFailure, Measured, measured
 
@@ -162,7 +162,7 @@ class EximBench:
             ("exim -Mf", exim_all("-Mf", "is now frozen"), None),
             ("exim -Mt", exim_all("-Mt", "is no longer frozen"), None),
         ]
-        rounds(self.results, "exim", size, steps, self.repeat, log=self.log)
+        rounds(self.results, "exim", size, steps, *long_rounds(self.args, size), log=self.log)
 
 
 class EximDispatchBench(SinkBench):

@@ -67,6 +67,14 @@ def qrunner(*args: str) -> List[str]:
     return [sys.executable, "-m", "qrunner", "-q", *args]
 
 
+def long_rounds(args, size: int) -> Tuple[int, bool]:
+    """(rounds, warm-up) of a group whose every command acts on the whole queue (hold and release): above the
+    target size one round without a warm-up, as BENCHMARKS.md says (at 100,000 an Exim round takes ten minutes)."""
+    if size > args.target_size:
+        return 1, False
+    return args.repeat, True
+
+
 def rounds(results: Results, mta: str, size: int, steps: Sequence[Step], repeat: int, warmup: bool = True,
            between: Optional[Callable[[str], None]] = None, log: Callable[[str], None] = print) -> Dict[str, List[Measured]]:
     """``repeat`` rounds of every step in turn (after one warm-up round); each step checks what it did.

@@ -21,8 +21,8 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import corpus
-from harness import (BIG_LIMIT, CONFIG_TOP, HERE, RefusingRelay, SinkBench, decisions_check, expect, last_run, profile,
-                     qrunner, qrunner_env, rounds, wait_until, write_scripts)
+from harness import (BIG_LIMIT, CONFIG_TOP, HERE, RefusingRelay, SinkBench, decisions_check, expect, last_run,
+                     long_rounds, profile, qrunner, qrunner_env, rounds, wait_until, write_scripts)
 from results import Figure, Results
 from timing import BenchFailure, Measured, measured
 
@@ -259,10 +259,8 @@ class PostfixBench:
         steps = [("jq | xargs postqueue -i", timed(pipeline), piped),
                  ("qrunner run, no header", timed(qrunner("run", "--script", self.scripts["no_header"]), sample=True),
                   ran)]
-        # Above the target size the pipeline's round is long (a postqueue -i per message, then every message back
-        # from the 451 relay, twice per round): one round there, as BENCHMARKS.md says.
-        repeat = self.args.tool_repeat if size <= self.args.target_size else 1
-        rounds(self.results, "postfix", size, steps, repeat, warmup=False, between=between, log=self.log)
+        rounds(self.results, "postfix", size, steps, self.args.tool_repeat, warmup=False, between=between,
+               log=self.log)
 
     def pymailq(self) -> None:
         """pymailq with header parsing (a postcat per message) against qrunner plan with the header script."""
@@ -372,7 +370,7 @@ class PostfixBench:
             ("postqueue -j, then postsuper -h", listed_then("-h", "Placed on hold"), None),
             ("postqueue -j, then postsuper -H", listed_then("-H", "Released from hold"), None),
         ]
-        rounds(self.results, "postfix", size, steps, self.repeat, log=self.log)
+        rounds(self.results, "postfix", size, steps, *long_rounds(self.args, size), log=self.log)
         self.settle()
         if size == self.args.target_size:
             run = self.results.ratio("postfix", size, "qrunner run, hold all", "postsuper -h")

@@ -147,9 +147,11 @@ def benchmarks_md(r: Results) -> str:
             f"recipients (bench/corpus.py: about {corpus.expected_bytes(10_000) / 1e9:.2f} GB per MTA at 10,000). "
             f"Postfix's queue is filled over SMTP sessions of 500 messages each (two at a time), Exim's with "
             f"`exim -odq -bS`, 1,000 messages per process.",
-            f"- Each figure is the median of {r.repeat} rounds (the jq pipeline and pymailq: {r.tool_repeat}; the "
-            f"jq pipeline above {r.target_size:,} messages: 1), "
-            f"after a warm-up round where the group has one. A round runs each command of its group once, in turn, "
+            f"- Each figure is the median of {r.repeat} rounds (the jq pipeline and pymailq: {r.tool_repeat}), "
+            f"after a warm-up round where the group has one; above {r.target_size:,} messages the hold and release "
+            f"group runs one round without a warm-up, and the jq pipeline (with the `qrunner run` beside it) is left "
+            f"out: there a round of either takes most of an hour (a `postqueue -i` per message, every message back "
+            f"from the 451 relay and gated again twice; 100,000 `exim -Mf`, then `-Mt`, twice). A round runs each command of its group once, in turn, "
             f"so that the machine's drift hits them all; a ratio is the median of the per-round ratios.",
             "- Every timed command must succeed and must have done its job, or the bench stops: a plan lists every "
             "message and skips exactly those its script selects; `postqueue -j`, `exim -bpr`, the file readers and "
