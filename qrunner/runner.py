@@ -27,7 +27,6 @@ from qrunner.config import NO_PACING, Config, Pacing, Sender, fallback_sender
 from qrunner.decision import Decision, MessageKey
 from qrunner.exceptions import ConfigError
 from qrunner.log import NOT_QUIETED
-from qrunner import metrics
 from qrunner.message import Message, QueueState, arrival_order
 from qrunner.mta.base import Backend, Due, Gate
 from qrunner.plan import (OVERRIDDEN, HeldCopy, HoldAge, Listed, Plan, Planned, Wait, explain_unplanned, make_plan,
@@ -532,6 +531,8 @@ class Runner:
             summary.outcome = _outcome(plan, summary)
             summary.exit_code = 1 if found else 0
             summary.succeeded = not (summary.failed or summary.unfinished or plan.left_alone)  # policy errors alone: the plan completed
+        from qrunner import metrics  # only run, flush and release get here: a plan or a status never imports it
+
         state.finish_run(run_id, summary)
         counts = dict(executor.tally)
         counts.update({("policy_errors", sender): n for sender, n in metrics.policy_errors(plan.decisions).items()})
@@ -552,6 +553,8 @@ class Runner:
         """
         if not self.config.metrics_file:
             return
+        from qrunner import metrics
+
         messages = self._messages
         waiting = [m for m in messages if m.state == QueueState.WAITING]
         snapshot = metrics.Snapshot(

@@ -21,8 +21,8 @@ from qrunner.mta.base import Outcome, Result, SendRequest
 @pytest.fixture
 def backend(mocker, tmp_path):
     mocker.patch.object(exim_mod, "find_exim", return_value="/usr/sbin/exim4")
-    mocker.patch.object(exim_mod.EximBackend, "_option", side_effect=lambda name, boolean=False:
-                        "no" if boolean else str(tmp_path))
+    mocker.patch.object(exim_mod.EximBackend, "_options", return_value={"spool_directory": str(tmp_path),
+                                                                        "split_spool_directory": "no"})
     return exim_mod.EximBackend(EximSettings(dispatch_concurrency=2, backoff_min=300, backoff_max=3600))
 
 
@@ -166,8 +166,8 @@ def test_auto_finds_exim_when_postfix_is_missing(mocker, tmp_path):
 
     mocker.patch.object(postfix_mod, "find_postconf", return_value=None)
     mocker.patch.object(exim_mod, "find_exim", return_value="/usr/sbin/exim4")
-    mocker.patch.object(exim_mod.EximBackend, "_option", side_effect=lambda name, boolean=False:
-                        "no" if boolean else str(tmp_path))
+    mocker.patch.object(exim_mod.EximBackend, "_options", return_value={"spool_directory": str(tmp_path),
+                                                                        "split_spool_directory": "no"})
     assert isinstance(backend_for(Config(mta="auto")), exim_mod.EximBackend)
     mocker.patch.object(exim_mod, "find_exim", return_value=None)
     with pytest.raises(Exception) as error:

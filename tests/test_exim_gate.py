@@ -219,8 +219,8 @@ def test_an_exim_that_cannot_answer_gives_unknown_and_says_why(mocker, tmp_path,
     from qrunner.mta import exim as exim_mod
 
     mocker.patch.object(exim_mod, "find_exim", return_value="/usr/sbin/exim4")
-    mocker.patch.object(exim_mod.EximBackend, "_option", side_effect=lambda name, boolean=False:
-                        "no" if boolean else str(tmp_path))
+    mocker.patch.object(exim_mod.EximBackend, "_options", return_value={"spool_directory": str(tmp_path),
+                                                                        "split_spool_directory": "no"})
     backend = exim_mod.EximBackend(EximSettings())
     if isinstance(failure, Exception):
         mocker.patch.object(exim_mod.subprocess, "run", side_effect=failure)

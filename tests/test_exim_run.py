@@ -42,6 +42,28 @@ def test_exim_missing_exits_69(tmp_path, exim, exim_sink):
     assert mta.where(queue_id) == WAITING
 
 
+def test_without_spool_directory_in_qrunner_toml_exim_tells_the_spool_and_its_split(tmp_path, exim, exim_sink):
+    """[exim] spool_directory unset: Exim's own ``-bP`` names the spool (and split_spool_directory), and a run on
+    a split spool holds exactly the queue ``exim -bp`` lists."""
+    exim.settings["split_spool_directory"] = "true"
+    exim.write_config()
+    mta = harness(exim, exim_sink)
+    qr = Qrunner(tmp_path, mta, SKIP_ALL)
+    qr.config_path.write_text(qr.config_path.read_text().replace(f'spool_directory = "{exim.spool_directory}"\n',
+                                                                  ""))
+    assert "spool_directory =" not in qr.config_path.read_text()
+    queued = [mta.queue_message(f"split {n}") for n in range(3)]
+    assert any(os.path.isdir(os.path.join(exim.spool_directory, exim.queue_name, "input", q[5])) for q in queued)
+
+    plan = qr("plan", "--format", "json")
+    assert plan.code == 0, plan.stderr
+    assert sorted(d["queue_id"] for d in json.loads(plan.stdout)["decisions"]) == \
+        sorted(entry["id"] for entry in exim.queue())
+    run = qr("run")
+    assert run.code == 0, run.stderr
+    assert [mta.where(q) for q in queued] == [HELD] * 3
+
+
 def test_a_deferred_dispatch_waits_for_qrunners_backoff(tmp_path, exim, exim_sink):
     """A 4xx to RCPT leaves Exim only an address record (R:), which -Mc ignores: qrunner's backoff paces it."""
     mta = harness(exim, exim_sink)

@@ -116,9 +116,13 @@ class PostfixBackend(Backend):
         """Routes that work, root when acting, and a running Postfix: without it postsuper half-applies a batch.
 
         ``postfix status`` is a shell script that takes longer than a plan
-        of a few hundred messages: when not acting, it runs while the queue
-        is listed, and :meth:`list` gives its verdict (before the listing's
+        of a few hundred messages (about 40 ms): it runs while the runner
+        takes its lock, opens its records, starts the Lua worker and lists
+        the queue, and :meth:`list` gives its verdict (before the listing's
         own, so a stopped Postfix is said in the same words either way).
+        That holds for a command that acts too: every one lists the queue
+        before it changes anything (run, flush and release plan from the
+        listing), so no postsuper runs against a stopped Postfix.
         """
         self._check_routes(senders)
         if acting and os.geteuid() != 0:
@@ -133,8 +137,6 @@ class PostfixBackend(Backend):
                                             stderr=subprocess.PIPE)
         except OSError as exc:
             raise UnavailableError(f"cannot run {self.command('postfix')}: {exc.strerror}; is Postfix installed whole?")
-        if acting:
-            self._status_verdict()
 
     def _status_verdict(self) -> None:
         """Wait for the ``postfix status`` that :meth:`check` started, if any; raise when Postfix is not running."""
