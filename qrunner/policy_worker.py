@@ -57,7 +57,6 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any, Dict, List, Optional, Tuple
 
-from qrunner.message import header_data_columns
 
 PROGRESS = struct.Struct("=qd")  # index of the call under way (-1: none), its monotonic start
 LOADING = -2  # the PROGRESS index while the script's top level and Start() run
@@ -261,11 +260,9 @@ class LuaState:
             lines, problem = [], None
         else:
             lines, problem = self.headers.get(index)
-        names, values = header_data_columns(lines)
         if problem:
             self.conn.send(("print", f"headers not available: {problem}", index))
-        table_from = self.table_from
-        return table_from(lines), table_from(names), table_from(values)
+        return self.table_from(lines)  # the prelude reads HeaderData from the lines (fill_tables)
 
 
 def _load(conn: "_Outbox", settings: Dict[str, Any], progress, headers: _HeaderCache) -> Optional[LuaState]:
