@@ -265,6 +265,28 @@ def test_script_user_root_keeps_the_script_running_as_root(tmp_path, mta):
 
 
 
+@pytest.mark.parametrize("where", ["memory"])
+def test_a_qrunner_package_in_the_working_directory_is_never_imported(tmp_path, request, where):
+    """Started from a directory anyone could write to, holding a ``qrunner`` package: the worker imports its own.
+
+    The installed command (the console script, as an admin types it) is run from that directory; a worker started
+    with ``python -m`` there would import the planted package first, as root, before it drops to script_user.
+    """
+    mta = harness_for(request, tmp_path, where)
+    mta.queue_message("one")
+    planted = tmp_path / "cwd"
+    (planted / "qrunner").mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (planted / "qrunner" / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('ran')\n")
+    qrunner = qrunner_with(tmp_path, mta, 'function CheckFile(f, a) a.SkipSend = true a.Reason = "looked" return a end')
+    command = os.path.join(os.path.dirname(sys.executable), "qrunner")
+    result = subprocess.run([command, "plan"], cwd=planted, env=qrunner._env(), capture_output=True, text=True,
+                            timeout=120)
+    assert not marker.exists(), result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "looked" in result.stdout
+
+
 def test_a_worker_that_cannot_drop_its_privileges_runs_no_script(tmp_path):
     """Root without CAP_SETUID/CAP_SETGID (a container, a unit's bounding set): exit 78, nothing decided, no fallback to root."""
     snapshot = tmp_path / "queue.jsonl"
