@@ -48,7 +48,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import importlib
-import importlib.resources
 import os
 import struct
 import sys
@@ -96,8 +95,17 @@ def _read_prelude() -> bytes:
     Read once per process, on import. As a ``.lua`` file it is read, edited
     and checked as Lua, not as a string inside Python; its first line is a
     comment, so that line numbers in Lua's messages are those of the file.
+    Read as a plain file beside this one: importing importlib.resources
+    (pathlib, tempfile, zipfile's helpers) was over a third of the worker's
+    imports; it is the fallback for a package that is not plain files.
     """
-    return importlib.resources.files("qrunner").joinpath("prelude.lua").read_bytes()
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prelude.lua"), "rb") as handle:
+            return handle.read()
+    except OSError:
+        import importlib.resources
+
+        return importlib.resources.files("qrunner").joinpath("prelude.lua").read_bytes()
 
 
 PRELUDE = _read_prelude()
