@@ -53,8 +53,9 @@ import struct
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection
 from typing import Any, Dict, List, Optional, Tuple
+
+from qrunner.wire import Connection
 
 
 PROGRESS = struct.Struct("=qd")  # index of the call under way (-1: none), its monotonic start
@@ -419,7 +420,7 @@ def main(argv: List[str]) -> int:
 
     conn = _Outbox(Connection(int(argv[0])))
     progress = mmap.mmap(int(argv[1]), PROGRESS.size)
-    header_pipe = Connection(int(argv[2]), writable=False)
+    header_pipe = Connection(int(argv[2]))  # read only: the parent's end is the writing one
     try:
         importlib.import_module(LUA_MODULES[argv[3]])
     except Exception:

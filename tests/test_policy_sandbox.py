@@ -147,7 +147,7 @@ def in_the_worker(tmp_path, mta, state_dir, attempts):
         lines = [line for line in qrunner.config_path.read_text().splitlines(True)
                  if line.partition(" =")[0] != "state_dir"]
         qrunner.config_path.write_text(f"state_dir = {json.dumps(state_dir)}\n" + "".join(lines))
-        result = qrunner.faulted([{"target": "multiprocessing.connection:Connection.recv", "do": "probe",
+        result = qrunner.faulted([{"target": "qrunner.wire:Connection.recv", "do": "probe",
                                    "caller_file": "*/qrunner/policy_worker.py", "attempts": attempts, "out": out,
                                    "once": os.path.join(marks, "struck")}], "plan")
         assert result.code == 0 and "Traceback" not in result.stderr, result.stderr
@@ -359,7 +359,7 @@ def test_a_taken_over_worker_sending_data_of_the_wrong_shape_is_a_dead_worker_no
     os.chmod(marks, 0o777)  # the worker, as _qrunner, leaves its "struck once" mark here
     try:
         qrunner = FaultyQrunner(tmp_path, mta, "function CheckFile(f, a) a.Priority = 60 return a end")
-        result = qrunner.faulted([{"target": "multiprocessing.connection:Connection.send", "call": 2, "do": "replace",
+        result = qrunner.faulted([{"target": "qrunner.wire:Connection.send", "call": 2, "do": "replace",
                                    "caller_file": "*/qrunner/policy_worker.py", "value": MALFORMED[what],
                                    "once": os.path.join(marks, "struck")}], "plan", "--format", "json")
         struck = os.path.exists(os.path.join(marks, "struck"))
