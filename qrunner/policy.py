@@ -325,10 +325,14 @@ class _Worker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         fds = (child_end.fileno(), self._progress_file.fileno(), header_read.fileno())
         uid, gid = identity
+        # cwd "/": ``python -m`` puts its working directory first on sys.path, so a worker started where qrunner was
+        # (say /tmp) would import, as root and before it drops to script_user, a ``qrunner`` package (or a module
+        # named like one it imports) that anyone could have put there. The worker finds its own package through
+        # PYTHONPATH (above); it works from "/" in any case (enter_sandbox).
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qrunner.policy_worker", *map(str, fds), lua,
              "-" if uid is None else str(uid), "-" if gid is None else str(gid)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=fds, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=fds, env=env, cwd="/",
         )
         child_end.close()
         header_read.close()

@@ -52,10 +52,10 @@ import struct
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection
 from typing import Any, Dict, List, Optional, Tuple
 
-from qrunner.message import header_data_columns
+from qrunner.wire import Connection
+
 
 PROGRESS = struct.Struct("=qd")  # index of the call under way (-1: none), its monotonic start
 LOADING = -2  # the PROGRESS index while the script's top level and Start() run
@@ -93,16 +93,20 @@ def _read_prelude() -> bytes:
     """The Lua side's own code, shipped beside this module as package data (qrunner/prelude.lua).
 
     Read once per process, on import (so before the worker drops its
-    privileges). As a ``.lua`` file it is read, edited and checked as Lua,
-    not as a string inside Python; its first line is a comment, so that line
-    numbers in Lua's messages are those of the file. Read by path, not
-    through importlib.resources: the worker is started from the package's
-    directory on disk anyway (qrunner.policy puts it on PYTHONPATH), and
-    importlib.resources with its zip support cost both processes about 3 ms
-    of imports per command (measured).
+    privileges). As a ``.lua`` file it is read, edited
+    and checked as Lua, not as a string inside Python; its first line is a
+    comment, so that line numbers in Lua's messages are those of the file.
+    Read as a plain file beside this one: importing importlib.resources
+    (pathlib, tempfile, zipfile's helpers) was over a third of the worker's
+    imports; it is the fallback for a package that is not plain files.
     """
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prelude.lua"), "rb") as handle:
-        return handle.read()
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prelude.lua"), "rb") as handle:
+            return handle.read()
+    except OSError:
+        import importlib.resources
+
+        return importlib.resources.files("qrunner").joinpath("prelude.lua").read_bytes()
 
 
 PRELUDE = _read_prelude()
@@ -265,11 +269,9 @@ class LuaState:
             lines, problem = [], None
         else:
             lines, problem = self.headers.get(index)
-        names, values = header_data_columns(lines)
         if problem:
             self.conn.send(("print", f"headers not available: {problem}", index))
-        table_from = self.table_from
-        return table_from(lines), table_from(names), table_from(values)
+        return self.table_from(lines)  # the prelude reads HeaderData from the lines (fill_tables)
 
 
 def _load(conn: "_Outbox", settings: Dict[str, Any], progress, headers: _HeaderCache) -> Optional[LuaState]:
@@ -422,7 +424,7 @@ def main(argv: List[str]) -> int:
 
     conn = _Outbox(Connection(int(argv[0])))
     progress = mmap.mmap(int(argv[1]), PROGRESS.size)
-    header_pipe = Connection(int(argv[2]), writable=False)
+    header_pipe = Connection(int(argv[2]))  # read only: the parent's end is the writing one
     try:
         importlib.import_module(LUA_MODULES[argv[3]])
     except Exception:

@@ -627,7 +627,7 @@ def test_the_lua_worker_killed_by_sigkill_loses_nothing(templates, figures, tmp_
     os.chmod(marks, 0o777)
     mark = os.path.join(marks, "worker-killed")
     try:
-        result = scenario.qr.faulted([{"target": "multiprocessing.connection:Connection.send", "call": call,
+        result = scenario.qr.faulted([{"target": "qrunner.wire:Connection.send", "call": call,
                                        "caller_file": "*/qrunner/policy_worker.py", "once": mark}])
         struck = os.path.exists(mark)
     finally:

@@ -147,7 +147,7 @@ def in_the_worker(tmp_path, mta, state_dir, attempts):
         lines = [line for line in qrunner.config_path.read_text().splitlines(True)
                  if line.partition(" =")[0] != "state_dir"]
         qrunner.config_path.write_text(f"state_dir = {json.dumps(state_dir)}\n" + "".join(lines))
-        result = qrunner.faulted([{"target": "multiprocessing.connection:Connection.recv", "do": "probe",
+        result = qrunner.faulted([{"target": "qrunner.wire:Connection.recv", "do": "probe",
                                    "caller_file": "*/qrunner/policy_worker.py", "attempts": attempts, "out": out,
                                    "once": os.path.join(marks, "struck")}], "plan")
         assert result.code == 0 and "Traceback" not in result.stderr, result.stderr
@@ -265,6 +265,28 @@ def test_script_user_root_keeps_the_script_running_as_root(tmp_path, mta):
 
 
 
+@pytest.mark.parametrize("where", ["memory"])
+def test_a_qrunner_package_in_the_working_directory_is_never_imported(tmp_path, request, where):
+    """Started from a directory anyone could write to, holding a ``qrunner`` package: the worker imports its own.
+
+    The installed command (the console script, as an admin types it) is run from that directory; a worker started
+    with ``python -m`` there would import the planted package first, as root, before it drops to script_user.
+    """
+    mta = harness_for(request, tmp_path, where)
+    mta.queue_message("one")
+    planted = tmp_path / "cwd"
+    (planted / "qrunner").mkdir(parents=True)
+    marker = tmp_path / "planted-code-ran"
+    (planted / "qrunner" / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('ran')\n")
+    qrunner = qrunner_with(tmp_path, mta, 'function CheckFile(f, a) a.SkipSend = true a.Reason = "looked" return a end')
+    command = os.path.join(os.path.dirname(sys.executable), "qrunner")
+    result = subprocess.run([command, "plan"], cwd=planted, env=qrunner._env(), capture_output=True, text=True,
+                            timeout=120)
+    assert not marker.exists(), result.stderr
+    assert result.returncode == 0, result.stderr
+    assert "looked" in result.stdout
+
+
 def test_a_worker_that_cannot_drop_its_privileges_runs_no_script(tmp_path):
     """Root without CAP_SETUID/CAP_SETGID (a container, a unit's bounding set): exit 78, nothing decided, no fallback to root."""
     snapshot = tmp_path / "queue.jsonl"
@@ -337,7 +359,7 @@ def test_a_taken_over_worker_sending_data_of_the_wrong_shape_is_a_dead_worker_no
     os.chmod(marks, 0o777)  # the worker, as _qrunner, leaves its "struck once" mark here
     try:
         qrunner = FaultyQrunner(tmp_path, mta, "function CheckFile(f, a) a.Priority = 60 return a end")
-        result = qrunner.faulted([{"target": "multiprocessing.connection:Connection.send", "call": 2, "do": "replace",
+        result = qrunner.faulted([{"target": "qrunner.wire:Connection.send", "call": 2, "do": "replace",
                                    "caller_file": "*/qrunner/policy_worker.py", "value": MALFORMED[what],
                                    "once": os.path.join(marks, "struck")}], "plan", "--format", "json")
         struck = os.path.exists(os.path.join(marks, "struck"))
