@@ -39,11 +39,10 @@ SCRIPTS = {
 }
 BIG_LIMIT = 900000  # the no-header script's (and the jq pipeline's) size limit
 
-# The top of every qrunner.toml the bench writes. script_timeout is raised from its default of 2 s: on a shared
-# machine the Lua worker was seen to stall inside a trivial header-reading call (it reads the headers itself,
-# within the watchdog's wall-clock window) for more than 2 s, and once for more than 30 s; the message gets a
-# policy error and the bench stops. The limit costs the same per call whatever its value, so the timings do not
-# change; a worker that hangs for good still stops the bench, after 120 s.
+# The top of every qrunner.toml the bench writes. script_timeout is raised from its default of 2 s, as it was when
+# trivial calls seemed to stall on a busy machine (the watchdog misreading a half-written progress block, fixed on
+# 2026-12-01). The limit costs the same per call whatever its value, so the timings do not change; a worker that
+# hangs for good still stops the bench, after 120 s.
 CONFIG_TOP = "script_timeout = 120\n"
 
 Step = Tuple[str, Callable[[], Measured], Optional[Callable[[Measured], None]]]

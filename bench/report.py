@@ -55,6 +55,8 @@ def _x(value: Optional[float]) -> str:
 
 def _mb(figure: Optional[Figure]) -> str:
     """qrunner's own peak (command + Lua worker), then the largest process of the tree and the tree's sum."""
+    if figure is not None and figure.peak_rss_mb is None and figure.peak_qrunner_mb is not None:
+        return f"{figure.peak_qrunner_mb:.0f} MB (all at once {figure.peak_tree_mb or 0:.0f} MB)"
     if figure is None or figure.peak_rss_mb is None:
         return "-"
     if figure.peak_qrunner_mb is None:
@@ -167,14 +169,15 @@ def benchmarks_md(r: Results) -> str:
             f"tests/smtp_sink.py, which accepts them.",
             "- Peak RSS: qrunner's own, the high-water marks (VmHWM) of the command's process and of its Lua worker "
             "summed, read from /proc every 20 ms (what the 150 MB target is read on); in brackets the largest single "
-            "process of the command's tree (the kernel's `wait4` figure, as `/usr/bin/time -v` gives it: it may be "
-            "an MTA tool qrunner ran, such as `exim -bp`), and the largest sum of RSS over the whole tree at one "
-            "sample.",
+            "process of the command's tree (the largest VmHWM any of its processes reached, from the same samples: "
+            "it may be an MTA tool qrunner ran, such as `exim -bp`; not the kernel's `wait4` figure, which on "
+            "Linux is at least the RSS of the process that forked the command, here the bench itself), and the "
+            "largest sum of RSS over the whole tree at one sample.",
             "- qrunner runs as `python -m qrunner -q` from this checkout (byte-compiled first, as an installed copy is), with QRUNNER_TEST_NO_SYSTEM_LOG=1 as in "
             "the test suite, so the figures leave out writing the action lines to the system log, and with "
-            "`script_timeout = 120` (default 2): on a shared machine a trivial header-reading `CheckFile` was seen "
-            "to stall past 2 s, and once past 30 s (the worker reads the headers itself, inside the watchdog's "
-            "wall-clock window), which stops the bench; the limit costs the same per call whatever its value.",
+            "`script_timeout = 120` (default 2), set when a trivial `CheckFile` seemed to stall on a busy machine; "
+            "that was the watchdog misreading a progress block the worker had half written (fixed on 2026-12-01, "
+            "see RELIABILITY.md), and the limit costs the same per call whatever its value.",
             "- Nothing here is a test: no figure fails a build. `make test` runs the bench once at a small size "
             "(tests/test_bench_smoke.py) and checks only that every figure is produced.",
             ""]

@@ -41,7 +41,7 @@ class Measured:
     seconds: float
     stdout: bytes
     stderr: bytes
-    max_rss_kb: int  # the largest single process of the command and its children, as /usr/bin/time -v says
+    max_rss_kb: int  # the largest single process of the command's tree (see measured())
     tree_rss_kb: int  # the largest sum over the process and its descendants, sampled every 20 ms (0: not sampled)
     qrunner_rss_kb: int = 0  # qrunner's own processes (the command and its Lua worker): their peaks (VmHWM), summed
 
@@ -71,14 +71,17 @@ def measured(argv: Sequence[str], env: Optional[Mapping[str, str]] = None, input
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
-        tree, own = sampler.stop() if sampler else (0, 0)
+        tree, own, largest = sampler.stop() if sampler else (0, 0, 0)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
         why = stderr.decode("utf-8", "replace").strip().splitlines()
         raise BenchFailure("%s exited with %d%s" % (shown(argv), proc.returncode, (": " + why[-1]) if why else ""))
-    return Measured(argv, seconds, stdout, stderr, usage.ru_maxrss, tree, own)
+    # wait4's ru_maxrss is no use for the largest process: on Linux a forked child starts from its parent's peak
+    # and keeps it across exec, so every command would show at least this bench's own RSS (600 MB with a corpus
+    # of 100,000 in memory). Where the tree was sampled, the largest VmHWM any of its processes reached is shown.
+    return Measured(argv, seconds, stdout, stderr, largest if sampler else usage.ru_maxrss, tree, own)
 
 
 def shown(argv: Sequence[str]) -> str:
@@ -101,6 +104,7 @@ class _TreeSampler:
         self.pid = pid
         self.peak = 0
         self.hwm: dict = {}  # pid -> the last VmHWM read, for qrunner's own processes
+        self.largest = 0  # the largest VmHWM of any process of the tree
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -111,6 +115,7 @@ class _TreeSampler:
             for pid in _tree(self.pid):
                 status = _status_kb(pid)
                 total += status.get("VmRSS", 0)
+                self.largest = max(self.largest, status.get("VmHWM", 0))
                 if "VmHWM" in status and (pid == self.pid or pid in self.hwm or _is_qrunner(pid)):
                     self.hwm[pid] = max(self.hwm.get(pid, 0), status["VmHWM"])
             self.peak = max(self.peak, total)
@@ -118,7 +123,7 @@ class _TreeSampler:
     def stop(self) -> tuple:
         self._done.set()
         self._thread.join()
-        return self.peak, sum(self.hwm.values())
+        return self.peak, sum(self.hwm.values()), self.largest
 
 
 def _tree(pid: int) -> list:
