@@ -511,9 +511,12 @@ def test_a_lock_table_asks_every_file_it_cannot_clear(tmp_path):
         assert proc.stdout.readline().strip() == b"locked"
         assert LockTable(device, "/proc", {inode}).data_file(dpath) == (size, True)
         assert LockTable(-1, "/proc", set()).data_file(dpath) == (size, True)  # another device: asked
-        table = LockTable(device, str(tmp_path / "no-proc"), set())
-        table.left = 0  # the next file re-reads /proc/locks, which is gone: from then on every file is asked
-        assert table.data_file(dpath) == (size, True)
+        stale = LockTable(device, "/proc", set())
+        stale.next_read = 0  # due to read /proc/locks again: the next file finds the lock there
+        assert stale.data_file(dpath) == (size, True) and inode in stale.inodes
+        gone = LockTable(device, str(tmp_path / "no-proc"), set())
+        gone.next_read = 0  # due to read a /proc/locks that is gone: from then on every file is asked
+        assert gone.data_file(dpath) == (size, True) and gone.data_file(dpath) == (size, True)
     finally:
         proc.stdin.close()
         proc.wait(10)

@@ -76,6 +76,7 @@ import re
 import stat
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
@@ -1027,7 +1028,9 @@ _LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs"
 # One /proc/locks line of a POSIX (fcntl, lockf) or open file description lock, held or waited for:
 # "1: POSIX  ADVISORY  WRITE 1234 fe:00:8437990 0 18", "3: -> OFDLCK ADVISORY READ -1 08:01:77 0 EOF".
 _PROC_LOCK = re.compile(rb"(?:POSIX|OFDLCK) +[A-Z]+ +[A-Z]+ +-?[0-9]+ +[0-9a-f]+:[0-9a-f]+:([0-9]+) ")
-_LOCKS_REFRESH = 1000  # messages listed between two reads of /proc/locks
+# /proc/locks is read again after this many seconds of listing, or ten times as long as its last read took (a
+# system with very many locks): fresh while a big queue is listed, never more than a tenth of the listing's time.
+_LOCKS_REFRESH_SECONDS = 0.05
 
 
 def locked_inodes(text: bytes) -> Optional[Set[int]]:
@@ -1065,8 +1068,8 @@ class LockTable:
     :func:`list_queue` asks :func:`is_locked` of every message, an open,
     fstat, ``F_GETLK`` and close of its ``-D`` file. Here the kernel's
     list of locks is read once instead (and again every
-    ``_LOCKS_REFRESH`` messages, so that it stays as fresh as the listing
-    goes), and a ``-D`` file costs one ``lstat``, which gives its size too:
+    ``_LOCKS_REFRESH_SECONDS`` or so, so that it stays fresh while a big
+    queue is listed), and a ``-D`` file costs one ``lstat``, which gives its size too:
     a regular file on the spool's device whose inode no lock names is not
     locked. Any other (an inode some lock names, another device, a link)
     is asked with :func:`data_file` as before, so the answer means exactly
@@ -1074,13 +1077,13 @@ class LockTable:
     /proc/locks cannot answer for every lock.
     """
 
-    __slots__ = ("device", "proc", "inodes", "left")
+    __slots__ = ("device", "proc", "inodes", "next_read")
 
     def __init__(self, device: int, proc: str, inodes: Set[int]):
         self.device = device
         self.proc = proc
         self.inodes = inodes
-        self.left = _LOCKS_REFRESH
+        self.next_read = time.monotonic() + _LOCKS_REFRESH_SECONDS
 
     @classmethod
     def for_directory(cls, directory: str, proc: str = "/proc") -> Optional["LockTable"]:
@@ -1100,16 +1103,20 @@ class LockTable:
         inodes = _read_locks(proc)
         return None if inodes is None else cls(device, proc, inodes)
 
+    def _refresh(self, now: float) -> None:
+        inodes = _read_locks(self.proc)
+        if inodes is None:
+            self.device = -1  # /proc/locks went unreadable: ask every file from now on
+            self.next_read = float("inf")
+            return
+        self.inodes = inodes
+        self.next_read = now + max(_LOCKS_REFRESH_SECONDS, 10 * (time.monotonic() - now))
+
     def data_file(self, data_path: str) -> Optional[Tuple[int, bool]]:
         """What :func:`data_file` says of ``data_path``, with one ``lstat`` where that is enough."""
-        self.left -= 1
-        if self.left < 0:
-            self.left = _LOCKS_REFRESH
-            inodes = _read_locks(self.proc)
-            if inodes is None:
-                self.device = -1  # /proc/locks went unreadable: ask every file from now on
-            else:
-                self.inodes = inodes
+        now = time.monotonic()
+        if now >= self.next_read:
+            self._refresh(now)
         try:
             status = os.lstat(data_path)
         except FileNotFoundError:
@@ -1241,7 +1248,7 @@ def list_queue(spool_directory: str, queue_name: str = "", proc: str = "/proc") 
     """
     locks = None  # the LockTable (False where there is none), made at the first file
     for message_id, header_path, journal in _queue_files(spool_directory, queue_name):
-        if locks is None:  # after the directory scan, before the first file: as fresh as the probe it replaces
+        if locks is None:  # read after the directory scan, before the first file (and again as the listing goes on)
             top = os.path.join(spool_directory, queue_name) if queue_name else spool_directory
             locks = LockTable.for_directory(os.path.join(top, "input"), proc) or False
         data_path = header_path[:-1] + "D"
