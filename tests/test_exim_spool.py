@@ -18,14 +18,18 @@ import pytest
 
 from qrunner.mta.exim_spool import (
     EximRecipient,
+    LockTable,
     EximSpoolHeaders,
     SpoolFormatError,
     data_start_offset,
     find_spool_paths,
+    file_system_type,
     is_locked,
     is_message_id,
     is_queue_name,
+    list_queue,
     list_spool,
+    locked_inodes,
     message_size,
     parse_header_file,
     parse_recipient_line,
@@ -435,6 +439,89 @@ def test_is_locked_sees_another_process_lock(tmp_path):
     assert not is_locked(str(tmp_path / "missing-D"))
 
 
+_PROC_LOCKS_TEXT = (b"1: POSIX  ADVISORY  WRITE 4242 fe:00:2163621 0 18\n"
+                    b"1: -> POSIX  ADVISORY  WRITE 4243 fe:00:2163621 0 18\n"
+                    b"2: FLOCK  ADVISORY  WRITE 2978 fe:00:9134081 0 EOF\n"
+                    b"3: OFDLCK ADVISORY  READ  -1 00:2d:77 0 EOF\n"
+                    b"4: LEASE  ACTIVE    READ  1979 fe:00:31 0 EOF\n")
+
+
+def test_the_kernels_lock_list_is_read_for_posix_and_ofd_locks_and_refused_when_unreadable():
+    assert locked_inodes(_PROC_LOCKS_TEXT) == {2163621, 77}  # flock and leases: not what F_GETLK sees
+    assert locked_inodes(b"") == set()
+    # a POSIX line in a form this does not know must not hide its lock: no table at all
+    assert locked_inodes(_PROC_LOCKS_TEXT + b"5: POSIX ADVISORY WRITE 77 someday-a-new-form\n") is None
+
+
+def test_the_spool_file_system_type_comes_from_mountinfo():
+    mountinfo = (b"27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+                 b"40 27 0:45 / /var/spool/exim rw master:3 - nfs4 srv:/spool rw\n")
+    assert file_system_type(mountinfo, os.makedev(254, 0)) == "ext4"
+    assert file_system_type(mountinfo, os.makedev(0, 45)) == "nfs4"
+    assert file_system_type(mountinfo, os.makedev(0, 99)) is None  # e.g. a btrfs sub-volume's own st_dev
+
+
+def _queue_with_one_message(tmp_path):
+    spool = tmp_path / "spool"
+    top = spool / "qrunner" / "input"
+    top.mkdir(parents=True)
+    write(top / (OLD_ID + "-H"), full_h())
+    dpath = write(top / (OLD_ID + "-D"), OLD_ID.encode() + b"-D\nbody\n")
+    return str(spool), str(top), dpath
+
+
+def test_without_a_usable_lock_list_the_listing_asks_each_data_file(tmp_path):
+    spool, top, dpath = _queue_with_one_message(tmp_path)
+    fake_proc = tmp_path / "proc"  # no locks file, and a pid namespace file that is not the initial namespace's
+    (fake_proc / "self" / "ns").mkdir(parents=True)
+    write(fake_proc / "self" / "ns" / "pid", b"")
+    assert LockTable.for_directory(top, str(fake_proc)) is None
+    assert LockTable.for_directory(top, str(tmp_path / "no-proc")) is None
+
+    def listed(proc):
+        return [(e.message_id, e.locked, e.size) for e in list_queue(spool, "qrunner", proc=proc)]
+
+    unlocked = listed(str(fake_proc))
+    assert [(mid, locked) for mid, locked, _size in unlocked] == [(OLD_ID, False)]
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, dpath, "19"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"locked"
+        assert listed(str(fake_proc)) == [(OLD_ID, True, unlocked[0][2])]
+        assert listed("/proc") == [(OLD_ID, True, unlocked[0][2])]
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+    assert listed("/proc") == unlocked
+
+
+def test_a_lock_table_asks_every_file_it_cannot_clear(tmp_path):
+    _spool, top, dpath = _queue_with_one_message(tmp_path)
+    size = os.stat(dpath).st_size
+    device, inode = os.stat(top).st_dev, os.stat(dpath).st_ino
+    assert LockTable(device, "/proc", set()).data_file(dpath) == (size, False)
+    assert LockTable(device, "/proc", {inode}).data_file(dpath) == (size, False)  # named, asked: not locked
+    assert LockTable(device, "/proc", set()).data_file(dpath + "-gone") is None
+    link = tmp_path / "link-D"
+    os.symlink(dpath, link)
+    assert LockTable(device, "/proc", set()).data_file(str(link)) == (size, False)
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, dpath, "19"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"locked"
+        assert LockTable(device, "/proc", {inode}).data_file(dpath) == (size, True)
+        assert LockTable(-1, "/proc", set()).data_file(dpath) == (size, True)  # another device: asked
+        stale = LockTable(device, "/proc", set())
+        stale.next_read = 0  # due to read /proc/locks again: the next file finds the lock there
+        assert stale.data_file(dpath) == (size, True) and inode in stale.inodes
+        gone = LockTable(device, str(tmp_path / "no-proc"), set())
+        gone.next_read = 0  # due to read a /proc/locks that is gone: from then on every file is asked
+        assert gone.data_file(dpath) == (size, True) and gone.data_file(dpath) == (size, True)
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
 def test_spool_headers_source_reads_lazily_and_pickles(tmp_path):
     path = write(tmp_path / (OLD_ID + "-H"), full_h())
     src = EximSpoolHeaders(path, OLD_ID)
@@ -640,6 +727,32 @@ def test_is_locked_during_a_slow_delivery(exim, exim_sink):
     exim_sink.wait_for(1)
     assert not is_locked(paths.data)
     assert exim.queue_ids() == []
+
+
+def test_a_listing_sees_the_message_an_exim_delivery_holds_as_exim_does(exim, exim_sink):
+    busy = exim.submit("alice@example.org", ["bob@example.com"], b"Subject: busy\n\nx\n")
+    idle = exim.submit("alice@example.org", ["carol@example.com"], b"Subject: idle\n\nx\n")
+    exim_sink.data_delay = 8
+    delivery = subprocess.Popen(exim.argv + ["-qG" + exim.queue_name, "-M", busy],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while busy not in exim.locked_ids() and time.monotonic() < deadline:  # the kernel's lock table
+            time.sleep(0.05)
+        assert exim.locked_ids() == {busy}
+        listed = {e.message_id: e.locked for e in list_queue(exim.spool_directory, exim.queue_name)}
+        input_directory = os.path.join(exim.spool_directory, exim.queue_name, "input")
+        by_table = LockTable(os.stat(input_directory).st_dev, "/proc", locked_inodes(open("/proc/locks", "rb").read()))
+        tabled = {mid: by_table.data_file(exim.data_path(mid, exim.queue_name))[1] for mid in (busy, idle)}
+        exim.run(["-qG" + exim.queue_name, "-M", busy], check=False)  # Exim's own view: it is taken
+        assert delivery.poll() is None
+    finally:
+        delivery.wait(30)
+    assert listed == tabled == {busy: True, idle: False}
+    assert "%s Spool file for %s is locked (another process is handling this message)" % (busy, busy) \
+        in exim.log_text()
+    exim_sink.wait_for(1)
+    assert {e.message_id: e.locked for e in list_queue(exim.spool_directory, exim.queue_name)} == {idle: False}
 
 
 def test_split_spool_directory(exim):

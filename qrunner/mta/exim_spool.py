@@ -73,8 +73,10 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
@@ -104,6 +106,9 @@ __all__ = [
     "quick_header_fields",
     "journal_addresses",
     "data_file",
+    "LockTable",
+    "locked_inodes",
+    "file_system_type",
     "header_mark",
 ]
 
@@ -1011,6 +1016,126 @@ def data_file(data_path: str) -> Optional[Tuple[int, bool]]:
         os.close(fd)
 
 
+# -- the locks of a whole queue at once (Linux) -------------------------------------------------------------
+
+# PROC_PID_INIT_INO (include/linux/proc_ns.h): the inode of the initial pid namespace, the one whose /proc/locks
+# shows the locks of every process (a /proc of another pid namespace leaves out those of processes outside it).
+_INIT_PID_NAMESPACE = 0xEFFFFFFC
+# Local file systems, whose locks are all the kernel's own and listed in /proc/locks under the inode number stat
+# gives. Not NFS, CIFS or FUSE (other clients' locks are the server's, which F_GETLK asks and /proc/locks does
+# not know), nor overlayfs (its inode numbers in stat need not be the locked inode's).
+_LOCAL_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "jfs", "reiserfs"})
+# One /proc/locks line of a POSIX (fcntl, lockf) or open file description lock, held or waited for:
+# "1: POSIX  ADVISORY  WRITE 1234 fe:00:8437990 0 18", "3: -> OFDLCK ADVISORY READ -1 08:01:77 0 EOF".
+_PROC_LOCK = re.compile(rb"(?:POSIX|OFDLCK) +[A-Z]+ +[A-Z]+ +-?[0-9]+ +[0-9a-f]+:[0-9a-f]+:([0-9]+) ")
+# /proc/locks is read again after this many seconds of listing, or ten times as long as its last read took (a
+# system with very many locks): fresh while a big queue is listed, never more than a tenth of the listing's time.
+_LOCKS_REFRESH_SECONDS = 0.05
+
+
+def locked_inodes(text: bytes) -> Optional[Set[int]]:
+    """The inode numbers of every file a POSIX or OFD lock is held on (or waited for) in /proc/locks' ``text``;
+    None when a line that names such a lock cannot be read (a format this does not know must not hide a lock).
+
+    Every inode counts, whatever its device and whoever holds the lock: a
+    file found here is asked with :func:`is_locked`, so the set may name
+    too many files, never too few."""
+    inodes = set()
+    for line in text.splitlines():
+        if b"POSIX" in line or b"OFDLCK" in line:
+            found = _PROC_LOCK.search(line)
+            if found is None:
+                return None
+            inodes.add(int(found.group(1)))
+    return inodes
+
+
+def file_system_type(mountinfo: bytes, device: int) -> Optional[str]:
+    """The type of the file system mounted from ``device`` (a ``st_dev``) in /proc/self/mountinfo's text; None
+    when no mount has that device (btrfs sub-volumes, whose ``st_dev`` is not the mount's)."""
+    want = b"%d:%d" % (os.major(device), os.minor(device))
+    for line in mountinfo.splitlines():
+        fields = line.split(b" ")
+        if len(fields) > 2 and fields[2] == want and b"-" in fields:
+            kind = fields[fields.index(b"-") + 1:fields.index(b"-") + 2]
+            return kind[0].decode("ascii", "replace") if kind else None
+    return None
+
+
+class LockTable:
+    """Which ``-D`` files of one spool directory no process holds a lock on, from one read of /proc/locks.
+
+    :func:`list_queue` asks :func:`is_locked` of every message, an open,
+    fstat, ``F_GETLK`` and close of its ``-D`` file. Here the kernel's
+    list of locks is read once instead (and again every
+    ``_LOCKS_REFRESH_SECONDS`` or so, so that it stays fresh while a big
+    queue is listed), and a ``-D`` file costs one ``lstat``, which gives its size too:
+    a regular file on the spool's device whose inode no lock names is not
+    locked. Any other (an inode some lock names, another device, a link)
+    is asked with :func:`data_file` as before, so the answer means exactly
+    what :func:`is_locked` means. :meth:`for_directory` gives None where
+    /proc/locks cannot answer for every lock.
+    """
+
+    __slots__ = ("device", "proc", "inodes", "next_read")
+
+    def __init__(self, device: int, proc: str, inodes: Set[int]):
+        self.device = device
+        self.proc = proc
+        self.inodes = inodes
+        self.next_read = time.monotonic() + _LOCKS_REFRESH_SECONDS
+
+    @classmethod
+    def for_directory(cls, directory: str, proc: str = "/proc") -> Optional["LockTable"]:
+        """The table for the files of ``directory``; None off Linux, when ``proc`` is not the initial pid
+        namespace's /proc, when the directory is not on a local file system, or /proc/locks cannot be read."""
+        if not sys.platform.startswith("linux"):
+            return None
+        try:
+            if os.stat(os.path.join(proc, "self", "ns", "pid")).st_ino != _INIT_PID_NAMESPACE:
+                return None
+            device = os.stat(directory).st_dev
+            with open(os.path.join(proc, "self", "mountinfo"), "rb") as f:
+                if file_system_type(f.read(), device) not in _LOCAL_FILE_SYSTEMS:
+                    return None
+        except OSError:
+            return None
+        inodes = _read_locks(proc)
+        return None if inodes is None else cls(device, proc, inodes)
+
+    def _refresh(self, now: float) -> None:
+        inodes = _read_locks(self.proc)
+        if inodes is None:
+            self.device = -1  # /proc/locks went unreadable: ask every file from now on
+            self.next_read = float("inf")
+            return
+        self.inodes = inodes
+        self.next_read = now + max(_LOCKS_REFRESH_SECONDS, 10 * (time.monotonic() - now))
+
+    def data_file(self, data_path: str) -> Optional[Tuple[int, bool]]:
+        """What :func:`data_file` says of ``data_path``, with one ``lstat`` where that is enough."""
+        now = time.monotonic()
+        if now >= self.next_read:
+            self._refresh(now)
+        try:
+            status = os.lstat(data_path)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return data_file(data_path)
+        if status.st_ino in self.inodes or status.st_dev != self.device or not stat.S_ISREG(status.st_mode):
+            return data_file(data_path)
+        return status.st_size, False
+
+
+def _read_locks(proc: str) -> Optional[Set[int]]:
+    try:
+        with open(os.path.join(proc, "locks"), "rb") as f:
+            return locked_inodes(f.read())
+    except OSError:
+        return None
+
+
 def _lockf_probe(data_path: str) -> bool:  # pragma: no cover - not Linux
     try:
         fd = os.open(data_path, os.O_RDWR)
@@ -1112,14 +1237,20 @@ class DamagedEntry(NamedTuple):
     error: Exception
 
 
-def list_queue(spool_directory: str, queue_name: str = "") -> Iterator[object]:
+def list_queue(spool_directory: str, queue_name: str = "", proc: str = "/proc") -> Iterator[object]:
     """Every message of one queue as a :class:`SpoolEntry` (a :class:`DamagedEntry` when its ``-H`` file cannot be
     read), in one pass over the spool: one directory scan, then per message one open and read of its ``-H``
-    file and one open of its ``-D`` file (size and lock), and the ``-J`` journal only where the scan saw one or
-    a delivery holds the lock (a journal is written only during a delivery). A message gone since the scan
+    file and one ``lstat`` of its ``-D`` file (size; whether it is locked from one read of /proc/locks for the
+    whole queue, :class:`LockTable`; where that cannot answer, an open of the ``-D`` file with :func:`data_file`),
+    and the ``-J`` journal only where the scan saw one or a delivery holds the lock (a journal is written only
+    during a delivery). ``proc`` is where /proc is (tests). A message gone since the scan
     (delivered, removed, a ``-D`` without ``-H`` being received) is left out, as ``exim -bp`` leaves it out.
     """
+    locks = None  # the LockTable (False where there is none), made at the first file
     for message_id, header_path, journal in _queue_files(spool_directory, queue_name):
+        if locks is None:  # read after the directory scan, before the first file (and again as the listing goes on)
+            top = os.path.join(spool_directory, queue_name) if queue_name else spool_directory
+            locks = LockTable.for_directory(os.path.join(top, "input"), proc) or False
         data_path = header_path[:-1] + "D"
         try:
             data, status = read_whole(header_path)
@@ -1133,7 +1264,7 @@ def list_queue(spool_directory: str, queue_name: str = "") -> Iterator[object]:
         except (OSError, ValueError) as exc:
             yield DamagedEntry(message_id, header_path, data_path, exc)
             continue
-        found = data_file(data_path)
+        found = locks.data_file(data_path) if locks else data_file(data_path)
         if found is None:
             continue  # gone since the directory scan
         sender, arrival, frozen, recipients, done, header_size, start = quick
