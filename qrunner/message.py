@@ -17,11 +17,10 @@ files (and run its command when a file is gone) live in
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 # A frozen dataclass with __slots__ where Python has them (3.10+): a big
 # queue holds one of these per message (and a decision per message), and a
@@ -140,45 +139,3 @@ class Message:
 def arrival_order(messages: Iterable[Message]) -> List[Message]:
     """Messages oldest first (ties broken by queue id), the order policies see."""
     return sorted(messages, key=lambda m: (m.arrival, m.queue_id))
-
-
-# A field's name: up to its first colon, blanks before the colon allowed, no
-# blank or line break in it, not empty.
-_FIELD_NAME = re.compile(rb"([^:\n \t]+)[ \t]*:")
-
-
-def header_data_columns(lines: Sequence[bytes]) -> Tuple[List[bytes], List[bytes]]:
-    """``HeaderData`` as two lists, the names as written and their unfolded values.
-
-    The first occurrence of a name wins, names compared without case. Values
-    are unfolded (line breaks removed, the whitespace after them kept), with
-    the whitespace after the colon and trailing whitespace stripped. A line
-    that is not a ``name: value`` field stays in ``HeaderLines`` but has no
-    entry here. The Lua worker applies the same rules itself, in Lua
-    (``fill_tables`` in qrunner/prelude.lua, where they cost a fraction of
-    this loop's time): a change here must be made there too.
-    """
-    seen = set()
-    names: List[bytes] = []
-    values: List[bytes] = []
-    match = _FIELD_NAME.match
-    for raw in lines:
-        found = match(raw)
-        if found is None:
-            continue
-        name = found.group(1)
-        key = name.lower()
-        if key in seen:
-            continue
-        seen.add(key)
-        names.append(name)
-        value = raw[found.end():]
-        if b"\n" in value:
-            value = value.replace(b"\r\n", b"\n").replace(b"\n", b"")
-        values.append(value.strip(b" \t\r"))
-    return names, values
-
-
-def header_data(lines: Sequence[bytes]) -> List[Tuple[bytes, bytes]]:
-    """``HeaderData`` as (name as written, unfolded value) pairs (see :func:`header_data_columns`)."""
-    return list(zip(*header_data_columns(lines)))

@@ -178,7 +178,7 @@ local real_next, real_rawget, real_rawlen, real_rawequal = next, rawget, rawlen,
 
 -- HeaderData is read from the lines here, in Lua, not in Python: the worker hands over one table of lines per
 -- message instead of three, and Lua's string functions do per field what a Python loop did at several times the
--- cost. The rules are those of qrunner.message.header_data_columns: a field's name runs up to its first colon
+-- cost. The rules (these lines are their one statement): a field's name runs up to its first colon
 -- (blanks before the colon allowed; no blank, line break or colon in it, not empty); the first occurrence of a
 -- name wins, names compared in ASCII without case; the value is unfolded (each line break, and a CR just before
 -- it, removed), then the blanks, tabs and CRs at either end stripped. A line that is no field stays in

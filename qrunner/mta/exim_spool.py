@@ -1057,8 +1057,8 @@ def file_system_type(mountinfo: bytes, device: int) -> Optional[str]:
     for line in mountinfo.splitlines():
         fields = line.split(b" ")
         if len(fields) > 2 and fields[2] == want and b"-" in fields:
-            kind = fields[fields.index(b"-") + 1:fields.index(b"-") + 2]
-            return kind[0].decode("ascii", "replace") if kind else None
+            after = fields.index(b"-") + 1  # the separator, then the file system's type
+            return fields[after].decode("ascii", "replace") if after < len(fields) else None
     return None
 
 
