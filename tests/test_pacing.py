@@ -13,6 +13,7 @@ are about where the mail is and in what order it arrived.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -252,6 +253,35 @@ def test_max_active_counts_what_the_run_itself_handed_over(tmp_path, async_mta):
         mta.wait_gone(ids[p])
     assert qr("run").code == 0
     assert sorted(subjects(mta.sink.wait_for(6))[3:]) == ["p10", "p20", "p30"]
+
+
+def test_a_message_the_queue_manager_moves_into_active_while_it_is_counted_counts_once(tmp_path, monkeypatch):
+    """Postfix renames a scheduled file from incoming/ to active/ whenever it likes: a count
+    that reads incoming/ and then active/ may see it in both, and must count it once (a CI run
+    saw "delivering 4" with three in delivery, and max_active handed over one too few)."""
+    from qrunner.mta import postfix
+    from qrunner.mta.postfix_queuefile import QueuePaths
+
+    queue = tmp_path / "spool"
+    for name in ("incoming", "active", "deferred"):
+        (queue / name).mkdir(parents=True)
+    for queue_id in ("4AB12C0001", "4AB12C0002"):
+        (queue / "active" / queue_id).write_text("")
+    (queue / "incoming" / "4AB12C0003").write_text("")
+    backend = object.__new__(postfix.PostfixBackend)
+    backend.queue_directory = str(queue)
+    backend.paths = QueuePaths(str(queue), "deferred", 1)
+    real_scandir = os.scandir
+
+    def scandir_then_move(path):
+        entries = list(real_scandir(path))
+        if os.path.basename(path) == "incoming":  # the queue manager takes it right after incoming/ was read
+            os.rename(queue / "incoming" / "4AB12C0003", queue / "active" / "4AB12C0003")
+        return iter(entries)
+
+    monkeypatch.setattr(postfix.os, "scandir", scandir_then_move)
+    assert backend.delivering() == 3
+    assert sorted(os.listdir(queue / "active")) == ["4AB12C0001", "4AB12C0002", "4AB12C0003"]
 
 
 # -- max_run_seconds ---------------------------------------------------------------------

@@ -365,23 +365,32 @@ class PostfixBackend(Backend):
         A message qrunner schedules is in incoming/ when the flush service
         replies and in active/ while the queue manager delivers it; it
         leaves both when the attempt ends (removed, or back in deferred/).
-        Counting files costs no process and no queue listing.
+        The count is of distinct queue ids: incoming/ is read first, so a
+        file the queue manager renames into active/ between the two reads
+        is seen in both and counted once, never twice (which would make
+        ``max_active`` hand over one message too few). Counting files
+        costs no process and no queue listing.
         """
-        return sum(self._count_files(os.path.join(self.queue_directory, name), self._depth(name))
-                   for name in self.IN_DELIVERY)
+        seen: Set[str] = set()
+        for name in self.IN_DELIVERY:
+            self._queue_ids_in(os.path.join(self.queue_directory, name), self._depth(name), seen)
+        return len(seen)
 
     def _depth(self, queue_name: str) -> int:
         return self.paths.depth if queue_name.lower() in self.paths.hashed else 0
 
     @staticmethod
-    def _count_files(directory: str, depth: int) -> int:
+    def _queue_ids_in(directory: str, depth: int, seen: Set[str]) -> None:
         try:
             entries = list(os.scandir(directory))
         except OSError:
-            return 0
+            return
         if depth == 0:
-            return sum(1 for e in entries if is_queue_id(e.name))
-        return sum(PostfixBackend._count_files(e.path, depth - 1) for e in entries if e.is_dir(follow_symlinks=False))
+            seen.update(e.name for e in entries if is_queue_id(e.name))
+            return
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                PostfixBackend._queue_ids_in(e.path, depth - 1, seen)
 
     def still_delivering(self, queue_ids: Sequence[str]) -> Set[str]:
         """The ids whose queue file is still in incoming/ or active/.
