@@ -292,12 +292,14 @@ def settle(records: Records, queue: Mapping[MessageKey, str]) -> Settlement:
 
 def settled(records: Records, settlement: Settlement) -> Records:
     """The records as they are once ``settlement`` is applied (what a dry run plans with)."""
-    holds = {k: h for k, h in records.holds.items() if k not in set(settlement.forget)}
+    forget = set(settlement.forget)
+    holds = {k: h for k, h in records.holds.items() if k not in forget}
     for key in settlement.mark_held:
         holds[key] = dataclasses.replace(holds[key], state="held")
     dropped = set(settlement.drop_copies)
     released = set(settlement.released_copies)
-    attempts = {k: v for k, v in records.attempts.items() if k not in set(settlement.drop_attempts)}
+    drop_attempts = set(settlement.drop_attempts)
+    attempts = {k: v for k, v in records.attempts.items() if k not in drop_attempts}
     return Records(holds, [dataclasses.replace(c, released=True) if c in released else c
                            for c in records.copies if c not in dropped], attempts)
 

@@ -185,6 +185,36 @@ def test_reconcile_settles_every_interrupted_step(tmp_path, interrupted, where, 
         assert holds[key].state == "held"
 
 
+class CountedList(list):
+    """A list that counts how often it is read whole."""
+
+    reads = 0
+
+    def __iter__(self):
+        self.reads += 1
+        return super().__iter__()
+
+
+def test_what_a_dry_run_plans_with_reads_the_dropped_records_once_not_once_per_record(tmp_path):
+    """An admin's ``postsuper -H ALL`` over 100,000 of qrunner's holds: the next run drops every record,
+    and must not read the list of dropped ones once per record (10^10 steps: a run that never ends)."""
+    state = State(str(tmp_path), "postfix:/q")
+    keys = [MessageKey(f"ID{n:06d}", 1000) for n in range(2000)]
+    state.record_holding((key, "a", "why", "s@x", 50) for key in keys)
+    state.mark_held(keys)
+    state.note_attempts(keys)
+    records = state.load()
+    settlement = settle(records, {key: QueueState.WAITING for key in keys[:1000]})  # half released, half gone
+    settlement.forget = CountedList(settlement.forget)
+    settlement.drop_attempts = CountedList(settlement.drop_attempts)
+
+    after = settled(records, settlement)
+
+    assert after.holds == {} and len(settlement.forget) == 2000
+    assert set(after.attempts) == set(keys[:1000]) and len(settlement.drop_attempts) == 1000
+    assert settlement.forget.reads <= 1 and settlement.drop_attempts.reads <= 1
+
+
 def test_a_copy_record_lives_while_its_copy_or_its_original_is_queued(tmp_path):
     state = State(str(tmp_path), "postfix:/q")
     original = MessageKey("ORIG1", 1000)
