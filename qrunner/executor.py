@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tu
 
 from qrunner.config import NO_PACING, Pacing
 from qrunner.decision import Decision, MessageKey
+from qrunner.exceptions import StateError
 from qrunner.message import Message
 from qrunner.mta.base import Backend, Outcome, Result, SendRequest
 from qrunner.plan import Expire, HandBack, Plan, Release, ReleaseCopy, Remove, RemoveCopy, Send, Wait
@@ -34,6 +35,9 @@ from qrunner.state import Event, RunSummary, State
 log = logging.getLogger("qrunner")
 
 CHUNK = 1000  # messages per step of a long hold, release or move while a progress bar is drawn
+# Actions kept in memory before they are written to the history: a stage that holds 100,000 messages
+# must not keep an Event per message until it ends (about 200 bytes each); one transaction per this many.
+HISTORY_BATCH = 5000
 
 
 def quote(text: str) -> str:
@@ -102,6 +106,7 @@ class Executor:
         self.run_id: Optional[int] = None
         self.tally: Dict[Tuple[str, str], int] = {}  # (counter, sender) -> how many this run: the metrics' counters
         self._events: List[Event] = []  # this step's actions, for the history (written by _write_history)
+        self._history_failed = False  # a mid-step write of the history failed: the step's end tries again
 
     def _in_chunks(self, what: str, items: Sequence, act: Callable[[Sequence], None], paced: bool = False) -> None:
         """``act`` on ``items`` a chunk at a time, so a long stage shows progress and a paced one keeps its rate.
@@ -155,6 +160,8 @@ class Executor:
                  "new_id": "NEW_QUEUE_ID"}
         journal.update({names[k]: str(v) for k, v in fields.items() if v is not None})
         log.log(level, text, *args, extra={"journal": journal})
+        if len(self._events) >= HISTORY_BATCH and not self._history_failed:
+            self._write_some_history()
 
     def execute(self, plan: Plan, run_id: int) -> None:
         """Every action of the plan, in the crash-safe order; each step's history written as it ends.
@@ -203,9 +210,19 @@ class Executor:
             self.state.record_dispatches(self.run_id, rows)
 
     def _write_history(self) -> None:
-        events, self._events = self._events, []
-        if events and self.run_id is not None:
-            self.state.record_history(self.run_id, events)
+        """What the step did so far, in one transaction; kept for the next try if it cannot be written."""
+        if self._events and self.run_id is not None:
+            self.state.record_history(self.run_id, self._events)
+        self._events = []
+
+    def _write_some_history(self) -> None:
+        """Mid-step (every HISTORY_BATCH actions): a write that fails is left to the step's end, where it is
+        tried again and stops the run, so that what the step already did to the queue is still logged (and
+        a locked database costs its busy timeout once, not once per action)."""
+        try:
+            self._write_history()
+        except StateError:
+            self._history_failed = True
 
     # -- recovery ------------------------------------------------------------
 

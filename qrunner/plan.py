@@ -77,7 +77,7 @@ class HeldCopy:
     original_gone: bool
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Step:
     """One action on one message, with the reason the log and the plan show."""
 
@@ -102,21 +102,21 @@ class RemoveCopy(Remove):
     """Recovery: remove a copy on its listener's hold whose original still waits (and the copy's record, if any)."""
 
 
-@dataclass(frozen=True)
+@frozen_record
 class ReleaseCopy(Step):
     """Recovery: release a copy from its listener's hold once its original (``original``) is gone."""
 
     original: str = ""
 
 
-@dataclass(frozen=True)
+@frozen_record
 class HandBack(Step):
     """Give a message back to the MTA's own scheduling (Exim: its default queue); ``by_admin``: ``release``."""
 
     by_admin: bool = False
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Release(Step):
     """Release one of qrunner's holds back to the MTA; ``by_admin``: the ``release`` command, not the policy."""
 
@@ -127,7 +127,7 @@ class LeftAlone(Step):
     """A message the admin named that qrunner may not act on."""
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Expire(Step):
     """Past ``max_hold_age``: the policy is not asked; sent by the MTA's own routing, or (``bounce``) returned
     to its sender."""

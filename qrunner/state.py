@@ -40,7 +40,7 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, 
 
 from qrunner.decision import MessageKey
 from qrunner.exceptions import ConfigError, LockHeldError, NoPermissionError, StateError
-from qrunner.message import QueueState
+from qrunner.message import QueueState, frozen_record
 
 log = logging.getLogger("qrunner.state")
 
@@ -166,7 +166,7 @@ CREATE INDEX history_by_run ON history (run_id);
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Hold:
     """One hold qrunner made."""
 
@@ -184,7 +184,7 @@ class Hold:
         return MessageKey(self.queue_id, self.arrival)
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Event:
     """One action a command took on one message, as the executor logged it: what ``explain`` shows later.
 
@@ -201,7 +201,7 @@ class Event:
     new_queue_id: str = ""
 
 
-@dataclass(frozen=True)
+@frozen_record
 class HistoryEntry:
     """A recorded :class:`Event` with when and by which run it happened.
 
@@ -218,7 +218,7 @@ class HistoryEntry:
     invoked_by: Optional[str] = None  # who ran that command (None: not recorded, or its run pruned)
 
 
-@dataclass(frozen=True)
+@frozen_record
 class Copy:
     """A copy a sender's route accepted for an original (Postfix re-injection)."""
 
@@ -281,7 +281,7 @@ def settle(records: Records, queue: Mapping[MessageKey, str]) -> Settlement:
                                 "(released, delivered or deleted by someone else)")
         else:
             result.notes.append(f"{key.queue_id}: record of an interrupted {hold.state} settled: message not on hold")
-    present = {key.queue_id: where for key, where in queue.items()}
+    present = {key.queue_id: where for key, where in queue.items()} if records.copies else {}
     result.drop_copies = [c for c in records.copies if c.queue_id not in present and c.original not in queue]
     # A release a crash interrupted after Postfix moved the copy: the queue says it is released.
     result.released_copies = [c for c in records.copies if not c.released and c.queue_id in present
@@ -560,7 +560,16 @@ class State:
             "SELECT queue_id, arrival, state, held_at, senders, reason, envelope_sender, priority FROM holds "
             "WHERE instance = ? "
             "ORDER BY held_at, queue_id", (self.instance,))
-        return {MessageKey(r[0], r[1]): Hold(*r) for r in rows}
+        # One str for each text the holds repeat (state, who decided, the envelope sender, a reason): SQLite
+        # gives a new one per row, and a queue of 100,000 holds would keep each (about 200 bytes a hold).
+        texts: Dict[str, str] = {}
+        one = texts.setdefault
+        holds = {}
+        for queue_id, arrival, state, held_at, senders, reason, envelope_sender, priority in rows:
+            hold = Hold(queue_id, arrival, one(state, state), held_at, one(senders, senders), one(reason, reason),
+                        one(envelope_sender, envelope_sender) if envelope_sender is not None else None, priority)
+            holds[MessageKey(queue_id, arrival)] = hold
+        return holds
 
     def _copies(self) -> List[Copy]:
         rows = self.db.execute("SELECT queue_id, original, original_arrival, sender, released FROM copies "
@@ -588,8 +597,8 @@ class State:
                 "priority) VALUES (?, ?, ?, 'holding', ?, ?, ?, ?, ?) "
                 "ON CONFLICT (instance, queue_id, arrival) DO UPDATE SET senders = excluded.senders, "
                 "reason = excluded.reason, priority = excluded.priority",
-                [(self.instance, key.queue_id, key.arrival, now, senders, reason, sender, priority)
-                 for key, senders, reason, sender, priority in holds])
+                ((self.instance, key.queue_id, key.arrival, now, senders, reason, sender, priority)
+                 for key, senders, reason, sender, priority in holds))
 
     def mark_held(self, keys: Iterable[MessageKey]) -> None:
         self._set_state(keys, "held")
@@ -604,8 +613,8 @@ class State:
             self.db.executemany(
                 "UPDATE holds SET senders = ?, reason = ?, envelope_sender = coalesce(envelope_sender, ?), "
                 "priority = ? WHERE instance = ? AND queue_id = ? AND arrival = ?",
-                [(senders, reason, sender, priority, self.instance, key.queue_id, key.arrival)
-                 for key, senders, reason, sender, priority in holds])
+                ((senders, reason, sender, priority, self.instance, key.queue_id, key.arrival)
+                 for key, senders, reason, sender, priority in holds))
 
     def mark_releasing(self, keys: Iterable[MessageKey]) -> None:
         self._set_state(keys, "releasing")
@@ -613,12 +622,12 @@ class State:
     def forget(self, keys: Iterable[MessageKey]) -> None:
         with self._writing():
             self.db.executemany("DELETE FROM holds WHERE instance = ? AND queue_id = ? AND arrival = ?",
-                                [(self.instance, key.queue_id, key.arrival) for key in keys])
+                                ((self.instance, key.queue_id, key.arrival) for key in keys))
 
     def _set_state(self, keys: Iterable[MessageKey], state: str) -> None:
         with self._writing():
             self.db.executemany("UPDATE holds SET state = ? WHERE instance = ? AND queue_id = ? AND arrival = ?",
-                                [(state, self.instance, key.queue_id, key.arrival) for key in keys])
+                                ((state, self.instance, key.queue_id, key.arrival) for key in keys))
 
     def apply(self, settlement: Settlement) -> None:
         """Write what :func:`settle` found (nothing at all when it found nothing to change)."""
@@ -633,9 +642,9 @@ class State:
         with self._writing():
             self.db.executemany(
                 "DELETE FROM copies WHERE instance = ? AND queue_id = ? AND original = ? AND original_arrival = ?",
-                [(self.instance, c.queue_id, c.original.queue_id, c.original.arrival) for c in settlement.drop_copies])
+                ((self.instance, c.queue_id, c.original.queue_id, c.original.arrival) for c in settlement.drop_copies))
             self.db.executemany("DELETE FROM attempts WHERE instance = ? AND queue_id = ? AND arrival = ?",
-                                [(self.instance, k.queue_id, k.arrival) for k in settlement.drop_attempts])
+                                ((self.instance, k.queue_id, k.arrival) for k in settlement.drop_attempts))
 
     # -- copies handed to a sender's route -------------------------------------
 
@@ -655,13 +664,13 @@ class State:
         """Copies removed from the listener's hold: their originals are decided again, never removed for them."""
         with self._writing():
             self.db.executemany("DELETE FROM copies WHERE instance = ? AND queue_id = ?",
-                                [(self.instance, queue_id) for queue_id in queue_ids])
+                                ((self.instance, queue_id) for queue_id in queue_ids))
 
     def mark_copies_released(self, queue_ids: Iterable[str]) -> None:
         """Copies qrunner released from the listener's hold: a later hold of one is the admin's."""
         with self._writing():
             self.db.executemany("UPDATE copies SET released = 1 WHERE instance = ? AND queue_id = ?",
-                                [(self.instance, queue_id) for queue_id in queue_ids])
+                                ((self.instance, queue_id) for queue_id in queue_ids))
 
     # -- dispatch attempts (qrunner's own retry pacing) ----------------------
 
@@ -672,7 +681,7 @@ class State:
             self.db.executemany(
                 "INSERT INTO attempts (instance, queue_id, arrival, count, last) VALUES (?, ?, ?, 1, ?) "
                 "ON CONFLICT (instance, queue_id, arrival) DO UPDATE SET count = count + 1, last = excluded.last",
-                [(self.instance, key.queue_id, key.arrival, now) for key in keys])
+                ((self.instance, key.queue_id, key.arrival, now) for key in keys))
 
     # -- runs --------------------------------------------------------------
 
@@ -697,8 +706,8 @@ class State:
             self.db.executemany(
                 "INSERT INTO dispatches (run_id, seq, queue_id, arrival, priority, sender, result) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, seq, key.queue_id, key.arrival, priority, sender, result)
-                 for seq, key, priority, sender, result in rows])
+                ((run_id, seq, key.queue_id, key.arrival, priority, sender, result)
+                 for seq, key, priority, sender, result in rows))
 
     def prune(self, history_days: float) -> int:
         """Forget runs (and their dispatch order) and message history older than ``history_days``.
@@ -731,8 +740,8 @@ class State:
             self.db.executemany(
                 "INSERT INTO history (instance, queue_id, arrival, at, run_id, action, sender, priority, reason, "
                 "new_queue_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(self.instance, e.key.queue_id, e.key.arrival, now, run_id, e.action, e.sender, e.priority,
-                  e.reason, e.new_queue_id) for e in events])
+                ((self.instance, e.key.queue_id, e.key.arrival, now, run_id, e.action, e.sender, e.priority,
+                  e.reason, e.new_queue_id) for e in events))
 
     def history(self, queue_id: str) -> List[HistoryEntry]:
         """Everything recorded about ``queue_id``, oldest first: its own actions under any arrival (Postfix
@@ -757,7 +766,7 @@ class State:
             self.db.executemany(
                 "INSERT INTO counters (instance, name, sender, value) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (instance, name, sender) DO UPDATE SET value = value + excluded.value",
-                [(self.instance, name, sender, value) for (name, sender), value in counts.items() if value])
+                ((self.instance, name, sender, value) for (name, sender), value in counts.items() if value))
 
     def totals(self) -> Dict[Tuple[str, str], int]:
         rows = self.db.execute("SELECT name, sender, value FROM counters WHERE instance = ?", (self.instance,))
