@@ -817,7 +817,7 @@ def _text(raw: bytes) -> str:
 def checkfile_arguments(e: Explanation) -> dict:
     """CheckFile's arguments for the message, named as the VPOP3 API names them (Actions aside)."""
     m = e.message
-    return {"Filename": m.filename, "Size": m.size, "CreationTime": m.creation_time(), "ReturnPath": m.sender,
+    return {"Filename": m.queue_file(), "Size": m.size, "CreationTime": m.creation_time(), "ReturnPath": m.sender,
             "Recipients": list(m.recipients), "HeaderLines": [_text(line) for line in e.header_lines]}
 
 

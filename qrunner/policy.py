@@ -253,7 +253,7 @@ class _Payloads:
                 if len(times) > 4096:
                     times.clear()
                 created = times[second] = message.creation_time().encode()
-            payloads.append((message.filename.encode("utf-8", "surrogateescape"), message.size, created,
+            payloads.append((message.queue_file().encode("utf-8", "surrogateescape"), message.size, created,
                              message.sender.encode("utf-8", "surrogateescape"),
                              tuple([r.encode("utf-8", "surrogateescape") for r in message.recipients]),
                              not isinstance(message.headers, NoHeaders)))
@@ -761,7 +761,7 @@ class PolicyEngine:
         total = 0
         end = min(first + max(count, 1), len(pending))
         for local in range(max(first, 0), end):
-            source = messages[pending[local]].headers
+            source = messages[pending[local]].header_source()
             try:
                 if local in ahead:
                     entry = ahead[local]
@@ -799,7 +799,7 @@ class PolicyEngine:
                 break
             if local in ahead:
                 continue
-            source = messages[pending[local]].headers
+            source = messages[pending[local]].header_source()
             try:
                 lines = source.prefetch()
                 problem = source.problem

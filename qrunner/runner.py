@@ -21,7 +21,7 @@ import os
 import pwd
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from qrunner.config import NO_PACING, Config, Pacing, Sender, fallback_sender
 from qrunner.decision import Decision, MessageKey
@@ -286,7 +286,8 @@ class Runner:
         self.invoked_by = invoker() if invoked_by is None else invoked_by
         self._messages: Sequence[Message] = ()  # the last listing, for the metrics
         self._choice: Optional[Choice] = None
-        self._listing: List[Listed] = []  # the last listing with the facts the plan had, for explain
+        self._listing: List[Listed] = []  # the last listing with the facts the plan had: kept for explain only
+        self._keep_listing = False  # (a run's plan lets them go: about 100 bytes a message while it decides)
         self._gate = Gate(None, "not asked")
 
     def __enter__(self) -> "Runner":
@@ -349,8 +350,10 @@ class Runner:
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
             only_ids = self._chosen(messages, records, only_ids)
-            self._listing = self._listed(messages, records)
-            sorted_out = triage(self._listing, only_ids)
+            listing = self._listed(messages, records)
+            self._listing = listing if self._keep_listing else []
+            sorted_out = triage(listing, only_ids)
+            del listing
             decisions = self._overridden(sorted_out.candidates)
             return make_plan(decisions, sorted_out, {}, overridden=True, from_hold=self._from_hold(decisions))
         with PolicyEngine(self.policy, self.progress) as engine:
@@ -359,17 +362,20 @@ class Runner:
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
             only_ids = self._chosen(messages, records, only_ids)
-            self._listing = self._listed(messages, records)
-            sorted_out = triage(self._listing, only_ids, self._hold_age())
+            listing = self._listed(messages, records)
+            self._listing = listing if self._keep_listing else []
+            sorted_out = triage(listing, only_ids, self._hold_age())
+            attempts = records.attempts
+            del listing, records  # every hold's record is in the listing's facts now: not kept while Lua decides
             decisions = engine.decide(sorted_out.candidates, self.senders)
         sending = [d.message for d in decisions if d.send] + [e.message for e in sorted_out.expire if not e.bounce]
-        return make_plan(decisions, sorted_out, self._due(sending, records), from_hold=self._from_hold(decisions),
+        return make_plan(decisions, sorted_out, self._due(sending, attempts), from_hold=self._from_hold(decisions),
                          pacing=pacing)
 
-    def _due(self, messages: Sequence[Message], records: Records) -> Dict[MessageKey, Due]:
+    def _due(self, messages: Sequence[Message], attempts: Dict[MessageKey, Tuple[int, float]]
+             ) -> Dict[MessageKey, Due]:
         """Of the messages to be sent, those whose retry time has not come, with when; those due now have no entry."""
         due_at = self.backend.due
-        attempts = records.attempts
         waits = {}
         for message in messages:
             key = MessageKey.of(message)
@@ -409,7 +415,11 @@ class Runner:
     def _reconcile(self, state: State, messages: Sequence[Message], write: bool) -> Records:
         """The records settled against the queue; written (and each change logged) unless only looking."""
         records = state.load()
-        settlement = settle(records, {MessageKey.of(m): m.state for m in messages})
+        # Without a record there is nothing to settle: no table of the whole queue for it (100,000 keys).
+        queue = {MessageKey.of(m): m.state for m in messages} if (records.holds or records.copies or
+                                                                  records.attempts) else {}
+        settlement = settle(records, queue)
+        del queue
         if write:
             state.apply(settlement)
             for note in settlement.notes:
@@ -609,6 +619,7 @@ class Runner:
         self.backend.check(self.senders, acting=False)
         self._warn_gate()
         state = State(self.config.state_dir, self.backend.instance, readonly=True)
+        self._keep_listing = True
         try:
             plan = self._plan(state, None, False, write=False, pacing=self.config.pacing)
             item = next((i for i in self._listing if i.message.queue_id == queue_id), None)
@@ -621,7 +632,7 @@ class Runner:
             state.close()
         decision = next((d for d in plan.decisions if d.key == key), None)
         steps = steps_for(plan, key) or explain_unplanned(item)
-        source = item.message.headers
+        source = item.message.header_source()
         lines = source.read()
         return Explanation(queue_id, item.message, self.senders, decision, steps, hold, history, lines, source.problem)
 
@@ -697,7 +708,9 @@ class Runner:
         if self._choice is not None:
             pool = [(item.message, records.holds.get(MessageKey.of(item.message))) for item in listed if item.ours]
             only_ids = self._choice.pick(pool, time.time(), "qrunner holds")
+        del records  # every hold's record, no longer needed: let it go before the plan is made
         plan = release_plan(listed, only_ids, to_default_queue)
+        del listed
         self._warn_left_alone(plan)
         return plan
 

@@ -10,6 +10,7 @@ retry rules, and bounces that Exim generates into the named queue.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -62,6 +63,35 @@ def test_without_spool_directory_in_qrunner_toml_exim_tells_the_spool_and_its_sp
     run = qr("run")
     assert run.code == 0, run.stderr
     assert [mta.where(q) for q in queued] == [HELD] * 3
+
+
+SAYS_FILE_AND_SUBJECT = ('function CheckFile(f, a, s, c, rp, r, h)\n'
+                         '  print("seen " .. f .. "|" .. (h.subject or "")); return a\nend\n')
+
+
+def test_on_a_split_spool_the_policy_gets_each_messages_own_data_file_and_headers(tmp_path, exim, exim_sink):
+    """Filename (the -D file) and the headers come from where each message's files are: in its split
+    sub-directory, or in input/ itself for mail queued before split_spool_directory was turned on (Exim
+    finds both)."""
+    mta = harness(exim, exim_sink)
+    before = mta.queue_message("queued before the split")
+    exim.settings["split_spool_directory"] = "true"
+    exim.write_config()
+    split = [mta.queue_message(f"split {n}") for n in range(3)]
+    on_disk = {q: p for q in [before] + split
+               for p in glob.glob(os.path.join(exim.spool_directory, exim.queue_name, "input", "**", q + "-D"),
+                                  recursive=True)}
+    assert os.path.dirname(on_disk[before]).endswith("/input") and all(
+        os.path.basename(os.path.dirname(on_disk[q])) == q[5] for q in split)
+
+    plan = Qrunner(tmp_path, mta, SAYS_FILE_AND_SUBJECT)("plan")
+
+    assert plan.code == 0, plan.stderr
+    seen = dict(line.split("seen ", 1)[1].split("|") for line in plan.stderr.splitlines() if "seen " in line)
+    by_exim = {on_disk[q]: next(h for h in exim.headers_mvh(q) if h.lower().startswith(b"subject:"))[8:].strip()
+               .decode() for q in on_disk}  # the subject as exim -Mvh shows each message's headers
+    assert seen == by_exim and sorted(by_exim.values()) == ["queued before the split", "split 0", "split 1",
+                                                            "split 2"]
 
 
 def test_a_deferred_dispatch_waits_for_qrunners_backoff(tmp_path, exim, exim_sink):

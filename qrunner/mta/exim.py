@@ -401,7 +401,8 @@ class EximBackend(Backend):
         shared = texts.setdefault
         add = messages.append
         waiting, held, active = QueueState.WAITING, QueueState.HELD, QueueState.ACTIVE
-        headers = exim_spool.EximSpoolHeaders
+        headers = exim_spool.EximSpoolReader(self._input_directory(), mvh)
+        seen = headers.add
         for entry in exim_spool.list_queue(self.spool_directory, self.queue):
             if type(entry) is exim_spool.DamagedEntry:
                 damaged = self._damaged_message(entry.message_id, entry.header_path, entry.data_path, entry.error)
@@ -410,6 +411,7 @@ class EximBackend(Backend):
                 continue
             if len(texts) > 65536:
                 texts.clear()  # a queue of distinct addresses: the table must not outgrow what it saves
+            seen(entry)
             add(Message(
                 queue_id=entry.message_id,
                 arrival=entry.arrival,
@@ -417,8 +419,7 @@ class EximBackend(Backend):
                 sender=shared(entry.sender, entry.sender),
                 recipients=tuple([shared(r, r) for r in entry.recipients]),
                 queue_name=queue_name,
-                filename=entry.data_path,
-                headers=headers(entry.header_path, entry.message_id, mvh, header_mark=entry.header_mark),
+                headers=headers,  # and the -D file (Message.queue_file)
                 state=active if entry.locked else held if entry.frozen else waiting,
             ))
         return messages

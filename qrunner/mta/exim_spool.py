@@ -80,6 +80,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
+from qrunner.message import HeaderReader, Message
 from qrunner.mta.headers import DEFAULT_MAX_HEADER_BYTES, MtaFileHeaders
 
 __all__ = [
@@ -90,6 +91,7 @@ __all__ = [
     "parse_header_file",
     "parse_recipient_line",
     "EximSpoolHeaders",
+    "EximSpoolReader",
     "is_message_id",
     "is_queue_name",
     "arrival_second",
@@ -1282,6 +1284,49 @@ def list_queue(spool_directory: str, queue_name: str = "", proc: str = "/proc") 
 
 
 _DIRECTORIES: Dict[str, Tuple[str]] = {}  # spool directory -> the one tuple EximSpoolHeaders keep it in
+
+
+class EximSpoolReader(HeaderReader):
+    """The ``-D`` file and the :class:`EximSpoolHeaders` of each message of one listing, when first asked.
+
+    A listed message's files are named for its id, in the queue's input
+    directory (``top``) or, in a split spool, in one of its sub-directories
+    (kept in ``places``, one shared string per sub-directory); what the
+    listing learnt of each ``-H`` file (:func:`header_mark`) is kept in
+    ``marks``, one int per message. So a big queue holds no path and no
+    source object per message. ``mvh_argv`` as for the source.
+    """
+
+    __slots__ = ("top", "mvh_argv", "max_bytes", "marks", "places", "_directories")
+
+    def __init__(self, top: str, mvh_argv: Optional[Sequence[str]] = None,
+                 max_bytes: int = DEFAULT_MAX_HEADER_BYTES):
+        self.top = os.path.join(top, "")
+        self.mvh_argv = tuple(mvh_argv) if mvh_argv else None
+        self.max_bytes = max_bytes
+        self.marks: Dict[str, int] = {}  # message id -> header_mark(), where the listing knew it
+        self.places: Dict[str, str] = {}  # message id -> its directory (with "/"), where that is not top
+        self._directories: Dict[str, str] = {}
+
+    def add(self, entry: "SpoolEntry") -> None:
+        """What the listing found of one message: where its files are, and its header mark."""
+        directory = entry.header_path[:-len(entry.message_id) - 2]
+        if directory != self.top:
+            self.places[entry.message_id] = self._directories.setdefault(directory, directory)
+        if entry.header_mark:
+            self.marks[entry.message_id] = entry.header_mark
+
+    def filename(self, message: Message) -> str:
+        return self.places.get(message.queue_id, self.top) + message.queue_id + "-D"
+
+    def source(self, message: Message) -> "EximSpoolHeaders":
+        data = message.queue_file()
+        path = data[:-1] + "H" if data.endswith("-D") else ""
+        return EximSpoolHeaders(path, message.queue_id, self.mvh_argv, self.max_bytes,
+                                header_mark=self.marks.get(message.queue_id, 0))
+
+    def __repr__(self) -> str:
+        return "EximSpoolReader(%r)" % (self.mvh_argv,)
 
 
 class EximSpoolHeaders(MtaFileHeaders):

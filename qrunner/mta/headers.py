@@ -1,8 +1,10 @@
 """Header sources that read the MTA's own file for a message, with the MTA's own command as a fallback.
 
-The back ends list messages with a :class:`MtaFileHeaders` subclass each
+The back ends read headers with a :class:`MtaFileHeaders` subclass each
 (:class:`qrunner.mta.postfix_queuefile.PostfixQueueFileHeaders`,
-:class:`qrunner.mta.exim_spool.EximSpoolHeaders`): the policy's parent
+:class:`qrunner.mta.exim_spool.EximSpoolHeaders`), made for a message only
+when it is first needed by the :class:`qrunner.message.HeaderReader` its
+listing shares (``PostfixQueueFileReader``, ``EximSpoolReader``): the policy's parent
 process reads the queue file when a script first touches the headers and,
 when that file is gone, runs ``postcat -hq`` or ``exim -Mvh`` (the Lua
 worker runs as an unprivileged user and reads no queue file itself). That command is why

@@ -26,7 +26,7 @@ from qrunner.message import Message, QueueState
 from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, finish_hand_over,
                               send_copying_routes)
 from qrunner.mta.postfix_envelope import read_route, read_sender, read_stamp
-from qrunner.mta.postfix_queuefile import PostfixQueueFileHeaders, QueuePaths, hash_key, is_queue_id
+from qrunner.mta.postfix_queuefile import PostfixQueueFileReader, QueuePaths, hash_key, is_queue_id
 
 log = logging.getLogger("qrunner.postfix")
 
@@ -80,7 +80,7 @@ class PostfixBackend(Backend):
         self.empty_address_recipient = values["empty_address_recipient"]
         self._mail_version: Optional[str] = None  # asked only when needed (--version, on_hold_expiry)
         self.instance = f"postfix:{os.path.realpath(self.queue_directory)}"
-        self._texts: Dict[str, str] = {}
+        self._texts: Dict = {}  # one object for each str (and tuple of delay reasons) a listing repeats
         self._status: Optional[subprocess.Popen] = None  # a 'postfix status' under way (see check)
 
     # -- commands ----------------------------------------------------------
@@ -268,7 +268,7 @@ class PostfixBackend(Backend):
         if not recorded and message.delay_reasons and all(GATE_REASON in r for r in message.delay_reasons):
             return None
         try:
-            stamped = read_route(message.filename)
+            stamped = read_route(message.queue_file())
         except (OSError, ValueError):
             return next((s for s in routes), None) if recorded else None
         return next((s for s in routes if same_route(stamped, s.postfix.content_filter)), None)
@@ -283,7 +283,7 @@ class PostfixBackend(Backend):
         if not routes or not message.held:
             return None
         try:
-            stamped, original = read_stamp(message.filename or self.paths.path("hold", message.queue_id))
+            stamped, original = read_stamp(message.queue_file() or self.paths.path("hold", message.queue_id))
         except (OSError, ValueError):
             return None
         sender = next((s for s in routes if same_route(stamped, s.postfix.content_filter)), None)
@@ -318,7 +318,7 @@ class PostfixBackend(Backend):
         if message.delay_reasons and all(GATE_REASON in reason for reason in message.delay_reasons):
             return None
         try:
-            mtime = os.stat(message.filename).st_mtime
+            mtime = os.stat(message.queue_file()).st_mtime
         except OSError:
             return None
         return Due(mtime, "Postfix's retry time") if mtime > time.time() else None
@@ -410,7 +410,7 @@ class PostfixBackend(Backend):
 
     def list(self) -> List[Message]:
         """One ``postqueue -j``, parsed line by line while Postfix is still printing it."""
-        postcat = tuple([self.command("postcat")] + self.config_args)
+        headers = PostfixQueueFileReader(self.paths, [self.command("postcat")] + self.config_args)
         messages = []
         try:
             proc = subprocess.Popen([self.command("postqueue")] + self.config_args + ["-j"],
@@ -421,7 +421,7 @@ class PostfixBackend(Backend):
             parse = self._parse_line
             append = messages.append
             for number, line in enumerate(proc.stdout, 1):
-                message = parse(number, line, postcat)
+                message = parse(number, line, headers)
                 if message is not None:
                     append(message)
             error = proc.stderr.read().decode("utf-8", "replace")
@@ -432,7 +432,7 @@ class PostfixBackend(Backend):
                                    "is Postfix running?")
         return messages
 
-    def _parse_line(self, number: int, line: bytes, postcat: Tuple[str, ...]) -> Optional[Message]:
+    def _parse_line(self, number: int, line: bytes, headers: PostfixQueueFileReader) -> Optional[Message]:
         try:
             record = _decode_json(line.decode("utf-8", "surrogatepass"))
             queue_id = record["queue_id"]
@@ -446,7 +446,7 @@ class PostfixBackend(Backend):
         if not is_queue_id(queue_id):
             log.warning("postqueue -j line %d: %r is not a Postfix queue id, skipped", number, queue_id)
             return None
-        return self._message(record, queue_id, queue_name, postcat)
+        return self._message(record, queue_id, queue_name, headers)
 
     def _text(self, text: str) -> str:
         """One str object for each text a listing repeats (queue names, senders, delay reasons)."""
@@ -455,12 +455,8 @@ class PostfixBackend(Backend):
             texts.clear()
         return texts.setdefault(text, text)
 
-    def _message(self, record: dict, queue_id: str, queue_name: str, postcat: Tuple[str, ...]) -> Message:
+    def _message(self, record: dict, queue_id: str, queue_name: str, headers: PostfixQueueFileReader) -> Message:
         key = hash_key(queue_id)
-        try:
-            path = self.paths.path(queue_name, queue_id, key)
-        except ValueError:
-            path = ""
         texts = self._texts
         if len(texts) > 65536:
             texts.clear()
@@ -484,7 +480,7 @@ class PostfixBackend(Backend):
         if type(queue_name) is str:
             queue_name = text(queue_name, queue_name)
         sender = record.get("sender", "")
-        sender = self._sender(sender if type(sender) is str else str(sender), path)
+        sender = self._sender(sender if type(sender) is str else str(sender), queue_name, queue_id)
         return Message(
             queue_id=queue_id,
             arrival=arrival,
@@ -492,18 +488,24 @@ class PostfixBackend(Backend):
             sender=text(sender, sender),
             recipients=tuple(addresses),
             queue_name=queue_name,
-            filename=path,
-            headers=PostfixQueueFileHeaders(path, queue_id, postcat),
-            delay_reasons=tuple(reasons),
+            headers=headers,  # and the queue file (Message.queue_file)
+            delay_reasons=self._reasons(reasons),
             state=QUEUE_STATES.get(queue_name, QueueState.ARRIVING),
         )
 
-    def _sender(self, shown: str, path: str) -> str:
+    def _reasons(self, reasons: List[str]) -> Tuple[str, ...]:
+        """One tuple for each set of delay reasons the listing repeats (a relay that is down: most messages)."""
+        found = tuple(reasons)
+        return self._texts.setdefault(found, found)
+
+    def _sender(self, shown: str, queue_name, queue_id: str) -> str:
         """The envelope sender; "" for the null sender, which postqueue -j shows as MAILER-DAEMON."""
         if shown != self.empty_address_recipient:
             return shown
         try:
-            raw = read_sender(path)
+            raw = read_sender(self.paths.path(queue_name, queue_id))
+        except ValueError:
+            return ""
         except OSError:
             return ""  # a bounce, all but certainly; the file moved on
         return "" if not raw else raw.decode("utf-8", "surrogateescape")
@@ -545,7 +547,8 @@ class PostfixBackend(Backend):
         if not ids:
             return set()
         result = self._run("postsuper", [flag, "-"], input_text="".join(q + "\n" for q in ids))
-        confirmed = set(re.findall(r"^postsuper: ([0-9A-Za-z]+): " + re.escape(done) + r"$", result.stderr, re.M))
+        confirmed = {m.group(1) for m in re.finditer(r"^postsuper: ([0-9A-Za-z]+): " + re.escape(done) + r"$",
+                                                     result.stderr, re.M)}
         if result.returncode != 0:
             raise UnavailableError(f"postsuper {flag} failed ({_last_line(result.stderr)}); "
                                    f"{len(confirmed)} of {len(ids)} messages were changed before it stopped.")

@@ -27,6 +27,7 @@ import os
 import re
 from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from qrunner.message import HeaderReader, Message
 from qrunner.mta.headers import DEFAULT_MAX_HEADER_BYTES, MtaFileHeaders
 from qrunner.mta.postfix_records import (REC_TYPE_CONT, REC_TYPE_END, REC_TYPE_MESG, REC_TYPE_NORM,
                                          REC_TYPE_SIZE, REC_TYPE_XTRA, Damaged, RecordFollower,
@@ -34,6 +35,7 @@ from qrunner.mta.postfix_records import (REC_TYPE_CONT, REC_TYPE_END, REC_TYPE_M
 
 __all__ = [
     "PostfixQueueFileHeaders",
+    "PostfixQueueFileReader",
     "fields_from_lines",
     "is_queue_id",
     "hash_key",
@@ -337,6 +339,37 @@ def hash_key(queue_id: str) -> str:
             usec = usec * 52 + value
         return "%05X" % usec
     return queue_id
+
+
+class PostfixQueueFileReader(HeaderReader):
+    """The queue file and the :class:`PostfixQueueFileHeaders` of each message of one listing, when first asked.
+
+    A listed message's queue file follows from its queue and its id
+    (``paths``), so one reader serves the whole listing: a big queue holds
+    no path and no source object per message. ``postcat_argv`` as for the
+    source.
+    """
+
+    __slots__ = ("paths", "postcat_argv", "max_bytes")
+
+    def __init__(self, paths: "QueuePaths", postcat_argv: Optional[Sequence[str]] = None,
+                 max_bytes: int = DEFAULT_MAX_HEADER_BYTES):
+        self.paths = paths
+        self.postcat_argv = tuple(postcat_argv) if postcat_argv else None
+        self.max_bytes = max_bytes
+
+    def filename(self, message: Message) -> str:
+        """Where the listing saw the message; "" for a queue name or id Postfix would refuse."""
+        try:
+            return self.paths.path(message.queue_name, message.queue_id)
+        except ValueError:
+            return ""
+
+    def source(self, message: Message) -> PostfixQueueFileHeaders:
+        return PostfixQueueFileHeaders(message.queue_file(), message.queue_id, self.postcat_argv, self.max_bytes)
+
+    def __repr__(self) -> str:
+        return "PostfixQueueFileReader(%r)" % (self.postcat_argv,)
 
 
 class QueuePaths:

@@ -144,10 +144,11 @@ def snapshot_record(message: Message) -> Dict[str, Any]:
     and ``filename``. The arrival keeps its fraction, so messages of one
     second keep their order; the null sender is written as "".
     """
-    lines = message.headers.read()
-    if message.headers.problem:
+    source = message.header_source()
+    lines = source.read()
+    if source.problem:
         logging.getLogger("qrunner").warning("%s: %s; its snapshot line has the headers that could be read",
-                                             message.queue_id, message.headers.problem)
+                                             message.queue_id, source.problem)
     reasons = message.delay_reasons if len(message.delay_reasons) == len(message.recipients) else None
     recipients = [dict(address=address, **({"delay_reason": reasons[i]} if reasons else {}))
                   for i, address in enumerate(message.recipients)]
@@ -160,7 +161,7 @@ def snapshot_record(message: Message) -> Dict[str, Any]:
         "sender": message.sender,
         "recipients": recipients,
         "headers": [line.decode("utf-8", "surrogateescape") for line in lines],
-        "filename": message.filename,
+        "filename": message.queue_file(),
     }
 
 
