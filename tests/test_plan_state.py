@@ -19,6 +19,7 @@ from qrunner.config import PostfixSettings, Sender
 from qrunner.decision import Decision, MessageKey, Verdict
 from qrunner.exceptions import LockHeldError, UnavailableError
 from qrunner.message import Message, QueueState
+from mta_harness import HELD
 from qrunner.mta import postfix as postfix_mod
 from qrunner.mta.base import Due, Outcome, Result, SendRequest
 from qrunner.plan import (OVERRIDDEN, HoldAge, Listed, Triage, dispatch_order, duration, make_plan, release_plan,
@@ -213,6 +214,50 @@ def test_what_a_dry_run_plans_with_reads_the_dropped_records_once_not_once_per_r
     assert after.holds == {} and len(settlement.forget) == 2000
     assert set(after.attempts) == set(keys[:1000]) and len(settlement.drop_attempts) == 1000
     assert settlement.forget.reads <= 1 and settlement.drop_attempts.reads <= 1
+
+
+def test_a_history_write_failing_mid_stage_still_logs_every_hold_and_stops_the_run_at_the_stage_end(
+        tmp_path, monkeypatch, caplog):
+    """A stage writes its history every HISTORY_BATCH actions (not an Event per message until it ends); when
+    such a write fails, the stage still carries out and logs what the MTA confirmed, and its own write at the
+    end tries every action again: it stops the run there if it fails too, and loses none if it does not."""
+    import logging
+    import time as clock
+
+    from memory_harness import MemoryHarness
+    from qrunner import executor as executor_mod
+    from qrunner.exceptions import StateError
+    from qrunner.mta.memory import MemoryBackend
+    from qrunner.state import RunSummary
+
+    mta = MemoryHarness(str(tmp_path / "queue"))
+    ids = [mta.queue_message(f"m{n}") for n in range(5)]
+    backend = MemoryBackend(mta.directory)
+    state = State(str(tmp_path / "state"), backend.instance)
+    summary = RunSummary(command="run", started=clock.time())
+    run = executor_mod.Executor(backend, state, summary)
+    run.run_id = state.start_run(summary)
+    decisions = [Decision(m, False, 50, None, "night only", (Verdict(A, True, 50, "night only"),))
+                 for m in backend.list()]
+    monkeypatch.setattr(executor_mod, "HISTORY_BATCH", 2)
+    written = state.record_history
+    calls = []
+
+    def full_disk_once(run_id, events):
+        calls.append(len(events))
+        if len(calls) == 1:
+            raise StateError("the state database is full")
+        written(run_id, events)
+
+    monkeypatch.setattr(state, "record_history", full_disk_once)
+    with caplog.at_level(logging.INFO, logger="qrunner"):
+        run.hold(decisions)
+        run._write_history()  # the stage's end
+
+    assert [mta.where(q) for q in ids] == [HELD] * 5  # the memory queue's own record
+    assert sum(f"{q}: action=hold" in caplog.text for q in ids) == 5
+    assert calls == [2, 5]  # one mid-stage try, then none until the stage's end wrote all five
+    assert sorted(e.event.key.queue_id for q in ids for e in state.history(q)) == sorted(ids)
 
 
 def test_a_copy_record_lives_while_its_copy_or_its_original_is_queued(tmp_path):
