@@ -210,18 +210,21 @@ class Executor:
             self.state.record_dispatches(self.run_id, rows)
 
     def _write_history(self) -> None:
-        """What the step did so far, in one transaction; kept for the next try if it cannot be written."""
-        if self._events and self.run_id is not None:
-            self.state.record_history(self.run_id, self._events)
-        self._events = []
+        """What the step did so far, in one transaction."""
+        events, self._events = self._events, []
+        if events and self.run_id is not None:
+            self.state.record_history(self.run_id, events)
+            self._history_failed = False
 
     def _write_some_history(self) -> None:
         """Mid-step (every HISTORY_BATCH actions): a write that fails is left to the step's end, where it is
         tried again and stops the run, so that what the step already did to the queue is still logged (and
         a locked database costs its busy timeout once, not once per action)."""
+        events = self._events
         try:
             self._write_history()
         except StateError:
+            self._events = events  # written at the step's end, or the run stops there
             self._history_failed = True
 
     # -- recovery ------------------------------------------------------------

@@ -543,6 +543,10 @@ class State:
             with self.db:
                 yield
         except sqlite3.Error as exc:
+            try:
+                self.db.rollback()  # a COMMIT that failed leaves the transaction open before Python 3.10
+            except sqlite3.Error:
+                pass
             raise StateError(f"{self.path}: cannot write the state database ({exc}); the run stopped before "
                              "its next change to the queue and the next run settles what it left: "
                              + ("end the other session that holds it locked." if "locked" in str(exc) else

@@ -259,6 +259,11 @@ def test_a_history_write_failing_mid_stage_still_logs_every_hold_and_stops_the_r
     assert calls == [2, 5]  # one mid-stage try, then none until the stage's end wrote all five
     assert sorted(e.event.key.queue_id for q in ids for e in state.history(q)) == sorted(ids)
 
+    more = [mta.queue_message(f"later {n}") for n in range(2)]  # the next stage writes in batches again
+    run.hold([Decision(m, False, 50, None, "night only", (Verdict(A, True, 50, "night only"),))
+              for m in backend.list() if m.queue_id in more])
+    assert calls == [2, 5, 2] and [mta.where(q) for q in more] == [HELD] * 2
+
 
 def test_a_copy_record_lives_while_its_copy_or_its_original_is_queued(tmp_path):
     state = State(str(tmp_path), "postfix:/q")
