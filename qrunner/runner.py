@@ -29,8 +29,8 @@ from qrunner.exceptions import ConfigError
 from qrunner.log import NOT_QUIETED
 from qrunner.message import Message, QueueState, arrival_order
 from qrunner.mta.base import Backend, Due, Gate
-from qrunner.plan import (OVERRIDDEN, HeldCopy, HoldAge, Listed, Plan, Planned, Wait, explain_unplanned, make_plan,
-                          release_plan, steps_for, triage)
+from qrunner.plan import (OVERRIDDEN, HeldCopy, HoldAge, Listed, Plan, Planned, Triage, Wait, explain_unplanned,
+                          make_plan, release_plan, steps_for, triage)
 from qrunner.policy import PolicyEngine, PolicySettings
 from qrunner.progress import NONE as NO_PROGRESS, Progress
 from qrunner.selection import Choice, Selector
@@ -350,10 +350,7 @@ class Runner:
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
             only_ids = self._chosen(messages, records, only_ids)
-            listing = self._listed(messages, records)
-            self._listing = listing if self._keep_listing else []
-            sorted_out = triage(listing, only_ids)
-            del listing
+            sorted_out = self._triage(messages, records, only_ids)
             decisions = self._overridden(sorted_out.candidates)
             return make_plan(decisions, sorted_out, {}, overridden=True, from_hold=self._from_hold(decisions))
         with PolicyEngine(self.policy, self.progress) as engine:
@@ -362,15 +359,20 @@ class Runner:
             messages = self._messages = self.backend.list()
             records = self._reconcile(state, messages, write)
             only_ids = self._chosen(messages, records, only_ids)
-            listing = self._listed(messages, records)
-            self._listing = listing if self._keep_listing else []
-            sorted_out = triage(listing, only_ids, self._hold_age())
+            sorted_out = self._triage(messages, records, only_ids, self._hold_age())
             attempts = records.attempts
-            del listing, records  # every hold's record is in the listing's facts now: not kept while Lua decides
+            del records  # every hold's record is in the listing's facts now: not kept while Lua decides
             decisions = engine.decide(sorted_out.candidates, self.senders)
         sending = [d.message for d in decisions if d.send] + [e.message for e in sorted_out.expire if not e.bounce]
         return make_plan(decisions, sorted_out, self._due(sending, attempts), from_hold=self._from_hold(decisions),
                          pacing=pacing)
+
+    def _triage(self, messages: Sequence[Message], records: Records, only_ids: Optional[Sequence[str]],
+                hold_age: Optional[HoldAge] = None) -> Triage:
+        """The listing with the facts the plan needs, sorted out; the facts are kept for ``explain`` only."""
+        listing = self._listed(messages, records)
+        self._listing = listing if self._keep_listing else []
+        return triage(listing, only_ids, hold_age)
 
     def _due(self, messages: Sequence[Message], attempts: Dict[MessageKey, Tuple[int, float]]
              ) -> Dict[MessageKey, Due]:

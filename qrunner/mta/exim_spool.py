@@ -1283,9 +1283,6 @@ def list_queue(spool_directory: str, queue_name: str = "", proc: str = "/proc") 
 # -- headers on demand -----------------------------------------------------------
 
 
-_DIRECTORIES: Dict[str, Tuple[str]] = {}  # spool directory -> the one tuple EximSpoolHeaders keep it in
-
-
 class EximSpoolReader(HeaderReader):
     """The ``-D`` file and the :class:`EximSpoolHeaders` of each message of one listing, when first asked.
 
@@ -1320,10 +1317,9 @@ class EximSpoolReader(HeaderReader):
         return self.places.get(message.queue_id, self.top) + message.queue_id + "-D"
 
     def source(self, message: Message) -> "EximSpoolHeaders":
-        data = message.queue_file()
-        path = data[:-1] + "H" if data.endswith("-D") else ""
-        return EximSpoolHeaders(path, message.queue_id, self.mvh_argv, self.max_bytes,
-                                header_mark=self.marks.get(message.queue_id, 0))
+        queue_id = message.queue_id
+        return EximSpoolHeaders(self.places.get(queue_id, self.top) + queue_id + "-H", queue_id, self.mvh_argv,
+                                self.max_bytes, header_mark=self.marks.get(queue_id, 0))
 
     def __repr__(self) -> str:
         return "EximSpoolReader(%r)" % (self.mvh_argv,)
@@ -1339,7 +1335,7 @@ class EximSpoolHeaders(MtaFileHeaders):
     prints the same file. Never raises (see :class:`MtaFileHeaders`).
     """
 
-    __slots__ = ("where", "header_mark")
+    __slots__ = ("header_mark",)
     kind = "spool file"
     id_kind = "an Exim message id"
 
@@ -1347,30 +1343,6 @@ class EximSpoolHeaders(MtaFileHeaders):
                  max_bytes: int = DEFAULT_MAX_HEADER_BYTES, header_mark: int = 0):
         super().__init__(path, message_id, mvh_argv, max_bytes)
         self.header_mark = header_mark  # header_mark(): where the listing found the header part; 0 when unknown
-        self._share_directory()
-
-    # A big queue holds one of these per message: the path of a file named for its message, as it always is, is
-    # kept as its directory (one object for the whole listing) and the message id the source holds anyway.
-
-    @property
-    def path(self) -> str:
-        where = self.where
-        return where if type(where) is str else where[0] + self.queue_id + "-H"
-
-    @path.setter
-    def path(self, value: str) -> None:
-        self.where = value
-
-    def _share_directory(self) -> None:
-        path, name = self.where, self.queue_id + "-H"
-        if type(path) is str and path.endswith("/" + name):
-            directory = path[:-len(name)]
-            shared = _DIRECTORIES.get(directory)
-            if shared is None:
-                if len(_DIRECTORIES) >= 64:
-                    _DIRECTORIES.clear()
-                shared = _DIRECTORIES[directory] = (directory,)
-            self.where = shared
 
     def __getstate__(self):
         return super().__getstate__() + (self.header_mark,)
@@ -1378,7 +1350,6 @@ class EximSpoolHeaders(MtaFileHeaders):
     def __setstate__(self, state) -> None:
         super().__setstate__(state[:-1])
         self.header_mark = state[-1]
-        self._share_directory()
 
     def read_file(self) -> Tuple[List[bytes], Optional[str]]:
         """One open and read of an ordinary ``-H`` file, parsed in memory; any other (big, damaged, cut, changed

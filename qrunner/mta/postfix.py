@@ -448,13 +448,6 @@ class PostfixBackend(Backend):
             return None
         return self._message(record, queue_id, queue_name, headers)
 
-    def _text(self, text: str) -> str:
-        """One str object for each text a listing repeats (queue names, senders, delay reasons)."""
-        texts = self._texts
-        if len(texts) > 65536:
-            texts.clear()
-        return texts.setdefault(text, text)
-
     def _message(self, record: dict, queue_id: str, queue_name: str, headers: PostfixQueueFileReader) -> Message:
         key = hash_key(queue_id)
         texts = self._texts
@@ -481,6 +474,7 @@ class PostfixBackend(Backend):
             queue_name = text(queue_name, queue_name)
         sender = record.get("sender", "")
         sender = self._sender(sender if type(sender) is str else str(sender), queue_name, queue_id)
+        reasons = tuple(reasons)
         return Message(
             queue_id=queue_id,
             arrival=arrival,
@@ -489,14 +483,9 @@ class PostfixBackend(Backend):
             recipients=tuple(addresses),
             queue_name=queue_name,
             headers=headers,  # and the queue file (Message.queue_file)
-            delay_reasons=self._reasons(reasons),
+            delay_reasons=text(reasons, reasons),  # one tuple for each set the listing repeats
             state=QUEUE_STATES.get(queue_name, QueueState.ARRIVING),
         )
-
-    def _reasons(self, reasons: List[str]) -> Tuple[str, ...]:
-        """One tuple for each set of delay reasons the listing repeats (a relay that is down: most messages)."""
-        found = tuple(reasons)
-        return self._texts.setdefault(found, found)
 
     def _sender(self, shown: str, queue_name, queue_id: str) -> str:
         """The envelope sender; "" for the null sender, which postqueue -j shows as MAILER-DAEMON."""
@@ -504,10 +493,8 @@ class PostfixBackend(Backend):
             return shown
         try:
             raw = read_sender(self.paths.path(queue_name, queue_id))
-        except ValueError:
-            return ""
-        except OSError:
-            return ""  # a bounce, all but certainly; the file moved on
+        except (OSError, ValueError):
+            return ""  # a bounce, all but certainly; the file moved on (or a queue name Postfix would refuse)
         return "" if not raw else raw.decode("utf-8", "surrogateescape")
 
     # -- act ---------------------------------------------------------------
