@@ -761,7 +761,6 @@ class PolicyEngine:
         total = 0
         end = min(first + max(count, 1), len(pending))
         for local in range(max(first, 0), end):
-            source = messages[pending[local]].header_source()
             try:
                 if local in ahead:
                     entry = ahead[local]
@@ -769,6 +768,7 @@ class PolicyEngine:
                         entries.append(entry)
                         total += sum(map(len, entry[0])) if entry is not None else 0
                         continue
+                source = messages[pending[local]].header_source()  # made only for a message not read ahead
                 lines = source.read() if not entries else (source.prefetch() if total < HEADER_BATCH_BYTES else None)
                 problem = source.problem
             except Exception as error:  # a header source must never end the run

@@ -257,12 +257,16 @@ class PostfixQueueFileHeaders(MtaFileHeaders):
         super().__init__(path, queue_id, postcat_argv, max_bytes)
 
     def read_file(self) -> Tuple[List[bytes], Optional[str]]:
-        with open(self.path, "rb", buffering=0) as f:
-            fields = _fast_header_fields(f.read(_FAST_READ), self.max_bytes)
+        fd = os.open(self.path, os.O_RDONLY)  # no file object for the common case: one read of the first 16 KB
+        try:
+            fields = _fast_header_fields(os.read(fd, _FAST_READ), self.max_bytes)
             if fields is not None:
                 return fields, None
-            f.seek(0)
-            return _read_header_fields(f, self.max_bytes)
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                f.seek(0)
+                return _read_header_fields(f, self.max_bytes)
+        finally:
+            os.close(fd)
 
     def is_valid_id(self) -> bool:
         return is_queue_id(self.queue_id)
