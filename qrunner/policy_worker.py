@@ -263,9 +263,13 @@ class LuaState:
     def _print(self, text: bytes) -> None:
         self.conn.send(("print", _text(text), self.current_index))
 
-    def _fetch_headers(self):
-        index = self.current_index
-        if index is None or not self.current_has_headers:
+    def _fetch_headers(self, index: Optional[int] = None):
+        """The header lines of message ``index`` of the pass (the call under way when None): the lazy tables of a
+        message the script kept from an earlier call still get that message's own."""
+        current = self.current_index
+        if index is None:
+            index = current
+        if index is None or (index == current and not self.current_has_headers):
             lines, problem = [], None
         else:
             lines, problem = self.headers.get(index)
@@ -325,7 +329,7 @@ def _decide(conn: "_Outbox", state: LuaState, messages: List[tuple], progress, b
             state.current_index = index
             pack_into(progress, 0, index, monotonic())
             try:
-                outcome = call(filename, size, ctime, returnpath, table_from(recipients))
+                outcome = call(filename, size, ctime, returnpath, table_from(recipients), index)
             except MemoryError:
                 outcome = (b"memory",)
             if type(outcome) is not tuple:

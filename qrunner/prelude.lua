@@ -211,15 +211,17 @@ local function field_value(line, colon, start)
   return string_sub(line, start, last)
 end
 
-local function fill_tables(st, data, lines)
+local FIELD = "^([^:\n \t]+)[ \t]*:()[ \t\r]*()"
+
+-- Every field into data, in line order, and the names into st.lower: the whole table at once (what the eager
+-- versions do at each call, and what the lazy ones do when a script looks at the whole table).
+local function fill_tables(st, data, raw)
   local lower = {}
   st.lower = lower
   local seen = lower_is_ascii and lower or {}
-  local raw = fetch_headers()
   for i = 1, #raw do
     local line = raw[i]
-    rawset(lines, i, line)
-    local _, _, name, colon, start = string_find(line, "^([^:\n \t]+)[ \t]*:()[ \t\r]*()")
+    local _, _, name, colon, start = string_find(line, FIELD)
     if name ~= nil then
       local key = string_lower(name)
       local first = lower_is_ascii and key or string_gsub(name, "[A-Z]", ASCII_LOWER)
@@ -232,17 +234,81 @@ local function fill_tables(st, data, lines)
   end
 end
 
-local function load_headers(st)
-  if st.loaded then return end
-  st.loaded = true
-  local data, lines = st.data, st.lines
-  st.data, st.lines = nil, nil
-  lazy[data], lazy[lines] = nil, nil
-  fill_tables(st, data, lines)
+-- The lines of the tables' own message (st.index: its place in the pass), fetched from qrunner on the first
+-- touch of either table: in its own call, or in a later one when the script kept the tables.
+local function raw_lines(st)
+  local raw = st.raw
+  if raw == nil then
+    raw = fetch_headers(st.index)
+    st.raw = raw
+  end
+  return raw
+end
+
+-- The lazy tables are filled in steps. A read of one field by name (h.subject) indexes the lines only up to
+-- that field (st.lower[key] = its line, st.scanned = the lines indexed) and sets only its value (st.lower[key]
+-- = its name from then on); anything that sees the whole table (pairs, next, rawget, rawlen) fills it whole
+-- first (st.full). The lines table fills on its own first touch. Field by field needs string.lower to be
+-- ASCII's (one first occurrence per lower-cased name); where it is not, a read fills the whole table.
+local function fill_data(st)
+  if st.full then return end
+  st.full = true
+  local data = st.data
+  st.data = nil
+  lazy[data] = nil
+  fill_tables(st, data, raw_lines(st))
+end
+
+local function fill_lines(st)
+  local lines = st.lines
+  if lines == nil then return end
+  st.lines = nil
+  lazy[lines] = nil
+  local raw = raw_lines(st)
+  for i = 1, #raw do rawset(lines, i, raw[i]) end
   setmetatable(lines, nil)
 end
 
-local function fill(t) local st = lazy[t] if st then load_headers(st) end end
+-- The line of the first field named `key` (lower-cased), indexing the lines not yet indexed up to it; nil if none.
+local function index_to(st, key)
+  local raw, lower = raw_lines(st), st.lower
+  if lower == nil then
+    lower = {}
+    st.lower = lower
+  end
+  for i = st.scanned + 1, #raw do
+    st.scanned = i
+    local _, _, name = string_find(raw[i], FIELD)
+    if name ~= nil then
+      local found = string_lower(name)
+      if lower[found] == nil then lower[found] = i end
+      if found == key then return i end
+    end
+  end
+  return nil
+end
+
+local function field(st, data, key)
+  local lower = st.lower
+  local at = lower and lower[key]
+  if at == nil and not st.full then at = index_to(st, key) end
+  if type(at) == "number" then  -- indexed, not valued yet
+    local line = st.raw[at]
+    local _, _, name, colon, start = string_find(line, FIELD)
+    rawset(data, name, field_value(line, colon - 1, start))
+    st.lower[key] = name
+    at = name
+  end
+  if at ~= nil then return rawget(data, at) end
+  return nil
+end
+
+local function fill(t)
+  local st = lazy[t]
+  if st then
+    if t == st.lines then fill_lines(st) else fill_data(st) end
+  end
+end
 G.next = function(t, k) fill(t) return real_next(t, k) end
 G.rawget = function(t, k) fill(t) return real_rawget(t, k) end
 if real_rawlen then G.rawlen = function(t) fill(t) return real_rawlen(t) end end
@@ -250,14 +316,14 @@ if real_rawlen then G.rawlen = function(t) fill(t) return real_rawlen(t) end end
 local DATA_MT = {
   __index = function(t, k)
     local st = owner[t]
-    load_headers(st)
-    if type(k) == "string" then
-      local name = st.lower[string_lower(k)]
-      if name ~= nil then return rawget(t, name) end
+    if type(k) ~= "string" then
+      fill_data(st)
+      return nil
     end
-    return nil
+    if not lower_is_ascii then fill_data(st) end
+    return field(st, t, string_lower(k))
   end,
-  __pairs = function(t) load_headers(owner[t]) return real_next, t, nil end,
+  __pairs = function(t) fill_data(owner[t]) return real_next, t, nil end,
 }
 local LINES_MT = {
   __index = function(t, k) fill(t) return rawget(t, k) end,
@@ -265,16 +331,18 @@ local LINES_MT = {
   __pairs = function(t) fill(t) return real_next, t, nil end,
 }
 
-local function header_tables()
+local function header_tables(index)
   local data, lines = {}, {}
   local st
   if opts.lazy_headers then
-    st = {loaded = false, data = data, lines = lines}
+    st = {full = false, data = data, lines = lines, scanned = 0, index = index}  -- st.lower: by the first read by name
     lazy[data], lazy[lines] = st, st
     setmetatable(lines, LINES_MT)
   else
-    st = {loaded = true}
-    fill_tables(st, data, lines)
+    st = {full = true}
+    local raw = fetch_headers()
+    fill_tables(st, data, raw)
+    for i = 1, #raw do rawset(lines, i, raw[i]) end
   end
   owner[data] = st
   setmetatable(data, DATA_MT)
@@ -331,9 +399,9 @@ function ctl.run_top(chunk, name)
   return "ok"
 end
 
-local function invoke(filename, size, ctime, returnpath, recipients)
+local function invoke(filename, size, ctime, returnpath, recipients, index)
   local actions = {SkipSend = false, Priority = 50, Reason = ""}
-  local data, lines = header_tables()
+  local data, lines = header_tables(index)
   local checkfile = rawget(G, "CheckFile")
   if type(checkfile) ~= "function" then return "CheckFile is no longer a function" end
   local result = checkfile(filename, actions, size, ctime, returnpath, recipients, data, lines)
@@ -344,12 +412,12 @@ end
 
 -- One CheckFile call, timed as timed() times a call but with the deadline armed by the hook (above), and
 -- without packing its results into a table: the hot path, once per message.
-function ctl.call(filename, size, ctime, returnpath, recipients)
+function ctl.call(filename, size, ctime, returnpath, recipients, index)
   printed = 0
   expired = false
   deadline = huge
   armed = false
-  local ok, err, skip, priority, reason = pcall(invoke, filename, size, ctime, returnpath, recipients)
+  local ok, err, skip, priority, reason = pcall(invoke, filename, size, ctime, returnpath, recipients, index)
   armed = true
   deadline = huge
   if expired then return failure({false, TIMEOUT}) end

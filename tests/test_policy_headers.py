@@ -148,6 +148,38 @@ def test_the_first_touch_of_either_table_sees_every_header(tmp_path, lua, first_
 
 
 @pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_fields_read_by_name_one_at_a_time_then_the_whole_table_give_what_one_look_gives(tmp_path, lua):
+    """A read by name fills HeaderData only up to that field: later fields, earlier ones, the same field by
+    another case, a missing name, then the whole table (pairs, next, rawget), and HeaderLines, all as if read
+    at once; the second SUBJECT never wins."""
+    reason = run(tmp_path, """
+      local got = {HeaderData.subject, HeaderData.received, HeaderData.SUBJECT, tostring(HeaderData.nothing),
+                   HeaderData["X-Mailer"], HeaderData.subject, rawget(HeaderData, "From"), rawget(HeaderData, "To")}
+      local names = {}
+      for k, v in pairs(HeaderData) do names[#names + 1] = k .. "=" .. v end
+      table.sort(names)
+      local n = 0 for _ in next, HeaderData do n = n + 1 end
+      got[#got + 1] = table.concat(names, ";")
+      got[#got + 1] = tostring(n)
+      got[#got + 1] = tostring(#HeaderLines) .. ":" .. HeaderLines[5]
+      a.Reason = table.concat(got, "|")""", lua=lua)
+    received = "from a.example.org\tby b.example.net; Tue, 25 Nov 2025 05:53:20 +0000"
+    fields = sorted([f"Received={received}", "Subject=Quarterly report", "From=Alice <alice@example.org>",
+                     "X-Long=part one\tpart two  part three", "x-mailer=Mutt", "To=bob@example.net"])
+    assert reason.split("|") == ["Quarterly report", received, "Quarterly report", "nil", "Mutt", "Quarterly report",
+                                 "Alice <alice@example.org>", "bob@example.net", ";".join(fields), "6",
+                                 "8:SUBJECT: a second subject"]
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_a_field_read_by_name_after_a_field_further_down_was_read_is_still_found(tmp_path, lua):
+    reason = run(tmp_path, """
+      a.Reason = table.concat({HeaderData.to, HeaderData.from, HeaderData["x-long"], tostring(HeaderData.missing),
+                               HeaderData.Received ~= nil and "r" or "-"}, "|")""", lua=lua)
+    assert reason == "bob@example.net|Alice <alice@example.org>|part one\tpart two  part three|nil|r"
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
 def test_a_message_without_headers_gives_empty_tables(tmp_path, lua):
     reason = run(tmp_path, """
       local n = 0 for _ in pairs(HeaderData) do n = n + 1 end
@@ -162,6 +194,28 @@ def test_headers_of_each_message_are_its_own(tmp_path):
           message("C", arrival=3, headers=["Subject: third"])]
     decisions = by_id(decide(tmp_path, script, ms))
     assert [decisions[q].reason for q in "ABC"] == ["first/1", "second/2", "third/1"]
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_tables_a_script_keeps_from_an_earlier_call_hold_that_messages_headers(tmp_path, lua):
+    """A script may keep a message's tables and look at them while deciding a later one (say, to compare
+    subjects): untouched until then, they still fill with their own message's headers, not the later one's."""
+    script = """
+    local kept
+    function CheckFile(f, a, s, c, r, rc, hd, hl)
+      if kept == nil then kept = {hd, hl} a.Reason = 'kept' return a end
+      a.SkipSend = 1
+      a.Reason = tostring(kept[1].subject) .. '/' .. tostring(hd.subject) .. '/' .. tostring(kept[2][1]) .. '/' ..
+                 tostring(kept[1]["X-Only-A"])
+      return a
+    end"""
+    ms = [message("A", arrival=1, headers=["Subject: first", "X-Only-A: a"]),
+          message("B", arrival=2, headers=["Subject: second"]),
+          message("C", arrival=3, headers=["Subject: third"])]
+    decisions = by_id(decide(tmp_path, script, ms, lua=lua))
+    assert decisions["B"].reason == "first/second/Subject: first/a"
+    assert decisions["C"].reason == "first/third/Subject: first/a"
+    assert decisions["A"].errors == () and decisions["B"].errors == ()
 
 
 def test_headers_with_8bit_bytes_reach_the_script_unchanged(tmp_path):
