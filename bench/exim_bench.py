@@ -19,6 +19,7 @@ from typing import Callable, List, Optional
 import corpus
 from harness import (BIG_LIMIT, CONFIG_TOP, HERE, SinkBench, decisions_check, expect, last_run, long_rounds, profile,
                      qrunner, qrunner_env, rounds, write_scripts)
+from report import FLOOR_ONE_HEADER
 from results import Figure, Results
 from timing import BenchFailure, Measured, measured
 
@@ -123,6 +124,9 @@ class EximBench:
                                                        "-i", "$h_subject =~ /7$/"]), picked),
             ("plan, no header", self.cmd(self.plan("no_header"), sample=True), decisions_check(size, self.big)),
             ("plan, one header", self.cmd(self.plan("one_header"), sample=True), decisions_check(size, self.sevens)),
+            (FLOOR_ONE_HEADER, self.cmd([sys.executable, os.path.join(HERE, "floor_plan.py"), "exim",
+                                         os.path.join(spool, self.instance.queue_name, "input"),
+                                         self.scripts["one_header"]]), decisions_check(size, self.sevens)),
         ]
         rounds(self.results, "exim", size, steps, self.repeat, log=self.log)
         if size == self.args.target_size:

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 import corpus
 from harness import (BIG_LIMIT, CONFIG_TOP, HERE, RefusingRelay, SinkBench, decisions_check, expect, last_run,
                      long_rounds, profile, qrunner, qrunner_env, rounds, wait_until, write_scripts)
+from report import FLOOR_NO_HEADER, FLOOR_ONE_HEADER
 from results import Figure, Results
 from timing import BenchFailure, Measured, measured
 
@@ -189,6 +190,11 @@ class PostfixBench:
     def plan(self, script: str) -> List[str]:
         return qrunner("plan", "--script", self.scripts[script], "--format", "json")
 
+    def floor(self, script: str, *args: str) -> List[str]:
+        """bench/floor_plan.py: the same plan in one plain Python and lupa process (the floor of planning)."""
+        return [sys.executable, os.path.join(HERE, "floor_plan.py"), "postfix", self.instance.config_directory,
+                self.instance.queue_directory, self.scripts[script], *args]
+
     def postqueue_j(self) -> List[str]:
         return ["postqueue", "-c", self.instance.config_directory, "-j"]
 
@@ -210,6 +216,8 @@ class PostfixBench:
                                                 self.instance.queue_directory]), read),
             ("plan, no header", self.cmd(self.plan("no_header"), sample=True), decisions_check(size, self.big)),
             ("plan, one header", self.cmd(self.plan("one_header"), sample=True), decisions_check(size, self.sevens)),
+            (FLOOR_NO_HEADER, self.cmd(self.floor("no_header")), decisions_check(size, self.big)),
+            (FLOOR_ONE_HEADER, self.cmd(self.floor("one_header", "--header")), decisions_check(size, self.sevens)),
         ]
         rounds(self.results, "postfix", size, steps, self.repeat, log=self.log)
         if size == self.args.target_size:

@@ -32,9 +32,11 @@ PER_SIZE = {
                 "postqueue -j, then postsuper -h", "postqueue -j, then postsuper -H",
                 "plan, one header (beside pymailq)", "pymailq, headers parsed", "jq | xargs postqueue -i",
                 "qrunner run, no header", "flush service, qrunner's client (process)", "postqueue -i per message",
-                "flush service, qrunner's client (loop)"],
+                "flush service, qrunner's client (loop)", "floor: the plan in plain Python and lupa, no header",
+                "floor: the plan in plain Python and lupa, one header"],
     "exim": ["exim -bpr", "read every -H file", "exipick -i, header criterion", "plan, no header", "plan, one header",
-             "qrunner run, hold all", "qrunner release --all", "exim -Mf", "exim -Mt"],
+             "qrunner run, hold all", "qrunner release --all", "exim -Mf", "exim -Mt",
+             "floor: the plan in plain Python and lupa, one header"],
 }
 PER_DISPATCH = {
     "postfix": ["re-injection, qrunner run (msg/s)", "SMTP injection, one session (msg/s)"],
@@ -140,3 +142,23 @@ def test_the_report_can_be_written_again_from_the_kept_results(smoke):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert again.read_text() == smoke["report"]
+
+
+def test_a_missed_target_is_called_bounded_only_when_its_floor_is_past_it():
+    """The report's verdict (bench/report.py): "bounded" needs a floor measured past the target, else plain missed."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from report import Target
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+
+    def verdict(measured, bound, at_most=True):
+        return Target("t", measured, 1.5 if at_most else 10, at_most, "x", "floor", bound=bound).verdict
+
+    assert verdict(1.4, 1.8) == "**met**"
+    assert verdict(2.2, 1.8) == "**missed**; bounded: the floor alone is 1.80x"
+    assert verdict(2.2, 1.2) == "**missed**"
+    assert verdict(2.2, None) == "**missed**"
+    assert verdict(9.0, 8.0, at_most=False) == "**missed**; bounded: the floor alone is 8.00x"
+    assert verdict(9.0, 12.0, at_most=False) == "**missed**"
+    assert Target("t", None, 1.5, True, "x", "floor", "why").verdict == "not measured"
