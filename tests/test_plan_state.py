@@ -371,6 +371,51 @@ def test_schedule_speaks_the_flush_protocol(backend, tmp_path):
     run.assert_not_called()
 
 
+def _flush_server(tmp_path, answer):
+    """A one-connection flush socket: reads the request (up to its \\0\\0), then sends ``answer`` byte by byte."""
+    os.makedirs(tmp_path / "public", exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "public" / "flush"))
+    server.listen(1)
+    seen = []
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            data = b""
+            while not data.endswith(b"\0\0"):
+                data += conn.recv(100)
+            seen.append(data)
+            for byte in answer:
+                conn.sendall(bytes([byte]))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    return server, thread, seen
+
+
+def test_the_flush_request_goes_before_the_greeting_and_is_believed_only_after_it(backend, tmp_path):
+    """The request is sent with the connection (the service reads it after greeting); greeting and answer may
+    then arrive in any pieces, here a byte at a time."""
+    instance, run = backend
+    server, thread, seen = _flush_server(tmp_path, b"protocol\0queue_flush_protocol\0\0status\0" b"0\0\0")
+    assert instance.schedule("ABC123") is True
+    thread.join(5)
+    server.close()
+    assert seen == [b"request\0send_file\0queue_id\0ABC123\0\0"]
+    run.assert_not_called()
+
+
+def test_a_flush_socket_that_greets_as_something_else_is_not_believed(backend, tmp_path):
+    instance, run = backend
+    run.return_value = completed()
+    server, thread, _seen = _flush_server(tmp_path, b"protocol\0something_else\0\0status\0" b"0\0\0")
+    assert instance.schedule("ABC123") is True  # by postqueue -i, the fallback
+    thread.join(5)
+    server.close()
+    assert run.call_args[0][0][-2:] == ["-i", "ABC123"]
+
+
 def test_a_message_gone_since_the_listing_is_vanished_not_an_error(backend, tmp_path, mocker):
     instance, run = backend  # an empty queue directory: the deferred file is not there
     message = Message("ABC123", 0, 1, "a@b", ("c@d",), queue_name="deferred")
