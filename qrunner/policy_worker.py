@@ -269,7 +269,9 @@ class LuaState:
         current = self.current_index
         if index is None:
             index = current
-        if index is None or (index == current and not self.current_has_headers):
+        # Outside any call (Lua collecting a kept table as the state closes, say) nothing is asked of qrunner:
+        # the parent may be waiting for another answer on the connection.
+        if current is None or (index == current and not self.current_has_headers):
             lines, problem = [], None
         else:
             lines, problem = self.headers.get(index)

@@ -214,10 +214,11 @@ end
 local FIELD = "^([^:\n \t]+)[ \t]*:()[ \t\r]*()"
 
 -- Every field into data, in line order, and the names into st.lower: the whole table at once (what the eager
--- versions do at each call, and what the lazy ones do when a script looks at the whole table).
+-- versions do at each call, and what the lazy ones do when a script looks at the whole table). A field a read by
+-- name has already set (st.lower[key] is its name) is left as the script may since have changed it.
 local function fill_tables(st, data, raw)
+  local valued = st.lower or {}
   local lower = {}
-  st.lower = lower
   local seen = lower_is_ascii and lower or {}
   for i = 1, #raw do
     local line = raw[i]
@@ -228,10 +229,11 @@ local function fill_tables(st, data, raw)
       if seen[first] == nil then
         seen[first] = name
         lower[key] = name
-        rawset(data, name, field_value(line, colon - 1, start))
+        if type(valued[key]) ~= "string" then rawset(data, name, field_value(line, colon - 1, start)) end
       end
     end
   end
+  st.lower = lower
 end
 
 -- The lines of the tables' own message (st.index: its place in the pass), fetched from qrunner on the first
@@ -257,6 +259,7 @@ local function fill_data(st)
   st.data = nil
   lazy[data] = nil
   fill_tables(st, data, raw_lines(st))
+  if st.lines == nil then st.raw = nil end  -- both tables full: the lines are theirs now
 end
 
 local function fill_lines(st)
@@ -267,6 +270,7 @@ local function fill_lines(st)
   local raw = raw_lines(st)
   for i = 1, #raw do rawset(lines, i, raw[i]) end
   setmetatable(lines, nil)
+  if st.full then st.raw = nil end
 end
 
 -- The line of the first field named `key` (lower-cased), indexing the lines not yet indexed up to it; nil if none.
@@ -277,13 +281,11 @@ local function index_to(st, key)
     st.lower = lower
   end
   for i = st.scanned + 1, #raw do
-    st.scanned = i
     local _, _, name = string_find(raw[i], FIELD)
-    if name ~= nil then
-      local found = string_lower(name)
-      if lower[found] == nil then lower[found] = i end
-      if found == key then return i end
-    end
+    local found = name and string_lower(name)
+    if found ~= nil and lower[found] == nil then lower[found] = i end
+    st.scanned = i  -- only once the line is indexed: a call stopped half-way leaves it for the next look
+    if found == key then return i end
   end
   return nil
 end
@@ -324,6 +326,8 @@ local DATA_MT = {
     return field(st, t, string_lower(k))
   end,
   __pairs = function(t) fill_data(owner[t]) return real_next, t, nil end,
+  -- A name not in the table yet: the whole table first, so that no later fill undoes what the script wrote.
+  __newindex = function(t, k, v) fill_data(owner[t]) rawset(t, k, v) end,
 }
 local LINES_MT = {
   __index = function(t, k) fill(t) return rawget(t, k) end,

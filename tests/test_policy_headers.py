@@ -180,6 +180,63 @@ def test_a_field_read_by_name_after_a_field_further_down_was_read_is_still_found
 
 
 @pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_what_a_script_writes_into_headerdata_stays_whatever_it_read_before_or_after(tmp_path, lua):
+    """A field changed after a read by name, a field set before the table was filled, a field removed, a name
+    of the script's own: none is undone when the table fills later (pairs)."""
+    reason = run(tmp_path, """
+      local f = HeaderData.from
+      HeaderData.Subject = "[x] " .. HeaderData.subject
+      HeaderData.To = nil
+      HeaderData["X-Mine"] = "mine"
+      local names = {}
+      for k, v in pairs(HeaderData) do if k ~= "Received" and k ~= "X-Long" then names[#names + 1] = k .. "=" .. v end end
+      table.sort(names)
+      a.Reason = f .. "|" .. HeaderData.subject .. "|" .. tostring(HeaderData.to) .. "|" .. table.concat(names, ";")""",
+                 lua=lua)
+    assert reason == ("Alice <alice@example.org>|[x] Quarterly report|nil|From=Alice <alice@example.org>;"
+                      "Subject=[x] Quarterly report;X-Mine=mine;x-mailer=Mutt")
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
+def test_a_field_the_script_sets_before_reading_it_keeps_the_scripts_value(tmp_path, lua):
+    reason = run(tmp_path, """
+      local before = HeaderData.from
+      HeaderData.Subject = "mine"
+      a.Reason = before .. "|" .. HeaderData.subject .. "|" .. HeaderData.SUBJECT""", lua=lua)
+    assert reason == "Alice <alice@example.org>|mine|mine"
+
+
+def test_outside_a_call_a_kept_header_table_asks_qrunner_for_nothing():
+    """Lua may touch a kept table while no call is under way (a finalizer as the state closes): the parent is then
+    waiting for another answer on the connection, so nothing is asked of it and the table is empty."""
+    import mmap
+
+    from qrunner import policy_worker
+
+    sent, asked = [], []
+
+    class Outbox:
+        def send(self, message):
+            sent.append(message)
+
+    class Headers:
+        def get(self, index):
+            asked.append(index)
+            return [b"Subject: asked"], None
+
+    settings = {"lua": "5.4", "timeout": 2, "memory_mb": 16, "now": None, "sender_id": 0, "sender_name": "default",
+                "script_text": b"function CheckFile(f, a, s, c, r, rc, h) kept = h return a end",
+                "script_name": "kept.lua"}
+    state = policy_worker._load(Outbox(), settings, mmap.mmap(-1, policy_worker.PROGRESS.size), Headers())
+    assert state is not None, sent
+    state.current_index = None
+    assert len(state._fetch_headers(3)) == 0
+    state.current_index, state.current_has_headers = 5, True
+    assert state._fetch_headers(3)[1] == b"Subject: asked"  # within a call: an earlier message's, by its index
+    assert asked == [3]
+
+
+@pytest.mark.parametrize("lua", LUA_VERSIONS)
 def test_a_message_without_headers_gives_empty_tables(tmp_path, lua):
     reason = run(tmp_path, """
       local n = 0 for _ in pairs(HeaderData) do n = n + 1 end
