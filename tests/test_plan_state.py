@@ -416,6 +416,37 @@ def test_a_flush_socket_that_greets_as_something_else_is_not_believed(backend, t
     assert run.call_args[0][0][-2:] == ["-i", "ABC123"]
 
 
+def test_a_flush_socket_that_greets_as_something_else_and_then_says_nothing_is_left_at_once(backend, tmp_path, mocker):
+    """No waiting for an answer from a peer that is not the flush service: the fallback runs as soon as the
+    greeting is read (with a timeout of an hour, a client that waited would never return here)."""
+    instance, run = backend
+    run.return_value = completed()
+    mocker.patch.object(postfix_mod, "FLUSH_TIMEOUT", 3600.0)
+    os.makedirs(tmp_path / "public", exist_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "public" / "flush"))
+    server.listen(1)
+    done = threading.Event()
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"protocol\0something_else\0\0")
+            done.wait(60)  # silent until the client has given up on it
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    result = []
+    client = threading.Thread(target=lambda: result.append(instance.schedule("ABC123")))
+    client.start()
+    client.join(30)
+    done.set()
+    thread.join(5)
+    server.close()
+    assert result == [True], "schedule() still waiting on a peer that is not the flush service"
+    assert run.call_args[0][0][-2:] == ["-i", "ABC123"]
+
+
 def test_a_message_gone_since_the_listing_is_vanished_not_an_error(backend, tmp_path, mocker):
     instance, run = backend  # an empty queue directory: the deferred file is not there
     message = Message("ABC123", 0, 1, "a@b", ("c@d",), queue_name="deferred")

@@ -653,13 +653,18 @@ def _attr_lists(data: bytes) -> List[Dict[bytes, bytes]]:
     return lists
 
 
-def _read_attr_lists(sock: socket.socket, count: int) -> List[Dict[bytes, bytes]]:
-    """The next ``count`` attribute lists the peer sends."""
+def _flush_answer(sock: socket.socket) -> Dict[bytes, bytes]:
+    """The flush service's answer, after its greeting; OSError as soon as the greeting is not the flush service's."""
     data = b""
+    greeted = False
     while True:
         lists = _attr_lists(data)
-        if len(lists) >= count:
-            return lists[:count]
+        if lists and not greeted:
+            if lists[0].get(b"protocol") != b"queue_flush_protocol":
+                raise OSError(f"unexpected greeting {lists[0]!r}")
+            greeted = True
+        if len(lists) >= 2:
+            return lists[1]
         chunk = sock.recv(4096)
         if not chunk:
             raise OSError("the flush service closed the connection")
@@ -673,15 +678,13 @@ def _flush_request(path: str, queue_id: str) -> bool:
     service's greeting: the service reads it once it has greeted, and each
     message waits for one answer instead of two (a third less time per
     request, measured on a 1,000-message dispatch). The greeting is still
-    checked before the answer is believed.
+    checked, as soon as it has come, before any answer is believed.
     """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(FLUSH_TIMEOUT)
         sock.connect(path)
         sock.sendall(b"request\0send_file\0queue_id\0" + queue_id.encode("ascii") + b"\0\0")
-        hello, reply = _read_attr_lists(sock, 2)
-    if hello.get(b"protocol") != b"queue_flush_protocol":
-        raise OSError(f"unexpected greeting {hello!r}")
+        reply = _flush_answer(sock)
     status = reply.get(b"status")
     if status is None:
         raise OSError(f"unexpected reply {reply!r}")
