@@ -144,21 +144,23 @@ def test_the_report_can_be_written_again_from_the_kept_results(smoke):
     assert again.read_text() == smoke["report"]
 
 
-def test_a_missed_target_is_called_bounded_only_when_its_floor_is_past_it():
-    """The report's verdict (bench/report.py): "bounded" needs a floor measured past the target, else plain missed."""
+def test_a_missed_target_names_its_floor_only_when_the_floor_is_past_it():
+    """The report's verdict (bench/report.py): a floor measured past the target is named, in its own words."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
         from report import Target
     finally:
         sys.path.remove(os.path.join(ROOT, "bench"))
 
-    def verdict(measured, bound, at_most=True):
-        return Target("t", measured, 1.5 if at_most else 10, at_most, "x", "floor", bound=bound).verdict
+    def verdict(measured, bound, at_most=True, words="floor is"):
+        return Target("t", measured, 1.5 if at_most else 10, at_most, "x", "floor", bound=bound,
+                      bound_words=words).verdict
 
     assert verdict(1.4, 1.8) == "**met**"
-    assert verdict(2.2, 1.8) == "**missed**; bounded: the floor alone is 1.80x"
+    assert verdict(2.2, 1.8) == "**missed**; floor is 1.80x"
+    assert verdict(2.2, 1.8, words="bounded: the tools alone take") == "**missed**; bounded: the tools alone take 1.80x"
     assert verdict(2.2, 1.2) == "**missed**"
     assert verdict(2.2, None) == "**missed**"
-    assert verdict(9.0, 8.0, at_most=False) == "**missed**; bounded: the floor alone is 8.00x"
+    assert verdict(9.0, 8.0, at_most=False) == "**missed**; floor is 8.00x"
     assert verdict(9.0, 12.0, at_most=False) == "**missed**"
     assert Target("t", None, 1.5, True, "x", "floor", "why").verdict == "not measured"
