@@ -343,36 +343,11 @@ def test_schedule_falls_back_to_postqueue_i_without_the_flush_socket(backend):
     assert run.call_args[0][0] == ["/usr/sbin/postqueue", "-c", "/etc/postfix-out", "-i", "ABC123"]
 
 
-def test_schedule_speaks_the_flush_protocol(backend, tmp_path):
-    instance, run = backend
-    os.makedirs(tmp_path / "public")
-    path = str(tmp_path / "public" / "flush")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(1)
-    seen = []
-
-    def serve():
-        conn, _ = server.accept()
-        with conn:
-            conn.sendall(b"protocol\0queue_flush_protocol\0\0")
-            data = b""
-            while not data.endswith(b"\0\0"):
-                data += conn.recv(100)
-            seen.append(data)
-            conn.sendall(b"status\0" + b"0\0\0")
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    assert instance.schedule("ABC123") is True
-    thread.join(5)
-    server.close()
-    assert seen == [b"request\0send_file\0queue_id\0ABC123\0\0"]
-    run.assert_not_called()
-
-
-def _flush_server(tmp_path, answer):
-    """A one-connection flush socket: reads the request (up to its \\0\\0), then sends ``answer`` byte by byte."""
+def _flush_server(tmp_path, greeting, answer=b"", greet_first=True, silent=None):
+    """A one-connection flush socket. ``greet_first``: it greets before it reads the request, as the service does;
+    else it waits for the request (up to its \\0\\0) first, which only a client that sends at once gets past, then
+    greets a byte at a time. Then ``answer``, a byte at a time; with ``silent`` (an Event), nothing after the
+    greeting until it is set."""
     os.makedirs(tmp_path / "public", exist_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(tmp_path / "public" / "flush"))
@@ -382,11 +357,16 @@ def _flush_server(tmp_path, answer):
     def serve():
         conn, _ = server.accept()
         with conn:
+            if greet_first:
+                conn.sendall(greeting)
+            if silent is not None:
+                silent.wait(60)
+                return
             data = b""
             while not data.endswith(b"\0\0"):
                 data += conn.recv(100)
             seen.append(data)
-            for byte in answer:
+            for byte in (b"" if greet_first else greeting) + answer:
                 conn.sendall(bytes([byte]))
 
     thread = threading.Thread(target=serve)
@@ -394,11 +374,22 @@ def _flush_server(tmp_path, answer):
     return server, thread, seen
 
 
+def test_schedule_speaks_the_flush_protocol(backend, tmp_path):
+    instance, run = backend
+    server, thread, seen = _flush_server(tmp_path, b"protocol\0queue_flush_protocol\0\0", b"status\0" b"0\0\0")
+    assert instance.schedule("ABC123") is True
+    thread.join(5)
+    server.close()
+    assert seen == [b"request\0send_file\0queue_id\0ABC123\0\0"]
+    run.assert_not_called()
+
+
 def test_the_flush_request_goes_before_the_greeting_and_is_believed_only_after_it(backend, tmp_path):
     """The request is sent with the connection (the service reads it after greeting); greeting and answer may
     then arrive in any pieces, here a byte at a time."""
     instance, run = backend
-    server, thread, seen = _flush_server(tmp_path, b"protocol\0queue_flush_protocol\0\0status\0" b"0\0\0")
+    server, thread, seen = _flush_server(tmp_path, b"protocol\0queue_flush_protocol\0\0", b"status\0" b"0\0\0",
+                                         greet_first=False)
     assert instance.schedule("ABC123") is True
     thread.join(5)
     server.close()
@@ -409,7 +400,8 @@ def test_the_flush_request_goes_before_the_greeting_and_is_believed_only_after_i
 def test_a_flush_socket_that_greets_as_something_else_is_not_believed(backend, tmp_path):
     instance, run = backend
     run.return_value = completed()
-    server, thread, _seen = _flush_server(tmp_path, b"protocol\0something_else\0\0status\0" b"0\0\0")
+    server, thread, _seen = _flush_server(tmp_path, b"protocol\0something_else\0\0", b"status\0" b"0\0\0",
+                                          greet_first=False)
     assert instance.schedule("ABC123") is True  # by postqueue -i, the fallback
     thread.join(5)
     server.close()
@@ -422,20 +414,8 @@ def test_a_flush_socket_that_greets_as_something_else_and_then_says_nothing_is_l
     instance, run = backend
     run.return_value = completed()
     mocker.patch.object(postfix_mod, "FLUSH_TIMEOUT", 3600.0)
-    os.makedirs(tmp_path / "public", exist_ok=True)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(tmp_path / "public" / "flush"))
-    server.listen(1)
     done = threading.Event()
-
-    def serve():
-        conn, _ = server.accept()
-        with conn:
-            conn.sendall(b"protocol\0something_else\0\0")
-            done.wait(60)  # silent until the client has given up on it
-
-    thread = threading.Thread(target=serve)
-    thread.start()
+    server, thread, _seen = _flush_server(tmp_path, b"protocol\0something_else\0\0", silent=done)
     result = []
     client = threading.Thread(target=lambda: result.append(instance.schedule("ABC123")))
     client.start()
