@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import corpus
 from harness import (BIG_LIMIT, CONFIG_TOP, HERE, RefusingRelay, SinkBench, decisions_check, expect, last_run,
                      long_rounds, profile, qrunner, qrunner_env, rounds, wait_until, write_scripts)
-from report import FLOOR_NO_HEADER, FLOOR_ONE_HEADER
+from report import FLOOR_NO_HEADER, FLOOR_ONE_HEADER, LIST_FROM_FILES
 from results import Figure, Results
 from timing import BenchFailure, Measured, measured
 
@@ -210,10 +210,19 @@ class PostfixBench:
         def read(result: Measured) -> None:
             expect("queue files read", int(result.stdout.split()[0]), size)
 
+        recipients = sum(len(m.recipients) for m in self.messages)
+
+        def listed_from_files(result: Measured) -> None:
+            messages, pending = (int(n) for n in result.stdout.split())
+            expect("messages listed from the queue files", messages, size)
+            expect("recipients listed from the queue files", pending, recipients)
+
         steps = [
             ("postqueue -j", self.cmd(self.postqueue_j()), listed),
             ("read every queue file", self.cmd([sys.executable, os.path.join(HERE, "read_queue.py"), "postfix",
                                                 self.instance.queue_directory]), read),
+            (LIST_FROM_FILES, self.cmd([sys.executable, os.path.join(HERE, "read_queue.py"), "postfix-list",
+                                        self.instance.queue_directory]), listed_from_files),
             ("plan, no header", self.cmd(self.plan("no_header"), sample=True), decisions_check(size, self.big)),
             ("plan, one header", self.cmd(self.plan("one_header"), sample=True), decisions_check(size, self.sevens)),
             (FLOOR_NO_HEADER, self.cmd(self.floor("no_header")), decisions_check(size, self.big)),

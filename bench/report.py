@@ -18,6 +18,7 @@ PER_MESSAGE = "postqueue -i per message"
 # bench/floor_plan.py: the same plans in one plain Python and lupa process (see "How it was measured")
 FLOOR_NO_HEADER = "floor: the plan in plain Python and lupa, no header"
 FLOOR_ONE_HEADER = "floor: the plan in plain Python and lupa, one header"
+LIST_FROM_FILES = "list the queue from its files (envelopes parsed)"
 TOOLS_BOUND = "bounded: listing with the MTA's tool, then its tool, alone takes"
 
 
@@ -80,6 +81,19 @@ def _mb(figure: Optional[Figure]) -> str:
             f"all at once {figure.peak_tree_mb or 0:.0f} MB)")
 
 
+def _files_verdict(r: Results) -> str:
+    """Whether listing from the queue files would beat ``postqueue -j``, as this run measured it."""
+    ratio = r.ratio("postfix", r.target_size, LIST_FROM_FILES, "postqueue -j")
+    if ratio is None:
+        return ""
+    if ratio >= 1.0:
+        return (f"At {r.target_size:,} messages it takes {_x(ratio)} `postqueue -j`: no faster, and `postqueue -j` "
+                "runs in its own processes, on the other core, while qrunner parses its lines; so qrunner lists with "
+                "`postqueue -j`.")
+    return (f"At {r.target_size:,} messages it takes {_x(ratio)} `postqueue -j`: faster than the MTA's listing, before "
+            "the checks a real lister adds.")
+
+
 def targets(r: Results) -> List[Target]:
     t = r.target_size
     size = t if t in r.sizes else None
@@ -98,6 +112,8 @@ def targets(r: Results) -> List[Target]:
                          else ("read every -H file", "exim -bpr"))
         f = fig(mta, floor)
         files = floor_read(mta, read, listing)
+        if mta == "postfix" and fig(mta, LIST_FROM_FILES):
+            files += "; " + floor_read(mta, LIST_FROM_FILES, listing)
         if not f:
             return files
         return (f"{floor}: {_s(f)}, {_x(ratio(mta, floor, tool))} {tool} (qrunner {_x(ratio(mta, command, floor))} "
@@ -245,15 +261,20 @@ def benchmarks_md(r: Results) -> str:
         g = lambda n: r.get("postfix", size, n)  # noqa: E731
         x = lambda n: _x(r.ratio("postfix", size, n, "postqueue -j"))  # noqa: E731
         rows.append((f"{size:,}", _s(g("postqueue -j")), f"{_s(g('read every queue file'))} ({x('read every queue file')})",
+                     f"{_s(g(LIST_FROM_FILES))} ({x(LIST_FROM_FILES)})",
                      f"{_s(g('plan, no header'))} ({x('plan, no header')})",
                      f"{_s(g('plan, one header'))} ({x('plan, one header')})",
                      f"{_s(g(FLOOR_NO_HEADER))} ({x(FLOOR_NO_HEADER)})", f"{_s(g(FLOOR_ONE_HEADER))} ({x(FLOOR_ONE_HEADER)})",
                      _mb(g("plan, no header")), _mb(g("plan, one header"))))
-    out += _table(("messages", "`postqueue -j`", "read every queue file", "plan, no header", "plan, one header",
+    out += _table(("messages", "`postqueue -j`", "read every queue file", "listed from the queue files",
+                   "plan, no header", "plan, one header",
                    "floor plan, no header", "floor plan, one header", "peak RSS, no header", "peak RSS, one header"),
                   rows)
     out += ["", "Ratios in brackets: to `postqueue -j` in the same rounds. The floor plans: bench/floor_plan.py (see "
-            "\"How it was measured\").", "", "## Exim: planning", ""]
+            "\"How it was measured\"). Listed from the queue files: bench/read_queue.py postfix-list, the least a "
+            "lister that reads the queue directories (as qshape does) instead of running `postqueue -j` does: each "
+            "file's envelope and extracted records and each deferred message's defer log, nothing checked or kept. "
+            + _files_verdict(r), "", "## Exim: planning", ""]
     rows = []
     for size in r.sizes:
         g = lambda n: r.get("exim", size, n)  # noqa: E731

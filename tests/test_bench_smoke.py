@@ -27,7 +27,8 @@ SMOKE_SIZE = 1000
 SMOKE_DISPATCH = 200
 
 PER_SIZE = {
-    "postfix": ["postqueue -j", "read every queue file", "plan, no header", "plan, one header",
+    "postfix": ["postqueue -j", "read every queue file", "list the queue from its files (envelopes parsed)",
+                "plan, no header", "plan, one header",
                 "qrunner run, hold all", "qrunner release --all", "postsuper -h", "postsuper -H",
                 "postqueue -j, then postsuper -h", "postqueue -j, then postsuper -H",
                 "plan, one header (beside pymailq)", "pymailq, headers parsed", "jq | xargs postqueue -i",
