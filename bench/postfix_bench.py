@@ -331,9 +331,10 @@ class PostfixBench:
                  ("postqueue -i per message", timed(["bash", "-o", "pipefail", "-c",
                                                      f"xargs -r -n 1 postqueue -c {config} -i < {ids_file}"]),
                   moved)]
-        rounds(self.results, "postfix", self.size, steps, self.repeat, warmup=False, between=self.after_dispatch,
+        rounds(self.results, "postfix", self.size, steps, self.args.dispatch_repeat, warmup=False,
+               between=self.after_dispatch,
                log=self.log)
-        loop_runs = loops[-self.repeat:]
+        loop_runs = loops[-self.args.dispatch_repeat:]
         self.results.add("postfix", self.size, "flush service, qrunner's client (loop)",
                          Figure(runs=loop_runs, count=n, command="the loop inside flush_driver.py"))
         for name in ("flush service, qrunner's client (process)", "postqueue -i per message"):

@@ -202,7 +202,9 @@ def benchmarks_md(r: Results) -> str:
             f"recipients (bench/corpus.py: about {corpus.expected_bytes(10_000) / 1e9:.2f} GB per MTA at 10,000). "
             f"Postfix's queue is filled over SMTP sessions of 500 messages each (two at a time), Exim's with "
             f"`exim -odq -bS`, 1,000 messages per process.",
-            f"- Each figure is the median of {r.repeat} rounds (the jq pipeline and pymailq: {r.tool_repeat}), "
+            f"- Each figure is the median of {r.repeat} rounds (the jq pipeline and pymailq: {r.tool_repeat}"
+            + (f"; the flush dispatch: {r.dispatch_repeat}, its loop waiting on the flush service's answers, which "
+               f"vary with the deliveries each round sets off" if r.dispatch_repeat else "") + "), "
             f"after a warm-up round where the group has one; above {r.target_size:,} messages the hold and release "
             f"group runs one round without a warm-up, and the jq pipeline (with the `qrunner run` beside it) is left "
             f"out: there a round of either takes most of an hour (a `postqueue -i` per message, every message back "

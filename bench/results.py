@@ -62,6 +62,7 @@ class Results:
     pymailq_size: int = 0
     target_size: int = 10_000
     tool_repeat: int = 0
+    dispatch_repeat: int = 0  # rounds of the flush dispatch group (0: a results file from before it had its own)
     seconds_per_size: Dict[str, float] = field(default_factory=dict)  # "size" -> wall seconds of both MTAs' groups
     figures: Dict[str, Figure] = field(default_factory=dict)  # "mta|size|name" -> figure
     notes: List[str] = field(default_factory=list)
