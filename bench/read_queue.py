@@ -55,7 +55,7 @@ def records(buf: bytes, stop: int):
     yield None, pos
 
 
-def envelope(fd: int) -> int:
+def envelope(fd: int, path: str) -> int:
     """How many recipients of one queue file are still to be delivered."""
     buf, offset, count, size = os.read(fd, FIRST_READ), 0, 0, None
     while True:
@@ -69,10 +69,11 @@ def envelope(fd: int) -> int:
                 size = data.split()
         if more is None:
             break
+        left = len(buf) - more  # the part of a record not yet whole: read on from it, more than before
         offset += more
-        buf = os.pread(fd, 65536, offset)
-        if len(buf) <= 0:
-            raise SystemExit(f"fd {fd}: the envelope ends early")
+        buf = os.pread(fd, max(65536, 2 * len(buf)), offset)
+        if len(buf) <= left:
+            raise SystemExit(f"{path}: the file ends before its envelope does")
     if size is None:
         raise SystemExit("a queue file without a size record")
     extracted = os.pread(fd, 65536, int(size[0]) + int(size[1]))
@@ -91,7 +92,7 @@ def postfix_list(queue_directory: str) -> None:
                 except FileNotFoundError:
                     continue  # moved on meanwhile, as showq skips it
                 try:
-                    recipients += envelope(fd)
+                    recipients += envelope(fd, os.path.join(directory, name))
                 finally:
                     os.close(fd)
                 messages += 1

@@ -82,15 +82,20 @@ def _mb(figure: Optional[Figure]) -> str:
 
 
 def _files_verdict(r: Results) -> str:
-    """Whether listing from the queue files would beat ``postqueue -j``, as this run measured it."""
-    ratio = r.ratio("postfix", r.target_size, LIST_FROM_FILES, "postqueue -j")
-    if ratio is None:
+    """Whether listing from the queue files would beat ``postqueue -j``, as this run measured it (at the target
+    size, else at the largest size measured)."""
+    sizes = [r.target_size] if r.target_size in r.sizes else sorted(r.sizes, reverse=True)
+    for size in sizes:
+        ratio = r.ratio("postfix", size, LIST_FROM_FILES, "postqueue -j")
+        if ratio is not None:
+            break
+    else:
         return ""
     if ratio >= 1.0:
-        return (f"At {r.target_size:,} messages it takes {_x(ratio)} `postqueue -j`: no faster, and `postqueue -j` "
+        return (f"At {size:,} messages it takes {_x(ratio)} `postqueue -j`: no faster, and `postqueue -j` "
                 "runs in its own processes, on the other core, while qrunner parses its lines; so qrunner lists with "
                 "`postqueue -j`.")
-    return (f"At {r.target_size:,} messages it takes {_x(ratio)} `postqueue -j`: faster than the MTA's listing, before "
+    return (f"At {size:,} messages it takes {_x(ratio)} `postqueue -j`: faster than the MTA's listing, before "
             "the checks a real lister adds.")
 
 
