@@ -75,7 +75,7 @@ def envelope(fd: int, path: str) -> int:
         if len(buf) <= left:
             raise SystemExit(f"{path}: the file ends before its envelope does")
     if size is None:
-        raise SystemExit("a queue file without a size record")
+        raise SystemExit(f"{path}: a queue file without a size record")
     extracted = os.pread(fd, 65536, int(size[0]) + int(size[1]))
     count += sum(1 for rtype, _data in records(extracted, EXTRACTED_END) if rtype == RECIPIENT)
     return count
@@ -87,12 +87,13 @@ def postfix_list(queue_directory: str) -> None:
         top = os.path.join(queue_directory, queue)
         for directory, _dirs, files in os.walk(top):
             for name in files:
+                path = os.path.join(directory, name)
                 try:
-                    fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+                    fd = os.open(path, os.O_RDONLY)
                 except FileNotFoundError:
                     continue  # moved on meanwhile, as showq skips it
                 try:
-                    recipients += envelope(fd, os.path.join(directory, name))
+                    recipients += envelope(fd, path)
                 finally:
                     os.close(fd)
                 messages += 1
@@ -102,8 +103,10 @@ def postfix_list(queue_directory: str) -> None:
                         fd = os.open(log, os.O_RDONLY)
                     except FileNotFoundError:
                         continue
-                    os.read(fd, 65536)
-                    os.close(fd)
+                    try:
+                        os.read(fd, 65536)
+                    finally:
+                        os.close(fd)
     print(messages, recipients)
 
 

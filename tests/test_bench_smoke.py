@@ -58,8 +58,9 @@ def smoke(tmp_path_factory, postfix_available, exim_available):
     readme = out / "README.md"
     shutil.copy(os.path.join(ROOT, "README.md"), readme)
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--sizes", str(SMOKE_SIZE), "--repeat", "1", "--dispatch-repeat", "1",
-         "--dispatch", str(SMOKE_DISPATCH), "--pymailq-size", str(SMOKE_SIZE), "--target-size", str(SMOKE_SIZE),
+        [sys.executable, os.path.join(ROOT, "bench", "run.py"), "--sizes", str(SMOKE_SIZE), "--repeat", "1",
+         "--dispatch-repeat", "1", "--dispatch", str(SMOKE_DISPATCH), "--pymailq-size", str(SMOKE_SIZE),
+         "--target-size", str(SMOKE_SIZE),
          "--bench-venv", BENCH_VENV, "--output", str(out / "BENCHMARKS.md"), "--readme", str(readme),
          "--json", str(out / "results.json"), "--out-dir", str(out)],
         capture_output=True, text=True, timeout=900)
