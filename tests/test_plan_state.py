@@ -21,6 +21,7 @@ from qrunner.exceptions import LockHeldError, UnavailableError
 from qrunner.message import Message, QueueState
 from mta_harness import HELD
 from qrunner.mta import postfix as postfix_mod
+from qrunner.mta import postfix_flush
 from qrunner.mta.base import Due, Outcome, Result, SendRequest
 from qrunner.plan import (OVERRIDDEN, HoldAge, Listed, Triage, dispatch_order, duration, make_plan, release_plan,
                           report_order, triage)
@@ -416,7 +417,7 @@ def test_a_flush_socket_that_greets_as_something_else_and_then_says_nothing_is_l
     greeting is read (with a timeout of an hour, a client that waited would never return here)."""
     instance, run = backend
     run.return_value = completed()
-    mocker.patch.object(postfix_mod, "FLUSH_TIMEOUT", 3600.0)
+    mocker.patch.object(postfix_flush, "FLUSH_TIMEOUT", 3600.0)
     done = threading.Event()
     server, thread, _seen = _flush_server(tmp_path, b"protocol\0something_else\0\0", silent=done)
     result = []
@@ -437,6 +438,127 @@ def test_a_message_gone_since_the_listing_is_vanished_not_an_error(backend, tmp_
     assert instance.send([SendRequest(message, None)], journal) == {"ABC123": Outcome(Result.VANISHED)}
     journal.sent.assert_called_once_with(SendRequest(message, None), Outcome(Result.VANISHED))
     run.assert_not_called()  # nothing was asked of Postfix for it
+
+
+class FlushService:
+    """A flush socket for many connections, each served in a thread of its own, as the master's flush processes
+    serve them: greet, read the request, then answer status 0 once ``gather`` requests have come in all (or after
+    5 s); a connection for an id in ``drop`` is closed without an answer. ``events`` is ("request", id),
+    ("answer", id) and anything a test adds, in the order they happened."""
+
+    def __init__(self, tmp_path, gather=1, drop=()):
+        os.makedirs(tmp_path / "public", exist_ok=True)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(tmp_path / "public" / "flush"))
+        self.server.listen(16)
+        self.gather, self.drop = gather, set(drop)
+        self.events, self.requests = [], 0
+        self.lock, self.enough = threading.Lock(), threading.Event()
+        self.threads = []
+        self.accepting = threading.Thread(target=self._accept, daemon=True)
+        self.accepting.start()
+
+    def event(self, *what):
+        with self.lock:
+            self.events.append(what)
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn):
+        with conn:
+            conn.sendall(b"protocol\0queue_flush_protocol\0\0")
+            data = b""
+            while not data.endswith(b"\0\0"):
+                data += conn.recv(100)
+            queue_id = data.split(b"\0")[3].decode()
+            with self.lock:
+                self.events.append(("request", queue_id))
+                self.requests += 1
+                if self.requests >= self.gather:
+                    self.enough.set()
+            if queue_id in self.drop:
+                return
+            self.enough.wait(5)
+            self.event("answer", queue_id)
+            conn.sendall(b"status\0" b"0\0\0")
+
+    def close(self):
+        self.server.close()
+        for thread in self.threads:
+            thread.join(5)
+
+    def first(self, kind):
+        return next(i for i, event in enumerate(self.events) if event[0] == kind)
+
+
+def _deferred(instance, *queue_ids):
+    for queue_id in queue_ids:
+        path = instance.paths.path("deferred", queue_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+    return [SendRequest(Message(q, 0, 1, "a@b", ("c@d",), queue_name="deferred"), None) for q in queue_ids]
+
+
+def test_the_default_routes_flush_requests_go_a_few_ahead_of_their_answers(backend, tmp_path, mocker):
+    """The service works on the next messages' requests while the first is answered: FLUSH_WINDOW requests are
+    on their way before any answer (a one-at-a-time client would wait 5 s here for each), in the plan's order; a
+    message gone from the deferred queue since the listing gets no request and counts as vanished."""
+    instance, run = backend
+    ids = ["AAA%03d" % i for i in range(10)]
+    requests = _deferred(instance, *ids)
+    os.unlink(instance.paths.path("deferred", ids[2]))
+    service = FlushService(tmp_path, gather=postfix_flush.FLUSH_WINDOW)
+    try:
+        outcomes = instance.send(requests, mocker.Mock())
+    finally:
+        service.close()
+    assert outcomes == {q: Outcome(Result.VANISHED if q == ids[2] else Result.SCHEDULED) for q in ids}
+    asked = [event[1] for event in service.events if event[0] == "request"]
+    assert asked == [q for q in ids if q != ids[2]]
+    assert service.first("answer") == postfix_flush.FLUSH_WINDOW, service.events
+    run.assert_not_called()
+
+
+def test_no_flush_request_overtakes_a_senders_copy_before_it(backend, tmp_path, mocker):
+    """A routed message between two runs of flushed ones: the requests after it leave only after its copy."""
+    instance, run = backend
+    first, second = _deferred(instance, "BBB001", "BBB002"), _deferred(instance, "BBB004", "BBB005")
+    routed = SendRequest(Message("BBB003", 0, 1, "a@b", ("c@d",), queue_name="hold"), A, held=True)
+    service = FlushService(tmp_path)
+    mocker.patch.object(instance, "_hand_over",
+                        side_effect=lambda request, journal: service.event("copy", request.message.queue_id)
+                        or Outcome(Result.ROUTED, new_id="CCC001"))
+    try:
+        outcomes = instance.send(first + [routed] + second, mocker.Mock())
+    finally:
+        service.close()
+    assert outcomes["BBB003"].result is Result.ROUTED
+    assert all(outcomes[q].result is Result.SCHEDULED for q in ("BBB001", "BBB002", "BBB004", "BBB005"))
+    order = [event[1] for event in service.events if event[0] in ("request", "copy")]
+    assert order.index("BBB003") == 2 and sorted(order[:2]) == ["BBB001", "BBB002"], service.events
+
+
+def test_a_flush_request_left_unanswered_goes_by_postqueue_i_alone(backend, tmp_path, mocker):
+    """One connection of the window closed without an answer: that message by postqueue -i, the others by the
+    socket, each outcome its own."""
+    instance, run = backend
+    run.return_value = completed()
+    ids = ["DDD001", "DDD002", "DDD003"]
+    service = FlushService(tmp_path, drop={"DDD002"})
+    try:
+        outcomes = instance.send(_deferred(instance, *ids), mocker.Mock())
+    finally:
+        service.close()
+    assert outcomes == {q: Outcome(Result.SCHEDULED) for q in ids}
+    assert [c[0][0][-2:] for c in run.call_args_list] == [["-i", "DDD002"]]
 
 
 @pytest.mark.parametrize("queue_name, state, ours, expected", [

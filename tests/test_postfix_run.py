@@ -155,11 +155,11 @@ def test_unconfirmed_hold_keeps_its_record_until_the_next_run_settles_it(tmp_pat
 
 def test_a_send_postfix_refuses_gives_exit_1(tmp_path, postfix, mocker):
     from qrunner.cli import main
-    from qrunner.mta.postfix import PostfixBackend
+    from qrunner.mta import postfix_flush
 
     qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
     queue_message(postfix, "x")
-    mocker.patch.object(PostfixBackend, "schedule", return_value=False)
+    mocker.patch.object(postfix_flush, "_accepted", return_value=False)  # the flush service's status is not 0
     assert main(["--config", str(qr.config_path), "run"]) == 1
 
 
