@@ -441,59 +441,67 @@ def test_a_message_gone_since_the_listing_is_vanished_not_an_error(backend, tmp_
 
 
 class FlushService:
-    """A flush socket for many connections, each served in a thread of its own, as the master's flush processes
-    serve them: greet, read the request, then answer status 0 once ``gather`` requests have come in all (or after
-    5 s); a connection for an id in ``drop`` is closed without an answer. ``events`` is ("request", id),
-    ("answer", id) and anything a test adds, in the order they happened."""
+    """A flush socket for many connections, as the master's flush processes serve them: each request is read as
+    its connection is accepted (in the order the client connected), then answered, in a thread of its own, with
+    status 0 once ``gather`` requests have come in all (or after 5 s); a connection for an id in ``drop`` is
+    closed without an answer. ``events`` is ("request", id), ("answer", id) and anything a test adds, in the order
+    they happened."""
 
     def __init__(self, tmp_path, gather=1, drop=()):
         os.makedirs(tmp_path / "public", exist_ok=True)
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(tmp_path / "public" / "flush"))
         self.server.listen(16)
+        self.server.settimeout(0.1)
         self.gather, self.drop = gather, set(drop)
-        self.events, self.requests = [], 0
+        self.events, self.requests, self.closed = [], 0, False
         self.lock, self.enough = threading.Lock(), threading.Event()
-        self.threads = []
-        self.accepting = threading.Thread(target=self._accept, daemon=True)
-        self.accepting.start()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
 
     def event(self, *what):
         with self.lock:
             self.events.append(what)
 
     def _accept(self):
-        while True:
+        while not self.closed:
             try:
                 conn, _ = self.server.accept()
             except OSError:
-                return  # closed
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn):
-        with conn:
+                continue  # the timeout: closed yet?
+            conn.settimeout(10)
             conn.sendall(b"protocol\0queue_flush_protocol\0\0")
             data = b""
             while not data.endswith(b"\0\0"):
-                data += conn.recv(100)
+                chunk = conn.recv(100)
+                if not chunk:
+                    break
+                data += chunk
             queue_id = data.split(b"\0")[3].decode()
-            with self.lock:
-                self.events.append(("request", queue_id))
-                self.requests += 1
-                if self.requests >= self.gather:
-                    self.enough.set()
+            self.event("request", queue_id)
+            self.requests += 1
+            if self.requests >= self.gather:
+                self.enough.set()
+            thread = threading.Thread(target=self._answer, args=(conn, queue_id), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _answer(self, conn, queue_id):
+        with conn:
             if queue_id in self.drop:
                 return
             self.enough.wait(5)
             self.event("answer", queue_id)
-            conn.sendall(b"status\0" b"0\0\0")
+            try:
+                conn.sendall(b"status\0" b"0\0\0")
+            except OSError:
+                pass  # a client that stopped early
 
     def close(self):
+        self.closed = True
+        for thread in list(self.threads):
+            thread.join(10)
         self.server.close()
-        for thread in self.threads:
-            thread.join(5)
 
     def first(self, kind):
         return next(i for i, event in enumerate(self.events) if event[0] == kind)
@@ -533,8 +541,10 @@ def test_no_flush_request_overtakes_a_senders_copy_before_it(backend, tmp_path, 
     first, second = _deferred(instance, "BBB001", "BBB002"), _deferred(instance, "BBB004", "BBB005")
     routed = SendRequest(Message("BBB003", 0, 1, "a@b", ("c@d",), queue_name="hold"), A, held=True)
     service = FlushService(tmp_path)
-    mocker.patch.object(instance, "_hand_over",
-                        side_effect=lambda request, journal: service.event("copy", request.message.queue_id)
+    sent, real_send = [], postfix_flush._send
+    mocker.patch.object(postfix_flush, "_send", side_effect=lambda path, queue_id: sent.append(queue_id)
+                        or real_send(path, queue_id))
+    mocker.patch.object(instance, "_hand_over", side_effect=lambda request, journal: sent.append("copy")
                         or Outcome(Result.ROUTED, new_id="CCC001"))
     try:
         outcomes = instance.send(first + [routed] + second, mocker.Mock())
@@ -542,8 +552,26 @@ def test_no_flush_request_overtakes_a_senders_copy_before_it(backend, tmp_path, 
         service.close()
     assert outcomes["BBB003"].result is Result.ROUTED
     assert all(outcomes[q].result is Result.SCHEDULED for q in ("BBB001", "BBB002", "BBB004", "BBB005"))
-    order = [event[1] for event in service.events if event[0] in ("request", "copy")]
-    assert order.index("BBB003") == 2 and sorted(order[:2]) == ["BBB001", "BBB002"], service.events
+    assert sent == ["BBB001", "BBB002", "copy", "BBB004", "BBB005"]
+
+
+def test_a_send_stopped_by_its_journal_still_reports_the_requests_already_on_their_way(backend, tmp_path, mocker):
+    """The journal fails on the first outcome: the requests sent ahead of it have moved their messages all the
+    same, so each of their answers is reported before the send's own error goes on."""
+    instance, run = backend
+    ids = ["EEE001", "EEE002", "EEE003", "EEE004", "EEE005"]
+    journal = mocker.Mock()
+    journal.sent.side_effect = [OSError("disk full"), None, None, None, None]
+    service = FlushService(tmp_path, gather=postfix_flush.FLUSH_WINDOW)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            instance.send(_deferred(instance, *ids), journal)
+    finally:
+        service.close()
+    reported = [(c[0][0].message.queue_id, c[0][1]) for c in journal.sent.call_args_list]
+    assert reported == [(q, Outcome(Result.SCHEDULED)) for q in ids[:postfix_flush.FLUSH_WINDOW]]
+    asked = [event[1] for event in service.events if event[0] == "request"]
+    assert asked == ids[:postfix_flush.FLUSH_WINDOW]  # nothing sent after the failure
 
 
 def test_a_flush_request_left_unanswered_goes_by_postqueue_i_alone(backend, tmp_path, mocker):

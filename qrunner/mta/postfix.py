@@ -59,7 +59,7 @@ class PostfixBackend(Backend):
     """
 
     id_hint = "a Postfix queue id; check it in the queue listing ('postqueue -p')"
-    schedule_error = ""  # why the last schedule() could not reach the flush service ("" when it could)
+    schedule_error = ""  # why the last flush request (schedule() or a send's) was not taken ("" when it was)
 
     def __init__(self, settings: PostfixSettings):
         self.settings = settings
@@ -557,8 +557,28 @@ class PostfixBackend(Backend):
         try:
             return send_copying_routes(self, requests, journal, lambda queue_id: self._scheduled(ahead, queue_id),
                                        self._hand_over)
+        except BaseException:
+            self._report_ahead(ahead, requests, journal)
+            raise
         finally:
             ahead.close()
+
+    @staticmethod
+    def _report_ahead(ahead: FlushAhead, requests: Sequence[SendRequest], journal: HandOverJournal) -> None:
+        """A send that stops early: the requests already on their way still move their messages, so each answer
+        that comes reaches the journal (one that does not is not reported: the next run's listing shows where
+        that message is). The error that stopped the send stays the one raised."""
+        waiting = ahead.requests.unanswered()
+        if not waiting:
+            return
+        by_id = {r.message.queue_id: r for r in requests if r.route is None}
+        for queue_id in waiting:
+            try:
+                accepted = ahead.requests.answer(queue_id)
+                journal.sent(by_id[queue_id], Outcome(Result.SCHEDULED) if accepted
+                             else Outcome(Result.FAILED, "Postfix refused to schedule it"))
+            except Exception:  # noqa: BLE001 - the send has failed already; its own error is the one to report
+                return
 
     def _hand_over(self, request: SendRequest, journal: HandOverJournal) -> Outcome:
         """Re-inject the held original into its sender's listener, record the copy, remove the original,
@@ -589,7 +609,7 @@ class PostfixBackend(Backend):
         return is_queue_id(queue_id) and os.path.exists(self.paths.path("deferred", queue_id))
 
     def _scheduled(self, ahead: FlushAhead, queue_id: str) -> Outcome:
-        """The flush service moves a deferred message to incoming/ at once, in the order asked."""
+        """The flush service moves a deferred message to incoming/ at once (its request maybe sent a few earlier)."""
         self.schedule_error = ""
         try:
             accepted = ahead.answer(queue_id)
@@ -624,9 +644,10 @@ class PostfixBackend(Backend):
         problem = exc.strerror or str(exc)
         result = self._run("postqueue", ["-i", queue_id])
         if result.returncode != 0:
+            why = _last_line(result.stderr) or f"exit {result.returncode}"
             self.schedule_error = (f"Postfix's flush service did not take the delivery request ({self._flush_path}: "
-                                   f"{problem}; postqueue -i: {_last_line(result.stderr) or 'exit ' + str(result.returncode)})"
-                                   "; is the flush service in master.cf, and Postfix running?")
+                                   f"{problem}; postqueue -i: {why}); is the flush service in master.cf, and Postfix "
+                                   "running?")
         return result.returncode == 0
 
 

@@ -6,24 +6,26 @@ wakes the queue manager, then says status 0 (also for an id it no longer
 finds: the caller checks the queue for that). One connection at a time
 leaves most of the time waiting for the service's process to be scheduled
 on a busy machine; :class:`FlushRequests` keeps a few connections open at
-once (the master starts a flush process for each, as for concurrent
-``postqueue -i``), so that those waits overlap: about half the time per
-message for 1,000 requests on 2 cores (BENCHMARKS.md).
+once (the master starts more flush processes for them, within master.cf's
+limit, as for concurrent ``postqueue -i``), so that those waits overlap:
+about half the time per message, measured over 1,000 requests on 2 cores
+(BENCHMARKS.md, "Dispatch"). Within those few, the service may move the
+files in any order; the queue manager takes them from incoming/ as it
+scans it, in its own order, in any case.
 """
 
 from __future__ import annotations
 
-import itertools
 import socket
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Union
 
 from qrunner.mta.base import SendRequest
 
 FLUSH_TIMEOUT = 10.0  # seconds for any one step of one request (connect, each read)
-FLUSH_WINDOW = 4  # requests open at once: flush processes the run may start (master.cf's flush maxproc is 0)
+FLUSH_WINDOW = 4  # requests on their way at once (a limit on flush in master.cf only makes them wait their turn)
 
 
-def attr_lists(data: bytes) -> List[Dict[bytes, bytes]]:
+def _attr_lists(data: bytes) -> List[Dict[bytes, bytes]]:
     """The complete attribute lists at the start of ``data`` (Postfix's null-terminated protocol: name\\0value\\0 ...
     then \\0); an incomplete one at the end is left out."""
     tokens = data.split(b"\0")[:-1]  # the part after the last \0 is incomplete
@@ -48,7 +50,7 @@ def _answer(sock: socket.socket) -> Dict[bytes, bytes]:
     data = b""
     greeted = False
     while True:
-        lists = attr_lists(data)
+        lists = _attr_lists(data)
         if lists and not greeted:
             if lists[0].get(b"protocol") != b"queue_flush_protocol":
                 raise OSError(f"unexpected greeting {lists[0]!r}")
@@ -108,13 +110,17 @@ class FlushRequests:
 
     def __init__(self, path: str):
         self.path = path
-        self._open: Dict[str, object] = {}  # queue id -> its socket, or the OSError that stopped the request
+        self._open: Dict[str, Union[socket.socket, OSError]] = {}  # queue id -> its socket, or why it is not sent
 
     def __len__(self) -> int:
         return len(self._open)  # requests on their way, not yet answered
 
     def sent(self, queue_id: str) -> bool:
         return queue_id in self._open
+
+    def unanswered(self) -> List[str]:
+        """The requests on their way, in the order they were sent."""
+        return list(self._open)
 
     def send(self, queue_id: str) -> None:
         try:
@@ -180,10 +186,10 @@ class FlushAhead:
         for i in range(self.at, len(plan)):
             if plan[i].route is None and plan[i].message.queue_id == queue_id:
                 self.at = i
-                for request in itertools.islice(plan, i + 1, None):
-                    if request.route is not None:
+                for j in range(i + 1, len(plan)):
+                    if plan[j].route is not None:
                         return
-                    yield request.message.queue_id
+                    yield plan[j].message.queue_id
                 return
 
     def close(self) -> None:
