@@ -555,6 +555,26 @@ def test_no_flush_request_overtakes_a_senders_copy_before_it(backend, tmp_path, 
     assert sent == ["BBB001", "BBB002", "copy", "BBB004", "BBB005"]
 
 
+def test_a_lower_prioritys_flush_requests_leave_after_every_higher_ones_answer(backend, tmp_path, mocker):
+    """Requests on their way together are of one priority: the service can never take a lower one first."""
+    instance, run = backend
+    requests = [r._replace(priority=90) for r in _deferred(instance, "FFF001", "FFF002")] + \
+        _deferred(instance, "FFF003", "FFF004", "FFF005")
+    events, real_send, real_accepted = [], postfix_flush._send, postfix_flush._accepted
+    mocker.patch.object(postfix_flush, "_send", side_effect=lambda path, queue_id: events.append(queue_id)
+                        or real_send(path, queue_id))
+    mocker.patch.object(postfix_flush, "_accepted", side_effect=lambda sock: [real_accepted(sock),
+                                                                              events.append("answer")][0])
+    service = FlushService(tmp_path)
+    try:
+        outcomes = instance.send(requests, mocker.Mock())
+    finally:
+        service.close()
+    assert all(outcome.result is Result.SCHEDULED for outcome in outcomes.values())
+    assert events == ["FFF001", "FFF002", "answer", "answer", "FFF003", "FFF004", "FFF005",
+                      "answer", "answer", "answer"]
+
+
 def test_a_send_stopped_by_its_journal_still_reports_the_requests_already_on_their_way(backend, tmp_path, mocker):
     """The journal fails on the first outcome: the requests sent ahead of it have moved their messages all the
     same, so each of their answers is reported before the send's own error goes on."""

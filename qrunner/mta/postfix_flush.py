@@ -9,9 +9,9 @@ on a busy machine; :class:`FlushRequests` keeps a few connections open at
 once (the master starts more flush processes for them, within master.cf's
 limit, as for concurrent ``postqueue -i``), so that those waits overlap:
 about half the time per message, measured over 1,000 requests on 2 cores
-(BENCHMARKS.md, "Dispatch"). Within those few, the service may move the
-files in any order; the queue manager takes them from incoming/ as it
-scans it, in its own order, in any case.
+(BENCHMARKS.md, "Dispatch"). Those few are of one priority: the service
+may move them in any order (the queue manager takes the files from
+incoming/ in its own order in any case), never a lower priority first.
 """
 
 from __future__ import annotations
@@ -150,8 +150,12 @@ class FlushAhead:
     them, in that order. It sends the request for its message and for the
     next ones, up to :data:`FLUSH_WINDOW` requests on their way, never past
     a message that goes otherwise (a sender's copy: no request overtakes
-    it), then waits for its own answer. A message that ``waiting`` no longer
-    finds gets no request.
+    it) or at another priority (each level's requests are all answered
+    before the next level's first is sent: the service never takes a lower
+    priority first), then waits for its own answer. Within a level the
+    service may take the few on their way in any order, as the queue
+    manager takes the files from incoming/ in its own. A message that
+    ``waiting`` no longer finds gets no request.
     """
 
     def __init__(self, path: str, plan: Sequence[SendRequest], waiting: Callable[[str], bool]):
@@ -181,13 +185,14 @@ class FlushAhead:
                 self.gone.add(queue_id)
 
     def _run_after(self, queue_id: str) -> Iterator[str]:
-        """The flushed messages after ``queue_id`` in the plan, up to the next one that goes otherwise."""
+        """The flushed messages after ``queue_id`` in the plan, up to the next one that goes otherwise or at
+        another priority."""
         plan = self.plan
         for i in range(self.at, len(plan)):
             if plan[i].route is None and plan[i].message.queue_id == queue_id:
                 self.at = i
                 for j in range(i + 1, len(plan)):
-                    if plan[j].route is not None:
+                    if plan[j].route is not None or plan[j].priority != plan[i].priority:
                         return
                     yield plan[j].message.queue_id
                 return
