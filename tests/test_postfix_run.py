@@ -154,23 +154,13 @@ def test_unconfirmed_hold_keeps_its_record_until_the_next_run_settles_it(tmp_pat
 
 
 def test_a_send_postfix_refuses_gives_exit_1(tmp_path, postfix, mocker):
-    """The flush service answers each request with a status other than 0: exit 1, and the message still waits."""
-    import socket
-
     from qrunner.cli import main
-    from qrunner.mta import postfix_flush
-
-    def refusing(_path, _queue_id):
-        ours, theirs = socket.socketpair()  # the service's greeting and its refusal, and nothing reaches Postfix
-        with theirs:
-            theirs.sendall(b"protocol\0queue_flush_protocol\0\0status\0" b"1\0\0")
-        return ours
+    from qrunner.mta.postfix import PostfixBackend
 
     qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
-    queue_id = queue_message(postfix, "x")
-    mocker.patch.object(postfix_flush, "_send", side_effect=refusing)
+    queue_message(postfix, "x")
+    mocker.patch.object(PostfixBackend, "schedule", return_value=False)
     assert main(["--config", str(qr.config_path), "run"]) == 1
-    assert queue_state(postfix)[queue_id][0] == "deferred"
 
 
 def test_without_gate_mode_every_run_warns_and_status_says_gated_no(tmp_path, postfix):

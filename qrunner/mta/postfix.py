@@ -5,8 +5,7 @@ guess, and every command gets ``-c`` when a config directory is set, so a
 ``postmulti`` instance works. Listing is one ``postqueue -j``; holds and
 releases are one ``postsuper -h -`` / ``-H -`` per batch; scheduling talks
 to the flush service's socket directly (what ``postqueue -i`` does, without
-a process per message, a few requests at a time: postfix_flush), falling
-back to ``postqueue -i``.
+a process per message), falling back to ``postqueue -i``.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -26,7 +26,6 @@ from qrunner.message import Message, QueueState
 from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, finish_hand_over,
                               send_copying_routes)
 from qrunner.mta.postfix_envelope import read_route, read_sender, read_stamp
-from qrunner.mta.postfix_flush import FlushAhead, flush_request
 from qrunner.mta.postfix_queuefile import PostfixQueueFileReader, QueuePaths, hash_key, is_queue_id
 
 log = logging.getLogger("qrunner.postfix")
@@ -35,6 +34,7 @@ GATE_REASON = "deferred transport"  # what Postfix writes for a due message whos
 POSTCONF_NAMES = ("queue_directory", "command_directory", "hash_queue_names", "hash_queue_depth",
                   "defer_transports", "maximal_queue_lifetime", "empty_address_recipient")
 FORCED_EXPIRY = (3, 5)  # postsuper -e/-f: the first Postfix that can return a message to its sender on request
+FLUSH_TIMEOUT = 10.0
 _decode_json = json.JSONDecoder().decode  # json.loads without its per-call checks (one line of postqueue -j each)
 
 
@@ -59,7 +59,7 @@ class PostfixBackend(Backend):
     """
 
     id_hint = "a Postfix queue id; check it in the queue listing ('postqueue -p')"
-    schedule_error = ""  # why the last flush request (schedule() or a send's) was not taken ("" when it was)
+    schedule_error = ""  # why the last schedule() could not reach the flush service ("" when it could)
 
     def __init__(self, settings: PostfixSettings):
         self.settings = settings
@@ -549,36 +549,9 @@ class PostfixBackend(Backend):
         sends them while they are copied; each original is removed right
         after its copy is recorded, so that a crash leaves at most one
         original behind, which the next run removes instead of handing it
-        over again. The default sender's flush requests go a few ahead of
-        their answers (:class:`~qrunner.mta.postfix_flush.FlushAhead`),
-        never past a sender's copy.
+        over again.
         """
-        ahead = FlushAhead(self._flush_path, requests, self._waiting)
-        try:
-            return send_copying_routes(self, requests, journal, lambda queue_id: self._scheduled(ahead, queue_id),
-                                       self._hand_over)
-        except BaseException:
-            self._report_ahead(ahead, requests, journal)
-            raise
-        finally:
-            ahead.close()
-
-    @staticmethod
-    def _report_ahead(ahead: FlushAhead, requests: Sequence[SendRequest], journal: HandOverJournal) -> None:
-        """A send that stops early: the requests already on their way still move their messages, so each answer
-        that comes reaches the journal (one that does not is not reported: the next run's listing shows where
-        that message is). The error that stopped the send stays the one raised."""
-        waiting = ahead.requests.unanswered()
-        if not waiting:
-            return
-        by_id = {r.message.queue_id: r for r in requests if r.route is None}
-        for queue_id in waiting:
-            try:
-                accepted = ahead.requests.answer(queue_id)
-                journal.sent(by_id[queue_id], Outcome(Result.SCHEDULED) if accepted
-                             else Outcome(Result.FAILED, "Postfix refused to schedule it"))
-            except Exception:  # noqa: BLE001 - the send has failed already; its own error is the one to report
-                return
+        return send_copying_routes(self, requests, journal, self._schedule_deferred, self._hand_over)
 
     def _hand_over(self, request: SendRequest, journal: HandOverJournal) -> Outcome:
         """Re-inject the held original into its sender's listener, record the copy, remove the original,
@@ -600,24 +573,11 @@ class PostfixBackend(Backend):
             held = False
         return finish_hand_over(self, request, journal, new_id, held)
 
-    @property
-    def _flush_path(self) -> str:
-        return os.path.join(self.queue_directory, "public", "flush")
-
-    def _waiting(self, queue_id: str) -> bool:
-        """Still in the deferred queue (a flush request for it can move it)."""
-        return is_queue_id(queue_id) and os.path.exists(self.paths.path("deferred", queue_id))
-
-    def _scheduled(self, ahead: FlushAhead, queue_id: str) -> Outcome:
-        """The flush service moves a deferred message to incoming/ at once (its request maybe sent a few earlier)."""
-        self.schedule_error = ""
-        try:
-            accepted = ahead.answer(queue_id)
-        except OSError as exc:
-            accepted = self._by_postqueue(queue_id, exc)
-        if accepted is None:
+    def _schedule_deferred(self, queue_id: str) -> Outcome:
+        """The flush service moves a deferred message to incoming/ at once, in the order asked."""
+        if not os.path.exists(self.paths.path("deferred", queue_id)):
             return Outcome(Result.VANISHED)
-        if accepted:
+        if self.schedule(queue_id):
             return Outcome(Result.SCHEDULED)
         return Outcome(Result.FAILED, self.schedule_error or "Postfix refused to schedule it")
 
@@ -632,22 +592,17 @@ class PostfixBackend(Backend):
         self.schedule_error = ""
         if not is_queue_id(queue_id):
             return False
+        path = os.path.join(self.queue_directory, "public", "flush")
         try:
-            return flush_request(self._flush_path, queue_id)
+            return _flush_request(path, queue_id)
         except OSError as exc:
-            return self._by_postqueue(queue_id, exc)
-
-    def _by_postqueue(self, queue_id: str, exc: OSError) -> bool:
-        """``postqueue -i``, when the flush socket did not serve; :attr:`schedule_error` says why both failed."""
-        self.schedule_error = ""
-        log.debug("%s: flush socket unusable (%s); using postqueue -i", queue_id, exc)
-        problem = exc.strerror or str(exc)
+            log.debug("%s: flush socket unusable (%s); using postqueue -i", queue_id, exc)
+            problem = exc.strerror or str(exc)
         result = self._run("postqueue", ["-i", queue_id])
         if result.returncode != 0:
-            why = _last_line(result.stderr) or f"exit {result.returncode}"
-            self.schedule_error = (f"Postfix's flush service did not take the delivery request ({self._flush_path}: "
-                                   f"{problem}; postqueue -i: {why}); is the flush service in master.cf, and Postfix "
-                                   "running?")
+            self.schedule_error = (f"Postfix's flush service did not take the delivery request ({path}: {problem}; "
+                                   f"postqueue -i: {_last_line(result.stderr) or 'exit ' + str(result.returncode)})"
+                                   "; is the flush service in master.cf, and Postfix running?")
         return result.returncode == 0
 
 
@@ -676,3 +631,61 @@ def postfix_time(value: str) -> Optional[float]:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def _attr_lists(data: bytes) -> List[Dict[bytes, bytes]]:
+    """The complete attribute lists at the start of ``data`` (Postfix's null-terminated protocol: name\0value\0 ...
+    then \0); an incomplete one at the end is left out."""
+    tokens = data.split(b"\0")[:-1]  # the part after the last \0 is incomplete
+    lists: List[Dict[bytes, bytes]] = []
+    attrs: Dict[bytes, bytes] = {}
+    i = 0
+    while i < len(tokens):
+        if tokens[i] == b"":
+            lists.append(attrs)
+            attrs = {}
+            i += 1
+        elif i + 1 == len(tokens):
+            break
+        else:
+            attrs[tokens[i]] = tokens[i + 1]
+            i += 2
+    return lists
+
+
+def _flush_answer(sock: socket.socket) -> Dict[bytes, bytes]:
+    """The flush service's answer, after its greeting; OSError as soon as the greeting is not the flush service's."""
+    data = b""
+    greeted = False
+    while True:
+        lists = _attr_lists(data)
+        if lists and not greeted:
+            if lists[0].get(b"protocol") != b"queue_flush_protocol":
+                raise OSError(f"unexpected greeting {lists[0]!r}")
+            greeted = True
+        if len(lists) >= 2:
+            return lists[1]
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise OSError("the flush service closed the connection")
+        data += chunk
+
+
+def _flush_request(path: str, queue_id: str) -> bool:
+    """``postqueue -i``'s exchange with the flush service, on its UNIX socket.
+
+    The request goes out with the connection rather than after the
+    service's greeting: the service reads it once it has greeted, and each
+    message waits for one answer instead of two (a third less time per
+    request, measured on a 1,000-message dispatch). The greeting is still
+    checked, as soon as it has come, before any answer is believed.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(FLUSH_TIMEOUT)
+        sock.connect(path)
+        sock.sendall(b"request\0send_file\0queue_id\0" + queue_id.encode("ascii") + b"\0\0")
+        reply = _flush_answer(sock)
+    status = reply.get(b"status")
+    if status is None:
+        raise OSError(f"unexpected reply {reply!r}")
+    return status == b"0"
