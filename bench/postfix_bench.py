@@ -103,9 +103,10 @@ def untouched(instance, ids, before: Dict[str, float]) -> List[str]:
     """Those of ``ids`` that are still deferred by the gate with the file time they had ``before``: never scheduled.
 
     A scheduled message leaves the gate's deferral (to incoming/, then the 451
-    relay's deferral); one that the queue manager gates again (a flush racing
-    its queue scan: seen for 1 of 9,990 scheduled messages) comes back with a
-    new retry time, so it still counts as scheduled.
+    relay's deferral); one that the queue manager gated again (a flush racing
+    its queue scan: seen for 1 of 9,990 scheduled messages before qrunner
+    marked each file flushed before its request) would come back with a new
+    retry time, so it would still count as scheduled.
     """
     now = deferred_mtimes(instance)
     return [e["queue_id"] for e in queue(instance)

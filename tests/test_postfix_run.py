@@ -8,9 +8,11 @@ its log and its exit code.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -223,3 +225,68 @@ def test_real_postqueue_j_output_plans_offline_as_the_live_queue_plans(tmp_path,
     live_decisions = [{k: d[k] for k in shown} for d in json.loads(live.stdout)["decisions"]]
     assert offline_decisions == live_decisions
     assert {d["queue_id"]: d["action"] for d in live_decisions} == {normal: "send", bounce: "skip"}
+
+
+# ``python OVERTAKEN_RUN POSTKICK CONFIG_DIR ARGS...``: the qrunner command, its flush requests answered by a flush
+# service the queue manager overtakes. flush(8)'s send_file makes the deferred file due (utime) first, and only then
+# marks it flushed and moves it to incoming/; here the queue manager's scan of the deferred queue (postkick D)
+# comes in between, as it can on a busy machine, and takes the file before the service's next step, which then
+# finds nothing to move and answers success, as flush(8) does.
+OVERTAKEN_RUN = """
+import glob, os, subprocess, sys, time
+import qrunner.mta.postfix as postfix
+postkick, config_directory = sys.argv[1], sys.argv[2]
+queue_directory = subprocess.run(["postconf", "-c", config_directory, "-h", "queue_directory"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+def overtaken_flush(path, queue_id):
+    [deferred] = glob.glob(os.path.join(queue_directory, "deferred", "**", queue_id), recursive=True)
+    os.utime(deferred)
+    subprocess.run([postkick, "-c", config_directory, "public", "qmgr", "D"], check=True)
+    deadline = time.monotonic() + 10
+    while os.path.exists(deferred) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return True
+postfix._flush_request = overtaken_flush
+from qrunner.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_a_flush_the_queue_manager_overtakes_still_gets_past_the_gate(tmp_path, postfix, smtp_sink):
+    """A scan of the deferred queue between the flush service's steps delivers the message, not gates it again."""
+    qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
+    queue_id = queue_message(postfix, "overtaken")
+    wrapper = tmp_path / "overtaken_run.py"
+    wrapper.write_text(OVERTAKEN_RUN)
+    postkick = postfix._command("postkick")
+    gated = f"{queue_id}: to=<bob@example.net>"
+    gated_before = [line for line in postfix.log_text().splitlines() if gated in line and "deferred transport" in line]
+
+    run = subprocess.run([sys.executable, str(wrapper), postkick, postfix.config_directory, "run"],
+                         env=qr._env(), capture_output=True, text=True, timeout=120)
+
+    assert run.returncode == 0, run.stderr
+    assert subjects(smtp_sink, 1) == ["overtaken"]
+    postfix.wait_gone([queue_id])
+    log = postfix.log_text().splitlines()
+    assert [line for line in log if gated in line and "deferred transport" in line] == gated_before
+    assert any(gated in line and "status=sent" in line for line in log)
+
+
+def test_a_refused_flush_request_takes_its_mark_off_the_queue_file(tmp_path, postfix, mocker):
+    """Marked flushed before the request, a message Postfix then was not asked to send keeps no mark: at its retry
+    time it would pass the gate without qrunner."""
+    from qrunner.cli import main
+    from qrunner.mta.postfix import PostfixBackend
+
+    qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
+    queue_id = queue_message(postfix, "x")
+    [deferred] = glob.glob(os.path.join(postfix.queue_directory, "deferred", "**", queue_id), recursive=True)
+    modes = []
+    mocker.patch.object(PostfixBackend, "_request_flush", side_effect=lambda q: modes.append(os.stat(deferred).st_mode))
+
+    assert main(["--config", str(qr.config_path), "run"]) == 1
+
+    assert modes and modes[0] & stat.S_IRGRP, "the file was not marked flushed before the request"
+    assert not os.stat(deferred).st_mode & stat.S_IRGRP
+    assert queue_state(postfix)[queue_id][0] == "deferred"

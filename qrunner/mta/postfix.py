@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -587,11 +588,24 @@ class PostfixBackend(Backend):
         True when the flush service accepted the request (it also accepts an
         id that no longer exists: the caller checks the queue for that).
         When neither its socket nor ``postqueue -i`` reached the service,
-        :attr:`schedule_error` says why (the send's failure names it).
+        :attr:`schedule_error` says why (the send's failure names it). The
+        file is marked flushed first (:func:`mark_unthrottled`), and the mark
+        taken off again when the request failed, so that a message Postfix
+        was not asked to send does not pass the gate at its retry time.
         """
         self.schedule_error = ""
         if not is_queue_id(queue_id):
             return False
+        deferred = self.paths.path("deferred", queue_id)
+        marked = mark_unthrottled(deferred)
+        if not self._request_flush(queue_id):
+            if marked:
+                mark_unthrottled(deferred, False)
+            return False
+        return True
+
+    def _request_flush(self, queue_id: str) -> bool:
+        """The flush service's ``send_file`` request, on its socket, else by ``postqueue -i``."""
         path = os.path.join(self.queue_directory, "public", "flush")
         try:
             return _flush_request(path, queue_id)
@@ -604,6 +618,41 @@ class PostfixBackend(Backend):
                                    f"postqueue -i: {_last_line(result.stderr) or 'exit ' + str(result.returncode)})"
                                    "; is the flush service in master.cf, and Postfix running?")
         return result.returncode == 0
+
+
+def mark_unthrottled(path: str, on: bool = True) -> bool:
+    """Set (or, with ``on=False``, clear) the unthrottle bit of a deferred queue file: True when it was changed.
+
+    The bit (group read, ``MAIL_QUEUE_STAT_UNTHROTTLE``) is how flush(8)
+    tells the queue manager that a file is flushed: the queue manager lets
+    such a file past ``defer_transports`` and clears the bit when it reads
+    it (qmgr_active.c). flush(8) sets it only after it has made the file
+    due (utime), so a scan of the deferred queue in between takes the file
+    without it and gates it again ("deferred transport"), while the flush
+    service answers success; on a busy machine, with the gate's short scan
+    interval, that happens (RELIABILITY.md). Set before the request, the
+    bit is there whichever way the queue manager takes the file. As flush
+    does, only a regular file that is ready (mode rwx for its owner) is
+    changed, through its descriptor, never by a path that could be swapped
+    under it; a file that is gone or cannot be opened is left to the
+    request alone.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        mode = os.fstat(fd).st_mode
+        ready = stat.S_ISREG(mode) and mode & stat.S_IRWXU == stat.S_IRWXU
+        wanted = mode | stat.S_IRGRP if on else mode & ~stat.S_IRGRP
+        if not ready or wanted == mode:
+            return False
+        os.fchmod(fd, stat.S_IMODE(wanted))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def same_route(stamped: str, configured: str) -> bool:
