@@ -337,7 +337,8 @@ class PostfixBench:
                log=self.log)
         loop_runs = loops[-self.args.dispatch_repeat:]
         self.results.add("postfix", self.size, "flush service, qrunner's client (loop)",
-                         Figure(runs=loop_runs, count=n, command="the loop inside flush_driver.py"))
+                         Figure(runs=loop_runs, count=n,
+                                command="the send inside flush_driver.py (PostfixBackend.send)"))
         for name in ("flush service, qrunner's client (process)", "postqueue -i per message"):
             self.results.get("postfix", self.size, name).count = n
         if self.size == self.args.target_size:

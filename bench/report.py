@@ -345,9 +345,10 @@ def benchmarks_md(r: Results) -> str:
                          _x(r.ratio("exim", n, f"-Mc dispatch, concurrency {c} (msg/s)",
                                     "-Mc dispatch, concurrency 1 (msg/s)")) if c != 1 else "-"))
     out += _table(("what", "against", "its figure", "qrunner", "ratio"), rows)
-    out += ["", "The flush target is read on the loop (what a run spends scheduling, its start and listing being "
-            "counted under planning); the whole process is shown beside it. Rates are messages per second, "
-            "relay included.", "", "## Hold and release", ""]
+    out += ["", "The flush target is read on the loop (the run's own send of those messages, up to 4 flush requests "
+            "on their way at once, as `qrunner run` makes it; its start and listing are counted under planning); "
+            "the whole process is shown beside it. Rates are messages per second, relay included.", "",
+            "## Hold and release", ""]
     rows = []
     for size in r.sizes:
         for mta, hold, release in (("postfix", "postsuper -h", "postsuper -H"), ("exim", "exim -Mf", "exim -Mt")):

@@ -137,9 +137,12 @@ class PostfixHarness(Harness):
         """The order Postfix's flush service took the delivery requests in, from Postfix's log.
 
         The test instance's flush daemon runs with ``-v`` and logs each
-        ``send_file`` request as it takes it (PostfixInstance.flush_requests);
-        qrunner makes one request at a time and waits for the reply, so the
-        log's order is the order it scheduled in. The sink cannot tell: the
+        ``send_file`` request as it takes it (PostfixInstance.flush_requests).
+        qrunner has up to 4 requests of one priority on their way at once
+        (qrunner/mta/postfix_flush.py), which the service may take in either
+        order, and sends a lower priority's only after every higher one's is
+        answered: so the log's order is the order of the levels, exactly, and
+        within a level the order of the service's processes. The sink cannot tell: the
         queue manager delivers concurrently, and mail scheduled milliseconds
         apart reaches the relay in either order (DESIGN.md section 4).
         """

@@ -106,7 +106,7 @@ def looks_work(qr, queue_id, after):
 POSTFIX = "qrunner.mta.postfix:PostfixBackend"
 POSTFIX_KILLS = {
     "between the release of a hold and its send": {"target": f"{POSTFIX}.send", "caller": "_send_step"},
-    "in the middle of a batch of flush requests": {"target": f"{POSTFIX}.schedule", "when": "after", "call": 2},
+    "in the middle of a batch of flush requests": {"target": f"{POSTFIX}._scheduled", "when": "after", "call": 2},
 }
 
 
@@ -174,7 +174,7 @@ def test_postfix_stopped_in_the_middle_of_the_sends_loses_nothing(pf, figures):
     ids = queue_scenario(mta, qr)
     stop = ["postfix", "-c", mta.instance.config_directory, "stop"]
 
-    result = qr.faulted([{"target": f"{POSTFIX}.schedule", "call": 3, "do": "exec", "command": stop}])
+    result = qr.faulted([{"target": f"{POSTFIX}._scheduled", "call": 3, "do": "exec", "command": stop}])
 
     assert result.code in (1, 69) and "Traceback" not in result.stderr, f"exit {result.code}:\n{result.stderr}"
     assert not mta.instance.is_running()

@@ -21,6 +21,7 @@ from qrunner.exceptions import LockHeldError, UnavailableError
 from qrunner.message import Message, QueueState
 from mta_harness import HELD
 from qrunner.mta import postfix as postfix_mod
+from qrunner.mta import postfix_flush
 from qrunner.mta.base import Due, Outcome, Result, SendRequest
 from qrunner.plan import (OVERRIDDEN, HoldAge, Listed, Triage, dispatch_order, duration, make_plan, release_plan,
                           report_order, triage)
@@ -416,7 +417,7 @@ def test_a_flush_socket_that_greets_as_something_else_and_then_says_nothing_is_l
     greeting is read (with a timeout of an hour, a client that waited would never return here)."""
     instance, run = backend
     run.return_value = completed()
-    mocker.patch.object(postfix_mod, "FLUSH_TIMEOUT", 3600.0)
+    mocker.patch.object(postfix_flush, "FLUSH_TIMEOUT", 3600.0)
     done = threading.Event()
     server, thread, _seen = _flush_server(tmp_path, b"protocol\0something_else\0\0", silent=done)
     result = []
@@ -437,6 +438,175 @@ def test_a_message_gone_since_the_listing_is_vanished_not_an_error(backend, tmp_
     assert instance.send([SendRequest(message, None)], journal) == {"ABC123": Outcome(Result.VANISHED)}
     journal.sent.assert_called_once_with(SendRequest(message, None), Outcome(Result.VANISHED))
     run.assert_not_called()  # nothing was asked of Postfix for it
+
+
+class FlushService:
+    """A flush socket for many connections, as the master's flush processes serve them: each request is read as
+    its connection is accepted (in the order the client connected), then answered, in a thread of its own, with
+    status 0 once ``gather`` requests have come in all (or after 5 s); a connection for an id in ``drop`` is
+    closed without an answer. ``events`` is ("request", id), ("answer", id) and anything a test adds, in the order
+    they happened."""
+
+    def __init__(self, tmp_path, gather=1, drop=()):
+        os.makedirs(tmp_path / "public", exist_ok=True)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(str(tmp_path / "public" / "flush"))
+        self.server.listen(16)
+        self.server.settimeout(0.1)
+        self.gather, self.drop = gather, set(drop)
+        self.events, self.requests, self.closed = [], 0, False
+        self.lock, self.enough = threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def event(self, *what):
+        with self.lock:
+            self.events.append(what)
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue  # the timeout: closed yet?
+            conn.settimeout(10)
+            conn.sendall(b"protocol\0queue_flush_protocol\0\0")
+            data = b""
+            while not data.endswith(b"\0\0"):
+                chunk = conn.recv(100)
+                if not chunk:
+                    break
+                data += chunk
+            queue_id = data.split(b"\0")[3].decode()
+            self.event("request", queue_id)
+            self.requests += 1
+            if self.requests >= self.gather:
+                self.enough.set()
+            thread = threading.Thread(target=self._answer, args=(conn, queue_id), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _answer(self, conn, queue_id):
+        with conn:
+            if queue_id in self.drop:
+                return
+            self.enough.wait(5)
+            self.event("answer", queue_id)
+            try:
+                conn.sendall(b"status\0" b"0\0\0")
+            except OSError:
+                pass  # a client that stopped early
+
+    def close(self):
+        self.closed = True
+        for thread in list(self.threads):
+            thread.join(10)
+        self.server.close()
+
+    def first(self, kind):
+        return next(i for i, event in enumerate(self.events) if event[0] == kind)
+
+
+def _deferred(instance, *queue_ids):
+    for queue_id in queue_ids:
+        path = instance.paths.path("deferred", queue_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").close()
+    return [SendRequest(Message(q, 0, 1, "a@b", ("c@d",), queue_name="deferred"), None) for q in queue_ids]
+
+
+def test_the_default_routes_flush_requests_go_a_few_ahead_of_their_answers(backend, tmp_path, mocker):
+    """The service works on the next messages' requests while the first is answered: FLUSH_WINDOW requests are
+    on their way before any answer (a one-at-a-time client would wait 5 s here for each), in the plan's order; a
+    message gone from the deferred queue since the listing gets no request and counts as vanished."""
+    instance, run = backend
+    ids = ["AAA%03d" % i for i in range(10)]
+    requests = _deferred(instance, *ids)
+    os.unlink(instance.paths.path("deferred", ids[2]))
+    service = FlushService(tmp_path, gather=postfix_flush.FLUSH_WINDOW)
+    try:
+        outcomes = instance.send(requests, mocker.Mock())
+    finally:
+        service.close()
+    assert outcomes == {q: Outcome(Result.VANISHED if q == ids[2] else Result.SCHEDULED) for q in ids}
+    asked = [event[1] for event in service.events if event[0] == "request"]
+    assert asked == [q for q in ids if q != ids[2]]
+    assert service.first("answer") == postfix_flush.FLUSH_WINDOW, service.events
+    run.assert_not_called()
+
+
+def test_no_flush_request_overtakes_a_senders_copy_before_it(backend, tmp_path, mocker):
+    """A routed message between two runs of flushed ones: the requests after it leave only after its copy."""
+    instance, run = backend
+    first, second = _deferred(instance, "BBB001", "BBB002"), _deferred(instance, "BBB004", "BBB005")
+    routed = SendRequest(Message("BBB003", 0, 1, "a@b", ("c@d",), queue_name="hold"), A, held=True)
+    service = FlushService(tmp_path)
+    sent, real_send = [], postfix_flush._send
+    mocker.patch.object(postfix_flush, "_send", side_effect=lambda path, queue_id: sent.append(queue_id)
+                        or real_send(path, queue_id))
+    mocker.patch.object(instance, "_hand_over", side_effect=lambda request, journal: sent.append("copy")
+                        or Outcome(Result.ROUTED, new_id="CCC001"))
+    try:
+        outcomes = instance.send(first + [routed] + second, mocker.Mock())
+    finally:
+        service.close()
+    assert outcomes["BBB003"].result is Result.ROUTED
+    assert all(outcomes[q].result is Result.SCHEDULED for q in ("BBB001", "BBB002", "BBB004", "BBB005"))
+    assert sent == ["BBB001", "BBB002", "copy", "BBB004", "BBB005"]
+
+
+def test_a_lower_prioritys_flush_requests_leave_after_every_higher_ones_answer(backend, tmp_path, mocker):
+    """Requests on their way together are of one priority: the service can never take a lower one first."""
+    instance, run = backend
+    requests = [r._replace(priority=90) for r in _deferred(instance, "FFF001", "FFF002")] + \
+        _deferred(instance, "FFF003", "FFF004", "FFF005")
+    events, real_send, real_accepted = [], postfix_flush._send, postfix_flush._accepted
+    mocker.patch.object(postfix_flush, "_send", side_effect=lambda path, queue_id: events.append(queue_id)
+                        or real_send(path, queue_id))
+    mocker.patch.object(postfix_flush, "_accepted", side_effect=lambda sock: [real_accepted(sock),
+                                                                              events.append("answer")][0])
+    service = FlushService(tmp_path)
+    try:
+        outcomes = instance.send(requests, mocker.Mock())
+    finally:
+        service.close()
+    assert all(outcome.result is Result.SCHEDULED for outcome in outcomes.values())
+    assert events == ["FFF001", "FFF002", "answer", "answer", "FFF003", "FFF004", "FFF005",
+                      "answer", "answer", "answer"]
+
+
+def test_a_send_stopped_by_its_journal_still_reports_the_requests_already_on_their_way(backend, tmp_path, mocker):
+    """The journal fails on the first outcome: the requests sent ahead of it have moved their messages all the
+    same, so each of their answers is reported before the send's own error goes on."""
+    instance, run = backend
+    ids = ["EEE001", "EEE002", "EEE003", "EEE004", "EEE005"]
+    journal = mocker.Mock()
+    journal.sent.side_effect = [OSError("disk full"), None, None, None, None]
+    service = FlushService(tmp_path, gather=postfix_flush.FLUSH_WINDOW)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            instance.send(_deferred(instance, *ids), journal)
+    finally:
+        service.close()
+    reported = [(c[0][0].message.queue_id, c[0][1]) for c in journal.sent.call_args_list]
+    assert reported == [(q, Outcome(Result.SCHEDULED)) for q in ids[:postfix_flush.FLUSH_WINDOW]]
+    asked = [event[1] for event in service.events if event[0] == "request"]
+    assert asked == ids[:postfix_flush.FLUSH_WINDOW]  # nothing sent after the failure
+
+
+def test_a_flush_request_left_unanswered_goes_by_postqueue_i_alone(backend, tmp_path, mocker):
+    """One connection of the window closed without an answer: that message by postqueue -i, the others by the
+    socket, each outcome its own."""
+    instance, run = backend
+    run.return_value = completed()
+    ids = ["DDD001", "DDD002", "DDD003"]
+    service = FlushService(tmp_path, drop={"DDD002"})
+    try:
+        outcomes = instance.send(_deferred(instance, *ids), mocker.Mock())
+    finally:
+        service.close()
+    assert outcomes == {q: Outcome(Result.SCHEDULED) for q in ids}
+    assert [c[0][0][-2:] for c in run.call_args_list] == [["-i", "DDD002"]]
 
 
 @pytest.mark.parametrize("queue_name, state, ours, expected", [

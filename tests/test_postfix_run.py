@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -156,13 +157,23 @@ def test_unconfirmed_hold_keeps_its_record_until_the_next_run_settles_it(tmp_pat
 
 
 def test_a_send_postfix_refuses_gives_exit_1(tmp_path, postfix, mocker):
+    """The flush service answers each request with a status other than 0: exit 1, and the message still waits."""
+    import socket
+
     from qrunner.cli import main
-    from qrunner.mta.postfix import PostfixBackend
+    from qrunner.mta import postfix_flush
+
+    def refusing(_path, _queue_id):
+        ours, theirs = socket.socketpair()  # the service's greeting and its refusal, and nothing reaches Postfix
+        with theirs:
+            theirs.sendall(b"protocol\0queue_flush_protocol\0\0status\0" b"1\0\0")
+        return ours
 
     qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
-    queue_message(postfix, "x")
-    mocker.patch.object(PostfixBackend, "schedule", return_value=False)
+    queue_id = queue_message(postfix, "x")
+    mocker.patch.object(postfix_flush, "_send", side_effect=refusing)
     assert main(["--config", str(qr.config_path), "run"]) == 1
+    assert queue_state(postfix)[queue_id][0] == "deferred"
 
 
 def test_without_gate_mode_every_run_warns_and_status_says_gated_no(tmp_path, postfix):
@@ -227,30 +238,32 @@ def test_real_postqueue_j_output_plans_offline_as_the_live_queue_plans(tmp_path,
     assert {d["queue_id"]: d["action"] for d in live_decisions} == {normal: "send", bounce: "skip"}
 
 
-# ``python OVERTAKEN_RUN POSTKICK CONFIG_DIR ARGS...``: the qrunner command, its flush requests answered by a flush
+# ``python OVERTAKEN_RUN CONFIG_DIR ARGS...``: the qrunner command, its flush requests answered by a flush
 # service the queue manager overtakes. flush(8)'s send_file makes the deferred file due (utime) first, and only then
-# marks it flushed and moves it to incoming/; here the queue manager's scan of the deferred queue (postkick D)
-# comes in between, as it can on a busy machine, and takes the file before the service's next step, which then
-# finds nothing to move and answers success, as flush(8) does.
+# marks it flushed and moves it to incoming/; here the queue manager's own scan of the deferred queue (each second,
+# the instance's queue_run_delay) comes in between, as it can on a busy machine, and takes the file before the service's next step, which then
+# finds nothing to move and answers success (status 0, after its greeting), as flush(8) does.
 OVERTAKEN_RUN = """
-import glob, os, subprocess, sys, time
-import qrunner.mta.postfix as postfix
-postkick, config_directory = sys.argv[1], sys.argv[2]
+import glob, os, socket, subprocess, sys, time
+import qrunner.mta.postfix_flush as postfix_flush
+config_directory = sys.argv[1]
 queue_directory = subprocess.run(["postconf", "-c", config_directory, "-h", "queue_directory"],
                                  capture_output=True, text=True, check=True).stdout.strip()
 def overtaken_flush(path, queue_id):
     [deferred] = glob.glob(os.path.join(queue_directory, "deferred", "**", queue_id), recursive=True)
     os.utime(deferred)
-    subprocess.run([postkick, "-c", config_directory, "public", "qmgr", "D"], check=True)
     deadline = time.monotonic() + 10
     while os.path.exists(deferred) and time.monotonic() < deadline:
         time.sleep(0.01)
-    return True
-postfix._flush_request = overtaken_flush
+    ours, service = socket.socketpair()
+    service.sendall(b"protocol\\0queue_flush_protocol\\0\\0status\\0000\\0\\0")
+    service.close()
+    return ours
+assert hasattr(postfix_flush, "_send"), "the flush client changed: this test must replace its request step"
+postfix_flush._send = overtaken_flush
 from qrunner.cli import main
-sys.exit(main(sys.argv[3:]))
+sys.exit(main(sys.argv[2:]))
 """
-
 
 def test_a_flush_the_queue_manager_overtakes_still_gets_past_the_gate(tmp_path, postfix, smtp_sink):
     """A scan of the deferred queue between the flush service's steps delivers the message, not gates it again."""
@@ -258,11 +271,10 @@ def test_a_flush_the_queue_manager_overtakes_still_gets_past_the_gate(tmp_path, 
     queue_id = queue_message(postfix, "overtaken")
     wrapper = tmp_path / "overtaken_run.py"
     wrapper.write_text(OVERTAKEN_RUN)
-    postkick = postfix._command("postkick")
     gated = f"{queue_id}: to=<bob@example.net>"
     gated_before = [line for line in postfix.log_text().splitlines() if gated in line and "deferred transport" in line]
 
-    run = subprocess.run([sys.executable, str(wrapper), postkick, postfix.config_directory, "run"],
+    run = subprocess.run([sys.executable, str(wrapper), postfix.config_directory, "run"],
                          env=qr._env(), capture_output=True, text=True, timeout=120)
 
     assert run.returncode == 0, run.stderr
@@ -273,19 +285,38 @@ def test_a_flush_the_queue_manager_overtakes_still_gets_past_the_gate(tmp_path, 
     assert any(gated in line and "status=sent" in line for line in log)
 
 
-def test_a_refused_flush_request_takes_its_mark_off_the_queue_file(tmp_path, postfix, mocker):
+def _refusing_service(modes, deferred):
+    """A flush service that answers status 1 (refused) and moves nothing; ``modes`` gets the queue file's mode as
+    each request arrives."""
+    def refusing(_path, _queue_id):
+        modes.append(os.stat(deferred).st_mode)
+        ours, theirs = socket.socketpair()
+        with theirs:
+            theirs.sendall(b"protocol\0queue_flush_protocol\0\0status\0" b"1\0\0")
+        return ours
+    return refusing
+
+
+@pytest.mark.parametrize("how", ["run", "schedule"])
+def test_a_refused_flush_request_takes_its_mark_off_the_queue_file(tmp_path, postfix, mocker, how):
     """Marked flushed before the request, a message Postfix then was not asked to send keeps no mark: at its retry
-    time it would pass the gate without qrunner."""
+    time it would pass the gate without qrunner. By a run's send, and by the single request that a release of
+    copies and a give-up make."""
     from qrunner.cli import main
+    from qrunner.config import PostfixSettings
+    from qrunner.mta import postfix_flush
     from qrunner.mta.postfix import PostfixBackend
 
     qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
     queue_id = queue_message(postfix, "x")
     [deferred] = glob.glob(os.path.join(postfix.queue_directory, "deferred", "**", queue_id), recursive=True)
     modes = []
-    mocker.patch.object(PostfixBackend, "_request_flush", side_effect=lambda q: modes.append(os.stat(deferred).st_mode))
+    mocker.patch.object(postfix_flush, "_send", side_effect=_refusing_service(modes, deferred))
 
-    assert main(["--config", str(qr.config_path), "run"]) == 1
+    if how == "run":
+        assert main(["--config", str(qr.config_path), "run"]) == 1
+    else:
+        assert PostfixBackend(PostfixSettings(config_directory=postfix.config_directory)).schedule(queue_id) is False
 
     assert modes and modes[0] & stat.S_IRGRP, "the file was not marked flushed before the request"
     assert not os.stat(deferred).st_mode & stat.S_IRGRP

