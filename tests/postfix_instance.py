@@ -129,7 +129,9 @@ def _verbose_flush(master_cf: str) -> str:
     requesting delivery for queue_id ID`` (flush.c) for each ``send_file``
     request, before it moves the file to ``incoming/`` and replies: what
     ``postqueue -i`` and qrunner ask for, one request per connection, in
-    the order they ask (see :meth:`PostfixInstance.flush_requests`). The
+    the order the service's processes take them (qrunner keeps a few on
+    their way at once, of one priority; see
+    :meth:`PostfixInstance.flush_requests`). The
     flush daemon does nothing else in these tests, so the extra lines are
     a few per request.
     """
@@ -471,13 +473,15 @@ class PostfixInstance:
         return lines
 
     def flush_requests(self) -> List[str]:
-        """Queue ids the flush service was asked to deliver, in request order, from the log.
+        """Queue ids the flush service was asked to deliver, in the order it took the requests, from the log.
 
         One entry per ``send_file`` request (``postqueue -i ID``, or
         qrunner on the flush socket), logged by the verbose flush daemon
-        (see :func:`_verbose_flush`) as it takes the request. Scheduling
-        order, not delivery order: the queue manager delivers concurrently
-        (DESIGN.md section 4).
+        (see :func:`_verbose_flush`) as it takes the request: of the few
+        requests qrunner has on their way at once (one priority), in the
+        order the service's processes took them. Scheduling order, not
+        delivery order: the queue manager delivers concurrently (DESIGN.md
+        section 4).
         """
         return _FLUSH_REQUEST.findall(self.log_text())
 

@@ -7,9 +7,11 @@ runs in tests/test_postfix_run.py).
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import socket
+import stat
 import subprocess
 import threading
 
@@ -447,13 +449,15 @@ class FlushService:
     closed without an answer. ``events`` is ("request", id), ("answer", id) and anything a test adds, in the order
     they happened."""
 
-    def __init__(self, tmp_path, gather=1, drop=()):
+    def __init__(self, tmp_path, gather=1, drop=(), refuse=()):
         os.makedirs(tmp_path / "public", exist_ok=True)
+        self.queue_directory = str(tmp_path)
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(str(tmp_path / "public" / "flush"))
         self.server.listen(16)
         self.server.settimeout(0.1)
-        self.gather, self.drop = gather, set(drop)
+        self.gather, self.drop, self.refuse = gather, set(drop), set(refuse)
+        self.modes = {}  # queue id -> the mode of its file in deferred/ as its request came
         self.events, self.requests, self.closed = [], 0, False
         self.lock, self.enough = threading.Lock(), threading.Event()
         self.threads = [threading.Thread(target=self._accept, daemon=True)]
@@ -478,6 +482,9 @@ class FlushService:
                     break
                 data += chunk
             queue_id = data.split(b"\0")[3].decode()
+            files = glob.glob(os.path.join(self.queue_directory, "deferred", "**", queue_id), recursive=True)
+            if files:
+                self.modes[queue_id] = os.stat(files[0]).st_mode
             self.event("request", queue_id)
             self.requests += 1
             if self.requests >= self.gather:
@@ -493,7 +500,7 @@ class FlushService:
             self.enough.wait(5)
             self.event("answer", queue_id)
             try:
-                conn.sendall(b"status\0" b"0\0\0")
+                conn.sendall(b"status\0" + (b"1" if queue_id in self.refuse else b"0") + b"\0\0")
             except OSError:
                 pass  # a client that stopped early
 
@@ -512,6 +519,7 @@ def _deferred(instance, *queue_ids):
         path = instance.paths.path("deferred", queue_id)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "w").close()
+        os.chmod(path, 0o700)  # as Postfix leaves a queue file that is ready
     return [SendRequest(Message(q, 0, 1, "a@b", ("c@d",), queue_name="deferred"), None) for q in queue_ids]
 
 
@@ -594,17 +602,80 @@ def test_a_send_stopped_by_its_journal_still_reports_the_requests_already_on_the
     assert asked == ids[:postfix_flush.FLUSH_WINDOW]  # nothing sent after the failure
 
 
+def _send_through(instance, tmp_path, requests, journal, **service_options):
+    """``instance.send`` with a :class:`FlushService` on its socket: the outcomes, and the service (closed)."""
+    service = FlushService(tmp_path, **service_options)
+    try:
+        return instance.send(requests, journal), service
+    finally:
+        service.close()
+
+
+def _marked(instance, queue_id):
+    return bool(os.stat(instance.paths.path("deferred", queue_id)).st_mode & stat.S_IRGRP)
+
+
+def test_each_flush_request_finds_its_file_marked_and_a_refused_one_loses_the_mark(backend, tmp_path, mocker):
+    """Every request comes to the service with its file already marked flushed (a queue scan before the service
+    moves it lets it past the gate all the same); a refused request takes the mark off, so that the message
+    does not pass the gate at its own retry time. The accepted ones keep theirs: Postfix's queue manager clears
+    it when it reads the file, and this fake service moves nothing."""
+    instance, run = backend
+    ids = ["ACE001", "ACE002", "ACE003"]
+    outcomes, service = _send_through(instance, tmp_path, _deferred(instance, *ids), mocker.Mock(), refuse={"ACE002"})
+    assert [outcomes[q].result for q in ids] == [Result.SCHEDULED, Result.FAILED, Result.SCHEDULED]
+    assert all(service.modes[q] & stat.S_IRGRP for q in ids), service.modes
+    assert [_marked(instance, q) for q in ids] == [True, False, True]
+
+
+@pytest.mark.parametrize("postqueue", ["exits 1", "cannot start"])
+def test_a_flush_request_that_reached_no_one_leaves_no_mark(backend, tmp_path, mocker, postqueue):
+    """No flush socket, and postqueue -i failing or not starting at all: Postfix was not asked, so the file is
+    as it was, by a run's send and by the single request of a release of copies or a give-up."""
+    instance, run = backend
+    if postqueue == "exits 1":
+        run.return_value = completed(stderr="postqueue: fatal: Queue report unavailable\n", code=1)
+    else:
+        run.side_effect = FileNotFoundError(2, "No such file or directory")
+    [request] = _deferred(instance, "BAD001")
+    if postqueue == "exits 1":
+        assert instance.send([request], mocker.Mock())["BAD001"].result is Result.FAILED
+        assert instance.schedule("BAD001") is False
+    else:
+        for attempt in (lambda: instance.send([request], mocker.Mock()), lambda: instance.schedule("BAD001")):
+            with pytest.raises(UnavailableError):
+                attempt()
+            assert not _marked(instance, "BAD001")
+    assert not _marked(instance, "BAD001")
+
+
+def test_a_send_stopped_early_takes_the_mark_off_the_requests_that_never_left(backend, tmp_path, mocker):
+    """The journal fails on the first outcome while the next requests could not be sent (the socket refused
+    them): those files lose their mark; the first, answered and moved by the service, is past caring."""
+    instance, run = backend
+    ids = ["CAB001", "CAB002", "CAB003"]
+    real_send = postfix_flush._send
+    mocker.patch.object(postfix_flush, "_send", side_effect=lambda path, queue_id: real_send(path, queue_id)
+                        if queue_id == "CAB001" else (_ for _ in ()).throw(ConnectionRefusedError(111, "refused")))
+    journal = mocker.Mock()
+    journal.sent.side_effect = OSError("disk full")
+    service = FlushService(tmp_path)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            instance.send(_deferred(instance, *ids), journal)
+    finally:
+        service.close()
+    assert [_marked(instance, q) for q in ids] == [True, False, False]
+    run.assert_not_called()
+
+
 def test_a_flush_request_left_unanswered_goes_by_postqueue_i_alone(backend, tmp_path, mocker):
     """One connection of the window closed without an answer: that message by postqueue -i, the others by the
     socket, each outcome its own."""
     instance, run = backend
     run.return_value = completed()
     ids = ["DDD001", "DDD002", "DDD003"]
-    service = FlushService(tmp_path, drop={"DDD002"})
-    try:
-        outcomes = instance.send(_deferred(instance, *ids), mocker.Mock())
-    finally:
-        service.close()
+    outcomes, _ = _send_through(instance, tmp_path, _deferred(instance, *ids), mocker.Mock(), drop={"DDD002"})
     assert outcomes == {q: Outcome(Result.SCHEDULED) for q in ids}
     assert [c[0][0][-2:] for c in run.call_args_list] == [["-i", "DDD002"]]
 

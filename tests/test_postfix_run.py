@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -20,6 +21,7 @@ import time
 
 import pytest
 
+from log_daemons import wait_until
 from qrunner_e2e import ALLOW_ALL, SKIP_ALL, Qrunner, queue_message, queue_state
 
 
@@ -158,8 +160,6 @@ def test_unconfirmed_hold_keeps_its_record_until_the_next_run_settles_it(tmp_pat
 
 def test_a_send_postfix_refuses_gives_exit_1(tmp_path, postfix, mocker):
     """The flush service answers each request with a status other than 0: exit 1, and the message still waits."""
-    import socket
-
     from qrunner.cli import main
     from qrunner.mta import postfix_flush
 
@@ -238,7 +238,7 @@ def test_real_postqueue_j_output_plans_offline_as_the_live_queue_plans(tmp_path,
     assert {d["queue_id"]: d["action"] for d in live_decisions} == {normal: "send", bounce: "skip"}
 
 
-# ``python OVERTAKEN_RUN CONFIG_DIR ARGS...``: the qrunner command, its flush requests answered by a flush
+# ``python OVERTAKEN_RUN POSTCONF CONFIG_DIR ARGS...``: the qrunner command, its flush requests answered by a flush
 # service the queue manager overtakes. flush(8)'s send_file makes the deferred file due (utime) first, and only then
 # marks it flushed and moves it to incoming/; here the queue manager's own scan of the deferred queue (each second,
 # the instance's queue_run_delay) comes in between, as it can on a busy machine, and takes the file before the service's next step, which then
@@ -246,14 +246,16 @@ def test_real_postqueue_j_output_plans_offline_as_the_live_queue_plans(tmp_path,
 OVERTAKEN_RUN = """
 import glob, os, socket, subprocess, sys, time
 import qrunner.mta.postfix_flush as postfix_flush
-config_directory = sys.argv[1]
-queue_directory = subprocess.run(["postconf", "-c", config_directory, "-h", "queue_directory"],
+postconf, config_directory = sys.argv[1], sys.argv[2]
+queue_directory = subprocess.run([postconf, "-c", config_directory, "-h", "queue_directory"],
                                  capture_output=True, text=True, check=True).stdout.strip()
 def overtaken_flush(path, queue_id):
     [deferred] = glob.glob(os.path.join(queue_directory, "deferred", "**", queue_id), recursive=True)
     os.utime(deferred)
     deadline = time.monotonic() + 10
-    while os.path.exists(deferred) and time.monotonic() < deadline:
+    while os.path.exists(deferred):
+        if time.monotonic() > deadline:
+            sys.exit("the queue manager's scan did not take " + queue_id + " within 10 s: the race was not played")
         time.sleep(0.01)
     ours, service = socket.socketpair()
     service.sendall(b"protocol\\0queue_flush_protocol\\0\\0status\\0000\\0\\0")
@@ -262,7 +264,7 @@ def overtaken_flush(path, queue_id):
 assert hasattr(postfix_flush, "_send"), "the flush client changed: this test must replace its request step"
 postfix_flush._send = overtaken_flush
 from qrunner.cli import main
-sys.exit(main(sys.argv[2:]))
+sys.exit(main(sys.argv[3:]))
 """
 
 def test_a_flush_the_queue_manager_overtakes_still_gets_past_the_gate(tmp_path, postfix, smtp_sink):
@@ -271,18 +273,17 @@ def test_a_flush_the_queue_manager_overtakes_still_gets_past_the_gate(tmp_path, 
     queue_id = queue_message(postfix, "overtaken")
     wrapper = tmp_path / "overtaken_run.py"
     wrapper.write_text(OVERTAKEN_RUN)
-    gated = f"{queue_id}: to=<bob@example.net>"
-    gated_before = [line for line in postfix.log_text().splitlines() if gated in line and "deferred transport" in line]
+    to = f"{queue_id}: to=<bob@example.net>"
+    wait_until(lambda: re.search(f"{to}.*deferred transport", postfix.log_text()), "the arrival's gate line")
 
-    run = subprocess.run([sys.executable, str(wrapper), postfix.config_directory, "run"],
-                         env=qr._env(), capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, str(wrapper), postfix._command("postconf"), postfix.config_directory,
+                          "run"], env=qr._env(), capture_output=True, text=True, timeout=120)
 
     assert run.returncode == 0, run.stderr
     assert subjects(smtp_sink, 1) == ["overtaken"]
-    postfix.wait_gone([queue_id])
-    log = postfix.log_text().splitlines()
-    assert [line for line in log if gated in line and "deferred transport" in line] == gated_before
-    assert any(gated in line and "status=sent" in line for line in log)
+    wait_until(lambda: re.search(f"{to}.*status=sent", postfix.log_text()), f"Postfix's status=sent line for {queue_id}")
+    assert len(re.findall(f"{to}.*deferred transport", postfix.log_text())) == 1  # the arrival's, none after the run
+    assert queue_id not in queue_state(postfix)
 
 
 def _refusing_service(modes, deferred):

@@ -561,13 +561,14 @@ class PostfixBackend(Backend):
             self._report_ahead(ahead, requests, journal)
             raise
         finally:
-            ahead.close()
+            for queue_id in ahead.close():
+                self._unmark(queue_id)
 
-    @staticmethod
-    def _report_ahead(ahead: FlushAhead, requests: Sequence[SendRequest], journal: HandOverJournal) -> None:
+    def _report_ahead(self, ahead: FlushAhead, requests: Sequence[SendRequest], journal: HandOverJournal) -> None:
         """A send that stops early: the requests already on their way still move their messages, so each answer
         that comes reaches the journal (one that does not is not reported: the next run's listing shows where
-        that message is). The error that stopped the send stays the one raised."""
+        that message is), and a refused one takes its mark off. The error that stopped the send stays the one
+        raised."""
         waiting = ahead.requests.unanswered()
         if not waiting:
             return
@@ -575,9 +576,12 @@ class PostfixBackend(Backend):
         for queue_id in waiting:
             try:
                 accepted = ahead.requests.answer(queue_id)
+                if not accepted:
+                    self._unmark(queue_id)
                 journal.sent(by_id[queue_id], Outcome(Result.SCHEDULED) if accepted
                              else Outcome(Result.FAILED, "Postfix refused to schedule it"))
             except Exception:  # noqa: BLE001 - the send has failed already; its own error is the one to report
+                self._unmark(queue_id)  # a no-op once the service moved it; else flush(8) marks it itself
                 return
 
     def _hand_over(self, request: SendRequest, journal: HandOverJournal) -> Outcome:
@@ -607,26 +611,28 @@ class PostfixBackend(Backend):
     def _waiting(self, queue_id: str) -> bool:
         """Still in the deferred queue (a flush request for it can move it), and marked flushed for that request
         (:func:`~qrunner.mta.postfix_flush.mark_unthrottled`)."""
-        if not is_queue_id(queue_id):
-            return False
-        deferred = self.paths.path("deferred", queue_id)
-        if not os.path.exists(deferred):
-            return False
-        mark_unthrottled(deferred)
-        return True
+        return is_queue_id(queue_id) and mark_unthrottled(self.paths.path("deferred", queue_id))
+
+    def _unmark(self, queue_id: str) -> None:
+        """Take the mark off a message whose request did not reach Postfix."""
+        mark_unthrottled(self.paths.path("deferred", queue_id), False)
 
     def _scheduled(self, ahead: FlushAhead, queue_id: str) -> Outcome:
         """The flush service moves a deferred message to incoming/ at once (its request maybe sent a few earlier)."""
         self.schedule_error = ""
+        accepted: Optional[bool] = False
         try:
-            accepted = ahead.answer(queue_id)
-        except OSError as exc:
-            accepted = self._by_postqueue(queue_id, exc)
+            try:
+                accepted = ahead.answer(queue_id)
+            except OSError as exc:
+                accepted = self._by_postqueue(queue_id, exc)
+        finally:
+            if accepted is False:
+                self._unmark(queue_id)
         if accepted is None:
             return Outcome(Result.VANISHED)
         if accepted:
             return Outcome(Result.SCHEDULED)
-        mark_unthrottled(self.paths.path("deferred", queue_id), False)
         return Outcome(Result.FAILED, self.schedule_error or "Postfix refused to schedule it")
 
     def schedule(self, queue_id: str) -> bool:
@@ -637,18 +643,20 @@ class PostfixBackend(Backend):
         When neither its socket nor ``postqueue -i`` reached the service,
         :attr:`schedule_error` says why (the send's failure names it). The
         file is marked flushed first, and the mark taken off again when the
-        request failed
+        request failed or could not be made
         (:func:`~qrunner.mta.postfix_flush.mark_unthrottled`).
         """
         self.schedule_error = ""
         if not is_queue_id(queue_id):
             return False
-        deferred = self.paths.path("deferred", queue_id)
-        mark_unthrottled(deferred)
-        if self._request_flush(queue_id):
-            return True
-        mark_unthrottled(deferred, False)
-        return False
+        mark_unthrottled(self.paths.path("deferred", queue_id))
+        accepted = False
+        try:
+            accepted = self._request_flush(queue_id)
+        finally:
+            if not accepted:
+                self._unmark(queue_id)
+        return accepted
 
     def _request_flush(self, queue_id: str) -> bool:
         """The flush service's ``send_file`` request, on its socket, else by ``postqueue -i``."""

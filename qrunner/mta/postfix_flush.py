@@ -19,6 +19,7 @@ queue manager's scans, which the mark closes.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
@@ -26,47 +27,64 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Unio
 
 from qrunner.mta.base import SendRequest
 
+log = logging.getLogger("qrunner.postfix")
+
 FLUSH_TIMEOUT = 10.0  # seconds for any one step of one request (connect, each read)
 FLUSH_WINDOW = 4  # requests on their way at once (a limit on flush in master.cf only makes them wait their turn)
 
 
 def mark_unthrottled(path: str, on: bool = True) -> bool:
-    """Set (or, with ``on=False``, clear) the unthrottle bit of a deferred queue file: True when it was changed.
+    """Set (or, with ``on=False``, clear) the unthrottle bit of a deferred queue file; False when the file is gone.
 
     The bit (group read, ``MAIL_QUEUE_STAT_UNTHROTTLE``) is how flush(8)
     tells the queue manager that a file is flushed: the queue manager lets
     such a file past ``defer_transports`` and clears the bit when it reads
-    it (qmgr_active.c). flush(8) sets it only after it has made the file
-    due (utime), so a scan of the deferred queue in between takes the file
-    without it and gates it again ("deferred transport"), while the flush
-    service answers success; on a busy machine, with the gate's short scan
-    interval, that happens (RELIABILITY.md). Set before the request, the
-    bit is there whichever way the queue manager takes the file. A failed
-    request takes it off again (one that another flush set at that moment
-    goes too: that message then waits, gated, for its own retry time, the
-    safe side), so that a message Postfix was not asked to send does not
-    pass the gate at its retry time. As flush
-    does, only a regular file that is ready (mode rwx for its owner) is
-    changed, through its descriptor, never by a path that could be swapped
-    under it; a file that is gone or cannot be opened is left to the
-    request alone.
+    it (qmgr_active.c, qmgr_message.c). flush(8) sets it only after it has
+    made the file due (utime), so a scan of the deferred queue in between
+    takes the file without it and gates it again ("deferred transport"),
+    while the flush service answers success; on a busy machine, with the
+    gate's short scan interval, that happens (RELIABILITY.md). Set before
+    the request, the bit is there whichever way the queue manager takes a
+    file that was not yet due. A failed request takes it off again (one
+    that another flush set at that moment goes too: that message then
+    waits, gated, for its own retry time, the safe side), so that a message
+    Postfix was not asked to send does not pass the gate at its retry time.
+
+    As flush and postsuper do, only a regular file with one link that is
+    ready (mode rwx for its owner) is changed, through its descriptor,
+    never by a path that could be swapped under it. The open is also the
+    check that the message is still deferred. Any other failure (a
+    capability missing under another unit, a read-only queue) is logged,
+    as a warning once per process, and the request goes on without the mark.
     """
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
         return False
-    try:
-        mode = os.fstat(fd).st_mode
-        ready = stat.S_ISREG(mode) and mode & stat.S_IRWXU == stat.S_IRWXU
-        wanted = mode | stat.S_IRGRP if on else mode & ~stat.S_IRGRP
-        if not ready or wanted == mode:
-            return False
-        os.fchmod(fd, stat.S_IMODE(wanted))
+    except OSError as exc:
+        _cannot_mark(path, exc)
         return True
-    except OSError:
-        return False
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_mode & stat.S_IRWXU == stat.S_IRWXU:
+            wanted = st.st_mode | stat.S_IRGRP if on else st.st_mode & ~stat.S_IRGRP
+            if wanted != st.st_mode:
+                os.fchmod(fd, stat.S_IMODE(wanted))
+    except OSError as exc:
+        _cannot_mark(path, exc)
     finally:
         os.close(fd)
+    return True
+
+
+_warned: Set[int] = set()  # errno values already warned about
+
+
+def _cannot_mark(path: str, exc: OSError) -> None:
+    level = logging.DEBUG if exc.errno in _warned else logging.WARNING
+    _warned.add(exc.errno or 0)
+    log.log(level, "cannot mark %s flushed (%s); a queue scan that overtakes its flush request may gate it again, "
+            "and the next run sends it", path, exc.strerror or exc)
 
 
 def _attr_lists(data: bytes) -> List[Dict[bytes, bytes]]:
@@ -149,7 +167,8 @@ class FlushRequests:
     answer to one already sent, while the service works on the others. A
     request that could not be sent keeps its error until :meth:`answer`
     raises it. :meth:`close` drops what was never answered (the service
-    may still act on those requests, as after a crash).
+    may still act on those requests, as after a crash: their files keep
+    their mark) and names those that never left.
     """
 
     def __init__(self, path: str):
@@ -179,11 +198,14 @@ class FlushRequests:
             raise pending
         return _accepted(pending)
 
-    def close(self) -> None:
+    def close(self) -> List[str]:
+        """Drop the unanswered requests; the queue ids of those that could not be sent."""
+        unsent = [queue_id for queue_id, pending in self._open.items() if isinstance(pending, OSError)]
         for pending in self._open.values():
             if isinstance(pending, socket.socket):
                 pending.close()
         self._open.clear()
+        return unsent
 
 
 class FlushAhead:
@@ -241,5 +263,6 @@ class FlushAhead:
                     yield plan[j].message.queue_id
                 return
 
-    def close(self) -> None:
-        self.requests.close()
+    def close(self) -> List[str]:
+        """As :meth:`FlushRequests.close`."""
+        return self.requests.close()
