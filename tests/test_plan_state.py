@@ -622,7 +622,8 @@ def test_each_flush_request_finds_its_file_marked_and_a_refused_one_loses_the_ma
     it when it reads the file, and this fake service moves nothing."""
     instance, run = backend
     ids = ["ACE001", "ACE002", "ACE003"]
-    outcomes, service = _send_through(instance, tmp_path, _deferred(instance, *ids), mocker.Mock(), refuse={"ACE002"})
+    outcomes, service = _send_through(instance, tmp_path, _deferred(instance, *ids), mocker.Mock(),
+                                      refuse={"ACE002"})
     assert [outcomes[q].result for q in ids] == [Result.SCHEDULED, Result.FAILED, Result.SCHEDULED]
     assert all(service.modes[q] & stat.S_IRGRP for q in ids), service.modes
     assert [_marked(instance, q) for q in ids] == [True, False, True]
@@ -659,12 +660,8 @@ def test_a_send_stopped_early_takes_the_mark_off_the_requests_that_never_left(ba
                         if queue_id == "CAB001" else (_ for _ in ()).throw(ConnectionRefusedError(111, "refused")))
     journal = mocker.Mock()
     journal.sent.side_effect = OSError("disk full")
-    service = FlushService(tmp_path)
-    try:
-        with pytest.raises(OSError, match="disk full"):
-            instance.send(_deferred(instance, *ids), journal)
-    finally:
-        service.close()
+    with pytest.raises(OSError, match="disk full"):
+        _send_through(instance, tmp_path, _deferred(instance, *ids), journal)
     assert [_marked(instance, q) for q in ids] == [True, False, False]
     run.assert_not_called()
 

@@ -158,20 +158,27 @@ def test_unconfirmed_hold_keeps_its_record_until_the_next_run_settles_it(tmp_pat
     assert queue_id in status and "settled by the next run" not in status
 
 
+def _refusing_service(modes=None, deferred=None):
+    """A flush service that greets, answers status 1 (refused) and moves nothing, so nothing reaches Postfix;
+    ``modes`` gets the ``deferred`` queue file's mode as each request arrives."""
+    def refusing(_path, _queue_id):
+        if modes is not None:
+            modes.append(os.stat(deferred).st_mode)
+        ours, theirs = socket.socketpair()
+        with theirs:
+            theirs.sendall(b"protocol\0queue_flush_protocol\0\0status\0" b"1\0\0")
+        return ours
+    return refusing
+
+
 def test_a_send_postfix_refuses_gives_exit_1(tmp_path, postfix, mocker):
     """The flush service answers each request with a status other than 0: exit 1, and the message still waits."""
     from qrunner.cli import main
     from qrunner.mta import postfix_flush
 
-    def refusing(_path, _queue_id):
-        ours, theirs = socket.socketpair()  # the service's greeting and its refusal, and nothing reaches Postfix
-        with theirs:
-            theirs.sendall(b"protocol\0queue_flush_protocol\0\0status\0" b"1\0\0")
-        return ours
-
     qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
     queue_id = queue_message(postfix, "x")
-    mocker.patch.object(postfix_flush, "_send", side_effect=refusing)
+    mocker.patch.object(postfix_flush, "_send", side_effect=_refusing_service())
     assert main(["--config", str(qr.config_path), "run"]) == 1
     assert queue_state(postfix)[queue_id][0] == "deferred"
 
@@ -241,8 +248,9 @@ def test_real_postqueue_j_output_plans_offline_as_the_live_queue_plans(tmp_path,
 # ``python OVERTAKEN_RUN POSTCONF CONFIG_DIR ARGS...``: the qrunner command, its flush requests answered by a flush
 # service the queue manager overtakes. flush(8)'s send_file makes the deferred file due (utime) first, and only then
 # marks it flushed and moves it to incoming/; here the queue manager's own scan of the deferred queue (each second,
-# the instance's queue_run_delay) comes in between, as it can on a busy machine, and takes the file before the service's next step, which then
-# finds nothing to move and answers success (status 0, after its greeting), as flush(8) does.
+# the instance's queue_run_delay) comes in between, as it can on a busy machine, and takes the file before the
+# service's next step, which then finds nothing to move and answers success (status 0, after its greeting), as
+# flush(8) does.
 OVERTAKEN_RUN = """
 import glob, os, socket, subprocess, sys, time
 import qrunner.mta.postfix_flush as postfix_flush
@@ -267,6 +275,7 @@ from qrunner.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
+
 def test_a_flush_the_queue_manager_overtakes_still_gets_past_the_gate(tmp_path, postfix, smtp_sink):
     """A scan of the deferred queue between the flush service's steps delivers the message, not gates it again."""
     qr = Qrunner(tmp_path, postfix, ALLOW_ALL)
@@ -281,21 +290,10 @@ def test_a_flush_the_queue_manager_overtakes_still_gets_past_the_gate(tmp_path, 
 
     assert run.returncode == 0, run.stderr
     assert subjects(smtp_sink, 1) == ["overtaken"]
-    wait_until(lambda: re.search(f"{to}.*status=sent", postfix.log_text()), f"Postfix's status=sent line for {queue_id}")
+    wait_until(lambda: re.search(f"{to}.*status=sent", postfix.log_text()),
+               f"Postfix's status=sent line for {queue_id}")
     assert len(re.findall(f"{to}.*deferred transport", postfix.log_text())) == 1  # the arrival's, none after the run
     assert queue_id not in queue_state(postfix)
-
-
-def _refusing_service(modes, deferred):
-    """A flush service that answers status 1 (refused) and moves nothing; ``modes`` gets the queue file's mode as
-    each request arrives."""
-    def refusing(_path, _queue_id):
-        modes.append(os.stat(deferred).st_mode)
-        ours, theirs = socket.socketpair()
-        with theirs:
-            theirs.sendall(b"protocol\0queue_flush_protocol\0\0status\0" b"1\0\0")
-        return ours
-    return refusing
 
 
 @pytest.mark.parametrize("how", ["run", "schedule"])

@@ -18,7 +18,7 @@ import re
 import shutil
 import subprocess
 import time
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from qrunner.config import PostfixSettings, Sender
 from qrunner.exceptions import ConfigError, NoPermissionError, UnavailableError
@@ -620,15 +620,7 @@ class PostfixBackend(Backend):
     def _scheduled(self, ahead: FlushAhead, queue_id: str) -> Outcome:
         """The flush service moves a deferred message to incoming/ at once (its request maybe sent a few earlier)."""
         self.schedule_error = ""
-        accepted: Optional[bool] = False
-        try:
-            try:
-                accepted = ahead.answer(queue_id)
-            except OSError as exc:
-                accepted = self._by_postqueue(queue_id, exc)
-        finally:
-            if accepted is False:
-                self._unmark(queue_id)
+        accepted = self._unmarked_unless_taken(queue_id, lambda: self._answer_ahead(ahead, queue_id))
         if accepted is None:
             return Outcome(Result.VANISHED)
         if accepted:
@@ -650,13 +642,25 @@ class PostfixBackend(Backend):
         if not is_queue_id(queue_id):
             return False
         mark_unthrottled(self.paths.path("deferred", queue_id))
-        accepted = False
+        return bool(self._unmarked_unless_taken(queue_id, lambda: self._request_flush(queue_id)))
+
+    def _unmarked_unless_taken(self, queue_id: str, request: Callable[[], Optional[bool]]) -> Optional[bool]:
+        """``request()``'s answer (None: nothing was asked); the mark taken off when Postfix did not take it,
+        raising included."""
+        accepted: Optional[bool] = False
         try:
-            accepted = self._request_flush(queue_id)
+            accepted = request()
         finally:
-            if not accepted:
+            if accepted is False:
                 self._unmark(queue_id)
         return accepted
+
+    def _answer_ahead(self, ahead: FlushAhead, queue_id: str) -> Optional[bool]:
+        """The answer to the request on its way (None: the message is gone), else ``postqueue -i``'s."""
+        try:
+            return ahead.answer(queue_id)
+        except OSError as exc:
+            return self._by_postqueue(queue_id, exc)
 
     def _request_flush(self, queue_id: str) -> bool:
         """The flush service's ``send_file`` request, on its socket, else by ``postqueue -i``."""
@@ -677,7 +681,6 @@ class PostfixBackend(Backend):
                                    f"{problem}; postqueue -i: {why}); is the flush service in master.cf, and Postfix "
                                    "running?")
         return result.returncode == 0
-
 
 
 def same_route(stamped: str, configured: str) -> bool:

@@ -55,7 +55,8 @@ def mark_unthrottled(path: str, on: bool = True) -> bool:
     never by a path that could be swapped under it. The open is also the
     check that the message is still deferred. Any other failure (a
     capability missing under another unit, a read-only queue) is logged,
-    as a warning once per process, and the request goes on without the mark.
+    as a warning the first time of each kind (errno) in a process, and the
+    request goes on without the mark.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
