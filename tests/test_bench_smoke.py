@@ -116,7 +116,7 @@ def test_every_target_at_the_target_size_has_a_verdict(smoke):
     at_size = [row for row in rows if "100,000" not in row]
     assert len(at_size) == 7
     for row in at_size:
-        assert "**met**" in row or "**missed**" in row, row
+        assert "**met**" in row or "**missed**" in row or "**not judged**" in row, row
     for row in rows:
         if "100,000" in row:
             assert "not measured" in row, row
@@ -166,3 +166,30 @@ def test_a_missed_target_names_its_floor_only_when_the_floor_is_past_it():
     assert verdict(9.0, 8.0, at_most=False) == "**missed**; floor is 8.00x"
     assert verdict(9.0, 12.0, at_most=False) == "**missed**"
     assert Target("t", None, 1.5, True, "x", "floor", "why").verdict == "not measured"
+
+
+def test_a_met_postfix_target_is_not_judged_when_the_run_measured_postqueue_j_two_ways_apart():
+    """bench/report.py listing_doubt: postqueue -j alone (planning rounds) against the listing inside "postqueue -j,
+    then postsuper" less postsuper alone (hold rounds); more than 2x apart, a met verdict is withheld."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from report import listing_doubt, targets
+        from results import Figure, Results
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+
+    def run(listing_alone):
+        r = Results(sizes=[10_000], target_size=10_000, dispatch_messages=1000)
+        for name, runs in (("postqueue -j", [listing_alone] * 3), ("plan, no header", [1.4 * listing_alone] * 3),
+                           ("postsuper -h", [0.3] * 3), ("postqueue -j, then postsuper -h", [0.64] * 3),
+                           ("postsuper -H", [0.3] * 3), ("postqueue -j, then postsuper -H", [0.64] * 3)):
+            r.add("postfix", 10_000, name, Figure(runs=runs, count=10_000))
+        return r
+
+    slowed = run(1.3)
+    assert "1.300 s in the planning rounds and 0.340 s" in listing_doubt(slowed, 10_000)
+    verdict = targets(slowed)[0].verdict
+    assert verdict.startswith("**not judged**: `postqueue -j` took 1.300 s"), verdict
+    assert listing_doubt(run(0.4), 10_000) == ""
+    assert targets(run(0.4))[0].verdict == "**met**"
+    assert listing_doubt(Results(sizes=[10_000]), 10_000) == ""  # nothing to compare: no doubt
