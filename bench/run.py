@@ -243,7 +243,7 @@ def write_report(args, results: Results) -> None:
         report.update_readme(args.readme, results)
     log(f"wrote {args.output}" + (f" and the headline in {args.readme}" if args.readme else ""))
     for target in report.targets(results):
-        log(f"  {target.what}: {target.shown} ({target.wanted}): {target.verdict.strip('*')}")
+        log(f"  {target.what}: {target.shown} ({target.wanted}): {target.verdict.replace('**', '')}")
 
 
 if __name__ == "__main__":

@@ -193,3 +193,17 @@ def test_a_met_postfix_target_is_not_judged_when_the_run_measured_postqueue_j_tw
     assert listing_doubt(run(0.4), 10_000) == ""
     assert targets(run(0.4))[0].verdict == "**met**"
     assert listing_doubt(Results(sizes=[10_000]), 10_000) == ""  # nothing to compare: no doubt
+
+    # postsuper alone slower than postqueue -j then postsuper (a slowed hold group): no listing time left at all
+    slowed_hold = run(0.4)
+    slowed_hold.add("postfix", 10_000, "postsuper -h", Figure(runs=[2.0] * 3, count=10_000))
+    slowed_hold.add("postfix", 10_000, "postsuper -H", Figure(runs=[2.0] * 3, count=10_000))
+    slowed_hold.add("postfix", 10_000, "qrunner run, hold all", Figure(runs=[2.4] * 3, count=10_000))
+    assert "no time at all in the hold and release rounds" in listing_doubt(slowed_hold, 10_000)
+    hold = next(t for t in targets(slowed_hold) if t.what.startswith("hold"))
+    assert hold.verdict.startswith("**not judged**"), hold.verdict  # 1.2x postsuper -h: would read as met
+    exim = Results(sizes=[10_000], target_size=10_000, dispatch_messages=1000)
+    exim.figures.update(slowed_hold.figures)
+    exim.add("exim", 10_000, "plan, one header", Figure(runs=[0.2] * 3, count=10_000))
+    exim.add("exim", 10_000, "exim -bpr", Figure(runs=[0.2] * 3, count=10_000))
+    assert next(t for t in targets(exim) if t.what.endswith("against the listing")).verdict == "**met**"
