@@ -12,6 +12,7 @@ exit 1 when a timed command fails or does not do its job). About a minute.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_VENV = os.path.join(ROOT, ".bench-venv")
 SMOKE_SIZE = 1000
 SMOKE_DISPATCH = 200
+BENCH = os.path.join(ROOT, "bench")
 
 PER_SIZE = {
     "postfix": ["postqueue -j", "read every queue file", "list the queue from its files (envelopes parsed)",
@@ -146,13 +148,18 @@ def test_the_report_can_be_written_again_from_the_kept_results(smoke):
     assert again.read_text() == smoke["report"]
 
 
+def _bench(module: str):
+    """A module of bench/ (report, results), imported as the bench imports its own: with bench/ first on sys.path."""
+    sys.path.insert(0, BENCH)
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(BENCH)
+
+
 def test_a_missed_target_names_its_floor_only_when_the_floor_is_past_it():
     """The report's verdict (bench/report.py): a floor measured past the target is named, in its own words."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        from report import Target
-    finally:
-        sys.path.remove(os.path.join(ROOT, "bench"))
+    Target = _bench("report").Target
 
     def verdict(measured, bound, at_most=True, words="floor is"):
         return Target("t", measured, 1.5 if at_most else 10, at_most, "x", "floor", bound=bound,
@@ -171,12 +178,8 @@ def test_a_missed_target_names_its_floor_only_when_the_floor_is_past_it():
 def test_a_met_postfix_target_is_not_judged_when_the_run_measured_postqueue_j_two_ways_apart():
     """bench/report.py listing_doubt: postqueue -j alone (planning rounds) against the listing inside "postqueue -j,
     then postsuper" less postsuper alone (hold rounds); more than 2x apart, a met verdict is withheld."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        from report import listing_doubt, targets
-        from results import Figure, Results
-    finally:
-        sys.path.remove(os.path.join(ROOT, "bench"))
+    report, results = _bench("report"), _bench("results")
+    listing_doubt, targets, Figure, Results = report.listing_doubt, report.targets, results.Figure, results.Results
 
     def run(listing_alone):
         r = Results(sizes=[10_000], target_size=10_000, dispatch_messages=1000)
